@@ -1,0 +1,182 @@
+"""Parse and resolve listen addresses.
+
+Forms accepted (the scheme defaults to tcp, as for gunicorn's ``-b``)::
+
+    tcp://HOST:PORT   udp://HOST:PORT   tcp://[::1]:PORT   tcp://:PORT   :PORT   PORT
+
+An empty host means every interface: one dual-stack IPv6 socket where the OS allows, else
+IPv4 ``0.0.0.0``. Port 0 asks the kernel for an ephemeral port.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from .errors import AddressError
+
+__all__ = ["Address", "Proto", "Resolved", "parse", "resolve"]
+
+
+class Proto(enum.Enum):
+    TCP = "tcp"
+    UDP = "udp"
+
+    @property
+    def socktype(self) -> int:
+        return socket.SOCK_STREAM if self is Proto.TCP else socket.SOCK_DGRAM
+
+
+@dataclass(frozen=True)
+class Address:
+    """A listen address as the user wrote it (host not yet resolved)."""
+
+    proto: Proto
+    host: str  # "" = every interface; IPv6 literals without brackets
+    port: int
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host == ""
+
+    def __str__(self) -> str:
+        return format_address(self.proto, self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One concrete socket address an :class:`Address` resolved to."""
+
+    address: Address
+    family: int
+    sockaddr: tuple[str, int] | tuple[str, int, int, int]
+    dualstack: bool  # an IPv6 wildcard socket that also accepts IPv4
+
+
+def format_address(proto: Proto, host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"{proto.value}://{shown}:{port}"
+
+
+_HINT = "write it as tcp://HOST:PORT, udp://HOST:PORT, tcp://[::1]:PORT or tcp://:PORT"
+
+
+def parse(text: str) -> Address:
+    """Parse ``text`` into an :class:`Address`; raise :class:`AddressError` saying what is wrong."""
+    if not isinstance(text, str):
+        raise AddressError(f"listen address must be a string, not {text!r}; {_HINT}")
+    raw = text.strip()
+    if not raw:
+        raise AddressError(f"empty listen address; {_HINT}")
+    proto = Proto.TCP
+    rest = raw
+    if "://" in raw:
+        scheme, rest = raw.split("://", 1)
+        try:
+            proto = Proto(scheme.lower())
+        except ValueError:
+            raise AddressError(
+                f"listen address {text!r}: unknown scheme {scheme!r} (only tcp and udp); {_HINT}"
+            ) from None
+    if rest.isdigit() or (rest.startswith("-") and rest[1:].isdigit()):
+        host, port_text = "", rest
+    elif rest.startswith("["):
+        end = rest.find("]")
+        if end < 0 or not rest[end + 1 :].startswith(":"):
+            raise AddressError(
+                f"listen address {text!r}: an IPv6 host needs brackets and a port, "
+                f"as in tcp://[::1]:8080"
+            )
+        host, port_text = rest[1:end], rest[end + 2 :]
+        _check_ipv6(text, host)
+    else:
+        if ":" not in rest:
+            raise AddressError(f"listen address {text!r} has no port; {_HINT}")
+        host, port_text = rest.rsplit(":", 1)
+        if ":" in host:
+            raise AddressError(
+                f"listen address {text!r}: an IPv6 host must be in brackets, "
+                f"as in {proto.value}://[{host}]:{port_text}"
+            )
+    if "/" in port_text or "/" in host:
+        raise AddressError(f"listen address {text!r} has a path; {_HINT}")
+    if host == "*":
+        host = ""
+    return Address(proto, host, _parse_port(text, port_text))
+
+
+def _check_ipv6(text: str, host: str) -> None:
+    if host == "":
+        return
+    try:
+        ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        raise AddressError(
+            f"listen address {text!r}: {host!r} in brackets is not an IPv6 address"
+        ) from None
+
+
+def _parse_port(text: str, port_text: str) -> int:
+    if not port_text:
+        raise AddressError(f"listen address {text!r} has no port; {_HINT} (port 0 = any free port)")
+    try:
+        port = int(port_text, 10)
+    except ValueError:
+        raise AddressError(
+            f"listen address {text!r}: port {port_text!r} is not a number; "
+            f"service names are not accepted, write the number"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise AddressError(
+            f"listen address {text!r}: port {port} is out of range; use 0-65535 (0 = any free port)"
+        )
+    return port
+
+
+def has_ipv6() -> bool:
+    """Whether this host can create an IPv6 socket at all."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def resolve(address: Address) -> Resolved:
+    """Resolve ``address`` to one concrete socket address.
+
+    A hostname that resolves to several addresses gives the first one getaddrinfo prefers;
+    listen on each literal address separately to get them all.
+    """
+    if address.wildcard:
+        if has_ipv6():
+            return Resolved(address, socket.AF_INET6, ("::", address.port, 0, 0), True)
+        return Resolved(address, socket.AF_INET, ("0.0.0.0", address.port), False)
+    try:
+        infos = socket.getaddrinfo(
+            address.host,
+            address.port,
+            type=address.proto.socktype,
+            flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV,
+        )
+    except socket.gaierror as exc:
+        raise AddressError(
+            f"cannot listen on {address}: host {address.host!r} does not resolve "
+            f"({exc.strerror}); use an IP address, or fix the name in DNS or /etc/hosts"
+        ) from None
+    for family, _type, _proto, _canon, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            host = str(sockaddr[0])
+            if family == socket.AF_INET6:
+                # An explicit [::] is IPv6 only, as in nginx; the empty host is dual-stack.
+                six = (host, int(sockaddr[1]), int(sockaddr[2]), int(sockaddr[3]))  # type: ignore[misc]
+                return Resolved(address, family, six, False)
+            return Resolved(address, family, (host, int(sockaddr[1])), False)
+    raise AddressError(
+        f"cannot listen on {address}: {address.host!r} has no IPv4 or IPv6 address; "
+        f"use an IP address"
+    )

@@ -1,0 +1,48 @@
+"""One exception family. Every message says what is wrong, why, and how to fix it.
+
+Library code raises these and never prints or exits; only ``cli.py`` turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+
+class PortshardError(Exception):
+    """Base of every error portshard raises on purpose."""
+
+    exit_code = 1
+
+
+class AddressError(PortshardError, ValueError):
+    """A listen address that cannot be parsed or resolved."""
+
+    exit_code = 2
+
+
+class BindError(PortshardError, OSError):
+    """A socket could not be bound or put in listening state."""
+
+
+class PortInUse(BindError):
+    """The port is held by a socket we may not share with."""
+
+
+class ReuseportUnsupported(PortshardError):
+    """This OS has no load-balancing port sharing (or none at all)."""
+
+
+class ActivationError(PortshardError):
+    """LISTEN_FDS / LISTEN_FDNAMES / NOTIFY_SOCKET are present but wrong."""
+
+
+class ConfigError(PortshardError, ValueError):
+    """A bad command-line option or configuration file value."""
+
+    exit_code = 2
+
+
+class SupervisorError(PortshardError):
+    """The supervisor cannot start or keep its workers running."""
+
+
+class ControlError(PortshardError):
+    """Talking to a running supervisor failed."""

@@ -1,0 +1,215 @@
+"""Create port-sharing sockets, and the table of what each OS does with them.
+
+Design note: the OS decision is a pure function of the platform name (``decide``), so every row
+of the table is unit-tested on Linux. Only ``listen`` touches the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import socket
+import sys
+from dataclasses import dataclass
+
+from . import inspect
+from .address import Address, Proto, Resolved, parse, resolve
+from .errors import BindError, ConfigError, PortInUse, ReuseportUnsupported
+
+__all__ = ["Platform", "PLATFORMS", "decide", "listen", "somaxconn", "DEFAULT_BACKLOG"]
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str
+    option: str | None  # the socket option that shares a port, None if there is none
+    balanced: bool  # does the kernel spread connections over the group?
+    behaviour: str
+
+
+PLATFORMS: dict[str, Platform] = {
+    "linux": Platform(
+        "Linux", "SO_REUSEPORT", True,
+        "balanced by hash (3.9+); a closing listener resets its queued connections "
+        "unless net.ipv4.tcp_migrate_req=1 (5.14+)",
+    ),
+    "freebsd": Platform(
+        "FreeBSD", "SO_REUSEPORT_LB", True,
+        "SO_REUSEPORT_LB balances (12+, up to 256 sockets); plain SO_REUSEPORT is last-bind-wins",
+    ),
+    "dragonfly": Platform(
+        "DragonFly BSD", "SO_REUSEPORT", True,
+        "balanced; a member leaves without dropping the others' connections",
+    ),
+    "netbsd": Platform("NetBSD", "SO_REUSEPORT", False, "not balanced: the last bound socket wins"),
+    "openbsd": Platform("OpenBSD", "SO_REUSEPORT", False, "not balanced: the last bound socket wins"),
+    "darwin": Platform("macOS", "SO_REUSEPORT", False, "not balanced: the last bound socket wins"),
+    "win32": Platform("Windows", None, False, "no port sharing option at all"),
+}
+
+# Values of options Python may not export on the running platform.
+_OPTION_VALUES = {"SO_REUSEPORT_LB": 0x00010000}
+
+
+def platform_key(system: str = sys.platform) -> str:
+    """Map a ``sys.platform`` value (``linux``, ``freebsd14``, ``darwin``...) to a table key."""
+    for key in PLATFORMS:
+        if system.startswith(key):
+            return key
+    if system.startswith("cygwin"):
+        return "win32"
+    return system
+
+
+def decide(system: str = sys.platform, *, balance: bool = True) -> str:
+    """Return the socket option that shares a port on ``system``, or raise ReuseportUnsupported.
+
+    ``balance=False`` accepts systems where the group is not load balanced (the last bound
+    socket takes new connections): useful for handing a port over, not for sharding.
+    """
+    key = platform_key(system)
+    plat = PLATFORMS.get(key)
+    if plat is None:
+        raise ReuseportUnsupported(
+            f"port sharing on {system!r} is unknown to portshard; "
+            f"run 'portshard doctor' there and report what it says, or pass reuseport=False"
+        )
+    if plat.option is None:
+        raise ReuseportUnsupported(
+            f"{plat.name} has no port sharing ({plat.behaviour}); run one listener "
+            f"(reuseport=False) or use a proxy in front of several ports"
+        )
+    if balance and not plat.balanced:
+        raise ReuseportUnsupported(
+            f"{plat.name} does not balance a shared port ({plat.behaviour}); "
+            f"pass balance=False to share it anyway (for a hand-over, not for sharding), "
+            f"or run on Linux, FreeBSD or DragonFly BSD"
+        )
+    return plat.option
+
+
+def _option_value(name: str) -> int:
+    value = getattr(socket, name, None)
+    if isinstance(value, int):
+        return value
+    return _OPTION_VALUES[name]
+
+
+def somaxconn() -> int | None:
+    """The kernel's cap on a listen backlog, or None where it can't be read."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+# Ask for the most a 16-bit backlog field holds; the kernel silently clamps it to somaxconn
+# (4096 by default since Linux 5.4). The effective value is what TCP_INFO reports on the listener.
+DEFAULT_BACKLOG = 0xFFFF
+
+
+def listen(
+    address: str | Address,
+    *,
+    backlog: int = DEFAULT_BACKLOG,
+    reuseport: bool = True,
+    balance: bool = True,
+    inheritable: bool = False,
+) -> socket.socket:
+    """Open a bound socket on ``address`` (listening, for TCP) that shares its port.
+
+    A second call on the same concrete port (same user) joins the same group, and the kernel
+    spreads new connections (TCP) or flows (UDP) over the group's sockets. ``tcp://:PORT``
+    listens on every interface, dual-stack where IPv6 exists. Raises a PortshardError subclass
+    whose message says what went wrong and how to fix it.
+    """
+    addr = parse(address) if isinstance(address, str) else address
+    if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
+        raise ConfigError(f"backlog must be a whole number >= 1, not {backlog!r}")
+    option = decide(balance=balance) if reuseport else None
+    target = resolve(addr)
+    sock = socket.socket(target.family, addr.proto.socktype)
+    try:
+        if addr.proto is Proto.TCP:
+            # Lets a restarted server bind while old connections sit in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if option is not None:
+            sock.setsockopt(socket.SOL_SOCKET, _option_value(option), 1)
+        if target.family == socket.AF_INET6:
+            # Set on purpose both ways: the default (net.ipv6.bindv6only) varies by host.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if target.dualstack else 1)
+        try:
+            sock.bind(target.sockaddr)
+        except OSError as exc:
+            raise _bind_error(target, exc, reuseport=option is not None) from None
+        if addr.proto is Proto.TCP:
+            sock.listen(backlog)
+        sock.set_inheritable(inheritable)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _bind_error(target: Resolved, exc: OSError, *, reuseport: bool) -> BindError:
+    where = f"cannot bind {target.address}"
+    code = exc.errno
+    if code == errno.EADDRINUSE:
+        return _in_use(target, reuseport=reuseport)
+    if code == errno.EACCES:
+        return BindError(
+            code,
+            f"{where}: permission denied; ports below "
+            f"net.ipv4.ip_unprivileged_port_start (usually 1024) need root or "
+            f"CAP_NET_BIND_SERVICE: run as root (portshard run --user drops privileges), "
+            f"or use a higher port",
+        )
+    if code == errno.EADDRNOTAVAIL:
+        return BindError(
+            code,
+            f"{where}: {target.sockaddr[0]} is not an address of this machine; "
+            f"use one shown by 'ip addr', or tcp://:{target.address.port} for every interface",
+        )
+    return BindError(code, f"{where}: {exc.strerror or exc}")
+
+
+def _in_use(target: Resolved, *, reuseport: bool) -> PortInUse:
+    where = f"cannot bind {target.address}"
+    port = target.address.port
+    holders = inspect.port_holders(target.address.proto, port)
+    me = os.geteuid()
+    foreign = [h for h in holders if h.uid != me]
+    if reuseport and foreign:
+        h = foreign[0]
+        return PortInUse(
+            errno.EADDRINUSE,
+            f"{where}: the port is held by {h.describe()}, owned by {_user_name(h.uid)}, "
+            f"and Linux lets a socket join a port-sharing group only if it was created by the "
+            f"same effective user ({_user_name(me)} is not {_user_name(h.uid)}); create the "
+            f"sockets as {_user_name(h.uid)} (portshard run binds as root and runs workers "
+            f"with --user), or stop the other holder",
+        )
+    if holders:
+        h = holders[0]
+        if reuseport:
+            why = "without SO_REUSEPORT"
+            fix = "stop it or let it set SO_REUSEPORT (portshard preload does that for any program)"
+        else:
+            why = "and this socket was asked not to share (reuseport=False)"
+            fix = "stop it, or pass reuseport=True if both should share the port"
+        return PortInUse(errno.EADDRINUSE, f"{where}: port {port} is held by {h.describe()} {why}; {fix}")
+    return PortInUse(
+        errno.EADDRINUSE,
+        f"{where}: port {port} is in use by a socket this process cannot see (another "
+        f"user's process without /proc access, or a connection still closing); "
+        f"find it with 'ss -lptn sport = :{port}' as root, or pick another port",
+    )

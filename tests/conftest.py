@@ -1,0 +1,83 @@
+"""Shared fixtures: real child processes that are always cleaned up, waits with deadlines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+class Procs:
+    """Starts child processes in their own process group; kills every one of them at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        kw.setdefault("start_new_session", True)
+        proc = subprocess.Popen(args, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def python(self, code: str, *args: str, **kw: Any) -> subprocess.Popen[bytes]:
+        return self.start([PYTHON, "-c", code, *args], **kw)
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    group = Procs()
+    try:
+        yield group
+    finally:
+        group.cleanup()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory path: pytest's tmp paths can overflow sun_path (108 bytes)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ps-", dir="/tmp") as d:
+        yield Path(d)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runs a child as nobody)")
