@@ -2,9 +2,9 @@
 
 Public API (nothing else is public)::
 
-    sock = portshard.listen("tcp://:8080")       # a reuseport listener; call again to join the group
-    socks = portshard.inherited()                 # sockets passed by portshard run or systemd
-    portshard.notify_ready()                      # tell the supervisor this worker is ready
+    sock = portshard.listen("tcp://:8080")  # a reuseport listener; call again to join
+    socks = portshard.inherited()  # sockets passed by portshard run or systemd
+    portshard.notify_ready()  # tell the supervisor this worker is ready
 """
 
 from .activation import inherited, notify, notify_ready

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -37,6 +37,207 @@ def doctor(as_json: bool) -> None:
         click.echo(json.dumps(doctor_mod.to_json(checks), indent=2))
     else:
         click.echo(doctor_mod.render(checks))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s portshard[%(process)d] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+_control_options = [
+    click.option(
+        "--name",
+        default="portshard",
+        show_default=True,
+        help="The supervisor's name (picks its control socket).",
+    ),
+    click.option(
+        "--control",
+        type=click.Path(dir_okay=False),
+        help="Control socket path (default: /run/portshard/NAME.sock as root, "
+        "else $XDG_RUNTIME_DIR/portshard/NAME.sock). Also $PORTSHARD_CONTROL.",
+    ),
+]
+
+
+def control_options(f: Any) -> Any:
+    for option in reversed(_control_options):
+        f = option(f)
+    return f
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option(
+    "--listen",
+    "-l",
+    "listen",
+    multiple=True,
+    metavar="[NAME=]ADDR",
+    help="Address to share, e.g. tcp://:8080, udp://127.0.0.1:5353, tcp://[::1]:0. "
+    "Repeat for more; each worker gets one socket per address (fd 3, 4, ...).",
+)
+@click.option("-w", "--workers", type=int, help="Number of workers (default: number of CPUs).")
+@click.option(
+    "--name", help="Name of this supervisor (default: portshard); picks the control socket."
+)
+@click.option("--control", type=click.Path(dir_okay=False), help="Control socket path.")
+@click.option(
+    "--user",
+    metavar="USER[:GROUP]",
+    help="Run workers as this user; sockets are still bound by the supervisor (root).",
+)
+@click.option(
+    "--ready",
+    metavar="MODE",
+    help="When a worker counts as ready: accept (default: it waits for connections on "
+    "its socket, no cooperation needed), notify (sd_notify READY=1), delay:SECONDS.",
+)
+@click.option("--ready-timeout", type=float, help="Seconds a new worker has to become ready [30].")
+@click.option("--stop-signal", metavar="SIG", help="Signal that stops a worker [TERM].")
+@click.option("--grace", type=float, help="Seconds a stopping worker gets before SIGKILL [30].")
+@click.option(
+    "--drain",
+    type=click.Choice(["freeze", "signal"]),
+    help="How an old worker is retired: freeze (SIGSTOP, check it holds no connection, "
+    "SIGKILL: safe for any program; default) or signal (send --stop-signal and "
+    "wait, for programs that stop gracefully).",
+)
+@click.option("--surge", type=int, help="Slots replaced at once during a reload [1].")
+@click.option("--backlog", type=int, help="Listen backlog per socket (clamped by somaxconn).")
+@click.option(
+    "-c",
+    "--config",
+    type=click.Path(dir_okay=False),
+    help="TOML file with the same settings (long option names); re-read on reload.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(log_level: str, **options: Any) -> None:
+    """Run N copies of COMMAND sharing the --listen addresses.
+
+    \b
+    portshard run -w 4 --listen tcp://:8080 -- python3 app.py
+    portshard run -w 2 --listen tcp://:8080 -- ./server --fd {fd}
+
+    The supervisor opens one socket per worker slot and keeps it for the slot's life; each
+    worker gets its slot's sockets the systemd way (LISTEN_FDS, fds from 3, {fd} and
+    {fd:NAME} in the arguments, PORTSHARD_SLOT). SIGHUP or 'portshard reload' replaces
+    workers one at a time, each new one ready before the old one goes. SIGTERM/SIGINT stop
+    gracefully; a second one kills.
+    """
+    from .supervisor.config import load
+    from .supervisor.loop import Supervisor
+
+    _setup_logging(log_level)
+    cli_values = dict(options)
+    cli_values["command"] = tuple(options["command"]) or None
+    cli_values["listen"] = tuple(options["listen"]) or None
+    cfg = load(cli_values)
+    code = Supervisor(cfg, cli_values).run()
+    if code:
+        sys.exit(code)
+
+
+def _client(name: str, control: str | None) -> str:
+    from .control.client import resolve_path
+
+    return resolve_path(control, name)
+
+
+@cli.command()
+@control_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(name: str, control: str | None, as_json: bool) -> None:
+    """Show the workers of a running supervisor."""
+    from .control.client import request
+
+    result = request(_client(name, control), "status")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(render_status(result))
+
+
+def render_status(st: dict[str, Any]) -> str:
+    lines = [
+        f"{st['name']} (pid {st['pid']}): {st['workers']} workers, generation "
+        f"{st['generation']}, reloads {st['reloads']['ok']} ok / {st['reloads']['failed']} failed"
+        + (", stopping" if st["stopping"] else ""),
+        "listen: " + ", ".join(item["address"] for item in st["listen"]),
+    ]
+    rows = [("SLOT", "PID", "STATE", "GEN", "RESTARTS", "UPTIME", "QUEUE")]
+    for slot in st["slots"]:
+        queue = " ".join(f"{q['queued']}/{q['backlog']}" for q in slot["queue"].values()) or "-"
+        uptime = f"{slot['uptime']:.0f}s" if slot["uptime"] is not None else "-"
+        rows.append(
+            (
+                str(slot["slot"]),
+                str(slot["pid"] or "-"),
+                slot["state"],
+                str(slot["generation"]),
+                str(slot["restarts"]),
+                uptime,
+                queue,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+@cli.command()
+@control_options
+@click.option(
+    "--wait/--no-wait",
+    default=False,
+    help="Wait until every slot runs the new workers; exit non-zero if the reload failed.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=600,
+    show_default=True,
+    help="With --wait: give up waiting after this many seconds.",
+)
+def reload(name: str, control: str | None, wait: bool, timeout: float) -> None:
+    """Rolling reload: replace workers one slot at a time, each new one ready first."""
+    from .control.client import request
+
+    request(_client(name, control), "reload", timeout=timeout if wait else 30, wait=wait)
+    click.echo("reload done" if wait else "reload started")
+
+
+@cli.command()
+@control_options
+@click.argument("workers", type=click.IntRange(1, 1024))
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until done.")
+def scale(name: str, control: str | None, workers: int, wait: bool) -> None:
+    """Change the number of workers without failing a connection."""
+    from .control.client import request
+
+    request(
+        _client(name, control), "scale", timeout=600 if wait else 30, workers=workers, wait=wait
+    )
+    click.echo(f"scaled to {workers} workers" if wait else f"scaling to {workers} workers")
+
+
+@cli.command()
+@control_options
+def stop(name: str, control: str | None) -> None:
+    """Stop a running supervisor gracefully (like SIGTERM)."""
+    from .control.client import request
+
+    request(_client(name, control), "stop")
+    click.echo("stopping")
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -1,0 +1,842 @@
+"""The supervisor: owns one socket per slot per address, runs a worker on each slot.
+
+Invariants:
+- A slot's sockets are opened once and stay open for the slot's whole life; every
+  incarnation of the slot's worker gets the same sockets. So a crash, restart or reload never
+  resets a queued connection or moves a UDP flow.
+- During a reload a slot has at most two workers, and the old one is drained only after the
+  new one is ready.
+- One thread. Signal handlers do nothing; signals arrive as bytes on the wakeup fd. Long
+  procedures (reload, scale, stop, drain) are generators that yield ``Until`` conditions,
+  stepped by the loop on every event and tick.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import inspect
+from ..address import Address, Proto
+from ..control import protocol
+from ..control.server import Connection, ControlServer, default_path
+from ..errors import ControlError, PortshardError, SupervisorError
+from ..sockets import listen
+from ..steering import cbpf
+from .config import Config, reloaded
+from .spawn import SpawnSpec, spawn
+from .state import Backoff, Event, Lifecycle, State
+
+log = logging.getLogger("portshard.supervisor")
+
+__all__ = ["Supervisor"]
+
+TICK = 0.02  # how often conditions are re-checked while something is in progress
+
+
+@dataclass
+class Until:
+    """A task waits until ``cond()`` is true (sends True) or ``deadline`` passes (sends False)."""
+
+    cond: Callable[[], bool]
+    deadline: float | None = None
+
+
+Task = Generator[Until, bool, None]
+
+
+@dataclass
+class Outcome:
+    """The result of a reload or scale, for a deferred control reply."""
+
+    ok: bool = True
+    error: str = ""
+    done: bool = False
+    waiters: list[Connection] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(self, slot: Slot, pid: int, pidfd: int, generation: int, role: str, now: float):
+        self.slot = slot
+        self.pid = pid
+        self.pidfd = pidfd
+        self.generation = generation
+        self.role = role  # boot | respawn | reload | scale
+        self.life = Lifecycle()
+        self.started = now
+        self.ready_at: float | None = None
+        self.deliberate = False  # we are stopping it (drain, stop): its exit is expected
+        self.kill_at: float | None = None
+        self.status: int | None = None
+
+    @property
+    def state(self) -> State:
+        return self.life.state
+
+    def describe_exit(self) -> str:
+        status = self.status
+        if status is None:
+            return "still running"
+        if os.WIFSIGNALED(status):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exit status {os.WEXITSTATUS(status)}"
+
+
+class Slot:
+    def __init__(self, index: int, socks: list[socket.socket], cfg: Config):
+        self.index = index
+        self.socks = socks
+        self.cfg = cfg  # the settings its current generation runs with
+        self.generation = 0
+        self.workers: list[Worker] = []
+        self.restarts = 0
+        self.backoff = Backoff()
+        self.respawn_at: float | None = None
+        self.removing = False
+
+    def live(self) -> list[Worker]:
+        return [w for w in self.workers if w.life.alive]
+
+    def serving(self) -> Worker | None:
+        live = self.live()
+        for wanted in (State.READY, State.STARTING, State.DRAINING, State.STOPPING):
+            for w in reversed(live):
+                if w.state is wanted:
+                    return w
+        return None
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, cli: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.cli = cli
+        self.sel = selectors.DefaultSelector()
+        self.slots: list[Slot] = []
+        self.bound: list[Address] = []  # each listen spec's concrete address (port 0 resolved)
+        self.tasks: list[tuple[Task, Until]] = []
+        self.reloads = {"ok": 0, "failed": 0}
+        self.stopping = False
+        self.busy: str | None = None  # "reload" or "scale" while one runs
+        self.started_up = False
+        self.fatal: str | None = None
+        self.exit_code: int | None = None
+        self.generation = 0
+        self.started = time.monotonic()
+        self.control: ControlServer | None = None
+        self.on_ready: Callable[[Supervisor], None] | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._notify_name = ""
+        self._old_handlers: dict[int, Any] = {}
+
+    # ---- set-up and tear-down -------------------------------------------------------------
+
+    def _open_slot_sockets(self, index: int) -> list[socket.socket]:
+        socks: list[socket.socket] = []
+        try:
+            for i, spec in enumerate(self.cfg.listen):
+                addr = self.bound[i] if i < len(self.bound) else spec.address
+                sock = listen(addr, backlog=self.cfg.backlog)
+                if i >= len(self.bound):
+                    port = sock.getsockname()[1]
+                    self.bound.append(Address(addr.proto, addr.host, port))
+                socks.append(sock)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    def _setup(self) -> None:
+        for i in range(self.cfg.workers):
+            self.slots.append(Slot(i, self._open_slot_sockets(i), self.cfg))
+        path = self.cfg.control or default_path(self.cfg.name)
+        self.control = ControlServer(
+            path, self.sel, self._on_request, private_dir=self.cfg.control is None
+        )
+        self._notify_name = f"\0portshard/{os.getpid()}/{os.urandom(6).hex()}"
+        self._notify.bind(self._notify_name)
+        self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._notify.setblocking(False)
+        self.sel.register(self._notify, selectors.EVENT_READ, self._on_notify)
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            self._old_handlers[sig] = signal.signal(sig, lambda _s, _f: None)
+        log.info(
+            "listening on %s with %d workers; control socket %s",
+            ", ".join(str(a) for a in self.bound),
+            len(self.slots),
+            path,
+        )
+
+    def _teardown(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        if self.control is not None:
+            self.control.shutdown()
+        for slot in self.slots:
+            for sock in slot.socks:
+                sock.close()
+        for s in (self._notify, self._wake_r, self._wake_w):
+            s.close()
+        self.sel.close()
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped; return the exit code (0 after a requested stop)."""
+        try:
+            self._setup()
+            self.start_task(self._boot_task())
+            while self.exit_code is None:
+                timeout = self._timeout()
+                for key, mask in self.sel.select(timeout):
+                    key.data(mask)
+                self._tick()
+        except BaseException:
+            self._kill_all()
+            raise
+        finally:
+            self._teardown()
+        return self.exit_code
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        deadlines = [w.kill_at for s in self.slots for w in s.workers if w.kill_at]
+        deadlines += [s.respawn_at for s in self.slots if s.respawn_at is not None]
+        busy = self.tasks or any(
+            w.state is State.STARTING and w.ready_at is None for s in self.slots for w in s.workers
+        )
+        timeout = TICK if busy else 1.0
+        for d in deadlines:
+            timeout = min(timeout, max(0.0, d - now))
+        return timeout
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for slot in list(self.slots):
+            for w in list(slot.workers):
+                self._check_worker(w, now)
+            if slot.respawn_at is not None and now >= slot.respawn_at and not self.stopping:
+                slot.respawn_at = None
+                self._spawn_or_fail(slot, "respawn")
+        self._step_tasks(now)
+        if self.control is not None:
+            self.control.expire(now)
+
+    def _check_worker(self, w: Worker, now: float) -> None:
+        if w.kill_at is not None and now >= w.kill_at and w.life.alive:
+            w.kill_at = None
+            log.warning(
+                "slot %d pid %d: did not stop within the grace time; SIGKILL", w.slot.index, w.pid
+            )
+            if w.state is not State.STOPPING:
+                w.life.fire(Event.STOP)
+            w.life.fire(Event.GRACE_EXPIRED)
+            self._signal(w, signal.SIGKILL)
+        if w.state is State.STARTING and w.ready_at is None:
+            if self._is_ready(w, now):
+                w.ready_at = now
+                w.life.fire(Event.READY)
+                log.info("slot %d pid %d: ready after %.3fs", w.slot.index, w.pid, now - w.started)
+            elif now - w.started > w.slot.cfg.ready_timeout:
+                self._ready_timeout(w)
+
+    def _is_ready(self, w: Worker, now: float) -> bool:
+        mode = w.slot.cfg.ready
+        if mode.kind == "delay":
+            return now - w.started >= mode.seconds
+        if mode.kind == "accept":
+            inodes = {os.fstat(s.fileno()).st_ino for s in w.slot.socks}
+            try:
+                return inspect.waiting_for_work(w.pid, inodes)
+            except OSError:
+                return False
+        return False  # notify: set by _on_notify
+
+    def _ready_timeout(self, w: Worker) -> None:
+        timeout = w.slot.cfg.ready_timeout
+        reason = (
+            f"slot {w.slot.index} pid {w.pid}: not ready within {timeout:g}s "
+            f"(--ready {w.slot.cfg.ready}); "
+            + {
+                "notify": "the program must send READY=1 to $NOTIFY_SOCKET "
+                "(portshard.notify_ready())",
+                "accept": "it never waited for connections on its inherited socket (fd 3...); "
+                "does it use $LISTEN_FDS, or bind a port of its own?",
+                "delay": "raise --ready-timeout",
+            }[w.slot.cfg.ready.kind]
+        )
+        log.error("%s; killing it", reason)
+        w.life.fire(Event.READY_TIMEOUT)
+        self._signal(w, signal.SIGKILL)
+        if w.role == "boot":
+            self._fail(reason)
+
+    # ---- tasks ------------------------------------------------------------------------------
+
+    def start_task(self, task: Task) -> None:
+        try:
+            until = next(task)
+        except StopIteration:
+            return
+        self.tasks.append((task, until))
+
+    def _step_tasks(self, now: float) -> None:
+        for entry in list(self.tasks):
+            task, until = entry
+            while True:
+                if until.cond():
+                    value = True
+                elif until.deadline is not None and now >= until.deadline:
+                    value = False
+                else:
+                    break
+                try:
+                    until = task.send(value)
+                except StopIteration:
+                    self.tasks.remove(entry)
+                    break
+                idx = self.tasks.index(entry)
+                entry = (task, until)
+                self.tasks[idx] = entry
+
+    @staticmethod
+    def sleep(seconds: float) -> Until:
+        return Until(lambda: False, time.monotonic() + seconds)
+
+    # ---- workers ----------------------------------------------------------------------------
+
+    def _spawn(self, slot: Slot, role: str, cfg: Config | None = None) -> Worker:
+        cfg = cfg or slot.cfg
+        env = dict(os.environ)
+        env.update(cfg.env)
+        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
+            env.pop(key, None)
+        env["PORTSHARD_SLOT"] = str(slot.index)
+        env["PORTSHARD_WORKERS"] = str(cfg.workers)
+        if cfg.ready.kind == "notify":
+            env["NOTIFY_SOCKET"] = "@" + self._notify_name[1:]
+        names = [spec.name for spec in cfg.listen]
+        argv = [expand_placeholders(arg, names) for arg in cfg.command]
+        spawned = spawn(
+            SpawnSpec(argv, env, [s.fileno() for s in slot.socks], names, cfg.credentials())
+        )
+        generation = self.generation if role in ("reload", "scale", "boot") else slot.generation
+        w = Worker(slot, spawned.pid, spawned.pidfd, generation, role, time.monotonic())
+        slot.workers.append(w)
+        self.sel.register(spawned.pidfd, selectors.EVENT_READ, lambda _m: self._on_exit(w))
+        log.info("slot %d pid %d: started (%s, generation %d)", slot.index, w.pid, role, generation)
+        return w
+
+    def _spawn_or_fail(self, slot: Slot, role: str) -> Worker | None:
+        try:
+            return self._spawn(slot, role)
+        except SupervisorError as exc:
+            self._fail(str(exc))
+            return None
+
+    def _signal(self, w: Worker, sig: int) -> None:
+        try:
+            os.killpg(w.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(w.pid, sig)
+
+    def _on_exit(self, w: Worker) -> None:
+        try:
+            _, status = os.waitpid(w.pid, os.WNOHANG)
+        except ChildProcessError:
+            status = 0
+        w.status = status
+        self.sel.unregister(w.pidfd)
+        os.close(w.pidfd)
+        self._signal(w, signal.SIGKILL)  # whatever the worker left in its process group
+        w.life.fire(Event.EXIT)
+        w.kill_at = None
+        slot = w.slot
+        slot.workers.remove(w)
+        level = logging.INFO if w.deliberate else logging.WARNING
+        log.log(level, "slot %d pid %d: exited (%s)", slot.index, w.pid, w.describe_exit())
+        if w.deliberate or self.stopping or slot.removing or w.role == "reload" or slot.live():
+            return
+        if w.role == "boot" and w.ready_at is None:
+            self._fail(
+                f"the worker for slot {slot.index} exited before it was ready "
+                f"({w.describe_exit()}): the program cannot start; run it by hand to see why"
+            )
+            return
+        uptime = time.monotonic() - w.started if w.ready_at is not None else 0.0
+        delay = slot.backoff.on_exit(uptime)
+        if delay is None:
+            self._fail(
+                f"the worker for slot {slot.index} failed {slot.backoff.failures} times in a row "
+                f"within {slot.backoff.healthy_after:g}s of starting (last: {w.describe_exit()}); "
+                f"giving up instead of crash-looping; fix the program and start again"
+            )
+            return
+        slot.restarts += 1
+        slot.respawn_at = time.monotonic() + delay
+        if delay:
+            log.warning("slot %d: respawning in %.2fs", slot.index, delay)
+
+    def _on_notify(self, _mask: int) -> None:
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self._notify.recvmsg(4096, socket.CMSG_SPACE(12))
+            except (BlockingIOError, InterruptedError):
+                return
+            pid = None
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid, _uid, _gid = struct.unpack("3i", payload[:12])
+            if pid is None or b"READY=1" not in data.split(b"\n"):
+                continue
+            for slot in self.slots:
+                for w in slot.workers:
+                    if w.pid == pid and w.state is State.STARTING and w.ready_at is None:
+                        w.ready_at = time.monotonic()
+                        w.life.fire(Event.READY)
+                        log.info(
+                            "slot %d pid %d: ready (notify) after %.3fs",
+                            slot.index,
+                            pid,
+                            w.ready_at - w.started,
+                        )
+
+    def _on_wakeup(self, _mask: int) -> None:
+        try:
+            data = self._wake_r.recv(512)
+        except BlockingIOError:
+            return
+        for signum in array.array("B", data):
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if self.stopping:
+                    log.warning("second %s: killing every worker now", signal.Signals(signum).name)
+                    self._kill_all()
+                else:
+                    log.info("%s: stopping gracefully", signal.Signals(signum).name)
+                    self.stop()
+            elif signum == signal.SIGQUIT:
+                log.warning("SIGQUIT: killing every worker now")
+                self._kill_all()
+                self.stopping = True
+                self.start_task(self._wait_all_exited(0))
+            elif signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading")
+                try:
+                    self.reload(Outcome())
+                except PortshardError as exc:
+                    log.error("reload refused: %s", exc)
+
+    def _kill_all(self) -> None:
+        for slot in self.slots:
+            for w in slot.live():
+                w.deliberate = True
+                self._signal(w, signal.SIGKILL)
+
+    def _fail(self, reason: str) -> None:
+        if self.fatal is None:
+            self.fatal = reason
+            log.error("%s", reason)
+        self.stop(code=1)
+
+    # ---- procedures -------------------------------------------------------------------------
+
+    def _boot_task(self) -> Task:
+        self.generation = 1
+        for slot in self.slots:
+            slot.generation = 1
+            if self._spawn_or_fail(slot, "boot") is None:
+                return
+        ok = yield Until(
+            lambda: (
+                all(
+                    s.serving() and s.serving().state is State.READY  # type: ignore[union-attr]
+                    for s in self.slots
+                )
+                or self.stopping
+            )
+        )
+        if ok and not self.stopping:
+            self.started_up = True
+            log.info("all %d workers ready", len(self.slots))
+            if self.on_ready is not None:
+                self.on_ready(self)
+
+    def _drain(self, w: Worker) -> Task:
+        """Stop a worker without losing what it holds; ends when it has exited."""
+        w.deliberate = True
+        if w.state is State.STARTING or w.state is State.READY:
+            w.life.fire(Event.DRAIN)
+        if w.state is not State.DRAINING:
+            yield Until(lambda: not w.life.alive)
+            return
+        cfg = w.slot.cfg
+        deadline = time.monotonic() + cfg.grace
+        if cfg.drain == "freeze":
+            # Freeze, check, kill: a stopped task leaves the accept wait queue, so the queue goes
+            # to the other worker of the slot; if it holds no connection, nothing can be lost.
+            while w.life.alive and time.monotonic() < deadline:
+                self._signal(w, signal.SIGSTOP)
+                yield Until(
+                    lambda: not w.life.alive or group_stopped(w.pid), time.monotonic() + 1.0
+                )
+                if not w.life.alive:
+                    return
+                if group_connections(w.pid) == 0:
+                    w.life.fire(Event.DRAINED)
+                    self._signal(w, signal.SIGKILL)
+                    w.kill_at = time.monotonic() + 5.0
+                    yield Until(lambda: not w.life.alive)
+                    return
+                self._signal(w, signal.SIGCONT)
+                yield self.sleep(0.02)
+            if not w.life.alive:
+                return
+            log.warning(
+                "slot %d pid %d: still holds connections after %gs; sending %s",
+                w.slot.index,
+                w.pid,
+                cfg.grace,
+                signal.Signals(cfg.stop_signal).name,
+            )
+            self._signal(w, signal.SIGCONT)
+        w.life.fire(Event.DRAINED)
+        self._signal(w, cfg.stop_signal)
+        self._signal(w, signal.SIGCONT)
+        w.kill_at = time.monotonic() + (cfg.grace if cfg.drain == "signal" else 5.0)
+        yield Until(lambda: not w.life.alive)
+
+    def _drain_all(self, workers: Iterable[Worker]) -> Until:
+        workers = list(workers)
+        for w in workers:
+            self.start_task(self._drain(w))
+        return Until(lambda: all(not w.life.alive for w in workers))
+
+    def reload(self, outcome: Outcome) -> Outcome:
+        if self.stopping:
+            raise ControlError("the supervisor is stopping; nothing to reload")
+        self._refuse_if_busy()
+        new_cfg = reloaded(self.cfg, self.cli)
+        self.busy = "reload"
+        self.start_task(self._reload_task(new_cfg, outcome))
+        return outcome
+
+    def _settled(self, workers: list[Worker]) -> Callable[[], bool]:
+        """All ready, or one already died, or we are stopping: time to decide."""
+        return lambda: (
+            all(w.state is State.READY for w in workers)
+            or any(not w.life.alive for w in workers)
+            or self.stopping
+        )
+
+    def _refuse_if_busy(self) -> None:
+        if not self.started_up:
+            raise ControlError("the workers are still starting; try again when status says ready")
+        if self.busy:
+            raise ControlError(f"a {self.busy} is already in progress; wait for it to finish")
+
+    def _finish(self, outcome: Outcome, error: str = "") -> None:
+        outcome.done = True
+        self.busy = None
+        outcome.ok = not error
+        outcome.error = error
+        if error:
+            log.error("%s", error)
+        for conn in outcome.waiters:
+            if self.control is not None:
+                reply = protocol.reply_error(error) if error else protocol.reply_ok(self.status())
+                self.control.reply(conn, reply)
+
+    def _reload_task(self, new_cfg: Config, outcome: Outcome) -> Task:
+        self.generation += 1
+        gen = self.generation
+        slots = [s for s in self.slots if not s.removing]
+        log.info("reload to generation %d: %d slots, %d at a time", gen, len(slots), new_cfg.surge)
+        for start in range(0, len(slots), new_cfg.surge):
+            batch = slots[start : start + new_cfg.surge]
+            news: list[Worker] = []
+            for slot in batch:
+                try:
+                    news.append(self._spawn(slot, "reload", new_cfg))
+                except SupervisorError as exc:
+                    self._abort_reload(news, outcome, f"reload failed at slot {slot.index}: {exc}")
+                    return
+            for w in news:
+                w.slot.cfg = new_cfg  # its readiness is judged by the new settings
+            ok = yield Until(self._settled(news), time.monotonic() + new_cfg.ready_timeout + 0.5)
+            bad = [w for w in news if w.state is not State.READY]
+            if not ok or bad or self.stopping:
+                w = bad[0] if bad else news[0]
+                why = (
+                    "the supervisor is stopping"
+                    if self.stopping
+                    else f"it exited ({w.describe_exit()})"
+                    if not w.life.alive
+                    else f"it was not ready within {new_cfg.ready_timeout:g}s "
+                    f"(--ready {new_cfg.ready})"
+                )
+                for slot in batch:
+                    slot.cfg = self._previous_cfg(slot, news)
+                self._abort_reload(
+                    news,
+                    outcome,
+                    f"reload failed at slot {w.slot.index}: the new worker (pid {w.pid}) did not "
+                    f"become ready: {why}; the old workers keep serving",
+                )
+                return
+            olds = [o for slot in batch for o in slot.live() if o not in news and not o.deliberate]
+            for slot in batch:
+                slot.generation = gen
+                slot.backoff = Backoff()
+            yield self._drain_all(olds)
+        self.cfg = new_cfg
+        self.reloads["ok"] += 1
+        log.info("reload to generation %d done", gen)
+        self._finish(outcome)
+
+    def _previous_cfg(self, slot: Slot, news: list[Worker]) -> Config:
+        for w in slot.live():
+            if w not in news:
+                return self.cfg if w.generation != self.generation else slot.cfg
+        return self.cfg
+
+    def _abort_reload(self, news: list[Worker], outcome: Outcome, error: str) -> None:
+        for w in news:
+            if w.life.alive:
+                w.deliberate = True
+                if w.state is not State.STOPPING:
+                    w.life.fire(Event.STOP)
+                self._signal(w, signal.SIGKILL)
+        self.reloads["failed"] += 1
+        self._finish(outcome, error)
+
+    def scale(self, count: int, outcome: Outcome) -> Outcome:
+        if self.stopping:
+            raise ControlError("the supervisor is stopping")
+        if not 1 <= count <= 1024:
+            raise ControlError(f"scale {count}: the worker count must be 1-1024")
+        self._refuse_if_busy()
+        self.busy = "scale"
+        self.start_task(self._scale_task(count, outcome))
+        return outcome
+
+    def _scale_task(self, count: int, outcome: Outcome) -> Task:
+        current = [s for s in self.slots if not s.removing]
+        log.info("scale %d -> %d", len(current), count)
+        if count > len(current):
+            added: list[Worker] = []
+            for index in range(len(self.slots), len(self.slots) + count - len(current)):
+                try:
+                    slot = Slot(index, self._open_slot_sockets(index), self.cfg)
+                    slot.generation = self.generation
+                    self.slots.append(slot)
+                    added.append(self._spawn(slot, "scale"))
+                except PortshardError as exc:
+                    self._finish(outcome, f"scale up failed at slot {index}: {exc}")
+                    return
+            ok = yield Until(self._settled(added), time.monotonic() + self.cfg.ready_timeout + 0.5)
+            if not ok or any(w.state is not State.READY for w in added):
+                self._finish(outcome, "scale up: a new worker did not become ready; see the log")
+                return
+            self.cfg = _with_workers(self.cfg, count)
+            self._finish(outcome)
+            return
+        removed = current[count:]
+        for slot in removed:
+            slot.removing = True
+            slot.respawn_at = None
+        # Steer new connections to the slots that stay (they come first in listen order),
+        # let the removed slots' queues empty, drain their workers, then close their sockets.
+        for i, spec in enumerate(self.cfg.listen):
+            if spec.address.proto is Proto.TCP:
+                cbpf.attach_first_k(self.slots[0].socks[i], count)
+        yield self.sleep(0.05)  # handshakes already under way finish into the old queues
+        yield Until(
+            lambda: all(queue_empty(s) or not s.live() for s in removed),
+            time.monotonic() + self.cfg.grace,
+        )
+        yield self._drain_all(w for s in removed for w in s.live())
+        yield Until(lambda: all(queue_empty(s) for s in removed), time.monotonic() + 1.0)
+        for slot in removed:
+            for sock in slot.socks:
+                sock.close()
+            self.slots.remove(slot)
+        for i, spec in enumerate(self.cfg.listen):
+            if spec.address.proto is Proto.TCP:
+                cbpf.detach(self.slots[0].socks[i])
+        self.cfg = _with_workers(self.cfg, count)
+        self._finish(outcome)
+
+    def stop(self, code: int = 0) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        for slot in self.slots:
+            slot.respawn_at = None
+        self.start_task(self._stop_task(code))
+
+    def _stop_task(self, code: int) -> Task:
+        # New SYNs are dropped; connections the kernel already accepted are served.
+        for slot in self.slots:
+            for sock, spec in zip(slot.socks, self.cfg.listen, strict=True):
+                if spec.address.proto is Proto.TCP:
+                    cbpf.drop_syns(sock)
+        yield Until(
+            lambda: all(queue_empty(s) or not s.live() for s in self.slots),
+            time.monotonic() + self.cfg.grace,
+        )
+        yield self._drain_all(w for s in self.slots for w in s.live())
+        yield from self._wait_all_exited(code)
+
+    def _wait_all_exited(self, code: int) -> Task:
+        yield Until(lambda: all(not s.live() for s in self.slots))
+        log.info("stopped")
+        self.exit_code = 1 if self.fatal else code
+
+    # ---- control ----------------------------------------------------------------------------
+
+    def _on_request(self, request: dict[str, Any], conn: Connection) -> bytes | None:
+        cmd = request["cmd"]
+        if cmd == "status":
+            return protocol.reply_ok(self.status())
+        if cmd == "stop":
+            self.stop()
+            return protocol.reply_ok({"stopping": True})
+        if cmd == "reload":
+            outcome = self.reload(Outcome())
+        else:
+            count = request.get("workers")
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise ControlError(f"scale needs an integer 'workers', not {count!r}")
+            outcome = self.scale(count, Outcome())
+        if request.get("wait"):
+            outcome.waiters.append(conn)
+            return None
+        return protocol.reply_ok({"started": True})
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        listen_info = [
+            {"name": spec.name, "address": str(addr), "proto": addr.proto.value, "port": addr.port}
+            for spec, addr in zip(self.cfg.listen, self.bound, strict=True)
+        ]
+        slots = []
+        for slot in self.slots:
+            w = slot.serving()
+            queues: dict[str, Any] = {}
+            for spec, sock in zip(self.cfg.listen, slot.socks, strict=True):
+                if spec.address.proto is Proto.TCP:
+                    depth = inspect.queue_depth(sock)
+                    queues[spec.name] = {"queued": depth.queued, "backlog": depth.backlog}
+            slots.append(
+                {
+                    "slot": slot.index,
+                    "pid": w.pid if w else None,
+                    "state": (
+                        "removing"
+                        if slot.removing
+                        else w.state.value
+                        if w
+                        else "backoff"
+                        if slot.respawn_at
+                        else "empty"
+                    ),
+                    "restarts": slot.restarts,
+                    "generation": slot.generation,
+                    "uptime": round(now - w.started, 3) if w else None,
+                    "mode": "fds",
+                    "queue": queues,
+                    "workers": [
+                        {"pid": x.pid, "state": x.state.value, "generation": x.generation}
+                        for x in slot.live()
+                    ],
+                }
+            )
+        return {
+            "name": self.cfg.name,
+            "pid": os.getpid(),
+            "uptime": round(now - self.started, 3),
+            "generation": self.generation,
+            "stopping": self.stopping,
+            "ready": self.started_up,
+            "reloads": dict(self.reloads),
+            "listen": listen_info,
+            "workers": len([s for s in self.slots if not s.removing]),
+            "slots": slots,
+        }
+
+
+def _with_workers(cfg: Config, count: int) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, workers=count)
+
+
+def expand_placeholders(arg: str, names: list[str]) -> str:
+    """``{fd}`` is the first socket's fd; ``{fd:NAME}`` the fd of the listen address NAME."""
+    if "{fd" not in arg:
+        return arg
+    out = arg.replace("{fd}", "3")
+    for i, name in enumerate(names):
+        out = out.replace("{fd:" + name + "}", str(3 + i))
+    if "{fd:" in out:
+        raise SupervisorError(
+            f"argument {arg!r} names a listen address that does not exist; "
+            f"known: {', '.join(names)}"
+        )
+    return out
+
+
+def queue_empty(slot: Slot) -> bool:
+    for sock in slot.socks:
+        if sock.type == socket.SOCK_STREAM and inspect.queue_depth(sock).queued:
+            return False
+    return True
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def group_stopped(pgid: int) -> bool:
+    """Every process of the group is stopped (state T), or the group is gone."""
+    for pid in _group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("T", "t", "Z", "X"):
+            return False
+    return True
+
+
+def group_connections(pgid: int) -> int:
+    return sum(inspect.connections_of(pid) for pid in _group_pids(pgid))
