@@ -25,7 +25,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import inspect
+from .. import inspect, sockdiag
 from ..address import Address, Proto
 from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
@@ -491,14 +491,21 @@ class Supervisor:
         if cfg.drain == "freeze":
             # Freeze, check, kill: a stopped task leaves the accept wait queue, so the queue goes
             # to the other worker of the slot; if it holds no connection, nothing can be lost.
+            listeners = {os.fstat(sock.fileno()).st_ino for sock in w.slot.socks}
+            ports = {a.port for a in self.bound if a.proto is Proto.TCP}
             while w.life.alive and time.monotonic() < deadline:
                 self._signal(w, signal.SIGSTOP)
-                yield Until(
-                    lambda: not w.life.alive or group_stopped(w.pid), time.monotonic() + 1.0
-                )
+                # Usually stopped within microseconds: check inline to keep the freeze short.
+                spin_until = time.monotonic() + 0.005
+                while not tree_stopped(w.pid) and time.monotonic() < spin_until:
+                    time.sleep(0.0002)
+                if not tree_stopped(w.pid):
+                    yield Until(
+                        lambda: not w.life.alive or tree_stopped(w.pid), time.monotonic() + 1.0
+                    )
                 if not w.life.alive:
                     return
-                if group_connections(w.pid) == 0:
+                if held_connections(w.pid, listeners, ports) == 0:
                     w.life.fire(Event.DRAINED)
                     self._signal(w, signal.SIGKILL)
                     w.kill_at = time.monotonic() + 5.0
@@ -810,26 +817,30 @@ def queue_empty(slot: Slot) -> bool:
     return True
 
 
-def _group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (via /proc/PID/task/*/children; cheap, no /proc scan)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
         try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            tasks = os.listdir(f"/proc/{current}/task")
         except OSError:
             continue
-        if int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                continue
+    return tree
 
 
-def group_stopped(pgid: int) -> bool:
-    """Every process of the group is stopped (state T), or the group is gone."""
-    for pid in _group_pids(pgid):
+def tree_stopped(pid: int) -> bool:
+    """Every process of the tree is stopped (state T), or gone."""
+    for member in process_tree(pid):
         try:
-            with open(f"/proc/{pid}/stat") as f:
+            with open(f"/proc/{member}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
@@ -838,5 +849,28 @@ def group_stopped(pgid: int) -> bool:
     return True
 
 
-def group_connections(pgid: int) -> int:
-    return sum(inspect.connections_of(pid) for pid in _group_pids(pgid))
+def held_connections(pid: int, listeners: set[int], ports: set[int]) -> int:
+    """Client connections (local port one of ``ports``) that the process tree holds.
+
+    First the tree's own fd tables (microseconds): no socket besides the listeners means
+    nothing is held. Only otherwise ask sock_diag which of those sockets are live
+    connections on our ports (a DB connection or a log socket does not count).
+    """
+    inodes: set[int] = set()
+    for member in process_tree(pid):
+        try:
+            fds = os.listdir(f"/proc/{member}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{member}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+    inodes -= listeners
+    if not inodes:
+        return 0
+    live = {s.inode for s in sockdiag.dump_tcp() if s.sport in ports}
+    return len(inodes & live)

@@ -1,0 +1,93 @@
+"""Run a real `portshard run` for a test and always clean it up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT, wait_until
+
+PORTSHARD = [sys.executable, "-m", "portshard"]
+FDWORKER = [sys.executable, str(ROOT / "tests" / "workers" / "fdworker.py")]
+
+
+class Running:
+    def __init__(self, args: list[str], control: Path, env: dict[str, str] | None = None):
+        self.control = str(control)
+        self.log = control.with_suffix(".log")
+        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [*PORTSHARD, "run", "--control", self.control, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [*PORTSHARD, *args, "--control", self.control],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"portshard {' '.join(args)} failed: {res.stderr}\n{self.text()}")
+        return res
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.ctl("status", "--json").stdout)
+        return result
+
+    def wait_ready(self, timeout: float = 20) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"supervisor exited {self.proc.returncode}:\n{self.text()}")
+            if not os.path.exists(self.control):
+                return None
+            res = self.ctl("status", "--json", check=False)
+            if res.returncode:
+                return None
+            st: dict[str, Any] = json.loads(res.stdout)
+            return st if st["ready"] else None
+
+        result: dict[str, Any] = wait_until(ready, timeout, "supervisor ready")
+        return result
+
+    @property
+    def port(self) -> int:
+        return int(self.status()["listen"][0]["port"])
+
+    def pids(self) -> list[int]:
+        return [s["pid"] for s in self.status()["slots"]]
+
+    def text(self) -> str:
+        self._log.flush()
+        return self.log.read_text(errors="replace")
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+
+
+def no_process_left(marker: str) -> bool:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return not any(marker in line and "ps -eo" not in line for line in out.splitlines())
+
+
+def settle(seconds: float) -> None:
+    """Let a load run for a while (the load itself is bounded)."""
+    time.sleep(seconds)
