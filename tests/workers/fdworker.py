@@ -1,7 +1,8 @@
 """A cooperative test worker: serves "slot pid gen" over HTTP/1.0 on its inherited sockets.
 
 Stops gracefully on SIGTERM (flag + wakeup fd + select before accept: never loses a
-connection accept() returned). Optional env: WORK_MS (sleep per request), READY (notify).
+connection accept() returned). Optional env: WORK_MS (sleep per request), DIE_ON_TERM
+(keep SIGTERM's default action). Sends READY=1 when NOTIFY_SOCKET is set.
 UDP sockets answer each datagram with "slot pid".
 """
 
@@ -35,7 +36,8 @@ def main() -> None:
         nonlocal stop
         stop = True
 
-    signal.signal(signal.SIGTERM, on_term)
+    if not os.environ.get("DIE_ON_TERM"):  # else: dies on SIGTERM, like python -m http.server
+        signal.signal(signal.SIGTERM, on_term)
     sel = selectors.DefaultSelector()
     sel.register(r, selectors.EVENT_READ)
     for s in socks:
@@ -68,7 +70,9 @@ def main() -> None:
                     conn.recv(4096)
                     if work:
                         time.sleep(work)
-                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                    conn.sendall(
+                        b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                    )
                 except OSError:
                     pass
 

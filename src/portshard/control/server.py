@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ControlError, SupervisorError
+from ..errors import PortshardError, SupervisorError
 from . import protocol
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,11 @@ class ControlServer:
         try:
             request = protocol.decode_request(line)
             reply = self.handler(request, conn)
-        except ControlError as exc:
+        except PortshardError as exc:
             reply = protocol.reply_error(str(exc))
+        except Exception as exc:  # a bug must not take the supervisor and its workers down
+            log.exception("control: internal error handling %r", line[:200])
+            reply = protocol.reply_error(f"internal error: {exc!r} (see the supervisor's log)")
         if reply is None:
             conn.waiting = True
             return

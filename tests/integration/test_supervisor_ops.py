@@ -1,0 +1,277 @@
+"""`portshard run` operations: users, failed reloads, readiness modes, signals, control socket."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, needs_root, wait_until
+from tests.loadgen import Load
+from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, no_process_left
+
+Start = Callable[..., Running]
+
+
+@pytest.fixture
+def start(short_tmp: Path) -> Iterator[Start]:
+    running: list[Running] = []
+
+    def _start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Running:
+        sup = Running(list(args), short_tmp / f"s{len(running)}.sock", env)
+        running.append(sup)
+        if wait:
+            sup.wait_ready()
+        return sup
+
+    yield _start
+    for sup in running:
+        sup.close()
+
+
+def tag() -> str:
+    return f"--tag={uuid.uuid4().hex[:12]}"
+
+
+def uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[2])
+    raise AssertionError("no Uid line")
+
+
+@pytest.fixture
+def world_readable_worker(short_tmp: Path) -> list[str]:
+    """fdworker and portshard copied where `nobody` can read them, run by the system python."""
+    system_python = "/usr/bin/python3"
+    if not os.access(system_python, os.X_OK):
+        pytest.skip("no /usr/bin/python3 for the unprivileged worker")
+    os.chmod(short_tmp, 0o755)
+    shutil.copytree(ROOT / "src" / "portshard", short_tmp / "lib" / "portshard")
+    shutil.copy(FDWORKER[1], short_tmp / "fdworker.py")
+    for path in short_tmp.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    return ["env", f"PYTHONPATH={short_tmp / 'lib'}", system_python, str(short_tmp / "fdworker.py")]
+
+
+@needs_root
+def test_workers_run_as_another_user_on_root_bound_sockets(
+    start: Start, world_readable_worker: list[str]
+) -> None:
+    nobody = pwd.getpwnam("nobody")
+    sup = start(
+        "-w",
+        "2",
+        "--user",
+        "nobody",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        *world_readable_worker,
+    )
+    assert all(uid_of(pid) == nobody.pw_uid for pid in sup.pids())
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=100) as load:
+        load.wait_for(100)
+    assert not load.failed
+    sup.ctl("reload", "--wait")
+    assert all(uid_of(pid) == nobody.pw_uid for pid in sup.pids())
+
+
+def test_supervisor_killed_takes_its_workers_with_it(start: Start) -> None:
+    t = tag()
+    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER, t)
+    pids = sup.pids()
+    sup.proc.kill()
+    sup.wait_exit(5)
+    wait_until(lambda: no_process_left(t), 5, "workers to notice the supervisor died")
+    for pid in pids:
+        assert (
+            not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        )
+
+
+def write_config(path: Path, command: list[str]) -> None:
+    quoted = ", ".join(f'"{arg}"' for arg in command)
+    path.write_text(f'command = [{quoted}]\nlisten = ["tcp://127.0.0.1:0"]\nworkers = 2\n')
+
+
+def test_failed_reload_keeps_the_old_workers_and_says_why(start: Start, short_tmp: Path) -> None:
+    conf = short_tmp / "ps.toml"
+    write_config(conf, FDWORKER)
+    sup = start("-c", str(conf), "--ready-timeout", "1")
+    old = sup.pids()
+    write_config(conf, [sys.executable, "-c", "import time; time.sleep(30)"])
+    with Load("127.0.0.1", sup.port, concurrency=8, max_seconds=30) as load:
+        load.wait_for(50)
+        res = sup.ctl("reload", "--wait", check=False)
+        load.wait_for(load.count() + 50)
+    assert res.returncode != 0
+    assert "did not become ready" in res.stderr and "old workers keep serving" in res.stderr
+    assert "Traceback" not in res.stderr
+    st = sup.status()
+    assert [s["pid"] for s in st["slots"]] == old
+    assert st["reloads"] == {"ok": 0, "failed": 1}
+    assert not load.failed, load.by_kind()
+    conf.write_text("command = [")  # a broken file: the reload is refused, nothing changes
+    res = sup.ctl("reload", "--wait", check=False)
+    assert res.returncode != 0 and "not valid TOML" in res.stderr
+    write_config(conf, FDWORKER)
+    sup.ctl("reload", "--wait")
+    assert sup.status()["reloads"] == {"ok": 1, "failed": 1}
+
+
+def test_sighup_reloads(start: Start) -> None:
+    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    old = set(sup.pids())
+    sup.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: sup.status()["reloads"]["ok"] == 1, 20, "reload after SIGHUP")
+    assert not old & set(sup.pids())
+
+
+@pytest.mark.parametrize("mode", ["notify", "delay:0.2", "accept"])
+def test_readiness_modes(start: Start, mode: str) -> None:
+    sup = start("-w", "2", "--ready", mode, "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    assert "ready" in sup.text()
+    sup.ctl("reload", "--wait")
+    assert sup.status()["reloads"]["ok"] == 1
+
+
+def test_notify_mode_waits_for_ready_1(start: Start) -> None:
+    """Under --ready notify, a program that never sends READY=1 never counts as ready."""
+    silent = [sys.executable, "-c", "import socket; socket.socket(fileno=3).accept()"]
+    sup = start(
+        "-w",
+        "1",
+        "--ready",
+        "notify",
+        "--ready-timeout",
+        "1",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        *silent,
+        wait=False,
+    )
+    assert sup.wait_exit(20) != 0
+    assert "not ready within 1s (--ready notify)" in sup.text()
+
+
+def test_worker_that_dies_on_sigterm_loses_nothing_in_a_reload(start: Start) -> None:
+    sup = start(
+        "-w",
+        "2",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        *FDWORKER,
+        env={"WORK_MS": "20", "DIE_ON_TERM": "1"},
+    )
+    with Load("127.0.0.1", sup.port, concurrency=16, max_seconds=60) as load:
+        load.wait_for(100)
+        for _ in range(5):
+            sup.ctl("reload", "--wait")
+    print(f"die-on-term reloads: {load.count()} requests, {load.by_kind()}")
+    assert not load.failed, load.by_kind()
+
+
+def test_fd_placeholder_and_slot_environment(start: Start) -> None:
+    code = (
+        "import os, socket, sys, portshard\n"
+        "s = socket.socket(fileno=int(sys.argv[1]))\n"
+        "assert os.environ['LISTEN_FDNAMES'] == 'web'\n"
+        "while True:\n"
+        "    c, _ = s.accept()\n"
+        "    c.recv(100)\n"
+        "    c.sendall(b'HTTP/1.0 200 OK\\r\\n\\r\\n%s %d' % "
+        "(os.environ['PORTSHARD_SLOT'].encode(), os.getpid()))\n"
+        "    c.close()\n"
+    )
+    sup = start(
+        "-w", "2", "--listen", "web=tcp://127.0.0.1:0", "--", sys.executable, "-c", code, "{fd:web}"
+    )
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=100) as load:
+        load.wait_for(100)
+    assert not load.failed and len(load.served_by()) == 2
+
+
+def raw_control(path: str, payload: bytes, *, wait: float = 0) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(15)
+        s.connect(path)
+        s.sendall(payload)
+        if wait:
+            time.sleep(wait)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_control_socket_rejects_garbage_and_keeps_serving(start: Start) -> None:
+    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    assert stat.S_IMODE(os.stat(sup.control).st_mode) == 0o600
+    assert b"not JSON" in raw_control(sup.control, b"garbage\n")
+    assert b"larger than" in raw_control(sup.control, b"x" * 70_000)
+    assert b"unknown command" in raw_control(sup.control, b'{"v":1,"cmd":"boom"}\n')
+    assert b"integer 'workers'" in raw_control(
+        sup.control, b'{"v":1,"cmd":"scale","workers":"2"}\n'
+    )
+    assert b"no complete request" in raw_control(sup.control, b'{"v":1,', wait=0)
+    assert sup.status()["slots"][0]["state"] == "ready"
+
+
+def test_control_client_errors_are_clear(short_tmp: Path) -> None:
+    res = subprocess.run(
+        [*PORTSHARD, "status", "--control", str(short_tmp / "none.sock")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0
+    assert "no supervisor at" in res.stderr and "Traceback" not in res.stderr
+
+
+@needs_root
+def test_other_users_cannot_use_the_control_socket(start: Start) -> None:
+    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\n"
+    )
+    res = subprocess.run(["/usr/bin/python3", "-c", probe, sup.control], user=nobody)
+    assert res.returncode == 13
+    assert sup.status()["slots"][0]["state"] == "ready"
+
+
+def test_run_refuses_a_second_supervisor_on_the_same_control_socket(start: Start) -> None:
+    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    res = subprocess.run(
+        [
+            *PORTSHARD,
+            "run",
+            "--control",
+            sup.control,
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--",
+            *FDWORKER,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode != 0 and "already running" in res.stderr
+    assert sup.status()["slots"][0]["state"] == "ready"

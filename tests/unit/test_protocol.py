@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from portshard.control import protocol
+from portshard.errors import ControlError
+
+
+def test_round_trip() -> None:
+    line = protocol.encode({"v": 1, "cmd": "scale", "workers": 2})
+    assert line.endswith(b"\n") and b"\n" not in line[:-1]
+    assert protocol.decode_request(line)["workers"] == 2
+    assert json.loads(protocol.reply_error("no"))["ok"] is False
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        (b"garbage", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"cmd": "status"}', "version None is not supported"),
+        (b'{"v": 2, "cmd": "status"}', "version 2"),
+        (b'{"v": 1, "cmd": "explode"}', "unknown command 'explode'"),
+    ],
+)
+def test_bad_requests(line: bytes, message: str) -> None:
+    with pytest.raises(ControlError, match=message):
+        protocol.decode_request(line)
