@@ -19,6 +19,8 @@ install: $(VENV)/.created
 
 demo: install
 	$(PY) examples/demo.py
+	@echo
+	$(PY) examples/run_demo.py
 
 deps-test: $(VENV)/.created
 	@missing=""; for p in $(DEB_TEST_PKGS); do \

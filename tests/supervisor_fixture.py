@@ -30,10 +30,14 @@ class Running:
             env={**os.environ, **(env or {})},
         )
 
-    def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def ctl(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
             [*PORTSHARD, *args, "--control", self.control],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and res.returncode != 0:
             raise AssertionError(f"portshard {' '.join(args)} failed: {res.stderr}\n{self.text()}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
-from tests.loadgen import Load
+from bench.loadgen import Load
 from tests.supervisor_fixture import FDWORKER, Running, no_process_left, settle
 
 Start = Callable[..., Running]
@@ -71,8 +71,10 @@ def test_ten_rolling_reloads_under_load_fail_nothing(start: Start) -> None:
     st = sup.status()
     assert st["reloads"] == {"ok": 10, "failed": 0}
     assert all(s["generation"] == 11 for s in st["slots"])
-    print(f"reloads: {load.count()} requests, {len(load.failed)} failed, by kind {load.by_kind()}, "
-          f"max latency {max(r.latency for r in load.results) * 1000:.1f} ms")
+    print(
+        f"reloads: {load.count()} requests, {len(load.failed)} failed, by kind {load.by_kind()}, "
+        f"max latency {max(r.latency for r in load.results) * 1000:.1f} ms"
+    )
     assert not load.failed, load.by_kind()
     assert load.count() > 500
 
@@ -89,8 +91,14 @@ def test_sigkill_of_workers_fails_at_most_the_requests_in_hand(start: Start) -> 
             pid = sup.status()["slots"][slot]["pid"]
             os.kill(pid, signal.SIGKILL)
             kills += 1
-            wait_until(lambda s=slot, p=pid: sup.status()["slots"][s]["pid"] not in (None, p)
-                       and sup.status()["slots"][s]["state"] == "ready", 10, "respawn")
+            wait_until(
+                lambda s=slot, p=pid: (
+                    sup.status()["slots"][s]["pid"] not in (None, p)
+                    and sup.status()["slots"][s]["state"] == "ready"
+                ),
+                10,
+                "respawn",
+            )
         settle(0.3)
     st = sup.status()
     print(f"kills: {load.count()} requests, failed {load.by_kind()}")
@@ -153,8 +161,17 @@ def test_udp_flows_stay_on_their_slot_across_reloads(start: Start) -> None:
 
 def test_stop_under_load_answers_every_accepted_connection(start: Start) -> None:
     worker, tag = tagged_worker()
-    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--grace", "10", "--", *worker,
-                env={"WORK_MS": "5"})
+    sup = start(
+        "-w",
+        "2",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--grace",
+        "10",
+        "--",
+        *worker,
+        env={"WORK_MS": "5"},
+    )
     with Load("127.0.0.1", sup.port, concurrency=32, max_seconds=60, timeout=3) as load:
         load.wait_for(200)
         sup.proc.send_signal(signal.SIGTERM)
@@ -171,7 +188,10 @@ def test_stop_under_load_answers_every_accepted_connection(start: Start) -> None
     "command,expect",
     [
         (["/nonexistent/server"], "No such file or directory"),
-        ([sys.executable, "-c", "import sys; sys.exit(3)"], "exited before it was ready (exit status 3)"),
+        (
+            [sys.executable, "-c", "import sys; sys.exit(3)"],
+            "exited before it was ready (exit status 3)",
+        ),
         ([sys.executable, "-c", "import time; time.sleep(60)"], "not ready within 1s"),
     ],
     ids=["missing", "exits-at-once", "never-ready"],
@@ -181,8 +201,19 @@ def test_bad_worker_commands_stop_with_a_clear_error(
 ) -> None:
     tag = f"tag{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
-    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--ready-timeout", "1",
-                "--name", tag, "--", *command, wait=False)
+    sup = start(
+        "-w",
+        "2",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--ready-timeout",
+        "1",
+        "--name",
+        tag,
+        "--",
+        *command,
+        wait=False,
+    )
     code = sup.wait_exit(20)
     text = sup.text()
     assert code != 0

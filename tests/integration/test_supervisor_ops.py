@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, needs_root, wait_until
-from tests.loadgen import Load
+from bench.loadgen import Load
 from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, no_process_left
 
 Start = Callable[..., Running]

@@ -1,4 +1,6 @@
-"""A bounded loopback load generator for tests: connection per request, concurrent clients.
+"""A bounded loopback load generator: HTTP/1.0, connection per request, concurrent clients.
+
+Used by the tests, the demo and the benchmarks.
 
 Runs an asyncio loop in a thread until stopped, or until ``max_requests`` or ``max_seconds``.
 Every request is classified, so a test can tell a refused connect (never accepted) from a
