@@ -19,7 +19,14 @@ class AddressError(PortshardError, ValueError):
 
 
 class BindError(PortshardError, OSError):
-    """A socket could not be bound or put in listening state."""
+    """A socket could not be bound or put in listening state.
+
+    Raised as ``BindError(errno, message)``: ``.errno`` keeps the kernel's code for callers that
+    branch on it, and ``str()`` is the message alone (OSError would prefix "[Errno 98] ").
+    """
+
+    def __str__(self) -> str:
+        return self.strerror if self.strerror is not None else super().__str__()
 
 
 class PortInUse(BindError):
