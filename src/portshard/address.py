@@ -2,10 +2,11 @@
 
 Forms accepted (the scheme defaults to tcp, as for gunicorn's ``-b``)::
 
-    tcp://HOST:PORT   udp://HOST:PORT   tcp://[::1]:PORT   tcp://:PORT   :PORT   PORT
+    tcp://HOST:PORT   udp://HOST:PORT   tcp://[::1]:PORT   tcp://:PORT   :PORT   PORT   *:PORT
 
-An empty host means every interface: one dual-stack IPv6 socket where the OS allows, else
-IPv4 ``0.0.0.0``. Port 0 asks the kernel for an ephemeral port.
+An empty host (or ``*``) means every interface: one dual-stack IPv6 socket where the OS allows,
+else IPv4 ``0.0.0.0``. Port 0 asks the kernel for an ephemeral port. A port is written in ASCII
+digits only: ``int()`` would also take "8_080", "+80" or "٨٠", which nobody means.
 """
 
 from __future__ import annotations
@@ -80,25 +81,42 @@ def parse(text: str) -> Address:
             raise AddressError(
                 f"listen address {text!r}: unknown scheme {scheme!r} (only tcp and udp); {_HINT}"
             ) from None
-    if rest.isdigit() or (rest.startswith("-") and rest[1:].isdigit()):
+    if _is_number(rest):
         host, port_text = "", rest
     elif rest.startswith("["):
         end = rest.find("]")
-        if end < 0 or not rest[end + 1 :].startswith(":"):
+        if end < 0:
             raise AddressError(
-                f"listen address {text!r}: an IPv6 host needs brackets and a port, "
-                f"as in tcp://[::1]:8080"
+                f"listen address {text!r}: '[' is never closed; write an IPv6 host in "
+                f"brackets followed by the port, as in tcp://[::1]:8080"
+            )
+        if not rest[end + 1 :]:
+            raise AddressError(
+                f"listen address {text!r} has no port; write it after the brackets, "
+                f"as in {proto.value}://{rest}:8080 (port 0 = any free port)"
+            )
+        if not rest[end + 1 :].startswith(":"):
+            raise AddressError(
+                f"listen address {text!r}: {rest[end + 1 :]!r} after ']' is not ':PORT'; "
+                f"write it as {proto.value}://[::1]:8080"
             )
         host, port_text = rest[1:end], rest[end + 2 :]
         _check_ipv6(text, host)
     else:
         if ":" not in rest:
+            if rest and all(c.isdigit() or c in "+-_" for c in rest):
+                _parse_port(text, rest)  # a port in a form int() takes but we refuse: "8_080"
             raise AddressError(f"listen address {text!r} has no port; {_HINT}")
         host, port_text = rest.rsplit(":", 1)
         if ":" in host:
+            # "::1" alone is an address with no port; "::1:8080" most likely means [::1]:8080.
+            if _is_ipv6(host) or not _is_ipv6(rest):
+                example = f"[{host}]:{port_text}"
+            else:
+                example = f"[{rest}]:PORT"
             raise AddressError(
                 f"listen address {text!r}: an IPv6 host must be in brackets, "
-                f"as in {proto.value}://[{host}]:{port_text}"
+                f"as in {proto.value}://{example}"
             )
     if "/" in port_text or "/" in host:
         raise AddressError(f"listen address {text!r} has a path; {_HINT}")
@@ -107,27 +125,37 @@ def parse(text: str) -> Address:
     return Address(proto, host, _parse_port(text, port_text))
 
 
-def _check_ipv6(text: str, host: str) -> None:
-    if host == "":
-        return
+def _is_number(text: str) -> bool:
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit()
+
+
+def _is_ipv6(host: str) -> bool:
     try:
         ipaddress.IPv6Address(host.split("%", 1)[0])
     except ValueError:
+        return False
+    return True
+
+
+def _check_ipv6(text: str, host: str) -> None:
+    if host != "" and not _is_ipv6(host):
         raise AddressError(
-            f"listen address {text!r}: {host!r} in brackets is not an IPv6 address"
-        ) from None
+            f"listen address {text!r}: {host!r} in brackets is not an IPv6 address; "
+            f"put only IPv6 literals in brackets, as in tcp://[::1]:8080, and write IPv4 "
+            f"addresses and names without them"
+        )
 
 
 def _parse_port(text: str, port_text: str) -> int:
     if not port_text:
         raise AddressError(f"listen address {text!r} has no port; {_HINT} (port 0 = any free port)")
-    try:
-        port = int(port_text, 10)
-    except ValueError:
+    if not _is_number(port_text):
         raise AddressError(
             f"listen address {text!r}: port {port_text!r} is not a number; "
-            f"service names are not accepted, write the number"
-        ) from None
+            f"write the port in digits (service names such as 'http' are not accepted)"
+        )
+    port = int(port_text, 10)
     if not 0 <= port <= 65535:
         raise AddressError(
             f"listen address {text!r}: port {port} is out of range; use 0-65535 (0 = any free port)"
