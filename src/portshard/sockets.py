@@ -17,7 +17,15 @@ from . import inspect
 from .address import Address, Proto, Resolved, parse, resolve
 from .errors import BindError, ConfigError, PortInUse, ReuseportUnsupported
 
-__all__ = ["Platform", "PLATFORMS", "decide", "listen", "somaxconn", "DEFAULT_BACKLOG"]
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "PLATFORMS",
+    "Platform",
+    "decide",
+    "listen",
+    "platform_key",
+    "somaxconn",
+]
 
 
 @dataclass(frozen=True)
@@ -28,24 +36,33 @@ class Platform:
     behaviour: str
 
 
+_LAST_BOUND_WINS = "not balanced: the last bound socket takes every new connection"
+
 PLATFORMS: dict[str, Platform] = {
     "linux": Platform(
-        "Linux", "SO_REUSEPORT", True,
+        "Linux",
+        "SO_REUSEPORT",
+        True,
         "balanced by hash (3.9+); a closing listener resets its queued connections "
         "unless net.ipv4.tcp_migrate_req=1 (5.14+)",
     ),
     "freebsd": Platform(
-        "FreeBSD", "SO_REUSEPORT_LB", True,
+        "FreeBSD",
+        "SO_REUSEPORT_LB",
+        True,
         "SO_REUSEPORT_LB balances (12+, up to 256 sockets); plain SO_REUSEPORT is last-bind-wins",
     ),
     "dragonfly": Platform(
-        "DragonFly BSD", "SO_REUSEPORT", True,
+        "DragonFly BSD",
+        "SO_REUSEPORT",
+        True,
         "balanced; a member leaves without dropping the others' connections",
     ),
-    "netbsd": Platform("NetBSD", "SO_REUSEPORT", False, "not balanced: the last bound socket wins"),
-    "openbsd": Platform("OpenBSD", "SO_REUSEPORT", False, "not balanced: the last bound socket wins"),
-    "darwin": Platform("macOS", "SO_REUSEPORT", False, "not balanced: the last bound socket wins"),
+    "netbsd": Platform("NetBSD", "SO_REUSEPORT", False, _LAST_BOUND_WINS),
+    "openbsd": Platform("OpenBSD", "SO_REUSEPORT", False, _LAST_BOUND_WINS),
+    "darwin": Platform("macOS", "SO_REUSEPORT", False, _LAST_BOUND_WINS),
     "win32": Platform("Windows", None, False, "no port sharing option at all"),
+    "cygwin": Platform("Cygwin", None, False, "runs on Windows sockets, which cannot share a port"),
 }
 
 # Values of options Python may not export on the running platform.
@@ -57,8 +74,6 @@ def platform_key(system: str = sys.platform) -> str:
     for key in PLATFORMS:
         if system.startswith(key):
             return key
-    if system.startswith("cygwin"):
-        return "win32"
     return system
 
 
@@ -77,12 +92,12 @@ def decide(system: str = sys.platform, *, balance: bool = True) -> str:
         )
     if plat.option is None:
         raise ReuseportUnsupported(
-            f"{plat.name} has no port sharing ({plat.behaviour}); run one listener "
-            f"(reuseport=False) or use a proxy in front of several ports"
+            f"cannot share a port on {plat.name} ({system!r}): {plat.behaviour}; run one "
+            f"listener (reuseport=False), or put a proxy in front of several ports"
         )
     if balance and not plat.balanced:
         raise ReuseportUnsupported(
-            f"{plat.name} does not balance a shared port ({plat.behaviour}); "
+            f"cannot balance a shared port on {plat.name} ({system!r}): {plat.behaviour}; "
             f"pass balance=False to share it anyway (for a hand-over, not for sharding), "
             f"or run on Linux, FreeBSD or DragonFly BSD"
         )
@@ -124,13 +139,30 @@ def listen(
     spreads new connections (TCP) or flows (UDP) over the group's sockets. ``tcp://:PORT``
     listens on every interface, dual-stack where IPv6 exists. Raises a PortshardError subclass
     whose message says what went wrong and how to fix it.
+
+    With asyncio, pass the socket as ``sock=``; the loop makes it non-blocking and closes it
+    with the server (see docs/library.md)::
+
+        server = await asyncio.start_server(handle, sock=portshard.listen("tcp://:8080"))
+        transport, _ = await loop.create_datagram_endpoint(
+            Protocol, sock=portshard.listen("udp://:8080")
+        )
     """
     addr = parse(address) if isinstance(address, str) else address
     if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
         raise ConfigError(f"backlog must be a whole number >= 1, not {backlog!r}")
     option = decide(balance=balance) if reuseport else None
     target = resolve(addr)
-    sock = socket.socket(target.family, addr.proto.socktype)
+    try:
+        sock = socket.socket(target.family, addr.proto.socktype)
+    except OSError as exc:
+        if target.family == socket.AF_INET6:
+            fix = "IPv6 may be disabled here: listen on an IPv4 address such as 0.0.0.0"
+        else:
+            fix = "check the open-file limit (ulimit -n)"
+        raise BindError(
+            exc.errno, f"cannot create a socket for {addr}: {exc.strerror or exc}; {fix}"
+        ) from None
     try:
         if addr.proto is Proto.TCP:
             # Lets a restarted server bind while old connections sit in TIME_WAIT.
@@ -145,12 +177,28 @@ def listen(
         except OSError as exc:
             raise _bind_error(target, exc, reuseport=option is not None) from None
         if addr.proto is Proto.TCP:
-            sock.listen(backlog)
+            try:
+                sock.listen(backlog)
+            except OSError as exc:
+                # Rare but real: another socket bound with SO_REUSEADDR started listening
+                # between our bind() and listen().
+                raise _bind_error(target, exc, reuseport=option is not None) from None
         sock.set_inheritable(inheritable)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _unprivileged_port_start() -> int:
+    """Linux's lowest port a user without CAP_NET_BIND_SERVICE may bind (1024 by default)."""
+    if not sys.platform.startswith("linux"):
+        return 1024
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024  # before Linux 4.11 the limit was fixed
 
 
 def _user_name(uid: int) -> str:
@@ -166,12 +214,21 @@ def _bind_error(target: Resolved, exc: OSError, *, reuseport: bool) -> BindError
     if code == errno.EADDRINUSE:
         return _in_use(target, reuseport=reuseport)
     if code == errno.EACCES:
+        port = target.address.port
+        start = _unprivileged_port_start()
+        if 0 < port < start:
+            return BindError(
+                code,
+                f"{where}: permission denied: port {port} is below "
+                f"net.ipv4.ip_unprivileged_port_start ({start} here), so binding it needs root "
+                f"or CAP_NET_BIND_SERVICE; run as root (portshard run binds, then --user drops "
+                f"privileges), or use a port >= {start}",
+            )
         return BindError(
             code,
-            f"{where}: permission denied; ports below "
-            f"net.ipv4.ip_unprivileged_port_start (usually 1024) need root or "
-            f"CAP_NET_BIND_SERVICE: run as root (portshard run --user drops privileges), "
-            f"or use a higher port",
+            f"{where}: permission denied by a security policy (SELinux, AppArmor, a cgroup "
+            f"BPF program or a container's seccomp profile); check the system's audit log, "
+            f"or use another address",
         )
     if code == errno.EADDRNOTAVAIL:
         return BindError(
@@ -206,7 +263,9 @@ def _in_use(target: Resolved, *, reuseport: bool) -> PortInUse:
         else:
             why = "and this socket was asked not to share (reuseport=False)"
             fix = "stop it, or pass reuseport=True if both should share the port"
-        return PortInUse(errno.EADDRINUSE, f"{where}: port {port} is held by {h.describe()} {why}; {fix}")
+        return PortInUse(
+            errno.EADDRINUSE, f"{where}: port {port} is held by {h.describe()} {why}; {fix}"
+        )
     return PortInUse(
         errno.EADDRINUSE,
         f"{where}: port {port} is in use by a socket this process cannot see (another "
