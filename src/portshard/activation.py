@@ -17,18 +17,51 @@ __all__ = ["LISTEN_FDS_START", "inherited", "notify", "notify_ready"]
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 _ENV_KEYS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+_MAX_FDS = 4096  # far above any real use; catches garbage before fstat()ing thousands of fds
 
 
 def _env_int(env: Mapping[str, str], key: str) -> int:
     value = env[key]
-    try:
-        number = int(value, 10)
-    except ValueError:
+    # Digits only: int() would also take " 3", "+3" or "3_0", which no supervisor writes.
+    if not (value.isascii() and value.isdigit()):
         raise ActivationError(
-            f"{key}={value!r} is not a number; whoever started this process set it wrong "
-            f"(systemd and portshard set it to a whole number)"
-        ) from None
-    return number
+            f"{key}={value!r} is not a whole number; whoever started this process set it wrong "
+            f"(systemd and portshard write a number such as 2); unset LISTEN_FDS, LISTEN_PID "
+            f"and LISTEN_FDNAMES to run without inherited sockets"
+        )
+    return int(value, 10)
+
+
+def _kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ]
+    return next((what for test, what in kinds if test(mode)), "not a socket")
+
+
+def _check_fds(count: int) -> list[int]:
+    """Check that fds 3 .. 3+count-1 are open sockets, before touching any of them."""
+    fds = list(range(LISTEN_FDS_START, LISTEN_FDS_START + count))
+    for fd in fds:
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            raise ActivationError(
+                f"LISTEN_FDS={count} but fd {fd} is not open; the parent did not pass it "
+                f"(check that it was not opened close-on-exec, and that LISTEN_FDS counts "
+                f"only the sockets it passed from fd {LISTEN_FDS_START})"
+            ) from None
+        if not stat.S_ISSOCK(mode):
+            raise ActivationError(
+                f"LISTEN_FDS={count} but fd {fd} is {_kind(mode)}, not a socket; the parent "
+                f"must pass exactly LISTEN_FDS sockets at fds {LISTEN_FDS_START} to "
+                f"{LISTEN_FDS_START + count - 1} (fix the parent, or unset LISTEN_FDS)"
+            )
+    return fds
 
 
 def inherited(
@@ -40,20 +73,27 @@ def inherited(
     """Return the sockets this process inherited through LISTEN_FDS, in order.
 
     Returns [] when LISTEN_FDS is absent or LISTEN_PID names another process (the variables
-    were meant for a parent). With ``name``, return only the sockets LISTEN_FDNAMES names so.
+    were meant for a parent). A missing LISTEN_PID is accepted, for launchers that cannot know
+    the pid before exec. With ``name``, return only the sockets LISTEN_FDNAMES names so; the
+    others stay open, unwrapped. Every passed fd is marked close-on-exec, as sd_listen_fds does,
+    so a program this process runs does not hold them.
+
     The variables are removed from the environment by default, so children don't see them;
-    the sockets are marked close-on-exec. Raises ActivationError if the variables are
-    malformed or name an fd that is not an open socket.
+    to pick several names one call at a time, pass ``unset_environment=False`` (and call each
+    name once: every call wraps the fds in new socket objects). Raises ActivationError if the
+    variables are malformed or name an fd that is not an open socket; then no fd is touched.
     """
     env = os.environ if environ is None else environ
     if "LISTEN_FDS" not in env:
         return []
-    pid_text = env.get("LISTEN_PID")
-    if pid_text is not None and _env_int(env, "LISTEN_PID") != os.getpid():
+    if "LISTEN_PID" in env and _env_int(env, "LISTEN_PID") != os.getpid():
         return []
     count = _env_int(env, "LISTEN_FDS")
-    if count < 0 or count > 4096:
-        raise ActivationError(f"LISTEN_FDS={count} is out of range (0-4096)")
+    if count > _MAX_FDS:
+        raise ActivationError(
+            f"LISTEN_FDS={count} is out of range (0-{_MAX_FDS}); whoever started this "
+            f"process set it wrong"
+        )
     names_text = env.get("LISTEN_FDNAMES")
     names = names_text.split(":") if names_text else ["unknown"] * count
     if len(names) != count:
@@ -61,21 +101,14 @@ def inherited(
             f"LISTEN_FDNAMES={names_text!r} names {len(names)} sockets but LISTEN_FDS={count}; "
             f"they must match (one name per fd, separated by ':')"
         )
-    socks: list[socket.socket] = []
-    for offset, fd_name in enumerate(names):
-        fd = LISTEN_FDS_START + offset
-        try:
-            mode = os.fstat(fd).st_mode
-        except OSError:
-            raise ActivationError(
-                f"LISTEN_FDS={count} but fd {fd} is not open; the parent did not pass it "
-                f"(check that it was not opened close-on-exec)"
-            ) from None
-        if not stat.S_ISSOCK(mode):
-            raise ActivationError(f"LISTEN_FDS={count} but fd {fd} is not a socket")
-        if name is None or fd_name == name:
-            os.set_inheritable(fd, False)
-            socks.append(socket.socket(fileno=fd))
+    fds = _check_fds(count)
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    socks = [
+        socket.socket(fileno=fd)
+        for fd, fd_name in zip(fds, names, strict=True)
+        if name is None or fd_name == name
+    ]
     if unset_environment:
         for key in _ENV_KEYS:
             env.pop(key, None)
