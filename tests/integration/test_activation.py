@@ -1,0 +1,258 @@
+"""LISTEN_FDS with real fds passed to real children, and sd_notify on real AF_UNIX sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import portshard
+from portshard import ActivationError
+from tests.conftest import Procs
+
+from ._util import launch_with_fds, notify_receiver, read_line, receive_with_pid
+
+# Print what inherited() returned, what is left of the environment, and the state of fds 3, 4.
+REPORT = """
+import json, os, socket, portshard
+def fd_state(fd):
+    try:
+        os.fstat(fd)
+    except OSError:
+        return "closed"
+    return "inheritable" if os.get_inheritable(fd) else "cloexec"
+try:
+    socks = portshard.inherited(*ARGS, **KW)
+except portshard.ActivationError as exc:
+    print(json.dumps({"error": str(exc), "fds": [fd_state(3), fd_state(4)]}), flush=True)
+    raise SystemExit(0)
+print(json.dumps({
+    "socks": [
+        {"fd": s.fileno(), "type": int(s.type), "port": s.getsockname()[1],
+         "inheritable": s.get_inheritable()}
+        for s in socks
+    ],
+    "env": {k: v for k, v in os.environ.items() if k.startswith("LISTEN_")},
+    "fds": [fd_state(3), fd_state(4)],
+}), flush=True)
+SERVE
+"""
+
+
+def report(
+    procs: Procs, fds: list[int], env: dict[str, str], *args: str, **kw: object
+) -> dict[str, Any]:
+    """Run REPORT in a child that inherits ``fds``; calls ``inherited(*args, **kw)``."""
+    code = REPORT.replace("ARGS", repr(args)).replace("KW", repr(kw)).replace("SERVE", "")
+    child = launch_with_fds(procs, fds, code, env)
+    result: dict[str, Any] = json.loads(read_line(child))
+    assert child.wait(timeout=10) == 0
+    return result
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A TCP listener and a UDP socket, both real and bound to loopback port 0."""
+    with portshard.listen("tcp://127.0.0.1:0") as tcp, portshard.listen("udp://127.0.0.1:0") as udp:
+        yield tcp, udp
+
+
+def test_inherits_real_sockets_in_order_and_serves_on_them(
+    procs: Procs, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    tcp, udp = pair
+    serve = """
+conn, _ = socks[0].accept()
+conn.sendall(b"tcp from %d" % os.getpid())
+conn.close()
+data, peer = socks[1].recvfrom(64)
+socks[1].sendto(b"udp from %d" % os.getpid(), peer)
+"""
+    code = REPORT.replace("ARGS", "()").replace("KW", "{}").replace("SERVE", serve)
+    env = {"LISTEN_FDS": "2", "LISTEN_PID": "self", "LISTEN_FDNAMES": "http:dns"}
+    child = launch_with_fds(procs, [tcp.fileno(), udp.fileno()], code, env)
+    got = json.loads(read_line(child))
+    assert [s["fd"] for s in got["socks"]] == [3, 4]
+    assert [s["type"] for s in got["socks"]] == [socket.SOCK_STREAM, socket.SOCK_DGRAM]
+    assert [s["port"] for s in got["socks"]] == [tcp.getsockname()[1], udp.getsockname()[1]]
+    assert not any(s["inheritable"] for s in got["socks"]), "inherited fds must be close-on-exec"
+    assert got["env"] == {}, "LISTEN_* must be removed so the child's children don't see them"
+    # A real round trip on each inherited socket.
+    with socket.create_connection(tcp.getsockname(), timeout=5) as conn:
+        assert conn.recv(64) == b"tcp from %d" % child.pid
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        client.sendto(b"hi", udp.getsockname())
+        assert client.recvfrom(64)[0] == b"udp from %d" % child.pid
+    assert child.wait(timeout=10) == 0
+
+
+def test_filter_by_name(procs: Procs, pair: tuple[socket.socket, socket.socket]) -> None:
+    tcp, udp = pair
+    env = {"LISTEN_FDS": "2", "LISTEN_PID": "self", "LISTEN_FDNAMES": "http:dns"}
+    got = report(procs, [tcp.fileno(), udp.fileno()], env, "dns")
+    assert [(s["fd"], s["port"]) for s in got["socks"]] == [(4, udp.getsockname()[1])]
+    # The other one is left open but no longer leaks into programs this one runs.
+    assert got["fds"] == ["cloexec", "cloexec"]
+    got = report(procs, [tcp.fileno(), udp.fileno()], env, "nope")
+    assert got["socks"] == []
+
+
+def test_keep_environment_when_asked(
+    procs: Procs, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    tcp, _ = pair
+    env = {"LISTEN_FDS": "1", "LISTEN_PID": "self"}
+    got = report(procs, [tcp.fileno()], env, unset_environment=False)
+    assert len(got["socks"]) == 1
+    assert set(got["env"]) == {"LISTEN_FDS", "LISTEN_PID"}
+
+
+def test_without_listen_pid_the_sockets_are_taken(
+    procs: Procs, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    tcp, _ = pair
+    got = report(procs, [tcp.fileno()], {"LISTEN_FDS": "1"})
+    assert [s["port"] for s in got["socks"]] == [tcp.getsockname()[1]]
+
+
+def test_listen_pid_of_another_process_means_not_for_us(
+    procs: Procs, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    tcp, _ = pair
+    env = {"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid())}  # the parent's pid
+    got = report(procs, [tcp.fileno()], env)
+    assert got["socks"] == []
+    assert got["fds"][0] == "inheritable", "fds meant for another process must be left alone"
+
+
+def test_fd_not_open(procs: Procs, pair: tuple[socket.socket, socket.socket]) -> None:
+    tcp, _ = pair
+    got = report(procs, [tcp.fileno()], {"LISTEN_FDS": "2", "LISTEN_PID": "self"})
+    assert got["error"].startswith("LISTEN_FDS=2 but fd 4 is not open; the parent did not pass it")
+    assert got["fds"] == ["inheritable", "closed"], "on error no fd may be touched"
+
+
+def test_fd_not_a_socket(procs: Procs, pair: tuple[socket.socket, socket.socket]) -> None:
+    tcp, _ = pair
+    read_end, write_end = os.pipe()
+    try:
+        env = {"LISTEN_FDS": "2", "LISTEN_PID": "self"}
+        got = report(procs, [tcp.fileno(), read_end], env)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert got["error"].startswith("LISTEN_FDS=2 but fd 4 is a pipe, not a socket; ")
+    assert "fds 3 to 4" in got["error"]
+    assert got["fds"] == ["inheritable", "inheritable"]
+
+
+# ------------------------------------------------------------- malformed, no fds needed
+
+
+def test_absent_means_none() -> None:
+    assert portshard.inherited(environ={}) == []
+    assert portshard.inherited(environ={"LISTEN_PID": str(os.getpid())}) == []
+
+
+def test_listen_pid_mismatch_in_process() -> None:
+    env = {"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid() + 1)}
+    assert portshard.inherited(environ=env) == []
+    assert "LISTEN_FDS" in env
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"LISTEN_FDS": "two"}, "LISTEN_FDS='two' is not a whole number"),
+        ({"LISTEN_FDS": ""}, "LISTEN_FDS='' is not a whole number"),
+        ({"LISTEN_FDS": "-1"}, "LISTEN_FDS='-1' is not a whole number"),
+        ({"LISTEN_FDS": " 1"}, "LISTEN_FDS=' 1' is not a whole number"),
+        ({"LISTEN_FDS": "1_0"}, "LISTEN_FDS='1_0' is not a whole number"),
+        ({"LISTEN_FDS": "1", "LISTEN_PID": "init"}, "LISTEN_PID='init' is not a whole number"),
+        ({"LISTEN_FDS": "5000"}, "LISTEN_FDS=5000 is out of range (0-4096)"),
+        (
+            {"LISTEN_FDS": "2", "LISTEN_FDNAMES": "http"},
+            "LISTEN_FDNAMES='http' names 1 sockets but LISTEN_FDS=2; they must match",
+        ),
+        (
+            {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "a:b"},
+            "LISTEN_FDNAMES='a:b' names 2 sockets but LISTEN_FDS=1",
+        ),
+    ],
+)
+def test_malformed_values(env: dict[str, str], says: str) -> None:
+    env = {"LISTEN_PID": str(os.getpid()), **env}
+    before = dict(env)
+    with pytest.raises(ActivationError) as info:
+        portshard.inherited(environ=env)
+    assert says in str(info.value)
+    assert env == before, "a failed call must leave the environment as it was"
+
+
+def test_malformed_number_message_says_how_to_fix() -> None:
+    with pytest.raises(ActivationError) as info:
+        portshard.inherited(environ={"LISTEN_FDS": "x"})
+    assert "whoever started this process set it wrong" in str(info.value)
+    assert "unset LISTEN_FDS" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- sd_notify
+
+
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+def test_notify_ready_reaches_a_real_socket(procs: Procs, short_tmp: Path, kind: str) -> None:
+    if kind == "path":
+        bind_to = str(short_tmp / "notify")
+        env_value = bind_to
+    else:
+        name = f"portshard-test-{uuid.uuid4().hex}"
+        bind_to = "\0" + name
+        env_value = "@" + name
+    with notify_receiver(bind_to) as receiver:
+        child = procs.python(
+            "import portshard; print(portshard.notify_ready(), flush=True)",
+            env={**os.environ, "NOTIFY_SOCKET": env_value},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert read_line(child) == "True"
+        assert receive_with_pid(receiver) == (b"READY=1", child.pid)
+    assert child.wait(timeout=10) == 0
+
+
+def test_notify_any_state(short_tmp: Path) -> None:
+    path = str(short_tmp / "n")
+    with notify_receiver(path) as receiver:
+        assert portshard.notify("STATUS=warming up\nMAINPID=1", environ={"NOTIFY_SOCKET": path})
+        assert receive_with_pid(receiver) == (b"STATUS=warming up\nMAINPID=1", os.getpid())
+
+
+def test_without_notify_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert portshard.notify_ready() is False
+    assert portshard.notify_ready(environ={}) is False
+    assert portshard.notify_ready(environ={"NOTIFY_SOCKET": ""}) is False
+
+
+def test_notify_socket_neither_path_nor_abstract() -> None:
+    with pytest.raises(ActivationError, match="NOTIFY_SOCKET='run/notify' is neither a path"):
+        portshard.notify_ready(environ={"NOTIFY_SOCKET": "run/notify"})
+
+
+def test_notify_socket_with_nobody_listening(short_tmp: Path) -> None:
+    path = str(short_tmp / "gone")
+    with pytest.raises(ActivationError) as info:
+        portshard.notify_ready(environ={"NOTIFY_SOCKET": path})
+    message = str(info.value)
+    assert f"cannot notify {path!r}" in message
+    assert "No such file or directory" in message
+    assert "is the supervisor still running?" in message
