@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from bench.loadgen import Load
 
 from tests.conftest import wait_until
-from bench.loadgen import Load
 from tests.supervisor_fixture import FDWORKER, Running, no_process_left, settle
 
 Start = Callable[..., Running]
@@ -60,7 +60,7 @@ def test_workers_share_one_port(start: Start) -> None:
 
 
 def test_ten_rolling_reloads_under_load_fail_nothing(start: Start) -> None:
-    worker, tag = tagged_worker()
+    worker, _ = tagged_worker()
     sup = start("-w", "4", "--listen", "tcp://127.0.0.1:0", "--", *worker, env={"WORK_MS": "1"})
     port = sup.port
     with Load("127.0.0.1", port, concurrency=16, max_seconds=90) as load:
@@ -80,7 +80,7 @@ def test_ten_rolling_reloads_under_load_fail_nothing(start: Start) -> None:
 
 
 def test_sigkill_of_workers_fails_at_most_the_requests_in_hand(start: Start) -> None:
-    worker, tag = tagged_worker()
+    worker, _ = tagged_worker()
     sup = start("-w", "4", "--listen", "tcp://127.0.0.1:0", "--", *worker, env={"WORK_MS": "2"})
     rng = random.Random(7)
     kills = 0
@@ -109,7 +109,7 @@ def test_sigkill_of_workers_fails_at_most_the_requests_in_hand(start: Start) -> 
 
 
 def test_scale_down_and_up_under_load_fails_nothing(start: Start) -> None:
-    worker, tag = tagged_worker()
+    worker, _ = tagged_worker()
     sup = start("-w", "4", "--listen", "tcp://127.0.0.1:0", "--", *worker, env={"WORK_MS": "1"})
     with Load("127.0.0.1", sup.port, concurrency=16, max_seconds=60) as load:
         load.wait_for(200)
@@ -135,7 +135,7 @@ def udp_slots(port: int, clients: list[socket.socket]) -> list[str]:
 
 
 def test_udp_flows_stay_on_their_slot_across_reloads(start: Start) -> None:
-    worker, tag = tagged_worker()
+    worker, _ = tagged_worker()
     sup = start("-w", "4", "--listen", "udp://127.0.0.1:0", "--", *worker)
     port = sup.port
     clients = []

@@ -54,7 +54,7 @@ def main() -> None:
             assert isinstance(s, socket.socket)
             if s.type == socket.SOCK_DGRAM:
                 try:
-                    data, peer = s.recvfrom(2048)
+                    _data, peer = s.recvfrom(2048)
                 except BlockingIOError:
                     continue
                 s.sendto(f"{slot} {os.getpid()} {gen}".encode(), peer)
