@@ -39,13 +39,14 @@ def doctor(as_json: bool) -> None:
         click.echo(doctor_mod.render(checks))
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s portshard[%(process)d] %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from .render import JsonFormatter, TextFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
 
 
 _control_options = [
@@ -115,13 +116,20 @@ def control_options(f: Any) -> Any:
     help="TOML file with the same settings (long option names); re-read on reload.",
 )
 @click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line for log shippers (worker lines carry slot and pid).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(log_level: str, **options: Any) -> None:
+def run(log_level: str, log_format: str, **options: Any) -> None:
     """Run N copies of COMMAND sharing the --listen addresses.
 
     \b
@@ -137,7 +145,7 @@ def run(log_level: str, **options: Any) -> None:
     from .supervisor.config import load
     from .supervisor.loop import Supervisor
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     cli_values = dict(options)
     cli_values["command"] = tuple(options["command"]) or None
     cli_values["listen"] = tuple(options["listen"]) or None
@@ -155,43 +163,51 @@ def _client(name: str, control: str | None) -> str:
 
 @cli.command()
 @control_options
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(name: str, control: str | None, as_json: bool) -> None:
-    """Show the workers of a running supervisor."""
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (for scripts).")
+@click.option(
+    "--watch",
+    "-W",
+    "watch",
+    type=float,
+    default=None,
+    is_flag=False,
+    flag_value=1.0,
+    metavar="[SECONDS]",
+    help="Refresh in place every SECONDS (default 1) until Ctrl-C.",
+)
+def status(name: str, control: str | None, as_json: bool, watch: float | None) -> None:
+    """Show the workers of a running supervisor.
+
+    \b
+    SLOT      the worker slot (owns one socket per --listen address)
+    STATE     starting, ready, draining, stopping, backoff (waiting to respawn)
+    QUEUE     connections waiting in the slot's accept queue / its backlog
+    CONNS     client connections the worker holds right now
+    STEERING  whether new connections are steered to the slot, and its weight
+    """
+    import time
+
     from .control.client import request
+    from .render import render_status
 
-    result = request(_client(name, control), "status")
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(render_status(result))
-
-
-def render_status(st: dict[str, Any]) -> str:
-    lines = [
-        f"{st['name']} (pid {st['pid']}): {st['workers']} workers, generation "
-        f"{st['generation']}, reloads {st['reloads']['ok']} ok / {st['reloads']['failed']} failed"
-        + (", stopping" if st["stopping"] else ""),
-        "listen: " + ", ".join(item["address"] for item in st["listen"]),
-    ]
-    rows = [("SLOT", "PID", "STATE", "GEN", "RESTARTS", "UPTIME", "QUEUE")]
-    for slot in st["slots"]:
-        queue = " ".join(f"{q['queued']}/{q['backlog']}" for q in slot["queue"].values()) or "-"
-        uptime = f"{slot['uptime']:.0f}s" if slot["uptime"] is not None else "-"
-        rows.append(
-            (
-                str(slot["slot"]),
-                str(slot["pid"] or "-"),
-                slot["state"],
-                str(slot["generation"]),
-                str(slot["restarts"]),
-                uptime,
-                queue,
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
+    path = _client(name, control)
+    if watch is not None and watch <= 0:
+        raise click.BadParameter(f"{watch:g} must be more than 0 seconds", param_hint="--watch")
+    try:
+        while True:
+            result = request(path, "status")
+            if as_json:
+                text = json.dumps(result, indent=2)
+            else:
+                text = render_status(result, colour=sys.stdout.isatty())
+            if watch is None:
+                click.echo(text)
+                return
+            stamp = time.strftime("%H:%M:%S")
+            click.echo(f"\x1b[H\x1b[2J{text}\n\n{stamp}, every {watch:g}s; Ctrl-C to quit")
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        click.echo()
 
 
 @cli.command()
