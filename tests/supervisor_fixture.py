@@ -17,18 +17,18 @@ PORTSHARD = [sys.executable, "-m", "portshard"]
 FDWORKER = [sys.executable, str(ROOT / "tests" / "workers" / "fdworker.py")]
 
 
-class Running:
-    def __init__(self, args: list[str], control: Path, env: dict[str, str] | None = None):
+class Control:
+    """Talks to a supervisor's control socket; knows its process if it has one."""
+
+    def __init__(
+        self,
+        control: str | Path,
+        proc: subprocess.Popen[bytes] | None = None,
+        log: Path | None = None,
+    ) -> None:
         self.control = str(control)
-        self.log = control.with_suffix(".log")
-        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [*PORTSHARD, "run", "--control", self.control, *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
+        self.proc = proc
+        self.log = log
 
     def ctl(
         self, *args: str, check: bool = True, timeout: float = 120
@@ -49,7 +49,7 @@ class Running:
 
     def wait_ready(self, timeout: float = 20) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:
-            if self.proc.poll() is not None:
+            if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"supervisor exited {self.proc.returncode}:\n{self.text()}")
             if not os.path.exists(self.control):
                 return None
@@ -70,13 +70,34 @@ class Running:
         return [s["pid"] for s in self.status()["slots"]]
 
     def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log else ""
+
+
+class Running(Control):
+    """A `portshard run` started for a test; close() always stops it."""
+
+    def __init__(self, args: list[str], control: Path, env: dict[str, str] | None = None):
+        log = control.with_suffix(".log")
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in close()
+        proc = subprocess.Popen(
+            [*PORTSHARD, "run", "--control", str(control), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        super().__init__(control, proc, log)
+
+    def text(self) -> str:
         self._log.flush()
-        return self.log.read_text(errors="replace")
+        return super().text()
 
     def wait_exit(self, timeout: float = 30) -> int:
+        assert self.proc is not None
         return self.proc.wait(timeout)
 
     def close(self) -> None:
+        assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

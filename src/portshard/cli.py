@@ -144,13 +144,17 @@ def run(log_level: str, log_format: str, **options: Any) -> None:
     """
     from .supervisor.config import load
     from .supervisor.loop import Supervisor
+    from .supervisor.systemd import Activated
 
     _setup_logging(log_level, log_format)
     cli_values = dict(options)
     cli_values["command"] = tuple(options["command"]) or None
     cli_values["listen"] = tuple(options["listen"]) or None
+    activated = Activated()  # sockets from systemd socket activation or its fd store
+    if activated and not cli_values["listen"] and not options.get("config"):
+        cli_values["listen"] = tuple(activated.addresses()) or None
     cfg = load(cli_values)
-    code = Supervisor(cfg, cli_values).run()
+    code = Supervisor(cfg, cli_values, activated).run()
     if code:
         sys.exit(code)
 

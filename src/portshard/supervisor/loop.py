@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import inspect, sockdiag
-from ..address import Address, Proto
+from ..address import Address, Proto, parse
 from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
 from ..errors import ControlError, PortshardError, SupervisorError
@@ -35,6 +35,7 @@ from ..steering import cbpf
 from .config import Config, reloaded
 from .spawn import SpawnSpec, spawn
 from .state import Backoff, Event, Lifecycle, State
+from .systemd import Activated, Notifier, address_of, store_name
 
 log = logging.getLogger("portshard.supervisor")
 
@@ -116,9 +117,14 @@ class Slot:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, cli: dict[str, Any]) -> None:
+    def __init__(
+        self, cfg: Config, cli: dict[str, Any], activated: Activated | None = None
+    ) -> None:
         self.cfg = cfg
         self.cli = cli
+        self.activated = activated
+        self.systemd = Notifier()  # takes NOTIFY_SOCKET out of the workers' environment
+        self.held: set[int] = set()  # fds of sockets systemd holds too (they outlive us)
         self.sel = selectors.DefaultSelector()
         self.slots: list[Slot] = []
         self.bound: list[Address] = []  # each listen spec's concrete address (port 0 resolved)
@@ -145,7 +151,14 @@ class Supervisor:
         try:
             for i, spec in enumerate(self.cfg.listen):
                 addr = self.bound[i] if i < len(self.bound) else spec.address
-                sock = listen(addr, backlog=self.cfg.backlog)
+                passed = self.activated.take(spec.name, addr, index) if self.activated else None
+                if passed is not None:
+                    sock = passed
+                    self.held.add(sock.fileno())
+                    if i >= len(self.bound):  # the other slots copy its exact address
+                        self.bound.append(parse(address_of(sock)))
+                else:
+                    sock = listen(addr, backlog=self.cfg.backlog)
                 if i >= len(self.bound):
                     port = sock.getsockname()[1]
                     self.bound.append(Address(addr.proto, addr.host, port))
@@ -159,6 +172,8 @@ class Supervisor:
     def _setup(self) -> None:
         for i in range(self.cfg.workers):
             self.slots.append(Slot(i, self._open_slot_sockets(i), self.cfg))
+        if self.activated:
+            self.activated.close_unused()
         path = self.cfg.control or default_path(self.cfg.name)
         self.control = ControlServer(
             path, self.sel, self._on_request, private_dir=self.cfg.control is None
@@ -370,8 +385,10 @@ class Supervisor:
         w.kill_at = None
         slot = w.slot
         slot.workers.remove(w)
-        level = logging.INFO if w.deliberate else logging.WARNING
-        log.log(level, "slot %d pid %d: exited (%s)", slot.index, w.pid, w.describe_exit())
+        if w.deliberate:
+            log.info("slot %d pid %d: retired (%s)", slot.index, w.pid, w.describe_exit())
+        else:
+            log.warning("slot %d pid %d: exited (%s)", slot.index, w.pid, w.describe_exit())
         if w.deliberate or self.stopping or slot.removing or w.role == "reload" or slot.live():
             return
         if w.role == "boot" and w.ready_at is None:
@@ -475,6 +492,8 @@ class Supervisor:
         if ok and not self.stopping:
             self.started_up = True
             log.info("all %d workers ready", len(self.slots))
+            self._store_sockets(self.slots)
+            self.systemd.ready(self._summary())
             if self.on_ready is not None:
                 self.on_ready(self)
 
@@ -558,9 +577,26 @@ class Supervisor:
         if self.busy:
             raise ControlError(f"a {self.busy} is already in progress; wait for it to finish")
 
+    def _summary(self) -> str:
+        ready = sum(1 for s in self.slots if (w := s.serving()) and w.state is State.READY)
+        return f"{ready} of {len(self.slots)} workers ready, generation {self.generation}"
+
+    def _store_sockets(self, slots: Iterable[Slot]) -> None:
+        """Give systemd a copy of each slot socket it doesn't hold yet (kept across restarts
+        when the unit has FileDescriptorStoreMax=; ignored otherwise)."""
+        if not self.systemd:
+            return
+        for slot in slots:
+            for spec, sock in zip(self.cfg.listen, slot.socks, strict=True):
+                if sock.fileno() not in self.held:
+                    self.systemd.store(store_name(spec.name, slot.index), sock)
+                    if self.systemd.store_known:  # it will outlive us: leave its queue be
+                        self.held.add(sock.fileno())
+
     def _finish(self, outcome: Outcome, error: str = "") -> None:
         outcome.done = True
         self.busy = None
+        self.systemd.ready(self._summary() + (f"; last change failed: {error}" if error else ""))
         outcome.ok = not error
         outcome.error = error
         if error:
@@ -575,6 +611,7 @@ class Supervisor:
         gen = self.generation
         slots = [s for s in self.slots if not s.removing]
         log.info("reload to generation %d: %d slots, %d at a time", gen, len(slots), new_cfg.surge)
+        self.systemd.reloading()
         for start in range(0, len(slots), new_cfg.surge):
             batch = slots[start : start + new_cfg.surge]
             news: list[Worker] = []
@@ -662,6 +699,7 @@ class Supervisor:
                 self._finish(outcome, "scale up: a new worker did not become ready; see the log")
                 return
             self.cfg = _with_workers(self.cfg, count)
+            self._store_sockets(self.slots[len(current) :])
             self._finish(outcome)
             return
         removed = current[count:]
@@ -681,7 +719,9 @@ class Supervisor:
         yield self._drain_all(w for s in removed for w in s.live())
         yield Until(lambda: all(queue_empty(s) for s in removed), time.monotonic() + 1.0)
         for slot in removed:
-            for sock in slot.socks:
+            for spec, sock in zip(self.cfg.listen, slot.socks, strict=True):
+                self.systemd.unstore(store_name(spec.name, slot.index))
+                self.held.discard(sock.fileno())
                 sock.close()
             self.slots.remove(slot)
         for i, spec in enumerate(self.cfg.listen):
@@ -699,13 +739,20 @@ class Supervisor:
         self.start_task(self._stop_task(code))
 
     def _stop_task(self, code: int) -> Task:
-        # New SYNs are dropped; connections the kernel already accepted are served.
-        for slot in self.slots:
-            for sock, spec in zip(slot.socks, self.cfg.listen, strict=True):
-                if spec.address.proto is Proto.TCP:
-                    cbpf.drop_syns(sock)
+        # New SYNs are dropped; connections the kernel already accepted are served. Sockets
+        # systemd holds too are left alone: their queues wait for the next supervisor.
+        self.systemd.stopping()
+        closing = [
+            sock
+            for slot in self.slots
+            for sock, spec in zip(slot.socks, self.cfg.listen, strict=True)
+            if spec.address.proto is Proto.TCP and sock.fileno() not in self.held
+        ]
+        for sock in closing:
+            cbpf.drop_syns(sock)
         yield Until(
-            lambda: all(queue_empty(s) or not s.live() for s in self.slots),
+            lambda: all(inspect.queue_depth(sock).queued == 0 for sock in closing)
+            or not any(s.live() for s in self.slots),
             time.monotonic() + self.cfg.grace,
         )
         yield self._drain_all(w for s in self.slots for w in s.live())
