@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # Debian packages the tests drive for real (real programs, real load).
-DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps
+DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium
 
 .PHONY: demo test lint typecheck pytest deps-test install clean
 
@@ -31,7 +31,7 @@ deps-test: $(VENV)/.created
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,metrics]'
 
 lint: deps-test
 	$(VENV)/bin/ruff check src tests examples bench

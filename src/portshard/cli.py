@@ -110,6 +110,12 @@ def control_options(f: Any) -> Any:
 @click.option("--surge", type=int, help="Slots replaced at once during a reload [1].")
 @click.option("--backlog", type=int, help="Listen backlog per socket (clamped by somaxconn).")
 @click.option(
+    "--metrics",
+    metavar="[HOST:]PORT",
+    help="Serve Prometheus metrics (/metrics) and a live dashboard (/) on this address. "
+    "Loopback (127.0.0.1) unless a host is given; port 0 picks a free one (see status --json).",
+)
+@click.option(
     "-c",
     "--config",
     type=click.Path(dir_okay=False),

@@ -84,6 +84,7 @@ def test_sigkill_of_workers_fails_at_most_the_requests_in_hand(start: Start) -> 
     sup = start("-w", "4", "--listen", "tcp://127.0.0.1:0", "--", *worker, env={"WORK_MS": "2"})
     rng = random.Random(7)
     kills = 0
+    sup.ctl("reload", "--wait")  # workers started by a reload are respawned like any other
     with Load("127.0.0.1", sup.port, concurrency=16, max_seconds=90) as load:
         load.wait_for(200)
         for _ in range(10):

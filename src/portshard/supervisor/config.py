@@ -56,6 +56,7 @@ class Config:
     drain: str = "freeze"
     surge: int = 1
     backlog: int = 0xFFFF
+    metrics: str | None = None  # HOST:PORT of the metrics and dashboard endpoint
     config_file: str | None = None
     env: tuple[tuple[str, str], ...] = field(default=())
 
@@ -158,6 +159,7 @@ _KEYS = {
     "surge",
     "backlog",
     "env",
+    "metrics",
 }
 
 
@@ -238,12 +240,22 @@ def load(cli: dict[str, Any]) -> Config:
         drain=drain,
         surge=_number("surge", merged.get("surge", 1), int, 1, 1024),
         backlog=_number("backlog", merged.get("backlog", 0xFFFF), int, 1, 0xFFFF),
+        metrics=_metrics(merged.get("metrics")),
         config_file=str(Path(path).resolve()) if path else None,
         env=tuple(sorted((str(k), str(v)) for k, v in env.items())),
     )
     if cfg.user:
         cfg.credentials()  # validate now, not at the first spawn
     return cfg
+
+
+def _metrics(value: Any) -> str | None:
+    if value is None:
+        return None
+    from .web import parse_metrics_address
+
+    parse_metrics_address(str(value))  # validate now: a bad address fails before any worker
+    return str(value)
 
 
 def reloaded(current: Config, cli: dict[str, Any]) -> Config:
@@ -256,4 +268,5 @@ def reloaded(current: Config, cli: dict[str, Any]) -> Config:
         name=current.name,
         control=current.control,
         workers=current.workers,
+        metrics=current.metrics,
     )

@@ -33,9 +33,11 @@ from ..errors import ControlError, PortshardError, SupervisorError
 from ..sockets import listen
 from ..steering import cbpf
 from .config import Config, reloaded
+from .history import History, listen_drop_counters
 from .spawn import SpawnSpec, spawn
 from .state import Backoff, Event, Lifecycle, State
 from .systemd import Activated, Notifier, address_of, store_name
+from .web import WebServer, parse_metrics_address
 
 log = logging.getLogger("portshard.supervisor")
 
@@ -124,6 +126,10 @@ class Supervisor:
         self.cli = cli
         self.activated = activated
         self.systemd = Notifier()  # takes NOTIFY_SOCKET out of the workers' environment
+        self.history = History()
+        self.web: WebServer | None = None
+        self._next_sample = 0.0
+        self._connections: dict[int, int | None] = {}  # slot -> connections, last sample
         self.held: set[int] = set()  # fds of sockets systemd holds too (they outlive us)
         self.sel = selectors.DefaultSelector()
         self.slots: list[Slot] = []
@@ -178,6 +184,14 @@ class Supervisor:
         self.control = ControlServer(
             path, self.sel, self._on_request, private_dir=self.cfg.control is None
         )
+        if self.cfg.metrics:
+            self.web = WebServer(
+                parse_metrics_address(self.cfg.metrics),
+                self.sel,
+                self.status,
+                self.history.to_json,
+            )
+            log.info("metrics on %s/metrics, dashboard on %s/", self.web.url, self.web.url)
         self._notify_name = f"\0portshard/{os.getpid()}/{os.urandom(6).hex()}"
         self._notify.bind(self._notify_name)
         self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -202,6 +216,8 @@ class Supervisor:
             signal.signal(sig, handler)
         if self.control is not None:
             self.control.shutdown()
+        if self.web is not None:
+            self.web.close()
         for slot in self.slots:
             for sock in slot.socks:
                 sock.close()
@@ -251,6 +267,11 @@ class Supervisor:
         self._step_tasks(now)
         if self.control is not None:
             self.control.expire(now)
+        if now >= self._next_sample:
+            self._next_sample = now + 1.0
+            self._sample()
+        if self.web is not None:
+            self.web.expire(now)
 
     def _check_worker(self, w: Worker, now: float) -> None:
         if w.kill_at is not None and now >= w.kill_at and w.life.alive:
@@ -389,14 +410,17 @@ class Supervisor:
             log.info("slot %d pid %d: retired (%s)", slot.index, w.pid, w.describe_exit())
         else:
             log.warning("slot %d pid %d: exited (%s)", slot.index, w.pid, w.describe_exit())
-        if w.deliberate or self.stopping or slot.removing or w.role == "reload" or slot.live():
+        if w.deliberate or self.stopping or slot.removing or slot.live():
             return
+        if w.role == "reload" and w.ready_at is None:
+            return  # a replacement that never became ready: the reload task reports it
         if w.role == "boot" and w.ready_at is None:
             self._fail(
                 f"the worker for slot {slot.index} exited before it was ready "
                 f"({w.describe_exit()}): the program cannot start; run it by hand to see why"
             )
             return
+        self.history.event("crash", f"slot {slot.index} pid {w.pid} {w.describe_exit()}")
         uptime = time.monotonic() - w.started if w.ready_at is not None else 0.0
         delay = slot.backoff.on_exit(uptime)
         if delay is None:
@@ -492,6 +516,7 @@ class Supervisor:
         if ok and not self.stopping:
             self.started_up = True
             log.info("all %d workers ready", len(self.slots))
+            self.history.event("boot", f"{len(self.slots)} workers ready")
             self._store_sockets(self.slots)
             self.systemd.ready(self._summary())
             if self.on_ready is not None:
@@ -581,6 +606,41 @@ class Supervisor:
         ready = sum(1 for s in self.slots if (w := s.serving()) and w.state is State.READY)
         return f"{ready} of {len(self.slots)} workers ready, generation {self.generation}"
 
+    def _sample(self) -> None:
+        """Once a second: each slot's queue depth and the connections its worker holds."""
+        ports = {a.port for a in self.bound if a.proto is Proto.TCP}
+        live: set[int] | None = None
+        rows = []
+        for slot in self.slots:
+            w = slot.serving()
+            conns: int | None = None
+            if w is not None and ports:
+                listeners = {os.fstat(sock.fileno()).st_ino for sock in slot.socks}
+                held = tree_sockets(w.pid) - listeners
+                if held and live is None:
+                    try:
+                        live = {s.inode for s in sockdiag.dump_tcp() if s.sport in ports}
+                    except OSError:
+                        live = set()
+                conns = len(held & live) if held and live is not None else 0
+            self._connections[slot.index] = conns
+            queued = sum(
+                inspect.queue_depth(sock).queued
+                for sock in slot.socks
+                if sock.type == socket.SOCK_STREAM
+            )
+            rows.append(
+                {
+                    "slot": slot.index,
+                    "pid": w.pid if w else None,
+                    "state": w.state.value if w else "empty",
+                    "queued": queued,
+                    "connections": conns,
+                    "cpu": worker_cpu(w.pid) if w else None,
+                }
+            )
+        self.history.add(rows)
+
     def _store_sockets(self, slots: Iterable[Slot]) -> None:
         """Give systemd a copy of each slot socket it doesn't hold yet (kept across restarts
         when the unit has FileDescriptorStoreMax=; ignored otherwise)."""
@@ -594,6 +654,11 @@ class Supervisor:
                         self.held.add(sock.fileno())
 
     def _finish(self, outcome: Outcome, error: str = "") -> None:
+        what = self.busy or "change"
+        if error:
+            self.history.event(f"{what}_failed", error)
+        else:
+            self.history.event(what, f"{what} done: {self._summary()}")
         outcome.done = True
         self.busy = None
         self.systemd.ready(self._summary() + (f"; last change failed: {error}" if error else ""))
@@ -612,6 +677,7 @@ class Supervisor:
         slots = [s for s in self.slots if not s.removing]
         log.info("reload to generation %d: %d slots, %d at a time", gen, len(slots), new_cfg.surge)
         self.systemd.reloading()
+        self.history.event("reload", f"reload to generation {gen} started")
         for start in range(0, len(slots), new_cfg.surge):
             batch = slots[start : start + new_cfg.surge]
             news: list[Worker] = []
@@ -751,8 +817,10 @@ class Supervisor:
         for sock in closing:
             cbpf.drop_syns(sock)
         yield Until(
-            lambda: all(inspect.queue_depth(sock).queued == 0 for sock in closing)
-            or not any(s.live() for s in self.slots),
+            lambda: (
+                all(inspect.queue_depth(sock).queued == 0 for sock in closing)
+                or not any(s.live() for s in self.slots)
+            ),
             time.monotonic() + self.cfg.grace,
         )
         yield self._drain_all(w for s in self.slots for w in s.live())
@@ -816,6 +884,7 @@ class Supervisor:
                     "uptime": round(now - w.started, 3) if w else None,
                     "mode": "fds",
                     "queue": queues,
+                    "connections": self._connections.get(slot.index),
                     "workers": [
                         {"pid": x.pid, "state": x.state.value, "generation": x.generation}
                         for x in slot.live()
@@ -833,6 +902,9 @@ class Supervisor:
             "listen": listen_info,
             "workers": len([s for s in self.slots if not s.removing]),
             "slots": slots,
+            "metrics": f"{self.web.url}/metrics" if self.web else None,
+            "dashboard": f"{self.web.url}/" if self.web else None,
+            "kernel": listen_drop_counters(),
         }
 
 
@@ -903,6 +975,28 @@ def held_connections(pid: int, listeners: set[int], ports: set[int]) -> int:
     nothing is held. Only otherwise ask sock_diag which of those sockets are live
     connections on our ports (a DB connection or a log socket does not count).
     """
+    inodes = tree_sockets(pid) - listeners
+    if not inodes:
+        return 0
+    live = {s.inode for s in sockdiag.dump_tcp() if s.sport in ports}
+    return len(inodes & live)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def worker_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) the process has used, from /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def tree_sockets(pid: int) -> set[int]:
+    """Inodes of every socket in the fd tables of ``pid``'s process tree."""
     inodes: set[int] = set()
     for member in process_tree(pid):
         try:
@@ -916,8 +1010,4 @@ def held_connections(pid: int, listeners: set[int], ports: set[int]) -> int:
                 continue
             if link.startswith("socket:["):
                 inodes.add(int(link[8:-1]))
-    inodes -= listeners
-    if not inodes:
-        return 0
-    live = {s.inode for s in sockdiag.dump_tcp() if s.sport in ports}
-    return len(inodes & live)
+    return inodes
