@@ -266,6 +266,23 @@ def stop(name: str, control: str | None) -> None:
     click.echo("stopping")
 
 
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL.
+
+    \b
+    bash:  eval "$(portshard completion bash)"     (e.g. in ~/.bashrc)
+    zsh:   eval "$(portshard completion zsh)"      (e.g. in ~/.zshrc)
+    fish:  portshard completion fish > ~/.config/fish/completions/portshard.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the choices above are click's built-in shells
+    click.echo(cls(cli, {}, "portshard", "_PORTSHARD_COMPLETE").source())
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     try:
         cli.main(args=argv, prog_name="portshard", standalone_mode=False)

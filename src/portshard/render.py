@@ -58,7 +58,7 @@ def render_status(st: dict[str, Any], *, colour: bool = False) -> str:
     """The `portshard status` table; colour only when asked (the CLI asks on a TTY)."""
 
     def paint(text: str, fg: str | None, bold: bool = False) -> str:
-        return click.style(text, fg=fg, bold=bold) if colour and fg else text
+        return click.style(text, fg=fg, bold=bold or None) if colour and fg else text
 
     reloads = st["reloads"]
     head = (

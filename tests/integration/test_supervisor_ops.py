@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pty
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -277,3 +280,40 @@ def test_run_refuses_a_second_supervisor_on_the_same_control_socket(start: Start
     )
     assert res.returncode != 0 and "already running" in res.stderr
     assert sup.status()["slots"][0]["state"] == "ready"
+
+
+def test_status_watch_refreshes_in_place_and_json_logs(start: Start) -> None:
+    sup = start("-w", "2", "--log-format", "json", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    # On a terminal it redraws in place (and in colour); piped, it prints plain snapshots.
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*PORTSHARD, "status", "--watch", "0.2", "--control", sup.control],
+        stdout=slave,
+        stderr=subprocess.PIPE,
+    )
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 15
+    while out.count(b"\x1b[H\x1b[2J") < 3 and time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            out += os.read(master, 65536)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=10)
+    os.close(master)
+    assert proc.returncode == 0 and b"Traceback" not in err
+    assert out.count(b"\x1b[H\x1b[2J") >= 3, out[:500]  # redrawn in place several times
+    assert b"\x1b[32mready" in out  # colour on a terminal
+    lines = [json.loads(line) for line in sup.text().splitlines() if line.startswith("{")]
+    assert any(e.get("slot") == 0 and e.get("pid") for e in lines)
+    bad = subprocess.run(
+        [*PORTSHARD, "status", "--watch", "0", "--control", sup.control],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "must be more than 0" in bad.stderr
+
+
+def test_completion_script() -> None:
+    res = subprocess.run([*PORTSHARD, "completion", "bash"], capture_output=True, text=True)
+    assert res.returncode == 0 and "_PORTSHARD_COMPLETE" in res.stdout
