@@ -317,3 +317,54 @@ def test_status_watch_refreshes_in_place_and_json_logs(start: Start) -> None:
 def test_completion_script() -> None:
     res = subprocess.run([*PORTSHARD, "completion", "bash"], capture_output=True, text=True)
     assert res.returncode == 0 and "_PORTSHARD_COMPLETE" in res.stdout
+
+
+def test_workers_get_their_sockets_and_nothing_else(start: Start) -> None:
+    sup = start(
+        "-w", "2", "--listen", "tcp://127.0.0.1:0", "--listen", "udp://127.0.0.1:0", "--", *FDWORKER
+    )
+    listeners = set()
+    for pid in sup.pids():
+        fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        inherited = {fd: link for fd, link in fds.items() if fd in (3, 4)}
+        assert all(link.startswith("socket:[") for link in inherited.values())
+        listeners.update(inherited.values())
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        assert env[b"LISTEN_FDS"] == b"2" and env[b"LISTEN_FDNAMES"] == b"tcp0:udp1"
+        assert env[b"LISTEN_PID"] == str(pid).encode()
+        assert env[b"PORTSHARD_SLOT"] in (b"0", b"1")
+        # Whatever else the worker holds, it opened itself after exec (its wakeup
+        # socketpair, epoll): nothing of the supervisor's (control, notify, pidfds).
+        others = {link for fd, link in fds.items() if fd > 4}
+        assert not any("pidfd" in link or link.endswith(".sock") for link in others)
+    assert len(listeners) == 4  # each slot has its own TCP and UDP socket
+
+
+def test_a_worker_that_keeps_crashing_stops_the_supervisor(start: Start) -> None:
+    sup = start(
+        "-w",
+        "1",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        *FDWORKER,
+        env={"EXIT_AFTER": "0.3"},
+        wait=False,
+    )
+    assert sup.wait_exit(30) == 1
+    text = sup.text()
+    assert "failed 5 times in a row" in text and "giving up instead of crash-looping" in text
+    assert "exit status 7" in text and "Traceback" not in text
+
+
+def test_surge_replaces_slots_in_pairs(start: Start) -> None:
+    sup = start("-w", "4", "--surge", "2", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    with Load("127.0.0.1", sup.port, concurrency=8, max_seconds=30) as load:
+        load.wait_for(100)
+        sup.ctl("reload", "--wait")
+        load.wait_for(load.count() + 100)
+    assert not load.failed
+    started = [line for line in sup.text().splitlines() if "started (reload" in line]
+    assert len(started) == 4
+    assert "4 slots, 2 at a time" in sup.text()

@@ -2,7 +2,8 @@
 
 Stops gracefully on SIGTERM (flag + wakeup fd + select before accept: never loses a
 connection accept() returned). Optional env: WORK_MS (sleep per request), DIE_ON_TERM
-(keep SIGTERM's default action). Sends READY=1 when NOTIFY_SOCKET is set.
+(keep SIGTERM's default action), EXIT_AFTER (seconds, then exit 7). Sends READY=1 when
+NOTIFY_SOCKET is set.
 UDP sockets answer each datagram with "slot pid".
 """
 
@@ -45,6 +46,9 @@ def main() -> None:
         sel.register(s, selectors.EVENT_READ)
     if os.environ.get("NOTIFY_SOCKET"):
         portshard.notify_ready()
+    if os.environ.get("EXIT_AFTER"):  # crash a while after becoming ready
+        signal.signal(signal.SIGALRM, lambda _s, _f: os._exit(7))
+        signal.setitimer(signal.ITIMER_REAL, float(os.environ["EXIT_AFTER"]))
     while not stop:
         for key, _ in sel.select():
             s = key.fileobj
