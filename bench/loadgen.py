@@ -99,7 +99,7 @@ class Load:
         except ConnectionRefusedError:
             await asyncio.sleep(0.01)
             return Result(False, "refused", time.monotonic() - t0)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return Result(False, "connect_timeout", time.monotonic() - t0)
         except OSError:
             return Result(False, "error", time.monotonic() - t0)
@@ -108,7 +108,7 @@ class Load:
             data = await asyncio.wait_for(reader.read(), self.timeout)
         except ConnectionResetError:
             return Result(False, "reset", time.monotonic() - t0)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return Result(False, "timeout", time.monotonic() - t0)
         except OSError:
             return Result(False, "error", time.monotonic() - t0)
