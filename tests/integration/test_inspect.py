@@ -1,0 +1,463 @@
+"""portshard.inspect against the real kernel: loopback sockets on port 0, real child processes."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from portshard import inspect
+from portshard.address import Proto
+from tests.conftest import Procs, wait_until
+
+PYTHON = sys.executable
+
+# A child that takes its sockets as inherited fd numbers in argv[1:], says "ready", then does
+# what its code says. (Children are tiny `python -c` programs, killed by the procs fixture.)
+PRELUDE = """
+import os, select, selectors, socket, sys, time
+socks = [socket.socket(fileno=int(fd)) for fd in sys.argv[1:]]
+def ready():
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+"""
+
+
+def talk(procs: Procs, code: str, *args: str, **kw: Any) -> subprocess.Popen[bytes]:
+    """A python child with pipes to talk to. Unbuffered, so that select() in readline() sees
+    every line that has not been read yet."""
+    return procs.python(code, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, **kw)
+
+
+def readline(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> str:
+    """One line of the child's stdout, or fail after ``timeout`` (never hang on a dead child)."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"pid {proc.pid} wrote nothing in {timeout}s (exit status {proc.poll()})"
+    line = proc.stdout.readline().decode()
+    assert line, f"pid {proc.pid} closed stdout (exit status {proc.poll()})"
+    return line.strip()
+
+
+def child(procs: Procs, code: str, *socks: socket.socket) -> subprocess.Popen[bytes]:
+    fds = [str(s.fileno()) for s in socks]
+    proc = talk(procs, PRELUDE + code, *fds, pass_fds=[s.fileno() for s in socks])
+    assert readline(proc) == "ready"
+    return proc
+
+
+def command(proc: subprocess.Popen[bytes], line: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(line.encode() + b"\n")
+    proc.stdin.flush()
+
+
+def wchan(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock
+
+
+@pytest.fixture
+def other_listener() -> Iterator[socket.socket]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock
+
+
+@pytest.fixture
+def udp() -> Iterator[socket.socket]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock
+
+
+def connect(sock: socket.socket) -> socket.socket:
+    return socket.create_connection(sock.getsockname()[:2], timeout=5)
+
+
+# --- queue_depth -------------------------------------------------------------------------------
+
+
+def somaxconn() -> int:
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())
+
+
+def test_queue_depth_counts_connections_nobody_accepts(listener: socket.socket) -> None:
+    assert inspect.queue_depth(listener) == inspect.QueueDepth(queued=0, backlog=16)
+    clients = [connect(listener) for _ in range(3)]
+    try:
+        wait_until(lambda: inspect.queue_depth(listener).queued == 3, what="3 queued")
+        assert inspect.queue_depth_fd(listener.fileno()) == inspect.QueueDepth(3, 16)
+        conn, _ = listener.accept()
+        conn.close()
+        assert inspect.queue_depth(listener).queued == 2
+    finally:
+        for c in clients:
+            c.close()
+
+
+@pytest.mark.parametrize("requested", [1, 7, 128, "somaxconn+100"])
+def test_backlog_is_the_requested_one_capped_at_somaxconn(requested: int | str) -> None:
+    limit = somaxconn()
+    n = limit + 100 if requested == "somaxconn+100" else int(requested)
+    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as sock:
+        sock.bind(("::1" if socket.has_ipv6 else "127.0.0.1", 0))
+        sock.listen(n)
+        assert inspect.queue_depth(sock).backlog == min(n, limit)
+        assert inspect.queue_depth_fd(sock.fileno()).backlog == min(n, limit)
+
+
+def test_queue_depth_refuses_sockets_without_an_accept_queue(
+    listener: socket.socket, udp: socket.socket
+) -> None:
+    with (
+        socket.socket() as fresh,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix,
+        connect(listener) as client,
+    ):
+        for sock, why in [
+            (udp, "not a TCP socket"),
+            (unix, "not a TCP socket"),
+            (fresh, "state CLOSE"),
+            (client, "state ESTABLISHED"),
+        ]:
+            with pytest.raises(inspect.NotListening, match=why):
+                inspect.queue_depth(sock)
+            with pytest.raises(inspect.NotListening, match=why):
+                inspect.queue_depth_fd(sock.fileno())
+
+
+def test_queue_depth_sees_a_listener_that_was_shut_down() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        sock.shutdown(socket.SHUT_RDWR)
+        with pytest.raises(inspect.NotListening, match="replace it"):
+            inspect.queue_depth(sock)
+
+
+# --- socket_inode, listening_sockets_of ---------------------------------------------------------
+
+
+def test_socket_inode_is_the_name_in_proc(listener: socket.socket, udp: socket.socket) -> None:
+    fd = listener.fileno()
+    inode = inspect.socket_inode(listener)
+    assert inode == inspect.socket_inode(fd) == os.stat(f"/proc/self/fd/{fd}").st_ino
+    assert os.readlink(f"/proc/self/fd/{fd}") == f"socket:[{inode}]"
+    mine = inspect.listening_sockets_of(os.getpid())
+    assert {inode, inspect.socket_inode(udp)} <= mine
+    with socket.socket() as fresh, connect(listener) as client:
+        assert inspect.socket_inode(fresh) not in inspect.listening_sockets_of(os.getpid())
+        assert inspect.socket_inode(client) not in inspect.listening_sockets_of(os.getpid())
+    r, w = os.pipe()
+    try:
+        with pytest.raises(inspect.InspectError, match="not a socket"):
+            inspect.socket_inode(r)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+# --- connections_of, alive ----------------------------------------------------------------------
+
+HOLD = """
+listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen()
+print(listener.getsockname()[1], flush=True)
+ready()
+conns = []
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "accept":
+        conns.append(listener.accept()[0])
+    elif cmd[0] == "dial":  # an outgoing connection, as to a database
+        conns.append(socket.create_connection(("127.0.0.1", int(cmd[1]))))
+    elif cmd[0] == "close":
+        for c in conns:
+            c.close()
+        conns = []
+    print("done", flush=True)
+"""
+
+
+def test_connections_of_counts_held_connections(
+    procs: Procs, other_listener: socket.socket
+) -> None:
+    proc = talk(procs, PRELUDE + HOLD)
+    port = int(readline(proc))
+    assert readline(proc) == "ready"
+    assert inspect.connections_of(proc.pid) == 0
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    try:
+        for _ in clients:
+            command(proc, "accept")
+            assert readline(proc) == "done"
+        assert inspect.connections_of(proc.pid) == 2
+        assert inspect.connections_of(proc.pid, ports={port}) == 2
+
+        # A client that half-closes leaves the server in CLOSE_WAIT: still a connection.
+        clients[0].shutdown(socket.SHUT_WR)
+        wait_until(lambda: b"\x08" in _states_of(proc.pid), what="CLOSE_WAIT")
+        assert inspect.connections_of(proc.pid) == 2
+
+        # The worker's own outgoing connection counts, unless we ask about the served port.
+        command(proc, f"dial {other_listener.getsockname()[1]}")
+        assert readline(proc) == "done"
+        assert inspect.connections_of(proc.pid) == 3
+        assert inspect.connections_of(proc.pid, ports={port}) == 2
+
+        command(proc, "close")
+        assert readline(proc) == "done"
+        assert inspect.connections_of(proc.pid) == 0
+        assert inspect.alive(proc.pid)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _states_of(pid: int) -> bytes:
+    """TCP states (as bytes) of the connections in pid's fd table, read independently."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    states = bytearray()
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if f"socket:[{cols[9]}]" in inodes:
+                states.append(int(cols[3], 16))
+    return bytes(states)
+
+
+def test_an_exited_process_holds_nothing_and_is_not_alive(
+    procs: Procs, listener: socket.socket
+) -> None:
+    proc = child(procs, "ready(); conn = socks[0].accept()[0]; sys.stdin.readline()", listener)
+    client = connect(listener)
+    try:
+        wait_until(lambda: inspect.connections_of(proc.pid) == 1, what="1 connection")
+        assert inspect.alive(proc.pid)
+        proc.kill()
+        # Not reaped yet: a zombie, which holds no fd.
+        wait_until(lambda: not inspect.alive(proc.pid), what="the child to die")
+        assert inspect.connections_of(proc.pid) == 0
+        assert inspect.listening_sockets_of(proc.pid) == set()
+        assert not inspect.waiting_for_work(proc.pid, {inspect.socket_inode(listener)})
+        proc.wait(timeout=10)
+        assert not inspect.alive(proc.pid)
+        assert inspect.connections_of(proc.pid) == 0
+        assert not inspect.waiting_for_work(proc.pid, {inspect.socket_inode(listener)})
+    finally:
+        client.close()
+
+
+# --- waiting_for_work ---------------------------------------------------------------------------
+
+
+def waits(proc: subprocess.Popen[bytes], sock: socket.socket) -> bool:
+    return inspect.waiting_for_work(proc.pid, {inspect.socket_inode(sock)})
+
+
+def test_a_sleeping_holder_is_not_waiting(procs: Procs, listener: socket.socket) -> None:
+    proc = child(procs, "ready(); time.sleep(600)", listener)
+    wait_until(lambda: "nanosleep" in wchan(proc.pid), what="the child to sleep")
+    assert not waits(proc, listener)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "ready(); socks[0].accept()",
+        "sel = selectors.EpollSelector(); sel.register(socks[0], selectors.EVENT_READ)\n"
+        "ready(); sel.select()",
+        "sel = selectors.DefaultSelector(); sel.register(socks[0], selectors.EVENT_READ)\n"
+        "ready(); sel.select()",
+        "sel = selectors.PollSelector(); sel.register(socks[0], selectors.EVENT_READ)\n"
+        "ready(); sel.select()",
+        "ready(); select.select([sys.stdin, socks[0]], [], [])",
+        # epoll inside epoll, the socket registered in the inner one only
+        "inner = select.epoll(); inner.register(socks[0], select.EPOLLIN)\n"
+        "outer = select.epoll(); outer.register(inner.fileno(), select.EPOLLIN)\n"
+        "ready(); outer.poll()",
+        # the waiting thread is not the main thread
+        "import threading; t = threading.Thread(target=socks[0].accept); t.start()\n"
+        "ready(); time.sleep(600)",
+    ],
+    ids=["accept", "epoll", "default-selector", "poll", "select", "nested-epoll", "thread"],
+)
+def test_a_process_blocked_on_its_socket_is_waiting(
+    procs: Procs, listener: socket.socket, code: str
+) -> None:
+    proc = child(procs, code, listener)
+    wait_until(lambda: waits(proc, listener), what="waiting_for_work")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "ready(); socks[1].accept()",
+        "sel = selectors.EpollSelector(); sel.register(socks[1], selectors.EVENT_READ)\n"
+        "ready(); sel.select()",
+        "sel = selectors.PollSelector(); sel.register(socks[1], selectors.EVENT_READ)\n"
+        "ready(); sel.select()",
+        "ready(); select.select([socks[1]], [], [])",
+        # registered, but with EPOLLIN switched off (a server that paused accepting)
+        "ep = select.epoll(); ep.register(socks[0], 0); ep.register(socks[1], select.EPOLLIN)\n"
+        "ready(); ep.poll()",
+    ],
+    ids=["accept", "epoll", "poll", "select", "epoll-paused"],
+)
+def test_waiting_on_a_different_socket_is_not_waiting_on_ours(
+    procs: Procs, listener: socket.socket, other_listener: socket.socket, code: str
+) -> None:
+    proc = child(procs, code, listener, other_listener)
+    wait_until(lambda: waits(proc, other_listener), what="the child to wait on the other socket")
+    assert not waits(proc, listener)
+    assert inspect.listening_sockets_of(proc.pid) == {
+        inspect.socket_inode(listener),
+        inspect.socket_inode(other_listener),
+    }
+
+
+def test_a_udp_receiver_is_waiting(procs: Procs, udp: socket.socket) -> None:
+    proc = child(procs, "ready(); socks[0].recvfrom(2048)", udp)
+    wait_until(lambda: waits(proc, udp), what="waiting in recvfrom")
+    assert inspect.listening_sockets_of(proc.pid) == {inspect.socket_inode(udp)}
+
+
+def test_a_stopped_process_is_not_waiting(procs: Procs, listener: socket.socket) -> None:
+    proc = child(procs, "ready(); socks[0].accept()", listener)
+    wait_until(lambda: waits(proc, listener), what="waiting in accept")
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: not waits(proc, listener), what="stopped")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    wait_until(lambda: waits(proc, listener), what="waiting again after SIGCONT")
+
+
+def test_a_poll_restarted_after_sigstop_is_still_waiting(
+    procs: Procs, listener: socket.socket
+) -> None:
+    code = "p = select.poll(); p.register(socks[0], select.POLLIN); ready(); p.poll(600_000)"
+    proc = child(procs, code, listener)
+    wait_until(lambda: waits(proc, listener), what="waiting in poll")
+    os.kill(proc.pid, signal.SIGSTOP)
+    wait_until(lambda: "do_signal_stop" in wchan(proc.pid), what="stopped")
+    os.kill(proc.pid, signal.SIGCONT)
+    restart = {"x86_64": "219", "aarch64": "128"}.get(os.uname().machine)
+    if restart is not None:
+        syscall = Path(f"/proc/{proc.pid}/syscall")
+        wait_until(lambda: syscall.read_text().split()[0] == restart, what="restart_syscall")
+    wait_until(lambda: waits(proc, listener), what="waiting in the restarted poll")
+
+
+def test_poll_on_a_pipe_while_holding_the_socket_is_not_waiting(
+    procs: Procs, listener: socket.socket
+) -> None:
+    code = "p = select.poll(); p.register(sys.stdin, select.POLLIN); ready(); p.poll()"
+    proc = child(procs, code, listener)
+    wait_until(lambda: "poll" in wchan(proc.pid), what="the child to poll")
+    # /proc/PID/mem shows the pollfd array: the socket is held but not polled.
+    assert not waits(proc, listener)
+
+
+def test_python_http_server(procs: Procs, tmp_path: Path) -> None:
+    proc = procs.start(
+        [PYTHON, "-m", "http.server", "0", "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    inodes = wait_until(lambda: inspect.listening_sockets_of(proc.pid), what="http.server")
+    assert len(inodes) == 1
+    wait_until(lambda: inspect.waiting_for_work(proc.pid, inodes), what="http.server ready")
+    (inode,) = inodes
+    port = _port_of(proc.pid, inode)
+    assert [h.pid for h in inspect.port_holders(Proto.TCP, port)] == [proc.pid]
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        wait_until(lambda: inspect.connections_of(proc.pid) == 1, what="1 connection")
+    wait_until(lambda: inspect.connections_of(proc.pid) == 0, what="the connection to close")
+
+
+def _port_of(pid: int, inode: int) -> int:
+    """The local port of socket ``inode``, read from /proc/PID/net/tcp."""
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if int(cols[9]) == inode:
+            return int(cols[1].rsplit(":", 1)[1], 16)
+    raise AssertionError(f"inode {inode} of pid {pid} not in /proc/{pid}/net/tcp")
+
+
+NODE_SERVER = "require('http').createServer((q, r) => r.end('ok')).listen(0, '127.0.0.1')"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_http_server(procs: Procs) -> None:
+    node = shutil.which("node")
+    assert node is not None
+    proc = procs.start([node, "-e", NODE_SERVER], stdout=subprocess.DEVNULL)
+    inodes = wait_until(lambda: inspect.listening_sockets_of(proc.pid), what="node to listen")
+    wait_until(lambda: inspect.waiting_for_work(proc.pid, inodes), what="node ready", timeout=20)
+    with socket.socket() as elsewhere:
+        elsewhere.bind(("127.0.0.1", 0))
+        elsewhere.listen()
+        assert not inspect.waiting_for_work(proc.pid, {inspect.socket_inode(elsewhere)})
+
+
+# --- port_holders -------------------------------------------------------------------------------
+
+BIND = """
+import socket, sys
+family = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
+kind = socket.SOCK_DGRAM if sys.argv[2] == "udp" else socket.SOCK_STREAM
+sock = socket.socket(family, kind)
+sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+if kind == socket.SOCK_STREAM:
+    sock.listen()
+print(sock.getsockname()[1], flush=True)
+sys.stdin.readline()
+"""
+
+
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("proto", [Proto.TCP, Proto.UDP])
+@pytest.mark.parametrize("version", ["4", "6"])
+def test_port_holders_finds_the_child(procs: Procs, version: str, proto: Proto) -> None:
+    if version == "6" and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    proc = talk(procs, BIND, version, proto.value)
+    port = int(readline(proc))
+    (holder,) = inspect.port_holders(proto, port)
+    assert holder.pid == proc.pid
+    assert holder.program == os.path.basename(PYTHON)[:15]
+    assert holder.uid == os.geteuid()
+    assert holder.local == (f"[::1]:{port}" if version == "6" else f"127.0.0.1:{port}")
+    assert holder.inode in inspect.listening_sockets_of(proc.pid)
+    assert f"pid {proc.pid}" in holder.describe()
