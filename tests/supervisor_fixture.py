@@ -8,8 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import ROOT, wait_until
 
@@ -116,3 +119,24 @@ def no_process_left(marker: str) -> bool:
 def settle(seconds: float) -> None:
     """Let a load run for a while (the load itself is bounded)."""
     time.sleep(seconds)
+
+
+Start = Callable[..., Running]
+
+
+@pytest.fixture
+def start(short_tmp: Path) -> Iterator[Start]:
+    """Start `portshard run` with these arguments (waits until ready unless wait=False);
+    every supervisor started is stopped at teardown."""
+    running: list[Running] = []
+
+    def _start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Running:
+        sup = Running(list(args), short_tmp / f"s{len(running)}.sock", env)
+        running.append(sup)
+        if wait:
+            sup.wait_ready()
+        return sup
+
+    yield _start
+    for sup in running:
+        sup.close()

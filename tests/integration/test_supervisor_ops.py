@@ -15,32 +15,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from bench.loadgen import Load
 
 from tests.conftest import ROOT, needs_root, wait_until
-from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, no_process_left
-
-Start = Callable[..., Running]
-
-
-@pytest.fixture
-def start(short_tmp: Path) -> Iterator[Start]:
-    running: list[Running] = []
-
-    def _start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Running:
-        sup = Running(list(args), short_tmp / f"s{len(running)}.sock", env)
-        running.append(sup)
-        if wait:
-            sup.wait_ready()
-        return sup
-
-    yield _start
-    for sup in running:
-        sup.close()
+from tests.supervisor_fixture import FDWORKER, PORTSHARD, Start, no_process_left
 
 
 def tag() -> str:
