@@ -687,6 +687,7 @@ class Supervisor:
                 except SupervisorError as exc:
                     self._abort_reload(news, outcome, f"reload failed at slot {slot.index}: {exc}")
                     return
+            previous = {slot.index: slot.cfg for slot in batch}
             for w in news:
                 w.slot.cfg = new_cfg  # its readiness is judged by the new settings
             ok = yield Until(self._settled(news), time.monotonic() + new_cfg.ready_timeout + 0.5)
@@ -702,7 +703,7 @@ class Supervisor:
                     f"(--ready {new_cfg.ready})"
                 )
                 for slot in batch:
-                    slot.cfg = self._previous_cfg(slot, news)
+                    slot.cfg = previous[slot.index]  # the old worker keeps its settings
                 self._abort_reload(
                     news,
                     outcome,
@@ -719,12 +720,6 @@ class Supervisor:
         self.reloads["ok"] += 1
         log.info("reload to generation %d done", gen)
         self._finish(outcome)
-
-    def _previous_cfg(self, slot: Slot, news: list[Worker]) -> Config:
-        for w in slot.live():
-            if w not in news:
-                return self.cfg if w.generation != self.generation else slot.cfg
-        return self.cfg
 
     def _abort_reload(self, news: list[Worker], outcome: Outcome, error: str) -> None:
         for w in news:
