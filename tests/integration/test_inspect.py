@@ -17,7 +17,7 @@ import pytest
 
 from portshard import inspect
 from portshard.address import Proto
-from tests.conftest import Procs, wait_until
+from tests.conftest import Procs, needs_root, wait_until
 
 PYTHON = sys.executable
 
@@ -212,6 +212,10 @@ def test_connections_of_counts_held_connections(
             assert readline(proc) == "done"
         assert inspect.connections_of(proc.pid) == 2
         assert inspect.connections_of(proc.pid, ports={port}) == 2
+        # Our own ends of the two connections are ours, not the child's.
+        both = inspect.connections_by_pid([proc.pid, os.getpid()], ports={port})
+        assert both == {proc.pid: 2, os.getpid(): 0}
+        assert inspect.connections_by_pid([proc.pid, os.getpid()])[os.getpid()] == 2
 
         # A client that half-closes leaves the server in CLOSE_WAIT: still a connection.
         clients[0].shutdown(socket.SHUT_WR)
@@ -235,7 +239,12 @@ def test_connections_of_counts_held_connections(
 
 def _states_of(pid: int) -> bytes:
     """TCP states (as bytes) of the connections in pid's fd table, read independently."""
-    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:  # the listing's own fd, closed by now
+            continue
     states = bytearray()
     for name in ("tcp", "tcp6"):
         for line in Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]:
@@ -257,6 +266,7 @@ def test_an_exited_process_holds_nothing_and_is_not_alive(
         # Not reaped yet: a zombie, which holds no fd.
         wait_until(lambda: not inspect.alive(proc.pid), what="the child to die")
         assert inspect.connections_of(proc.pid) == 0
+        assert inspect.connections_by_pid([proc.pid, os.getpid()]) == {proc.pid: 0, os.getpid(): 1}
         assert inspect.listening_sockets_of(proc.pid) == set()
         assert not inspect.waiting_for_work(proc.pid, {inspect.socket_inode(listener)})
         proc.wait(timeout=10)
@@ -461,3 +471,91 @@ def test_port_holders_finds_the_child(procs: Procs, version: str, proto: Proto) 
     assert holder.local == (f"[::1]:{port}" if version == "6" else f"127.0.0.1:{port}")
     assert holder.inode in inspect.listening_sockets_of(proc.pid)
     assert f"pid {proc.pid}" in holder.describe()
+
+
+# --- the two socket tables ----------------------------------------------------------------------
+
+
+def test_sock_diag_and_proc_net_agree(listener: socket.socket, udp: socket.socket) -> None:
+    """connections_of and listening_sockets_of read sock_diag in our own network namespace and
+    /proc/PID/net in another one: both must tell the same story."""
+    client = connect(listener)
+    server, _ = listener.accept()
+    client.shutdown(socket.SHUT_WR)  # server side: CLOSE_WAIT
+    try:
+        wait_until(lambda: b"\x08" in _states_of(os.getpid()), what="CLOSE_WAIT")
+        mine = {inspect.socket_inode(s) for s in (listener, udp, client, server)}
+        for proto, states in [
+            (socket.IPPROTO_TCP, inspect._TCPF_LISTEN | inspect._TCPF_CONNECTED),
+            (socket.IPPROTO_UDP, inspect._TCPF_CLOSE),
+        ]:
+            diag = {row for row in inspect._diag_dump(proto, states) if row[2] in mine}
+            proc = {row for row in inspect._proc_net(os.getpid(), proto, states) if row[2] in mine}
+            assert diag == proc
+            assert diag
+    finally:
+        client.close()
+        server.close()
+
+
+NETNS_CHILD = """
+import socket, sys
+tcp = socket.socket(); tcp.bind(("127.0.0.1", 0)); tcp.listen()
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind(("127.0.0.1", 0))
+client = socket.create_connection(tcp.getsockname())
+server, _ = tcp.accept()
+print(tcp.fileno(), udp.fileno(), flush=True)
+sys.stdin.readline()
+"""
+
+
+@needs_root
+@pytest.mark.skipif(not (shutil.which("unshare") and shutil.which("ip")), reason="no unshare/ip")
+def test_a_process_in_another_network_namespace(procs: Procs) -> None:
+    script = 'ip link set lo up && exec "$0" -c "$1"'
+    proc = procs.start(
+        ["unshare", "--net", "sh", "-c", script, PYTHON, NETNS_CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        bufsize=0,
+    )
+    tcp_fd, udp_fd = (int(fd) for fd in readline(proc).split())
+    inodes = {
+        int(os.readlink(f"/proc/{proc.pid}/fd/{fd}")[len("socket:[") : -1])
+        for fd in (tcp_fd, udp_fd)
+    }
+    assert inspect.listening_sockets_of(proc.pid) == inodes
+    assert inspect.connections_of(proc.pid) == 2  # both ends of its own connection
+
+
+NOSY = """
+import os, pwd, sys
+from portshard import inspect  # import first: nobody may not read the venv
+nobody = pwd.getpwnam("nobody")
+os.setgroups([])
+os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
+os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+pid, inode = int(sys.argv[1]), int(sys.argv[2])
+for call in (lambda: inspect.connections_of(pid), lambda: inspect.waiting_for_work(pid, {inode})):
+    try:
+        call()
+    except inspect.NoAccess as exc:
+        assert isinstance(exc, PermissionError)
+        print("refused:", exc)
+    else:
+        print("answered")
+"""
+
+
+@needs_root
+def test_a_process_we_may_not_look_into_raises_instead_of_lying(
+    procs: Procs, listener: socket.socket
+) -> None:
+    """As nobody, looking into a root process must fail loudly: "0 connections" or "not
+    waiting" would let a supervisor stop a busy worker or wait forever."""
+    target = child(procs, "ready(); socks[0].accept()", listener)
+    wait_until(lambda: waits(target, listener), what="waiting in accept")
+    nosy = talk(procs, NOSY, str(target.pid), str(inspect.socket_inode(listener)))
+    first, second = readline(nosy), readline(nosy)
+    assert first.startswith("refused:") and "ptrace" in first, first
+    assert second.startswith("refused:") and "ptrace" in second, second
