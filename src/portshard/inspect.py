@@ -58,6 +58,7 @@ __all__ = [
     "queue_depth",
     "queue_depth_fd",
     "socket_inode",
+    "sockets_of",
     "waiting_for_work",
 ]
 
@@ -347,6 +348,11 @@ def alive(pid: int) -> bool:
         return False
     end = raw.rfind(b")")
     return raw[end + 2 : end + 3] not in (b"Z", b"X", b"")
+
+
+def sockets_of(pid: int) -> set[int]:
+    """Inodes of every socket in ``pid``'s fd table (empty once it has exited)."""
+    return set(_socket_fds(pid).values())
 
 
 def _socket_fds(pid: int) -> dict[int, int]:

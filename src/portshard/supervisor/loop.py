@@ -25,7 +25,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import inspect, sockdiag
+from .. import inspect
 from ..address import Address, Proto, parse
 from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
@@ -299,8 +299,8 @@ class Supervisor:
             inodes = {os.fstat(s.fileno()).st_ino for s in w.slot.socks}
             try:
                 return inspect.waiting_for_work(w.pid, inodes)
-            except OSError:
-                return False
+            except (OSError, inspect.InspectError):
+                return False  # not visible (yet): ask again on the next tick
         return False  # notify: set by _on_notify
 
     def _ready_timeout(self, w: Worker) -> None:
@@ -535,7 +535,7 @@ class Supervisor:
         if cfg.drain == "freeze":
             # Freeze, check, kill: a stopped task leaves the accept wait queue, so the queue goes
             # to the other worker of the slot; if it holds no connection, nothing can be lost.
-            listeners = {os.fstat(sock.fileno()).st_ino for sock in w.slot.socks}
+            listeners = slot_inodes(w.slot)
             ports = {a.port for a in self.bound if a.proto is Proto.TCP}
             while w.life.alive and time.monotonic() < deadline:
                 self._signal(w, signal.SIGSTOP)
@@ -609,20 +609,21 @@ class Supervisor:
     def _sample(self) -> None:
         """Once a second: each slot's queue depth and the connections its worker holds."""
         ports = {a.port for a in self.bound if a.proto is Proto.TCP}
-        live: set[int] | None = None
+        workers = {slot.index: w for slot in self.slots if (w := slot.serving()) is not None}
+        # Most of the time a worker holds no socket but its listeners: no table walk at all.
+        busy = [
+            w.pid
+            for w in workers.values()
+            if ports and inspect.sockets_of(w.pid) - slot_inodes(w.slot)
+        ]
+        try:
+            counts = inspect.connections_by_pid(busy, ports=ports) if busy else {}
+        except (OSError, inspect.InspectError):
+            counts = {}
         rows = []
         for slot in self.slots:
-            w = slot.serving()
-            conns: int | None = None
-            if w is not None and ports:
-                listeners = {os.fstat(sock.fileno()).st_ino for sock in slot.socks}
-                held = tree_sockets(w.pid) - listeners
-                if held and live is None:
-                    try:
-                        live = {s.inode for s in sockdiag.dump_tcp() if s.sport in ports}
-                    except OSError:
-                        live = set()
-                conns = len(held & live) if held and live is not None else 0
+            w = workers.get(slot.index)
+            conns = counts.get(w.pid, 0) if w is not None and ports else None
             self._connections[slot.index] = conns
             queued = sum(
                 inspect.queue_depth(sock).queued
@@ -967,14 +968,17 @@ def held_connections(pid: int, listeners: set[int], ports: set[int]) -> int:
     """Client connections (local port one of ``ports``) that the process tree holds.
 
     First the tree's own fd tables (microseconds): no socket besides the listeners means
-    nothing is held. Only otherwise ask sock_diag which of those sockets are live
-    connections on our ports (a DB connection or a log socket does not count).
+    nothing is held. Only otherwise walk the socket table (sock_diag, filtered by state in
+    the kernel) for live connections on our ports (a DB connection does not count).
     """
-    inodes = tree_sockets(pid) - listeners
-    if not inodes:
+    tree = process_tree(pid)
+    if not set().union(*(inspect.sockets_of(member) for member in tree)) - listeners:
         return 0
-    live = {s.inode for s in sockdiag.dump_tcp() if s.sport in ports}
-    return len(inodes & live)
+    return sum(inspect.connections_by_pid(tree, ports=ports).values())
+
+
+def slot_inodes(slot: Slot) -> set[int]:
+    return {os.fstat(sock.fileno()).st_ino for sock in slot.socks}
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -988,21 +992,3 @@ def worker_cpu(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def tree_sockets(pid: int) -> set[int]:
-    """Inodes of every socket in the fd tables of ``pid``'s process tree."""
-    inodes: set[int] = set()
-    for member in process_tree(pid):
-        try:
-            fds = os.listdir(f"/proc/{member}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{member}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(int(link[8:-1]))
-    return inodes
