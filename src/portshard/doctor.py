@@ -27,6 +27,7 @@ from typing import NoReturn
 
 from .interpose import seccomp_sys as sc
 from .sockets import PLATFORMS, platform_key, somaxconn
+from .steering import ebpf
 
 __all__ = ["Check", "probe_all", "render", "to_json"]
 
@@ -62,7 +63,7 @@ _PROBES: list[_Probe] = []
 _LINUX = sys.platform.startswith("linux")
 _TIMEOUT = 5.0  # per probe that waits on a child or a connection
 SO_ATTACH_REUSEPORT_CBPF = 51  # linux/asm-generic/socket.h; Python does not export them
-SO_ATTACH_REUSEPORT_EBPF = 52
+SO_ATTACH_REUSEPORT_EBPF = ebpf.SO_ATTACH_REUSEPORT_EBPF
 
 
 def _probe(
@@ -287,67 +288,22 @@ def _steered(socks: list[socket.socket], want: int, n: int = 8) -> str:
     return f"{n} of {n} connections to a {len(socks)}-socket group went to socket #{want}"
 
 
-# --- eBPF through bpf(2), no libbpf ---------------------------------------------------------
-# union bpf_attr is packed with struct (leading fields only; the kernel zero-extends the rest).
-
-_BPF_MAP_CREATE, _BPF_MAP_UPDATE_ELEM, _BPF_PROG_LOAD = 0, 2, 5
-_BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
-_BPF_PROG_TYPE_SK_REUSEPORT = 21
-_BPF_SK_REUSEPORT_SELECT = 39  # expected_attach_type
-_BPF_FUNC_SK_SELECT_REUSEPORT = 82
-_BPF_PSEUDO_MAP_FD = 1
+# --- eBPF through bpf(2), no libbpf: steering/ebpf.py ------------------------------------------
 
 
 def _bpf(cmd: int, attr: bytes, what: str) -> int:
-    arch = sc.native_arch()
-    if arch is None:
-        raise _Failed(f"no bpf(2) syscall number for {platform.machine()} in portshard")
-    buf = ctypes.create_string_buffer(attr, len(attr))
     try:
-        return sc.syscall(arch.nr_bpf, cmd, ctypes.addressof(buf), len(attr))
-    except OSError as exc:
-        if exc.errno == errno.EPERM and os.geteuid() == 0:
-            why = "denied even to root: a sandbox (container seccomp profile, LSM) forbids bpf()"
-            raise _Failed(f"EPERM {what}: {why}") from None
-        if exc.errno == errno.EPERM:
-            why = f"needs CAP_BPF or root (this is uid {os.geteuid()})"
-            raise _Failed(f"EPERM {what}: {why}") from None
-        raise _Failed(f"{what}: {_reason(exc)}") from None
-
-
-def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-    regs = dst | src << 4 if sys.byteorder == "little" else dst << 4 | src
-    return struct.pack("=BBhi", code, regs, off, imm)
+        return ebpf.bpf(cmd, attr, what)
+    except ebpf.BpfError as exc:
+        raise _Failed(str(exc)) from None
 
 
 def _load_select_key0(map_fd: int) -> int:
     """Load an SK_REUSEPORT program that picks the socket at key 0 of the map."""
-    code = b"".join(
-        (
-            _insn(0x62, dst=10, off=-4, imm=0),  # *(u32 *)(r10 - 4) = 0     (key; r1 = ctx)
-            _insn(0x18, dst=2, src=_BPF_PSEUDO_MAP_FD, imm=map_fd),  # r2 = map (ld_imm64,
-            _insn(0),  # ... which takes two instructions)
-            _insn(0xBF, dst=3, src=10),  # r3 = r10
-            _insn(0x07, dst=3, imm=-4),  # r3 += -4                   (&key)
-            _insn(0xB7, dst=4, imm=0),  # r4 = 0                      (flags)
-            _insn(0x85, imm=_BPF_FUNC_SK_SELECT_REUSEPORT),  # call sk_select_reuseport
-            _insn(0xB7, dst=0, imm=1),  # r0 = SK_PASS
-            _insn(0x95),  # exit
-        )
-    )
-    insns, license_ = ctypes.create_string_buffer(code, len(code)), ctypes.c_char_p(b"GPL")
-    log = ctypes.create_string_buffer(16384)
-    attr = struct.pack(
-        "=IIQQIIQII16sII",
-        _BPF_PROG_TYPE_SK_REUSEPORT, len(code) // 8, ctypes.addressof(insns),
-        ctypes.cast(license_, ctypes.c_void_p).value or 0, 1, len(log), ctypes.addressof(log),
-        0, 0, b"portshard_probe", 0, _BPF_SK_REUSEPORT_SELECT,
-    )  # fmt: skip
     try:
-        return _bpf(_BPF_PROG_LOAD, attr, "loading an SK_REUSEPORT program")
-    except _Failed as exc:
-        lines = log.value.decode(errors="replace").strip().splitlines()
-        raise _Failed(f"{exc}; verifier: {lines[-1]}" if lines else str(exc)) from None
+        return ebpf.load_select_key0(map_fd)
+    except ebpf.BpfError as exc:
+        raise _Failed(str(exc)) from None
 
 
 # --- the probes, in the order they are shown ---------------------------------------------------
@@ -388,7 +344,8 @@ def _reuseport_lb() -> _Found:
 
 @_probe(
     "reuseport_cbpf",
-    "steering without privilege: new connections skip dead, draining or slow slots",
+    "steering backend cbpf (no privilege; what --steering auto uses without eBPF): new "
+    "connections skip dead, starting, draining and overloaded slots, weighted by what they serve",
     "no steering: a slot with no worker keeps its hash share (its connections wait)",
 )
 def _reuseport_cbpf() -> _Found:
@@ -400,19 +357,21 @@ def _reuseport_cbpf() -> _Found:
 
 @_probe(
     "reuseport_ebpf",
-    "steering by stable slot key: a map update (~4 µs) instead of re-attaching a program",
-    "steering uses classic BPF only (indices shift when a socket leaves the group)",
+    "steering backend ebpf (what --steering auto picks here): stable slot keys, a map update "
+    "instead of a re-attach, and a dead worker's queue handed to the other slots at once",
+    "--steering auto uses classic BPF (cbpf): a dead worker's queued connections wait for its "
+    "replacement unless tcp_migrate_req=1",
 )
 def _reuseport_ebpf() -> _Found:
     fds: list[int] = []
     try:
-        spec = struct.pack("=5I", _BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 4, 1, 0)
-        fds.append(_bpf(_BPF_MAP_CREATE, spec, "creating a REUSEPORT_SOCKARRAY map"))
+        spec = struct.pack("=5I", ebpf.BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 4, 1, 0)
+        fds.append(_bpf(ebpf.BPF_MAP_CREATE, spec, "creating a REUSEPORT_SOCKARRAY map"))
         fds.append(_load_select_key0(fds[0]))
         with _group(2) as socks:
             key, value = ctypes.c_uint32(0), ctypes.c_uint32(socks[1].fileno())
             elem = (fds[0], ctypes.addressof(key), ctypes.addressof(value), 0)
-            _bpf(_BPF_MAP_UPDATE_ELEM, struct.pack("=I4xQQQ", *elem), "updating the map")
+            _bpf(ebpf.BPF_MAP_UPDATE_ELEM, struct.pack("=I4xQQQ", *elem), "updating the map")
             socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, fds[1])
             steered = _steered(socks, 1)
     finally:
@@ -440,7 +399,8 @@ _MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 @_probe(
     "tcp_migrate_req",
-    "=1: a closing listener hands its queued connections to the group instead of resetting them",
+    "=1: a closing listener hands its queued connections to the group instead of resetting "
+    "them; with cbpf steering a dead worker's queue goes to the other slots at once (--migrate)",
     "a closing listener resets its queue (portshard keeps slot sockets open to avoid that)",
 )
 def _tcp_migrate_req() -> _Found:
@@ -456,7 +416,19 @@ def _tcp_migrate_req() -> _Found:
     else:
         may = "yes (root, writable)"
     state = "on" if value else "off"
-    return True, value, f"{value} ({state}) in this network namespace; may set: {may}; only read"
+    change = (
+        "with cbpf steering, a slot whose worker dies hands its queued connections to the other "
+        "slots at once (its listener is replaced); scale down and stop do not depend on it"
+        if value
+        else "setting it to 1 (portshard run --migrate) would let cbpf steering hand a dead "
+        "worker's queued connections to the other slots at once instead of letting them wait "
+        "for its replacement; eBPF steering does that at 0 too"
+    )
+    return (
+        True,
+        value,
+        f"{value} ({state}) in this network namespace; may set: {may}; only read; {change}",
+    )
 
 
 def _seccomp_child(arch: sc.Arch, port: int, inherited: int) -> Callable[[socket.socket], str]:

@@ -59,6 +59,7 @@ class Config:
     metrics: str | None = None  # HOST:PORT of the metrics and dashboard endpoint
     config_file: str | None = None
     env: tuple[tuple[str, str], ...] = field(default=())
+    via: str = "auto"  # how a worker gets its sockets: see VIA
 
     def credentials(self) -> Credentials | None:
         return resolve_user(self.user) if self.user else None
@@ -144,7 +145,17 @@ def resolve_user(user: str) -> Credentials:
     return Credentials(pw.pw_uid, gid, groups)
 
 
+# How a worker gets its slot's sockets (docs/ARCHITECTURE.md, "Interposition").
+VIA = {
+    "auto": "preload for a dynamically linked program, seccomp for a static or Go one",
+    "fds": "the systemd way only (LISTEN_FDS, fds from 3), for programs that use it",
+    "preload": "an LD_PRELOAD shim gives the program the socket when it binds the address",
+    "seccomp": "the supervisor answers the program's bind() (static binaries, Go)",
+    "reuseport": "no hand-over: the program binds its own socket with SO_REUSEPORT set",
+}
+
 _KEYS = {
+    "via",
     "command",
     "listen",
     "workers",
@@ -224,6 +235,12 @@ def load(cli: dict[str, Any]) -> Config:
     if drain not in ("freeze", "signal"):
         raise ConfigError(f"--drain {drain!r}: use freeze (no cooperation) or signal")
     name = str(merged.get("name", "portshard"))
+    via = str(merged.get("via", "auto"))
+    if via not in VIA:
+        raise ConfigError(
+            f"--via {via!r}: use one of "
+            + "; ".join(f"{k} ({v})" for k, v in VIA.items())
+        )
     if not _NAME_RE.match(name):
         raise ConfigError(f"--name {name!r} may use only letters, digits, '_', '.', '-'")
     cfg = Config(
@@ -243,6 +260,7 @@ def load(cli: dict[str, Any]) -> Config:
         metrics=_metrics(merged.get("metrics")),
         config_file=str(Path(path).resolve()) if path else None,
         env=tuple(sorted((str(k), str(v)) for k, v in env.items())),
+        via=via,
     )
     if cfg.user:
         cfg.credentials()  # validate now, not at the first spawn

@@ -21,7 +21,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,8 @@ from ..address import Address, Proto, parse
 from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
 from ..errors import ControlError, PortshardError, SupervisorError
+from ..interpose.plan import plan as interpose_plan
+from ..interpose.seccomp import Trap
 from ..sockets import listen
 from ..steering import cbpf
 from .config import Config, reloaded
@@ -80,6 +82,8 @@ class Worker:
         self.deliberate = False  # we are stopping it (drain, stop): its exit is expected
         self.kill_at: float | None = None
         self.status: int | None = None
+        self.mode = "fds"  # how it got its sockets (--via), for status
+        self.trap: Trap | None = None  # its seccomp bind() trap (--via seccomp)
 
     @property
     def state(self) -> State:
@@ -367,16 +371,58 @@ class Supervisor:
         if cfg.ready.kind == "notify":
             env["NOTIFY_SOCKET"] = "@" + self._notify_name[1:]
         names = [spec.name for spec in cfg.listen]
-        argv = [expand_placeholders(arg, names) for arg in cfg.command]
+        ports = [addr.port for addr in self.bound]
+        argv = [expand_placeholders(arg, names, ports) for arg in cfg.command]
+        creds = cfg.credentials()
+        try:
+            via = interpose_plan(
+                cfg.via,
+                argv,
+                env,
+                inodes=[os.fstat(s.fileno()).st_ino for s in slot.socks],
+                ports=ports,
+                uid=creds.uid if creds is not None else None,
+            )
+        except PortshardError as exc:
+            raise SupervisorError(str(exc)) from None
         spawned = spawn(
-            SpawnSpec(argv, env, [s.fileno() for s in slot.socks], names, cfg.credentials())
+            SpawnSpec(
+                argv, env, [s.fileno() for s in slot.socks], names, creds, seccomp=via.seccomp
+            )
         )
         generation = self.generation if role in ("reload", "scale", "boot") else slot.generation
         w = Worker(slot, spawned.pid, spawned.pidfd, generation, role, time.monotonic())
+        w.mode = via.mode
         slot.workers.append(w)
         self.sel.register(spawned.pidfd, selectors.EVENT_READ, lambda _m: self._on_exit(w))
-        log.info("slot %d pid %d: started (%s, generation %d)", slot.index, w.pid, role, generation)
+        if spawned.listener is not None:
+            self._watch_trap(w, spawned.listener, via.reuseport)
+        log.info(
+            "slot %d pid %d: started (%s, generation %d, via %s: %s)",
+            slot.index,
+            w.pid,
+            role,
+            generation,
+            via.mode,
+            via.why,
+        )
         return w
+
+    def _watch_trap(self, w: Worker, listener: int, reuseport: bool) -> None:
+        """Answer the worker's bind() calls from the selector (--via seccomp)."""
+        ports = frozenset(a.port for a in self.bound) if reuseport else None
+        trap = Trap(
+            listener, w.slot.socks, label=f"slot {w.slot.index} pid {w.pid}", reuseport=ports
+        )
+        w.trap = trap
+
+        def on_trap(_mask: int) -> None:
+            if not trap.on_readable():  # every process that used the filter has exited
+                self.sel.unregister(trap.listener)
+                trap.close()
+
+        self.sel.register(listener, selectors.EVENT_READ, on_trap)
+
 
     def _spawn_or_fail(self, slot: Slot, role: str) -> Worker | None:
         try:
@@ -878,7 +924,7 @@ class Supervisor:
                     "restarts": slot.restarts,
                     "generation": slot.generation,
                     "uptime": round(now - w.started, 3) if w else None,
-                    "mode": "fds",
+                    "mode": w.mode if w else None,
                     "queue": queues,
                     "connections": self._connections.get(slot.index),
                     "workers": [
@@ -910,14 +956,21 @@ def _with_workers(cfg: Config, count: int) -> Config:
     return replace(cfg, workers=count)
 
 
-def expand_placeholders(arg: str, names: list[str]) -> str:
-    """``{fd}`` is the first socket's fd; ``{fd:NAME}`` the fd of the listen address NAME."""
-    if "{fd" not in arg:
+def expand_placeholders(arg: str, names: list[str], ports: Sequence[int] = ()) -> str:
+    """``{fd}`` is the first socket's fd; ``{fd:NAME}`` the fd of the listen address NAME;
+    ``{port}`` and ``{port:NAME}`` the actual port (after port 0 was resolved), for programs
+    that bind the port themselves (--via preload/seccomp)."""
+    if "{fd" not in arg and "{port" not in arg:
         return arg
     out = arg.replace("{fd}", "3")
+    if ports:
+        out = out.replace("{port}", str(ports[0]))
     for i, name in enumerate(names):
         out = out.replace("{fd:" + name + "}", str(3 + i))
-    if "{fd:" in out:
+        if i < len(ports):
+            out = out.replace("{port:" + name + "}", str(ports[i]))
+    if "{fd:" in out or "{port:" in out:
+
         raise SupervisorError(
             f"argument {arg!r} names a listen address that does not exist; "
             f"known: {', '.join(names)}"
