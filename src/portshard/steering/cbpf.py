@@ -4,6 +4,13 @@
   listen() order (random pick), so the sockets after them can drain and close without loss.
   An index >= group size would fall back to hashing over every socket, so k must be >= 1 and
   <= the group size.
+- ``table_program(runs, buckets, flow_hash=)`` and ``attach(sock, program)``: the steering
+  table (see ``table.py``) as a program: ``bucket = x % buckets``, then a chain of
+  ``jge #end; ret #index`` over the table's runs (classic BPF has no indexed load). ``x`` is
+  ``ld rand`` for TCP (a new connection may go anywhere; ``rxhash`` works too on loopback, it is
+  the client's random txhash) and, for UDP, a hash of the source address and port read from the
+  IP and UDP headers: a UDP datagram's ``rxhash`` is 0 on loopback and ``rand`` would scatter a
+  flow's datagrams (both measured on Linux 6.18).
 - ``drop_syns(sock)``: a socket filter that drops new SYNs reaching this listener while letting
   every other segment (the final ACK of handshakes in progress) through, so its accept queue can
   be emptied before it closes. Clients retransmit a dropped SYN (after ~1 s) and then reach
@@ -16,7 +23,15 @@ import contextlib
 import ctypes
 import socket
 
-__all__ = ["SO_ATTACH_REUSEPORT_CBPF", "attach_first_k", "detach", "drop_syns", "undrop_syns"]
+__all__ = [
+    "SO_ATTACH_REUSEPORT_CBPF",
+    "attach",
+    "attach_first_k",
+    "detach",
+    "drop_syns",
+    "table_program",
+    "undrop_syns",
+]
 
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
@@ -25,10 +40,22 @@ SO_DETACH_REUSEPORT_BPF = 68
 
 _SKF_AD_OFF = -0x1000
 _SKF_AD_RANDOM = 56
+_SKF_NET_OFF = -0x100000  # loads relative to the IP header
 
 # Opcodes (linux/filter.h)
 _LD_W_ABS = 0x20
+_LD_H_ABS = 0x28
 _LD_B_ABS = 0x30
+_LD_H_IND = 0x48
+_LDX_B_MSH = 0xB1  # X = 4 * (byte & 0xf): the IPv4 header length
+_ST = 0x02
+_LD_MEM = 0x60
+_TAX = 0x07
+_ALU_MUL_K = 0x24
+_ALU_XOR_X = 0xAC
+_ALU_RSH_K = 0x74
+_JA = 0x05
+_JGE_K = 0x35
 _ALU_MOD_K = 0x94
 _ALU_AND_K = 0x54
 _JEQ_K = 0x15
@@ -66,6 +93,64 @@ def first_k_program(k: int) -> Program:
         (_ALU_MOD_K, 0, 0, k),
         (_RET_A, 0, 0, 0),
     ]
+
+
+def _flow_hash() -> Program:
+    """A = a 32-bit hash of the datagram's source address and port (IPv4 or IPv6 header)."""
+    v4 = [
+        (_LDX_B_MSH, 0, 0, _SKF_NET_OFF),  # X = IPv4 header length
+        (_LD_H_IND, 0, 0, _SKF_NET_OFF),  # A = source port
+        (_TAX, 0, 0, 0),
+        (_LD_W_ABS, 0, 0, _SKF_NET_OFF + 12),  # A = source address
+    ]
+    v6 = [(_LD_W_ABS, 0, 0, _SKF_NET_OFF + 8)]  # A = the source address's 4 words xor-ed
+    for offset in (12, 16, 20):
+        v6 += [(_TAX, 0, 0, 0), (_LD_W_ABS, 0, 0, _SKF_NET_OFF + offset), (_ALU_XOR_X, 0, 0, 0)]
+    v6 += [
+        (_ST, 0, 0, 0),
+        (_LD_H_ABS, 0, 0, _SKF_NET_OFF + 40),  # source port (no extension headers)
+        (_TAX, 0, 0, 0),
+        (_LD_MEM, 0, 0, 0),
+    ]
+    head = [
+        (_LD_B_ABS, 0, 0, _SKF_NET_OFF),
+        (_ALU_AND_K, 0, 0, 0xF0),
+        (_JEQ_K, len(v4) + 1, 0, 0x60),  # IPv6?
+    ]
+    # A = address, X = port: mix them (murmur3's finalizer).
+    mix = [
+        (_ALU_MUL_K, 0, 0, 0x9E3779B1),
+        (_ALU_XOR_X, 0, 0, 0),
+        (_ALU_MUL_K, 0, 0, 0x85EBCA6B),
+        (_TAX, 0, 0, 0),
+        (_ALU_RSH_K, 0, 0, 13),
+        (_ALU_XOR_X, 0, 0, 0),
+        (_ALU_MUL_K, 0, 0, 0xC2B2AE35),
+        (_TAX, 0, 0, 0),
+        (_ALU_RSH_K, 0, 0, 16),
+        (_ALU_XOR_X, 0, 0, 0),
+    ]
+    return head + v4 + [(_JA, 0, 0, len(v6))] + v6 + mix
+
+
+def table_program(runs: list[tuple[int, int]], buckets: int, *, flow_hash: bool) -> Program:
+    """Send bucket ``[previous end, end)`` of ``runs`` to socket index ``index`` for each
+    ``(end, index)``; ``flow_hash`` picks the bucket by the UDP flow, else at random."""
+    if not runs or runs[-1][0] != buckets:
+        raise ValueError(f"the runs must cover all {buckets} buckets: {runs}")
+    source = _flow_hash() if flow_hash else [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_RANDOM)]
+    program = [*source, (_ALU_MOD_K, 0, 0, buckets)]
+    for end, index in runs[:-1]:
+        program += [(_JGE_K, 1, 0, end), (_RET_K, 0, 0, index)]
+    program.append((_RET_K, 0, 0, runs[-1][1]))
+    if len(program) > 4096:
+        raise ValueError(f"a steering table of {len(runs)} runs is too long for classic BPF")
+    return program
+
+
+def attach(sock: socket.socket, program: Program) -> None:
+    """Attach ``program`` to the reuseport group of ``sock`` (replaces the one there)."""
+    _setsockopt_prog(sock, SO_ATTACH_REUSEPORT_CBPF, program)
 
 
 def attach_first_k(sock: socket.socket, k: int) -> None:

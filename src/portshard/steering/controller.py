@@ -1,0 +1,384 @@
+"""The steering controller: the supervisor's side of steering.
+
+The supervisor says, at every turn of its loop, which slots have a ready worker
+(:meth:`Steering.step`); every ``SAMPLE`` seconds the controller also reads each slot's
+accept-queue depth (TCP_INFO, ~1.5 µs a socket). The policy (``policy.py``) turns that into
+verdicts and weights, the table (``table.py``) into buckets, and a backend puts them in the
+kernel, per reuseport group (one per ``--listen`` address):
+
+- ``ebpf``: one SK_REUSEPORT program per group with a REUSEPORT_SOCKARRAY keyed by slot and an
+  array of bucket -> slot; a change is a few map updates. Needs CAP_BPF or root.
+- ``cbpf``: a classic program per group (a jump chain over the table's runs), re-attached on
+  every change (~20 µs). Its indices are the kernel's listen order, so the controller keeps a
+  copy of that order: a socket that closes is replaced in the kernel's array by the last one.
+
+A slot whose worker died keeps connections in its accept queue until a replacement accepts
+them. Where the kernel can migrate a closing listener's queue (the eBPF program is loaded as
+SELECT_OR_MIGRATE, or ``net.ipv4.tcp_migrate_req`` is 1), :meth:`Steering.rescue` replaces that
+slot's listener: a new socket is bound first (so a failure changes nothing), the old one closes
+(the kernel moves its queue to the slots in the table), the new one listens.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .. import inspect
+from ..address import Proto
+from ..errors import SupervisorError
+from . import cbpf
+from .ebpf import BpfError, SteeringProgram
+from .policy import Change, Health, Observation, Policy
+from .table import BUCKETS, Buckets, apportion, contiguous, runs
+
+__all__ = ["BACKENDS", "SAMPLE", "Health", "Steering", "migrate_req"]
+
+log = logging.getLogger("portshard.steering")
+
+BACKENDS = ("auto", "cbpf", "ebpf", "off")
+SAMPLE = 0.01  # seconds between queue samples
+LOG_EVERY = 1.0  # overload and weight lines: at most one a second per slot
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def migrate_req() -> int | None:
+    """net.ipv4.tcp_migrate_req in this network namespace (None: no such sysctl)."""
+    try:
+        with open(MIGRATE_REQ) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+class _Group:
+    """One reuseport group (a --listen address): its socket in each slot."""
+
+    def __init__(self, proto: Proto, slots: Sequence[int]) -> None:
+        self.proto = proto
+        self.socks: dict[int, socket.socket] = {}
+        self.order: list[int] = []  # cbpf: slot at each index of the kernel's listen order
+        self.buckets = Buckets(slots)
+        self.program: SteeringProgram | None = None
+        self.installed: object = None  # what the kernel has now (to skip identical updates)
+
+    def join(self, slot: int, sock: socket.socket) -> None:
+        self.socks[slot] = sock
+        self.order.append(slot)
+        if self.program is not None:
+            self.program.set_socket(slot, sock)
+
+    def leave(self, slot: int) -> None:
+        """``slot``'s socket has closed: the kernel moved its last socket into its place."""
+        del self.socks[slot]
+        i = self.order.index(slot)
+        self.order[i] = self.order[-1]
+        self.order.pop()
+        self.installed = None
+
+    def anchor(self) -> socket.socket:
+        return self.socks[self.order[0]]
+
+
+@dataclass
+class _Limiter:
+    """At most one overload/weight line per slot per LOG_EVERY; the newest pending is kept."""
+
+    last: float = -LOG_EVERY
+    pending: Change | None = None
+    held: int = 0
+
+
+class Steering:
+    """Steering for every reuseport group of one supervisor."""
+
+    def __init__(
+        self,
+        backend: str,
+        why: str,
+        protos: Sequence[Proto],
+        slots: dict[int, list[socket.socket]],
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        if backend not in ("cbpf", "ebpf"):
+            raise ValueError(f"steering backend {backend!r}: use cbpf or ebpf")
+        self.backend = backend
+        self.why = why
+        self.policy = Policy()
+        self.groups = [_Group(proto, sorted(slots)) for proto in protos]
+        self.on_event = on_event
+        self.changes = 0
+        self.updates = 0
+        self.next_sample = 0.0
+        self.seen_ready = False
+        self._limit: dict[int, _Limiter] = {}
+        self._shares: dict[int, float] = {}
+        self._pids: dict[int, int | None] = {}
+        self._ever_ready: set[int] = set()  # slots that have had a ready worker
+        try:
+            if backend == "ebpf":
+                for group in self.groups:
+                    group.program = SteeringProgram(BUCKETS)
+            for slot in sorted(slots):
+                for group, sock in zip(self.groups, slots[slot], strict=True):
+                    group.join(slot, sock)
+            self.policy.observe(Observation(s, None, Health.STARTING) for s in sorted(slots))
+            for group in self.groups:
+                self._install(group)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def create(
+        cls,
+        mode: str,
+        protos: Sequence[Proto],
+        slots: dict[int, list[socket.socket]],
+        on_event: Callable[[str], None] | None = None,
+    ) -> Steering | None:
+        """Steering with the backend ``mode`` asks for (auto: eBPF if this process may load it,
+        else classic BPF); None for ``off``. Raises SupervisorError if a forced backend fails."""
+        if mode == "off":
+            return None
+        if mode not in BACKENDS:
+            raise SupervisorError(f"--steering {mode!r}: use one of {', '.join(BACKENDS)}")
+        tried = ""
+        if mode in ("auto", "ebpf"):
+            try:
+                return cls("ebpf", f"{mode}: eBPF SK_REUSEPORT loaded", protos, slots, on_event)
+            except (BpfError, OSError) as exc:
+                if mode == "ebpf":
+                    raise SupervisorError(f"--steering ebpf: {exc}; use --steering cbpf") from None
+                tried = f"; eBPF not available: {exc}"
+        try:
+            return cls("cbpf", f"{mode}: classic BPF{tried}", protos, slots, on_event)
+        except OSError as exc:
+            if mode == "cbpf":
+                raise SupervisorError(
+                    f"--steering cbpf: cannot attach a classic BPF program to the group: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            log.warning("steering is off: classic BPF failed too (%s)%s", exc, tried)
+            return None
+
+    def close(self) -> None:
+        for group in self.groups:
+            if group.program is not None:
+                group.program.close()
+                group.program = None
+
+    # ---- slots come and go ------------------------------------------------------------------
+
+    def add_slot(self, slot: int, socks: Sequence[socket.socket]) -> None:
+        """A new slot (scale up): its sockets have just joined the groups (at the end)."""
+        for group, sock in zip(self.groups, socks, strict=True):
+            group.buckets.add_slot(slot)
+            group.join(slot, sock)
+
+    def remove_slot(self, slot: int) -> None:
+        """A slot's sockets have closed (scale down); it was excluded before."""
+        for group in self.groups:
+            if slot in group.socks:
+                group.leave(slot)
+            group.buckets.remove_slot(slot)
+        self.policy.forget(slot)
+        self._limit.pop(slot, None)
+        for group in self.groups:
+            self._install(group)
+
+    def can_migrate(self) -> bool:
+        """Can the kernel hand a closing listener's queue to the rest of its group?"""
+        return self.backend == "ebpf" or migrate_req() == 1
+
+    def rescue(
+        self, slot: int, index: int, old: socket.socket, backlog: int
+    ) -> socket.socket | None:
+        """Replace ``slot``'s listener of group ``index`` (a TCP group) so that the kernel hands
+        the connections queued on it to the other slots; returns the new listener, or None if
+        that cannot be done (no migration here, the slot is still in the table, or no other
+        slot is).
+
+        Raises OSError if the new socket cannot be bound; then nothing has changed.
+        """
+        group = self.groups[index]
+        weights = self.policy.tcp_weights()
+        if not self.can_migrate() or slot in weights or not weights or slot not in group.socks:
+            return None
+        queued = inspect.queue_depth(old).queued
+        new = socket.socket(old.family, old.type)
+        try:
+            new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if old.family == socket.AF_INET6:
+                v6only = old.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                new.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+            new.bind(old.getsockname())  # bound, not listening: not in the group yet
+        except BaseException:
+            new.close()
+            raise
+        old.close()  # the kernel migrates its queue now
+        group.leave(slot)
+        new.listen(backlog)
+        group.join(slot, new)
+        self._install(group)
+        pid = self._pids.get(slot)
+        self._say(
+            Change(
+                slot,
+                pid,
+                f"its listener was replaced; the kernel handed the {queued} connection(s) "
+                f"queued on it to the other slots",
+                "rescue",
+            ),
+            time.monotonic(),
+        )
+        return new
+
+    # ---- the loop's side --------------------------------------------------------------------
+
+    def due(self, now: float) -> float:
+        """Seconds until the next queue sample."""
+        return max(0.0, self.next_sample - now)
+
+    def step(self, now: float, slots: Sequence[tuple[int, int | None, Health]]) -> None:
+        """The slots' health now; samples the queues when due, updates the kernel if needed."""
+        sample = now >= self.next_sample
+        if sample:
+            self.next_sample = now + SAMPLE
+        observations = []
+        for slot, pid, health in slots:
+            if pid is not None or slot not in self._pids:
+                self._pids[slot] = pid
+            pid = self._pids[slot]  # a dead worker's pid names its slot's lines until replaced
+            if health is Health.READY:
+                self._ever_ready.add(slot)
+            queued = None
+            if sample and health is Health.READY:
+                queued = self._queued(slot)
+            observations.append(Observation(slot, pid, health, queued))
+            self.seen_ready = self.seen_ready or health is Health.READY
+        changes = self.policy.observe(observations)
+        for change in changes:
+            if change.kind in ("out", "in"):
+                self.changes += 1
+            self._say(change, now)
+        for limiter in self._limit.values():
+            if limiter.pending is not None and now - limiter.last >= LOG_EVERY:
+                self._emit(limiter.pending, limiter, now)
+        for group in self.groups:
+            self._install(group)
+
+    def _queued(self, slot: int) -> int | None:
+        total = 0
+        found = False
+        for group in self.groups:
+            sock = group.socks.get(slot)
+            if group.proto is Proto.TCP and sock is not None:
+                try:
+                    total += inspect.queue_depth(sock).queued
+                    found = True
+                except (OSError, inspect.InspectError):
+                    continue
+        return total if found else None
+
+    def _install(self, group: _Group) -> None:
+        if group.proto is Proto.TCP:
+            weights = self.policy.tcp_weights()
+        else:
+            weights = self.policy.udp_weights()
+        weights = {s: w for s, w in weights.items() if s in group.socks}
+        if not weights:  # nothing observed yet, or every slot gone: all sockets, equal
+            weights = {s: 1.0 for s in group.socks}
+        counts = apportion(weights, BUCKETS)
+        if group.proto is Proto.TCP:
+            self._shares = {s: c / BUCKETS for s, c in counts.items()}
+        if group.program is not None:
+            group.buckets.assign(counts)
+            if group.program.set_table(group.buckets.owner):
+                self.updates += 1
+            if group.installed is None:
+                group.program.attach(group.anchor())
+                group.installed = True
+            return
+        if group.proto is Proto.TCP:
+            table = contiguous(counts)
+        else:
+            group.buckets.assign(counts)
+            table = group.buckets.owner
+        index = {slot: i for i, slot in enumerate(group.order)}
+        chain = [(end, index[slot]) for end, slot in runs(table)]
+        if chain == group.installed:
+            return
+        program = cbpf.table_program(chain, BUCKETS, flow_hash=group.proto is Proto.UDP)
+        cbpf.attach(group.anchor(), program)
+        group.installed = chain
+        self.updates += 1
+
+    # ---- what people see --------------------------------------------------------------------
+
+    def _say(self, change: Change, now: float) -> None:
+        if change.kind == "all_out" and not self.seen_ready:
+            return  # booting: no worker is ready yet, nothing to say
+        if change.slot >= 0 and change.slot not in self._ever_ready:
+            log.debug("slot %d: steering: %s", change.slot, change.text)  # booting
+            return
+        limited = (
+            change.kind == "weight"
+            or "overloaded" in change.text
+            or (change.kind == "in" and "queue drained" in change.text)
+        )
+        if not limited:
+            self._emit(change, None, now)
+            return
+        limiter = self._limit.setdefault(change.slot, _Limiter())
+        if now - limiter.last >= LOG_EVERY:
+            self._emit(change, limiter, now)
+        else:
+            limiter.pending = change
+            limiter.held += 1
+
+    def _emit(self, change: Change, limiter: _Limiter | None, now: float) -> None:
+        text = change.text
+        if limiter is not None:
+            if limiter.held > 1:
+                text += f" ({limiter.held} steering changes in the last {LOG_EVERY:g}s)"
+            limiter.last, limiter.pending, limiter.held = now, None, 0
+        level = logging.WARNING if change.warn else logging.INFO
+        if change.slot < 0:
+            log.log(level, "steering: %s", text)
+        else:
+            pid = change.pid if change.pid is not None else "-"
+            log.log(level, "slot %d pid %s: steering: %s", change.slot, pid, text)
+        if self.on_event is not None:
+            who = f"slot {change.slot}: " if change.slot >= 0 else ""
+            self.on_event(f"{who}{text}")
+
+    def slot_status(self, slot: int) -> dict[str, Any]:
+        verdict = self.policy.verdicts().get(slot)
+        if verdict is None:
+            return {"excluded": False, "reason": None, "weight": 1.0, "share": None}
+        out: dict[str, Any] = {
+            "excluded": not verdict.included,
+            "reason": verdict.reason,
+            "weight": round(verdict.weight, 3),
+            "share": round(self._shares.get(slot, 0.0), 4),
+        }
+        if any(g.proto is Proto.UDP for g in self.groups):
+            out["udp"] = verdict.udp_included
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "why": self.why,
+            "migrate": self.can_migrate(),
+            "sample_ms": SAMPLE * 1000,
+            "changes": self.changes,
+            "updates": self.updates,
+            "fallback": self.policy.fallback or None,
+        }
