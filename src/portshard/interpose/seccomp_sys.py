@@ -311,13 +311,15 @@ def check_sizes() -> None:
         )
 
 
-def install_bind_trap(arch: Arch) -> tuple[int, bool]:
+def install_bind_trap(arch: Arch, *, no_new_privs: bool = True) -> tuple[int, bool]:
     """Set no_new_privs and trap this thread's bind(): (listener fd, wait_killable used).
 
     Prefers SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV and falls back without it before Linux 5.19.
     Call it in the child, before exec; hand the listener to the supervisor, then close it.
+    ``no_new_privs=False`` needs CAP_SYS_ADMIN (root): then setuid programs keep working.
     """
-    set_no_new_privs()
+    if no_new_privs:
+        set_no_new_privs()
     prog = bind_trap_filter(arch)
     try:
         return install_listener(prog, wait_killable=True), True
@@ -327,7 +329,7 @@ def install_bind_trap(arch: Arch) -> tuple[int, bool]:
     return install_listener(prog), False
 
 
-def answer_with_fd(listener: int, notif: SeccompNotif, srcfd: int) -> int:
+def answer_with_fd(listener: int, notif: SeccompNotif, srcfd: int, *, cloexec: bool = False) -> int:
     """Put our ``srcfd`` at the fd number the trapped call got as its first argument (the
     kernel closes what was there, like dup2), and make the call return 0. Returns that number.
 
@@ -338,7 +340,7 @@ def answer_with_fd(listener: int, notif: SeccompNotif, srcfd: int) -> int:
     if not 0 <= newfd < 1 << 31:
         raise OSError(errno.EBADF, f"trapped call's first argument {newfd} is not an fd")
     try:
-        notif_addfd(listener, notif.id, srcfd, newfd=newfd)
+        notif_addfd(listener, notif.id, srcfd, newfd=newfd, cloexec=cloexec)
     except OSError as exc:
         with contextlib.suppress(OSError):  # don't leave the program waiting: fail its call
             notif_send(listener, notif.id, error=exc.errno or errno.EIO)

@@ -60,6 +60,7 @@ class Config:
     config_file: str | None = None
     env: tuple[tuple[str, str], ...] = field(default=())
     via: str = "auto"  # how a worker gets its sockets: see VIA
+    via: str = "auto"  # how a worker gets its sockets: see VIA
 
     def credentials(self) -> Credentials | None:
         return resolve_user(self.user) if self.user else None
@@ -235,6 +236,11 @@ def load(cli: dict[str, Any]) -> Config:
     if drain not in ("freeze", "signal"):
         raise ConfigError(f"--drain {drain!r}: use freeze (no cooperation) or signal")
     name = str(merged.get("name", "portshard"))
+    via = str(merged.get("via", "auto"))
+    if via not in VIA:
+        raise ConfigError(
+            f"--via {via!r}: use one of " + "; ".join(f"{k} ({v})" for k, v in VIA.items())
+        )
     via = str(merged.get("via", "auto"))
     if via not in VIA:
         raise ConfigError(

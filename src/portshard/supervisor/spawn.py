@@ -13,11 +13,13 @@ import ctypes
 import errno
 import os
 import signal
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..activation import LISTEN_FDS_START
 from ..errors import SupervisorError
+from ..interpose.seccomp import child_install, receive_listener
 
 __all__ = ["Credentials", "SpawnSpec", "Spawned", "spawn"]
 
@@ -40,17 +42,22 @@ class SpawnSpec:
     names: Sequence[str]
     credentials: Credentials | None = None
     cwd: str | None = None
+    seccomp: bool = False  # trap bind() (--via seccomp); the listener comes back in Spawned
 
 
 @dataclass(frozen=True)
 class Spawned:
     pid: int
     pidfd: int
+    listener: int | None = None  # the seccomp notification fd, with SpawnSpec.seccomp
 
 
-def _child(spec: SpawnSpec, err_w: int, parent: int) -> None:
+def _child(spec: SpawnSpec, err_w: int, parent: int, channel: int | None) -> None:
     """Runs in the forked child; never returns."""
     try:
+        if channel is not None:
+            # First, while still root if we are: then no no_new_privs is needed.
+            child_install(channel, as_root=os.geteuid() == 0)
         signal.set_wakeup_fd(-1)
         for sig in (
             signal.SIGINT,
@@ -104,24 +111,45 @@ def _child(spec: SpawnSpec, err_w: int, parent: int) -> None:
 def spawn(spec: SpawnSpec) -> Spawned:
     """Fork and exec a worker; raise SupervisorError if the program cannot be executed."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    ours, theirs = socket.socketpair() if spec.seccomp else (None, None)
     parent = os.getpid()
     try:
         pid = os.fork()
     except OSError as exc:
         os.close(err_r)
         os.close(err_w)
+        for end in (ours, theirs):
+            if end is not None:
+                end.close()
         raise SupervisorError(f"cannot fork a worker: {exc.strerror}") from None
     if pid == 0:  # pragma: no cover - the child execs or exits
         os.close(err_r)
-        _child(spec, err_w, parent)
+        _child(spec, err_w, parent, theirs.fileno() if theirs is not None else None)
     os.close(err_w)
+    if theirs is not None:
+        theirs.close()
     try:
         chunks = []
         while chunk := os.read(err_r, 1024):
             chunks.append(chunk)
     finally:
         os.close(err_r)
+    listener = None
+    if ours is not None:
+        with ours:
+            try:
+                listener = receive_listener(ours)
+            except OSError:
+                if not chunks:  # exec'd without a trap: never let it run so
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    raise SupervisorError(
+                        f"worker command {spec.argv[0]!r}: the seccomp bind() trap did not "
+                        f"reach the supervisor; use --via preload or fds"
+                    ) from None
     if chunks:
+        if listener is not None:
+            os.close(listener)
         os.waitpid(pid, 0)
         code_text, _, message = b"".join(chunks).decode(errors="replace").partition(":")
         hint = ""
@@ -130,4 +158,4 @@ def spawn(spec: SpawnSpec) -> Spawned:
         elif code_text == str(errno.EACCES):
             hint = "; check that it is executable (chmod +x) by the worker's user"
         raise SupervisorError(f"cannot run worker command {spec.argv[0]!r}: {message}{hint}")
-    return Spawned(pid, os.pidfd_open(pid))
+    return Spawned(pid, os.pidfd_open(pid), listener)
