@@ -60,7 +60,6 @@ class Config:
     config_file: str | None = None
     env: tuple[tuple[str, str], ...] = field(default=())
     via: str = "auto"  # how a worker gets its sockets: see VIA
-    via: str = "auto"  # how a worker gets its sockets: see VIA
 
     def credentials(self) -> Credentials | None:
         return resolve_user(self.user) if self.user else None
@@ -240,12 +239,6 @@ def load(cli: dict[str, Any]) -> Config:
     if via not in VIA:
         raise ConfigError(
             f"--via {via!r}: use one of " + "; ".join(f"{k} ({v})" for k, v in VIA.items())
-        )
-    via = str(merged.get("via", "auto"))
-    if via not in VIA:
-        raise ConfigError(
-            f"--via {via!r}: use one of "
-            + "; ".join(f"{k} ({v})" for k, v in VIA.items())
         )
     if not _NAME_RE.match(name):
         raise ConfigError(f"--name {name!r} may use only letters, digits, '_', '.', '-'")
