@@ -57,6 +57,8 @@ class Config:
     surge: int = 1
     backlog: int = 0xFFFF
     metrics: str | None = None  # HOST:PORT of the metrics and dashboard endpoint
+    steering: str = "auto"  # auto | cbpf | ebpf | off (steering/controller.py)
+    migrate: bool = False  # set net.ipv4.tcp_migrate_req=1 in our network namespace
     config_file: str | None = None
     env: tuple[tuple[str, str], ...] = field(default=())
     via: str = "auto"  # how a worker gets its sockets: see VIA
@@ -171,6 +173,8 @@ _KEYS = {
     "backlog",
     "env",
     "metrics",
+    "steering",
+    "migrate",
 }
 
 
@@ -257,6 +261,8 @@ def load(cli: dict[str, Any]) -> Config:
         surge=_number("surge", merged.get("surge", 1), int, 1, 1024),
         backlog=_number("backlog", merged.get("backlog", 0xFFFF), int, 1, 0xFFFF),
         metrics=_metrics(merged.get("metrics")),
+        steering=_steering(merged.get("steering", "auto")),
+        migrate=_flag("migrate", merged.get("migrate", False)),
         config_file=str(Path(path).resolve()) if path else None,
         env=tuple(sorted((str(k), str(v)) for k, v in env.items())),
         via=via,
@@ -264,6 +270,22 @@ def load(cli: dict[str, Any]) -> Config:
     if cfg.user:
         cfg.credentials()  # validate now, not at the first spawn
     return cfg
+
+
+def _steering(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ("auto", "cbpf", "ebpf", "off"):
+        raise ConfigError(
+            f"--steering {value!r}: use auto (eBPF if allowed, else classic BPF), cbpf, ebpf "
+            f"or off (the kernel's plain hashing)"
+        )
+    return text
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    return value
 
 
 def _metrics(value: Any) -> str | None:
@@ -286,4 +308,6 @@ def reloaded(current: Config, cli: dict[str, Any]) -> Config:
         control=current.control,
         workers=current.workers,
         metrics=current.metrics,
+        steering=current.steering,
+        migrate=current.migrate,
     )

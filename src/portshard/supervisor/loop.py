@@ -34,6 +34,7 @@ from ..interpose.plan import plan as interpose_plan
 from ..interpose.seccomp import Trap
 from ..sockets import listen
 from ..steering import cbpf
+from ..steering.controller import Health, Steering, migrate_req
 from .config import Config, reloaded
 from .history import History, listen_drop_counters
 from .spawn import SpawnSpec, spawn
@@ -134,6 +135,7 @@ class Supervisor:
         self.web: WebServer | None = None
         self._next_sample = 0.0
         self._connections: dict[int, int | None] = {}  # slot -> connections, last sample
+        self.steering: Steering | None = None  # which slots get new connections (issue 5)
         self.held: set[int] = set()  # fds of sockets systemd holds too (they outlive us)
         self.sel = selectors.DefaultSelector()
         self.slots: list[Slot] = []
@@ -184,6 +186,7 @@ class Supervisor:
             self.slots.append(Slot(i, self._open_slot_sockets(i), self.cfg))
         if self.activated:
             self.activated.close_unused()
+        self._setup_steering()
         path = self.cfg.control or default_path(self.cfg.name)
         self.control = ControlServer(
             path, self.sel, self._on_request, private_dir=self.cfg.control is None
@@ -222,6 +225,8 @@ class Supervisor:
             self.control.shutdown()
         if self.web is not None:
             self.web.close()
+        if self.steering is not None:
+            self.steering.close()
         for slot in self.slots:
             for sock in slot.socks:
                 sock.close()
@@ -256,6 +261,8 @@ class Supervisor:
             w.state is State.STARTING and w.ready_at is None for s in self.slots for w in s.workers
         )
         timeout = TICK if busy else 1.0
+        if self.steering is not None and not self.stopping:
+            timeout = min(timeout, self.steering.due(now))
         for d in deadlines:
             timeout = min(timeout, max(0.0, d - now))
         return timeout
@@ -269,6 +276,7 @@ class Supervisor:
                 slot.respawn_at = None
                 self._spawn_or_fail(slot, "respawn")
         self._step_tasks(now)
+        self._steer(now)
         if self.control is not None:
             self.control.expire(now)
         if now >= self._next_sample:
@@ -458,6 +466,7 @@ class Supervisor:
             log.warning("slot %d pid %d: exited (%s)", slot.index, w.pid, w.describe_exit())
         if w.deliberate or self.stopping or slot.removing or slot.live():
             return
+        self._rescue_queue(slot, w.pid)
         if w.role == "reload" and w.ready_at is None:
             return  # a replacement that never became ready: the reload task reports it
         if w.role == "boot" and w.ready_at is None:
@@ -652,6 +661,116 @@ class Supervisor:
         ready = sum(1 for s in self.slots if (w := s.serving()) and w.state is State.READY)
         return f"{ready} of {len(self.slots)} workers ready, generation {self.generation}"
 
+    # ---- steering ---------------------------------------------------------------------------
+
+    def _setup_steering(self) -> None:
+        if self.cfg.migrate:
+            self._set_migrate_req()
+        self.steering = Steering.create(
+            self.cfg.steering,
+            [spec.address.proto for spec in self.cfg.listen],
+            {slot.index: list(slot.socks) for slot in self.slots},
+            on_event=lambda text: self.history.event("steering", text),
+        )
+        if self.steering is None:
+            log.info("steering: off: the kernel hashes over every slot")
+            return
+        log.info(
+            "steering: %s (%s); a dead worker's queue %s",
+            self.steering.backend,
+            self.steering.why,
+            "is handed to the other slots"
+            if self.steering.can_migrate()
+            else "waits for its replacement (tcp_migrate_req=0; --migrate sets it)",
+        )
+
+    def _set_migrate_req(self) -> None:
+        """--migrate: net.ipv4.tcp_migrate_req=1 in this network namespace (root only)."""
+        value = migrate_req()
+        if value is None:
+            log.warning("--migrate: this kernel has no net.ipv4.tcp_migrate_req (Linux < 5.14)")
+            return
+        if value == 1:
+            log.info("--migrate: net.ipv4.tcp_migrate_req is already 1 in this network namespace")
+            return
+        try:
+            with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
+                f.write("1")
+        except OSError as exc:
+            log.warning(
+                "--migrate: cannot set net.ipv4.tcp_migrate_req (%s): needs root or "
+                "CAP_NET_ADMIN; continuing without",
+                exc.strerror or exc,
+            )
+            return
+        log.warning(
+            "--migrate: set net.ipv4.tcp_migrate_req from %d to 1 for this whole network "
+            "namespace (every program's closing listeners now hand their queued connections "
+            "to the rest of their group); it stays set after portshard exits",
+            value,
+        )
+
+    def _health(self, slot: Slot) -> Health:
+        if slot.removing:
+            return Health.REMOVING
+        states = {w.state for w in slot.live()}
+        if State.READY in states:
+            return Health.READY
+        if State.DRAINING in states or State.STOPPING in states:
+            return Health.DRAINING
+        if State.STARTING in states:
+            return Health.STARTING
+        return Health.DOWN
+
+    def _steer(self, now: float) -> None:
+        """Tell steering each slot's health (every turn of the loop: a dead or ready worker
+        changes the table at once); it samples the queues itself when due."""
+        if self.steering is None or self.stopping:
+            return
+        views = []
+        for slot in self.slots:
+            w = slot.serving()
+            views.append((slot.index, w.pid if w else None, self._health(slot)))
+        self.steering.step(now, views)
+
+    def _rescue_queue(self, slot: Slot, pid: int) -> None:
+        """A slot lost its only worker: take it out of the table now and, where the kernel can
+        migrate a closing listener's queue, replace its listener so that the connections
+        queued on it go to the other slots instead of waiting for the replacement."""
+        if self.steering is None:
+            return
+        self._steer(time.monotonic())
+        if self.systemd:
+            return  # systemd may hold a copy of the socket: closing ours would not close it
+        for i, spec in enumerate(self.cfg.listen):
+            old = slot.socks[i]
+            if spec.address.proto is not Proto.TCP or old.fileno() in self.held:
+                continue
+            if not self.steering.can_migrate():
+                queued = inspect.queue_depth(old).queued
+                if queued:
+                    log.warning(
+                        "slot %d pid %d: %d connection(s) queued on its socket wait for the "
+                        "replacement (no migration: tcp_migrate_req=0 and no eBPF steering)",
+                        slot.index,
+                        pid,
+                        queued,
+                    )
+                continue
+            try:
+                new = self.steering.rescue(slot.index, i, old, self.cfg.backlog)
+            except OSError as exc:
+                log.warning(
+                    "slot %d pid %d: could not replace its listener to hand its queue over "
+                    "(%s); its queued connections wait for the replacement",
+                    slot.index,
+                    pid,
+                    exc.strerror or exc,
+                )
+                continue
+            if new is not None:
+                slot.socks[i] = new
+
     def _sample(self) -> None:
         """Once a second: each slot's queue depth and the connections its worker holds."""
         ports = {a.port for a in self.bound if a.proto is Proto.TCP}
@@ -798,6 +917,8 @@ class Supervisor:
                     slot = Slot(index, self._open_slot_sockets(index), self.cfg)
                     slot.generation = self.generation
                     self.slots.append(slot)
+                    if self.steering is not None:  # out of the table until its worker is ready
+                        self.steering.add_slot(slot.index, slot.socks)
                     added.append(self._spawn(slot, "scale"))
                 except PortshardError as exc:
                     self._finish(outcome, f"scale up failed at slot {index}: {exc}")
@@ -816,9 +937,13 @@ class Supervisor:
             slot.respawn_at = None
         # Steer new connections to the slots that stay (they come first in listen order),
         # let the removed slots' queues empty, drain their workers, then close their sockets.
-        for i, spec in enumerate(self.cfg.listen):
-            if spec.address.proto is Proto.TCP:
-                cbpf.attach_first_k(self.slots[0].socks[i], count)
+        # With steering on, the removed slots leave its table (UDP too: only their flows move).
+        if self.steering is not None:
+            self._steer(time.monotonic())
+        else:
+            for i, spec in enumerate(self.cfg.listen):
+                if spec.address.proto is Proto.TCP:
+                    cbpf.attach_first_k(self.slots[0].socks[i], count)
         yield self.sleep(0.05)  # handshakes already under way finish into the old queues
         yield Until(
             lambda: all(queue_empty(s) or not s.live() for s in removed),
@@ -832,8 +957,10 @@ class Supervisor:
                 self.held.discard(sock.fileno())
                 sock.close()
             self.slots.remove(slot)
+            if self.steering is not None:
+                self.steering.remove_slot(slot.index)
         for i, spec in enumerate(self.cfg.listen):
-            if spec.address.proto is Proto.TCP:
+            if spec.address.proto is Proto.TCP and self.steering is None:
                 cbpf.detach(self.slots[0].socks[i])
         self.cfg = _with_workers(self.cfg, count)
         self._finish(outcome)
@@ -927,6 +1054,7 @@ class Supervisor:
                     "mode": w.mode if w else None,
                     "queue": queues,
                     "connections": self._connections.get(slot.index),
+                    "steering": self.steering.slot_status(slot.index) if self.steering else None,
                     "workers": [
                         {"pid": x.pid, "state": x.state.value, "generation": x.generation}
                         for x in slot.live()
@@ -947,6 +1075,12 @@ class Supervisor:
             "metrics": f"{self.web.url}/metrics" if self.web else None,
             "dashboard": f"{self.web.url}/" if self.web else None,
             "kernel": listen_drop_counters(),
+            "steering": (
+                self.steering.status()
+                if self.steering
+                else {"backend": "off", "why": f"--steering {self.cfg.steering}"}
+            ),
+            "steering_changes": self.steering.changes if self.steering else 0,
         }
 
 
