@@ -110,6 +110,14 @@ def control_options(f: Any) -> Any:
 @click.option("--surge", type=int, help="Slots replaced at once during a reload [1].")
 @click.option("--backlog", type=int, help="Listen backlog per socket (clamped by somaxconn).")
 @click.option(
+    "--via",
+    type=click.Choice(["auto", "fds", "preload", "seccomp", "reuseport"]),
+    help="How a worker gets its socket: fds (LISTEN_FDS, fd 3...), preload (LD_PRELOAD shim: "
+    "its bind() of the address gets the slot's socket), seccomp (the same for static and Go "
+    "programs), reuseport (only sets SO_REUSEPORT: no zero-loss restarts), auto (preload "
+    "for dynamically linked programs, else seccomp; default). Use {port} in the command.",
+)
+@click.option(
     "--metrics",
     metavar="[HOST:]PORT",
     help="Serve Prometheus metrics (/metrics) and a live dashboard (/) on this address. "
@@ -296,6 +304,58 @@ def completion(shell: str) -> None:
     cls = get_completion_class(shell)
     assert cls is not None  # the choices above are click's built-in shells
     click.echo(cls(cli, {}, "portshard", "_PORTSHARD_COMPLETE").source())
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--ports",
+    metavar="P,...",
+    help="Only these ports (default: every port the program binds).",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def preload(ports: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND with SO_REUSEPORT set on the sockets it binds (libreuseport-compatible).
+
+    \b
+    portshard preload --ports 9090 -- nc -k -l 9090     (twice: both share port 9090)
+
+    No supervisor: each copy binds its own socket, so a copy that exits resets the
+    connections queued on it. For zero-loss restarts use 'portshard run'. A static or Go
+    program (which LD_PRELOAD cannot reach) runs as a child whose bind() is trapped with
+    seccomp instead.
+    """
+    import os
+
+    from .interpose import elf, shim
+
+    listed = shim.parse_ports(ports) if ports else []
+    env = dict(os.environ)
+    shim.remove_shim(env)
+    program = elf.inspect_command(command, env)
+    if not program.libc_binds:
+        # Static or Go: LD_PRELOAD cannot reach its bind(); we stay as its parent and answer
+        # its bind() calls through seccomp instead.
+        from .interpose.seccomp import run_reuseport
+
+        try:
+            code = run_reuseport(command, env, frozenset(listed))
+        except OSError as exc:
+            raise click.ClickException(str(exc.strerror or exc)) from None
+        sys.exit(code)
+    shim.add_shim(env, shim.shim_path())
+    env.update(shim.reuseport_env(listed))
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as exc:
+        raise click.ClickException(f"cannot run {command[0]!r}: {exc.strerror}") from None
+
+
+@cli.command("shim-path")
+def shim_path() -> None:
+    """Print the LD_PRELOAD shim's path: LD_PRELOAD=$(portshard shim-path) PORTSHARD_SHIM=..."""
+    from .interpose.shim import shim_path as path
+
+    click.echo(path())
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

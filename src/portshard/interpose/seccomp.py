@@ -35,17 +35,27 @@ import ipaddress
 import logging
 import os
 import select
+import selectors
+import signal
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from . import seccomp_sys as sys_
 
 log = logging.getLogger("portshard.interpose")
 
-__all__ = ["COPIED_OPTIONS", "Target", "Trap", "child_install", "match", "receive_listener"]
+__all__ = [
+    "COPIED_OPTIONS",
+    "Target",
+    "Trap",
+    "child_install",
+    "match",
+    "receive_listener",
+    "run_reuseport",
+]
 
 _O_CLOEXEC = 0o2000000
 _INT, _BUF, _LINGER, _NAME = "int", "buf", "linger", "name"
@@ -406,3 +416,72 @@ class Trap:
             port,
             f"; copied {', '.join(copied)}" if copied else "",
         )
+
+
+_FORWARDED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+def run_reuseport(argv: Sequence[str], env: Mapping[str, str], ports: frozenset[int]) -> int:
+    """``portshard preload`` for a program LD_PRELOAD cannot reach (static, Go).
+
+    Runs ``argv`` as a child whose bind() is trapped; each bind() to a listed port (any port
+    if ``ports`` is empty) gets SO_REUSEPORT first. We stay as its parent to answer, forward
+    the usual signals to it and return its exit code (128+N if killed by signal N). The child
+    gets SIGKILL if we die, so it is never left with a trap nobody answers (ENOSYS).
+    """
+    ours, theirs = socket.socketpair()
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child execs or exits
+        try:
+            ours.close()
+            os.close(err_r)
+            sys_.set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)
+            child_install(theirs.fileno(), as_root=os.geteuid() == 0)
+            theirs.close()
+            os.execvpe(argv[0], list(argv), dict(env))
+        except OSError as exc:
+            os.write(err_w, f"cannot run {argv[0]!r}: {exc.strerror or exc}".encode())
+        finally:
+            os._exit(127)
+    theirs.close()
+    os.close(err_w)
+    with os.fdopen(err_r, "rb") as f:
+        error = f.read().decode(errors="replace")
+    if error:
+        ours.close()
+        os.waitpid(pid, 0)
+        raise OSError(errno.ENOEXEC, error)
+    with ours:
+        listener = receive_listener(ours)
+    trap = Trap(listener, [], label=f"pid {pid}", reuseport=ports)
+    pidfd = os.pidfd_open(pid)
+    previous = {sig: signal.signal(sig, lambda s, _f: os.kill(pid, s)) for sig in _FORWARDED}
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(listener, selectors.EVENT_READ, "trap")
+            sel.register(pidfd, selectors.EVENT_READ, "exit")
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "exit":
+                        _, status = os.waitpid(pid, 0)
+                        code = os.waitstatus_to_exitcode(status)
+                        return 128 - code if code < 0 else code
+                    if not trap.on_readable():
+                        sel.unregister(listener)
+                        trap.close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        trap.close()
+        os.close(pidfd)

@@ -54,6 +54,7 @@ __all__ = [
     "pidfd_getfd",
     "pidfd_open",
     "set_no_new_privs",
+    "set_parent_death_signal",
     "syscall",
 ]
 
@@ -79,6 +80,7 @@ ARCHES: dict[str, Arch] = {
 NR_PIDFD_OPEN = 434
 NR_PIDFD_GETFD = 438
 
+PR_SET_PDEATHSIG = 1
 PR_GET_DUMPABLE = 3
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -274,6 +276,12 @@ def _prctl(option: int, arg2: int = 0) -> int:
     fn.restype = ctypes.c_int
     zeros = (ctypes.c_ulong(0),) * 3
     return _check(int(fn(ctypes.c_int(option), ctypes.c_ulong(arg2), *zeros)), f"prctl {option}")
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Get ``sig`` when the parent thread exits (cleared by exec of setuid programs and by
+    credential changes: call it last)."""
+    _prctl(PR_SET_PDEATHSIG, sig)
 
 
 def set_no_new_privs() -> None:

@@ -431,7 +431,6 @@ class Supervisor:
 
         self.sel.register(listener, selectors.EVENT_READ, on_trap)
 
-
     def _spawn_or_fail(self, slot: Slot, role: str) -> Worker | None:
         try:
             return self._spawn(slot, role)
@@ -1104,7 +1103,6 @@ def expand_placeholders(arg: str, names: list[str], ports: Sequence[int] = ()) -
         if i < len(ports):
             out = out.replace("{port:" + name + "}", str(ports[i]))
     if "{fd:" in out or "{port:" in out:
-
         raise SupervisorError(
             f"argument {arg!r} names a listen address that does not exist; "
             f"known: {', '.join(names)}"
