@@ -114,8 +114,9 @@ def control_options(f: Any) -> Any:
     type=click.Choice(["auto", "fds", "preload", "seccomp", "reuseport"]),
     help="How a worker gets its socket: fds (LISTEN_FDS, fd 3...), preload (LD_PRELOAD shim: "
     "its bind() of the address gets the slot's socket), seccomp (the same for static and Go "
-    "programs), reuseport (only sets SO_REUSEPORT: no zero-loss restarts), auto (preload "
-    "for dynamically linked programs, else seccomp; default). Use {port} in the command.",
+    "programs), auto (preload for dynamically linked programs, else seccomp; default). "
+    "Use {port} in the command. (reuseport, where each copy binds its own socket, is "
+    "'portshard preload'.)",
 )
 @click.option(
     "--metrics",

@@ -153,7 +153,7 @@ VIA = {
     "fds": "the systemd way only (LISTEN_FDS, fds from 3), for programs that use it",
     "preload": "an LD_PRELOAD shim gives the program the socket when it binds the address",
     "seccomp": "the supervisor answers the program's bind() (static binaries, Go)",
-    "reuseport": "no hand-over: the program binds its own socket with SO_REUSEPORT set",
+    "reuseport": "refused here: use portshard preload (the program binds its own socket)",
 }
 
 _KEYS = {
@@ -243,6 +243,16 @@ def load(cli: dict[str, Any]) -> Config:
     if via not in VIA:
         raise ConfigError(
             f"--via {via!r}: use one of " + "; ".join(f"{k} ({v})" for k, v in VIA.items())
+        )
+    if via == "reuseport":
+        # See docs/ARCHITECTURE.md, "Interposition": the slot sockets would sit in the group
+        # with nobody accepting on them, and steering selects only among them.
+        raise ConfigError(
+            "--via reuseport does not work under portshard run: the supervisor holds a "
+            "listening socket per slot, so a worker that binds its own socket with SO_REUSEPORT "
+            "would share the port with sockets nobody accepts on; use --via auto (the same "
+            "programs get the slot's socket: zero-loss reloads), or run the copies yourself "
+            "with 'portshard preload --ports PORT -- CMD' (libreuseport-compatible)"
         )
     if not _NAME_RE.match(name):
         raise ConfigError(f"--name {name!r} may use only letters, digits, '_', '.', '-'")
