@@ -300,6 +300,8 @@ class Supervisor:
                 w.ready_at = now
                 w.life.fire(Event.READY)
                 log.info("slot %d pid %d: ready after %.3fs", w.slot.index, w.pid, now - w.started)
+                if w.trap is not None:
+                    self._restore_backlog(w.slot)
             elif now - w.started > w.slot.cfg.ready_timeout:
                 self._ready_timeout(w)
 
@@ -430,6 +432,16 @@ class Supervisor:
                 trap.close()
 
         self.sel.register(listener, selectors.EVENT_READ, on_trap)
+
+    def _restore_backlog(self, slot: Slot) -> None:
+        """A program under --via seccomp called listen() on the slot's socket for real (only
+        bind() is trapped), which set its own backlog (e.g. 128); put ours back."""
+        for sock in slot.socks:
+            if sock.type == socket.SOCK_STREAM:
+                try:
+                    sock.listen(slot.cfg.backlog)
+                except OSError as exc:
+                    log.warning("slot %d: cannot restore the backlog: %s", slot.index, exc)
 
     def _spawn_or_fail(self, slot: Slot, role: str) -> Worker | None:
         try:
