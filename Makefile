@@ -6,7 +6,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # Debian packages the tests drive for real (real programs, real load).
-DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium
+# gcc + libc6-dev (static libc.a), golang-go, nodejs, ruby: the unmodified servers of the
+# interposition tests (tests/integration/test_interpose*.py).
+DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binutils golang-go nodejs ruby
 
 .PHONY: demo test lint typecheck pytest deps-test install clean
 
