@@ -5,6 +5,11 @@ Used by the tests, the demo and the benchmarks.
 Runs an asyncio loop in a thread until stopped, or until ``max_requests`` or ``max_seconds``.
 Every request is classified, so a test can tell a refused connect (never accepted) from a
 connection the kernel accepted and then lost (reset or empty reply).
+
+For the benchmarks: ``keepalive=True`` sends HTTP/1.1 requests on one connection per client
+(reconnecting when the server closes it), ``pause`` makes each client wait between requests
+(a latency probe at a bounded rate beside a throughput tool), and every result records when
+it started (``Result.start``, time.monotonic()), so a run can be cut to a time window.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class Result:
     kind: str  # ok | refused | connect_timeout | reset | empty | timeout | error
     latency: float
     body: str = ""
+    start: float = 0.0  # time.monotonic() when the request began
 
 
 @dataclass
@@ -32,6 +38,8 @@ class Load:
     max_requests: int = 200_000
     max_seconds: float = 60.0
     timeout: float = 5.0
+    keepalive: bool = False  # HTTP/1.1, one persistent connection per client
+    pause: float = 0.0  # seconds each client waits after each request
     results: list[Result] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -82,13 +90,80 @@ class Load:
         deadline = time.monotonic() + self.max_seconds
         await asyncio.gather(*(self._client(deadline) for _ in range(self.concurrency)))
 
-    async def _client(self, deadline: float) -> None:
-        while (
+    def _going(self, deadline: float) -> bool:
+        return (
             not self._stop.is_set()
             and time.monotonic() < deadline
             and len(self.results) < self.max_requests
-        ):
+        )
+
+    async def _client(self, deadline: float) -> None:
+        if self.keepalive:
+            await self._client_keepalive(deadline)
+            return
+        while self._going(deadline):
             self.results.append(await self._one())
+            if self.pause:
+                await asyncio.sleep(self.pause)
+
+    async def _client_keepalive(self, deadline: float) -> None:
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            while self._going(deadline):
+                t0 = time.monotonic()
+                if conn is None:
+                    try:
+                        conn = await asyncio.wait_for(
+                            asyncio.open_connection(self.host, self.port), self.timeout
+                        )
+                    except ConnectionRefusedError:
+                        self.results.append(Result(False, "refused", time.monotonic() - t0, "", t0))
+                        await asyncio.sleep(0.01)
+                        continue
+                    except TimeoutError:
+                        self.results.append(
+                            Result(False, "connect_timeout", time.monotonic() - t0, "", t0)
+                        )
+                        continue
+                    except OSError:
+                        self.results.append(Result(False, "error", time.monotonic() - t0, "", t0))
+                        continue
+                result, keep = await self._one_keepalive(*conn, t0)
+                self.results.append(result)
+                if not keep:
+                    conn[1].close()
+                    conn = None
+                if self.pause:
+                    await asyncio.sleep(self.pause)
+        finally:
+            if conn is not None:
+                conn[1].close()
+
+    async def _one_keepalive(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, t0: float
+    ) -> tuple[Result, bool]:
+        """One request on a persistent connection: (result, whether the connection stays)."""
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(self.timeout):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.lower().split(b"\r\n"):
+                    if line.startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            kind = "empty" if not exc.partial else "error"
+            return Result(False, kind, time.monotonic() - t0, "", t0), False
+        except ConnectionResetError:
+            return Result(False, "reset", time.monotonic() - t0, "", t0), False
+        except TimeoutError:
+            return Result(False, "timeout", time.monotonic() - t0, "", t0), False
+        except (OSError, ValueError, asyncio.LimitOverrunError):
+            return Result(False, "error", time.monotonic() - t0, "", t0), False
+        keep = b"connection: close" not in head.lower()
+        text = body.decode(errors="replace").strip()
+        return Result(True, "ok", time.monotonic() - t0, text, t0), keep
 
     async def _one(self) -> Result:
         t0 = time.monotonic()
@@ -98,23 +173,23 @@ class Load:
             )
         except ConnectionRefusedError:
             await asyncio.sleep(0.01)
-            return Result(False, "refused", time.monotonic() - t0)
+            return Result(False, "refused", time.monotonic() - t0, "", t0)
         except TimeoutError:
-            return Result(False, "connect_timeout", time.monotonic() - t0)
+            return Result(False, "connect_timeout", time.monotonic() - t0, "", t0)
         except OSError:
-            return Result(False, "error", time.monotonic() - t0)
+            return Result(False, "error", time.monotonic() - t0, "", t0)
         try:
             writer.write(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
             data = await asyncio.wait_for(reader.read(), self.timeout)
         except ConnectionResetError:
-            return Result(False, "reset", time.monotonic() - t0)
+            return Result(False, "reset", time.monotonic() - t0, "", t0)
         except TimeoutError:
-            return Result(False, "timeout", time.monotonic() - t0)
+            return Result(False, "timeout", time.monotonic() - t0, "", t0)
         except OSError:
-            return Result(False, "error", time.monotonic() - t0)
+            return Result(False, "error", time.monotonic() - t0, "", t0)
         finally:
             writer.close()
         if not data:
-            return Result(False, "empty", time.monotonic() - t0)
+            return Result(False, "empty", time.monotonic() - t0, "", t0)
         body = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
-        return Result(True, "ok", time.monotonic() - t0, body)
+        return Result(True, "ok", time.monotonic() - t0, body, t0)
