@@ -1,0 +1,227 @@
+"""Steering on the real kernel, both backends: which slots get new connections and flows.
+
+Functional, not timing: a slot that is out gets no new connection (its accept queue does not
+grow, every answer comes from another slot), it gets them again once it recovers, UDP flows of
+the other slots stay where they are, and a dead worker's queue goes to the other slots where the
+kernel can migrate it (eBPF).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_until
+from tests.supervisor_fixture import FDWORKER, Running, Start
+
+BACKENDS = [
+    "cbpf",
+    pytest.param(
+        "ebpf",
+        marks=pytest.mark.skipif(os.geteuid() != 0, reason="eBPF steering needs root"),
+    ),
+]
+REQUEST = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+
+
+def slow_respawn(marker: Path) -> list[str]:
+    """The test worker, but it takes 3 s to start while ``marker`` exists."""
+    script = f'if [ -e {marker} ]; then sleep 3; fi; exec "$0" "$@"'
+    return ["sh", "-c", script, *FDWORKER]
+
+
+def ask(port: int) -> str:
+    """One HTTP request on a new connection; the worker's slot number."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(REQUEST)
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].split()[0].decode()
+
+
+def slot_of(sup: Running, index: int) -> dict[str, Any]:
+    slot: dict[str, Any] = sup.status()["slots"][index]
+    return slot
+
+
+def queued(sup: Running, index: int) -> int:
+    return int(next(iter(slot_of(sup, index)["queue"].values()))["queued"])
+
+
+@pytest.fixture
+def clients() -> Iterator[list[socket.socket]]:
+    socks: list[socket.socket] = []
+    yield socks
+    for sock in socks:
+        sock.close()
+
+
+def burst(port: int, n: int, into: list[socket.socket]) -> None:
+    """``n`` connections with a request sent, not waited for."""
+    for _ in range(n):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(REQUEST)
+        into.append(conn)
+
+
+def answer(conn: socket.socket) -> str:
+    data = b""
+    while chunk := conn.recv(4096):
+        data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].split()[0].decode()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_overloaded_slot_gets_no_new_connection_until_it_recovers(
+    start: Start, backend: str, clients: list[socket.socket]
+) -> None:
+    sup = start("-w", "2", "--steering", backend, "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    st = sup.status()
+    assert st["steering"]["backend"] == backend
+    port, stuck = st["listen"][0]["port"], st["slots"][1]["pid"]
+    os.kill(stuck, signal.SIGSTOP)  # it stops accepting: its queue grows
+    try:
+
+        def overloaded() -> bool:
+            burst(port, 40, clients)  # faster than the sampler: some queue up on slot 1
+            steer = slot_of(sup, 1)["steering"]
+            return bool(steer["excluded"])
+
+        wait_until(overloaded, 30, "slot 1 excluded")
+        steer = slot_of(sup, 1)["steering"]
+        assert steer["reason"].startswith("overloaded: "), steer
+        assert steer["weight"] == 0.5
+        before = queued(sup, 1)
+        assert before >= 8
+        assert [ask(port) for _ in range(60)] == ["0"] * 60
+        assert queued(sup, 1) == before, "an excluded slot got new connections"
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    # It empties its queue (answering the waiting clients), comes back, and serves again.
+    assert all(answer(c) in ("0", "1") for c in clients)
+    wait_until(lambda: not slot_of(sup, 1)["steering"]["excluded"], 10, "slot 1 back in")
+    wait_until(lambda: ask(port) == "1", 10, "a connection served by slot 1 again")
+    assert "slot 1 pid" in sup.text() and "excluded: overloaded" in sup.text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_killed_workers_slot_is_out_until_its_replacement_is_ready(
+    start: Start, backend: str, short_tmp: Path
+) -> None:
+    marker = short_tmp / "slow"
+    sup = start(
+        "-w", "2", "--steering", backend, "--listen", "tcp://127.0.0.1:0", "--",
+        *slow_respawn(marker),
+    )  # fmt: skip
+    port, victim = sup.port, sup.pids()[1]
+    marker.touch()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: slot_of(sup, 1)["pid"] not in (None, victim), 10, "a replacement")
+    slot = slot_of(sup, 1)
+    assert slot["state"] == "starting"
+    assert slot["steering"]["excluded"] and slot["steering"]["reason"] == "starting"
+    assert [ask(port) for _ in range(60)] == ["0"] * 60
+    assert queued(sup, 1) == 0, "a slot with no ready worker got new connections"
+    marker.unlink()
+    wait_until(lambda: not slot_of(sup, 1)["steering"]["excluded"], 15, "slot 1 back in")
+    wait_until(lambda: ask(port) == "1", 10, "a connection served by the replacement")
+    log = sup.text()
+    assert f"slot 1 pid {victim}: steering: excluded: no worker" in log
+    assert "steering: back in: its worker is ready" in log
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dead_workers_queue_goes_to_the_other_slots_where_the_kernel_can_migrate_it(
+    start: Start, backend: str, short_tmp: Path, clients: list[socket.socket]
+) -> None:
+    marker = short_tmp / "slow"
+    sup = start(
+        "-w", "2", "--steering", backend, "--listen", "tcp://127.0.0.1:0", "--",
+        *slow_respawn(marker),
+    )  # fmt: skip
+    port, victim = sup.port, sup.pids()[1]
+    os.kill(victim, signal.SIGSTOP)
+
+    def some_queued() -> bool:
+        burst(port, 10, clients)
+        return queued(sup, 1) >= 3
+
+    wait_until(some_queued, 20, "a queue on slot 1")
+    marker.touch()
+    os.kill(victim, signal.SIGKILL)
+    served = [answer(c) for c in clients]
+    migrates = sup.status()["steering"]["migrate"]
+    if migrates:  # eBPF (SELECT_OR_MIGRATE), or tcp_migrate_req=1 here
+        assert set(served) == {"0"}, "queued connections waited for the replacement"
+        assert "queued on it to the other slots" in sup.text()
+    else:  # classic BPF and tcp_migrate_req=0: they wait for the replacement, nothing lost
+        assert set(served) == {"0", "1"}
+        assert "wait for the replacement" in sup.text()
+    assert backend == "cbpf" or migrates
+
+
+def udp_slots(port: int, socks: list[socket.socket]) -> list[str]:
+    """The slot that answers each client socket (one flow each)."""
+    out = []
+    for sock in socks:
+        sock.sendto(b"?", ("127.0.0.1", port))
+        data, _ = sock.recvfrom(256)
+        out.append(data.split()[0].decode())
+    return out
+
+
+@pytest.fixture
+def flows() -> Iterator[list[socket.socket]]:
+    socks = []
+    for _ in range(150):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(10)
+        sock.bind(("127.0.0.1", 0))
+        socks.append(sock)
+    yield socks
+    for sock in socks:
+        sock.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_udp_flows_of_healthy_slots_stay_put_when_one_is_excluded(
+    start: Start, backend: str, short_tmp: Path, flows: list[socket.socket]
+) -> None:
+    marker = short_tmp / "slow"
+    sup = start(
+        "-w", "3", "--steering", backend, "--listen", "udp://127.0.0.1:0", "--",
+        *slow_respawn(marker),
+    )  # fmt: skip
+    port, victim = sup.port, sup.pids()[2]
+    first = udp_slots(port, flows)
+    assert set(first) == {"0", "1", "2"}
+    assert udp_slots(port, flows) == first, "a flow moved with nothing changed"
+    marker.touch()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: slot_of(sup, 2)["steering"]["udp"] is False, 10, "slot 2 out for UDP")
+    during = udp_slots(port, flows)
+    for before, now in zip(first, during, strict=True):
+        assert now == before if before != "2" else now in ("0", "1")
+    assert {now for before, now in zip(first, during, strict=True) if before == "2"} == {"0", "1"}
+    marker.unlink()
+    wait_until(lambda: slot_of(sup, 2)["steering"]["udp"] is True, 15, "slot 2 back for UDP")
+    assert udp_slots(port, flows) == first, "the excluded slot's flows did not come back"
+
+
+def test_udp_scale_down_moves_only_the_removed_slots_flows(
+    start: Start, flows: list[socket.socket]
+) -> None:
+    sup = start("-w", "3", "--listen", "udp://127.0.0.1:0", "--", *FDWORKER)
+    port = sup.port
+    first = udp_slots(port, flows)
+    sup.ctl("scale", "2")
+    after = udp_slots(port, flows)
+    for before, now in zip(first, after, strict=True):
+        assert now == before if before != "2" else now in ("0", "1")
