@@ -399,11 +399,11 @@ def _rmtree(path: str) -> None:
 
 
 @contextlib.contextmanager
-def udp(kind: str, workers: int, flags: list[str], log: Path) -> Iterator[Running]:
+def udp(kind: str, workers: int, flags: list[str], args: list[str], log: Path) -> Iterator[Running]:
     """``kind`` = single (one socket, one process) | reuseport (N processes, own sockets) |
-    portshard (`portshard run` with a udp:// address and ``flags``)."""
+    portshard (`portshard run` with a udp:// address and ``flags``); ``args`` for udpd.py."""
     if kind == "portshard":
-        sup = Supervisor(workers, flags, [*UDPD, "--port", "{port}"], log, "udp")
+        sup = Supervisor(workers, flags, [*UDPD, *args, "--port", "{port}"], log, "udp")
         try:
             sup.wait_ready()
             yield sup.running()
@@ -411,7 +411,7 @@ def udp(kind: str, workers: int, flags: list[str], log: Path) -> Iterator[Runnin
             sup.close()
         return
     group = Group(
-        [*UDPD, *(["--reuseport"] if kind == "reuseport" else [])],
+        [*UDPD, *args, *(["--reuseport"] if kind == "reuseport" else [])],
         1 if kind == "single" else workers,
         log,
         "udpd",

@@ -1,0 +1,138 @@
+"""Scenario 5: one slow worker, shared queue vs per-worker queues (and steering)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import servers
+from bench.harness import Config, Metric, Scenario, ScenarioResult, Settings
+from bench.httprun import Starter
+from bench.scenarios.common import Env, expect, http_config
+from bench.stats import times
+
+EVERY, STALL_MS = 20, 50
+
+ABOUT = """\
+One of the workers (slot 0) stalls {ms} ms on every {every}th request it serves (a GC pause,
+a slow disk, a noisy neighbour); the others are the same Python worker as in scenario 1.
+**shared queue**: one socket in every worker's epoll set, so whoever is free takes the next
+connection. **reuseport**: one socket per worker; the kernel hashes connections to sockets
+without knowing that one is stuck, so a share of them waits behind each stall. **portshard**:
+`portshard run` with `--steering off` (plain reuseport under a supervisor), and with each
+steering backend this portshard offers, which should keep the slow worker's share near what
+it can serve. Connection per request; req/s from wrk, latencies from the raw timings of the
+Python probe, "slow share" = the fraction of responses the slow worker gave (wrk's count).
+"""
+
+METRICS = [
+    Metric("rps", "req/s", better="higher", ratio=True),
+    Metric("p50_ms", "p50", "ms", "lower", 2),
+    Metric("p99_ms", "p99", "ms", "lower", 1, ratio=True),
+    Metric("max_ms", "max", "ms", "lower", 0),
+    Metric("slow_share", "slow share", "", "", 3),
+    Metric("failed", "errors", "", "lower"),
+    Metric("cpu_supervisor", "supervisor CPU", "", "", 3),
+]
+
+
+def scenario(settings: Settings, env: Env) -> Scenario:
+    slow = ["--slow-slot", "0", "--slow-every", str(EVERY), "--slow-ms", str(STALL_MS)]
+    configs: list[Config] = []
+    for n in (settings.workers,) if settings.quick else sorted({2, 4, settings.workers}):
+        group = f"{n} workers, one slow"
+
+        def forked(n: int = n) -> Starter:
+            return lambda a, log: servers.forked("epoll", n, [*a, *slow], log)
+
+        def group_of(n: int = n) -> Starter:
+            return lambda a, log: servers.reuseport_group(n, [*a, *slow], log)
+
+        def portshard(flags: list[str], n: int = n) -> Starter:
+            return lambda a, log: servers.portshard(n, flags, [*a, *slow, "--port", "{port}"], log)
+
+        entries: list[tuple[str, str, Starter, float]] = [
+            ("shared", "shared queue (epoll)", forked(), 0.3),
+            ("reuseport", "reuseport, own sockets", group_of(), 0.4),
+        ]
+        if "steering" in env.portshard and settings.quick:
+            entries.append(
+                ("ps-auto", "portshard --steering auto", portshard(["--steering", "auto"]), 1.0)
+            )
+        elif "steering" in env.portshard:
+            entries.append(
+                ("ps-off", "portshard --steering off", portshard(["--steering", "off"]), 1.0)
+            )
+            for b in env.steering_backends():
+                entries.append(
+                    (f"ps-{b}", f"portshard --steering {b}", portshard(["--steering", b]), 1.0)
+                )
+        else:
+            entries.append(("ps", "portshard (no steering yet)", portshard([]), 1.0))
+        for key, label, start, startup in entries:
+            configs.append(
+                http_config(
+                    f"{n}/{key}",
+                    label,
+                    start,
+                    keepalive=False,
+                    baseline=f"{n}/shared",
+                    group=group,
+                    expect_s=expect(settings, startup),
+                    slow_slot=0,
+                )
+            )
+    return Scenario(
+        "s5_slow",
+        "5. One slow worker",
+        ABOUT.format(ms=STALL_MS, every=EVERY),
+        configs,
+        METRICS,
+        settings.rounds,
+        notes=notes,
+        plot=plot,
+        headline=headline,
+    )
+
+
+def notes(res: ScenarioResult) -> list[str]:
+    out = []
+    for cfg in res.scenario.configs:
+        if cfg.skip or cfg.baseline == cfg.key:
+            continue
+        r, p = res.ratio(cfg.key, "rps"), res.ratio(cfg.key, "p99_ms")
+        if r.n:
+            out.append(
+                f"{cfg.group}, {cfg.label}: {r.median:.2f}x the shared queue's requests/s "
+                f"(range {r.lo:.2f}-{r.hi:.2f}), p99 {p.median:.1f}x (range {p.lo:.1f}-{p.hi:.1f})."
+            )
+    return out
+
+
+def headline(res: ScenarioResult) -> list[tuple[str, str]]:
+    rows = []
+    for cfg in res.scenario.configs:
+        if cfg.skip or cfg.baseline == cfg.key:
+            continue
+        r, p = res.ratio(cfg.key, "rps"), res.ratio(cfg.key, "p99_ms")
+        if r.n:
+            rows.append(
+                (
+                    f"{cfg.group}: {cfg.label} vs shared queue",
+                    f"req/s {times(r)}, p99 {times(p, 1)}",
+                )
+            )
+    return rows
+
+
+def plot(res: ScenarioResult, out: Path) -> list[Path]:
+    from bench.plots import bars, cdfs  # matplotlib only when plotting
+
+    return [
+        bars(
+            res,
+            out / "s5_slow.png",
+            [("rps", "requests/s (wrk)"), ("p99_ms", "p99 ms (raw)")],
+            log=True,
+        ),
+        cdfs(res, out / "s5_slow_cdf.png", "5. One slow worker: latency CDF"),
+    ]
