@@ -9,8 +9,14 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # gcc + libc6-dev (static libc.a), golang-go, nodejs, ruby: the unmodified servers of the
 # interposition tests (tests/integration/test_interpose*.py).
 DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binutils golang-go nodejs ruby
+# Debian packages the benchmarks drive (bench/): nginx and HAProxy are the alternatives portshard
+# is compared with, wrk the HTTP load, iproute2 brings up loopback in the reload scenario's
+# network namespace. `make test` installs them too: tests/integration/test_bench_quick.py runs
+# `make bench-quick`'s suite. (On a machine with systemd, installing nginx also starts Debian's
+# default site on port 80; the bench never uses it: it runs its own nginx on loopback.)
+DEB_BENCH_PKGS := nginx haproxy wrk iproute2
 
-.PHONY: demo test lint typecheck pytest deps-test install clean
+.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick deps-bench
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +31,7 @@ demo: install
 	$(PY) examples/run_demo.py
 
 deps-test: $(VENV)/.created
-	@missing=""; for p in $(DEB_TEST_PKGS); do \
+	@missing=""; for p in $(DEB_TEST_PKGS) $(DEB_BENCH_PKGS); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "make test: install as root:$$missing" >&2; exit 1; fi; \
@@ -33,7 +39,7 @@ deps-test: $(VENV)/.created
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	$(PIP) install -e '.[dev,metrics]'
+	$(PIP) install -e '.[dev,metrics,bench]'
 
 lint: deps-test
 	$(VENV)/bin/ruff check src tests examples bench
@@ -53,3 +59,23 @@ test: deps-test
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+# The benchmark suite (bench/README.md): every scenario, interleaved rounds, about 12 minutes
+# on 2 vCPU; writes bench/results/ (report.md, results.json, PNG plots, headline.md).
+# bench-quick: a small version of each scenario in under a minute (bench/results/quick/).
+deps-bench: $(VENV)/.created
+	@missing=""; for p in $(DEB_BENCH_PKGS); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make bench: install as root:$$missing" >&2; exit 1; fi; \
+	  echo "installing Debian packages:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	$(PIP) install -e '.[bench]'
+
+bench: deps-bench
+	$(PY) -m bench
+
+bench-quick: deps-bench
+	$(PY) -m bench --quick
