@@ -323,3 +323,39 @@ def test_auto_reads_the_program(probes: dict[str, str], short_tmp: Path) -> None
     env["PATH"] = f"{Path(probes['static']).parent}:{env['PATH']}"
     assert elf.inspect_command([str(script)], env).kind == "static"
     assert elf.inspect_command(["no-such-program-here"], env).kind == "unknown"
+
+
+_REUSEPORT_PROBE = """
+import socket, sys
+listed, other = int(sys.argv[1]), int(sys.argv[2])
+def reuseport(s):
+    return s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+a = socket.socket()
+a.bind(("127.0.0.1", listed))  # bind() to a listed port: set before the bind
+b = socket.socket()
+b.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # unbound: nothing yet
+early = reuseport(b)
+b.bind(("127.0.0.1", other))  # not listed: untouched
+c = socket.socket()
+c.bind(("127.0.0.2", listed))
+c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # bound to a listed port: set again
+print(reuseport(a), early, reuseport(b), reuseport(c))
+"""
+
+
+def test_portshard_preload_sets_so_reuseport_only_for_listed_ports() -> None:
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    probe = [sys.executable, "-c", _REUSEPORT_PROBE, str(ports[0]), str(ports[1])]
+    out = subprocess.run(
+        [*PORTSHARD, "preload", "--ports", str(ports[0]), "--", *probe],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert out.split() == ["1", "0", "0", "1"]
