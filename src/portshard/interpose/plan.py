@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from . import elf, shim
 
 __all__ = ["Plan", "plan"]
@@ -51,7 +52,14 @@ def plan(
         mechanism = "preload" if program.libc_binds else "seccomp"
     why = program.why if program is not None else f"--via {via}"
     if mechanism == "preload":
-        shim.add_shim(env, shim.shim_for(uid))
+        try:
+            path = shim.shim_for(uid)
+        except ConfigError as exc:
+            if via != "auto":
+                raise
+            # auto must never break a program that takes LISTEN_FDS: fall back to fds.
+            return Plan("fds", False, f"{why}, but {exc}")
+        shim.add_shim(env, path)
         if via == "reuseport":
             env.update(shim.reuseport_env(ports))
         else:

@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 _O_CLOEXEC = 0o2000000
+_BATCH = 64
 _INT, _BUF, _LINGER, _NAME = "int", "buf", "linger", "name"
 _ANY = 0
 # Linux values the socket module does not export everywhere.
@@ -293,10 +294,14 @@ class Trap:
             self.listener = -1
 
     def on_readable(self) -> bool:
-        """Answer every pending bind(); False once no process uses the filter any more."""
+        """Answer pending bind() calls; False once no process uses the filter any more.
+
+        At most ``_BATCH`` per call: a program binding in a loop must not starve the rest of
+        the supervisor's loop (the selector calls again while more are pending).
+        """
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
-        while True:
+        for _ in range(_BATCH):
             events = poller.poll(0)
             if not events:
                 return True
@@ -304,6 +309,7 @@ class Trap:
             if not revents & select.POLLIN:
                 return not revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
             self._answer_one()
+        return True
 
     def _answer_one(self) -> None:
         start = time.perf_counter()
