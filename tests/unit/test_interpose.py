@@ -100,3 +100,19 @@ def test_port_lists_are_validated() -> None:
     for bad in ("0", "65536", "http", "80,,81", "+80"):
         with pytest.raises(ConfigError, match="not a port"):
             shim.parse_ports(bad)
+
+
+def test_a_worker_user_gets_a_shim_it_can_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    installed = private / shim.SHIM_NAME
+    installed.write_bytes(b"\x7fELF...")
+    monkeypatch.setattr(shim, "shim_path", lambda: str(installed))
+    monkeypatch.setattr(shim, "_copies", {})
+    copy = Path(shim.shim_for(65534))
+    assert copy != installed and copy.read_bytes() == installed.read_bytes()
+    assert copy.stat().st_mode & 0o777 == 0o644 and copy.parent.stat().st_mode & 0o777 == 0o755
+    assert shim.shim_for(65534) == str(copy)  # one copy per supervisor
+    assert shim.shim_for(None) == str(installed)  # our own user reads the installed one
