@@ -1,4 +1,4 @@
-"""The harness: scenarios of configurations, run interleaved (A B C A B C ...), repeated, with a
+"""The harness: scenarios of configurations, run interleaved (A B C, B C A, ...), repeated, with a
 noise check on every run, summarised as medians with min-max and ratios paired within a round.
 
 A run whose measured window had more than ``max_steal`` of the machine stolen by the
@@ -214,10 +214,14 @@ def run_scenario(
 ) -> None:
     sc = result.scenario
     t0 = time.monotonic()
+    configs = [c for c in sc.configs if c.skip is None]
     for rnd in range(sc.rounds):
-        for cfg in sc.configs:  # interleaved: every configuration once per round, in order
-            if cfg.skip is not None:
-                continue
+        # Interleaved: every configuration once per round. The order rotates from round to
+        # round (A B C, B C A, C A B), so neither a periodic load elsewhere on the machine nor
+        # what the previous configuration left behind (TIME_WAIT sockets, warm caches) always
+        # lands on the same configuration.
+        shift = rnd % max(len(configs), 1)
+        for cfg in configs[shift:] + configs[:shift]:
             result.runs.append(run_one(sc, cfg, rnd, settings, progress, budget))
             result.seconds = time.monotonic() - t0
 

@@ -28,42 +28,41 @@ def groups_of(res: ScenarioResult) -> list[str]:
 def bars(
     res: ScenarioResult, path: Path, metrics: list[tuple[str, str]], *, log: bool = False
 ) -> Path:
-    """Horizontal bars (median, min-max whiskers): one panel per metric and group; the
-    baseline of each group is grey."""
-    groups = groups_of(res)
-    rows, cols = len(metrics), max(len(groups), 1)
-    per_group = max(
-        (sum(1 for c in res.scenario.configs if c.group == g and c.skip is None) for g in groups),
-        default=1,
-    )
-    fig, axes = plt.subplots(
-        rows,
-        cols,
-        figsize=(6.2 * cols, 0.45 * per_group * rows + 1.2 * rows),
-        squeeze=False,
-    )
-    for r, (metric, title) in enumerate(metrics):
-        for c, group in enumerate(groups):
-            ax: Any = axes[r][c]
+    """Horizontal bars (median, min-max whiskers): one panel per metric and group that has
+    that metric; the baseline of each group is grey."""
+    panels = []
+    for metric, title in metrics:
+        for group in groups_of(res):
             cfgs = [x for x in res.scenario.configs if x.group == group and x.skip is None]
-            meds, los, his, colors, labels = [], [], [], [], []
-            for cfg in cfgs:
-                sp = res.spread(cfg.key, metric)
-                ok = sp.n > 0 and not math.isnan(sp.median)
-                meds.append(sp.median if ok else 0.0)
-                los.append(sp.median - sp.lo if ok else 0.0)
-                his.append(sp.hi - sp.median if ok else 0.0)
-                colors.append(BASE if cfg.baseline in (None, cfg.key) else OTHER)
-                labels.append(cfg.label)
-            y = list(range(len(cfgs)))
-            ax.barh(y, meds, xerr=[los, his], color=colors, capsize=3)
-            ax.set_yticks(y, labels, fontsize=8)
-            ax.invert_yaxis()
-            ax.set_title(f"{group}: {title}" if group else title, fontsize=9)
-            ax.tick_params(axis="x", labelsize=8)
-            if log and any(m > 0 for m in meds):
-                ax.set_xscale("log")
-            ax.grid(axis="x", alpha=0.3)
+            if any(res.spread(c.key, metric).n for c in cfgs):
+                panels.append((metric, title, group, cfgs))
+    cols = 2 if len(panels) > 1 else 1
+    rows = math.ceil(len(panels) / cols) or 1
+    tallest = max((len(p[3]) for p in panels), default=1)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(6.2 * cols, (0.45 * tallest + 1.2) * rows), squeeze=False
+    )
+    for i, (metric, title, group, cfgs) in enumerate(panels):
+        ax: Any = axes[i // cols][i % cols]
+        meds, los, his, colors = [], [], [], []
+        for cfg in cfgs:
+            sp = res.spread(cfg.key, metric)
+            ok = sp.n > 0 and not math.isnan(sp.median)
+            meds.append(sp.median if ok else 0.0)
+            los.append(sp.median - sp.lo if ok else 0.0)
+            his.append(sp.hi - sp.median if ok else 0.0)
+            colors.append(BASE if cfg.baseline in (None, cfg.key) else OTHER)
+        y = list(range(len(cfgs)))
+        ax.barh(y, meds, xerr=[los, his], color=colors, capsize=3)
+        ax.set_yticks(y, [c.label for c in cfgs], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{group}: {title}" if group else title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        if log and any(m > 0 for m in meds):
+            ax.set_xscale("log")
+        ax.grid(axis="x", alpha=0.3)
+    for j in range(len(panels), rows * cols):
+        axes[j // cols][j % cols].axis("off")
     fig.suptitle(f"{res.scenario.title} (median, whiskers min-max)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

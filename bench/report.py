@@ -30,13 +30,15 @@ METHOD = """\
   connection-per-request figures are bounded by the load generator (wrk alone uses about a
   CPU; see the "wrk CPU" column), so they understate what the servers could do with a client on
   another machine. The Python probe runs at a bounded rate and only measures latency. The UDP
-  clients are Python: one process tops out near what one Python server can answer, so the UDP
+  clients are Python and cost more per datagram than a bare Python echo, which is why the UDP
+  worker does some work per datagram; they still share the CPUs with the servers, so the UDP
   ratios are floors. Keep-alive figures are the ones where the servers, not the clients, set the
   pace.
-- **Noise.** Configurations run interleaved (A B C, A B C, ...), {rounds} rounds (the overhead
-  scenario {orounds}), each run on freshly started servers. Tables give the median over rounds
-  with the min-max range; ratios are computed within each round against the baseline measured
-  in that same round, then summarised. Every throughput run reads /proc/stat: if the hypervisor
+- **Noise.** Configurations run interleaved, every one once per round, the order rotating
+  (A B C, B C A, ...), {rounds} rounds (the overhead scenario {orounds}), each run on freshly
+  started servers. Tables give the median over rounds with the min-max range; ratios are
+  computed within each round against the baseline measured in that same round, then
+  summarised. Every throughput run reads /proc/stat: if the hypervisor
   stole more than {steal:.0%} of the CPU, or other processes used more than {foreign:.0%} of the
   machine, the run was repeated (up to {retries} more times) and the quietest attempt kept.
   The load generator is not pinned to a CPU (pinning hides differences between servers).
@@ -111,9 +113,11 @@ def scenario_markdown(res: ScenarioResult, plots: list[Path]) -> str:
         lines.append("")
     runs = res.runs
     retried = sum(1 for r in runs if r.attempts > 1)
+    others = [r.measurement.cpu.foreign for r in runs if r.measurement and r.measurement.cpu]
+    busy = f"; other processes used {statistics.median(others):.0%} of the machine (median)"
     lines.append(
         f"*{len(runs)} runs in {res.seconds:.0f} s; {retried} repeated because the machine was "
-        f"noisy; medians with min-max over rounds.*"
+        f"noisy{busy if others else ''}; medians with min-max over rounds.*"
     )
     lines.append("")
     for path in plots:
@@ -214,11 +218,19 @@ def headline_rows(results: list[ScenarioResult]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def headline_markdown(rows: list[tuple[str, str, str]], machine: dict[str, Any], when: str) -> str:
+def headline_markdown(
+    rows: list[tuple[str, str, str]], machine: dict[str, Any], when: str, others: float | None
+) -> str:
+    busy = (
+        f"; other processes used {others:.0%} of the machine during the median run, hence "
+        f"the wide ranges"
+        if others and others > 0.05
+        else ""
+    )
     lines = [
         f"Measured {when} on {machine.get('cpus')} vCPU, Linux {machine.get('kernel')} "
-        f"(`make bench`; medians over rounds, min-max in brackets; full report in "
-        f"`bench/results/report.md`):",
+        f"(`make bench`; ratios paired within rounds, medians with min-max in brackets{busy}; "
+        f"the full report is written to `bench/results/report.md`):",
         "",
         "| scenario | comparison | result |",
         "|---|---|---|",
@@ -259,7 +271,9 @@ def write(
         },
     }
     (out / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    headline = headline_markdown(rows, meta["machine"], meta["finished"][:10])
+    headline = headline_markdown(
+        rows, meta["machine"], meta["finished"][:10], data["noise"]["others_median"]
+    )
     (out / "headline.md").write_text(headline)
     (out / "report.md").write_text(report_markdown(results, settings, data, plots, headline))
     return data
@@ -299,6 +313,17 @@ def report_markdown(
         f"for noise, {noise['errors']} errors) |",
         f"| workers | {settings.workers} per configuration (scenario 5 also 2 and 4) |",
         "",
+    ]
+    if (noise["others_median"] or 0) > settings.max_foreign:
+        lines += [
+            f"> **The machine was busy.** Other processes used {_pct(noise['others_median'])} "
+            f"of it during the median run (more than the {settings.max_foreign:.0%} a run may "
+            f"see before it is repeated, and repeats ran out). Absolute figures are low and the "
+            f"ranges wide; ratios are paired within rounds but still carry that noise. Run "
+            f"again on a quiet machine for tight figures.",
+            "",
+        ]
+    lines += [
         "## Headline",
         "",
         headline,

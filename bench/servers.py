@@ -149,6 +149,7 @@ class Supervisor:
         self, workers: int, flags: list[str], cmd: list[str], log: Path, listen: str = "tcp"
     ) -> None:
         self.control = os.path.join(_tmpdir(), "c.sock")
+        self.log_from = log.stat().st_size if log.exists() else 0  # the log is shared
         self.proc = spawn(
             [
                 *PORTSHARD,
@@ -189,8 +190,11 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-500:]
-                raise BenchError(f"portshard run exited ({self.proc.returncode}): {tail}")
+                with open(self.log, "rb") as f:
+                    f.seek(self.log_from)
+                    lines = f.read().decode(errors="replace").splitlines()
+                said = [x for x in lines[-200:] if "error" in x.lower()] or lines[-3:]
+                raise BenchError(f"portshard run exited ({self.proc.returncode}): {said[-1]}")
             if os.path.exists(self.control):
                 with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
                     st = self.status()

@@ -120,26 +120,28 @@ def notes(res: ScenarioResult) -> list[str]:
 
 
 def headline(res: ScenarioResult) -> list[tuple[str, str]]:
-    rows = []
-    for mode in ("close", "ka"):
-        what = MODES[mode == "ka"]
-        r = res.paired(f"{mode}/reuseport", f"{mode}/epoll", "rps")
-        if r.n:
-            rows.append((f"{what}: a socket per worker vs one shared (epoll), req/s", times(r)))
-        r = res.paired(f"{mode}/portshard", f"{mode}/reuseport", "rps")
-        if r.n:
-            rows.append((f"{what}: portshard run vs reuseport by hand, req/s", times(r)))
+    def both(key: str, other: str) -> str:
+        return "; ".join(
+            f"{'keep-alive' if mode == 'ka' else 'conn/request'} "
+            f"{times(res.paired(f'{mode}/{key}', f'{mode}/{other}', 'rps'))}"
+            for mode in ("close", "ka")
+            if res.runs_of(f"{mode}/{key}")
+        )
+
+    rows = [
+        ("a socket per worker vs one shared socket (epoll), req/s", both("reuseport", "epoll")),
+        ("portshard run vs reuseport by hand, req/s", both("portshard", "reuseport")),
+    ]
     e = res.spread("close/epoll", "empty_wakeups")
     x = res.spread("close/exclusive", "empty_wakeups")
     if e.n and x.n:
         rows.append(
             (
-                "thundering herd: accept() calls that found nothing, per connection, "
-                "epoll / EPOLLEXCLUSIVE",
-                f"{e.median:.2f} / {x.median:.2f}",
+                "thundering herd: empty accept() calls per connection, epoll / EPOLLEXCLUSIVE",
+                f"{e.median:.3f} / {x.median:.3f}",
             )
         )
-    return rows
+    return [(what, fig) for what, fig in rows if fig]
 
 
 def plot(res: ScenarioResult, out: Path) -> list[Path]:

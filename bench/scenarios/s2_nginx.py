@@ -140,27 +140,39 @@ def notes(res: ScenarioResult) -> list[str]:
 
 
 def headline(res: ScenarioResult) -> list[tuple[str, str]]:
-    rows = []
-    for mode in ("close", "ka"):
-        what = MODES[mode == "ka"]
-        r = res.ratio(f"{mode}/nginx-reuseport", "rps")
-        if r.n:
-            rows.append((f"nginx reuseport vs accept_mutex on, {what}, req/s", times(r)))
+    modes = [m for m in ("close", "ka") if res.runs_of(f"{m}/portshard")]
+
+    def name(mode: str) -> str:
+        return "keep-alive" if mode == "ka" else "conn/request"
+
+    fair = []
+    for mode in modes:
         jains = [
             res.spread(f"{mode}/nginx-{m}", "jain")
             for m in ("accept_mutex_on", "accept_mutex_off", "reuseport")
         ]
         if all(j.n for j in jains):
-            rows.append(
-                (
-                    f"nginx fairness (Jain, 1 = even), {what}: accept_mutex on / off / reuseport",
-                    " / ".join(f"{j.median:.2f}" for j in jains),
-                )
-            )
-    r = res.ratio("close/haproxy", "rps")
-    if r.n:
-        rows.append(("HAProxy in front vs portshard (no proxy), req/s", times(r)))
-    return rows
+            fair.append(f"{name(mode)} " + " / ".join(f"{j.median:.2f}" for j in jains))
+    rows = [
+        (
+            "nginx reuseport vs accept_mutex on, req/s",
+            "; ".join(
+                f"{name(m)} {times(res.ratio(f'{m}/nginx-reuseport', 'rps'))}"
+                for m in modes
+                if res.runs_of(f"{m}/nginx-reuseport")
+            ),
+        ),
+        ("nginx fairness (Jain; 1 = even): accept_mutex on / off / reuseport", "; ".join(fair)),
+        (
+            "HAProxy in front of the workers vs portshard (no proxy), req/s",
+            "; ".join(
+                f"{name(m)} {times(res.ratio(f'{m}/haproxy', 'rps'))}"
+                for m in modes
+                if res.runs_of(f"{m}/haproxy")
+            ),
+        ),
+    ]
+    return [(what, fig) for what, fig in rows if fig]
 
 
 def plot(res: ScenarioResult, out: Path) -> list[Path]:

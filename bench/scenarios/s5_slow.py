@@ -8,7 +8,6 @@ from bench import servers
 from bench.harness import Config, Metric, Scenario, ScenarioResult, Settings
 from bench.httprun import Starter
 from bench.scenarios.common import Env, expect, http_config
-from bench.stats import times
 
 EVERY, STALL_MS = 20, 50
 
@@ -110,17 +109,21 @@ def notes(res: ScenarioResult) -> list[str]:
 
 def headline(res: ScenarioResult) -> list[tuple[str, str]]:
     rows = []
+    groups: list[str] = []
     for cfg in res.scenario.configs:
-        if cfg.skip or cfg.baseline == cfg.key:
-            continue
-        r, p = res.ratio(cfg.key, "rps"), res.ratio(cfg.key, "p99_ms")
-        if r.n:
-            rows.append(
-                (
-                    f"{cfg.group}: {cfg.label} vs shared queue",
-                    f"req/s {times(r)}, p99 {times(p, 1)}",
-                )
-            )
+        if cfg.group not in groups:
+            groups.append(cfg.group)
+    for group in groups:
+        parts = []
+        for cfg in res.scenario.configs:
+            if cfg.group != group or cfg.skip or cfg.baseline == cfg.key:
+                continue
+            r, p = res.ratio(cfg.key, "rps"), res.ratio(cfg.key, "p99_ms")
+            if r.n:
+                name = cfg.label.replace("portshard --steering ", "steering ")
+                parts.append(f"{name} {r.median:.2f}x / {p.median:.1f}x")
+        if parts:
+            rows.append((f"{group}: req/s / p99 vs a shared queue (medians)", "; ".join(parts)))
     return rows
 
 
