@@ -41,7 +41,8 @@ __all__ = ["BACKENDS", "SAMPLE", "Health", "Steering", "migrate_req"]
 log = logging.getLogger("portshard.steering")
 
 BACKENDS = ("auto", "cbpf", "ebpf", "off")
-SAMPLE = 0.01  # seconds between queue samples
+SAMPLE = 0.01  # seconds between queue samples while any queue is not empty
+SAMPLE_IDLE = 0.05  # ... and while every queue was empty at the last sample
 LOG_EVERY = 1.0  # overload and weight lines: at most one a second per slot
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
@@ -65,6 +66,7 @@ class _Group:
         self.buckets = Buckets(slots)
         self.program: SteeringProgram | None = None
         self.installed: object = None  # what the kernel has now (to skip identical updates)
+        self.counts: dict[int, int] = {}  # the bucket counts last installed
 
     def join(self, slot: int, sock: socket.socket) -> None:
         self.socks[slot] = sock
@@ -79,6 +81,7 @@ class _Group:
         self.order[i] = self.order[-1]
         self.order.pop()
         self.installed = None
+        self.counts = {}
 
     def anchor(self) -> socket.socket:
         return self.socks[self.order[0]]
@@ -114,11 +117,13 @@ class Steering:
         self.changes = 0
         self.updates = 0
         self.next_sample = 0.0
+        self._version = -1  # the policy version the kernel has
         self.seen_ready = False
         self._limit: dict[int, _Limiter] = {}
         self._shares: dict[int, float] = {}
         self._pids: dict[int, int | None] = {}
         self._ever_ready: set[int] = set()  # slots that have had a ready worker
+        self._last_health: tuple[tuple[int, int | None, Health], ...] = ()
         try:
             if backend == "ebpf":
                 for group in self.groups:
@@ -248,8 +253,11 @@ class Steering:
     def step(self, now: float, slots: Sequence[tuple[int, int | None, Health]]) -> None:
         """The slots' health now; samples the queues when due, updates the kernel if needed."""
         sample = now >= self.next_sample
-        if sample:
-            self.next_sample = now + SAMPLE
+        seen = tuple(slots)
+        if not sample and seen == self._last_health and not self._pending():
+            return  # the common case between samples: nothing changed
+        self._last_health = seen
+        busy = False
         observations = []
         for slot, pid, health in slots:
             if pid is not None or slot not in self._pids:
@@ -260,8 +268,11 @@ class Steering:
             queued = None
             if sample and health is Health.READY:
                 queued = self._queued(slot)
+                busy = busy or bool(queued)
             observations.append(Observation(slot, pid, health, queued))
             self.seen_ready = self.seen_ready or health is Health.READY
+        if sample:
+            self.next_sample = now + (SAMPLE if busy else SAMPLE_IDLE)
         changes = self.policy.observe(observations)
         for change in changes:
             if change.kind in ("out", "in"):
@@ -270,8 +281,13 @@ class Steering:
         for limiter in self._limit.values():
             if limiter.pending is not None and now - limiter.last >= LOG_EVERY:
                 self._emit(limiter.pending, limiter, now)
-        for group in self.groups:
-            self._install(group)
+        if self.policy.version != self._version:
+            self._version = self.policy.version
+            for group in self.groups:
+                self._install(group)
+
+    def _pending(self) -> bool:
+        return any(limiter.pending is not None for limiter in self._limit.values())
 
     def _queued(self, slot: int) -> int | None:
         total = 0
@@ -295,21 +311,25 @@ class Steering:
         if not weights:  # nothing observed yet, or every slot gone: all sockets, equal
             weights = {s: 1.0 for s in group.socks}
         counts = apportion(weights, BUCKETS)
+        if counts == group.counts and group.installed is not None:
+            return
+        group.counts = counts
         if group.proto is Proto.TCP:
             self._shares = {s: c / BUCKETS for s, c in counts.items()}
-        if group.program is not None:
-            group.buckets.assign(counts)
-            if group.program.set_table(group.buckets.owner):
-                self.updates += 1
-            if group.installed is None:
-                group.program.attach(group.anchor())
-                group.installed = True
-            return
+        # TCP: a new connection may go anywhere, so each slot's buckets are one run (a short
+        # classic program, few map writes). UDP: buckets move as little as they can.
         if group.proto is Proto.TCP:
             table = contiguous(counts)
         else:
             group.buckets.assign(counts)
             table = group.buckets.owner
+        if group.program is not None:
+            if group.program.set_table(table):
+                self.updates += 1
+            if group.installed is None:
+                group.program.attach(group.anchor())
+                group.installed = True
+            return
         index = {slot: i for i, slot in enumerate(group.order)}
         chain = [(end, index[slot]) for end, slot in runs(table)]
         if chain == group.installed:

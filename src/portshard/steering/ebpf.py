@@ -22,14 +22,16 @@ Every failure raises :class:`BpfError` with what was being done and why it faile
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
+import functools
 import os
 import platform
 import socket
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import PortshardError
 from ..interpose import seccomp_sys as sc
@@ -46,6 +48,7 @@ __all__ = [
 SO_ATTACH_REUSEPORT_EBPF = 52
 
 BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD = 0, 2, 3, 5
+BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
 BPF_PROG_TYPE_SK_REUSEPORT = 21
@@ -66,14 +69,28 @@ def _reason(exc: OSError) -> str:
     return f"{errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror or exc}"
 
 
-def bpf(cmd: int, attr: bytes, what: str) -> int:
-    """bpf(2) with ``attr`` (the leading fields of union bpf_attr; the kernel zero-extends)."""
+@functools.cache
+def _syscall() -> tuple[int, Callable[..., int]]:
+    """bpf(2)'s number here and libc's syscall(), looked up once: a map update is a hot path."""
     arch = sc.native_arch()
     if arch is None:
         raise BpfError(f"no bpf(2) syscall number for {platform.machine()} in portshard")
+    fn = ctypes.CDLL(None, use_errno=True).syscall
+    fn.restype = ctypes.c_long
+    fn.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
+    return arch.nr_bpf, fn
+
+
+def bpf(cmd: int, attr: bytes, what: str) -> int:
+    """bpf(2) with ``attr`` (the leading fields of union bpf_attr; the kernel zero-extends)."""
+    nr, fn = _syscall()
     buf = ctypes.create_string_buffer(attr, len(attr))
     try:
-        return sc.syscall(arch.nr_bpf, cmd, ctypes.addressof(buf), len(attr))
+        ret = int(fn(nr, cmd, ctypes.addressof(buf), len(attr)))
+        if ret < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return ret
     except OSError as exc:
         if exc.errno == errno.EPERM and os.geteuid() == 0:
             why = "denied even to root: a sandbox (container seccomp profile, LSM) forbids bpf()"
@@ -108,6 +125,21 @@ class Map:
         v = ctypes.c_uint32(value) if value_size == 4 else ctypes.c_uint64(value)
         attr = struct.pack("=I4xQQQ", self.fd, ctypes.addressof(k), ctypes.addressof(v), 0)
         bpf(BPF_MAP_UPDATE_ELEM, attr, f"updating {self.what} at key {key}")
+
+    def update_many(self, keys: Sequence[int], values: Sequence[int]) -> None:
+        """``keys[i]`` gets ``values[i]`` (u32), in one call where the kernel can
+        (BPF_MAP_UPDATE_BATCH, Linux 5.6+), else one call each."""
+        if not keys:
+            return
+        k, v = array.array("I", keys), array.array("I", values)
+        attr = struct.pack(
+            "=QQQQIIQQ", 0, 0, k.buffer_info()[0], v.buffer_info()[0], len(k), self.fd, 0, 0
+        )
+        try:
+            bpf(BPF_MAP_UPDATE_BATCH, attr, f"updating {self.what}")
+        except BpfError:
+            for key, value in zip(keys, values, strict=True):
+                self.update(key, value)
 
     def delete(self, key: int) -> bool:
         """Remove ``key``; False if it held nothing."""
@@ -162,24 +194,35 @@ def load_select_key0(map_fd: int) -> int:
 
 
 def steering_code(table_fd: int, sockarray_fd: int, buckets: int) -> bytes:
-    """``table[hash % buckets]`` is the slot key; select that slot's socket.
+    """``table[active + hash % buckets]`` is the slot key; select that slot's socket.
 
-    If the slot has no socket (it just closed) or the lookup fails, the program selects nothing
-    and the kernel falls back to its own hash over the group: traffic keeps flowing.
+    The table holds two copies of the bucket table (``[0, K)`` and ``[K, 2K)``) and, at index
+    2K, the offset of the active one: the supervisor writes the other copy in one batch and
+    then flips the offset, so a change is atomic (no mix of old and new buckets) and costs two
+    bpf() calls however many buckets change. If a lookup fails, or the slot has no socket (it
+    just closed), the program selects nothing and the kernel falls back to its own hash.
     """
     return b"".join(
         (
             insn(0xBF, dst=6, src=1),  # r6 = ctx
-            insn(0x61, dst=2, src=1, off=_MD_HASH),  # r2 = ctx->hash
-            insn(0x94, dst=2, imm=buckets),  # w2 %= buckets
-            insn(0x63, dst=10, src=2, off=-4),  # *(u32 *)(r10 - 4) = r2    (bucket)
+            insn(0x62, dst=10, off=-4, imm=2 * buckets),  # *(u32 *)(r10 - 4) = 2K
             _ld_map_fd(1, table_fd),  # r1 = table
             insn(0xBF, dst=2, src=10),  # r2 = r10
-            insn(0x07, dst=2, imm=-4),  # r2 += -4                  (&bucket)
+            insn(0x07, dst=2, imm=-4),  # r2 += -4
+            insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &table[2K] or NULL
+            insn(0x15, dst=0, off=20, imm=0),  # if r0 == 0 goto out
+            insn(0x61, dst=7, src=0),  # w7 = *(u32 *)r0            (active offset)
+            insn(0x61, dst=2, src=6, off=_MD_HASH),  # w2 = ctx->hash
+            insn(0x94, dst=2, imm=buckets),  # w2 %= K
+            insn(0x0C, dst=2, src=7),  # w2 += w7
+            insn(0x63, dst=10, src=2, off=-4),  # *(u32 *)(r10 - 4) = w2    (bucket)
+            _ld_map_fd(1, table_fd),  # r1 = table
+            insn(0xBF, dst=2, src=10),  # r2 = r10
+            insn(0x07, dst=2, imm=-4),  # r2 += -4
             insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &table[bucket] or NULL
             insn(0x15, dst=0, off=9, imm=0),  # if r0 == 0 goto out
-            insn(0x61, dst=1, src=0),  # r1 = *(u32 *)r0            (slot key)
-            insn(0x63, dst=10, src=1, off=-8),  # *(u32 *)(r10 - 8) = r1
+            insn(0x61, dst=1, src=0),  # w1 = *(u32 *)r0            (slot key)
+            insn(0x63, dst=10, src=1, off=-8),  # *(u32 *)(r10 - 8) = w1
             insn(0xBF, dst=1, src=6),  # r1 = ctx
             _ld_map_fd(2, sockarray_fd),  # r2 = sockarray
             insn(0xBF, dst=3, src=10),  # r3 = r10
@@ -196,13 +239,16 @@ class SteeringProgram:
     """The maps and program steering one reuseport group, by slot key.
 
     ``set_socket(slot, sock)`` puts a slot's socket in the sockarray (it must be bound, and
-    listening for TCP); ``set_table(owners)`` writes only the buckets that changed; ``attach``
-    attaches the program through any socket of the group (replacing any program there).
+    listening for TCP); ``set_table(owners)`` installs a new bucket table atomically (see
+    :func:`steering_code`); ``attach`` attaches the program through any socket of the group
+    (replacing any program there).
     """
 
     def __init__(self, buckets: int, slots: int = 1024) -> None:
         self.buckets = buckets
-        self.table = Map(BPF_MAP_TYPE_ARRAY, 4, buckets, b"portshard_table", "the bucket table")
+        self.table = Map(
+            BPF_MAP_TYPE_ARRAY, 4, 2 * buckets + 1, b"portshard_table", "the bucket table"
+        )
         self.socks: Map | None = None
         self.prog_fd = -1
         try:
@@ -220,7 +266,8 @@ class SteeringProgram:
         except BaseException:
             self.close()
             raise
-        self.current: list[int | None] = [None] * buckets
+        self.copies = [[0] * buckets, [0] * buckets]  # what each copy in the map holds now
+        self.active = 0  # offset of the copy the program reads
 
     def set_socket(self, slot: int, sock: socket.socket) -> None:
         assert self.socks is not None
@@ -230,15 +277,25 @@ class SteeringProgram:
         assert self.socks is not None
         self.socks.delete(slot)
 
-    def set_table(self, owners: Sequence[int]) -> int:
-        """Write the buckets whose slot changed; returns how many were written."""
-        written = 0
-        for bucket, slot in enumerate(owners):
-            if self.current[bucket] != slot:
-                self.table.update(bucket, slot)
-                self.current[bucket] = slot
-                written += 1
-        return written
+    def set_table(self, owners: Sequence[int]) -> bool:
+        """Install ``owners`` (a slot key per bucket); False if it is what the program has.
+
+        Writes, in one batch, only the buckets where the spare copy differs from ``owners``,
+        then flips the active offset.
+        """
+        if len(owners) != self.buckets:
+            raise ValueError(f"a table of {len(owners)} buckets, not {self.buckets}")
+        new = list(owners)
+        if new == self.copies[self.active // self.buckets]:
+            return False
+        spare = self.buckets - self.active
+        old = self.copies[spare // self.buckets]
+        changed = [b for b in range(self.buckets) if old[b] != new[b]]
+        self.table.update_many([spare + b for b in changed], [new[b] for b in changed])
+        self.copies[spare // self.buckets] = new
+        self.table.update(2 * self.buckets, spare)
+        self.active = spare
+        return True
 
     def attach(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, self.prog_fd)

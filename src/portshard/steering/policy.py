@@ -10,15 +10,21 @@ queues were sampled, the accept-queue depth of its TCP listeners.
   (a worker is there but not ready yet), draining (its only worker is being retired), removing
   (scale down: the socket closes soon). During a reload the new worker is ready before the old
   one drains, so the slot stays in.
-- Overload (TCP only): a slot whose queue is long both in absolute terms and per unit of its
-  share compared with the rest (``q_i / s_i >= 4 x (Q_rest + 1) / S_rest``, ``q_i >= 8``) is out
-  at once; it is back when its queue has drained (``q_i <= 1``): the gap between 8 and 1 is the
-  hysteresis. Each overload halves the slot's weight, so it comes back at half its share.
-- Weights (TCP only): the expected wait in slot i's queue is ``q_i / (s_i x R)`` (Little's law,
-  R the arrival rate, the same for all), so ``q_i / s_i`` compared with the rest's says whether
-  a slot serves its share. A slot whose smoothed ratio is >= 2 (and queue >= 2) loses 20% of its
-  weight per sample; one at <= 1.25 (or with an empty queue) gains 5%, up to full weight. So a
-  slow slot settles near what it can serve instead of stalling again at a full share.
+- Overload (TCP only): the expected wait in slot i's queue is ``q_i / (s_i x R)`` (Little's
+  law; R, the arrival rate, is the same for all), so a slot whose queue is long both in absolute
+  terms and per unit of its share compared with the rest (``q_i >= 8`` and
+  ``q_i / s_i >= 4 x (Q_rest + 1) / S_rest``) is out at once; it is back when its queue has
+  drained (``q_i <= 1``): the gap between 8 and 1 is the hysteresis. This alone is a
+  join-the-shorter-queue: equal workers take turns, which shortens the tail and keeps the
+  balance, so it does not touch weights.
+- Weights (TCP only) follow what a slot can serve, over epochs of ~0.3 s: a slot that was out
+  for overload much more than the rest (>= 30% of the epoch and >= 3x the rest's share + 10%)
+  did not keep up with its share: its weight is cut (x1/2, x1/4 above 60%, x1/8 above 90%);
+  one that was out no more than the rest (+10%) grows by a quarter, up to a full share. A slow
+  slot thus settles just under what it can serve instead of stalling again at a full share
+  (growing by halves or doubling made it swing around that point, and every swing up is a
+  stall with a queue behind it), while a hiccup of an equal worker (a descheduled process)
+  costs it a few epochs at a lower share.
 - UDP has no accept queue: its tables follow the hard exclusions only (a weight change would
   move flows).
 - Never every slot out: if no slot qualifies, the best class present goes in (overloaded but
@@ -28,7 +34,6 @@ queues were sampled, the accept-queue depth of its TCP listeners.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -52,13 +57,12 @@ class Params:
     overload_queue: int = 8  # an overloaded slot has at least this many queued connections
     overload_ratio: float = 4.0  # ... and this many times the rest's queue per unit of share
     recover_queue: int = 1  # an overloaded slot is back once its queue is down to this
-    slow_queue: float = 2.0  # weights go down only for a smoothed queue at least this long
-    slow_ratio: float = 2.0  # ... whose wait ratio to the rest is at least this
-    fast_ratio: float = 1.25  # weights go up below this ratio (or with a nearly empty queue)
-    decrease: float = 0.8  # per sample, while slow
-    increase: float = 1.05  # per sample, while keeping up
+    epoch: int = 30  # samples (of 10 ms) between weight decisions
+    cut_out: float = 0.3  # weights are cut for a slot out at least this part of the epoch
+    cut_rest: float = 3.0  # ... and this many times the rest's part (+ margin)
+    margin: float = 0.1
+    grow: float = 1.25  # per epoch, for a slot that kept up
     min_weight: float = 1 / 256  # relative to a full share: a slow slot still gets a trickle
-    smoothing: float = 0.25  # EWMA weight of the newest queue sample
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,9 @@ class _Track:
     overloaded: bool = False
     overload_why: str = ""
     back_why: str = ""  # why it came back in, for the log line
-    smoothed: float = 0.0  # EWMA of the queue depth
     queued: int = 0
-    level: int = 0  # weight band last reported: floor(log2(1 / weight))
+    samples: int = 0  # in this epoch, while ready
+    out: int = 0  # ... of which overloaded
     verdict: Verdict | None = None
 
 
@@ -109,6 +113,8 @@ class Policy:
         self.params = params or Params()
         self._tracks: dict[int, _Track] = {}
         self._fallback = ""
+        self._samples = 0
+        self.version = 0  # goes up whenever a verdict or weight changes
 
     # ---- inputs -----------------------------------------------------------------------------
 
@@ -121,6 +127,8 @@ class Policy:
         changes: list[Change] = []
         for o in obs:
             t = self._tracks.setdefault(o.slot, _Track())
+            if t.health is not o.health:
+                t.samples = t.out = 0  # an epoch counts only what a ready worker did
             t.pid = o.pid
             if o.health is not t.health and o.health is Health.READY:
                 t.back_why = f"its worker is ready (was {t.health.value})"
@@ -141,10 +149,9 @@ class Policy:
         for o in sampled:
             t = self._tracks[o.slot]
             t.queued = o.queued or 0
-            t.smoothed += p.smoothing * (t.queued - t.smoothed)
             if t.overloaded and t.queued <= p.recover_queue:
                 t.overloaded = False
-                t.back_why = f"its queue drained; at weight {t.weight:.2f}"
+                t.back_why = "its queue drained"
         # Compare each serving slot with the rest of the serving slots.
         serving = [
             o.slot for o in sampled if o.slot in shares and not self._tracks[o.slot].overloaded
@@ -154,8 +161,7 @@ class Policy:
             rest = [s for s in serving if s != slot]
             share, rest_share = shares[slot], sum(shares[s] for s in rest)
             if not rest or rest_share <= 0:
-                self._raise(t)  # nothing to compare with
-                continue
+                continue  # never the last one out
             rest_queue = sum(self._tracks[s].queued for s in rest)
             if (
                 t.queued >= p.overload_queue
@@ -166,29 +172,40 @@ class Policy:
                     f"overloaded: {t.queued} queued for {share:.1%} of new connections, "
                     f"{rest_queue} for the rest"
                 )
-                t.weight = max(p.min_weight, t.weight * 0.5)
-                t.level = _level(t.weight)  # the exclusion's own line says so
                 serving.remove(slot)
-                continue
-            rest_smoothed = sum(self._tracks[s].smoothed for s in rest)
-            ratio = (t.smoothed / share) / ((rest_smoothed + 1) / rest_share)
-            if t.smoothed >= p.slow_queue and ratio >= p.slow_ratio:
-                t.weight = max(p.min_weight, t.weight * p.decrease)
-            elif ratio <= p.fast_ratio or t.smoothed < 1:
-                self._raise(t)
         for o in sampled:
             t = self._tracks[o.slot]
-            level = _level(t.weight)
-            if level != t.level:
-                if level > t.level:
-                    text = f"weight down to {t.weight:.3f}: it serves less than its share"
-                else:
-                    text = f"weight up to {t.weight:.3f}: it keeps up with its share"
-                changes.append(Change(o.slot, t.pid, text, "weight"))
-                t.level = level
+            t.samples += 1
+            t.out += t.overloaded
+        self._samples += 1
+        if self._samples >= p.epoch:
+            self._samples = 0
+            self._weigh([o.slot for o in sampled], changes)
 
-    def _raise(self, t: _Track) -> None:
-        t.weight = min(1.0, t.weight * self.params.increase)
+    def _weigh(self, slots: list[int], changes: list[Change]) -> None:
+        """End of an epoch: cut the weight of a slot that was out much more than the rest,
+        raise that of one that was not."""
+        p = self.params
+        part = {s: self._tracks[s].out / self._tracks[s].samples for s in slots}
+        for slot in slots:
+            t = self._tracks[slot]
+            rest = [part[s] for s in slots if s != slot]
+            if rest:
+                rest_part = sum(rest) / len(rest)
+                mine = part[slot]
+                old = t.weight
+                if mine >= p.cut_out and mine >= p.cut_rest * rest_part + p.margin:
+                    factor = 0.125 if mine >= 0.9 else 0.25 if mine >= 0.6 else 0.5
+                    t.weight = max(p.min_weight, t.weight * factor)
+                    why = f"out for overload {mine:.0%} of the last epoch, the rest {rest_part:.0%}"
+                elif mine <= rest_part + p.margin:
+                    t.weight = min(1.0, t.weight * p.grow)
+                    why = "it kept up with its share"
+                if t.weight != old:
+                    text = f"weight {'down' if t.weight < old else 'up'} to {t.weight:.3f}: {why}"
+                    changes.append(Change(slot, t.pid, text, "weight"))
+        for t in self._tracks.values():
+            t.samples = t.out = 0
 
     # ---- decisions --------------------------------------------------------------------------
 
@@ -225,6 +242,8 @@ class Policy:
                 reason = f"{reason}; in anyway: {fallback}"
             verdict = Verdict(included, reason, t.weight, slot in udp_in)
             old, t.verdict = t.verdict, verdict
+            if old != verdict:
+                self.version += 1
             if old is None or (old.included, old.udp_included) == (included, slot in udp_in):
                 continue
             if not included:
@@ -250,7 +269,3 @@ class Policy:
     def udp_weights(self) -> dict[int, float]:
         """Equal weights for the slots that get new UDP flows."""
         return {s: 1.0 for s, v in self.verdicts().items() if v.udp_included}
-
-
-def _level(weight: float) -> int:
-    return math.floor(math.log2(1 / weight) + 1e-9) if weight < 1 else 0
