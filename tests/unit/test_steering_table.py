@@ -209,9 +209,9 @@ def stall_cycle(p: Policy, slow: int, epochs: int, n: int = 2) -> list[str]:
     """``slow`` is overloaded most of each epoch (the others keep up)."""
     ready = dict.fromkeys(range(n), R)
     texts = []
-    for _ in range(epochs * p.params.epoch // 10):
-        for q in [30] * 8 + [0, 0]:  # stalls, then drains
-            texts += step(p, ready, {s: (q if s == slow else 3) for s in range(n)})
+    for i in range(epochs * p.params.epoch):
+        q = 30 if i % 10 < 8 else 0  # stalls, then drains
+        texts += step(p, ready, {s: (q if s == slow else 3) for s in range(n)})
     return texts
 
 

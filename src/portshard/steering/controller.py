@@ -41,8 +41,9 @@ __all__ = ["BACKENDS", "SAMPLE", "Health", "Steering", "migrate_req"]
 log = logging.getLogger("portshard.steering")
 
 BACKENDS = ("auto", "cbpf", "ebpf", "off")
-SAMPLE = 0.01  # seconds between queue samples while any queue is not empty
-SAMPLE_IDLE = 0.05  # ... and while every queue was empty at the last sample
+SAMPLE = 0.02  # seconds between queue samples while any queue is not empty (10 ms cost 3.3%
+# of a core on the benchmark, 20 ms 2.0%, with no difference measured in what steering achieved)
+SAMPLE_IDLE = 0.1  # ... and while every queue was empty at the last sample
 LOG_EVERY = 1.0  # overload and weight lines: at most one a second per slot
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
@@ -127,7 +128,7 @@ class Steering:
         try:
             if backend == "ebpf":
                 for group in self.groups:
-                    group.program = SteeringProgram(BUCKETS)
+                    group.program = SteeringProgram(BUCKETS, flow=group.proto is Proto.UDP)
             for slot in sorted(slots):
                 for group, sock in zip(self.groups, slots[slot], strict=True):
                     group.join(slot, sock)

@@ -55,6 +55,7 @@ BPF_PROG_TYPE_SK_REUSEPORT = 21
 BPF_SK_REUSEPORT_SELECT = 39  # expected_attach_type
 BPF_SK_REUSEPORT_SELECT_OR_MIGRATE = 40
 BPF_FUNC_MAP_LOOKUP_ELEM = 1
+BPF_FUNC_GET_PRANDOM_U32 = 7
 BPF_FUNC_SK_SELECT_REUSEPORT = 82
 BPF_PSEUDO_MAP_FD = 1
 SK_PASS = 1
@@ -193,8 +194,10 @@ def load_select_key0(map_fd: int) -> int:
     return load_program(code, BPF_SK_REUSEPORT_SELECT, b"portshard_probe")
 
 
-def steering_code(table_fd: int, sockarray_fd: int, buckets: int) -> bytes:
-    """``table[active + hash % buckets]`` is the slot key; select that slot's socket.
+def steering_code(table_fd: int, sockarray_fd: int, buckets: int, *, flow: bool) -> bytes:
+    """``table[active + x % buckets]`` is the slot key; select that slot's socket. ``x`` is the
+    kernel's flow hash of the packet if ``flow`` (UDP: a flow stays on its bucket), else a
+    random number (TCP: any spread will do for a new connection, as in the classic program).
 
     The table holds two copies of the bucket table (``[0, K)`` and ``[K, 2K)``) and, at index
     2K, the offset of the active one: the supervisor writes the other copy in one batch and
@@ -202,6 +205,11 @@ def steering_code(table_fd: int, sockarray_fd: int, buckets: int) -> bytes:
     bpf() calls however many buckets change. If a lookup fails, or the slot has no socket (it
     just closed), the program selects nothing and the kernel falls back to its own hash.
     """
+    if flow:
+        x = insn(0x61, dst=2, src=6, off=_MD_HASH)  # w2 = ctx->hash
+    else:
+        x = insn(0x85, imm=BPF_FUNC_GET_PRANDOM_U32) + insn(0xBC, dst=2, src=0)  # w2 = random
+    skip = 19 + len(x) // 8  # from the first "goto out" to out
     return b"".join(
         (
             insn(0xBF, dst=6, src=1),  # r6 = ctx
@@ -210,9 +218,9 @@ def steering_code(table_fd: int, sockarray_fd: int, buckets: int) -> bytes:
             insn(0xBF, dst=2, src=10),  # r2 = r10
             insn(0x07, dst=2, imm=-4),  # r2 += -4
             insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &table[2K] or NULL
-            insn(0x15, dst=0, off=20, imm=0),  # if r0 == 0 goto out
+            insn(0x15, dst=0, off=skip, imm=0),  # if r0 == 0 goto out
             insn(0x61, dst=7, src=0),  # w7 = *(u32 *)r0            (active offset)
-            insn(0x61, dst=2, src=6, off=_MD_HASH),  # w2 = ctx->hash
+            x,
             insn(0x94, dst=2, imm=buckets),  # w2 %= K
             insn(0x0C, dst=2, src=7),  # w2 += w7
             insn(0x63, dst=10, src=2, off=-4),  # *(u32 *)(r10 - 4) = w2    (bucket)
@@ -244,7 +252,7 @@ class SteeringProgram:
     (replacing any program there).
     """
 
-    def __init__(self, buckets: int, slots: int = 1024) -> None:
+    def __init__(self, buckets: int, *, flow: bool, slots: int = 1024) -> None:
         self.buckets = buckets
         self.table = Map(
             BPF_MAP_TYPE_ARRAY, 4, 2 * buckets + 1, b"portshard_table", "the bucket table"
@@ -259,7 +267,7 @@ class SteeringProgram:
                 b"portshard_socks",
                 "a REUSEPORT_SOCKARRAY map",
             )
-            code = steering_code(self.table.fd, self.socks.fd, buckets)
+            code = steering_code(self.table.fd, self.socks.fd, buckets, flow=flow)
             self.prog_fd = load_program(
                 code, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, b"portshard_steer"
             )

@@ -57,7 +57,7 @@ class Params:
     overload_queue: int = 8  # an overloaded slot has at least this many queued connections
     overload_ratio: float = 4.0  # ... and this many times the rest's queue per unit of share
     recover_queue: int = 1  # an overloaded slot is back once its queue is down to this
-    epoch: int = 30  # samples (of 10 ms) between weight decisions
+    epoch: int = 15  # samples (of 20 ms) between weight decisions
     cut_out: float = 0.3  # weights are cut for a slot out at least this part of the epoch
     cut_rest: float = 3.0  # ... and this many times the rest's part (+ margin)
     margin: float = 0.1
