@@ -1,0 +1,52 @@
+"""The worker of steering_bench.py: a blocking accept loop answering "SLOT PID" over HTTP/1.0.
+
+Its listening socket is fd 3 (portshard run, LISTEN_FDS) or the fd in $BENCH_FD (the bench's
+own shared-queue and plain-reuseport set-ups). Its slot is $PORTSHARD_SLOT or $BENCH_SLOT.
+
+- BENCH_SLOW=sleep|spin and BENCH_SLOW_SLOT=N: the worker of slot N sleeps (or burns the CPU)
+  for BENCH_SLOW_MS (50) on every BENCH_SLOW_EVERY-th (20th) request.
+- BENCH_BOOT=S: sleep S seconds before accepting (a slow boot: a respawn takes that long).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+
+def main() -> None:
+    slot = os.environ.get("PORTSHARD_SLOT") or os.environ.get("BENCH_SLOT", "0")
+    boot = float(os.environ.get("BENCH_BOOT", "0"))
+    mode = os.environ.get("BENCH_SLOW", "")
+    slow = bool(mode) and os.environ.get("BENCH_SLOW_SLOT") == slot
+    every = int(os.environ.get("BENCH_SLOW_EVERY", "20"))
+    pause = float(os.environ.get("BENCH_SLOW_MS", "50")) / 1000
+    if boot:
+        time.sleep(boot)
+    sock = socket.socket(fileno=int(os.environ.get("BENCH_FD", "3")))
+    sock.setblocking(True)
+    body = f"{slot} {os.getpid()}\n".encode()
+    reply = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    served = 0
+    while True:
+        conn, _ = sock.accept()
+        try:
+            conn.recv(4096)
+            served += 1
+            if slow and served % every == 0:
+                if mode == "spin":
+                    until = time.monotonic() + pause
+                    while time.monotonic() < until:
+                        pass
+                else:
+                    time.sleep(pause)
+            conn.sendall(reply)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+if __name__ == "__main__":
+    main()
