@@ -96,7 +96,7 @@ def render_status(st: dict[str, Any], *, colour: bool = False) -> str:
             (
                 str(slot["slot"]),
                 str(slot["pid"] or "-"),
-                str(slot.get("mode", "-")),
+                slot.get("mode") or "-",
                 slot["state"],
                 str(slot["generation"]),
                 format_uptime(slot.get("uptime")),

@@ -75,6 +75,14 @@ def test_table_plain() -> None:
     assert "backoff" in row1 and "excluded (dead)" in row1 and " - " in row1
 
 
+def test_table_slot_without_worker_shows_dashes() -> None:
+    st = status()
+    st["slots"][1]["mode"] = None  # status --json says null when no worker runs in the slot
+    row1 = next(line for line in render_status(st).splitlines() if line.startswith("1 "))
+    assert "None" not in row1
+    assert row1.split()[:4] == ["1", "-", "-", "backoff"]
+
+
 def test_table_colour_only_when_asked() -> None:
     text = render_status(status(stopping=True), colour=True)
     assert "\x1b[32m" in text  # ready in green
