@@ -64,6 +64,17 @@ def test_backoff_doubles_then_gives_up() -> None:
     assert b.on_exit(0.0) is None
 
 
+def test_backoff_never_gives_up_on_workers_killed_from_outside() -> None:
+    # SIGKILLed right after becoming ready (an operator, the OOM killer): respawn with the
+    # backoff, but not the program's fault, so the other slots keep serving.
+    b = Backoff(first=0.1, cap=1.0, healthy_after=2.0, give_up_after=3)
+    assert [b.on_exit(0.1, own=False) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert b.on_exit(0.1) == 1.0
+    assert b.on_exit(0.1, own=False) == 1.0  # neither counts nor resets the program's own
+    assert b.on_exit(0.1) == 1.0
+    assert b.on_exit(0.1) is None
+
+
 def test_backoff_is_capped() -> None:
     b = Backoff(first=1.0, cap=3.0, give_up_after=100)
     assert [b.on_exit(0.0) for _ in range(4)] == [1.0, 2.0, 3.0, 3.0]

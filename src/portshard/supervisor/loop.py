@@ -487,11 +487,14 @@ class Supervisor:
             )
             return
         self.history.event("crash", f"slot {slot.index} pid {w.pid} {w.describe_exit()}")
-        uptime = time.monotonic() - w.started if w.ready_at is not None else 0.0
-        delay = slot.backoff.on_exit(uptime)
+        ready = w.ready_at is not None
+        killed = w.status is not None and os.WIFSIGNALED(w.status)
+        killed = killed and os.WTERMSIG(w.status or 0) == signal.SIGKILL
+        uptime = time.monotonic() - w.started if ready else 0.0
+        delay = slot.backoff.on_exit(uptime, own=not (ready and killed))
         if delay is None:
             self._fail(
-                f"the worker for slot {slot.index} failed {slot.backoff.failures} times in a row "
+                f"the worker for slot {slot.index} failed {slot.backoff.strikes} times in a row "
                 f"within {slot.backoff.healthy_after:g}s of starting (last: {w.describe_exit()}); "
                 f"giving up instead of crash-looping; fix the program and start again"
             )

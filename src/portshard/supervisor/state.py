@@ -108,22 +108,29 @@ class Backoff:
     """When to respawn a slot whose worker died, and when to give up.
 
     A worker that ran for at least ``healthy_after`` seconds resets the count. Each quick
-    failure doubles the delay (``first`` .. ``cap``); ``give_up_after`` quick failures in a row
-    mean the program cannot run, and the supervisor stops instead of spinning.
+    failure doubles the delay (``first`` .. ``cap``). ``give_up_after`` quick failures that are
+    the program's own (it exited before it was ready, or exited or crashed by itself) mean it
+    cannot run, and the supervisor stops instead of spinning. A ready worker killed from
+    outside (SIGKILL: an operator, a chaos test, the OOM killer) is respawned with the backoff
+    but never makes the supervisor give up: the other slots are serving, and stopping them
+    all would turn one slot's trouble into an outage.
     """
 
     first: float = 0.1
     cap: float = 5.0
     healthy_after: float = 2.0
     give_up_after: int = 5
-    failures: int = field(default=0)
+    failures: int = field(default=0)  # quick exits since the last healthy run: the delay
+    strikes: int = field(default=0)  # ... of which the program's own: giving up
 
-    def on_exit(self, uptime: float) -> float | None:
-        """Record an exit after ``uptime`` s; return the respawn delay, or None to give up."""
+    def on_exit(self, uptime: float, *, own: bool = True) -> float | None:
+        """Record an exit after ``uptime`` s (``own``: the program's fault, see above);
+        return the respawn delay, or None to give up."""
         if uptime >= self.healthy_after:
-            self.failures = 0
+            self.failures = self.strikes = 0
             return 0.0
         self.failures += 1
-        if self.failures >= self.give_up_after:
+        self.strikes += own
+        if self.strikes >= self.give_up_after:
             return None
         return float(min(self.cap, self.first * 2.0 ** (self.failures - 1)))
