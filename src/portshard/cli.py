@@ -95,7 +95,8 @@ def control_options(f: Any) -> Any:
     "--ready",
     metavar="MODE",
     help="When a worker counts as ready: accept (default: it waits for connections on "
-    "its socket, no cooperation needed), notify (sd_notify READY=1), delay:SECONDS.",
+    "its socket or holds one it accepted, no cooperation needed), notify (sd_notify "
+    "READY=1), delay:SECONDS.",
 )
 @click.option("--ready-timeout", type=float, help="Seconds a new worker has to become ready [30].")
 @click.option("--stop-signal", metavar="SIG", help="Signal that stops a worker [TERM].")

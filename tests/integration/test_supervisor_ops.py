@@ -322,6 +322,43 @@ def test_workers_get_their_sockets_and_nothing_else(start: Start) -> None:
     assert len(listeners) == 4  # each slot has its own TCP and UDP socket
 
 
+def test_a_worker_that_never_waits_is_ready_once_it_holds_a_connection(start: Start) -> None:
+    # Polls a non-blocking socket and naps in between: /proc never shows it waiting on the
+    # socket (as under a saturating load, where accept() never blocks). It counts as ready
+    # once it holds a connection it accepted, and not before.
+    code = (
+        "import os, socket, time\n"
+        "s = socket.socket(fileno=3)\n"
+        "s.setblocking(False)\n"
+        "while True:\n"
+        "    try:\n"
+        "        c, _ = s.accept()\n"
+        "    except BlockingIOError:\n"
+        "        time.sleep(0.005)\n"
+        "        continue\n"
+        "    c.setblocking(True)\n"
+        "    c.recv(100)\n"
+        "    time.sleep(1.0)\n"
+        "    c.sendall(b'HTTP/1.0 200 OK\\r\\n\\r\\n%d' % os.getpid())\n"
+        "    c.close()\n"
+    )
+    sup = start(
+        "-w", "1", "--listen", "tcp://127.0.0.1:0", "--", sys.executable, "-c", code, wait=False
+    )
+    wait_until(
+        lambda: os.path.exists(sup.control) and sup.ctl("status", check=False).returncode == 0,
+        20,
+        "control",
+    )
+    time.sleep(1.0)
+    assert not sup.status()["ready"], "it never waited and holds nothing: not ready yet"
+    with socket.create_connection(("127.0.0.1", sup.port), timeout=10) as c:
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        sup.wait_ready(timeout=5)  # while the worker holds the connection
+        assert c.recv(100).startswith(b"HTTP/1.0 200 OK")
+    assert "ready after" in sup.text()
+
+
 def test_a_worker_that_keeps_crashing_stops_the_supervisor(start: Start) -> None:
     sup = start(
         "-w",

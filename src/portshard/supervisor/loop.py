@@ -310,9 +310,17 @@ class Supervisor:
         if mode.kind == "delay":
             return now - w.started >= mode.seconds
         if mode.kind == "accept":
+            # Waiting for work on its socket, or already serving: under a saturating load the
+            # queue never empties, so a worker that accepts at once never waits, but it holds
+            # a connection it accepted (it inherited none).
             inodes = {os.fstat(s.fileno()).st_ino for s in w.slot.socks}
             try:
-                return inspect.waiting_for_work(w.pid, inodes)
+                if inspect.waiting_for_work(w.pid, inodes):
+                    return True
+                ports = {a.port for a in self.bound if a.proto is Proto.TCP}
+                if not ports or not inspect.sockets_of(w.pid) - inodes:
+                    return False
+                return inspect.connections_by_pid([w.pid], ports=ports).get(w.pid, 0) > 0
             except (OSError, inspect.InspectError):
                 return False  # not visible (yet): ask again on the next tick
         return False  # notify: set by _on_notify
