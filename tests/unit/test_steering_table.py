@@ -247,3 +247,22 @@ def test_slots_that_take_turns_being_overloaded_keep_full_weight() -> None:
         hot = (i // 7) % 2
         step(p, ready, {hot: 30, 1 - hot: 0})
     assert all(v.weight == 1.0 for v in p.verdicts().values())
+
+
+def test_a_slot_handing_over_takes_no_new_tcp_but_keeps_its_udp_flows() -> None:
+    # Reload: the new worker is ready and the old one is being retired. Out for TCP so that
+    # the queue empties and the old worker is caught idle; UDP stays (same socket).
+    p = Policy()
+    step(p, {0: R, 1: R})
+    assert step(p, {0: R, 1: Health.HANDOVER}) == ["excluded: handing over"]
+    assert set(p.tcp_weights()) == {0} and set(p.udp_weights()) == {0, 1}
+    assert step(p, {0: R, 1: R}) == ["back in: its old worker is retired"]
+    assert set(p.tcp_weights()) == {0, 1}
+
+
+def test_a_single_slot_handing_over_stays_in_without_a_warning() -> None:
+    p = Policy()
+    step(p, {0: R})
+    assert step(p, {0: Health.HANDOVER}) == []
+    assert p.tcp_weights() == {0: 1.0} and p.fallback == ""
+    assert p.verdicts()[0].reason is None

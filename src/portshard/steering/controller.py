@@ -6,8 +6,9 @@ accept-queue depth (TCP_INFO, ~1.5 µs a socket). The policy (``policy.py``) tur
 verdicts and weights, the table (``table.py``) into buckets, and a backend puts them in the
 kernel, per reuseport group (one per ``--listen`` address):
 
-- ``ebpf``: one SK_REUSEPORT program per group with a REUSEPORT_SOCKARRAY keyed by slot and an
-  array of bucket -> slot; a change is a few map updates. Needs CAP_BPF or root.
+- ``ebpf``: one SK_REUSEPORT program per group with a REUSEPORT_SOCKARRAY keyed by slot and a
+  double-buffered array of bucket -> slot; a change is one batch write and a flip. Needs
+  CAP_BPF or root.
 - ``cbpf``: a classic program per group (a jump chain over the table's runs), re-attached on
   every change (~20 µs). Its indices are the kernel's listen order, so the controller keeps a
   copy of that order: a socket that closes is replaced in the kernel's array by the last one.

@@ -4,8 +4,8 @@ An ``SK_REUSEPORT`` program picks the socket for each new connection (or datagra
 ``bucket = hash % K``, ``slot = table[bucket]`` (an array map of K slot keys), then
 ``bpf_sk_select_reuseport(ctx, sockarray, &slot)`` (a ``REUSEPORT_SOCKARRAY`` map from slot key
 to socket). Keys are slot numbers, so they do not shift when a socket leaves the group (the
-classic BPF index does), and a change of weights is a few map updates (~4 µs each) with no
-re-attach. Needs CAP_BPF or root.
+classic BPF index does), and a change of weights is two bpf() calls with no re-attach (the
+table is double-buffered: see :func:`steering_code`). Needs CAP_BPF or root.
 
 The program is loaded with ``expected_attach_type = BPF_SK_REUSEPORT_SELECT_OR_MIGRATE``: when a
 slot's listener closes, the kernel asks the same program where each connection still queued on
@@ -14,8 +14,9 @@ closing slot) instead of resetting them. That works whatever ``net.ipv4.tcp_migr
 so the supervisor can replace the listener of a slot whose worker died and hand its queue to
 the other slots at once.
 
-``hash`` is the kernel's flow hash of the packet (the 4-tuple), so a UDP flow stays on its
-bucket; TCP uses it too (any spread will do for new connections).
+For UDP, ``hash`` is the kernel's flow hash of the packet (the 4-tuple), so a flow stays on
+its bucket; for TCP it is a random number (``bpf_get_prandom_u32``), as in the classic program:
+a new connection may go anywhere, and a few busy clients then cannot pile onto one slot.
 
 Every failure raises :class:`BpfError` with what was being done and why it failed.
 """

@@ -8,8 +8,12 @@ queues were sampled, the accept-queue depth of its TCP listeners.
 
 - Hard exclusions, from health: no worker (it died; until its replacement is ready), starting
   (a worker is there but not ready yet), draining (its only worker is being retired), removing
-  (scale down: the socket closes soon). During a reload the new worker is ready before the old
-  one drains, so the slot stays in.
+  (scale down: the socket closes soon).
+- Handing over (reload: the new worker is ready, the old one is being retired): out for new TCP
+  connections only, for the moment it takes the two workers to empty the queue, so that the old
+  one is soon caught waiting in accept() holding nothing and can go; its UDP flows stay (the
+  socket is the same, and the new worker reads it). Under a saturating load with the slot in,
+  its queue never emptied and retiring the old worker took 6-14 s instead of about one.
 - Overload (TCP only): the expected wait in slot i's queue is ``q_i / (s_i x R)`` (Little's
   law; R, the arrival rate, is the same for all), so a slot whose queue is long both in absolute
   terms and per unit of its share compared with the rest (``q_i >= 8`` and
@@ -46,6 +50,7 @@ class Health(enum.Enum):
     DRAINING = "draining"  # its only worker is being retired
     DOWN = "no worker"  # died; waiting for the replacement
     REMOVING = "removing"  # scale down: its socket closes soon
+    HANDOVER = "handing over"  # reload: new worker ready, the old one being retired
 
 
 # Who goes in when no slot qualifies, best first.
@@ -131,7 +136,11 @@ class Policy:
                 t.samples = t.out = 0  # an epoch counts only what a ready worker did
             t.pid = o.pid
             if o.health is not t.health and o.health is Health.READY:
-                t.back_why = f"its worker is ready (was {t.health.value})"
+                t.back_why = (
+                    "its old worker is retired"
+                    if t.health is Health.HANDOVER
+                    else f"its worker is ready (was {t.health.value})"
+                )
             t.health = o.health
             if o.health is not Health.READY:
                 t.overloaded = False  # judged afresh once a worker serves it again
@@ -212,12 +221,15 @@ class Policy:
     def _decide(self, changes: list[Change]) -> None:
         tracks = self._tracks
         ready = {s for s, t in tracks.items() if t.health is Health.READY}
+        handover = {s for s, t in tracks.items() if t.health is Health.HANDOVER}
         tcp_in = {s for s in ready if not tracks[s].overloaded}
-        udp_in = set(ready)
+        udp_in = ready | handover
         fallback = ""
         if not tcp_in and ready:
             tcp_in = set(ready)
             fallback = "every ready slot is overloaded: steering to all of them"
+        if not tcp_in:
+            tcp_in = set(handover)  # one slot, reloading: normal, not worth a warning
         for health in _FALLBACK:
             if udp_in:
                 break
@@ -239,7 +251,7 @@ class Policy:
                 reason = t.overload_why
             included = slot in tcp_in
             if included and reason:
-                reason = f"{reason}; in anyway: {fallback}"
+                reason = f"{reason}; in anyway: {fallback}" if fallback else None
             verdict = Verdict(included, reason, t.weight, slot in udp_in)
             old, t.verdict = t.verdict, verdict
             if old != verdict:

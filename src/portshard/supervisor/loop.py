@@ -737,7 +737,8 @@ class Supervisor:
             return Health.REMOVING
         states = {w.state for w in slot.live()}
         if State.READY in states:
-            return Health.READY
+            retiring = State.DRAINING in states or State.STOPPING in states
+            return Health.HANDOVER if retiring else Health.READY
         if State.DRAINING in states or State.STOPPING in states:
             return Health.DRAINING
         if State.STARTING in states:
