@@ -54,6 +54,13 @@ def _steering(slot: dict[str, Any]) -> str:
     return str(steer)
 
 
+def _rate(value: float | None) -> str:
+    """New connections per second (known under eBPF steering only)."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def render_status(st: dict[str, Any], *, colour: bool = False) -> str:
     """The `portshard status` table; colour only when asked (the CLI asks on a TTY)."""
 
@@ -86,6 +93,7 @@ def render_status(st: dict[str, Any], *, colour: bool = False) -> str:
         "RESTARTS",
         "QUEUE",
         "CONNS",
+        "NEW/S",
         "STEERING",
     )
     rows: list[tuple[str, ...]] = [header]
@@ -103,6 +111,7 @@ def render_status(st: dict[str, Any], *, colour: bool = False) -> str:
                 str(slot["restarts"]),
                 _queue(slot),
                 "-" if conns is None else str(conns),
+                _rate(slot.get("new_per_s")),
                 _steering(slot),
             )
         )

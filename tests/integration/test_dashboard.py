@@ -57,6 +57,17 @@ def test_metrics_on_a_loopback_port_given_by_status(sup: Running) -> None:
     assert "portshard_kernel_listen_drops_total" in text
     assert "portshard_workers 3.0" in text
 
+    def handed() -> list[float]:
+        text = get(st["metrics"])[1]
+        prefix = "portshard_slot_new_connections_total{"
+        return [float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(prefix)]
+
+    if st["steering"]["backend"] == "ebpf":  # counted by its program (sampled once a second)
+        counts = wait_until(lambda: (c := handed()) and sum(c) >= 100 and c, 5, "the counts")
+        assert len(counts) == 3
+    else:
+        assert handed() == []
+
 
 def test_status_api_history_and_bad_requests(sup: Running) -> None:
     base = sup.status()["dashboard"]
@@ -141,6 +152,8 @@ def test_dashboard_in_a_real_browser_shows_every_worker_and_updates(
     for pid in sup.pids():  # the new workers
         assert f'data-pid="{pid}"' in dom
     assert 'data-kind="reload"' in dom
+    counted = sup.status()["steering"]["backend"] == "ebpf"
+    assert ("share of new connections" in dom) == counted
     shot = short_tmp / "dashboard.png"
     chromium("--window-size=1200,760", f"--screenshot={shot}", url, profile=short_tmp / "chrome")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -258,3 +258,27 @@ def test_a_reloading_slot_takes_no_new_connection_while_its_old_worker_goes_but_
     wait_until(lambda: sup.status()["reloads"]["ok"] == 1, 15, "the reload done")
     assert {ask(tcp) for _ in range(40)} == {"0", "1"}
     assert udp_slots(udp, flows) == first
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="eBPF steering needs root")
+def test_new_connections_per_slot_are_counted_by_the_ebpf_program(start: Start) -> None:
+    sup = start("-w", "2", "--steering", "ebpf", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    port = sup.port
+    answers = [ask(port) for _ in range(100)]
+
+    def counted() -> list[int] | None:
+        totals = [s["new_total"] for s in sup.status()["slots"]]
+        return totals if sum(totals) >= 100 else None
+
+    totals = wait_until(counted, 5, "the per-slot counters")
+    assert totals == [answers.count("0"), answers.count("1")], "a count is not what it served"
+    assert all(isinstance(s["new_per_s"], float) for s in sup.status()["slots"])
+    out = sup.ctl("status").stdout
+    assert "NEW/S" in out
+
+
+def test_classic_bpf_cannot_count_new_connections_and_says_nothing(start: Start) -> None:
+    sup = start("-w", "2", "--steering", "cbpf", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    assert [ask(sup.port) for _ in range(10)]
+    wait_until(lambda: sup.status()["slots"][0]["connections"] is not None, 5, "a sample")
+    assert all(s["new_total"] is None and s["new_per_s"] is None for s in sup.status()["slots"])

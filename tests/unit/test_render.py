@@ -31,6 +31,7 @@ def status(**changes: Any) -> dict[str, Any]:
                 "restarts": 0,
                 "queue": {"tcp0": {"queued": 2, "backlog": 4096}},
                 "connections": 3,
+                "new_per_s": 1234.4,  # counted by the eBPF steering program
             },
             {
                 "slot": 1,
@@ -67,10 +68,11 @@ def test_table_plain() -> None:
         "RESTARTS",
         "QUEUE",
         "CONNS",
+        "NEW/S",
         "STEERING",
     ]
     row0 = next(line for line in lines if line.startswith("0 ")).split()
-    assert row0 == ["0", "11", "fds", "ready", "3", "59s", "0", "2/4096", "3", "-"]
+    assert row0 == ["0", "11", "fds", "ready", "3", "59s", "0", "2/4096", "3", "1234", "-"]
     row1 = next(line for line in lines if line.startswith("1 "))
     assert "backoff" in row1 and "excluded (dead)" in row1 and " - " in row1
 

@@ -394,6 +394,23 @@ class Steering:
             out["udp"] = verdict.udp_included
         return out
 
+    def handed(self) -> dict[int, int] | None:
+        """New TCP connections handed to each slot since steering started, counted by the eBPF
+        program (None under classic BPF: it cannot count). A slot's count survives the
+        replacement of its listener (the counter is keyed by slot)."""
+        if self.backend != "ebpf":
+            return None
+        totals: dict[int, int] = {}
+        for group in self.groups:
+            if group.proto is not Proto.TCP or group.program is None:
+                continue
+            for slot in group.socks:
+                try:
+                    totals[slot] = totals.get(slot, 0) + group.program.handed(slot)
+                except BpfError:
+                    continue  # should not happen; the rate is simply unknown this second
+        return totals
+
     def status(self) -> dict[str, Any]:
         return {
             "backend": self.backend,

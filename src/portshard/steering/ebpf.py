@@ -48,7 +48,8 @@ __all__ = [
 
 SO_ATTACH_REUSEPORT_EBPF = 52
 
-BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD = 0, 2, 3, 5
+BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
+BPF_PROG_LOAD = 5
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
@@ -143,6 +144,13 @@ class Map:
             for key, value in zip(keys, values, strict=True):
                 self.update(key, value)
 
+    def lookup_u64(self, key: int) -> int:
+        """The u64 value at ``key``."""
+        k, v = ctypes.c_uint32(key), ctypes.c_uint64(0)
+        attr = struct.pack("=I4xQQQ", self.fd, ctypes.addressof(k), ctypes.addressof(v), 0)
+        bpf(BPF_MAP_LOOKUP_ELEM, attr, f"reading {self.what} at key {key}")
+        return int(v.value)
+
     def delete(self, key: int) -> bool:
         """Remove ``key``; False if it held nothing."""
         k = ctypes.c_uint32(key)
@@ -195,7 +203,9 @@ def load_select_key0(map_fd: int) -> int:
     return load_program(code, BPF_SK_REUSEPORT_SELECT, b"portshard_probe")
 
 
-def steering_code(table_fd: int, sockarray_fd: int, buckets: int, *, flow: bool) -> bytes:
+def steering_code(
+    table_fd: int, sockarray_fd: int, counts_fd: int, buckets: int, *, flow: bool
+) -> bytes:
     """``table[active + x % buckets]`` is the slot key; select that slot's socket. ``x`` is the
     kernel's flow hash of the packet if ``flow`` (UDP: a flow stays on its bucket), else a
     random number (TCP: any spread will do for a new connection, as in the classic program).
@@ -205,12 +215,16 @@ def steering_code(table_fd: int, sockarray_fd: int, buckets: int, *, flow: bool)
     then flips the offset, so a change is atomic (no mix of old and new buckets) and costs two
     bpf() calls however many buckets change. If a lookup fails, or the slot has no socket (it
     just closed), the program selects nothing and the kernel falls back to its own hash.
+
+    ``counts[slot]`` (u64) goes up by one for every connection or datagram handed to the slot
+    (an atomic add: both CPUs may run the program at once): the new connections per second
+    that ``portshard status`` shows.
     """
     if flow:
         x = insn(0x61, dst=2, src=6, off=_MD_HASH)  # w2 = ctx->hash
     else:
         x = insn(0x85, imm=BPF_FUNC_GET_PRANDOM_U32) + insn(0xBC, dst=2, src=0)  # w2 = random
-    skip = 19 + len(x) // 8  # from the first "goto out" to out
+    skip = 28 + len(x) // 8  # from the first "goto out" to out
     return b"".join(
         (
             insn(0xBF, dst=6, src=1),  # r6 = ctx
@@ -229,7 +243,7 @@ def steering_code(table_fd: int, sockarray_fd: int, buckets: int, *, flow: bool)
             insn(0xBF, dst=2, src=10),  # r2 = r10
             insn(0x07, dst=2, imm=-4),  # r2 += -4
             insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &table[bucket] or NULL
-            insn(0x15, dst=0, off=9, imm=0),  # if r0 == 0 goto out
+            insn(0x15, dst=0, off=18, imm=0),  # if r0 == 0 goto out
             insn(0x61, dst=1, src=0),  # w1 = *(u32 *)r0            (slot key)
             insn(0x63, dst=10, src=1, off=-8),  # *(u32 *)(r10 - 8) = w1
             insn(0xBF, dst=1, src=6),  # r1 = ctx
@@ -238,6 +252,14 @@ def steering_code(table_fd: int, sockarray_fd: int, buckets: int, *, flow: bool)
             insn(0x07, dst=3, imm=-8),  # r3 += -8                  (&slot)
             insn(0xB7, dst=4, imm=0),  # r4 = 0                     (flags)
             insn(0x85, imm=BPF_FUNC_SK_SELECT_REUSEPORT),
+            insn(0x55, dst=0, off=8, imm=0),  # if r0 != 0 goto out     (not selected)
+            _ld_map_fd(1, counts_fd),  # r1 = counts
+            insn(0xBF, dst=2, src=10),  # r2 = r10
+            insn(0x07, dst=2, imm=-8),  # r2 += -8                  (&slot)
+            insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &counts[slot] or NULL
+            insn(0x15, dst=0, off=2, imm=0),  # if r0 == 0 goto out
+            insn(0xB7, dst=1, imm=1),  # r1 = 1
+            insn(0xDB, dst=0, src=1),  # lock *(u64 *)r0 += r1
             insn(0xB7, dst=0, imm=SK_PASS),  # out: r0 = SK_PASS
             insn(0x95),  # exit
         )
@@ -259,8 +281,12 @@ class SteeringProgram:
             BPF_MAP_TYPE_ARRAY, 4, 2 * buckets + 1, b"portshard_table", "the bucket table"
         )
         self.socks: Map | None = None
+        self.counts: Map | None = None
         self.prog_fd = -1
         try:
+            self.counts = Map(
+                BPF_MAP_TYPE_ARRAY, 8, slots, b"portshard_count", "the per-slot counters"
+            )
             self.socks = Map(
                 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
                 8,
@@ -268,7 +294,7 @@ class SteeringProgram:
                 b"portshard_socks",
                 "a REUSEPORT_SOCKARRAY map",
             )
-            code = steering_code(self.table.fd, self.socks.fd, buckets, flow=flow)
+            code = steering_code(self.table.fd, self.socks.fd, self.counts.fd, buckets, flow=flow)
             self.prog_fd = load_program(
                 code, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, b"portshard_steer"
             )
@@ -315,4 +341,11 @@ class SteeringProgram:
             self.prog_fd = -1
         if self.socks is not None:
             self.socks.close()
+        if self.counts is not None:
+            self.counts.close()
         self.table.close()
+
+    def handed(self, slot: int) -> int:
+        """Connections (or datagrams) handed to ``slot`` since the program was loaded."""
+        assert self.counts is not None
+        return self.counts.lookup_u64(slot)

@@ -135,6 +135,8 @@ class Supervisor:
         self.web: WebServer | None = None
         self._next_sample = 0.0
         self._connections: dict[int, int | None] = {}  # slot -> connections, last sample
+        self._handed: tuple[float, dict[int, int]] | None = None  # eBPF counters, last sample
+        self._new_per_s: dict[int, float] = {}  # slot -> new connections/s, last second
         self.steering: Steering | None = None  # which slots get new connections (issue 5)
         self.held: set[int] = set()  # fds of sockets systemd holds too (they outlive us)
         self.sel = selectors.DefaultSelector()
@@ -808,6 +810,7 @@ class Supervisor:
             counts = inspect.connections_by_pid(busy, ports=ports) if busy else {}
         except (OSError, inspect.InspectError):
             counts = {}
+        self._rate_new_connections()
         rows = []
         for slot in self.slots:
             w = workers.get(slot.index)
@@ -826,9 +829,28 @@ class Supervisor:
                     "queued": queued,
                     "connections": conns,
                     "cpu": worker_cpu(w.pid) if w else None,
+                    "new_per_s": self._new_per_s.get(slot.index),
                 }
             )
         self.history.add(rows)
+
+    def _rate_new_connections(self) -> None:
+        """New connections per second for each slot, where the eBPF steering program counts
+        them (the kernel keeps no per-listener count; classic BPF cannot count)."""
+        totals = self.steering.handed() if self.steering is not None else None
+        now = time.monotonic()
+        if totals is None:
+            self._handed = None
+            self._new_per_s = {}
+            return
+        if self._handed is not None:
+            then, before = self._handed
+            dt = max(now - then, 1e-3)
+            self._new_per_s = {
+                slot: round(max(0, total - before.get(slot, total)) / dt, 1)
+                for slot, total in totals.items()
+            }
+        self._handed = (now, totals)
 
     def _store_sockets(self, slots: Iterable[Slot]) -> None:
         """Give systemd a copy of each slot socket it doesn't hold yet (kept across restarts
@@ -1077,6 +1099,8 @@ class Supervisor:
                     "mode": w.mode if w else None,
                     "queue": queues,
                     "connections": self._connections.get(slot.index),
+                    "new_per_s": self._new_per_s.get(slot.index),
+                    "new_total": self._handed[1].get(slot.index) if self._handed else None,
                     "steering": self.steering.slot_status(slot.index) if self.steering else None,
                     "workers": [
                         {"pid": x.pid, "state": x.state.value, "generation": x.generation}

@@ -81,8 +81,16 @@ def metrics_registry(snapshot: Callable[[], dict[str, Any]]) -> Any:
                 "Client connections the worker holds",
                 labels=["slot"],
             )
+            handed = CounterMetricFamily(
+                "portshard_slot_new_connections",
+                "New TCP connections the kernel handed to the slot (counted by the eBPF "
+                "steering program; absent under classic BPF or with steering off)",
+                labels=["slot"],
+            )
             for slot in st["slots"]:
                 label = str(slot["slot"])
+                if slot.get("new_total") is not None:
+                    handed.add_metric([label], float(slot["new_total"]))
                 for name in (
                     "starting",
                     "ready",
@@ -99,7 +107,7 @@ def metrics_registry(snapshot: Callable[[], dict[str, Any]]) -> Any:
                     backlog.add_metric([label, listen], float(q["backlog"]))
                 if slot.get("connections") is not None:
                     conns.add_metric([label], float(slot["connections"]))
-            yield from (state, restarts, queued, backlog, conns)
+            yield from (state, restarts, queued, backlog, conns, handed)
             reloads = CounterMetricFamily(
                 "portshard_reloads", "Rolling reloads by result", labels=["result"]
             )
