@@ -65,12 +65,22 @@ def measure(
     keepalive: bool,
     worker_counters: bool = False,
     slow_slot: int | None = None,
+    settle: float = 0.0,
 ) -> Measurement:
     stats_dir = settings.logs / "stats"
     stats_dir.mkdir(parents=True, exist_ok=True)
     args = ["--stats", str(stats_dir)]
     with start(args, settings.logs / "servers.log") as srv:
         warm_up(srv.port, keepalive)
+        if settle:  # the full load for a while first: a server that adapts has adapted
+            Wrk(
+                srv.port,
+                seconds=settle,
+                connections=settings.wrk_connections,
+                threads=settings.wrk_threads,
+                keepalive=keepalive,
+                script_dir=settings.logs,
+            ).start().wait()
         alone = (srv.supervisor,) if srv.supervisor else ()
         s0, t0 = CpuSample.take(srv.roots, alone), os.times()
         wrk = Wrk(

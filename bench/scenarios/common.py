@@ -69,7 +69,7 @@ def http_config(
     baseline: str | None,
     group: str | None = None,
     expect_s: float,
-    **measure_kw: bool | int | None,
+    **measure_kw: bool | int | float | None,
 ) -> Config:
     def run(settings: Settings) -> Measurement:
         return measure(settings, start, keepalive=keepalive, **measure_kw)  # type: ignore[arg-type]
