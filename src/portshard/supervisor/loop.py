@@ -400,7 +400,6 @@ class Supervisor:
                 argv,
                 env,
                 inodes=[os.fstat(s.fileno()).st_ino for s in slot.socks],
-                ports=ports,
                 uid=creds.uid if creds is not None else None,
             )
         except PortshardError as exc:
@@ -416,7 +415,7 @@ class Supervisor:
         slot.workers.append(w)
         self.sel.register(spawned.pidfd, selectors.EVENT_READ, lambda _m: self._on_exit(w))
         if spawned.listener is not None:
-            self._watch_trap(w, spawned.listener, via.reuseport)
+            self._watch_trap(w, spawned.listener)
         log.info(
             "slot %d pid %d: started (%s, generation %d, via %s: %s)",
             slot.index,
@@ -428,12 +427,9 @@ class Supervisor:
         )
         return w
 
-    def _watch_trap(self, w: Worker, listener: int, reuseport: bool) -> None:
+    def _watch_trap(self, w: Worker, listener: int) -> None:
         """Answer the worker's bind() calls from the selector (--via seccomp)."""
-        ports = frozenset(a.port for a in self.bound) if reuseport else None
-        trap = Trap(
-            listener, w.slot.socks, label=f"slot {w.slot.index} pid {w.pid}", reuseport=ports
-        )
+        trap = Trap(listener, w.slot.socks, label=f"slot {w.slot.index} pid {w.pid}")
         w.trap = trap
 
         def on_trap(_mask: int) -> None:
