@@ -8,7 +8,6 @@ with no failed exchange, then a SIGKILL of a worker that fails at most the excha
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,54 +20,10 @@ from bench.rawload import RawLoad, http_get
 
 from portshard import inspect
 from tests.conftest import ROOT, wait_until
+from tests.integration.conftest import need
 from tests.supervisor_fixture import Start
 
 WORKERS = ROOT / "tests" / "workers"
-
-
-def need(tool: str) -> str:
-    """The tool's path; fail in CI (make deps-test installs it), skip elsewhere."""
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} is not installed (make deps-test installs the test packages)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-@pytest.fixture(scope="session")
-def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("interpose-build")
-
-
-@pytest.fixture(scope="session")
-def static_server(build_dir: Path) -> str:
-    out = build_dir / "static_server"
-    subprocess.run(
-        [need("gcc"), "-static", "-O2", "-o", str(out), str(WORKERS / "static_server.c")],
-        check=True,
-        timeout=120,
-    )
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def go_server(build_dir: Path) -> str:
-    """hello.go built with CGO_ENABLED=0 (Go's build cache makes later sessions fast)."""
-    out = build_dir / "hello"
-    env = {**os.environ, "CGO_ENABLED": "0", "GO111MODULE": "off"}
-    if not env.get("HOME") and not env.get("GOCACHE"):
-        env["GOCACHE"] = str(build_dir / "gocache")
-        env["GOPATH"] = str(build_dir / "gopath")
-    subprocess.run(
-        [need("go"), "build", "-o", str(out), str(WORKERS / "hello.go")],
-        check=True,
-        timeout=300,
-        env=env,
-        cwd=build_dir,
-    )
-    return str(out)
 
 
 def pid_last_word(body: str) -> int | None:

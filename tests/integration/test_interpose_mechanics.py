@@ -24,7 +24,7 @@ from portshard import inspect
 from portshard.interpose import elf, seccomp, seccomp_sys, shim
 from tests.conftest import ROOT, Procs, wait_until
 from tests.integration._util import read_line
-from tests.integration.test_interpose import need
+from tests.integration.conftest import need
 from tests.supervisor_fixture import FDWORKER, PORTSHARD, Start, no_process_left
 
 PROBE = ROOT / "tests" / "workers" / "bind_probe.c"
