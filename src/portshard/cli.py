@@ -115,9 +115,10 @@ def control_options(f: Any) -> Any:
     type=click.Choice(["auto", "fds", "preload", "seccomp", "reuseport"]),
     help="How a worker gets its socket: fds (LISTEN_FDS, fd 3...), preload (LD_PRELOAD shim: "
     "its bind() of the address gets the slot's socket), seccomp (the same for static and Go "
-    "programs), auto (preload for dynamically linked programs, else seccomp; default). "
-    "Use {port} in the command. (reuseport, where each copy binds its own socket, is "
-    "'portshard preload'.)",
+    "programs), auto (preload for dynamically linked programs, else seccomp; default), "
+    "reuseport (each copy binds its own socket and portshard only sets SO_REUSEPORT: no "
+    "steering, and a copy that exits resets its queue unless tcp_migrate_req=1, see "
+    "--migrate). Use {port} in the command.",
 )
 @click.option(
     "--metrics",

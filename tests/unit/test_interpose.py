@@ -76,23 +76,26 @@ def test_copied_options_cover_what_the_docs_list() -> None:
 
 def test_plan_edits_the_environment_for_each_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"LD_PRELOAD": "/x/libportshard_preload.so /opt/other.so", "PORTSHARD_SHIM": "x"}
-    got = plan.plan("fds", ["/bin/true"], env, inodes=[11], uid=None)
+    got = plan.plan("fds", ["/bin/true"], env, inodes=[11], ports=[80], uid=None)
     assert got.mode == "fds" and env == {"LD_PRELOAD": "/opt/other.so"}
-    got = plan.plan("preload", ["/bin/true"], env, inodes=[11, 12], uid=None)
+    got = plan.plan("preload", ["/bin/true"], env, inodes=[11, 12], ports=[80], uid=None)
     assert got.mode == "preload" and not got.seccomp
     assert env["LD_PRELOAD"].split() == [shim.shim_path(), "/opt/other.so"]
     assert env["PORTSHARD_SHIM"] == "inherit" and env["PORTSHARD_SHIM_FDS"] == "3:11,4:12"
-    got = plan.plan("seccomp", ["/bin/true"], env, inodes=[11], uid=None)
+    got = plan.plan("seccomp", ["/bin/true"], env, inodes=[11], ports=[80], uid=None)
     assert got.seccomp and "PORTSHARD_SHIM" not in env
+    got = plan.plan("reuseport", ["/bin/true"], env, inodes=[], ports=[80, 8080], uid=None)
+    assert got.mode == "reuseport+preload" and got.reuseport and not got.seccomp
+    assert env["PORTSHARD_SHIM"] == "reuseport" and env["PORTSHARD_SHIM_PORTS"] == "80,8080"
 
     def missing(_uid: int | None) -> str:
         raise ConfigError("the LD_PRELOAD shim is missing")
 
     monkeypatch.setattr(shim, "shim_for", missing)
-    got = plan.plan("auto", ["/bin/true"], env, inodes=[11], uid=None)
+    got = plan.plan("auto", ["/bin/true"], env, inodes=[11], ports=[80], uid=None)
     assert got.mode == "fds" and "missing" in got.why  # auto never breaks a LISTEN_FDS program
     with pytest.raises(ConfigError):
-        plan.plan("preload", ["/bin/true"], env, inodes=[11], uid=None)
+        plan.plan("preload", ["/bin/true"], env, inodes=[11], ports=[80], uid=None)
 
 
 def test_port_lists_are_validated() -> None:

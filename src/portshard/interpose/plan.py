@@ -19,9 +19,14 @@ __all__ = ["Plan", "plan"]
 
 @dataclass(frozen=True)
 class Plan:
-    mode: str  # what status shows: fds | preload | seccomp
+    mode: str  # what status shows: fds | preload | seccomp | reuseport+preload|seccomp
     seccomp: bool  # the child traps bind()
     why: str  # for the log
+
+    @property
+    def reuseport(self) -> bool:
+        """The program binds its own socket; portshard only sets SO_REUSEPORT on it."""
+        return self.mode.startswith("reuseport")
 
 
 def plan(
@@ -30,20 +35,21 @@ def plan(
     env: MutableMapping[str, str],
     *,
     inodes: Sequence[int],
+    ports: Sequence[int],
     uid: int | None,
 ) -> Plan:
     """Pick the mode and edit ``env`` (the worker's environment) for it.
 
-    ``inodes``: the slot's sockets (passed at fds 3...); ``uid``: the worker's user if it
-    differs from ours (the shim must be readable by it). ``--via reuseport`` never gets here:
-    the config refuses it under ``portshard run`` (it is ``portshard preload``).
+    ``inodes``: the slot's sockets (passed at fds 3...; none with ``reuseport``); ``ports``:
+    the served ports (``reuseport`` sets SO_REUSEPORT for those only); ``uid``: the worker's
+    user if it differs from ours (the shim must be readable by it).
     """
     shim.remove_shim(env)
     if via == "fds":
         return Plan("fds", False, "--via fds")
     program: elf.Program | None = None
     mechanism = via
-    if via == "auto":
+    if via in ("auto", "reuseport"):
         program = elf.inspect_command(argv, env)
         mechanism = "preload" if program.libc_binds else "seccomp"
     why = program.why if program is not None else f"--via {via}"
@@ -56,5 +62,9 @@ def plan(
             # auto must never break a program that takes LISTEN_FDS: fall back to fds.
             return Plan("fds", False, f"{why}, but {exc}")
         shim.add_shim(env, path)
-        env.update(shim.inherit_env(inodes))
-    return Plan(mechanism, mechanism == "seccomp", why)
+        if via == "reuseport":
+            env.update(shim.reuseport_env(ports))
+        else:
+            env.update(shim.inherit_env(inodes))
+    mode = f"reuseport+{mechanism}" if via == "reuseport" else mechanism
+    return Plan(mode, mechanism == "seccomp", why)

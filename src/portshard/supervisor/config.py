@@ -153,7 +153,9 @@ VIA = {
     "fds": "the systemd way only (LISTEN_FDS, fds from 3), for programs that use it",
     "preload": "an LD_PRELOAD shim gives the program the socket when it binds the address",
     "seccomp": "the supervisor answers the program's bind() (static binaries, Go)",
-    "reuseport": "refused here: use portshard preload (the program binds its own socket)",
+    "reuseport": "each copy binds its own socket, portshard only sets SO_REUSEPORT on it "
+    "(libreuseport); no supervisor-owned sockets: no steering, and a copy that exits resets "
+    "what is queued on its socket unless net.ipv4.tcp_migrate_req is 1 (--migrate)",
 }
 
 _KEYS = {
@@ -244,16 +246,6 @@ def load(cli: dict[str, Any]) -> Config:
         raise ConfigError(
             f"--via {via!r}: use one of " + "; ".join(f"{k} ({v})" for k, v in VIA.items())
         )
-    if via == "reuseport":
-        # See docs/ARCHITECTURE.md, "Interposition": the slot sockets would sit in the group
-        # with nobody accepting on them, and steering selects only among them.
-        raise ConfigError(
-            "--via reuseport does not work under portshard run: the supervisor holds a "
-            "listening socket per slot, so a worker that binds its own socket with SO_REUSEPORT "
-            "would share the port with sockets nobody accepts on; use --via auto (the same "
-            "programs get the slot's socket: zero-loss reloads), or run the copies yourself "
-            "with 'portshard preload --ports PORT -- CMD' (libreuseport-compatible)"
-        )
     if not _NAME_RE.match(name):
         raise ConfigError(f"--name {name!r} may use only letters, digits, '_', '.', '-'")
     cfg = Config(
@@ -279,7 +271,33 @@ def load(cli: dict[str, Any]) -> Config:
     )
     if cfg.user:
         cfg.credentials()  # validate now, not at the first spawn
+    if via == "reuseport":
+        cfg = _reuseport_mode(cfg)
     return cfg
+
+
+def _reuseport_mode(cfg: Config) -> Config:
+    """--via reuseport: each copy binds its own socket (docs/ARCHITECTURE.md, "--via
+    reuseport"); the supervisor holds none, so what needs its sockets is refused here."""
+    for spec in cfg.listen:
+        if spec.address.port == 0:
+            raise ConfigError(
+                f"--listen {spec.address}: port 0 does not work with --via reuseport: each copy "
+                f"binds the port itself, so they must all be told the same one; give a port"
+            )
+    for arg in cfg.command:
+        if "{fd" in arg:
+            raise ConfigError(
+                f"argument {arg!r}: with --via reuseport the workers get no socket from "
+                f"portshard (each binds its own), so there is no {{fd}}; use {{port}}"
+            )
+    if cfg.steering in ("cbpf", "ebpf"):
+        raise ConfigError(
+            f"--steering {cfg.steering} needs the supervisor's sockets, and with --via "
+            f"reuseport each copy owns its socket; use --via auto for steering, or "
+            f"--steering off"
+        )
+    return replace(cfg, steering="off")
 
 
 def _steering(value: Any) -> str:
@@ -311,6 +329,11 @@ def reloaded(current: Config, cli: dict[str, Any]) -> Config:
     """Settings for a reload: the file is read again; listen addresses, name, control socket
     and worker count stay (change the count with ``portshard scale``)."""
     fresh = load(cli)
+    if (fresh.via == "reuseport") != (current.via == "reuseport"):
+        raise ConfigError(
+            f"via {fresh.via!r} in the reloaded settings: switching to or from --via reuseport "
+            f"changes who owns the sockets (the program or portshard); stop and start instead"
+        )
     return replace(
         fresh,
         listen=current.listen,

@@ -161,6 +161,14 @@ class Supervisor:
     # ---- set-up and tear-down -------------------------------------------------------------
 
     def _open_slot_sockets(self, index: int) -> list[socket.socket]:
+        if self.cfg.via == "reuseport":  # each copy binds its own (ports checked by config)
+            if self.activated:
+                raise SupervisorError(
+                    "--via reuseport cannot use sockets from systemd socket activation: each "
+                    "copy binds its own; use --via auto"
+                )
+            self.bound = [spec.address for spec in self.cfg.listen]
+            return []
         socks: list[socket.socket] = []
         try:
             for i, spec in enumerate(self.cfg.listen):
@@ -315,8 +323,8 @@ class Supervisor:
             # Waiting for work on its socket, or already serving: under a saturating load the
             # queue never empties, so a worker that accepts at once never waits, but it holds
             # a connection it accepted (it inherited none).
-            inodes = {os.fstat(s.fileno()).st_ino for s in w.slot.socks}
             try:
+                inodes = self._listeners_of(w)
                 if inspect.waiting_for_work(w.pid, inodes):
                     return True
                 ports = {a.port for a in self.bound if a.proto is Proto.TCP}
@@ -326,6 +334,13 @@ class Supervisor:
             except (OSError, inspect.InspectError):
                 return False  # not visible (yet): ask again on the next tick
         return False  # notify: set by _on_notify
+
+    def _listeners_of(self, w: Worker) -> set[int]:
+        """Inodes of the listening sockets ``w`` serves: its slot's, or (--via reuseport) the
+        ones it bound itself."""
+        if w.slot.socks:
+            return slot_inodes(w.slot)
+        return inspect.listening_sockets_of(w.pid)
 
     def _ready_timeout(self, w: Worker) -> None:
         timeout = w.slot.cfg.ready_timeout
@@ -400,6 +415,7 @@ class Supervisor:
                 argv,
                 env,
                 inodes=[os.fstat(s.fileno()).st_ino for s in slot.socks],
+                ports=ports,
                 uid=creds.uid if creds is not None else None,
             )
         except PortshardError as exc:
@@ -415,7 +431,7 @@ class Supervisor:
         slot.workers.append(w)
         self.sel.register(spawned.pidfd, selectors.EVENT_READ, lambda _m: self._on_exit(w))
         if spawned.listener is not None:
-            self._watch_trap(w, spawned.listener)
+            self._watch_trap(w, spawned.listener, via.reuseport)
         log.info(
             "slot %d pid %d: started (%s, generation %d, via %s: %s)",
             slot.index,
@@ -427,9 +443,13 @@ class Supervisor:
         )
         return w
 
-    def _watch_trap(self, w: Worker, listener: int) -> None:
-        """Answer the worker's bind() calls from the selector (--via seccomp)."""
-        trap = Trap(listener, w.slot.socks, label=f"slot {w.slot.index} pid {w.pid}")
+    def _watch_trap(self, w: Worker, listener: int, reuseport: bool) -> None:
+        """Answer the worker's bind() calls from the selector (--via seccomp; with
+        ``reuseport``, only set SO_REUSEPORT on the program's own socket)."""
+        ports = frozenset(a.port for a in self.bound) if reuseport else None
+        trap = Trap(
+            listener, w.slot.socks, label=f"slot {w.slot.index} pid {w.pid}", reuseport=ports
+        )
         w.trap = trap
 
         def on_trap(_mask: int) -> None:
@@ -610,9 +630,9 @@ class Supervisor:
         if cfg.drain == "freeze":
             # Freeze, check, kill: a stopped task leaves the accept wait queue, so the queue goes
             # to the other worker of the slot; if it holds no connection, nothing can be lost.
-            listeners = slot_inodes(w.slot)
             ports = {a.port for a in self.bound if a.proto is Proto.TCP}
             while w.life.alive and time.monotonic() < deadline:
+                listeners = self._listeners_of(w)
                 self._signal(w, signal.SIGSTOP)
                 # Usually stopped within microseconds: check inline to keep the freeze short.
                 spin_until = time.monotonic() + 0.005
@@ -692,6 +712,16 @@ class Supervisor:
             {slot.index: list(slot.socks) for slot in self.slots},
             on_event=lambda text: self.history.event("steering", text),
         )
+        if self.steering is None and self.cfg.via == "reuseport":
+            log.warning(
+                "--via reuseport: each copy binds its own socket; one that exits (a reload, a "
+                "crash) takes its socket with it, and the kernel %s; no steering",
+                "hands what was queued on it to the others (tcp_migrate_req=1)"
+                if migrate_req() == 1
+                else "resets what was queued on it (tcp_migrate_req is not 1: --migrate "
+                "sets it; or use --via auto, where portshard keeps the sockets)",
+            )
+            return
         if self.steering is None:
             log.info("steering: off: the kernel hashes over every slot")
             return
@@ -800,7 +830,7 @@ class Supervisor:
         busy = [
             w.pid
             for w in workers.values()
-            if ports and inspect.sockets_of(w.pid) - slot_inodes(w.slot)
+            if ports and inspect.sockets_of(w.pid) - self._listeners_of(w)
         ]
         try:
             counts = inspect.connections_by_pid(busy, ports=ports) if busy else {}
@@ -854,6 +884,8 @@ class Supervisor:
         if not self.systemd:
             return
         for slot in slots:
+            if not slot.socks:
+                continue  # --via reuseport: the programs own their sockets
             for spec, sock in zip(self.cfg.listen, slot.socks, strict=True):
                 if sock.fileno() not in self.held:
                     self.systemd.store(store_name(spec.name, slot.index), sock)
@@ -979,9 +1011,10 @@ class Supervisor:
         # Steer new connections to the slots that stay (they come first in listen order),
         # let the removed slots' queues empty, drain their workers, then close their sockets.
         # With steering on, the removed slots leave its table (UDP too: only their flows move).
+        own = bool(self.slots[0].socks)  # else --via reuseport: the programs own the sockets
         if self.steering is not None:
             self._steer(time.monotonic())
-        else:
+        elif own:
             for i, spec in enumerate(self.cfg.listen):
                 if spec.address.proto is Proto.TCP:
                     cbpf.attach_first_k(self.slots[0].socks[i], count)
@@ -993,7 +1026,7 @@ class Supervisor:
         yield self._drain_all(w for s in removed for w in s.live())
         yield Until(lambda: all(queue_empty(s) for s in removed), time.monotonic() + 1.0)
         for slot in removed:
-            for spec, sock in zip(self.cfg.listen, slot.socks, strict=True):
+            for spec, sock in zip(self.cfg.listen, slot.socks, strict=own):
                 self.systemd.unstore(store_name(spec.name, slot.index))
                 self.held.discard(sock.fileno())
                 sock.close()
@@ -1001,7 +1034,7 @@ class Supervisor:
             if self.steering is not None:
                 self.steering.remove_slot(slot.index)
         for i, spec in enumerate(self.cfg.listen):
-            if spec.address.proto is Proto.TCP and self.steering is None:
+            if spec.address.proto is Proto.TCP and self.steering is None and own:
                 cbpf.detach(self.slots[0].socks[i])
         self.cfg = _with_workers(self.cfg, count)
         self._finish(outcome)
@@ -1021,7 +1054,7 @@ class Supervisor:
         closing = [
             sock
             for slot in self.slots
-            for sock, spec in zip(slot.socks, self.cfg.listen, strict=True)
+            for sock, spec in zip(slot.socks, self.cfg.listen, strict=bool(slot.socks))
             if spec.address.proto is Proto.TCP and sock.fileno() not in self.held
         ]
         for sock in closing:
@@ -1072,7 +1105,7 @@ class Supervisor:
         for slot in self.slots:
             w = slot.serving()
             queues: dict[str, Any] = {}
-            for spec, sock in zip(self.cfg.listen, slot.socks, strict=True):
+            for spec, sock in zip(self.cfg.listen, slot.socks, strict=bool(slot.socks)):
                 if spec.address.proto is Proto.TCP:
                     depth = inspect.queue_depth(sock)
                     queues[spec.name] = {"queued": depth.queued, "backlog": depth.backlog}

@@ -92,9 +92,13 @@ def _child(spec: SpawnSpec, err_w: int, parent: int, channel: int | None) -> Non
         if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
             os._exit(1)
         env = dict(spec.env)
-        env["LISTEN_PID"] = str(os.getpid())
-        env["LISTEN_FDS"] = str(count)
-        env["LISTEN_FDNAMES"] = ":".join(spec.names)
+        if count:
+            env["LISTEN_PID"] = str(os.getpid())
+            env["LISTEN_FDS"] = str(count)
+            env["LISTEN_FDNAMES"] = ":".join(spec.names)
+        else:  # --via reuseport: the program binds its own socket
+            for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+                env.pop(key, None)
         if spec.cwd is not None:
             os.chdir(spec.cwd)
         os.execvpe(spec.argv[0], list(spec.argv), env)
