@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -150,6 +151,11 @@ class Supervisor:
     ) -> None:
         self.control = os.path.join(_tmpdir(), "c.sock")
         self.log_from = log.stat().st_size if log.exists() else 0  # the log is shared
+        port = 0
+        if "reuseport" in flags:  # --via reuseport: every copy binds the port, so name one
+            with socket.socket() as probe:
+                probe.bind((HOST, 0))
+                port = probe.getsockname()[1]
         self.proc = spawn(
             [
                 *PORTSHARD,
@@ -157,7 +163,7 @@ class Supervisor:
                 "-w",
                 str(workers),
                 "--listen",
-                f"{listen}://{HOST}:0",
+                f"{listen}://{HOST}:{port}",
                 "--backlog",
                 str(BACKLOG),
                 "--control",

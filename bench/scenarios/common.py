@@ -33,9 +33,8 @@ class Env:
 
     def via_modes(self) -> list[str]:
         """`--via` modes to compare, [] before --via exists. Not auto (it only picks one of
-        the others), nor reuseport: `portshard run` refuses it (its own sockets would sit in
-        the group with nobody accepting on them); it is for `portshard preload`."""
-        return [m for m in self.portshard.get("via", []) if m not in ("auto", "reuseport")]
+        the others)."""
+        return [m for m in self.portshard.get("via", []) if m != "auto"]
 
     def steering_backends(self) -> list[str]:
         """`--steering` backends (not auto, which picks one, nor off), [] before it exists."""
