@@ -69,6 +69,20 @@ def test_file_and_cli_precedence(tmp_path: Path) -> None:
     assert again.workers == 2  # reload never changes the count: that is `scale`
 
 
+def test_reuseport_mode_turns_steering_off_and_cannot_be_switched_by_a_reload(
+    tmp_path: Path,
+) -> None:
+    cfg = load(dict(BASE, listen=("tcp://127.0.0.1:8080",), via="reuseport"))
+    assert cfg.via == "reuseport" and cfg.steering == "off"
+    path = tmp_path / "ps.toml"
+    path.write_text('command = ["srv"]\nlisten = ["tcp://127.0.0.1:8080"]\nvia = "reuseport"\n')
+    cli = {"config": str(path), "command": None, "listen": None}
+    mode = load(cli)
+    path.write_text(path.read_text().replace('"reuseport"', '"auto"'))
+    with pytest.raises(ConfigError, match="switching to or from --via reuseport"):
+        reloaded(mode, cli)
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
