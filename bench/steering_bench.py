@@ -148,7 +148,11 @@ class Server:
             if st and st.get("ready"):
                 break
             if time.monotonic() > deadline or sup.poll() is not None:
-                raise RuntimeError(f"portshard did not start:\n{self.log_text()}")
+                sup.kill()  # SIGKILL: its workers die with it (parent-death signal)
+                sup.wait()
+                text = self.log_text()
+                self.log.close()
+                raise RuntimeError(f"portshard did not start:\n{text}")
             time.sleep(0.05)
         self.port = st["listen"][0]["port"]
         self.pids = [s["pid"] for s in st["slots"]]
@@ -200,7 +204,11 @@ def _jain(counts: list[int]) -> float:
 def run_one(scenario_name: str, config: str, seconds: float, warmup: float, load: str) -> dict:
     scenario = SCENARIOS[scenario_name]
     tmp = Path(tempfile.mkdtemp(prefix="ps-bench-"))
-    server = Server(config, scenario, tmp)
+    try:
+        server = Server(config, scenario, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     out = tmp / "records.bin"
     total = warmup + seconds
     cpu: dict[str, float] = {}
