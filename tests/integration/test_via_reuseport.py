@@ -90,6 +90,34 @@ def test_a_static_binary_gets_so_reuseport_from_the_seccomp_trap(
     assert {answer(port) for _ in range(60)} == pids
 
 
+UDP_SELF_BINDING = """
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(100)
+    s.sendto(b"%d" % os.getpid(), peer)
+"""
+
+
+def test_udp_copies_bind_their_own_sockets(start: Start) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sup = start(
+        "-w", "2", "--via", "reuseport", "--listen", f"udp://127.0.0.1:{port}", "--",
+        sys.executable, "-c", UDP_SELF_BINDING, "{port}",
+    )  # fmt: skip
+    pids = {str(p) for p in sup.pids()}
+    answers = set()
+    for _ in range(40):  # a new source port each time: flows hash over both sockets
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(5)
+            c.sendto(b"?", ("127.0.0.1", port))
+            answers.add(c.recvfrom(100)[0].decode())
+    assert answers == pids
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
