@@ -400,7 +400,8 @@ _MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 @_probe(
     "tcp_migrate_req",
     "=1: a closing listener hands its queued connections to the group instead of resetting "
-    "them; with cbpf steering a dead worker's queue goes to the other slots at once (--migrate)",
+    "them; with cbpf steering a dead worker's queue goes to the other slots at once, and "
+    "--via reuseport reloads lose nothing (--migrate)",
     "a closing listener resets its queue (portshard keeps slot sockets open to avoid that)",
 )
 def _tcp_migrate_req() -> _Found:
