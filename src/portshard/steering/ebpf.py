@@ -62,6 +62,7 @@ BPF_FUNC_SK_SELECT_REUSEPORT = 82
 BPF_PSEUDO_MAP_FD = 1
 SK_PASS = 1
 _MD_HASH = 32  # offsetof(struct sk_reuseport_md, hash)
+_MD_MIGRATING_SK = 48  # offsetof(struct sk_reuseport_md, migrating_sk) (Linux 5.14+)
 
 
 class BpfError(PortshardError):
@@ -216,16 +217,31 @@ def steering_code(
     bpf() calls however many buckets change. If a lookup fails, or the slot has no socket (it
     just closed), the program selects nothing and the kernel falls back to its own hash.
 
-    ``counts[slot]`` (u64) goes up by one for every connection or datagram handed to the slot
-    (an atomic add: both CPUs may run the program at once): the new connections per second
-    that ``portshard status`` shows.
+    For TCP, ``counts[slot]`` (u64) goes up by one for every new connection handed to the slot
+    (an atomic add: CPUs may run the program at once), not for one migrated from a closing
+    listener: the new connections per second that ``portshard status`` shows.
     """
     if flow:
         x = insn(0x61, dst=2, src=6, off=_MD_HASH)  # w2 = ctx->hash
     else:
         x = insn(0x85, imm=BPF_FUNC_GET_PRANDOM_U32) + insn(0xBC, dst=2, src=0)  # w2 = random
-    skip = 28 + len(x) // 8  # from the first "goto out" to out
-    return b"".join(
+    count = b""
+    if not flow:  # TCP only (nobody reads UDP counts), and new connections only, not migrations
+        count = b"".join(
+            (
+                insn(0x55, dst=0, off=10, imm=0),  # if r0 != 0 goto out     (not selected)
+                insn(0x79, dst=1, src=6, off=_MD_MIGRATING_SK),  # r1 = ctx->migrating_sk
+                insn(0x55, dst=1, off=8, imm=0),  # if r1 != 0 goto out     (a migration)
+                _ld_map_fd(1, counts_fd),  # r1 = counts
+                insn(0xBF, dst=2, src=10),  # r2 = r10
+                insn(0x07, dst=2, imm=-8),  # r2 += -8                  (&slot)
+                insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &counts[slot] or NULL
+                insn(0x15, dst=0, off=2, imm=0),  # if r0 == 0 goto out
+                insn(0xB7, dst=1, imm=1),  # r1 = 1
+                insn(0xDB, dst=0, src=1),  # lock *(u64 *)r0 += r1
+            )
+        )
+    head = b"".join(
         (
             insn(0xBF, dst=6, src=1),  # r6 = ctx
             insn(0x62, dst=10, off=-4, imm=2 * buckets),  # *(u32 *)(r10 - 4) = 2K
@@ -233,7 +249,10 @@ def steering_code(
             insn(0xBF, dst=2, src=10),  # r2 = r10
             insn(0x07, dst=2, imm=-4),  # r2 += -4
             insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &table[2K] or NULL
-            insn(0x15, dst=0, off=skip, imm=0),  # if r0 == 0 goto out
+        )
+    )
+    bucket = b"".join(
+        (
             insn(0x61, dst=7, src=0),  # w7 = *(u32 *)r0            (active offset)
             x,
             insn(0x94, dst=2, imm=buckets),  # w2 %= K
@@ -243,7 +262,10 @@ def steering_code(
             insn(0xBF, dst=2, src=10),  # r2 = r10
             insn(0x07, dst=2, imm=-4),  # r2 += -4
             insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &table[bucket] or NULL
-            insn(0x15, dst=0, off=18, imm=0),  # if r0 == 0 goto out
+        )
+    )
+    select = b"".join(
+        (
             insn(0x61, dst=1, src=0),  # w1 = *(u32 *)r0            (slot key)
             insn(0x63, dst=10, src=1, off=-8),  # *(u32 *)(r10 - 8) = w1
             insn(0xBF, dst=1, src=6),  # r1 = ctx
@@ -252,16 +274,20 @@ def steering_code(
             insn(0x07, dst=3, imm=-8),  # r3 += -8                  (&slot)
             insn(0xB7, dst=4, imm=0),  # r4 = 0                     (flags)
             insn(0x85, imm=BPF_FUNC_SK_SELECT_REUSEPORT),
-            insn(0x55, dst=0, off=8, imm=0),  # if r0 != 0 goto out     (not selected)
-            _ld_map_fd(1, counts_fd),  # r1 = counts
-            insn(0xBF, dst=2, src=10),  # r2 = r10
-            insn(0x07, dst=2, imm=-8),  # r2 += -8                  (&slot)
-            insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &counts[slot] or NULL
-            insn(0x15, dst=0, off=2, imm=0),  # if r0 == 0 goto out
-            insn(0xB7, dst=1, imm=1),  # r1 = 1
-            insn(0xDB, dst=0, src=1),  # lock *(u64 *)r0 += r1
-            insn(0xB7, dst=0, imm=SK_PASS),  # out: r0 = SK_PASS
-            insn(0x95),  # exit
+            count,
+        )
+    )
+    out = insn(0xB7, dst=0, imm=SK_PASS) + insn(0x95)  # out: r0 = SK_PASS; exit
+    to_out_2 = len(select) // 8
+    to_out_1 = (len(bucket) + 8 + len(select)) // 8
+    return b"".join(
+        (
+            head,
+            insn(0x15, dst=0, off=to_out_1, imm=0),  # if r0 == 0 goto out
+            bucket,
+            insn(0x15, dst=0, off=to_out_2, imm=0),  # if r0 == 0 goto out
+            select,
+            out,
         )
     )
 
