@@ -540,12 +540,14 @@ def connections_of(pid: int, *, ports: AbstractSet[int] | None = None) -> int:
     return connections_by_pid([pid], ports=ports)[pid]
 
 
-def listening_sockets_of(pid: int) -> set[int]:
-    """Inodes of the LISTEN TCP sockets and bound, unconnected UDP sockets in ``pid``'s fds."""
+def listening_sockets_of(pid: int, *, ports: AbstractSet[int] | None = None) -> set[int]:
+    """Inodes of the LISTEN TCP sockets and bound, unconnected UDP sockets in ``pid``'s fds
+    (only those on one of ``ports`` if given)."""
     held = {pid: set(_socket_fds(pid).values())}
-    found = {row[2] for row in _tables(held, socket.IPPROTO_TCP, _TCPF_LISTEN)[pid]}
+    tcp = _tables(held, socket.IPPROTO_TCP, _TCPF_LISTEN)[pid]
+    found = {inode for _, port, inode in tcp if ports is None or port in ports}
     udp = _tables(held, socket.IPPROTO_UDP, _TCPF_CLOSE)[pid]
-    found.update(inode for _, port, inode in udp if port)
+    found.update(inode for _, port, inode in udp if port and (ports is None or port in ports))
     return found
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -88,6 +89,33 @@ def test_a_static_binary_gets_so_reuseport_from_the_seccomp_trap(
     assert [s["mode"] for s in sup.status()["slots"]] == ["reuseport+seccomp"] * 2
     pids = {str(p) for p in sup.pids()}
     assert {answer(port) for _ in range(60)} == pids
+
+
+ADMIN_FIRST = (
+    """
+import os, socket, sys
+admin = socket.socket()
+admin.bind(("127.0.0.1", 0))
+admin.listen()
+admin.settimeout(1.5)
+try:
+    admin.accept()  # waits on a port portshard does not serve: not ready yet
+except socket.timeout:
+    pass
+"""
+    + SELF_BINDING
+)
+
+
+def test_readiness_looks_only_at_the_served_port(start: Start) -> None:
+    port = free_port()
+    sup = start(
+        "-w", "1", "--via", "reuseport", "--listen", f"tcp://127.0.0.1:{port}", "--",
+        sys.executable, "-c", ADMIN_FIRST, "{port}",
+    )  # fmt: skip
+    after = re.search(r"ready after ([0-9.]+)s", sup.text())
+    assert after and float(after.group(1)) >= 1.4, sup.text()
+    assert answer(port) == str(sup.pids()[0])
 
 
 UDP_SELF_BINDING = """

@@ -59,6 +59,8 @@ class Until:
 
 Task = Generator[Until, bool, None]
 
+HANDOVER_MAX = 1.0  # seconds a reloading slot may stay out for new TCP connections
+
 
 @dataclass
 class Outcome:
@@ -85,6 +87,7 @@ class Worker:
         self.status: int | None = None
         self.mode = "fds"  # how it got its sockets (--via), for status
         self.trap: Trap | None = None  # its seccomp bind() trap (--via seccomp)
+        self.retiring_since: float | None = None  # when _drain began to retire it
 
     @property
     def state(self) -> State:
@@ -340,7 +343,10 @@ class Supervisor:
         ones it bound itself."""
         if w.slot.socks:
             return slot_inodes(w.slot)
-        return inspect.listening_sockets_of(w.pid)
+        try:  # only the served ports: a program may listen elsewhere first (an admin port)
+            return inspect.listening_sockets_of(w.pid, ports={a.port for a in self.bound})
+        except (OSError, inspect.InspectError):
+            return set()  # not visible now: nothing counts as its listener this time
 
     def _ready_timeout(self, w: Worker) -> None:
         timeout = w.slot.cfg.ready_timeout
@@ -620,6 +626,7 @@ class Supervisor:
     def _drain(self, w: Worker) -> Task:
         """Stop a worker without losing what it holds; ends when it has exited."""
         w.deliberate = True
+        w.retiring_since = time.monotonic()
         if w.state is State.STARTING or w.state is State.READY:
             w.life.fire(Event.DRAIN)
         if w.state is not State.DRAINING:
@@ -765,7 +772,16 @@ class Supervisor:
             return Health.REMOVING
         states = {w.state for w in slot.live()}
         if State.READY in states:
-            retiring = State.DRAINING in states or State.STOPPING in states
+            # Out for new TCP connections while an old worker goes, so that its queue empties
+            # and freeze-check-kill catches it idle; at most HANDOVER_MAX s: an old worker that
+            # holds long-lived connections is not caught idle anyway (it waits for --grace),
+            # and meanwhile its slot's new worker should serve.
+            now = time.monotonic()
+            retiring = any(
+                w.state in (State.DRAINING, State.STOPPING)
+                and now - (w.retiring_since or now) < HANDOVER_MAX
+                for w in slot.live()
+            )
             return Health.HANDOVER if retiring else Health.READY
         if State.DRAINING in states or State.STOPPING in states:
             return Health.DRAINING
