@@ -232,10 +232,12 @@ def test_a_reloading_slot_takes_no_new_connection_while_its_old_worker_goes_but_
 ) -> None:
     # The old worker ignores SIGTERM, so it keeps accepting for the whole --grace: with the slot
     # in, it would take new connections all that time (and under a saturating load it is never
-    # caught idle by freeze-check-kill). The slot is out for TCP until it is gone; UDP stays.
+    # caught idle by freeze-check-kill). The slot is out for TCP while its old worker goes, for
+    # at most a second (then its new worker serves again, whatever the old one holds); UDP
+    # stays throughout.
     stubborn = ["sh", "-c", 'trap "" TERM; exec "$0" "$@"', *FDWORKER]
     sup = start(
-        "-w", "2", "--steering", backend, "--drain", "signal", "--grace", "3",
+        "-w", "2", "--steering", backend, "--drain", "signal", "--grace", "2",
         "--listen", "tcp://127.0.0.1:0", "--listen", "udp://127.0.0.1:0", "--", *stubborn,
         env={"DIE_ON_TERM": "1"},
     )  # fmt: skip
@@ -243,20 +245,23 @@ def test_a_reloading_slot_takes_no_new_connection_while_its_old_worker_goes_but_
     tcp, udp = st["listen"][0]["port"], st["listen"][1]["port"]
     first = udp_slots(udp, flows)
     assert set(first) == {"0", "1"}
-    old = sup.pids()[0]
-    sup.ctl("reload")
-    wait_until(
-        lambda: slot_of(sup, 0)["steering"]["reason"] == "handing over", 10, "slot 0 handing over"
-    )
-    assert slot_of(sup, 0)["steering"]["udp"] is True
-    assert [ask(tcp) for _ in range(40)] == ["1"] * 40
-    assert udp_slots(udp, flows) == first, "a UDP flow moved during the reload"
-    os.kill(old, 0)  # the old worker is still there, ignoring SIGTERM: it got nothing new
-    wait_until(lambda: not slot_of(sup, 0)["steering"]["excluded"], 15, "slot 0 back in")
-    assert "steering: back in: its old worker is retired" in sup.text()
-    # Slot 1 goes the same way; afterwards every slot serves.
-    wait_until(lambda: sup.status()["reloads"]["ok"] == 1, 15, "the reload done")
-    assert {ask(tcp) for _ in range(40)} == {"0", "1"}
+    for reloads in range(1, 4):  # until the asks fall inside the window (the first time, mostly)
+        old = sup.pids()[0]
+        sup.ctl("reload")
+        wait_until(lambda: slot_of(sup, 0)["steering"]["reason"] == "handing over", 10, "handover")
+        answers = [ask(tcp) for _ in range(10)]
+        inside = slot_of(sup, 0)["steering"]["reason"] == "handing over"
+        assert slot_of(sup, 0)["steering"]["udp"] is True
+        assert udp_slots(udp, flows) == first, "a UDP flow moved during the reload"
+        os.kill(old, 0)  # the old worker is still there, ignoring SIGTERM
+        wait_until(lambda: not slot_of(sup, 0)["steering"]["excluded"], 5, "slot 0 back in")
+        wait_until(lambda r=reloads: sup.status()["reloads"]["ok"] == r, 20, "the reload done")
+        if inside:
+            break
+    assert inside, "never asked within the handover window"
+    assert answers == ["1"] * 10, "a reloading slot got new connections"
+    assert "steering: back in: handover done" in sup.text()
+    assert {ask(tcp) for _ in range(40)} == {"0", "1"}  # afterwards every slot serves
     assert udp_slots(udp, flows) == first
 
 

@@ -256,7 +256,7 @@ def test_a_slot_handing_over_takes_no_new_tcp_but_keeps_its_udp_flows() -> None:
     step(p, {0: R, 1: R})
     assert step(p, {0: R, 1: Health.HANDOVER}) == ["excluded: handing over"]
     assert set(p.tcp_weights()) == {0} and set(p.udp_weights()) == {0, 1}
-    assert step(p, {0: R, 1: R}) == ["back in: its old worker is retired"]
+    assert step(p, {0: R, 1: R}) == ["back in: handover done"]
     assert set(p.tcp_weights()) == {0, 1}
 
 

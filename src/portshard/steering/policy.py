@@ -9,11 +9,12 @@ queues were sampled, the accept-queue depth of its TCP listeners.
 - Hard exclusions, from health: no worker (it died; until its replacement is ready), starting
   (a worker is there but not ready yet), draining (its only worker is being retired), removing
   (scale down: the socket closes soon).
-- Handing over (reload: the new worker is ready, the old one is being retired): out for new TCP
-  connections only, for the moment it takes the two workers to empty the queue, so that the old
-  one is soon caught waiting in accept() holding nothing and can go; its UDP flows stay (the
-  socket is the same, and the new worker reads it). Under a saturating load with the slot in,
-  its queue never emptied and retiring the old worker took 6-14 s instead of about one.
+- Handing over (reload: the new worker is ready, the old one is being retired; the supervisor
+  says so for at most a second): out for new TCP connections only, for the moment it takes the
+  two workers to empty the queue, so that the old one is soon caught waiting in accept()
+  holding nothing and can go; its UDP flows stay (the socket is the same, and the new worker
+  reads it). Under a saturating load with the slot in, its queue never emptied and retiring the
+  old worker took 6-14 s instead of about one.
 - Overload (TCP only): the expected wait in slot i's queue is ``q_i / (s_i x R)`` (Little's
   law; R, the arrival rate, is the same for all), so a slot whose queue is long both in absolute
   terms and per unit of its share compared with the rest (``q_i >= 8`` and
@@ -137,7 +138,7 @@ class Policy:
             t.pid = o.pid
             if o.health is not t.health and o.health is Health.READY:
                 t.back_why = (
-                    "its old worker is retired"
+                    "handover done"
                     if t.health is Health.HANDOVER
                     else f"its worker is ready (was {t.health.value})"
                 )
