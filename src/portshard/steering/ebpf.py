@@ -372,6 +372,7 @@ class SteeringProgram:
         self.table.close()
 
     def handed(self, slot: int) -> int:
-        """Connections (or datagrams) handed to ``slot`` since the program was loaded."""
+        """New TCP connections handed to ``slot`` since the program was loaded (a UDP
+        program does not count)."""
         assert self.counts is not None
         return self.counts.lookup_u64(slot)

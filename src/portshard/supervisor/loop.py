@@ -164,7 +164,7 @@ class Supervisor:
     # ---- set-up and tear-down -------------------------------------------------------------
 
     def _open_slot_sockets(self, index: int) -> list[socket.socket]:
-        if self.cfg.via == "reuseport":  # each copy binds its own (ports checked by config)
+        if not self.owns_sockets:  # each copy binds its own (ports checked by config)
             if self.activated:
                 raise SupervisorError(
                     "--via reuseport cannot use sockets from systemd socket activation: each "
@@ -330,18 +330,25 @@ class Supervisor:
                 inodes = self._listeners_of(w)
                 if inspect.waiting_for_work(w.pid, inodes):
                     return True
-                ports = {a.port for a in self.bound if a.proto is Proto.TCP}
-                if not ports or not inspect.sockets_of(w.pid) - inodes:
-                    return False
-                return inspect.connections_by_pid([w.pid], ports=ports).get(w.pid, 0) > 0
+                ports = self._tcp_ports()
+                return bool(ports) and held_connections(w.pid, inodes, ports) > 0
             except (OSError, inspect.InspectError):
                 return False  # not visible (yet): ask again on the next tick
         return False  # notify: set by _on_notify
 
+    def _tcp_ports(self) -> set[int]:
+        """The served TCP ports (port 0 resolved)."""
+        return {a.port for a in self.bound if a.proto is Proto.TCP}
+
+    @property
+    def owns_sockets(self) -> bool:
+        """False with --via reuseport: each worker binds its own socket, slots hold none."""
+        return self.cfg.via != "reuseport"
+
     def _listeners_of(self, w: Worker) -> set[int]:
         """Inodes of the listening sockets ``w`` serves: its slot's, or (--via reuseport) the
         ones it bound itself."""
-        if w.slot.socks:
+        if self.owns_sockets:
             return slot_inodes(w.slot)
         try:  # only the served ports: a program may listen elsewhere first (an admin port)
             return inspect.listening_sockets_of(w.pid, ports={a.port for a in self.bound})
@@ -520,8 +527,10 @@ class Supervisor:
             return
         self.history.event("crash", f"slot {slot.index} pid {w.pid} {w.describe_exit()}")
         ready = w.ready_at is not None
-        killed = w.status is not None and os.WIFSIGNALED(w.status)
-        killed = killed and os.WTERMSIG(w.status or 0) == signal.SIGKILL
+        status = w.status
+        killed = (
+            status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        )
         uptime = time.monotonic() - w.started if ready else 0.0
         delay = slot.backoff.on_exit(uptime, own=not (ready and killed))
         if delay is None:
@@ -637,7 +646,7 @@ class Supervisor:
         if cfg.drain == "freeze":
             # Freeze, check, kill: a stopped task leaves the accept wait queue, so the queue goes
             # to the other worker of the slot; if it holds no connection, nothing can be lost.
-            ports = {a.port for a in self.bound if a.proto is Proto.TCP}
+            ports = self._tcp_ports()
             while w.life.alive and time.monotonic() < deadline:
                 listeners = self._listeners_of(w)
                 self._signal(w, signal.SIGSTOP)
@@ -719,7 +728,7 @@ class Supervisor:
             {slot.index: list(slot.socks) for slot in self.slots},
             on_event=lambda text: self.history.event("steering", text),
         )
-        if self.steering is None and self.cfg.via == "reuseport":
+        if self.steering is None and not self.owns_sockets:
             log.warning(
                 "--via reuseport: each copy binds its own socket; one that exits (a reload, a "
                 "crash) takes its socket with it, and the kernel %s; no steering",
@@ -840,7 +849,7 @@ class Supervisor:
 
     def _sample(self) -> None:
         """Once a second: each slot's queue depth and the connections its worker holds."""
-        ports = {a.port for a in self.bound if a.proto is Proto.TCP}
+        ports = self._tcp_ports()
         workers = {slot.index: w for slot in self.slots if (w := slot.serving()) is not None}
         # Most of the time a worker holds no socket but its listeners: no table walk at all.
         busy = [
@@ -899,9 +908,9 @@ class Supervisor:
         when the unit has FileDescriptorStoreMax=; ignored otherwise)."""
         if not self.systemd:
             return
+        if not self.owns_sockets:
+            return  # --via reuseport: the programs own their sockets
         for slot in slots:
-            if not slot.socks:
-                continue  # --via reuseport: the programs own their sockets
             for spec, sock in zip(self.cfg.listen, slot.socks, strict=True):
                 if sock.fileno() not in self.held:
                     self.systemd.store(store_name(spec.name, slot.index), sock)
@@ -1027,7 +1036,7 @@ class Supervisor:
         # Steer new connections to the slots that stay (they come first in listen order),
         # let the removed slots' queues empty, drain their workers, then close their sockets.
         # With steering on, the removed slots leave its table (UDP too: only their flows move).
-        own = bool(self.slots[0].socks)  # else --via reuseport: the programs own the sockets
+        own = self.owns_sockets
         if self.steering is not None:
             self._steer(time.monotonic())
         elif own:
@@ -1070,7 +1079,7 @@ class Supervisor:
         closing = [
             sock
             for slot in self.slots
-            for sock, spec in zip(slot.socks, self.cfg.listen, strict=bool(slot.socks))
+            for sock, spec in zip(slot.socks, self.cfg.listen, strict=self.owns_sockets)
             if spec.address.proto is Proto.TCP and sock.fileno() not in self.held
         ]
         for sock in closing:
@@ -1121,7 +1130,7 @@ class Supervisor:
         for slot in self.slots:
             w = slot.serving()
             queues: dict[str, Any] = {}
-            for spec, sock in zip(self.cfg.listen, slot.socks, strict=bool(slot.socks)):
+            for spec, sock in zip(self.cfg.listen, slot.socks, strict=self.owns_sockets):
                 if spec.address.proto is Proto.TCP:
                     depth = inspect.queue_depth(sock)
                     queues[spec.name] = {"queued": depth.queued, "backlog": depth.backlog}
