@@ -21,7 +21,7 @@ import pytest
 
 from portshard import inspect
 from tests.conftest import ROOT
-from tests.supervisor_fixture import PORTSHARD, Start
+from tests.supervisor_fixture import PORTSHARD, Running, Start
 
 SELF_BINDING = """
 import os, socket, sys
@@ -44,6 +44,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def run_tcp(start: Start, workers: int, *command: str) -> tuple[Running, int]:
+    """`portshard run --via reuseport` of ``command`` (with ``{port}``) on a free TCP port."""
+    port = free_port()
+    sup = start(
+        "-w", str(workers), "--via", "reuseport", "--listen", f"tcp://127.0.0.1:{port}", "--",
+        *command,
+    )  # fmt: skip
+    return sup, port
+
+
 def answer(port: int) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
         c.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
@@ -54,11 +64,7 @@ def answer(port: int) -> str:
 
 
 def test_each_copy_binds_its_own_socket_and_is_supervised(start: Start) -> None:
-    port = free_port()
-    sup = start(
-        "-w", "3", "--via", "reuseport", "--listen", f"tcp://127.0.0.1:{port}", "--",
-        sys.executable, "-c", SELF_BINDING, "{port}",
-    )  # fmt: skip
+    sup, port = run_tcp(start, 3, sys.executable, "-c", SELF_BINDING, "{port}")
     st = sup.status()
     assert [s["mode"] for s in st["slots"]] == ["reuseport+preload"] * 3
     assert st["steering"]["backend"] == "off" and all(s["queue"] == {} for s in st["slots"])
@@ -81,11 +87,7 @@ def test_each_copy_binds_its_own_socket_and_is_supervised(start: Start) -> None:
 def test_a_static_binary_gets_so_reuseport_from_the_seccomp_trap(
     start: Start, static_server: str
 ) -> None:
-    port = free_port()
-    sup = start(
-        "-w", "2", "--via", "reuseport", "--listen", f"tcp://127.0.0.1:{port}", "--",
-        static_server, "{port}",
-    )  # fmt: skip
+    sup, port = run_tcp(start, 2, static_server, "{port}")
     assert [s["mode"] for s in sup.status()["slots"]] == ["reuseport+seccomp"] * 2
     pids = {str(p) for p in sup.pids()}
     assert {answer(port) for _ in range(60)} == pids
@@ -108,11 +110,7 @@ except socket.timeout:
 
 
 def test_readiness_looks_only_at_the_served_port(start: Start) -> None:
-    port = free_port()
-    sup = start(
-        "-w", "1", "--via", "reuseport", "--listen", f"tcp://127.0.0.1:{port}", "--",
-        sys.executable, "-c", ADMIN_FIRST, "{port}",
-    )  # fmt: skip
+    sup, port = run_tcp(start, 1, sys.executable, "-c", ADMIN_FIRST, "{port}")
     after = re.search(r"ready after ([0-9.]+)s", sup.text())
     assert after and float(after.group(1)) >= 1.4, sup.text()
     assert answer(port) == str(sup.pids()[0])
