@@ -139,6 +139,7 @@ def run(log_level: str, log_format: str, **options: Any) -> None:
     """
     from .supervisor.config import load
     from .supervisor.loop import Supervisor
+    from .supervisor.preflight import refuse_served_ports
     from .supervisor.systemd import Activated
 
     _setup_logging(log_level, log_format)
@@ -149,6 +150,8 @@ def run(log_level: str, log_format: str, **options: Any) -> None:
     if activated and not cli_values["listen"] and not options.get("config"):
         cli_values["listen"] = tuple(activated.addresses()) or None
     cfg = load(cli_values)
+    if not activated:  # systemd's sockets are held by systemd: sharing them is the point
+        refuse_served_ports(cfg)  # another server on a --listen port: say who (--join-existing)
     code = Supervisor(cfg, cli_values, activated).run()
     if code:
         sys.exit(code)
