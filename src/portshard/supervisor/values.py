@@ -9,6 +9,7 @@ value, what was expected and the fix. Used by ``settings.py`` (the schema) and `
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import re
@@ -74,7 +75,7 @@ def shown(value: Any) -> str:
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
-        text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        text = json.dumps(value, ensure_ascii=False)  # TOML's basic strings escape the same
     elif isinstance(value, int):
         text = str(value) if abs(value) < 10**60 else "<a number of more than 60 digits>"
     elif isinstance(value, (list, tuple)):
@@ -195,6 +196,8 @@ def parse_command(value: Any, origin: Origin) -> tuple[str, ...]:
         )
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise origin.wrong_type(value, "a list of strings", "['./server', '-v']")
+    if any("\0" in arg for arg in value):
+        raise origin.error(value, "an argument holds a NUL byte", "no program can receive one")
     return tuple(value)
 
 
@@ -222,7 +225,7 @@ def parse_name(value: Any, origin: Origin) -> str:
 
 def parse_user(value: Any, origin: Origin) -> str:
     user = text("www-data")(value, origin)
-    if not user or user.startswith(":"):
+    if not user or user.startswith(":") or "\0" in user:
         raise origin.error(value, "no user name", 'e.g. user = "www-data" or "www-data:www"')
     return str(user)
 
@@ -319,16 +322,18 @@ def resolve_user(user: str) -> Credentials:
     name, _, group = user.partition(":")
     try:
         pw = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
-    except (KeyError, OverflowError):
+    except (KeyError, OverflowError, ValueError):
         raise ConfigError(
             f"--user {user!r}: no such user; create it or pick one from /etc/passwd"
         ) from None
     gid = pw.pw_gid
     if group:
         try:
-            gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
-        except KeyError:
-            raise ConfigError(f"--user {user!r}: no such group {group!r}") from None
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except (KeyError, ValueError):
+            gid = -1
+        if not 0 <= gid < 2**32 - 1:
+            raise ConfigError(f"--user {user!r}: no such group {group!r}; pick one from /etc/group")
     if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
         raise ConfigError(f"--user {user!r} needs root: run portshard as root to drop to it")
     groups = tuple(sorted({gid, *os.getgrouplist(pw.pw_name, gid)}))
