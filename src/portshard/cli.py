@@ -71,76 +71,35 @@ def control_options(f: Any) -> Any:
     return f
 
 
-@cli.command(context_settings={"ignore_unknown_options": False})
-@click.option(
-    "--listen",
-    "-l",
-    "listen",
-    multiple=True,
-    metavar="[NAME=]ADDR",
-    help="Address to share, e.g. tcp://:8080, udp://127.0.0.1:5353, tcp://[::1]:0. "
-    "Repeat for more; each worker gets one socket per address (fd 3, 4, ...).",
-)
-@click.option("-w", "--workers", type=int, help="Number of workers (default: number of CPUs).")
-@click.option(
-    "--name", help="Name of this supervisor (default: portshard); picks the control socket."
-)
-@click.option("--control", type=click.Path(dir_okay=False), help="Control socket path.")
-@click.option(
-    "--user",
-    metavar="USER[:GROUP]",
-    help="Run workers as this user; sockets are still bound by the supervisor (root).",
-)
-@click.option(
-    "--ready",
-    metavar="MODE",
-    help="When a worker counts as ready: accept (default: it waits for connections on "
-    "its socket or holds one it accepted, no cooperation needed), notify (sd_notify "
-    "READY=1), delay:SECONDS.",
-)
-@click.option("--ready-timeout", type=float, help="Seconds a new worker has to become ready [30].")
-@click.option("--stop-signal", metavar="SIG", help="Signal that stops a worker [TERM].")
-@click.option("--grace", type=float, help="Seconds a stopping worker gets before SIGKILL [30].")
-@click.option(
-    "--drain",
-    type=click.Choice(["freeze", "signal"]),
-    help="How an old worker is retired: freeze (SIGSTOP, check it holds no connection, "
-    "SIGKILL: safe for any program; default) or signal (send --stop-signal and "
-    "wait, for programs that stop gracefully).",
-)
-@click.option("--surge", type=int, help="Slots replaced at once during a reload [1].")
-@click.option("--backlog", type=int, help="Listen backlog per socket (clamped by somaxconn).")
-@click.option(
-    "--via",
-    type=click.Choice(["auto", "fds", "preload", "seccomp", "reuseport"]),
-    help="How a worker gets its socket: fds (LISTEN_FDS, fd 3...), preload (LD_PRELOAD shim: "
-    "its bind() of the address gets the slot's socket), seccomp (the same for static and Go "
-    "programs), auto (preload for dynamically linked programs, else seccomp; default), "
-    "reuseport (each copy binds its own socket and portshard only sets SO_REUSEPORT: no "
-    "steering, and a copy that exits resets its queue unless tcp_migrate_req=1, see "
-    "--migrate). Use {port} in the command.",
-)
-@click.option(
-    "--metrics",
-    metavar="[HOST:]PORT",
-    help="Serve Prometheus metrics (/metrics) and a live dashboard (/) on this address. "
-    "Loopback (127.0.0.1) unless a host is given; port 0 picks a free one (see status --json).",
-)
-@click.option(
-    "--steering",
-    type=click.Choice(["auto", "cbpf", "ebpf", "off"]),
-    help="Keep new connections away from dead, starting, draining and overloaded workers, "
-    "and weight the rest by what they serve: ebpf (needs CAP_BPF or root), cbpf (classic "
-    "BPF, no privilege), auto (ebpf if allowed, else cbpf; default) or off (plain hashing).",
-)
-@click.option(
-    "--migrate",
-    is_flag=True,
-    default=None,
-    help="Set net.ipv4.tcp_migrate_req=1 in this network namespace (root): a closing "
-    "listener hands its queued connections to the others. With cbpf steering, a slot whose "
-    "worker dies then hands its queue over at once (eBPF steering does that anyway).",
-)
+def _setting_options(f: Any) -> Any:
+    """The options of `portshard run`, one per setting of the schema (supervisor/settings.py)."""
+    from .supervisor.settings import SETTINGS
+
+    for setting in reversed(SETTINGS):
+        if not setting.option:
+            continue
+        names = [setting.short] if setting.short else []
+        fixed = "" if setting.reloadable else "; a reload keeps it"
+        kind: Any = click.Choice(setting.choices) if setting.choices else setting.click_type
+        f = click.option(
+            f"--{setting.key}",
+            *names,
+            setting.field,
+            type=kind,
+            multiple=setting.multiple,
+            is_flag=setting.flag,
+            default=None,
+            metavar=setting.metavar or None,
+            help=f"{setting.help}  [default: {setting.shown}{fixed}]",
+        )(f)
+    return f
+
+
+# Options end at the first word of the program's command (allow_interspersed_args False): in
+# `portshard run -w 2 --listen tcp://:8000 gunicorn -w 4 app:app` the second -w is gunicorn's,
+# and `... python3 -m http.server` runs as written. `--` before the command still works.
+@cli.command(context_settings={"allow_interspersed_args": False})
+@_setting_options
 @click.option(
     "-c",
     "--config",
@@ -165,8 +124,12 @@ def run(log_level: str, log_format: str, **options: Any) -> None:
     """Run N copies of COMMAND sharing the --listen addresses.
 
     \b
-    portshard run -w 4 --listen tcp://:8080 -- python3 app.py
+    portshard run -w 4 --listen tcp://:8080 python3 app.py
     portshard run -w 2 --listen tcp://:8080 -- ./server --fd {fd}
+
+    portshard's options end at the first word of COMMAND: what follows is the program's
+    (a `--` before COMMAND is allowed, never needed). Every option can also be given in the
+    --config file, as `long-option-name = value`.
 
     The supervisor opens one socket per worker slot and keeps it for the slot's life; each
     worker gets its slot's sockets the systemd way (LISTEN_FDS, fds from 3, {fd} and
@@ -176,6 +139,7 @@ def run(log_level: str, log_format: str, **options: Any) -> None:
     """
     from .supervisor.config import load
     from .supervisor.loop import Supervisor
+    from .supervisor.preflight import refuse_served_ports
     from .supervisor.systemd import Activated
 
     _setup_logging(log_level, log_format)
@@ -186,6 +150,8 @@ def run(log_level: str, log_format: str, **options: Any) -> None:
     if activated and not cli_values["listen"] and not options.get("config"):
         cli_values["listen"] = tuple(activated.addresses()) or None
     cfg = load(cli_values)
+    if not activated:  # systemd's sockets are held by systemd: sharing them is the point
+        refuse_served_ports(cfg)  # another server on a --listen port: say who (--join-existing)
     code = Supervisor(cfg, cli_values, activated).run()
     if code:
         sys.exit(code)
@@ -246,22 +212,40 @@ def status(name: str, control: str | None, as_json: bool, watch: float | None) -
         click.echo()
 
 
+# reload and scale agree: both wait by default (a deploy script learns from the exit status
+# whether the change worked); --no-wait returns once the supervisor has started it.
+_wait_options = [
+    click.option(
+        "--wait/--no-wait",
+        default=True,
+        show_default=True,
+        help="Wait until it is done and exit non-zero if it failed; --no-wait returns once "
+        "it has started.",
+    ),
+    click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=600,
+        show_default=True,
+        help="With --wait: give up waiting after this many seconds.",
+    ),
+]
+
+
+def wait_options(f: Any) -> Any:
+    for option in reversed(_wait_options):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @control_options
-@click.option(
-    "--wait/--no-wait",
-    default=False,
-    help="Wait until every slot runs the new workers; exit non-zero if the reload failed.",
-)
-@click.option(
-    "--timeout",
-    type=float,
-    default=600,
-    show_default=True,
-    help="With --wait: give up waiting after this many seconds.",
-)
+@wait_options
 def reload(name: str, control: str | None, wait: bool, timeout: float) -> None:
-    """Rolling reload: replace workers one slot at a time, each new one ready first."""
+    """Rolling reload: replace workers one slot at a time, each new one ready first.
+
+    Waits until every slot runs a new worker (like scale); --no-wait returns at once.
+    """
     from .control.client import request
 
     request(_client(name, control), "reload", timeout=timeout if wait else 30, wait=wait)
@@ -271,13 +255,20 @@ def reload(name: str, control: str | None, wait: bool, timeout: float) -> None:
 @cli.command()
 @control_options
 @click.argument("workers", type=click.IntRange(1, 1024))
-@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until done.")
-def scale(name: str, control: str | None, workers: int, wait: bool) -> None:
-    """Change the number of workers without failing a connection."""
+@wait_options
+def scale(name: str, control: str | None, workers: int, wait: bool, timeout: float) -> None:
+    """Change the number of workers without failing a connection.
+
+    Waits until the new count serves (like reload); --no-wait returns at once.
+    """
     from .control.client import request
 
     request(
-        _client(name, control), "scale", timeout=600 if wait else 30, workers=workers, wait=wait
+        _client(name, control),
+        "scale",
+        timeout=timeout if wait else 30,
+        workers=workers,
+        wait=wait,
     )
     click.echo(f"scaled to {workers} workers" if wait else f"scaling to {workers} workers")
 

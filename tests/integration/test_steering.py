@@ -247,7 +247,7 @@ def test_a_reloading_slot_takes_no_new_connection_while_its_old_worker_goes_but_
     assert set(first) == {"0", "1"}
     for reloads in range(1, 4):  # until the asks fall inside the window (the first time, mostly)
         old = sup.pids()[0]
-        sup.ctl("reload")
+        sup.ctl("reload", "--no-wait")  # the window is during the reload
         wait_until(lambda: slot_of(sup, 0)["steering"]["reason"] == "handing over", 10, "handover")
         answers = [ask(tcp) for _ in range(10)]
         inside = slot_of(sup, 0)["steering"]["reason"] == "handing over"

@@ -8,17 +8,18 @@ Routes: /metrics, / (dashboard), /api/status (status + history, ``?since=T``).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import selectors
 import socket
-import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..address import parse
+from ..endpoint import Limits, Peer, StreamServer
 from ..errors import ConfigError, SupervisorError
 
 log = logging.getLogger("portshard.supervisor")
@@ -140,21 +141,71 @@ def metrics_registry(snapshot: Callable[[], dict[str, Any]]) -> Any:
     return registry
 
 
-class _Conn:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-        self.out = b""
-        self.opened = time.monotonic()
+# The endpoint serves a dashboard and /api/status to browsers, so a web page elsewhere must
+# not read them through DNS rebinding (its name re-pointed at 127.0.0.1): the Host header must
+# be a loopback name or address, this machine's name, or the address the endpoint is bound to
+# (any IP literal when bound to every address: an address is never re-pointed).
+LIMITS = Limits(max_conns=32, idle=IDLE_TIMEOUT, max_request=MAX_REQUEST, backlog=64)
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    421: "Misdirected Request",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
-class WebServer:
+def _head(code: int, ctype: str, length: int) -> bytes:
+    return (
+        f"HTTP/1.0 {code} {_REASONS[code]}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {length}\r\nCache-Control: no-store\r\n"
+        f"Connection: close\r\n\r\n"
+    ).encode()
+
+
+def host_of(request: bytes) -> str | None:
+    """The Host header's host (no port, lower case), or None if there is none."""
+    for line in request.split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"host":
+            host = value.strip().decode("latin-1").lower()
+            if host.startswith("["):
+                return host[1:].partition("]")[0]
+            if host.count(":") == 1:
+                host = host.partition(":")[0]
+            return host.rstrip(".")
+    return None
+
+
+def host_allowed(host: str | None, bound: str) -> bool:
+    if host is None:
+        return True  # HTTP/1.0 without Host: not a browser (browsers always send one)
+    if host == "localhost" or host.endswith(".localhost"):
+        return True  # RFC 6761: resolved to loopback by the resolver, never by DNS
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host in {socket.gethostname().lower(), socket.getfqdn().lower()}
+    listening = ipaddress.ip_address(bound)
+    return ip.is_loopback or ip == listening or listening.is_unspecified
+
+
+class WebServer(StreamServer):
+    name = "metrics"
+    busy_reply = _head(503, "text/plain", 5) + b"busy\n"
+
     def __init__(
         self,
         address: tuple[str, int],
         selector: selectors.BaseSelector,
         status: Callable[[], dict[str, Any]],
         history: Callable[[float], dict[str, Any]],
+        *,
+        limits: Limits = LIMITS,
     ) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -163,23 +214,24 @@ class WebServer:
         self.registry = metrics_registry(status)
         self.status = status
         self.history = history
-        self.selector = selector
-        self.conns: dict[int, _Conn] = {}
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind(address)
-            self.sock.listen(64)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(limits.backlog)
         except OSError as exc:
-            self.sock.close()
+            sock.close()
             raise SupervisorError(
                 f"--metrics: cannot listen on {address[0]}:{address[1]}: {exc.strerror}; "
                 f"pick a free port (0 = any)"
             ) from None
-        self.sock.setblocking(False)
-        selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
         self._page = resources.files("portshard").joinpath("dashboard.html").read_bytes()
+        super().__init__(sock, selector, limits)
+
+    @property
+    def conns(self) -> dict[int, Peer]:
+        return self.peers
 
     @property
     def url(self) -> str:
@@ -187,40 +239,27 @@ class WebServer:
         shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{port}"
 
-    def _on_accept(self, _mask: int) -> None:
+    def on_data(self, peer: Peer) -> None:
+        if b"\r\n\r\n" not in peer.buf and b"\n\n" not in peer.buf:
+            if len(peer.buf) > self.limits.max_request:
+                self._respond(peer, (431, "text/plain", b"request too large\n"))
+            return
         try:
-            sock, _ = self.sock.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        conn = _Conn(sock)
-        self.conns[sock.fileno()] = conn
-        self.selector.register(sock, selectors.EVENT_READ, lambda m: self._on_event(conn, m))
+            self._respond(peer, self._checked_route(peer.buf))
+        except Exception:  # a bug here must not take the supervisor down
+            log.exception("metrics: internal error")
+            self._respond(peer, (500, "text/plain", b"internal error\n"))
 
-    def _on_event(self, conn: _Conn, mask: int) -> None:
-        if mask & selectors.EVENT_READ and not conn.out:
-            try:
-                data = conn.sock.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._close(conn)
-                return
-            conn.buf += data
-            if b"\r\n\r\n" not in conn.buf and b"\n\n" not in conn.buf:
-                if len(conn.buf) > MAX_REQUEST:
-                    self._respond(conn, (431, "text/plain", b"request too large\n"))
-                return
-            try:
-                self._respond(conn, self._route(conn.buf))
-            except Exception:  # a bug here must not take the supervisor down
-                log.exception("metrics: internal error")
-                self._respond(conn, (500, "text/plain", b"internal error\n"))
-            return
-        if mask & selectors.EVENT_WRITE:
-            self._flush(conn)
+    def _checked_route(self, request: bytes) -> Response:
+        host = host_of(request)
+        if not host_allowed(host, self.sock.getsockname()[0]):
+            body = (
+                f"Host {host!r} is not this endpoint's name: use {self.url}/ (or localhost). "
+                f"The dashboard answers only loopback names, this machine's name and its own "
+                f"address, so that no web page can read it by DNS rebinding.\n"
+            )
+            return 421, "text/plain", body.encode()
+        return self._route(request)
 
     def _route(self, request: bytes) -> Response:
         line = request.split(b"\n", 1)[0].decode("latin-1").split()
@@ -241,51 +280,13 @@ class WebServer:
             return 200, "application/json", json.dumps(body).encode()
         return 404, "text/plain", b"not found: try /, /metrics or /api/status\n"
 
-    def _respond(self, conn: _Conn, response: Response) -> None:
+    def _respond(self, peer: Peer, response: Response) -> None:
         code, ctype, body = response
-        reason = {
-            200: "OK",
-            400: "Bad Request",
-            404: "Not Found",
-            405: "Method Not Allowed",
-            431: "Request Header Fields Too Large",
-            500: "Internal Server Error",
-        }[code]
-        head = (
-            f"HTTP/1.0 {code} {reason}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
-            f"Connection: close\r\n\r\n"
-        )
-        conn.out = head.encode() + body
-        self._flush(conn)
+        self.send(peer, _head(code, ctype, len(body)) + body)
 
-    def _flush(self, conn: _Conn) -> None:
-        try:
-            while conn.out:
-                conn.out = conn.out[conn.sock.send(conn.out) :]
-        except BlockingIOError:
-            self.selector.modify(
-                conn.sock, selectors.EVENT_WRITE, lambda m: self._on_event(conn, m)
-            )
-            return
-        except OSError:
-            pass
-        self._close(conn)
-
-    def _close(self, conn: _Conn) -> None:
-        fd = conn.sock.fileno()
-        if fd >= 0:
-            self.selector.unregister(conn.sock)
-            self.conns.pop(fd, None)
-            conn.sock.close()
-
-    def expire(self, now: float) -> None:
-        for conn in list(self.conns.values()):
-            if now - conn.opened > IDLE_TIMEOUT:
-                self._close(conn)
-
-    def close(self) -> None:
-        for conn in list(self.conns.values()):
-            self._close(conn)
-        self.selector.unregister(self.sock)
-        self.sock.close()
+    def close(self, peer: Peer | None = None) -> None:
+        """close(): stop the endpoint (the supervisor's call); close(peer): one connection."""
+        if peer is None:
+            self.close_all()
+        else:
+            super().close(peer)

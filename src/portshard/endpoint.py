@@ -1,0 +1,265 @@
+"""A small stream server inside someone else's selector: the plumbing of the control socket
+(control/server.py) and the web endpoint (supervisor/web.py), written once.
+
+It accepts, buffers what a peer sends, hands it to ``on_data`` (the subclass decides when a
+request is complete and what to answer), writes the answer without blocking, and closes.
+The supervisor runs it in its one thread, next to every worker's socket, so no peer may hurt
+the service; the limits are part of the design:
+
+- at most ``max_conns`` peers; at the cap it stops accepting until one leaves, and the rest
+  wait in the kernel's queue (``backlog``), which costs the supervisor no descriptor;
+- a peer that has not had its answer within ``idle`` seconds is dropped (``on_expire``), unless
+  its answer is deliberately deferred (``Peer.waiting``: ``reload --wait``);
+- a reserve of descriptors: a connection that lands within ``fd_reserve`` of RLIMIT_NOFILE is
+  shed at once (the newest client goes, with a short "busy" answer if it fits in the socket
+  buffer), so the supervisor keeps the descriptors it needs to sample, spawn and steer;
+- at EMFILE/ENFILE (the process or the system is out of descriptors anyway): the newest peer
+  that has not sent a complete request is shed, and accepting pauses for ``pause`` seconds (the
+  listener would otherwise be readable forever, a busy loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import resource
+import selectors
+import socket
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Limits", "Peer", "StreamServer"]
+
+_OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_conns: int = 64  # peers at once; more wait in the kernel's queue
+    idle: float = 10.0  # seconds a peer has to get its answer (unless the answer is deferred)
+    max_request: int = 64 * 1024  # bytes buffered for one request
+    fd_reserve: int = 64  # descriptors below RLIMIT_NOFILE that peers may never take
+    pause: float = 0.5  # seconds accepting stops after EMFILE/ENFILE or a shed
+    accept_batch: int = 32  # connections accepted per readiness event (others wait their turn)
+    backlog: int = 512  # the listen queue (the kernel clamps it to net.core.somaxconn)
+
+
+class Peer:
+    """One accepted connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buf = b""
+        self.out = b""
+        self.opened = time.monotonic()
+        self.closing = False  # close once ``out`` is written
+        self.waiting = False  # the answer is deferred (reload --wait): no idle timeout
+        self.answered = False  # an answer was queued (the request is complete)
+        self.writing = False  # registered for EVENT_WRITE (the socket buffer was full)
+
+    @property
+    def open(self) -> bool:
+        return self.sock.fileno() >= 0
+
+
+class StreamServer:
+    """Subclasses implement ``on_data``; they may override ``on_accept``, ``on_expire`` and
+    ``busy_reply`` (what a shed client is told)."""
+
+    name = "endpoint"  # for the log: "control", "metrics"
+    busy_reply = b""
+
+    def __init__(
+        self, sock: socket.socket, selector: selectors.BaseSelector, limits: Limits
+    ) -> None:
+        self.sock = sock
+        self.selector = selector
+        self.limits = limits
+        self.peers: dict[int, Peer] = {}
+        self.shed = 0  # clients shed for lack of descriptors (for tests and the log)
+        self._paused_until: float | None = None  # accepting stopped (EMFILE, shed)
+        self._listening = False
+        self._warned = 0.0
+        sock.setblocking(False)
+        self._resume()
+
+    # ---- for subclasses ------------------------------------------------------------------
+
+    def on_accept(self, peer: Peer) -> None:
+        """A new peer (e.g. check its credentials and answer at once)."""
+
+    def on_data(self, peer: Peer) -> None:
+        """``peer.buf`` grew; answer with ``send`` once it holds a whole request."""
+        raise NotImplementedError
+
+    def on_expire(self, peer: Peer) -> None:
+        """``peer`` had no answer within ``limits.idle`` seconds; the default closes it."""
+        self.close(peer)
+
+    # ---- plumbing ------------------------------------------------------------------------
+
+    def send(self, peer: Peer, data: bytes, *, close: bool = True) -> None:
+        """Queue ``data`` for ``peer`` and write what the socket takes now."""
+        if not peer.open:
+            return
+        peer.out += data
+        peer.closing = peer.closing or close
+        peer.waiting = False
+        peer.answered = True
+        self._flush(peer)
+
+    def close(self, peer: Peer) -> None:
+        if peer.open:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(peer.sock)
+            self.peers.pop(peer.fd, None)
+            peer.sock.close()
+            if self._paused_until is None and not self._listening:
+                self._resume()  # below the cap again
+
+    def expire(self, now: float) -> None:
+        """Drop peers past their time; resume accepting after a pause. Call every tick."""
+        for peer in list(self.peers.values()):
+            if not peer.waiting and now - peer.opened > self.limits.idle:
+                if peer.closing:
+                    self.close(peer)  # its answer did not drain in time
+                else:
+                    self.on_expire(peer)
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            self._resume()
+
+    def close_all(self) -> None:
+        for peer in list(self.peers.values()):
+            self.close(peer)
+        self._pause_listener()
+        self.sock.close()
+
+    def _resume(self) -> None:
+        if not self._listening and self.sock.fileno() >= 0:
+            self.selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
+            self._listening = True
+
+    def _pause_listener(self) -> None:
+        if self._listening:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.sock)
+            self._listening = False
+
+    def _pause(self, why: str) -> None:
+        self._pause_listener()
+        self._paused_until = time.monotonic() + self.limits.pause
+        now = time.monotonic()
+        if now - self._warned >= 10.0:  # one line per 10 s, however hard it is pushed
+            self._warned = now
+            log.warning(
+                "%s: %s; shedding the newest client and not accepting for %gs "
+                "(%d peers, %d shed so far)",
+                self.name,
+                why,
+                self.limits.pause,
+                len(self.peers),
+                self.shed,
+            )
+
+    def _fd_ceiling(self) -> int:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 30
+        return max(0, soft - self.limits.fd_reserve)
+
+    def _on_accept(self, _mask: int) -> None:
+        ceiling = self._fd_ceiling()
+        for _ in range(self.limits.accept_batch):
+            if len(self.peers) >= self.limits.max_conns:
+                self._pause_listener()  # until one leaves (close() resumes)
+                return
+            try:
+                sock, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_FDS:
+                    self._shed_newest()
+                    self._pause(f"out of file descriptors ({exc.strerror})")
+                elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    log.warning("%s: accept failed: %s", self.name, exc)
+                return
+            if sock.fileno() >= ceiling:
+                # fds are handed out lowest first: this one means nearly all below it are
+                # taken. Keep the reserve for the supervisor's own work.
+                self.shed += 1
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                    sock.send(self.busy_reply)
+                sock.close()
+                self._pause(
+                    f"the file descriptor limit is near (fd {ceiling + self.limits.fd_reserve}"
+                    f" is RLIMIT_NOFILE, {self.limits.fd_reserve} kept in reserve)"
+                )
+                return
+            self._add(sock)
+
+    def _add(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        peer = Peer(sock)
+        self.peers[peer.fd] = peer
+        self.selector.register(sock, selectors.EVENT_READ, lambda m: self._on_peer(peer, m))
+        self.on_accept(peer)
+
+    def _shed_newest(self) -> None:
+        """Close the newest peer that has not sent a whole request (the likeliest hog)."""
+        for peer in sorted(self.peers.values(), key=lambda p: p.opened, reverse=True):
+            if not peer.answered and not peer.waiting:
+                self.shed += 1
+                self.close(peer)
+                return
+
+    def _on_peer(self, peer: Peer, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if mask & selectors.EVENT_READ and peer.open:
+            self._read(peer)
+
+    def _read(self, peer: Peer) -> None:
+        try:
+            data = peer.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(peer)
+            return
+        if peer.answered or peer.waiting:
+            return  # one request per connection; what follows it is ignored
+        peer.buf += data
+        self.on_data(peer)
+
+    def _flush(self, peer: Peer) -> None:
+        try:
+            while peer.out:
+                sent = peer.sock.send(peer.out)
+                peer.out = peer.out[sent:]
+        except BlockingIOError:
+            if not peer.writing:
+                peer.writing = True
+                self._watch(peer, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                log.warning("%s: send failed: %s", self.name, exc)
+            self.close(peer)
+            return
+        if peer.closing:
+            self.close(peer)
+        elif peer.writing:
+            peer.writing = False
+            self._watch(peer, selectors.EVENT_READ)
+
+    def _watch(self, peer: Peer, events: int) -> None:
+        self.selector.modify(peer.sock, events, lambda m: self._on_peer(peer, m))

@@ -1,0 +1,99 @@
+"""Before the supervisor opens a socket: is a --listen port already served by someone else?
+
+With SO_REUSEPORT a second server on a served port starts without a word and takes a share of
+its connections (issue 12: a second ``portshard run`` on a running supervisor's port got 10 of
+10 requests). So ``portshard run`` refuses, naming the holder, unless ``--join-existing`` says
+sharing is meant. Sockets handed over by systemd (socket activation, the fd store) are ours.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+from collections.abc import Collection
+
+from .. import inspect
+from ..address import Address
+from ..errors import PortInUse
+from .config import Config
+
+__all__ = ["refuse_served_ports"]
+
+
+def _ips(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The addresses ``host`` stands for; None for every interface (or if unknown)."""
+    if host in ("", "*"):
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except OSError:
+            return None  # cannot tell: treat as every interface (binding will say more)
+        return {ipaddress.ip_address(info[4][0]) for info in infos}
+    return None if ip.is_unspecified else {ip}
+
+
+def _overlaps(ours: str, local: str) -> bool:
+    """Do our host and a holder's local address ("1.2.3.4:80", "[::]:80") share traffic?"""
+    theirs_text = local.rsplit(":", 1)[0].strip("[]")
+    theirs = _ips(theirs_text)
+    mine = _ips(ours)
+    if mine is None or theirs is None:
+        return True
+    return bool({_plain(ip) for ip in mine} & {_plain(ip) for ip in theirs})
+
+
+def _plain(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """::ffff:1.2.3.4 is 1.2.3.4."""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return mapped or ip
+
+
+def _who(holder: inspect.Holder) -> str:
+    text = holder.describe()
+    if holder.pid is not None:
+        try:
+            with open(f"/proc/{holder.pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            return text
+        if any(b"portshard" in arg for arg in argv[:4]):
+            text += ", a portshard supervisor or its worker"
+    return text
+
+
+def refuse_served_ports(cfg: Config, *, skip: Collection[Address] = ()) -> None:
+    """Raise PortInUse naming the holders if a --listen port is served already (see above).
+
+    ``skip``: addresses whose sockets we are handed (systemd): their holders are us."""
+    if cfg.join_existing:
+        return
+    me = os.getpid()
+    for spec in cfg.listen:
+        addr = spec.address
+        if addr.port == 0 or addr in skip:
+            continue
+        holders = [
+            h
+            for h in inspect.port_holders(addr.proto, addr.port)
+            if h.pid != me and _overlaps(addr.host, h.local)
+        ]
+        if not holders:
+            continue
+        seen: dict[int | None, inspect.Holder] = {}
+        for h in holders:
+            seen.setdefault(h.pid, h)
+        named = "; ".join(_who(h) for h in list(seen.values())[:3])
+        more = f" and {len(seen) - 3} more" if len(seen) > 3 else ""
+        raise PortInUse(
+            errno.EADDRINUSE,
+            f"{addr} is already served by {named}{more}. Starting would share the port with "
+            f"it (the kernel would split new connections between them). Stop it, pick "
+            f"another port, or pass --join-existing to share it on purpose",
+        )

@@ -1,0 +1,340 @@
+"""The value types of the supervisor's settings and their parsers, one per kind of value.
+
+Every parser takes the raw value (from click, already a str/int/float/tuple, or from the TOML
+file, any TOML type) and an ``Origin`` that says where it came from, so that every error names
+the setting as the user wrote it (``--workers 0`` or ``workers = true in 'ps.toml'``), the
+value, what was expected and the fix. Used by ``settings.py`` (the schema) and ``config.py``.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..address import Address, parse
+from ..errors import AddressError, ConfigError
+
+if TYPE_CHECKING:  # spawn pulls in the seccomp plumbing; the CLI needs only the schema
+    from .spawn import Credentials
+
+__all__ = [
+    "ListenSpec",
+    "Origin",
+    "ReadyMode",
+    "parse_listen",
+    "parse_ready",
+    "parse_signal",
+    "resolve_user",
+]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+Parser = Callable[[Any, "Origin"], Any]
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    name: str  # LISTEN_FDNAMES entry and {fd:NAME} placeholder
+    address: Address
+
+
+@dataclass(frozen=True)
+class ReadyMode:
+    kind: str  # "accept" | "notify" | "delay"
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return f"delay:{self.seconds:g}" if self.kind == "delay" else self.kind
+
+
+def _kind(value: Any) -> str:
+    """What a TOML (or JSON) value is, in words."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "a whole number"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def shown(value: Any) -> str:
+    """A value as TOML would write it, cut short (a 5,000-digit number is not repeated)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)  # TOML's basic strings escape the same
+    elif isinstance(value, int):
+        text = str(value) if abs(value) < 10**60 else "<a number of more than 60 digits>"
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(shown(v) for v in list(value)[:8]) + "]"
+    elif isinstance(value, dict):
+        text = "{" + ", ".join(f"{k} = {shown(v)}" for k, v in list(value.items())[:8]) + "}"
+    else:
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a value came from: the command line (``file`` None) or a TOML file."""
+
+    key: str  # the long option name without dashes = the TOML key, e.g. "ready-timeout"
+    file: str | None = None
+
+    def show(self, value: Any) -> str:
+        if self.file is None:
+            if isinstance(value, (list, tuple)):
+                return " ".join(f"--{self.key} {v!r}" for v in value) or f"--{self.key}"
+            return f"--{self.key} {value!r}"
+        return f"{self.key} = {shown(value)} in {self.file!r}"
+
+    def example(self, literal: str) -> str:
+        """How the user would write ``literal`` (a TOML literal) where this value came from."""
+        if self.file is None:
+            return f"--{self.key} {literal.strip(chr(34))}"
+        return f"{self.key} = {literal}"
+
+    def error(self, value: Any, problem: str, fix: str) -> ConfigError:
+        return ConfigError(f"{self.show(value)}: {problem}; {fix}")
+
+    def wrong_type(self, value: Any, expected: str, example: str) -> ConfigError:
+        return self.error(
+            value, f"expected {expected}, not {_kind(value)}", f"e.g. {self.example(example)}"
+        )
+
+
+# ---- generic kinds -----------------------------------------------------------------------
+
+
+def text(example: str) -> Parser:
+    def parse_text(value: Any, origin: Origin) -> str:
+        if not isinstance(value, str):
+            raise origin.wrong_type(value, "a string", f'"{example}"')
+        return value
+
+    return parse_text
+
+
+def whole(low: int, high: int, example: int) -> Parser:
+    def parse_whole(value: Any, origin: Origin) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise origin.wrong_type(value, f"a whole number {low}-{high}", str(example))
+        if not low <= value <= high:
+            raise origin.error(
+                value, f"out of range ({low}-{high})", f"e.g. {origin.example(str(example))}"
+            )
+        return value
+
+    return parse_whole
+
+
+def real(low: float, high: float, example: float) -> Parser:
+    def parse_real(value: Any, origin: Origin) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise origin.wrong_type(value, f"seconds ({low:g}-{high:g})", f"{example:g}")
+        if not low <= value <= high:  # also refuses nan
+            raise origin.error(
+                value,
+                f"out of range ({low:g}-{high:g} seconds)",
+                f"e.g. {origin.example(format(example, 'g'))}",
+            )
+        return float(value)
+
+    return parse_real
+
+
+def flag(value: Any, origin: Origin) -> bool:
+    if not isinstance(value, bool):
+        raise origin.wrong_type(value, "true or false", "true")
+    return value
+
+
+def choice(choices: dict[str, str]) -> Parser:
+    """One of ``choices`` (name -> what it means, for the error message)."""
+
+    def parse_choice(value: Any, origin: Origin) -> str:
+        if not isinstance(value, str):
+            raise origin.wrong_type(value, "a string", f'"{next(iter(choices))}"')
+        picked = value.strip().lower()
+        if picked not in choices:
+            known = "; ".join(f"{k} ({v})" if v else k for k, v in choices.items())
+            raise origin.error(value, "not a known choice", f"use one of: {known}")
+        return picked
+
+    return parse_choice
+
+
+def strings(value: Any, origin: Origin) -> tuple[str, ...]:
+    """A list of strings (a single string is a list of one)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise origin.wrong_type(value, "a string or a list of strings", '["..."]')
+    return tuple(items)
+
+
+# ---- the settings' own kinds --------------------------------------------------------------
+
+
+def parse_command(value: Any, origin: Origin) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ConfigError(
+            f"{origin.show(value)}: command must be a list of arguments, "
+            f"e.g. command = ['./server', '-v']"
+        )
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise origin.wrong_type(value, "a list of strings", "['./server', '-v']")
+    if any("\0" in arg for arg in value):
+        raise origin.error(value, "an argument holds a NUL byte", "no program can receive one")
+    return tuple(value)
+
+
+def parse_env(value: Any, origin: Origin) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise origin.wrong_type(value, "a table of NAME = 'value'", '{ GREETING = "hi" }')
+    env: dict[str, str] = {}
+    for name, item in value.items():
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise origin.error(
+                value, f"env {name} is {_kind(item)}", f'write it as a string, {name} = "..."'
+            )
+        if not name or "=" in name or "\0" in name or "\0" in str(item):
+            raise origin.error(value, f"{name!r} is not an environment variable name", "rename it")
+        env[name] = str(item)
+    return tuple(sorted(env.items()))
+
+
+def parse_name(value: Any, origin: Origin) -> str:
+    name = text("web")(value, origin)
+    if not NAME_RE.match(name):
+        raise origin.error(value, "may use only letters, digits, '_', '.', '-'", "rename it")
+    return str(name)
+
+
+def parse_user(value: Any, origin: Origin) -> str:
+    user = text("www-data")(value, origin)
+    if not user or user.startswith(":") or "\0" in user:
+        raise origin.error(value, "no user name", 'e.g. user = "www-data" or "www-data:www"')
+    return str(user)
+
+
+def parse_optional_path(value: Any, origin: Origin) -> str:
+    path = text("/run/portshard/web.sock")(value, origin)
+    if not path or "\0" in path:
+        raise origin.error(value, "not a path", "give a file name, e.g. /run/portshard/web.sock")
+    return str(path)
+
+
+def parse_metrics(value: Any, origin: Origin) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # metrics = 9100: a port on loopback
+    address = text("127.0.0.1:9100")(value, origin)
+    from .web import parse_metrics_address
+
+    try:
+        parse_metrics_address(address)  # validate now: a bad address fails before any worker
+    except ConfigError as exc:
+        if origin.file is None:
+            raise
+        raise ConfigError(f"{exc} (metrics in {origin.file!r})") from None
+    return str(address)
+
+
+def parse_signal(value: str | int, origin: Origin | None = None) -> int:
+    origin = origin or Origin("stop-signal")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise origin.wrong_type(value, "a signal name or number", '"TERM"')
+    if isinstance(value, int):
+        number = value
+    else:
+        name = value.strip().upper()
+        if name.isdigit() and len(name) < 5:
+            number = int(name)
+        else:
+            sig = getattr(signal.Signals, name if name.startswith("SIG") else "SIG" + name, None)
+            if sig is None:
+                raise origin.error(value, "not a signal name", "use e.g. TERM, INT, QUIT")
+            number = int(sig)
+    if number not in {int(s) for s in signal.Signals} or number == signal.SIGSTOP:
+        raise origin.error(value, "cannot be used to stop a worker", "use e.g. TERM, INT, QUIT")
+    return number
+
+
+def parse_ready(value: Any, origin: Origin | None = None) -> ReadyMode:
+    origin = origin or Origin("ready")
+    kind = text("accept")(value, origin).strip()
+    if kind in ("accept", "notify"):
+        return ReadyMode(kind)
+    if kind.startswith("delay:"):
+        try:
+            seconds = float(kind[6:])
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= 3600:
+            raise origin.error(value, "the delay must be seconds (0-3600)", "e.g. delay:0.5")
+        return ReadyMode("delay", seconds)
+    raise origin.error(
+        value,
+        "not a readiness mode",
+        "use accept (waiting for connections, no cooperation needed), notify (sd_notify "
+        "READY=1) or delay:SECONDS",
+    )
+
+
+def parse_listen(values: Any, origin: Origin | None = None) -> tuple[ListenSpec, ...]:
+    origin = origin or Origin("listen")
+    specs: list[ListenSpec] = []
+    for i, value in enumerate(strings(values, origin)):
+        name, sep, addr_text = value.partition("=")
+        if not sep:
+            name, addr_text = "", value
+        try:
+            address = parse(addr_text)
+        except AddressError as exc:
+            raise ConfigError(f"{origin.show(value)}: {exc}") from None
+        if not name:
+            name = f"{address.proto.value}{i}"
+        if not NAME_RE.match(name):
+            raise origin.error(
+                value, f"name {name!r} may use only letters, digits, '_', '.', '-'", "rename it"
+            )
+        if any(s.name == name for s in specs):
+            raise origin.error(value, f"the name {name!r} is used twice", "name each address")
+        specs.append(ListenSpec(name, address))
+    return tuple(specs)
+
+
+def resolve_user(user: str) -> Credentials:
+    from .spawn import Credentials
+
+    name, _, group = user.partition(":")
+    try:
+        pw = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
+    except (KeyError, OverflowError, ValueError):
+        raise ConfigError(
+            f"--user {user!r}: no such user; create it or pick one from /etc/passwd"
+        ) from None
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except (KeyError, ValueError):
+            gid = -1
+        if not 0 <= gid < 2**32 - 1:
+            raise ConfigError(f"--user {user!r}: no such group {group!r}; pick one from /etc/group")
+    if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
+        raise ConfigError(f"--user {user!r} needs root: run portshard as root to drop to it")
+    groups = tuple(sorted({gid, *os.getgrouplist(pw.pw_name, gid)}))
+    return Credentials(pw.pw_uid, gid, groups)

@@ -1,0 +1,68 @@
+"""`portshard run` as a new user types it (issue 12): the program's options stay the program's,
+and a port that something already serves is refused, naming it, unless --join-existing."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.supervisor_fixture import FDWORKER, PORTSHARD, Start
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+
+
+def get(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_the_programs_w_is_the_programs(start: Start) -> None:
+    # `portshard run -w 2 --listen ... gunicorn -w 4 app:app` ran 4 slots.
+    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", *FDWORKER, "-w", "4")
+    st = sup.status()
+    assert st["workers"] == 2 and len(st["slots"]) == 2
+    assert cmdline(st["slots"][0]["pid"])[-2:] == ["-w", "4"]
+
+
+def test_python_m_runs_as_written(start: Start) -> None:
+    # `... python3 -m http.server` said "No such option '-m'".
+    sup = start(
+        "-w", "1", "--listen", "tcp://127.0.0.1:0",
+        sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "{port}",
+    )  # fmt: skip
+    assert get(sup.port).startswith(b"HTTP/1.0 200")
+
+
+def test_a_served_port_is_refused_naming_its_holder_unless_joining(
+    start: Start, short_tmp: Path
+) -> None:
+    first = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    port = first.port
+    assert first.proc is not None
+    holders = {first.proc.pid, *first.pids()}
+    args = ["-w", "1", "--listen", f"tcp://127.0.0.1:{port}", "--", *FDWORKER]
+    res = subprocess.run(
+        [*PORTSHARD, "run", "--control", str(short_tmp / "second.sock"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 1, res.stderr
+    assert f"tcp://127.0.0.1:{port} is already served by pid " in res.stderr
+    named = int(res.stderr.split(" is already served by pid ")[1].split()[0])
+    assert named in holders and "a portshard supervisor or its worker" in res.stderr
+    assert "--join-existing" in res.stderr and "Traceback" not in res.stderr
+    assert not (short_tmp / "second.sock").exists()
+    second = start("--join-existing", *args)  # asked for: it shares the port
+    assert second.port == port and second.status()["ready"]
+    seen = {get(port).split(b"\r\n\r\n")[1].split()[1] for _ in range(40)}
+    # (its steering program now decides for the whole reuseport group: all go to its slots)
+    assert {str(p).encode() for p in second.pids()} <= seen, "the joined supervisor serves"
