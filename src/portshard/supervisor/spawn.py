@@ -3,8 +3,9 @@
 Design note: fork and exec go through ``linux.exec.fork_exec`` (an error pipe, fds placed on
 3, 4, ... in order with no possible collision, the uid change, then the parent-death signal);
 this module says what a worker needs: LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES, its own process
-group (a stop reaches its children), default signal dispositions, and optionally a seccomp
-bind() trap whose listener comes back to the supervisor.
+group (a stop reaches its children), default signal dispositions, optionally its own cgroup
+(joined before exec, so nothing it starts escapes) and a seccomp bind() trap whose listener
+comes back to the supervisor.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import SupervisorError
 from ..interpose.seccomp import child_install, receive_listener
+from ..linux.cgroup import Cgroup
 from ..linux.exec import ChildError, Credentials, ExecSpec, fork_exec
 
 __all__ = ["Credentials", "SpawnSpec", "Spawned", "spawn"]
@@ -34,6 +36,7 @@ class SpawnSpec:
     credentials: Credentials | None = None
     cwd: str | None = None
     seccomp: bool = False  # trap bind() (--via seccomp); the listener comes back in Spawned
+    cgroup: Cgroup | None = None  # the worker's own group, joined before exec
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ def spawn(spec: SpawnSpec) -> Spawned:
     ours, theirs = socket.socketpair() if spec.seccomp else (None, None)
 
     def setup() -> None:
+        if spec.cgroup is not None:  # first: everything the worker ever starts stays in it
+            spec.cgroup.join_self()
         if theirs is not None:
             # First, while still root if we are: then no no_new_privs is needed.
             child_install(theirs.fileno(), as_root=os.geteuid() == 0)
