@@ -23,9 +23,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import NoReturn
 
 from .interpose import seccomp_sys as sc
+from .linux import bpf, proc, syscalls, sysctl
+from .linux.exec import fork_call
 from .sockets import PLATFORMS, platform_key, somaxconn
 from .steering import ebpf
 
@@ -62,8 +63,8 @@ class _Probe:
 _PROBES: list[_Probe] = []
 _LINUX = sys.platform.startswith("linux")
 _TIMEOUT = 5.0  # per probe that waits on a child or a connection
-SO_ATTACH_REUSEPORT_CBPF = 51  # linux/asm-generic/socket.h; Python does not export them
-SO_ATTACH_REUSEPORT_EBPF = ebpf.SO_ATTACH_REUSEPORT_EBPF
+SO_ATTACH_REUSEPORT_CBPF = bpf.SO_ATTACH_REUSEPORT_CBPF
+SO_ATTACH_REUSEPORT_EBPF = bpf.SO_ATTACH_REUSEPORT_EBPF
 
 
 def _probe(
@@ -163,14 +164,12 @@ class _Child:
         self.exit_code: int | None = None
         self.chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.pid = os.fork()
+            self.pid = fork_call(lambda: _child_main(body, self.chan, theirs))
         except BaseException:
             self.chan.close()
-            theirs.close()
             raise
-        if self.pid == 0:
-            _child_main(body, self.chan, theirs)
-        theirs.close()
+        finally:
+            theirs.close()
 
     def __enter__(self) -> _Child:
         return self
@@ -220,17 +219,16 @@ class _Child:
 
 def _child_main(
     body: Callable[[socket.socket], str], ours: socket.socket, theirs: socket.socket
-) -> NoReturn:
+) -> int:
+    """In the forked child (linux.exec.fork_call): run ``body``, send its report; exit code."""
+    ours.close()
     code = 1
     try:
-        ours.close()
-        try:
-            report, code = body(theirs), 0
-        except BaseException as exc:
-            report = f"in the child: {_reason(exc)}"
-        theirs.send(report.encode()[:500] or b"?")
-    finally:
-        os._exit(code)
+        report, code = body(theirs), 0
+    except BaseException as exc:
+        report = f"in the child: {_reason(exc)}"
+    theirs.send(report.encode()[:500] or b"?")
+    return code
 
 
 # --- sockets ----------------------------------------------------------------------------------
@@ -349,7 +347,7 @@ def _reuseport_lb() -> _Found:
     "no steering: a slot with no worker keeps its hash share (its connections wait)",
 )
 def _reuseport_cbpf() -> _Found:
-    prog = sc.ClassicProgram([(sc.BPF_RET_K, 0, 0, 1)])  # every connection to socket #1
+    prog = bpf.ClassicProgram([(bpf.RET_K, 0, 0, 1)])  # every connection to socket #1
     with _group(2) as socks:
         socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, prog.as_option())
         return True, True, f"attached 'ret #1' with SO_ATTACH_REUSEPORT_CBPF: {_steered(socks, 1)}"
@@ -380,21 +378,12 @@ def _reuseport_ebpf() -> _Found:
     return True, True, f"SK_REUSEPORT program + REUSEPORT_SOCKARRAY map by bpf(2): {steered}"
 
 
-_CAPS = {"SETGID": 6, "SETUID": 7, "NET_BIND_SERVICE": 10, "NET_ADMIN": 12, "BPF": 39}
-
-
 def _caps() -> list[str]:
     """The effective capabilities portshard cares about."""
-    try:
-        with open("/proc/self/status") as f:
-            line = next(x for x in f if x.startswith("CapEff:"))
-    except (OSError, StopIteration):
-        return []
-    mask = int(line.split()[1], 16)
-    return [name for name, bit in _CAPS.items() if mask >> bit & 1]
+    return proc.capabilities()
 
 
-_MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+_MIGRATE_REQ = sysctl.path(sysctl.MIGRATE_REQ)
 
 
 @_probe(
@@ -405,14 +394,12 @@ _MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
     "a closing listener resets its queue (portshard keeps slot sockets open to avoid that)",
 )
 def _tcp_migrate_req() -> _Found:
-    try:
-        with open(_MIGRATE_REQ) as f:
-            value = int(f.read())
-    except FileNotFoundError:
-        raise _Failed(f"no {_MIGRATE_REQ}: Linux < 5.14") from None
+    value = sysctl.migrate_req()
+    if value is None:
+        raise _Failed(f"no {_MIGRATE_REQ}: Linux < 5.14")
     if os.geteuid() != 0 and "NET_ADMIN" not in _caps():
         may = "no (needs root or CAP_NET_ADMIN)"
-    elif not os.access(_MIGRATE_REQ, os.W_OK):
+    elif not sysctl.writable(sysctl.MIGRATE_REQ):
         may = "no (/proc/sys is read-only here, e.g. a container)"
     else:
         may = "yes (root, writable)"
@@ -432,7 +419,9 @@ def _tcp_migrate_req() -> _Found:
     )
 
 
-def _seccomp_child(arch: sc.Arch, port: int, inherited: int) -> Callable[[socket.socket], str]:
+def _seccomp_child(
+    arch: syscalls.Arch, port: int, inherited: int
+) -> Callable[[socket.socket], str]:
     def body(chan: socket.socket) -> str:
         os.close(inherited)  # the parent's listener came with fork(): it must arrive by ADDFD
         listener, killable = sc.install_bind_trap(arch)
@@ -455,7 +444,7 @@ def _seccomp_child(arch: sc.Arch, port: int, inherited: int) -> Callable[[socket
     "no --via seccomp: static and Go binaries need --via fds, or reuseport (no zero-loss)",
 )
 def _seccomp() -> _Found:
-    arch = sc.native_arch()
+    arch = syscalls.native_arch()
     if arch is None:
         raise _Failed(f"no bind() filter for {platform.machine()} yet (x86_64, aarch64)")
     try:
@@ -512,14 +501,14 @@ def _pidfd_getfd() -> _Found:
         if not fd_s.isdigit():
             raise _Failed(text)
         try:
-            pidfd = sc.pidfd_open(child.pid)
+            pidfd = syscalls.pidfd_open(child.pid)
         except OSError as exc:
             raise _Failed(f"pidfd_open (5.3+): {_reason(exc)}") from None
         try:
-            copy = sc.pidfd_getfd(pidfd, int(fd_s))
+            copy = syscalls.pidfd_getfd(pidfd, int(fd_s))
         except OSError as exc:
             why = "needs ptrace access to the child"
-            if exc.errno == errno.EPERM and not sc.is_dumpable():
+            if exc.errno == errno.EPERM and not syscalls.is_dumpable():
                 why = "this process changed uid, so it and its children are not dumpable"
             return False, "pidfd_open only", f"pidfd_getfd (5.6+; {why}): {_reason(exc)}"
         finally:

@@ -53,3 +53,15 @@ class SupervisorError(PortshardError):
 
 class ControlError(PortshardError):
     """Talking to a running supervisor failed."""
+
+
+class InspectError(PortshardError):
+    """The kernel would not show us what we asked about a socket or a process."""
+
+
+class NotListening(InspectError, ValueError):
+    """A socket that has no accept queue: not TCP, or not (or no longer) listening."""
+
+
+class NoAccess(InspectError, PermissionError):
+    """This user may not look into that process (its fd table, its threads' syscalls)."""

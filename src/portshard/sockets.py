@@ -13,9 +13,9 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from . import inspect
 from .address import Address, Proto, Resolved, parse, resolve
 from .errors import BindError, ConfigError, PortInUse, ReuseportUnsupported
+from .linux import sockdiag, sysctl
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -113,11 +113,7 @@ def _option_value(name: str) -> int:
 
 def somaxconn() -> int | None:
     """The kernel's cap on a listen backlog, or None where it can't be read."""
-    try:
-        with open("/proc/sys/net/core/somaxconn") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
+    return sysctl.somaxconn()
 
 
 # Ask for the most a 16-bit backlog field holds; the kernel silently clamps it to somaxconn
@@ -194,11 +190,8 @@ def _unprivileged_port_start() -> int:
     """Linux's lowest port a user without CAP_NET_BIND_SERVICE may bind (1024 by default)."""
     if not sys.platform.startswith("linux"):
         return 1024
-    try:
-        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 1024  # before Linux 4.11 the limit was fixed
+    value = sysctl.unprivileged_port_start()
+    return 1024 if value is None else value  # before Linux 4.11 the limit was fixed
 
 
 def _user_name(uid: int) -> str:
@@ -242,7 +235,7 @@ def _bind_error(target: Resolved, exc: OSError, *, reuseport: bool) -> BindError
 def _in_use(target: Resolved, *, reuseport: bool) -> PortInUse:
     where = f"cannot bind {target.address}"
     port = target.address.port
-    holders = inspect.port_holders(target.address.proto, port)
+    holders = sockdiag.port_holders(target.address.proto, port)
     me = os.geteuid()
     foreign = [h for h in holders if h.uid != me]
     if reuseport and foreign:

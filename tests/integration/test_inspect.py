@@ -1,4 +1,5 @@
-"""portshard.inspect against the real kernel: loopback sockets on port 0, real child processes."""
+"""portshard.linux (tcpinfo, sockdiag, waiting, proc) against the real kernel: loopback sockets
+on port 0, real child processes."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from typing import Any
 
 import pytest
 
-from portshard import inspect
+from portshard import errors
 from portshard.address import Proto
+from portshard.linux import proc as linux_proc
+from portshard.linux import sockdiag, tcpinfo, waiting
 from tests.conftest import Procs, needs_root, wait_until
 
 PYTHON = sys.executable
@@ -102,14 +105,14 @@ def somaxconn() -> int:
 
 
 def test_queue_depth_counts_connections_nobody_accepts(listener: socket.socket) -> None:
-    assert inspect.queue_depth(listener) == inspect.QueueDepth(queued=0, backlog=16)
+    assert tcpinfo.queue_depth(listener) == tcpinfo.QueueDepth(queued=0, backlog=16)
     clients = [connect(listener) for _ in range(3)]
     try:
-        wait_until(lambda: inspect.queue_depth(listener).queued == 3, what="3 queued")
-        assert inspect.queue_depth_fd(listener.fileno()) == inspect.QueueDepth(3, 16)
+        wait_until(lambda: tcpinfo.queue_depth(listener).queued == 3, what="3 queued")
+        assert tcpinfo.queue_depth_fd(listener.fileno()) == tcpinfo.QueueDepth(3, 16)
         conn, _ = listener.accept()
         conn.close()
-        assert inspect.queue_depth(listener).queued == 2
+        assert tcpinfo.queue_depth(listener).queued == 2
     finally:
         for c in clients:
             c.close()
@@ -122,8 +125,8 @@ def test_backlog_is_the_requested_one_capped_at_somaxconn(requested: int | str) 
     with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as sock:
         sock.bind(("::1" if socket.has_ipv6 else "127.0.0.1", 0))
         sock.listen(n)
-        assert inspect.queue_depth(sock).backlog == min(n, limit)
-        assert inspect.queue_depth_fd(sock.fileno()).backlog == min(n, limit)
+        assert tcpinfo.queue_depth(sock).backlog == min(n, limit)
+        assert tcpinfo.queue_depth_fd(sock.fileno()).backlog == min(n, limit)
 
 
 def test_queue_depth_refuses_sockets_without_an_accept_queue(
@@ -140,10 +143,10 @@ def test_queue_depth_refuses_sockets_without_an_accept_queue(
             (fresh, "state CLOSE"),
             (client, "state ESTABLISHED"),
         ]:
-            with pytest.raises(inspect.NotListening, match=why):
-                inspect.queue_depth(sock)
-            with pytest.raises(inspect.NotListening, match=why):
-                inspect.queue_depth_fd(sock.fileno())
+            with pytest.raises(errors.NotListening, match=why):
+                tcpinfo.queue_depth(sock)
+            with pytest.raises(errors.NotListening, match=why):
+                tcpinfo.queue_depth_fd(sock.fileno())
 
 
 def test_queue_depth_sees_a_listener_that_was_shut_down() -> None:
@@ -151,8 +154,8 @@ def test_queue_depth_sees_a_listener_that_was_shut_down() -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         sock.shutdown(socket.SHUT_RDWR)
-        with pytest.raises(inspect.NotListening, match="replace it"):
-            inspect.queue_depth(sock)
+        with pytest.raises(errors.NotListening, match="replace it"):
+            tcpinfo.queue_depth(sock)
 
 
 # --- socket_inode, listening_sockets_of ---------------------------------------------------------
@@ -160,18 +163,18 @@ def test_queue_depth_sees_a_listener_that_was_shut_down() -> None:
 
 def test_socket_inode_is_the_name_in_proc(listener: socket.socket, udp: socket.socket) -> None:
     fd = listener.fileno()
-    inode = inspect.socket_inode(listener)
-    assert inode == inspect.socket_inode(fd) == os.stat(f"/proc/self/fd/{fd}").st_ino
+    inode = tcpinfo.socket_inode(listener)
+    assert inode == tcpinfo.socket_inode(fd) == os.stat(f"/proc/self/fd/{fd}").st_ino
     assert os.readlink(f"/proc/self/fd/{fd}") == f"socket:[{inode}]"
-    mine = inspect.listening_sockets_of(os.getpid())
-    assert {inode, inspect.socket_inode(udp)} <= mine
+    mine = sockdiag.listening_sockets_of(os.getpid())
+    assert {inode, tcpinfo.socket_inode(udp)} <= mine
     with socket.socket() as fresh, connect(listener) as client:
-        assert inspect.socket_inode(fresh) not in inspect.listening_sockets_of(os.getpid())
-        assert inspect.socket_inode(client) not in inspect.listening_sockets_of(os.getpid())
+        assert tcpinfo.socket_inode(fresh) not in sockdiag.listening_sockets_of(os.getpid())
+        assert tcpinfo.socket_inode(client) not in sockdiag.listening_sockets_of(os.getpid())
     r, w = os.pipe()
     try:
-        with pytest.raises(inspect.InspectError, match="not a socket"):
-            inspect.socket_inode(r)
+        with pytest.raises(errors.InspectError, match="not a socket"):
+            tcpinfo.socket_inode(r)
     finally:
         os.close(r)
         os.close(w)
@@ -204,34 +207,34 @@ def test_connections_of_counts_held_connections(
     proc = talk(procs, PRELUDE + HOLD)
     port = int(readline(proc))
     assert readline(proc) == "ready"
-    assert inspect.connections_of(proc.pid) == 0
+    assert sockdiag.connections_of(proc.pid) == 0
     clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
     try:
         for _ in clients:
             command(proc, "accept")
             assert readline(proc) == "done"
-        assert inspect.connections_of(proc.pid) == 2
-        assert inspect.connections_of(proc.pid, ports={port}) == 2
+        assert sockdiag.connections_of(proc.pid) == 2
+        assert sockdiag.connections_of(proc.pid, ports={port}) == 2
         # Our own ends of the two connections are ours, not the child's.
-        both = inspect.connections_by_pid([proc.pid, os.getpid()], ports={port})
+        both = sockdiag.connections_by_pid([proc.pid, os.getpid()], ports={port})
         assert both == {proc.pid: 2, os.getpid(): 0}
-        assert inspect.connections_by_pid([proc.pid, os.getpid()])[os.getpid()] == 2
+        assert sockdiag.connections_by_pid([proc.pid, os.getpid()])[os.getpid()] == 2
 
         # A client that half-closes leaves the server in CLOSE_WAIT: still a connection.
         clients[0].shutdown(socket.SHUT_WR)
         wait_until(lambda: b"\x08" in _states_of(proc.pid), what="CLOSE_WAIT")
-        assert inspect.connections_of(proc.pid) == 2
+        assert sockdiag.connections_of(proc.pid) == 2
 
         # The worker's own outgoing connection counts, unless we ask about the served port.
         command(proc, f"dial {other_listener.getsockname()[1]}")
         assert readline(proc) == "done"
-        assert inspect.connections_of(proc.pid) == 3
-        assert inspect.connections_of(proc.pid, ports={port}) == 2
+        assert sockdiag.connections_of(proc.pid) == 3
+        assert sockdiag.connections_of(proc.pid, ports={port}) == 2
 
         command(proc, "close")
         assert readline(proc) == "done"
-        assert inspect.connections_of(proc.pid) == 0
-        assert inspect.alive(proc.pid)
+        assert sockdiag.connections_of(proc.pid) == 0
+        assert linux_proc.alive(proc.pid)
     finally:
         for c in clients:
             c.close()
@@ -260,19 +263,19 @@ def test_an_exited_process_holds_nothing_and_is_not_alive(
     proc = child(procs, "ready(); conn = socks[0].accept()[0]; sys.stdin.readline()", listener)
     client = connect(listener)
     try:
-        wait_until(lambda: inspect.connections_of(proc.pid) == 1, what="1 connection")
-        assert inspect.alive(proc.pid)
+        wait_until(lambda: sockdiag.connections_of(proc.pid) == 1, what="1 connection")
+        assert linux_proc.alive(proc.pid)
         proc.kill()
         # Not reaped yet: a zombie, which holds no fd.
-        wait_until(lambda: not inspect.alive(proc.pid), what="the child to die")
-        assert inspect.connections_of(proc.pid) == 0
-        assert inspect.connections_by_pid([proc.pid, os.getpid()]) == {proc.pid: 0, os.getpid(): 1}
-        assert inspect.listening_sockets_of(proc.pid) == set()
-        assert not inspect.waiting_for_work(proc.pid, {inspect.socket_inode(listener)})
+        wait_until(lambda: not linux_proc.alive(proc.pid), what="the child to die")
+        assert sockdiag.connections_of(proc.pid) == 0
+        assert sockdiag.connections_by_pid([proc.pid, os.getpid()]) == {proc.pid: 0, os.getpid(): 1}
+        assert sockdiag.listening_sockets_of(proc.pid) == set()
+        assert not waiting.waiting_for_work(proc.pid, {tcpinfo.socket_inode(listener)})
         proc.wait(timeout=10)
-        assert not inspect.alive(proc.pid)
-        assert inspect.connections_of(proc.pid) == 0
-        assert not inspect.waiting_for_work(proc.pid, {inspect.socket_inode(listener)})
+        assert not linux_proc.alive(proc.pid)
+        assert sockdiag.connections_of(proc.pid) == 0
+        assert not waiting.waiting_for_work(proc.pid, {tcpinfo.socket_inode(listener)})
     finally:
         client.close()
 
@@ -281,7 +284,7 @@ def test_an_exited_process_holds_nothing_and_is_not_alive(
 
 
 def waits(proc: subprocess.Popen[bytes], sock: socket.socket) -> bool:
-    return inspect.waiting_for_work(proc.pid, {inspect.socket_inode(sock)})
+    return waiting.waiting_for_work(proc.pid, {tcpinfo.socket_inode(sock)})
 
 
 def test_a_sleeping_holder_is_not_waiting(procs: Procs, listener: socket.socket) -> None:
@@ -339,16 +342,16 @@ def test_waiting_on_a_different_socket_is_not_waiting_on_ours(
     proc = child(procs, code, listener, other_listener)
     wait_until(lambda: waits(proc, other_listener), what="the child to wait on the other socket")
     assert not waits(proc, listener)
-    assert inspect.listening_sockets_of(proc.pid) == {
-        inspect.socket_inode(listener),
-        inspect.socket_inode(other_listener),
+    assert sockdiag.listening_sockets_of(proc.pid) == {
+        tcpinfo.socket_inode(listener),
+        tcpinfo.socket_inode(other_listener),
     }
 
 
 def test_a_udp_receiver_is_waiting(procs: Procs, udp: socket.socket) -> None:
     proc = child(procs, "ready(); socks[0].recvfrom(2048)", udp)
     wait_until(lambda: waits(proc, udp), what="waiting in recvfrom")
-    assert inspect.listening_sockets_of(proc.pid) == {inspect.socket_inode(udp)}
+    assert sockdiag.listening_sockets_of(proc.pid) == {tcpinfo.socket_inode(udp)}
 
 
 def test_a_stopped_process_is_not_waiting(procs: Procs, listener: socket.socket) -> None:
@@ -395,15 +398,15 @@ def test_python_http_server(procs: Procs, tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    inodes = wait_until(lambda: inspect.listening_sockets_of(proc.pid), what="http.server")
+    inodes = wait_until(lambda: sockdiag.listening_sockets_of(proc.pid), what="http.server")
     assert len(inodes) == 1
-    wait_until(lambda: inspect.waiting_for_work(proc.pid, inodes), what="http.server ready")
+    wait_until(lambda: waiting.waiting_for_work(proc.pid, inodes), what="http.server ready")
     (inode,) = inodes
     port = _port_of(proc.pid, inode)
-    assert [h.pid for h in inspect.port_holders(Proto.TCP, port)] == [proc.pid]
+    assert [h.pid for h in sockdiag.port_holders(Proto.TCP, port)] == [proc.pid]
     with socket.create_connection(("127.0.0.1", port), timeout=5):
-        wait_until(lambda: inspect.connections_of(proc.pid) == 1, what="1 connection")
-    wait_until(lambda: inspect.connections_of(proc.pid) == 0, what="the connection to close")
+        wait_until(lambda: sockdiag.connections_of(proc.pid) == 1, what="1 connection")
+    wait_until(lambda: sockdiag.connections_of(proc.pid) == 0, what="the connection to close")
 
 
 def _port_of(pid: int, inode: int) -> int:
@@ -423,12 +426,12 @@ def test_node_http_server(procs: Procs) -> None:
     node = shutil.which("node")
     assert node is not None
     proc = procs.start([node, "-e", NODE_SERVER], stdout=subprocess.DEVNULL)
-    inodes = wait_until(lambda: inspect.listening_sockets_of(proc.pid), what="node to listen")
-    wait_until(lambda: inspect.waiting_for_work(proc.pid, inodes), what="node ready", timeout=20)
+    inodes = wait_until(lambda: sockdiag.listening_sockets_of(proc.pid), what="node to listen")
+    wait_until(lambda: waiting.waiting_for_work(proc.pid, inodes), what="node ready", timeout=20)
     with socket.socket() as elsewhere:
         elsewhere.bind(("127.0.0.1", 0))
         elsewhere.listen()
-        assert not inspect.waiting_for_work(proc.pid, {inspect.socket_inode(elsewhere)})
+        assert not waiting.waiting_for_work(proc.pid, {tcpinfo.socket_inode(elsewhere)})
 
 
 # --- port_holders -------------------------------------------------------------------------------
@@ -464,12 +467,12 @@ def test_port_holders_finds_the_child(procs: Procs, version: str, proto: Proto) 
         pytest.skip("no IPv6 loopback")
     proc = talk(procs, BIND, version, proto.value)
     port = int(readline(proc))
-    (holder,) = inspect.port_holders(proto, port)
+    (holder,) = sockdiag.port_holders(proto, port)
     assert holder.pid == proc.pid
     assert holder.program == os.path.basename(PYTHON)[:15]
     assert holder.uid == os.geteuid()
     assert holder.local == (f"[::1]:{port}" if version == "6" else f"127.0.0.1:{port}")
-    assert holder.inode in inspect.listening_sockets_of(proc.pid)
+    assert holder.inode in sockdiag.listening_sockets_of(proc.pid)
     assert f"pid {proc.pid}" in holder.describe()
 
 
@@ -484,13 +487,13 @@ def test_sock_diag_and_proc_net_agree(listener: socket.socket, udp: socket.socke
     client.shutdown(socket.SHUT_WR)  # server side: CLOSE_WAIT
     try:
         wait_until(lambda: b"\x08" in _states_of(os.getpid()), what="CLOSE_WAIT")
-        mine = {inspect.socket_inode(s) for s in (listener, udp, client, server)}
+        mine = {tcpinfo.socket_inode(s) for s in (listener, udp, client, server)}
         for proto, states in [
-            (socket.IPPROTO_TCP, inspect._TCPF_LISTEN | inspect._TCPF_CONNECTED),
-            (socket.IPPROTO_UDP, inspect._TCPF_CLOSE),
+            (socket.IPPROTO_TCP, sockdiag._TCPF_LISTEN | sockdiag._TCPF_CONNECTED),
+            (socket.IPPROTO_UDP, sockdiag._TCPF_CLOSE),
         ]:
-            diag = {row for row in inspect._diag_dump(proto, states) if row[2] in mine}
-            proc = {row for row in inspect._proc_net(os.getpid(), proto, states) if row[2] in mine}
+            diag = {row for row in sockdiag._diag_dump(proto, states) if row[2] in mine}
+            proc = {row for row in sockdiag._proc_net(os.getpid(), proto, states) if row[2] in mine}
             assert diag == proc
             assert diag
     finally:
@@ -524,22 +527,23 @@ def test_a_process_in_another_network_namespace(procs: Procs) -> None:
         int(os.readlink(f"/proc/{proc.pid}/fd/{fd}")[len("socket:[") : -1])
         for fd in (tcp_fd, udp_fd)
     }
-    assert inspect.listening_sockets_of(proc.pid) == inodes
-    assert inspect.connections_of(proc.pid) == 2  # both ends of its own connection
+    assert sockdiag.listening_sockets_of(proc.pid) == inodes
+    assert sockdiag.connections_of(proc.pid) == 2  # both ends of its own connection
 
 
 NOSY = """
 import os, pwd, sys
-from portshard import inspect  # import first: nobody may not read the venv
+from portshard import errors  # import first: nobody may not read the venv
+from portshard.linux import sockdiag, waiting
 nobody = pwd.getpwnam("nobody")
 os.setgroups([])
 os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
 os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
 pid, inode = int(sys.argv[1]), int(sys.argv[2])
-for call in (lambda: inspect.connections_of(pid), lambda: inspect.waiting_for_work(pid, {inode})):
+for call in (lambda: sockdiag.connections_of(pid), lambda: waiting.waiting_for_work(pid, {inode})):
     try:
         call()
-    except inspect.NoAccess as exc:
+    except errors.NoAccess as exc:
         assert isinstance(exc, PermissionError)
         print("refused:", exc)
     else:
@@ -555,7 +559,7 @@ def test_a_process_we_may_not_look_into_raises_instead_of_lying(
     waiting" would let a supervisor stop a busy worker or wait forever."""
     target = child(procs, "ready(); socks[0].accept()", listener)
     wait_until(lambda: waits(target, listener), what="waiting in accept")
-    nosy = talk(procs, NOSY, str(target.pid), str(inspect.socket_inode(listener)))
+    nosy = talk(procs, NOSY, str(target.pid), str(tcpinfo.socket_inode(listener)))
     first, second = readline(nosy), readline(nosy)
     assert first.startswith("refused:") and "ptrace" in first, first
     assert second.startswith("refused:") and "ptrace" in second, second

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from bench.load.rawload import RawLoad, http_get
 
-from portshard import inspect
+from portshard.linux import sockdiag
 from tests.conftest import ROOT, wait_until
 from tests.integration.conftest import need
 from tests.supervisor_fixture import Start
@@ -157,7 +157,7 @@ def test_unmodified_program_shares_reloads_and_survives_a_kill(
         # stopped), then SIGKILL it: those are the exchanges in flight that may fail.
         victim = sup.status()["slots"][1]["pid"]
         os.kill(victim, signal.SIGSTOP)
-        held = inspect.connections_of(victim, ports={port})
+        held = sockdiag.connections_of(victim, ports={port})
         os.kill(victim, signal.SIGKILL)
         wait_until(
             lambda: (

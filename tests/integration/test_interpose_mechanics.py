@@ -20,8 +20,8 @@ from bench.load.loadgen import Load
 from bench.load.rawload import RawLoad
 
 import portshard
-from portshard import inspect
-from portshard.interpose import elf, seccomp, seccomp_sys, shim
+from portshard.interpose import elf, seccomp, shim
+from portshard.linux import sockdiag, syscalls, tcpinfo
 from tests.conftest import ROOT, Procs, wait_until
 from tests.integration._util import read_line
 from tests.integration.conftest import need
@@ -93,7 +93,7 @@ def test_shim_hands_over_the_socket_keeping_errno_options_flags_and_backlog(
         # ...and on our side: options and O_NONBLOCK arrived, the backlog and LISTEN stayed.
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
         assert fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
-        assert inspect.queue_depth(sock).backlog == 128  # not the program's listen(fd, 5)
+        assert tcpinfo.queue_depth(sock).backlog == 128  # not the program's listen(fd, 5)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"x")  # TCP_DEFER_ACCEPT: accepted once data arrives
             c.settimeout(5)
@@ -214,7 +214,7 @@ def test_seccomp_workers_die_with_the_supervisor(start: Start, probes: dict[str,
 
 def test_a_trapped_bind_with_nobody_listening_fails_with_enosys() -> None:
     """What the docs promise about the failure mode, shown on this kernel."""
-    arch = seccomp_sys.native_arch()
+    arch = syscalls.native_arch()
     assert arch is not None
     theirs, ours = socket.socketpair()
     pid = os.fork()
@@ -267,7 +267,7 @@ def test_libreuseport_netcat_demo_with_portshard_preload(procs: Procs, short_tmp
             stdin=subprocess.DEVNULL,
             stdout=out,
         )
-    wait_until(lambda: len(inspect.port_holders(portshard.Proto.TCP, port)) >= 2, 10, "two nc")
+    wait_until(lambda: len(sockdiag.port_holders(portshard.Proto.TCP, port)) >= 2, 10, "two nc")
     load = RawLoad(
         "127.0.0.1",
         port,
@@ -302,7 +302,7 @@ def test_portshard_preload_runs_a_static_program_through_seccomp(
         procs.start([*PORTSHARD, "preload", "--ports", str(port), "--", str(server), str(port)])
         for _ in range(2)
     ]
-    wait_until(lambda: len(inspect.port_holders(portshard.Proto.TCP, port)) >= 2, 10, "2 copies")
+    wait_until(lambda: len(sockdiag.port_holders(portshard.Proto.TCP, port)) >= 2, 10, "2 copies")
     with Load("127.0.0.1", port, concurrency=2, max_requests=60) as load:
         load.wait_for(60)
     assert not load.failed and len({r.body for r in load.results}) == 2

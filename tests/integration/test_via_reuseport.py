@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from portshard import inspect
+from portshard.linux import sockdiag
 from tests.conftest import ROOT
 from tests.supervisor_fixture import PORTSHARD, Running, Start
 
@@ -69,9 +69,9 @@ def test_each_copy_binds_its_own_socket_and_is_supervised(start: Start) -> None:
     assert [s["mode"] for s in st["slots"]] == ["reuseport+preload"] * 3
     assert st["steering"]["backend"] == "off" and all(s["queue"] == {} for s in st["slots"])
     pids = sup.pids()
-    own = [inspect.listening_sockets_of(pid) for pid in pids]
+    own = [sockdiag.listening_sockets_of(pid) for pid in pids]
     assert all(len(x) == 1 for x in own) and len(set().union(*own)) == 3, own
-    assert not inspect.listening_sockets_of(st["pid"]), "the supervisor holds no socket"
+    assert not sockdiag.listening_sockets_of(st["pid"]), "the supervisor holds no socket"
     for pid in pids:
         with open(f"/proc/{pid}/environ", "rb") as f:
             assert b"LISTEN_FDS=" not in f.read()

@@ -43,6 +43,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..linux import proc, syscalls
+from ..linux.exec import ChildError, ExecSpec, fork_exec
 from . import seccomp_sys as sys_
 
 log = logging.getLogger("portshard.interpose")
@@ -57,7 +59,6 @@ __all__ = [
     "run_reuseport",
 ]
 
-_O_CLOEXEC = 0o2000000
 _BATCH = 64
 _INT, _BUF, _LINGER, _NAME = "int", "buf", "linger", "name"
 _ANY = 0
@@ -217,7 +218,7 @@ def child_install(channel: int, *, as_root: bool) -> None:
 
     Raises OSError whose message says what failed (it becomes the spawn error).
     """
-    arch = sys_.native_arch()
+    arch = syscalls.native_arch()
     if arch is None:
         raise OSError(errno.ENOSYS, f"--via seccomp: no system call table for {os.uname().machine}")
     try:
@@ -244,22 +245,6 @@ def receive_listener(channel: socket.socket) -> int:
     return fds[0]
 
 
-def _tgid(tid: int) -> int:
-    with open(f"/proc/{tid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Tgid:"):
-                return int(line.split()[1])
-    raise OSError(errno.ESRCH, f"no Tgid for thread {tid}")
-
-
-def _fd_cloexec(pid: int, fd: int) -> bool:
-    with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-        for line in f:
-            if line.startswith(b"flags:"):
-                return bool(int(line.split()[1], 8) & _O_CLOEXEC)
-    return False
-
-
 class Trap:
     """One worker's seccomp listener: answers bind() for the worker and its descendants.
 
@@ -280,7 +265,7 @@ class Trap:
         self.reuseport = reuseport
         self.targets = [t for t in (Target.of(s) for s in socks) if t is not None]
         self._inodes = {os.fstat(t.sock.fileno()).st_ino for t in self.targets}
-        self.arch = sys_.native_arch()
+        self.arch = syscalls.native_arch()
         self.handled = 0  # bind() calls answered
         self.adopted = 0  # of which were given a slot socket
         self.busy = 0.0  # seconds spent answering
@@ -360,10 +345,10 @@ class Trap:
         if not ours:
             sys_.notif_send(self.listener, notif.id, cont=True)  # the fast path: not ours
             return
-        pid = _tgid(tid)
-        pidfd = sys_.pidfd_open(pid)
+        pid = proc.tgid(tid)
+        pidfd = syscalls.pidfd_open(pid)
         try:
-            theirs_fd = sys_.pidfd_getfd(pidfd, fd)
+            theirs_fd = syscalls.pidfd_getfd(pidfd, fd)
         finally:
             os.close(pidfd)
         with socket.socket(fileno=theirs_fd) as theirs:
@@ -411,7 +396,7 @@ class Trap:
         if (flags ^ current) & os.O_NONBLOCK:
             nonblock = flags & os.O_NONBLOCK
             fcntl.fcntl(ours.fileno(), fcntl.F_SETFL, (current & ~os.O_NONBLOCK) | nonblock)
-        cloexec = _fd_cloexec(pid, fd)
+        cloexec = proc.fd_cloexec(pid, fd)
         sys_.answer_with_fd(self.listener, notif, ours.fileno(), cloexec=cloexec)
         self.adopted += 1
         log.info(
@@ -443,31 +428,22 @@ def run_reuseport(argv: Sequence[str], env: Mapping[str, str], ports: frozenset[
     gets SIGKILL if we die, so it is never left with a trap nobody answers (ENOSYS).
     """
     ours, theirs = socket.socketpair()
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child execs or exits
-        try:
-            ours.close()
-            os.close(err_r)
-            sys_.set_parent_death_signal(signal.SIGKILL)
-            if os.getppid() != parent:
-                os._exit(1)
-            child_install(theirs.fileno(), as_root=os.geteuid() == 0)
-            theirs.close()
-            os.execvpe(argv[0], list(argv), dict(env))
-        except OSError as exc:
-            os.write(err_w, f"cannot run {argv[0]!r}: {exc.strerror or exc}".encode())
-        finally:
-            os._exit(127)
-    theirs.close()
-    os.close(err_w)
-    with os.fdopen(err_r, "rb") as f:
-        error = f.read().decode(errors="replace")
-    if error:
+
+    def setup() -> None:
         ours.close()
-        os.waitpid(pid, 0)
-        raise OSError(errno.ENOEXEC, error)
+        child_install(theirs.fileno(), as_root=os.geteuid() == 0)
+        theirs.close()
+
+    # close_others=False: the program inherits our fds as `portshard preload` would leave them.
+    spec = ExecSpec(argv, env, close_others=False, death_signal=signal.SIGKILL)
+    try:
+        pid = fork_exec(spec, setup=setup)
+    except OSError as exc:
+        ours.close()
+        reason = exc.strerror if isinstance(exc, ChildError) else f"fork: {exc.strerror}"
+        raise OSError(errno.ENOEXEC, f"cannot run {argv[0]!r}: {reason}") from None
+    finally:
+        theirs.close()
     with ours:
         listener = receive_listener(ours)
     trap = Trap(listener, [], label=f"pid {pid}", reuseport=ports)

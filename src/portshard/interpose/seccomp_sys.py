@@ -1,7 +1,9 @@
 """Seccomp user notification, from Python with ctypes: constants, structs, filter, ioctls.
 
-Linux only, standard library only. This is the plumbing that `portshard doctor` uses to prove the
-mechanism works and that the seccomp interposer (`--via seccomp`) builds on:
+Linux only, standard library only (system call numbers, prctl and pidfds are in
+linux/syscalls.py, the classic BPF encoder in linux/bpf.py). This is the plumbing that
+`portshard doctor` uses to prove the mechanism works and that the seccomp interposer
+(`--via seccomp`) builds on:
 
 1. the child, before exec, calls ``install_bind_trap()`` (no_new_privs + ``bind_trap_filter()``
    + ``install_listener()``) and hands the listener fd to the supervisor (SCM_RIGHTS, or the
@@ -27,62 +29,27 @@ import ctypes
 import errno
 import functools
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+
+from ..linux import bpf
+from ..linux.bpf import ClassicProgram
+from ..linux.syscalls import Arch, arch_or_raise, set_no_new_privs, syscall
 
 __all__ = [
-    "ARCHES",
-    "Arch",
-    "ClassicProgram",
     "SeccompData",
     "SeccompNotif",
     "SeccompNotifAddfd",
     "SeccompNotifResp",
-    "SockFilter",
-    "SockFprog",
     "answer_with_fd",
     "bind_trap_filter",
     "check_sizes",
     "install_bind_trap",
     "install_listener",
-    "is_dumpable",
-    "native_arch",
     "notif_addfd",
     "notif_id_valid",
     "notif_recv",
     "notif_send",
-    "pidfd_getfd",
-    "pidfd_open",
-    "set_no_new_privs",
-    "set_parent_death_signal",
-    "syscall",
 ]
 
-
-@dataclass(frozen=True)
-class Arch:
-    """System call numbers and the seccomp arch tag of one native ABI."""
-
-    machine: str  # os.uname().machine
-    audit_arch: int  # seccomp_data.arch (AUDIT_ARCH_*)
-    nr_bind: int
-    nr_seccomp: int
-    nr_bpf: int
-
-
-ARCHES: dict[str, Arch] = {
-    # AUDIT_ARCH_* = EM_* | __AUDIT_ARCH_64BIT (0x80000000) | __AUDIT_ARCH_LE (0x40000000)
-    "x86_64": Arch("x86_64", 0xC000003E, nr_bind=49, nr_seccomp=317, nr_bpf=321),
-    "aarch64": Arch("aarch64", 0xC00000B7, nr_bind=200, nr_seccomp=277, nr_bpf=280),
-}
-
-# Added after the syscall tables were unified (Linux 5.1): the same number on every arch.
-NR_PIDFD_OPEN = 434
-NR_PIDFD_GETFD = 438
-
-PR_SET_PDEATHSIG = 1
-PR_GET_DUMPABLE = 3
-PR_SET_NO_NEW_PRIVS = 38
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_GET_NOTIF_SIZES = 3
@@ -166,133 +133,37 @@ SECCOMP_IOCTL_NOTIF_SEND = _ioc(_IOC_READ | _IOC_WRITE, 1, ctypes.sizeof(Seccomp
 SECCOMP_IOCTL_NOTIF_ID_VALID = _ioc(_IOC_WRITE, 2, ctypes.sizeof(ctypes.c_uint64))
 SECCOMP_IOCTL_NOTIF_ADDFD = _ioc(_IOC_WRITE, 3, ctypes.sizeof(SeccompNotifAddfd))
 
-# Classic BPF opcodes (linux/filter.h) used by the filters built here.
-BPF_LD_W_ABS = 0x20  # A = *(u32 *)(data + k)
-BPF_JMP_JEQ_K = 0x15  # pc += (A == k) ? jt : jf
-BPF_RET_K = 0x06  # return k
 _OFF_NR = SeccompData.nr.offset
 _OFF_ARCH = SeccompData.arch.offset
-
-
-class SockFilter(ctypes.Structure):
-    """struct sock_filter: one classic BPF instruction."""
-
-    _fields_ = (
-        ("code", ctypes.c_uint16),
-        ("jt", ctypes.c_uint8),
-        ("jf", ctypes.c_uint8),
-        ("k", ctypes.c_uint32),
-    )
-
-
-class SockFprog(ctypes.Structure):
-    """struct sock_fprog: a classic BPF program (seccomp, SO_ATTACH_REUSEPORT_CBPF)."""
-
-    _fields_ = (("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter)))
-
-
-class ClassicProgram:
-    """A classic BPF program and the memory it points to, kept alive together.
-
-    ``insns`` are (code, jt, jf, k) tuples. Pass ``byref()`` to seccomp(2), or ``as_option()``
-    as a setsockopt value (the kernel copies the program during the call).
-    """
-
-    def __init__(self, insns: Sequence[tuple[int, int, int, int]]) -> None:
-        if not 0 < len(insns) <= 4096:
-            raise ValueError(f"a classic BPF program has 1 to 4096 instructions, not {len(insns)}")
-        self._insns = (SockFilter * len(insns))(*(SockFilter(*i) for i in insns))
-        self.fprog = SockFprog(len(insns), ctypes.cast(self._insns, ctypes.POINTER(SockFilter)))
-
-    def __len__(self) -> int:
-        return len(self._insns)
-
-    def as_option(self) -> bytes:
-        return bytes(self.fprog)
 
 
 def bind_trap_filter(arch: Arch) -> ClassicProgram:
     """A seccomp filter that sends the native ABI's bind() to the listener, allows the rest."""
     return ClassicProgram(
         [
-            (BPF_LD_W_ABS, 0, 0, _OFF_ARCH),
-            (BPF_JMP_JEQ_K, 0, 3, arch.audit_arch),  # foreign ABI: allow (see design note)
-            (BPF_LD_W_ABS, 0, 0, _OFF_NR),
-            (BPF_JMP_JEQ_K, 0, 1, arch.nr_bind),
-            (BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
-            (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+            (bpf.LD_W_ABS, 0, 0, _OFF_ARCH),
+            (bpf.JEQ_K, 0, 3, arch.audit_arch),  # foreign ABI: allow (see design note)
+            (bpf.LD_W_ABS, 0, 0, _OFF_NR),
+            (bpf.JEQ_K, 0, 1, arch.nr_bind),
+            (bpf.RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
+            (bpf.RET_K, 0, 0, SECCOMP_RET_ALLOW),
         ]
     )
 
 
-def native_arch() -> Arch | None:
-    """The running ABI, or None where portshard has no syscall table for it."""
-    return ARCHES.get(os.uname().machine)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _check(ret: int, what: str) -> int:
+def _ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.c_uint64, what: str) -> int:
+    fn = _libc().ioctl
+    fn.restype = ctypes.c_int
+    ret = int(fn(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.byref(arg)))
     if ret < 0:
         code = ctypes.get_errno()
         raise OSError(code, f"{what}: {os.strerror(code)}")
     return ret
 
 
-def _syscall_name(nr: int) -> str:
-    names = {NR_PIDFD_OPEN: "pidfd_open", NR_PIDFD_GETFD: "pidfd_getfd"}
-    arch = native_arch()
-    if arch is not None:
-        names |= {arch.nr_bind: "bind", arch.nr_seccomp: "seccomp", arch.nr_bpf: "bpf"}
-    return names.get(nr, f"syscall {nr}")
-
-
-def syscall(nr: int, *args: int) -> int:
-    """syscall(2) with integer (or address) arguments; raises OSError on failure."""
-    fn = _libc().syscall
-    fn.restype = ctypes.c_long
-    ret = int(fn(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args)))
-    return _check(ret, _syscall_name(nr))
-
-
-def _ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.c_uint64, what: str) -> int:
-    fn = _libc().ioctl
-    fn.restype = ctypes.c_int
-    return _check(int(fn(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.byref(arg))), what)
-
-
-def _arch() -> Arch:
-    arch = native_arch()
-    if arch is None:
-        raise OSError(errno.ENOSYS, f"no syscall table for {os.uname().machine}")
-    return arch
-
-
-def _prctl(option: int, arg2: int = 0) -> int:
-    fn = _libc().prctl
-    fn.restype = ctypes.c_int
-    zeros = (ctypes.c_ulong(0),) * 3
-    return _check(int(fn(ctypes.c_int(option), ctypes.c_ulong(arg2), *zeros)), f"prctl {option}")
-
-
-def set_parent_death_signal(sig: int) -> None:
-    """Get ``sig`` when the parent thread exits (cleared by exec of setuid programs and by
-    credential changes: call it last)."""
-    _prctl(PR_SET_PDEATHSIG, sig)
-
-
-def set_no_new_privs() -> None:
-    """Required before an unprivileged process may install a seccomp filter."""
-    _prctl(PR_SET_NO_NEW_PRIVS, 1)
-
-
-def is_dumpable() -> bool:
-    """False after a uid change (e.g. root dropping to --user): then, without CAP_SYS_PTRACE,
-    even the same user may not pidfd_getfd() this process or its children."""
-    return _prctl(PR_GET_DUMPABLE) == 1
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def install_listener(prog: ClassicProgram, *, wait_killable: bool = False) -> int:
@@ -303,13 +174,15 @@ def install_listener(prog: ClassicProgram, *, wait_killable: bool = False) -> in
     flags = SECCOMP_FILTER_FLAG_NEW_LISTENER
     if wait_killable:
         flags |= SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
-    return syscall(_arch().nr_seccomp, SECCOMP_SET_MODE_FILTER, flags, ctypes.addressof(prog.fprog))
+    return syscall(
+        arch_or_raise().nr_seccomp, SECCOMP_SET_MODE_FILTER, flags, ctypes.addressof(prog.fprog)
+    )
 
 
 def check_sizes() -> None:
     """Raise OSError if the kernel's notification structs differ from the ones defined here."""
     sizes = _NotifSizes()
-    syscall(_arch().nr_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, ctypes.addressof(sizes))
+    syscall(arch_or_raise().nr_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, ctypes.addressof(sizes))
     ours = (ctypes.sizeof(SeccompNotif), ctypes.sizeof(SeccompNotifResp))
     if (sizes.seccomp_notif, sizes.seccomp_notif_resp) != ours:
         raise OSError(
@@ -400,19 +273,3 @@ def notif_send(
         flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE if cont else 0,
     )
     _ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, resp, "SECCOMP_IOCTL_NOTIF_SEND")
-
-
-def pidfd_open(pid: int) -> int:
-    """A pidfd for ``pid`` (Linux 5.3): readable when the process exits."""
-    opener = getattr(os, "pidfd_open", None)
-    if opener is not None:
-        return int(opener(pid))
-    return syscall(NR_PIDFD_OPEN, pid, 0)
-
-
-def pidfd_getfd(pidfd: int, targetfd: int) -> int:
-    """Duplicate fd ``targetfd`` of the process behind ``pidfd`` into ours (Linux 5.6, CLOEXEC).
-
-    Needs ptrace access to that process (same user and not restricted by Yama, or root).
-    """
-    return syscall(NR_PIDFD_GETFD, pidfd, targetfd, 0)

@@ -20,8 +20,36 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import socket
+
+from ..linux import bpf
+from ..linux.bpf import ALU_AND_K as _ALU_AND_K
+from ..linux.bpf import ALU_MOD_K as _ALU_MOD_K
+from ..linux.bpf import ALU_MUL_K as _ALU_MUL_K
+from ..linux.bpf import ALU_RSH_K as _ALU_RSH_K
+from ..linux.bpf import ALU_XOR_X as _ALU_XOR_X
+from ..linux.bpf import JA as _JA
+from ..linux.bpf import JEQ_K as _JEQ_K
+from ..linux.bpf import JGE_K as _JGE_K
+from ..linux.bpf import LD_B_ABS as _LD_B_ABS
+from ..linux.bpf import LD_H_ABS as _LD_H_ABS
+from ..linux.bpf import LD_H_IND as _LD_H_IND
+from ..linux.bpf import LD_MEM as _LD_MEM
+from ..linux.bpf import LD_W_ABS as _LD_W_ABS
+from ..linux.bpf import LDX_B_MSH as _LDX_B_MSH
+from ..linux.bpf import RET_A as _RET_A
+from ..linux.bpf import RET_K as _RET_K
+from ..linux.bpf import SKF_AD_OFF as _SKF_AD_OFF
+from ..linux.bpf import SKF_AD_RANDOM as _SKF_AD_RANDOM
+from ..linux.bpf import SKF_NET_OFF as _SKF_NET_OFF
+from ..linux.bpf import (
+    SO_ATTACH_FILTER,
+    SO_ATTACH_REUSEPORT_CBPF,
+    SO_DETACH_FILTER,
+    SO_DETACH_REUSEPORT_BPF,
+)
+from ..linux.bpf import ST as _ST
+from ..linux.bpf import TAX as _TAX
 
 __all__ = [
     "SO_ATTACH_REUSEPORT_CBPF",
@@ -33,56 +61,11 @@ __all__ = [
     "undrop_syns",
 ]
 
-SO_ATTACH_FILTER = 26
-SO_DETACH_FILTER = 27
-SO_ATTACH_REUSEPORT_CBPF = 51
-SO_DETACH_REUSEPORT_BPF = 68
-
-_SKF_AD_OFF = -0x1000
-_SKF_AD_RANDOM = 56
-_SKF_NET_OFF = -0x100000  # loads relative to the IP header
-
-# Opcodes (linux/filter.h)
-_LD_W_ABS = 0x20
-_LD_H_ABS = 0x28
-_LD_B_ABS = 0x30
-_LD_H_IND = 0x48
-_LDX_B_MSH = 0xB1  # X = 4 * (byte & 0xf): the IPv4 header length
-_ST = 0x02
-_LD_MEM = 0x60
-_TAX = 0x07
-_ALU_MUL_K = 0x24
-_ALU_XOR_X = 0xAC
-_ALU_RSH_K = 0x74
-_JA = 0x05
-_JGE_K = 0x35
-_ALU_MOD_K = 0x94
-_ALU_AND_K = 0x54
-_JEQ_K = 0x15
-_RET_K = 0x06
-_RET_A = 0x16
-
-
-class _Insn(ctypes.Structure):
-    _fields_ = [
-        ("code", ctypes.c_uint16),
-        ("jt", ctypes.c_uint8),
-        ("jf", ctypes.c_uint8),
-        ("k", ctypes.c_uint32),
-    ]
-
-
-class _Prog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Insn))]
-
-
-Program = list[tuple[int, int, int, int]]
+Program = bpf.Program
 
 
 def _setsockopt_prog(sock: socket.socket, option: int, program: Program) -> None:
-    insns = (_Insn * len(program))(*(_Insn(c, t, f, k & 0xFFFFFFFF) for c, t, f, k in program))
-    prog = _Prog(len(program), ctypes.cast(insns, ctypes.POINTER(_Insn)))
-    sock.setsockopt(socket.SOL_SOCKET, option, bytes(prog))  # insns kept alive by this frame
+    bpf.set_program(sock, option, program)
 
 
 def first_k_program(k: int) -> Program:

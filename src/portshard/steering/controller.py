@@ -29,9 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import inspect
 from ..address import Proto
-from ..errors import SupervisorError
+from ..errors import InspectError, SupervisorError
+from ..linux import sysctl, tcpinfo
+from ..linux.sysctl import migrate_req
 from . import cbpf
 from .ebpf import BpfError, SteeringProgram
 from .policy import Change, Health, Observation, Policy
@@ -46,16 +47,7 @@ SAMPLE = 0.02  # seconds between queue samples while any queue is not empty (10 
 # of a core on the benchmark, 20 ms 2.0%, with no difference measured in what steering achieved)
 SAMPLE_IDLE = 0.1  # ... and while every queue was empty at the last sample
 LOG_EVERY = 1.0  # overload and weight lines: at most one a second per slot
-MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
-
-
-def migrate_req() -> int | None:
-    """net.ipv4.tcp_migrate_req in this network namespace (None: no such sysctl)."""
-    try:
-        with open(MIGRATE_REQ) as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
+MIGRATE_REQ = sysctl.path(sysctl.MIGRATE_REQ)
 
 
 class _Group:
@@ -216,7 +208,7 @@ class Steering:
         weights = self.policy.tcp_weights()
         if not self.can_migrate() or slot in weights or not weights or slot not in group.socks:
             return None
-        queued = inspect.queue_depth(old).queued
+        queued = tcpinfo.queue_depth(old).queued
         new = socket.socket(old.family, old.type)
         try:
             new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -298,9 +290,9 @@ class Steering:
             sock = group.socks.get(slot)
             if group.proto is Proto.TCP and sock is not None:
                 try:
-                    total += inspect.queue_depth(sock).queued
+                    total += tcpinfo.queue_depth(sock).queued
                     found = True
-                except (OSError, inspect.InspectError):
+                except (OSError, InspectError):
                     continue
         return total if found else None
 

@@ -35,7 +35,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import PortshardError
-from ..interpose import seccomp_sys as sc
+from ..linux.bpf import SO_ATTACH_REUSEPORT_EBPF
+from ..linux.syscalls import native_arch
 
 __all__ = [
     "SO_ATTACH_REUSEPORT_EBPF",
@@ -45,8 +46,6 @@ __all__ = [
     "bpf",
     "load_select_key0",
 ]
-
-SO_ATTACH_REUSEPORT_EBPF = 52
 
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
 BPF_PROG_LOAD = 5
@@ -76,7 +75,7 @@ def _reason(exc: OSError) -> str:
 @functools.cache
 def _syscall() -> tuple[int, Callable[..., int]]:
     """bpf(2)'s number here and libc's syscall(), looked up once: a map update is a hot path."""
-    arch = sc.native_arch()
+    arch = native_arch()
     if arch is None:
         raise BpfError(f"no bpf(2) syscall number for {platform.machine()} in portshard")
     fn = ctypes.CDLL(None, use_errno=True).syscall

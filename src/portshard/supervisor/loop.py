@@ -25,13 +25,17 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import inspect
 from ..address import Address, Proto, parse
 from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
-from ..errors import ControlError, PortshardError, SupervisorError
+from ..errors import ControlError, InspectError, PortshardError, SupervisorError
 from ..interpose.plan import plan as interpose_plan
 from ..interpose.seccomp import Trap
+from ..linux import proc, sockdiag, tcpinfo
+from ..linux.proc import cpu_seconds as worker_cpu
+from ..linux.proc import tree_stopped
+from ..linux.sockdiag import held_connections
+from ..linux.waiting import tree_waiting_for_work
 from ..sockets import listen
 from ..steering import cbpf
 from ..steering.controller import Health, Steering, migrate_req
@@ -328,11 +332,8 @@ class Supervisor:
             # a connection it accepted (it inherited none).
             try:
                 inodes = self._listeners_of(w)
-                if inspect.waiting_for_work(w.pid, inodes):
-                    return True
-                ports = self._tcp_ports()
-                return bool(ports) and held_connections(w.pid, inodes, ports) > 0
-            except (OSError, inspect.InspectError):
+                return tree_waiting_for_work(w.pid, inodes, ports=self._tcp_ports())
+            except (OSError, InspectError):
                 return False  # not visible (yet): ask again on the next tick
         return False  # notify: set by _on_notify
 
@@ -351,8 +352,8 @@ class Supervisor:
         if self.owns_sockets:
             return slot_inodes(w.slot)
         try:  # only the served ports: a program may listen elsewhere first (an admin port)
-            return inspect.listening_sockets_of(w.pid, ports={a.port for a in self.bound})
-        except (OSError, inspect.InspectError):
+            return sockdiag.listening_sockets_of(w.pid, ports={a.port for a in self.bound})
+        except (OSError, InspectError):
             return set()  # not visible now: nothing counts as its listener this time
 
     def _ready_timeout(self, w: Worker) -> None:
@@ -823,7 +824,7 @@ class Supervisor:
             if spec.address.proto is not Proto.TCP or old.fileno() in self.held:
                 continue
             if not self.steering.can_migrate():
-                queued = inspect.queue_depth(old).queued
+                queued = tcpinfo.queue_depth(old).queued
                 if queued:
                     log.warning(
                         "slot %d pid %d: %d connection(s) queued on its socket wait for the "
@@ -855,11 +856,11 @@ class Supervisor:
         busy = [
             w.pid
             for w in workers.values()
-            if ports and inspect.sockets_of(w.pid) - self._listeners_of(w)
+            if ports and proc.sockets_of(w.pid) - self._listeners_of(w)
         ]
         try:
-            counts = inspect.connections_by_pid(busy, ports=ports) if busy else {}
-        except (OSError, inspect.InspectError):
+            counts = sockdiag.connections_by_pid(busy, ports=ports) if busy else {}
+        except (OSError, InspectError):
             counts = {}
         self._rate_new_connections()
         rows = []
@@ -868,7 +869,7 @@ class Supervisor:
             conns = counts.get(w.pid, 0) if w is not None and ports else None
             self._connections[slot.index] = conns
             queued = sum(
-                inspect.queue_depth(sock).queued
+                tcpinfo.queue_depth(sock).queued
                 for sock in slot.socks
                 if sock.type == socket.SOCK_STREAM
             )
@@ -1086,7 +1087,7 @@ class Supervisor:
             cbpf.drop_syns(sock)
         yield Until(
             lambda: (
-                all(inspect.queue_depth(sock).queued == 0 for sock in closing)
+                all(tcpinfo.queue_depth(sock).queued == 0 for sock in closing)
                 or not any(s.live() for s in self.slots)
             ),
             time.monotonic() + self.cfg.grace,
@@ -1132,7 +1133,7 @@ class Supervisor:
             queues: dict[str, Any] = {}
             for spec, sock in zip(self.cfg.listen, slot.socks, strict=self.owns_sockets):
                 if spec.address.proto is Proto.TCP:
-                    depth = inspect.queue_depth(sock)
+                    depth = tcpinfo.queue_depth(sock)
                     queues[spec.name] = {"queued": depth.queued, "backlog": depth.backlog}
             slots.append(
                 {
@@ -1214,68 +1215,10 @@ def expand_placeholders(arg: str, names: list[str], ports: Sequence[int] = ()) -
 
 def queue_empty(slot: Slot) -> bool:
     for sock in slot.socks:
-        if sock.type == socket.SOCK_STREAM and inspect.queue_depth(sock).queued:
+        if sock.type == socket.SOCK_STREAM and tcpinfo.queue_depth(sock).queued:
             return False
     return True
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (via /proc/PID/task/*/children; cheap, no /proc scan)."""
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        try:
-            tasks = os.listdir(f"/proc/{current}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{current}/task/{tid}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-            except OSError:
-                continue
-    return tree
-
-
-def tree_stopped(pid: int) -> bool:
-    """Every process of the tree is stopped (state T), or gone."""
-    for member in process_tree(pid):
-        try:
-            with open(f"/proc/{member}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state not in ("T", "t", "Z", "X"):
-            return False
-    return True
-
-
-def held_connections(pid: int, listeners: set[int], ports: set[int]) -> int:
-    """Client connections (local port one of ``ports``) that the process tree holds.
-
-    First the tree's own fd tables (microseconds): no socket besides the listeners means
-    nothing is held. Only otherwise walk the socket table (sock_diag, filtered by state in
-    the kernel) for live connections on our ports (a DB connection does not count).
-    """
-    tree = process_tree(pid)
-    if not set().union(*(inspect.sockets_of(member) for member in tree)) - listeners:
-        return 0
-    return sum(inspect.connections_by_pid(tree, ports=ports).values())
 
 
 def slot_inodes(slot: Slot) -> set[int]:
-    return {os.fstat(sock.fileno()).st_ino for sock in slot.socks}
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def worker_cpu(pid: int) -> float | None:
-    """CPU seconds (user + system) the process has used, from /proc/PID/stat."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    return tcpinfo.socket_inodes(slot.socks)

@@ -1,15 +1,15 @@
 """Start one worker process with its slot's sockets, the systemd way.
 
-Design note: we fork and exec ourselves rather than use subprocess, because LISTEN_PID must be
-the child's own pid (known only after fork), the parent-death signal must be set after the
-uid change (changing credentials clears it), and the sockets must land on fds 3, 4, ... in order.
-The supervisor is single-threaded, so running Python between fork and exec is safe. An exec
-failure is reported through a close-on-exec pipe, as subprocess does.
+Design note: fork and exec go through ``linux.exec.fork_exec`` (an error pipe, fds placed on
+3, 4, ... in order with no possible collision, the uid change, then the parent-death signal);
+this module says what a worker needs: LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES, its own process
+group (a stop reaches its children), default signal dispositions, optionally its own cgroup
+(joined before exec, so nothing it starts escapes) and a seccomp bind() trap whose listener
+comes back to the supervisor.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
@@ -17,21 +17,14 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..activation import LISTEN_FDS_START
 from ..errors import SupervisorError
 from ..interpose.seccomp import child_install, receive_listener
+from ..linux.cgroup import Cgroup
+from ..linux.exec import ChildError, Credentials, ExecSpec, fork_exec
 
 __all__ = ["Credentials", "SpawnSpec", "Spawned", "spawn"]
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@dataclass(frozen=True)
-class Credentials:
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
+_LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
 @dataclass(frozen=True)
@@ -43,6 +36,7 @@ class SpawnSpec:
     credentials: Credentials | None = None
     cwd: str | None = None
     seccomp: bool = False  # trap bind() (--via seccomp); the listener comes back in Spawned
+    cgroup: Cgroup | None = None  # the worker's own group, joined before exec
 
 
 @dataclass(frozen=True)
@@ -52,114 +46,66 @@ class Spawned:
     listener: int | None = None  # the seccomp notification fd, with SpawnSpec.seccomp
 
 
-def _child(spec: SpawnSpec, err_w: int, parent: int, channel: int | None) -> None:
-    """Runs in the forked child; never returns."""
-    try:
-        if channel is not None:
-            # First, while still root if we are: then no no_new_privs is needed.
-            child_install(channel, as_root=os.geteuid() == 0)
-        signal.set_wakeup_fd(-1)
-        for sig in (
-            signal.SIGINT,
-            signal.SIGTERM,
-            signal.SIGHUP,
-            signal.SIGCHLD,
-            signal.SIGPIPE,
-            signal.SIGUSR1,
-            signal.SIGUSR2,
-            signal.SIGQUIT,
-        ):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        os.setpgid(0, 0)  # its own group, so a stop reaches the worker's children too
-        # Move everything we keep above the target range first, then down into place.
-        count = len(spec.fds)
-        high = LISTEN_FDS_START + count + 16
-        err_w = (
-            os.dup2(err_w, high + count + 1, inheritable=False) if err_w < high + count else err_w
-        )
-        moved = [os.dup2(fd, high + i, inheritable=False) for i, fd in enumerate(spec.fds)]
-        for i, fd in enumerate(moved):
-            os.dup2(fd, LISTEN_FDS_START + i, inheritable=True)
-        os.closerange(LISTEN_FDS_START + count, err_w)
-        os.closerange(err_w + 1, 1 << 20)
-        if spec.credentials is not None:
-            creds = spec.credentials
-            os.setgroups(list(creds.groups))
-            os.setresgid(creds.gid, creds.gid, creds.gid)
-            os.setresuid(creds.uid, creds.uid, creds.uid)
-        # After the uid change: a credential change clears the parent-death signal.
-        if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
-            os._exit(1)
-        env = dict(spec.env)
-        if count:
-            env["LISTEN_PID"] = str(os.getpid())
-            env["LISTEN_FDS"] = str(count)
-            env["LISTEN_FDNAMES"] = ":".join(spec.names)
-        else:  # --via reuseport: the program binds its own socket
-            for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-                env.pop(key, None)
-        if spec.cwd is not None:
-            os.chdir(spec.cwd)
-        os.execvpe(spec.argv[0], list(spec.argv), env)
-    except OSError as exc:
-        code = exc.errno or errno.EINVAL
-        try:
-            os.write(err_w, f"{code}:{exc.strerror or exc}".encode())
-        finally:
-            os._exit(127)
-    except BaseException:
-        os._exit(127)
+def _exec_spec(spec: SpawnSpec) -> ExecSpec:
+    env = {k: v for k, v in spec.env.items() if k not in _LISTEN_ENV}
+    if spec.fds:
+        env["LISTEN_FDS"] = str(len(spec.fds))
+        env["LISTEN_FDNAMES"] = ":".join(spec.names)
+    # else --via reuseport: the program binds its own socket
+    return ExecSpec(
+        argv=spec.argv,
+        env=env,
+        fds=spec.fds,
+        pid_env=("LISTEN_PID",) if spec.fds else (),
+        new_group=True,  # its own group, so a stop reaches the worker's children too
+        reset_signals=True,
+        credentials=spec.credentials,
+        death_signal=signal.SIGKILL,
+        cwd=spec.cwd,
+    )
+
+
+def _explain(argv0: str, exc: ChildError) -> SupervisorError:
+    hint = ""
+    if exc.errno == errno.ENOENT:
+        hint = "; check the path, or that it is on PATH"
+    elif exc.errno == errno.EACCES:
+        hint = "; check that it is executable (chmod +x) by the worker's user"
+    return SupervisorError(f"cannot run worker command {argv0!r}: {exc.strerror}{hint}")
 
 
 def spawn(spec: SpawnSpec) -> Spawned:
     """Fork and exec a worker; raise SupervisorError if the program cannot be executed."""
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair() if spec.seccomp else (None, None)
-    parent = os.getpid()
+
+    def setup() -> None:
+        if spec.cgroup is not None:  # first: everything the worker ever starts stays in it
+            spec.cgroup.join_self()
+        if theirs is not None:
+            # First, while still root if we are: then no no_new_privs is needed.
+            child_install(theirs.fileno(), as_root=os.geteuid() == 0)
+
     try:
-        pid = os.fork()
+        pid = fork_exec(_exec_spec(spec), setup=setup)
     except OSError as exc:
-        os.close(err_r)
-        os.close(err_w)
-        for end in (ours, theirs):
-            if end is not None:
-                end.close()
+        if ours is not None:
+            ours.close()
+        if isinstance(exc, ChildError):
+            raise _explain(spec.argv[0], exc) from None
         raise SupervisorError(f"cannot fork a worker: {exc.strerror}") from None
-    if pid == 0:  # pragma: no cover - the child execs or exits
-        os.close(err_r)
-        _child(spec, err_w, parent, theirs.fileno() if theirs is not None else None)
-    os.close(err_w)
-    if theirs is not None:
-        theirs.close()
-    try:
-        chunks = []
-        while chunk := os.read(err_r, 1024):
-            chunks.append(chunk)
     finally:
-        os.close(err_r)
+        if theirs is not None:
+            theirs.close()
     listener = None
     if ours is not None:
         with ours:
             try:
                 listener = receive_listener(ours)
-            except OSError:
-                if not chunks:  # exec'd without a trap: never let it run so
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    raise SupervisorError(
-                        f"worker command {spec.argv[0]!r}: the seccomp bind() trap did not "
-                        f"reach the supervisor; use --via preload or fds"
-                    ) from None
-    if chunks:
-        if listener is not None:
-            os.close(listener)
-        os.waitpid(pid, 0)
-        code_text, _, message = b"".join(chunks).decode(errors="replace").partition(":")
-        hint = ""
-        if code_text == str(errno.ENOENT):
-            hint = "; check the path, or that it is on PATH"
-        elif code_text == str(errno.EACCES):
-            hint = "; check that it is executable (chmod +x) by the worker's user"
-        raise SupervisorError(f"cannot run worker command {spec.argv[0]!r}: {message}{hint}")
+            except OSError:  # exec'd without a trap: never let it run so
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise SupervisorError(
+                    f"worker command {spec.argv[0]!r}: the seccomp bind() trap did not "
+                    f"reach the supervisor; use --via preload or fds"
+                ) from None
     return Spawned(pid, os.pidfd_open(pid), listener)

@@ -1,0 +1,274 @@
+"""Readers of /proc/PID: stat (parsed here and nowhere else), the process tree, fd tables.
+
+os.open/os.read instead of open(): a /proc read is then ~2 µs, not ~6 µs. Nothing here changes
+state. A process that has exited reads as absent (None, empty, False), never as an error; a
+process this user may not look into raises :class:`~portshard.errors.NoAccess`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..errors import NoAccess
+
+__all__ = [
+    "ProcStat",
+    "alive",
+    "capabilities",
+    "cpu_seconds",
+    "fd_cloexec",
+    "netstat",
+    "no_access",
+    "parse_stat",
+    "pids_by_inode",
+    "process_tree",
+    "program_name",
+    "read",
+    "read_small",
+    "socket_fds",
+    "sockets_of",
+    "stat",
+    "tgid",
+    "tree_stopped",
+]
+
+SOCKET_LINK = "socket:["
+_TICKS = os.sysconf("SC_CLK_TCK")
+_O_CLOEXEC = 0o2000000
+# State letters of a process that is not running code: stopped, traced, zombie, dead.
+_HALTED = frozenset("TtZX")
+
+
+def read(path: str) -> bytes:
+    """All of a /proc file (seq_file files hand out at most a page or so per read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_small(path: str) -> bytes:
+    """A /proc file known to be short (syscall, stat, wchan): one read."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def program_name(pid: int) -> str | None:
+    try:
+        return read_small(f"/proc/{pid}/comm").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def no_access(pid: int, path: str, exc: OSError) -> NoAccess:
+    return NoAccess(
+        f"cannot read {path}: {exc.strerror or exc}; looking into pid {pid} "
+        f"({program_name(pid) or '?'}) needs the rights to ptrace it: run the supervisor as "
+        f"root, or as the same user as the process"
+    )
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat (or /proc/PID/task/TID/stat) portshard uses."""
+
+    state: str  # R S D T t Z X I ...
+    ppid: int
+    pgrp: int
+    session: int
+    utime: int  # clock ticks
+    stime: int
+
+    @property
+    def cpu_seconds(self) -> float:
+        return (self.utime + self.stime) / _TICKS
+
+
+def parse_stat(raw: bytes) -> ProcStat | None:
+    """/proc/.../stat's text; the command name may hold spaces and ')', so split after the last
+    ')'. None if the text is cut short."""
+    end = raw.rfind(b")")
+    fields = raw[end + 2 :].split()
+    if end < 0 or len(fields) < 13:
+        return None
+    return ProcStat(
+        state=fields[0].decode(),
+        ppid=int(fields[1]),
+        pgrp=int(fields[2]),
+        session=int(fields[3]),
+        utime=int(fields[11]),
+        stime=int(fields[12]),
+    )
+
+
+def stat(pid: int, tid: int | None = None) -> ProcStat | None:
+    """/proc/PID/stat (or a thread's), None once it has gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        return parse_stat(read_small(path))
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie. (Pids are reused: prefer a pidfd.)"""
+    st = stat(pid)
+    return st is not None and st.state not in ("Z", "X")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) the process has used; None once it has gone."""
+    st = stat(pid)
+    return st.cpu_seconds if st is not None else None
+
+
+def _children(pid: int) -> Iterator[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tasks:
+        try:
+            yield from (int(c) for c in read(f"/proc/{pid}/task/{tid}/children").split())
+        except OSError:
+            continue
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (via /proc/PID/task/*/children; cheap, no /proc scan).
+
+    A descendant whose parent exited is re-parented (to init, or to a subreaper) and is no
+    longer found here: a cgroup (linux/cgroup.py) keeps the whole tree.
+    """
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(_children(current))
+    return tree
+
+
+def tree_stopped(pid: int) -> bool:
+    """Every process of the tree is stopped (state T), or gone."""
+    for member in process_tree(pid):
+        st = stat(member)
+        if st is not None and st.state not in _HALTED:
+            return False
+    return True
+
+
+def socket_fds(pid: int) -> dict[int, int]:
+    """fd number -> socket inode, for every socket in the process's fd table (empty once it
+    has exited)."""
+    base = f"/proc/{pid}/fd/"
+    try:
+        names = os.listdir(base)
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    except PermissionError as exc:
+        raise no_access(pid, base.rstrip("/"), exc) from exc
+    found: dict[int, int] = {}
+    for name in names:
+        try:
+            target = os.readlink(base + name)
+        except OSError:  # closed since listdir
+            continue
+        if target.startswith(SOCKET_LINK):
+            found[int(name)] = int(target[len(SOCKET_LINK) : -1])
+    return found
+
+
+def sockets_of(pid: int) -> set[int]:
+    """Inodes of every socket in ``pid``'s fd table (empty once it has exited)."""
+    return set(socket_fds(pid).values())
+
+
+def pids_by_inode(inodes: set[int]) -> dict[int, int]:
+    """Map socket inodes to the first pid found holding each (scans /proc/*/fd)."""
+    found: dict[int, int] = {}
+    if not inodes:
+        return found
+    wanted = {f"socket:[{i}]": i for i in inodes}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{entry.name}/fd")
+        except OSError:
+            continue
+        with fds:
+            for fd in fds:
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                inode = wanted.get(target)
+                if inode is not None and inode not in found:
+                    found[inode] = int(entry.name)
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def _status_field(pid: int | str, name: bytes) -> bytes | None:
+    for line in read(f"/proc/{pid}/status").split(b"\n"):
+        if line.startswith(name):
+            return line[len(name) :].strip()
+    return None
+
+
+def tgid(tid: int) -> int:
+    """The process (thread group) a thread id belongs to; OSError once it has gone."""
+    value = _status_field(tid, b"Tgid:")
+    if value is None:
+        raise OSError(errno.ESRCH, f"no Tgid for thread {tid}")
+    return int(value)
+
+
+def fd_cloexec(pid: int, fd: int) -> bool:
+    """Whether fd ``fd`` of ``pid`` is close-on-exec (from /proc/PID/fdinfo/FD)."""
+    for line in read(f"/proc/{pid}/fdinfo/{fd}").split(b"\n"):
+        if line.startswith(b"flags:"):
+            return bool(int(line.split()[1], 8) & _O_CLOEXEC)
+    return False
+
+
+_CAPS = {"SETGID": 6, "SETUID": 7, "NET_BIND_SERVICE": 10, "NET_ADMIN": 12, "BPF": 39}
+
+
+def capabilities(pid: int | str = "self") -> list[str]:
+    """The effective capabilities portshard cares about (names without CAP_)."""
+    try:
+        value = _status_field(pid, b"CapEff:")
+    except OSError:
+        return []
+    if value is None:
+        return []
+    mask = int(value, 16)
+    return [name for name, bit in _CAPS.items() if mask >> bit & 1]
+
+
+def netstat(group: str, names: tuple[str, ...]) -> dict[str, int]:
+    """Counters of one group of /proc/net/netstat (e.g. TcpExt), by name; absent ones omitted."""
+    try:
+        lines = read("/proc/net/netstat").decode().splitlines()
+    except OSError:
+        return {}
+    found: dict[str, int] = {}
+    prefix = group + ":"
+    rows = [line.split()[1:] for line in lines if line.startswith(prefix)]
+    for head, values in zip(rows[::2], rows[1::2], strict=False):
+        for key, value in zip(head, values, strict=False):
+            if key in names:
+                found[key] = int(value)
+    return found
