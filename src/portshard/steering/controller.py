@@ -347,7 +347,9 @@ class Steering:
         if change.kind == "all_out" and not self.seen_ready:
             return  # booting: no worker is ready yet, nothing to say
         if change.slot >= 0 and change.slot not in self._ever_ready:
-            log.debug("slot %d: steering: %s", change.slot, change.text)  # booting
+            log.debug(  # booting
+                "slot %d: steering: %s", change.slot, change.text, extra={"slot": change.slot}
+            )
             return
         limited = (
             change.kind == "weight"
@@ -375,7 +377,8 @@ class Steering:
             log.log(level, "steering: %s", text)
         else:
             pid = change.pid if change.pid is not None else "-"
-            log.log(level, "slot %d pid %s: steering: %s", change.slot, pid, text)
+            fields = {"slot": change.slot, "pid": change.pid}
+            log.log(level, "slot %d pid %s: steering: %s", change.slot, pid, text, extra=fields)
         if self.on_event is not None:
             who = f"slot {change.slot}: " if change.slot >= 0 else ""
             self.on_event(f"{who}{text}")
