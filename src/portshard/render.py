@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
@@ -84,6 +84,16 @@ def render_status(status: Status | Mapping[str, Any], *, colour: bool = False) -
         lines.append(f"steering: {st.steering.get('backend', '?')}")
     if st.metrics:
         lines.append(f"metrics: {st.metrics}")
+    lines += _table(st, paint if colour else None)
+    lines.append(
+        "QUEUE = connections waiting in the slot's accept queue / its backlog; "
+        "CONNS = client connections the worker holds"
+    )
+    return "\n".join(lines)
+
+
+def _table(st: Status, paint: Callable[..., str] | None) -> list[str]:
+    """One row per slot, columns aligned; ``paint`` colours the state and header."""
     header = (
         "SLOT",
         "PID",
@@ -117,20 +127,17 @@ def render_status(status: Status | Mapping[str, Any], *, colour: bool = False) -
         )
         states.append(slot.state)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
     for row, state in zip(rows, states, strict=True):
         cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
-        if colour and state is not None:
+        if paint is not None and state is not None:
             cells[3] = paint(cells[3], _STATE_COLOUR.get(state))
             if row[6] != "0":
                 cells[6] = paint(cells[6], "yellow")
-        elif colour:
+        elif paint is not None:
             cells = [paint(c, "white", bold=True) for c in cells]
         lines.append("  ".join(cells).rstrip())
-    lines.append(
-        "QUEUE = connections waiting in the slot's accept queue / its backlog; "
-        "CONNS = client connections the worker holds"
-    )
-    return "\n".join(lines)
+    return lines
 
 
 class TextFormatter(logging.Formatter):

@@ -20,6 +20,7 @@ from typing import Any
 from ..control import protocol
 from ..control.server import Connection
 from ..errors import ControlError, SupervisorError
+from . import procedures
 from .config import Config, reloaded
 from .effects import Effects
 from .history import History
@@ -143,8 +144,6 @@ class Fleet:
             raise AssertionError(f"not a slot action: {action}")
 
     def _apply_supervisor(self, action: Action) -> None:
-        from . import procedures  # they call back into the fleet
-
         if action is Action.CANCEL_PROCEDURES:
             self.scope.cancel(STOPPING_REASON)
         elif action is Action.CANCEL_RESPAWNS:
@@ -341,8 +340,6 @@ class Fleet:
             raise ControlError(f"a {self.change} is already in progress; wait for it to finish")
 
     def reload(self, outcome: Outcome) -> Outcome:
-        from . import procedures
-
         self._refuse("reload")
         new_cfg = reloaded(self.cfg, self.cli)
         self.fire_supervisor(SupervisorEvent.CHANGE)
@@ -351,8 +348,6 @@ class Fleet:
         return outcome
 
     def scale(self, count: int, outcome: Outcome) -> Outcome:
-        from . import procedures
-
         if self.stopping:
             self._refuse("scale")
         if not 1 <= count <= 1024:

@@ -16,13 +16,16 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable, Generator, Iterable
+from typing import TYPE_CHECKING
 
 from ..errors import PortshardError, SupervisorError
 from .config import Config
-from .fleet import Fleet, Outcome
 from .state import Backoff, Event, SlotEvent, State, SupervisorEvent, SupervisorState
 from .tasks import Cancelled, Task, Until
 from .worker import Slot, Worker
+
+if TYPE_CHECKING:  # the fleet starts these procedures; they only call back into it
+    from .fleet import Fleet, Outcome
 
 log = logging.getLogger("portshard.supervisor")
 
