@@ -334,17 +334,24 @@ class Supervisor:
         if cmd == "stop":
             self.fleet.stop()
             return protocol.reply_ok({"stopping": True})
+        # The outcome carries the reply: a change that fails at once (the spawn fails) has
+        # finished before we return, and its waiter must still hear about it.
+        outcome = Outcome()
         if cmd == "reload":
-            outcome = self.fleet.reload(Outcome())
+            self.fleet.reload(outcome)
         else:
             count = request.get("workers")
             if isinstance(count, bool) or not isinstance(count, int):
                 raise ControlError(f"scale needs an integer 'workers', not {count!r}")
-            outcome = self.fleet.scale(count, Outcome())
-        if request.get("wait"):
-            outcome.waiters.append(conn)
-            return None
-        return protocol.reply_ok({"started": True})
+            self.fleet.scale(count, outcome)
+        if not request.get("wait"):
+            return protocol.reply_ok({"started": True})
+        if outcome.done:
+            if outcome.error:
+                return protocol.reply_error(outcome.error)
+            return protocol.reply_ok(self.status().to_json())
+        outcome.waiters.append(conn)
+        return None
 
     def status(self) -> Status:
         now = time.monotonic()

@@ -199,24 +199,49 @@ def scale(fleet: Fleet, count: int, outcome: Outcome) -> Task:
         else:
             yield from _scale_down(fleet, current[count:], count, outcome)
     except Cancelled as exc:
-        fleet.finish(outcome, f"scale {len(current)} -> {count}: {exc.reason}")
+        if not outcome.done:
+            fleet.finish(outcome, f"scale {len(current)} -> {count}: {exc.reason}")
 
 
 def _scale_up(fleet: Fleet, before: int, count: int, outcome: Outcome) -> Task:
-    added: list[Worker] = []
+    added: list[Slot] = []
+    error = ""
     for index in range(len(fleet.slots), len(fleet.slots) + count - before):
         try:
             slot = Slot(index, fleet.fx.open_slot(index), fleet.cfg)
-            slot.generation = fleet.generation
-            fleet.slots.append(slot)
-            fleet.fx.add_to_steering(slot)  # out of the table until its worker is ready
-            added.append(fleet.spawn(slot, "scale"))
         except PortshardError as exc:
-            fleet.finish(outcome, f"scale up failed at slot {index}: {exc}")
-            return
-    ok = yield Until(_settled(added), fleet.fx.now() + fleet.cfg.ready_timeout + 0.5)
-    if not ok or any(w.state is not State.READY for w in added):
-        fleet.finish(outcome, "scale up: a new worker did not become ready; see the log")
+            error = f"scale up failed at slot {index}: {exc}"
+            break
+        slot.generation = fleet.generation
+        fleet.slots.append(slot)
+        added.append(slot)
+        fleet.fx.add_to_steering(slot)  # out of the table until its worker is ready
+        try:
+            fleet.spawn(slot, "scale")
+        except PortshardError as exc:
+            error = f"scale up failed at slot {index}: {exc}"
+            break
+    news = [w for slot in added for w in slot.live()]
+    if not error:
+        try:
+            yield Until(_settled(news), fleet.fx.now() + fleet.cfg.ready_timeout + 0.5)
+        except Cancelled as exc:
+            error = f"scale up: {exc.reason}"
+        if not error and any(w.state is not State.READY for w in news):
+            error = "scale up: a new worker did not become ready; see the log"
+    if error:
+        # Nothing half-done stays: the new slots go again (their workers killed, their
+        # sockets closed), so status never counts a slot that has no worker.
+        for w in news:
+            if w.life.alive:
+                fleet.fire(w, Event.KILL)
+        for slot in added:
+            fleet.fire_slot(slot, SlotEvent.REMOVE)
+        fleet.finish(outcome, error)
+        if news:
+            yield Until(lambda: not any(w.life.alive for w in news))
+        for slot in added:
+            fleet.fire_slot(slot, SlotEvent.CLOSE)
         return
     fleet.with_workers(count)
     fleet.fx.store(fleet.slots[before:])

@@ -171,7 +171,6 @@ SLOT_TABLE: dict[tuple[SlotState, SlotEvent], tuple[SlotState, tuple[Action, ...
     (_L.REMOVING, _SE.EMPTIED): (_L.REMOVING, ()),
     (_L.REMOVING, _SE.CRASHED): (_L.REMOVING, ()),  # going anyway: no respawn
     (_L.REMOVING, _SE.CLOSE): (_L.CLOSED, (_A.CLOSE_SOCKETS,)),
-    (_L.EMPTY, _SE.CLOSE): (_L.CLOSED, (_A.CLOSE_SOCKETS,)),  # a failed scale up's new slot
 }
 
 _P = SupervisorState

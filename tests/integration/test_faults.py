@@ -1,0 +1,40 @@
+"""Fault containment (issue 14): no input, signal or error takes the whole service down.
+
+Each test here reproduces a way the supervisor of before failed: it died (and with it every
+worker), never replied, or reported what did not happen.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from bench.loadgen import Load
+
+from tests.supervisor_fixture import FDWORKER, Start
+
+
+def wrapper(tmp: Path, name: str = "srv", before: str = "") -> Path:
+    """An executable that runs fdworker (so moving it away makes exec fail at once)."""
+    path = tmp / name
+    path.write_text(f"#!/bin/sh\n{before}\nexec {sys.executable} {FDWORKER[1]}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_scale_and_reload_reply_when_the_spawn_fails_at_once(start: Start, short_tmp: Path) -> None:
+    srv = wrapper(short_tmp)
+    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--", str(srv))
+    pids = sup.pids()
+    srv.rename(short_tmp / "moved")  # the command is gone: exec fails at once
+    res = sup.ctl("scale", "3", check=False, timeout=30)
+    assert res.returncode != 0 and "cannot run worker command" in res.stderr, res.stderr
+    st = sup.status()
+    assert st["workers"] == 2 and [s["pid"] for s in st["slots"]] == pids
+    assert all(s["state"] == "ready" for s in st["slots"])
+    res = sup.ctl("reload", "--wait", check=False, timeout=30)
+    assert res.returncode != 0 and "cannot run worker command" in res.stderr, res.stderr
+    assert sup.status()["reloads"] == {"ok": 0, "failed": 1}
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=40) as load:
+        load.wait_for(40)
+    assert not load.failed, load.by_kind()
