@@ -38,3 +38,21 @@ def test_scale_and_reload_reply_when_the_spawn_fails_at_once(start: Start, short
     with Load("127.0.0.1", sup.port, concurrency=4, max_requests=40) as load:
         load.wait_for(40)
     assert not load.failed, load.by_kind()
+
+
+def write_config(path: Path, command: list[str]) -> None:
+    quoted = ", ".join(f'"{arg}"' for arg in command)
+    path.write_text(f'command = [{quoted}]\nlisten = ["tcp://127.0.0.1:0"]\nworkers = 1\n')
+
+
+def test_a_reload_that_times_out_says_timeout_not_exit(start: Start, short_tmp: Path) -> None:
+    # The worker is killed at its ready timeout, so it has also exited (by SIGKILL) by the
+    # time the reload decides; the message used to say "it exited (killed by SIGKILL)".
+    conf = short_tmp / "ps.toml"
+    write_config(conf, FDWORKER)
+    sup = start("-c", str(conf), "--ready-timeout", "3")
+    write_config(conf, [sys.executable, "-c", "import time; time.sleep(30)"])
+    res = sup.ctl("reload", "--wait", check=False)
+    assert res.returncode != 0
+    assert "did not become ready: it was not ready within 3s" in res.stderr, res.stderr
+    assert "exited" not in res.stderr

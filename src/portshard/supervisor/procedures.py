@@ -174,7 +174,8 @@ def reload(fleet: Fleet, new_cfg: Config, outcome: Outcome) -> Task:
 
 
 def _not_ready_why(w: Worker, cfg: Config) -> str:
-    if not w.life.alive:
+    """Timeout or exit: a worker killed for its timeout also exits (by SIGKILL)."""
+    if not w.life.alive and not w.life.timed_out:
         return f"it exited ({w.describe_exit()})"
     return f"it was not ready within {cfg.ready_timeout:g}s (--ready {cfg.ready})"
 

@@ -242,12 +242,15 @@ class Lifecycle(Machine[State, Event]):
         self.ready_at: float | None = None  # when it became ready (None: never was)
         self.retired_at: float | None = None  # when we began to retire it (drain or kill)
         self.kill_at: float | None = None  # its kill timer (armed by ARM_KILL_TIMER)
+        self.timed_out = False  # killed for not being ready in time (its exit says SIGKILL)
 
     def fire(self, event: Event, now: float = 0.0) -> tuple[Action, ...]:
         before = self.state
         actions = super().fire(event)
         if before is State.STARTING and self.state is State.READY:
             self.ready_at = now
+        if event is Event.READY_TIMEOUT:
+            self.timed_out = True
         if event in RETIRING_EVENTS and self.retired_at is None:
             self.retired_at = now
         return actions
