@@ -6,11 +6,13 @@ worker), never replied, or reported what did not happen.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 from bench.loadgen import Load
 
+from tests.conftest import wait_until
 from tests.supervisor_fixture import FDWORKER, Start
 
 
@@ -56,3 +58,20 @@ def test_a_reload_that_times_out_says_timeout_not_exit(start: Start, short_tmp: 
     assert res.returncode != 0
     assert "did not become ready: it was not ready within 3s" in res.stderr, res.stderr
     assert "exited" not in res.stderr
+
+
+def test_usr1_usr2_alrm_do_not_kill_the_supervisor(start: Start) -> None:
+    # They used to kill it at once (exit 138/140/142): no drain, every worker killed.
+    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    assert sup.proc is not None
+    pids = sup.pids()
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGRTMIN):
+        sup.proc.send_signal(sig)
+    wait_until(lambda: "SIGALRM: ignored" in sup.text(), 10, "the SIGALRM log line")
+    assert sup.proc.poll() is None
+    assert "SIGUSR1: reopened 0 log file(s)" in sup.text()
+    assert "SIGUSR2: ignored" in sup.text() and "SIGRTMIN: ignored" in sup.text()
+    assert sup.pids() == pids
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=40) as load:
+        load.wait_for(40)
+    assert not load.failed, load.by_kind()

@@ -53,6 +53,43 @@ __all__ = ["Supervisor", "expand_placeholders"]
 TICK = 0.02  # how often conditions are re-checked while something is in progress
 SAMPLE_EVERY = 1.0
 
+# Every signal whose default would kill the supervisor (and with it every worker) has a
+# meaning or is ignored with a log line. TERM/INT: graceful stop (twice: kill now); QUIT: kill
+# now; HUP: reload; USR1: reopen log files. The rest are ignored.
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+IGNORED = (
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGIO,
+    signal.SIGPWR,
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+)
+
+
+def reopen_log_files() -> int:
+    """Reopen every log file handler's file (after logrotate moved it); return how many."""
+    count = 0
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream is not None:
+                    handler.stream.close()
+                handler.stream = handler._open()
+                count += 1
+            finally:
+                handler.release()
+    return count
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+
 
 class Supervisor:
     def __init__(
@@ -108,7 +145,7 @@ class Supervisor:
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        for sig in (*HANDLED, *IGNORED):
             self._old_handlers[sig] = signal.signal(sig, lambda _s, _f: None)
         log.info(
             "listening on %s with %d workers; control socket %s",
@@ -193,7 +230,7 @@ class Supervisor:
         except BlockingIOError:
             return
         for signum in array.array("B", data):
-            name = signal.Signals(signum).name
+            name = _signal_name(signum)
             if signum in (signal.SIGTERM, signal.SIGINT):
                 if self.fleet.stopping:
                     log.warning("second %s: killing every worker now", name)
@@ -210,6 +247,10 @@ class Supervisor:
                     self.fleet.reload(Outcome())
                 except PortshardError as exc:
                     log.error("reload refused: %s", exc)
+            elif signum == signal.SIGUSR1:
+                log.info("SIGUSR1: reopened %d log file(s)", reopen_log_files())
+            else:
+                log.info("%s: ignored (it means nothing to portshard)", name)
 
     # ---- steering ---------------------------------------------------------------------------
 
