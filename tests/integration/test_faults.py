@@ -6,8 +6,10 @@ worker), never replied, or reported what did not happen.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import urllib.request
 from pathlib import Path
 
 from bench.loadgen import Load
@@ -75,3 +77,28 @@ def test_usr1_usr2_alrm_do_not_kill_the_supervisor(start: Start) -> None:
     with Load("127.0.0.1", sup.port, concurrency=4, max_requests=40) as load:
         load.wait_for(40)
     assert not load.failed, load.by_kind()
+
+
+def test_one_crash_looping_slot_backs_off_while_the_other_serves(
+    start: Start, short_tmp: Path
+) -> None:
+    marker = short_tmp / "broken"
+    srv = wrapper(short_tmp, before=f'[ -e {marker} ] && [ "$PORTSHARD_SLOT" = 1 ] && exit 3')
+    sup = start(
+        "-w", "2", "--metrics", "127.0.0.1:0", "--listen", "tcp://127.0.0.1:0", "--", str(srv)
+    )
+    assert sup.proc is not None
+    marker.touch()
+    os.kill(sup.pids()[1], signal.SIGKILL)  # slot 1's program now fails at once, again and again
+    wait_until(lambda: "failed 5 times in a row" in sup.text(), 30, "slot 1 giving up")
+    assert sup.proc.poll() is None, sup.text()  # it used to stop the whole service here
+    st = sup.status()
+    assert st["slots"][0]["state"] == "ready" and st["slots"][1]["failures"] >= 5
+    assert st["slots"][1]["state"] in ("backoff", "starting")
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=60) as load:
+        load.wait_for(60)
+    assert not load.failed, load.by_kind()
+    metrics = urllib.request.urlopen(st["metrics"], timeout=10).read().decode()
+    assert 'portshard_slot_failures{slot="1"}' in metrics
+    marker.unlink()  # fixed: the slot comes back by itself
+    wait_until(lambda: sup.status()["slots"][1]["state"] == "ready", 30, "slot 1 serving again")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from portshard.control.server import Connection
-from portshard.errors import ControlError, SupervisorError
+from portshard.errors import ConfigError, ControlError
 from portshard.supervisor import procedures
 from portshard.supervisor.config import Config, load
 from portshard.supervisor.fleet import Fleet, Outcome
@@ -52,7 +52,7 @@ class FakeEffects:
 
     def spawn(self, slot: Slot, role: str, cfg: Config, generation: int) -> Worker:
         if slot.index in self.spawn_error:
-            raise SupervisorError(self.spawn_error[slot.index])
+            raise ConfigError(self.spawn_error[slot.index])  # e.g. the --user lookup failed
         self.next_pid += 1
         return Worker(slot, self.next_pid, -1, generation, role, self.clock)
 
@@ -330,3 +330,34 @@ def test_a_deferred_reply_reaches_the_waiter() -> None:
         assert b'"ok": false' in world.fx.replies[0][1] or b'"ok":false' in world.fx.replies[0][1]
     finally:
         conn.sock.close()
+
+
+def test_one_crash_looping_slot_backs_off_alone_while_the_others_serve() -> None:
+    world = World(2)
+    world.boot()
+    slot = world.fleet.slots[1]
+    for _ in range(8):
+        (pid,) = [w.pid for w in slot.live()]
+        world.exit(pid, exited(1))
+        world.turn(6.0)
+    assert world.fleet.fatal is None and not world.fleet.stopping
+    assert slot.backoff.strikes == 8 and slot.restarts == 8
+    assert world.fleet.slots[0].serving().state is State.READY  # type: ignore[union-attr]
+    assert any(e.kind == "failing" for e in world.fleet.history.events)
+    world.exit(world.fleet.slots[0].serving().pid, exited(1))  # type: ignore[union-attr]
+    (pid,) = [w.pid for w in slot.live()]
+    world.exit(pid, exited(1))  # now no slot serves: give up
+    assert world.fleet.fatal is not None and "giving up" in world.fleet.fatal
+
+
+def test_a_respawn_that_cannot_start_backs_off_instead_of_ending_the_service() -> None:
+    world = World(2)
+    world.boot()
+    world.exit(world.fleet.slots[1].serving().pid, exited(1))  # type: ignore[union-attr]
+    world.fx.spawn_error[1] = "cannot run worker command 'srv': No such file or directory"
+    world.turn(0.2)  # the respawn fails at once (a moved command, a --user lookup, EMFILE)
+    slot = world.fleet.slots[1]
+    assert slot.state is SlotState.BACKOFF and not world.fleet.stopping
+    del world.fx.spawn_error[1]
+    world.turn(1.0)
+    assert slot.state is SlotState.SERVING

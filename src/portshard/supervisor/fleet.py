@@ -19,7 +19,7 @@ from typing import Any
 
 from ..control import protocol
 from ..control.server import Connection
-from ..errors import ControlError, SupervisorError
+from ..errors import ControlError, PortshardError
 from . import procedures
 from .config import Config, reloaded
 from .effects import Effects
@@ -173,10 +173,22 @@ class Fleet:
         return w
 
     def spawn_or_fail(self, slot: Slot, role: str) -> Worker | None:
+        """Spawn; a failure at boot stops the supervisor, a failed respawn (the command was
+        moved away, a --user lookup failed, EMFILE) is that slot's crash: it backs off."""
         try:
             return self.spawn(slot, role)
-        except SupervisorError as exc:
-            self.fail(str(exc))
+        except (PortshardError, OSError) as exc:
+            if role != "respawn":
+                self.fail(str(exc))
+                return None
+            log.error(
+                "slot %d: cannot start its worker: %s",
+                slot.index,
+                exc,
+                extra=log_fields(slot.index),
+            )
+            self.history.event("crash", f"slot {slot.index}: cannot start its worker: {exc}")
+            self._back_off(slot, 0.0, own=True, last=f"cannot start: {exc}")
             return None
 
     def check(self, w: Worker, now: float) -> None:
@@ -269,15 +281,34 @@ class Fleet:
     def _crashed(self, slot: Slot, w: Worker) -> None:
         self.history.event("crash", f"slot {slot.index} pid {w.pid} {w.describe_exit()}")
         uptime = self.fx.now() - w.started if w.ready else 0.0
-        delay = slot.backoff.on_exit(uptime, own=not (w.ready and w.killed_by_sigkill))
+        self._back_off(
+            slot, uptime, own=not (w.ready and w.killed_by_sigkill), last=w.describe_exit()
+        )
+
+    def _back_off(self, slot: Slot, uptime: float, *, own: bool, last: str) -> None:
+        """Respawn ``slot`` after its backoff delay. A slot that keeps failing goes on retrying
+        at the longest delay while another slot serves (its trouble is not an outage); only
+        when no other slot has a ready worker does the supervisor give up."""
+        backoff = slot.backoff
+        delay = backoff.on_exit(uptime, own=own)
         if delay is None:
-            self.fire_slot(slot, SlotEvent.EMPTIED)
-            self.fail(
-                f"the worker for slot {slot.index} failed {slot.backoff.strikes} times in a row "
-                f"within {slot.backoff.healthy_after:g}s of starting (last: {w.describe_exit()}); "
-                f"giving up instead of crash-looping; fix the program and start again"
-            )
-            return
+            if not self._others_ready(slot):
+                self.fire_slot(slot, SlotEvent.EMPTIED)
+                self.fail(
+                    f"the worker for slot {slot.index} failed {backoff.strikes} times in a row "
+                    f"within {backoff.healthy_after:g}s of starting (last: {last}); "
+                    f"giving up instead of crash-looping; fix the program and start again"
+                )
+                return
+            delay = backoff.cap
+            if backoff.strikes == backoff.give_up_after:
+                text = (
+                    f"slot {slot.index}: its worker failed {backoff.strikes} times in a row within "
+                    f"{backoff.healthy_after:g}s of starting (last: {last}); the other slots "
+                    f"serve; retrying every {delay:g}s"
+                )
+                log.error("%s", text, extra=log_fields(slot.index))
+                self.history.event("failing", text)
         slot.restarts += 1
         slot.delay = delay
         self.fire_slot(slot, SlotEvent.CRASHED)
@@ -285,6 +316,13 @@ class Fleet:
             log.warning(
                 "slot %d: respawning in %.2fs", slot.index, delay, extra=log_fields(slot.index)
             )
+
+    def _others_ready(self, slot: Slot) -> bool:
+        return any(
+            (w := s.serving()) is not None and w.state is State.READY
+            for s in self.slots
+            if s is not slot and not s.removing
+        )
 
     def tick(self, now: float) -> None:
         for slot in list(self.slots):

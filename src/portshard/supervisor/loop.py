@@ -446,4 +446,5 @@ class Supervisor:
             new_total=self._handed[1].get(slot.index) if self._handed else None,
             steering=steering.slot_status(slot.index) if steering else None,
             workers=tuple(WorkerStatus(x.pid, x.state, x.generation) for x in slot.live()),
+            failures=slot.backoff.strikes,
         )

@@ -71,6 +71,7 @@ class SlotStatus:
     new_total: int | None = None
     steering: Mapping[str, Any] | None = None  # steering's own view (controller.slot_status)
     workers: tuple[WorkerStatus, ...] = ()
+    failures: int = 0  # quick failures of its program in a row (it backs off; 0 = healthy)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +94,7 @@ class SlotStatus:
                 {"pid": w.pid, "state": w.state.value, "generation": w.generation}
                 for w in self.workers
             ],
+            "failures": self.failures,
         }
 
     @classmethod
@@ -117,6 +119,7 @@ class SlotStatus:
                 WorkerStatus(w["pid"], State(w["state"]), w["generation"])
                 for w in d.get("workers", ())
             ),
+            failures=d.get("failures", 0),
         )
 
 

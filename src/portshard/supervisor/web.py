@@ -91,8 +91,14 @@ def _families(st: Status, gauge: Any, counter: Any) -> Iterator[Any]:
         "steering program; absent under classic BPF or with steering off)",
         labels=["slot"],
     )
+    failures = gauge(
+        "portshard_slot_failures",
+        "Quick failures of the slot's program in a row (it backs off; 0 when healthy)",
+        labels=["slot"],
+    )
     for slot in st.slots:
         label = str(slot.slot)
+        failures.add_metric([label], float(slot.failures))
         if slot.new_total is not None:
             handed.add_metric([label], float(slot.new_total))
         for shown in SHOWN_STATES:
@@ -103,7 +109,7 @@ def _families(st: Status, gauge: Any, counter: Any) -> Iterator[Any]:
             backlog.add_metric([label, listen], float(q.backlog))
         if slot.connections is not None:
             conns.add_metric([label], float(slot.connections))
-    yield from (state, restarts, queued, backlog, conns, handed)
+    yield from (state, restarts, failures, queued, backlog, conns, handed)
     reloads = counter("portshard_reloads", "Rolling reloads by result", labels=["result"])
     reloads.add_metric(["ok"], float(st.reloads_ok))
     reloads.add_metric(["failed"], float(st.reloads_failed))
