@@ -7,8 +7,11 @@ worker), never replied, or reported what did not happen.
 from __future__ import annotations
 
 import os
+import resource
 import signal
+import socket
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -102,3 +105,33 @@ def test_one_crash_looping_slot_backs_off_while_the_other_serves(
     assert 'portshard_slot_failures{slot="1"}' in metrics
     marker.unlink()  # fixed: the slot comes back by itself
     wait_until(lambda: sup.status()["slots"][1]["state"] == "ready", 30, "slot 1 serving again")
+
+
+def test_the_supervisor_survives_running_out_of_fds(start: Start) -> None:
+    # Idle connections to the metrics endpoint used up the fd limit; the next sample's
+    # listing of /proc/PID/fd raised EMFILE, nothing caught it, and every worker was killed.
+    listen = ("--listen", "tcp://127.0.0.1:0")
+    sup = start("-w", "2", "--metrics", "127.0.0.1:0", *listen, "--", *FDWORKER)
+    assert sup.proc is not None
+    st = sup.status()
+    host, port = st["metrics"].removeprefix("http://").split("/")[0].rsplit(":", 1)
+    used = len(os.listdir(f"/proc/{sup.proc.pid}/fd"))
+    limit = used + 8
+    soft, hard = resource.prlimit(sup.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(sup.proc.pid, resource.RLIMIT_NOFILE, (limit, hard))
+    clients = []
+    try:
+        for _ in range(limit):
+            clients.append(socket.create_connection((host, int(port)), timeout=5))
+        time.sleep(2.5)  # bounded: two samples, under EMFILE
+        assert sup.proc.poll() is None, sup.text()
+        with Load("127.0.0.1", sup.port, concurrency=2, max_requests=20) as load:
+            load.wait_for(20)  # the workers serve meanwhile
+        assert not load.failed, load.by_kind()
+    finally:
+        for client in clients:
+            client.close()
+    resource.prlimit(sup.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    wait_until(lambda: sup.ctl("status", check=False).returncode == 0, 20, "status answers")
+    assert sup.proc.poll() is None
+    assert len(sup.status()["slots"]) == 2

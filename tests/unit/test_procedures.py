@@ -361,3 +361,52 @@ def test_a_respawn_that_cannot_start_backs_off_instead_of_ending_the_service() -
     del world.fx.spawn_error[1]
     world.turn(1.0)
     assert slot.state is SlotState.SERVING
+
+
+def test_a_stop_whose_procedure_raises_still_ends_with_every_worker_killed() -> None:
+    world = World(2)
+    world.boot()
+
+    def broken() -> list[socket.socket]:
+        raise OSError(24, "Too many open files")
+
+    world.fx.drop_syns = broken  # type: ignore[method-assign]
+    world.fleet.stop()
+    assert all(world.fx.sent(pid) == [signal.SIGKILL] for pid in world.pids())
+    world.obey()
+    world.turn()
+    assert world.fleet.exit_code == 0
+
+
+def test_a_drain_that_raises_kills_the_worker_rather_than_leave_it_frozen() -> None:
+    world = World(1)
+    world.boot()
+    (old,) = world.pids()
+    outcome = world.fleet.reload(Outcome())
+    world.turn()
+
+    def broken(w: Worker) -> bool:
+        raise RuntimeError("a bug")
+
+    world.fx.ready.update(world.pids())
+    world.fx.holds_connections = broken  # type: ignore[method-assign]
+    world.turn()
+    assert world.fx.sent(old) == [signal.SIGSTOP, signal.SIGKILL]
+    world.obey()
+    world.turn()
+    assert outcome.done and outcome.ok and world.fleet.state is SupervisorState.RUNNING
+
+
+def test_a_reload_whose_procedure_raises_replies_and_allows_the_next() -> None:
+    world = World(1)
+    world.boot()
+
+    def broken(what: str, text: str = "") -> None:
+        if what == "reloading":
+            raise RuntimeError("a bug")
+
+    world.fx.notify = broken  # type: ignore[method-assign]
+    outcome = world.fleet.reload(Outcome())
+    assert outcome.done and "internal error" in outcome.error
+    assert world.fleet.state is SupervisorState.RUNNING
+    world.fleet.reload(Outcome())  # not refused as "already in progress"

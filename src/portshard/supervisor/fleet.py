@@ -150,7 +150,7 @@ class Fleet:
             for slot in self.slots:
                 self.fire_slot(slot, SlotEvent.CANCEL)
         elif action is Action.BEGIN_STOP:
-            self.scheduler.start(procedures.stop(self))
+            self.scheduler.start(procedures.stop(self), on_error=self._stop_failed)
         elif action is Action.KILL_ALL:
             for slot in self.slots:
                 for w in slot.live():
@@ -382,7 +382,9 @@ class Fleet:
         new_cfg = reloaded(self.cfg, self.cli)
         self.fire_supervisor(SupervisorEvent.CHANGE)
         self.change = "reload"
-        self.scheduler.start(procedures.reload(self, new_cfg, outcome), self.scope)
+        self.scheduler.start(
+            procedures.reload(self, new_cfg, outcome), self.scope, self._change_failed(outcome)
+        )
         return outcome
 
     def scale(self, count: int, outcome: Outcome) -> Outcome:
@@ -393,8 +395,46 @@ class Fleet:
         self._refuse("scale")
         self.fire_supervisor(SupervisorEvent.CHANGE)
         self.change = "scale"
-        self.scheduler.start(procedures.scale(self, count, outcome), self.scope)
+        self.scheduler.start(
+            procedures.scale(self, count, outcome), self.scope, self._change_failed(outcome)
+        )
         return outcome
+
+    # ---- a procedure that raised (a bug, an OS error): contain it -----------------------------
+
+    def boot(self) -> None:
+        self.scheduler.start(procedures.boot(self), self.scope, self._boot_failed)
+
+    def _boot_failed(self, exc: Exception) -> None:
+        log.error("boot: internal error", exc_info=exc)
+        self.fail(f"boot failed: {exc!r}")
+
+    def _change_failed(self, outcome: Outcome) -> Callable[[Exception], None]:
+        def failed(exc: Exception) -> None:
+            log.error("%s: internal error", self.change or "change", exc_info=exc)
+            for slot in self.slots:  # a replacement it started and did not judge goes
+                for w in slot.live():
+                    if w.state is State.STARTING and w.role in ("reload", "scale"):
+                        self.fire(w, Event.KILL)
+            if not outcome.done:
+                self.finish(outcome, f"{self.change or 'change'} failed: internal error {exc!r}")
+
+        return failed
+
+    def _stop_failed(self, exc: Exception) -> None:
+        log.error("stop: internal error; killing every worker", exc_info=exc)
+        self.kill_everything()
+        self.scheduler.start(procedures.await_exit(self))
+
+    def retire(self, w: Worker) -> None:
+        """Retire ``w`` (drain it); if that raises, kill it rather than leave it frozen."""
+
+        def failed(exc: Exception) -> None:
+            log.error("retiring pid %d: internal error; killing it", w.pid, exc_info=exc)
+            if w.life.alive:
+                self.fire(w, Event.KILL)
+
+        self.scheduler.start(procedures.drain(self, w), on_error=failed)
 
     def finish(self, outcome: Outcome, error: str = "") -> None:
         """A reload or scale ended: record it, tell systemd, reply to who waits."""

@@ -26,6 +26,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import inspect
@@ -34,7 +35,6 @@ from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
 from ..errors import ControlError, PortshardError
 from ..steering.controller import Steering, migrate_req
-from . import procedures
 from .config import Config
 from .fleet import Fleet, Outcome
 from .history import listen_drop_counters
@@ -44,7 +44,7 @@ from .status import ListenStatus, QueueStatus, SlotStatus, Status, WorkerStatus
 from .system import SystemEffects, expand_placeholders
 from .systemd import Activated
 from .web import WebServer, parse_metrics_address
-from .worker import Slot
+from .worker import Slot, Worker
 
 log = logging.getLogger("portshard.supervisor")
 
@@ -52,6 +52,7 @@ __all__ = ["Supervisor", "expand_placeholders"]
 
 TICK = 0.02  # how often conditions are re-checked while something is in progress
 SAMPLE_EVERY = 1.0
+GUARD_LOG_EVERY = 10.0  # s between log lines about the same failing loop operation
 
 # Every signal whose default would kill the supervisor (and with it every worker) has a
 # meaning or is ignored with a log line. TERM/INT: graceful stop (twice: kill now); QUIT: kill
@@ -107,6 +108,7 @@ class Supervisor:
         self._connections: dict[int, int | None] = {}  # slot -> connections, last sample
         self._handed: tuple[float, dict[int, int]] | None = None  # eBPF counters, last sample
         self._new_per_s: dict[int, float] = {}  # slot -> new connections/s, last second
+        self._guard_log: dict[str, tuple[float, int]] = {}  # operation -> last log, held
         self._wake_r, self._wake_w = socket.socketpair()
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._old_handlers: dict[int, Any] = {}
@@ -178,10 +180,10 @@ class Supervisor:
         fleet = self.fleet
         try:
             self._setup()
-            fleet.scheduler.start(procedures.boot(fleet), fleet.scope)
+            fleet.boot()
             while fleet.exit_code is None:
                 for key, mask in self.sel.select(self._timeout()):
-                    key.data(mask)
+                    self._guard(f"handling fd {key.fd}", key.data, mask)
                 self._tick()
         except BaseException:
             fleet.kill_everything()
@@ -201,15 +203,31 @@ class Supervisor:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        self.fleet.tick(now)
-        self.fx.steer()
+        self._guard("checking workers", self.fleet.tick, now)
+        self._guard("steering", self.fx.steer)
         if self.fx.control is not None:
-            self.fx.control.expire(now)
+            self._guard("expiring control connections", self.fx.control.expire, now)
         if now >= self._next_sample:
             self._next_sample = now + SAMPLE_EVERY
-            self._sample()
+            self._guard("sampling", self._sample)
         if self.web is not None:
-            self.web.expire(now)
+            self._guard("expiring metrics connections", self.web.expire, now)
+
+    def _guard(self, what: str, fn: Callable[..., object], *args: object) -> None:
+        """Run one operation of the loop; an error in it is logged (at most once per
+        ``GUARD_LOG_EVERY`` s for the same operation) and ends only that operation: the
+        service keeps serving (EMFILE, a /proc we may not read, a bug). Only a stop ends it."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            now = time.monotonic()
+            last, held = self._guard_log.get(what, (-GUARD_LOG_EVERY, 0))
+            if now - last < GUARD_LOG_EVERY:
+                self._guard_log[what] = (last, held + 1)
+                return
+            self._guard_log[what] = (now, 0)
+            more = f" ({held} more in the last {GUARD_LOG_EVERY:g}s)" if held else ""
+            log.error("error while %s: %r%s; carrying on", what, exc, more, exc_info=True)
 
     def _on_notify(self, _mask: int) -> None:
         while True:
@@ -318,11 +336,7 @@ class Supervisor:
         ports = self.fx.tcp_ports()
         workers = {slot.index: w for slot in self.fleet.slots if (w := slot.serving()) is not None}
         # Most of the time a worker holds no socket but its listeners: no table walk at all.
-        busy = [
-            w.pid
-            for w in workers.values()
-            if ports and inspect.sockets_of(w.pid) - self.fx.listeners_of(w)
-        ]
+        busy = [w.pid for w in workers.values() if ports and self._holds_sockets(w)]
         try:
             counts = inspect.connections_by_pid(busy, ports=ports) if busy else {}
         except (OSError, inspect.InspectError):
@@ -341,11 +355,19 @@ class Supervisor:
                     "state": w.state.value if w else SlotState.EMPTY.value,
                     "queued": queued,
                     "connections": conns,
-                    "cpu": worker_cpu(w.pid) if w else None,
+                    "cpu": worker_cpu(w.pid) if w else None,  # None if unreadable
                     "new_per_s": self._new_per_s.get(slot.index),
                 }
             )
         self.fleet.history.add(rows)
+
+    def _holds_sockets(self, w: Worker) -> bool:
+        """``w`` holds a socket besides its listeners (a /proc we may not read, e.g. a
+        non-dumpable worker of a non-root supervisor, or EMFILE: count it, look closer)."""
+        try:
+            return bool(inspect.sockets_of(w.pid) - self.fx.listeners_of(w))
+        except (OSError, inspect.InspectError):
+            return True
 
     def _rate_new_connections(self) -> None:
         """New connections per second for each slot, where the eBPF steering program counts

@@ -18,7 +18,7 @@ import signal
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import PortshardError, SupervisorError
+from ..errors import PortshardError
 from .config import Config
 from .state import Backoff, Event, SlotEvent, State, SupervisorEvent, SupervisorState
 from .tasks import Cancelled, Task, Until
@@ -106,7 +106,7 @@ def drain_all(fleet: Fleet, workers: Iterable[Worker]) -> Until:
     workers = list(workers)
     for w in workers:
         if w.state in (State.STARTING, State.READY):
-            fleet.scheduler.start(drain(fleet, w))
+            fleet.retire(w)
     return Until(lambda: all(not w.life.alive for w in workers))
 
 
@@ -133,7 +133,7 @@ def reload(fleet: Fleet, new_cfg: Config, outcome: Outcome) -> Task:
         for slot in batch:
             try:
                 news.append(fleet.spawn(slot, "reload", new_cfg))
-            except SupervisorError as exc:
+            except (PortshardError, OSError) as exc:
                 _abort_reload(fleet, news, outcome, f"reload failed at slot {slot.index}: {exc}")
                 return
         previous = {slot.index: slot.cfg for slot in batch}
@@ -210,7 +210,7 @@ def _scale_up(fleet: Fleet, before: int, count: int, outcome: Outcome) -> Task:
     for index in range(len(fleet.slots), len(fleet.slots) + count - before):
         try:
             slot = Slot(index, fleet.fx.open_slot(index), fleet.cfg)
-        except PortshardError as exc:
+        except (PortshardError, OSError) as exc:
             error = f"scale up failed at slot {index}: {exc}"
             break
         slot.generation = fleet.generation
@@ -219,7 +219,7 @@ def _scale_up(fleet: Fleet, before: int, count: int, outcome: Outcome) -> Task:
         fleet.fx.add_to_steering(slot)  # out of the table until its worker is ready
         try:
             fleet.spawn(slot, "scale")
-        except PortshardError as exc:
+        except (PortshardError, OSError) as exc:
             error = f"scale up failed at slot {index}: {exc}"
             break
     news = [w for slot in added for w in slot.live()]

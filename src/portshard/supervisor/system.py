@@ -200,7 +200,19 @@ class SystemEffects:
         return True
 
     def holds_connections(self, w: Worker) -> bool:
-        return held_connections(w.pid, self.listeners_of(w), self.tcp_ports()) > 0
+        """True also when we cannot tell (EMFILE, an unreadable /proc): then the drain thaws
+        it and looks again, and after --grace falls back to the stop signal."""
+        try:
+            return held_connections(w.pid, self.listeners_of(w), self.tcp_ports()) > 0
+        except (OSError, inspect.InspectError) as exc:
+            log.warning(
+                "slot %d pid %d: cannot see what it holds (%s); assuming it holds a connection",
+                w.slot.index,
+                w.pid,
+                exc,
+                extra=w.fields,
+            )
+            return True
 
     # ---- sockets ----------------------------------------------------------------------------
 

@@ -44,11 +44,15 @@ class CancelScope:
             self.cancelled, self.reason = True, reason
 
 
+OnError = Callable[[Exception], None]
+
+
 @dataclass
 class _Running:
     task: Task
     until: Until
     scope: CancelScope | None
+    on_error: OnError | None
     thrown: bool = False
 
 
@@ -59,13 +63,21 @@ class Scheduler:
     clock: Callable[[], float]
     running: list[_Running] = field(default_factory=list)
 
-    def start(self, task: Task, scope: CancelScope | None = None) -> None:
-        """Run ``task`` to its first wait now (so its first actions happen at once)."""
+    def start(
+        self, task: Task, scope: CancelScope | None = None, on_error: OnError | None = None
+    ) -> None:
+        """Run ``task`` to its first wait now (so its first actions happen at once). An
+        exception that escapes it ends it and goes to ``on_error`` (else it is raised)."""
         try:
             until = next(task)
         except StopIteration:
             return
-        self.running.append(_Running(task, until, scope))
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+            return
+        self.running.append(_Running(task, until, scope, on_error))
 
     def __bool__(self) -> bool:
         return bool(self.running)
@@ -93,4 +105,10 @@ class Scheduler:
                     break
                 except Cancelled:
                     self.running.remove(run)  # it did not catch it: it is over
+                    break
+                except Exception as exc:  # a bug or an OS error: this procedure is over
+                    self.running.remove(run)
+                    if run.on_error is None:
+                        raise
+                    run.on_error(exc)
                     break
