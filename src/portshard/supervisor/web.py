@@ -110,6 +110,11 @@ def _families(st: Status, gauge: Any, counter: Any) -> Iterator[Any]:
         if slot.connections is not None:
             conns.add_metric([label], float(slot.connections))
     yield from (state, restarts, failures, queued, backlog, conns, handed)
+    yield from _totals(st, gauge, counter)
+
+
+def _totals(st: Status, gauge: Any, counter: Any) -> Iterator[Any]:
+    """The supervisor-wide families."""
     reloads = counter("portshard_reloads", "Rolling reloads by result", labels=["result"])
     reloads.add_metric(["ok"], float(st.reloads_ok))
     reloads.add_metric(["failed"], float(st.reloads_failed))
