@@ -410,3 +410,18 @@ def test_a_reload_whose_procedure_raises_replies_and_allows_the_next() -> None:
     assert outcome.done and "internal error" in outcome.error
     assert world.fleet.state is SupervisorState.RUNNING
     world.fleet.reload(Outcome())  # not refused as "already in progress"
+
+
+def test_a_failed_scale_up_takes_its_new_slots_away_again() -> None:
+    world = World(1)
+    world.boot()
+    world.fx.spawn_error[2] = "cannot run worker command 'srv': No such file or directory"
+    outcome = world.fleet.scale(3, Outcome())  # slot 1 starts, slot 2 cannot
+    assert not outcome.done
+    (new,) = [w.pid for w in world.fleet.slots[1].live()]
+    assert world.fx.sent(new) == [signal.SIGKILL]
+    world.obey()
+    world.turn()
+    assert outcome.done and "scale up failed at slot 2" in outcome.error
+    assert [s.index for s in world.fleet.slots] == [0] and world.fx.closed == [1, 2]
+    assert world.fleet.cfg.workers == 1 and world.fleet.state is SupervisorState.RUNNING

@@ -238,11 +238,11 @@ def _scale_up(fleet: Fleet, before: int, count: int, outcome: Outcome) -> Task:
                 fleet.fire(w, Event.KILL)
         for slot in added:
             fleet.fire_slot(slot, SlotEvent.REMOVE)
-        fleet.finish(outcome, error)
-        if news:
+        if news:  # SIGKILLed: quick; the next change must find the slots gone
             yield Until(lambda: not any(w.life.alive for w in news))
         for slot in added:
             fleet.fire_slot(slot, SlotEvent.CLOSE)
+        fleet.finish(outcome, error)
         return
     fleet.with_workers(count)
     fleet.fx.store(fleet.slots[before:])
