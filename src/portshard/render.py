@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
 
+from .supervisor.state import SlotState, State
+from .supervisor.status import SlotStatus, Status
+
 __all__ = ["JsonFormatter", "TextFormatter", "format_uptime", "render_status"]
 
-_STATE_COLOUR = {
-    "ready": "green",
-    "starting": "yellow",
-    "draining": "cyan",
-    "stopping": "cyan",
-    "backoff": "red",
-    "empty": "red",
-    "removing": "cyan",
+_STATE_COLOUR: dict[State | SlotState, str] = {
+    State.READY: "green",
+    State.STARTING: "yellow",
+    State.DRAINING: "cyan",
+    State.STOPPING: "cyan",
+    SlotState.BACKOFF: "red",
+    SlotState.EMPTY: "red",
+    SlotState.REMOVING: "cyan",
 }
-_WORKER_PREFIX = re.compile(r"^slot (\d+) pid (\d+): ")
 
 
 def format_uptime(seconds: float | None) -> str:
@@ -37,16 +39,16 @@ def format_uptime(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def _queue(slot: dict[str, Any]) -> str:
-    parts = [f"{q['queued']}/{q['backlog']}" for q in slot.get("queue", {}).values()]
+def _queue(slot: SlotStatus) -> str:
+    parts = [f"{q.queued}/{q.backlog}" for q in (slot.queue or {}).values()]
     return " ".join(parts) or "-"
 
 
-def _steering(slot: dict[str, Any]) -> str:
-    steer = slot.get("steering")
+def _steering(slot: SlotStatus) -> str:
+    steer = slot.steering
     if not steer:
         return "-"
-    if isinstance(steer, dict):
+    if isinstance(steer, Mapping):
         if steer.get("excluded"):
             return f"excluded ({steer.get('reason', '?')})"
         weight = steer.get("weight")
@@ -61,28 +63,37 @@ def _rate(value: float | None) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
-def render_status(st: dict[str, Any], *, colour: bool = False) -> str:
-    """The `portshard status` table; colour only when asked (the CLI asks on a TTY)."""
+def render_status(status: Status | Mapping[str, Any], *, colour: bool = False) -> str:
+    """The `portshard status` table (from the status, or its JSON); colour only when asked
+    (the CLI asks on a TTY)."""
+    st = status if isinstance(status, Status) else Status.from_json(status)
 
     def paint(text: str, fg: str | None, bold: bool = False) -> str:
         return click.style(text, fg=fg, bold=bold or None) if colour and fg else text
 
-    reloads = st["reloads"]
     head = (
-        f"{st['name']} (pid {st['pid']}): {st['workers']} workers, generation "
-        f"{st['generation']}, up {format_uptime(st.get('uptime'))}, reloads "
-        f"{reloads['ok']} ok / {reloads['failed']} failed"
+        f"{st.name} (pid {st.pid}): {st.workers} workers, generation "
+        f"{st.generation}, up {format_uptime(st.uptime)}, reloads "
+        f"{st.reloads_ok} ok / {st.reloads_failed} failed"
     )
-    if st.get("stopping"):
+    if st.stopping:
         head += ", " + paint("stopping", "yellow")
     lines = [paint(head, "white", bold=True) if colour else head]
-    lines.append("listen:  " + ", ".join(item["address"] for item in st["listen"]))
-    if st.get("steering"):
-        steering = st["steering"]
-        backend = steering.get("backend", "?") if isinstance(steering, dict) else steering
-        lines.append(f"steering: {backend}")
-    if st.get("metrics"):
-        lines.append(f"metrics: {st['metrics']}")
+    lines.append("listen:  " + ", ".join(item.address for item in st.listen))
+    if st.steering:
+        lines.append(f"steering: {st.steering.get('backend', '?')}")
+    if st.metrics:
+        lines.append(f"metrics: {st.metrics}")
+    lines += _table(st, paint if colour else None)
+    lines.append(
+        "QUEUE = connections waiting in the slot's accept queue / its backlog; "
+        "CONNS = client connections the worker holds"
+    )
+    return "\n".join(lines)
+
+
+def _table(st: Status, paint: Callable[..., str] | None) -> list[str]:
+    """One row per slot, columns aligned; ``paint`` colours the state and header."""
     header = (
         "SLOT",
         "PID",
@@ -97,40 +108,36 @@ def render_status(st: dict[str, Any], *, colour: bool = False) -> str:
         "STEERING",
     )
     rows: list[tuple[str, ...]] = [header]
-    states: list[str] = [""]
-    for slot in st["slots"]:
-        conns = slot.get("connections")
+    states: list[State | SlotState | None] = [None]
+    for slot in st.slots:
         rows.append(
             (
-                str(slot["slot"]),
-                str(slot["pid"] or "-"),
-                slot.get("mode") or "-",
-                slot["state"],
-                str(slot["generation"]),
-                format_uptime(slot.get("uptime")),
-                str(slot["restarts"]),
+                str(slot.slot),
+                str(slot.pid or "-"),
+                slot.mode or "-",
+                slot.state.value,
+                str(slot.generation),
+                format_uptime(slot.uptime),
+                str(slot.restarts),
                 _queue(slot),
-                "-" if conns is None else str(conns),
-                _rate(slot.get("new_per_s")),
+                "-" if slot.connections is None else str(slot.connections),
+                _rate(slot.new_per_s),
                 _steering(slot),
             )
         )
-        states.append(slot["state"])
+        states.append(slot.state)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
     for row, state in zip(rows, states, strict=True):
         cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
-        if colour and state:
+        if paint is not None and state is not None:
             cells[3] = paint(cells[3], _STATE_COLOUR.get(state))
             if row[6] != "0":
                 cells[6] = paint(cells[6], "yellow")
-        elif colour:
+        elif paint is not None:
             cells = [paint(c, "white", bold=True) for c in cells]
         lines.append("  ".join(cells).rstrip())
-    lines.append(
-        "QUEUE = connections waiting in the slot's accept queue / its backlog; "
-        "CONNS = client connections the worker holds"
-    )
-    return "\n".join(lines)
+    return lines
 
 
 class TextFormatter(logging.Formatter):
@@ -141,7 +148,8 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line for log shippers; worker lines carry `slot` and `pid` fields."""
+    """One JSON object per line for log shippers; lines about a slot or worker carry `slot`
+    and `pid` fields (given by the logging call as ``extra=``, see ``worker.log_fields``)."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -153,10 +161,10 @@ class JsonFormatter(logging.Formatter):
             "supervisor_pid": record.process,
             "msg": message,
         }
-        match = _WORKER_PREFIX.match(message)
-        if match:
-            entry["slot"] = int(match.group(1))
-            entry["pid"] = int(match.group(2))
+        for key in ("slot", "pid"):
+            value = getattr(record, key, None)
+            if isinstance(value, int):
+                entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)

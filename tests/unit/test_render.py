@@ -111,8 +111,14 @@ def test_json_log_lines_carry_slot_and_pid() -> None:
         (2, 4242, "exit status 3"),
         None,
     )
+    record.__dict__.update(slot=2, pid=4242)  # what extra=log_fields(2, 4242) sets
     entry = json.loads(JsonFormatter().format(record))
     assert entry["slot"] == 2 and entry["pid"] == 4242 and entry["level"] == "warning"
     assert entry["msg"] == "slot 2 pid 4242: exited (exit status 3)"
     plain = logging.LogRecord("portshard", logging.INFO, __file__, 1, "hello", (), None)
     assert "slot" not in json.loads(JsonFormatter().format(plain))
+    # The fields come from the record, not from parsing its text.
+    text_only = logging.LogRecord(
+        "portshard", logging.INFO, __file__, 1, "slot 1 pid 2: x", (), None
+    )
+    assert "slot" not in json.loads(JsonFormatter().format(text_only))

@@ -35,7 +35,7 @@ from ..linux import sysctl, tcpinfo
 from ..linux.sysctl import migrate_req
 from . import cbpf
 from .ebpf import BpfError, SteeringProgram
-from .policy import Change, Health, Observation, Policy
+from .policy import Change, ChangeKind, Health, Observation, Policy
 from .table import BUCKETS, Buckets, apportion, contiguous, runs
 
 __all__ = ["BACKENDS", "SAMPLE", "Health", "Steering", "migrate_req"]
@@ -232,7 +232,7 @@ class Steering:
                 pid,
                 f"its listener was replaced; the kernel handed the {queued} connection(s) "
                 f"queued on it to the other slots",
-                "rescue",
+                ChangeKind.RESCUE,
             ),
             time.monotonic(),
         )
@@ -269,7 +269,7 @@ class Steering:
             self.next_sample = now + (SAMPLE if busy else SAMPLE_IDLE)
         changes = self.policy.observe(observations)
         for change in changes:
-            if change.kind in ("out", "in"):
+            if change.moves:
                 self.changes += 1
             self._say(change, now)
         for limiter in self._limit.values():
@@ -336,17 +336,14 @@ class Steering:
     # ---- what people see --------------------------------------------------------------------
 
     def _say(self, change: Change, now: float) -> None:
-        if change.kind == "all_out" and not self.seen_ready:
+        if change.kind is ChangeKind.ALL_OUT and not self.seen_ready:
             return  # booting: no worker is ready yet, nothing to say
         if change.slot >= 0 and change.slot not in self._ever_ready:
-            log.debug("slot %d: steering: %s", change.slot, change.text)  # booting
+            log.debug(  # booting
+                "slot %d: steering: %s", change.slot, change.text, extra={"slot": change.slot}
+            )
             return
-        limited = (
-            change.kind == "weight"
-            or "overloaded" in change.text
-            or (change.kind == "in" and "queue drained" in change.text)
-        )
-        if not limited:
+        if not change.kind.frequent:
             self._emit(change, None, now)
             return
         limiter = self._limit.setdefault(change.slot, _Limiter())
@@ -367,7 +364,8 @@ class Steering:
             log.log(level, "steering: %s", text)
         else:
             pid = change.pid if change.pid is not None else "-"
-            log.log(level, "slot %d pid %s: steering: %s", change.slot, pid, text)
+            fields = {"slot": change.slot, "pid": change.pid}
+            log.log(level, "slot %d pid %s: steering: %s", change.slot, pid, text, extra=fields)
         if self.on_event is not None:
             who = f"slot {change.slot}: " if change.slot >= 0 else ""
             self.on_event(f"{who}{text}")

@@ -87,6 +87,21 @@ class Verdict:
     udp_included: bool  # gets new UDP flows (hard exclusions only)
 
 
+class ChangeKind(enum.Enum):
+    OUT = "out"  # a slot stops getting new connections (its worker died, drains, starts)
+    IN = "in"  # ... gets them again
+    OVERLOADED = "overloaded"  # out because its queue grows (slot -1: every ready slot is)
+    RECOVERED = "recovered"  # back in because its queue drained
+    WEIGHT = "weight"  # its share of new connections changed
+    ALL_OUT = "all_out"  # no slot qualifies: a fallback picks some
+    RESCUE = "rescue"  # a dead slot's listener was replaced: its queue went to the others
+
+    @property
+    def frequent(self) -> bool:
+        """It can change many times a second under load (the log shows at most one a second)."""
+        return self in (ChangeKind.OVERLOADED, ChangeKind.RECOVERED, ChangeKind.WEIGHT)
+
+
 @dataclass(frozen=True)
 class Change:
     """A change worth a log line: ``slot N pid P: steering: TEXT``."""
@@ -94,8 +109,18 @@ class Change:
     slot: int
     pid: int | None
     text: str
-    kind: str  # out | in | weight | all_out
+    kind: ChangeKind
     warn: bool = False
+
+    @property
+    def moves(self) -> bool:
+        """A slot went out or came back in (counted as a steering change)."""
+        return self.slot >= 0 and self.kind in (
+            ChangeKind.OUT,
+            ChangeKind.IN,
+            ChangeKind.OVERLOADED,
+            ChangeKind.RECOVERED,
+        )
 
 
 @dataclass
@@ -106,6 +131,7 @@ class _Track:
     overloaded: bool = False
     overload_why: str = ""
     back_why: str = ""  # why it came back in, for the log line
+    recovered: bool = False  # ... because its queue drained (not because a worker is ready)
     queued: int = 0
     samples: int = 0  # in this epoch, while ready
     out: int = 0  # ... of which overloaded
@@ -137,6 +163,7 @@ class Policy:
                 t.samples = t.out = 0  # an epoch counts only what a ready worker did
             t.pid = o.pid
             if o.health is not t.health and o.health is Health.READY:
+                t.recovered = False
                 t.back_why = (
                     "handover done"
                     if t.health is Health.HANDOVER
@@ -161,6 +188,7 @@ class Policy:
             t.queued = o.queued or 0
             if t.overloaded and t.queued <= p.recover_queue:
                 t.overloaded = False
+                t.recovered = True
                 t.back_why = "its queue drained"
         # Compare each serving slot with the rest of the serving slots.
         serving = [
@@ -213,7 +241,7 @@ class Policy:
                     why = "it kept up with its share"
                 if t.weight != old:
                     text = f"weight {'down' if t.weight < old else 'up'} to {t.weight:.3f}: {why}"
-                    changes.append(Change(slot, t.pid, text, "weight"))
+                    changes.append(Change(slot, t.pid, text, ChangeKind.WEIGHT))
         for t in self._tracks.values():
             t.samples = t.out = 0
 
@@ -226,9 +254,11 @@ class Policy:
         tcp_in = {s for s in ready if not tracks[s].overloaded}
         udp_in = ready | handover
         fallback = ""
+        fallback_kind = ChangeKind.ALL_OUT
         if not tcp_in and ready:
             tcp_in = set(ready)
             fallback = "every ready slot is overloaded: steering to all of them"
+            fallback_kind = ChangeKind.OVERLOADED
         if not tcp_in:
             tcp_in = set(handover)  # one slot, reloading: normal, not worth a warning
         for health in _FALLBACK:
@@ -242,7 +272,7 @@ class Policy:
             tcp_in = udp_in = set(tracks)
             fallback = "only removing slots are left"
         if fallback and fallback != self._fallback:
-            changes.append(Change(-1, None, fallback, "all_out", warn=True))
+            changes.append(Change(-1, None, fallback, fallback_kind, warn=True))
         self._fallback = fallback
         for slot, t in sorted(tracks.items()):
             reason = None
@@ -261,9 +291,12 @@ class Policy:
                 continue
             if not included:
                 warn = t.health is Health.DOWN or t.overloaded
-                changes.append(Change(slot, t.pid, f"excluded: {reason}", "out", warn=warn))
+                overload = t.health is Health.READY and t.overloaded
+                kind = ChangeKind.OVERLOADED if overload else ChangeKind.OUT
+                changes.append(Change(slot, t.pid, f"excluded: {reason}", kind, warn=warn))
             elif reason is None:
-                changes.append(Change(slot, t.pid, f"back in: {t.back_why}", "in"))
+                kind = ChangeKind.RECOVERED if t.recovered else ChangeKind.IN
+                changes.append(Change(slot, t.pid, f"back in: {t.back_why}", kind))
 
     # ---- outputs ----------------------------------------------------------------------------
 

@@ -14,9 +14,9 @@ import os
 import socket
 from collections.abc import Collection
 
-from .. import inspect
 from ..address import Address
 from ..errors import PortInUse
+from ..linux import sockdiag
 from .config import Config
 
 __all__ = ["refuse_served_ports"]
@@ -55,7 +55,7 @@ def _plain(
     return mapped or ip
 
 
-def _who(holder: inspect.Holder) -> str:
+def _who(holder: sockdiag.Holder) -> str:
     text = holder.describe()
     if holder.pid is not None:
         try:
@@ -81,12 +81,12 @@ def refuse_served_ports(cfg: Config, *, skip: Collection[Address] = ()) -> None:
             continue
         holders = [
             h
-            for h in inspect.port_holders(addr.proto, addr.port)
+            for h in sockdiag.port_holders(addr.proto, addr.port)
             if h.pid != me and _overlaps(addr.host, h.local)
         ]
         if not holders:
             continue
-        seen: dict[int | None, inspect.Holder] = {}
+        seen: dict[int | None, sockdiag.Holder] = {}
         for h in holders:
             seen.setdefault(h.pid, h)
         named = "; ".join(_who(h) for h in list(seen.values())[:3])

@@ -1,35 +1,55 @@
-"""Everything that decides a worker's lifecycle lives in this file, as data.
+"""Everything that moves a state in the supervisor lives in this file, as data.
 
-A worker is one incarnation of a slot (one process). Its states::
+Three machines, each a table ``(state, event) -> (new state, actions)``:
 
-    STARTING --ready--> READY --drain--> DRAINING --drained--> STOPPING --exit--> EXITED
-        |                 |                 |                     |
-        +--stop/timeout---+------stop-------+                     +--grace_expired (SIGKILL)
-        +--exit--> EXITED (failed boot)     +--exit--> EXITED
+- a worker (one incarnation of a slot: one process)::
 
-An illegal event raises IllegalTransition and leaves the state unchanged. The supervisor loop
-asks this table what to do and then does it; no process is needed to test the table.
+    STARTING --ready--> READY --drain--> DRAINING --idle/drained--> STOPPING --exit--> EXITED
+        |                 |                 |   (freeze, thaw)          |
+        +--ready_timeout / kill ------------+--------kill-------------->+--timer (SIGKILL)
+        +--exit--> EXITED (any live state)
 
-The backoff policy for respawning a slot is here too, pure, on a clock passed in.
+- a slot (the sockets that outlive its workers): EMPTY, SERVING, BACKOFF (waiting to respawn
+  a crashed worker), REMOVING (scaled away), CLOSED;
+- the supervisor: BOOTING, RUNNING, CHANGING (a reload or scale runs), STOPPING, STOPPED.
+
+``fire()`` returns the actions; the supervisor carries out exactly those (one effects layer,
+``Fleet.apply``), so where this table and the code could disagree there is nothing to
+disagree about. An illegal event raises :class:`IllegalTransition` and changes nothing. Timers
+(a worker's kill deadline, a slot's respawn time) are state data next to the state.
+
+The backoff policy for respawning a slot is here too, pure, on uptimes passed in.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 __all__ = [
-    "TRANSITIONS",
+    "SHOWN_STATES",
+    "SLOT_TABLE",
+    "SUPERVISOR_TABLE",
+    "WORKER_TABLE",
     "Action",
     "Backoff",
     "Event",
     "IllegalTransition",
     "Lifecycle",
+    "Machine",
+    "SlotEvent",
+    "SlotState",
     "State",
+    "SupervisorEvent",
+    "SupervisorState",
 ]
 
 
 class State(enum.Enum):
+    """A worker's state."""
+
     STARTING = "starting"  # spawned, not ready yet; may already accept
     READY = "ready"  # serving
     DRAINING = "draining"  # no new work wanted; waiting for in-hand work to finish
@@ -38,69 +58,211 @@ class State(enum.Enum):
 
 
 class Event(enum.Enum):
+    """What happens to a worker."""
+
     READY = "ready"  # readiness observed (sd_notify, waiting in accept, delay)
-    READY_TIMEOUT = "ready_timeout"  # not ready by the deadline
-    DRAIN = "drain"  # a replacement is ready, or the slot is being removed
-    DRAINED = "drained"  # holds no connection any more (or gave up waiting)
-    STOP = "stop"  # stop at once (supervisor shutting down)
-    GRACE_EXPIRED = "grace_expired"  # the stop signal was not obeyed in time
+    READY_TIMEOUT = "ready_timeout"  # not ready by the deadline: a failure, not a retirement
+    DRAIN = "drain"  # retire it: a replacement is ready, the slot goes, or we stop
+    FREEZE = "freeze"  # --drain freeze: stop its tree to look at what it holds
+    THAW = "thaw"  # ... it holds a connection: let it run on
+    IDLE = "idle"  # frozen and holding no connection: nothing can be lost
+    DRAINED = "drained"  # retire it with the stop signal (--drain signal, or freeze gave up)
+    KILL = "kill"  # kill it now (a failed reload's replacement, SIGQUIT, a second SIGTERM)
+    TIMER = "timer"  # its kill deadline passed
     EXIT = "exit"  # the process exited (pidfd readable)
 
 
 class Action(enum.Enum):
-    NONE = "none"
-    SIGNAL_STOP = "signal_stop"  # send the configured stop signal, start the grace timer
-    KILL = "kill"  # SIGKILL the process group
-    BEGIN_DRAIN = "begin_drain"  # stop new work reaching it, watch its connections
-    REAP = "reap"  # record the exit; the loop decides on respawn
+    """What the effects layer does; one enum for the three machines."""
+
+    KILL = "kill"  # SIGKILL the worker's process group
+    STOP_SIGNAL = "stop_signal"  # the slot's --stop-signal to the group, then SIGCONT
+    FREEZE = "freeze"  # SIGSTOP the group
+    THAW = "thaw"  # SIGCONT the group
+    ARM_KILL_TIMER = "arm_kill_timer"  # kill at now + its stop timeout unless it exited
+    DISARM_KILL_TIMER = "disarm_kill_timer"
+    REAP = "reap"  # collect the exit status, close the pidfd, kill what is left of the group
+    ARM_RESPAWN = "arm_respawn"  # respawn the slot at now + its backoff delay
+    DISARM_RESPAWN = "disarm_respawn"
+    SPAWN = "spawn"  # start the slot's next worker
+    CLOSE_SOCKETS = "close_sockets"  # the slot's sockets (scale down)
+    CANCEL_PROCEDURES = "cancel_procedures"  # boot, reload, scale: their cancel scope
+    CANCEL_RESPAWNS = "cancel_respawns"  # CANCEL every slot (no respawn while stopping)
+    BEGIN_STOP = "begin_stop"  # the graceful stop procedure
+    KILL_ALL = "kill_all"  # KILL every live worker
+    AWAIT_EXIT = "await_exit"  # stopped once every worker has exited
+    NOTIFY_READY = "notify_ready"  # sd_notify READY=1 with a summary
 
 
-TRANSITIONS: dict[tuple[State, Event], tuple[State, Action]] = {
-    (State.STARTING, Event.READY): (State.READY, Action.NONE),
-    (State.STARTING, Event.READY_TIMEOUT): (State.STOPPING, Action.KILL),
-    (State.STARTING, Event.STOP): (State.STOPPING, Action.SIGNAL_STOP),
-    (State.STARTING, Event.DRAIN): (State.DRAINING, Action.BEGIN_DRAIN),
-    (State.STARTING, Event.EXIT): (State.EXITED, Action.REAP),
-    (State.READY, Event.DRAIN): (State.DRAINING, Action.BEGIN_DRAIN),
-    (State.READY, Event.STOP): (State.STOPPING, Action.SIGNAL_STOP),
-    (State.READY, Event.EXIT): (State.EXITED, Action.REAP),
-    (State.DRAINING, Event.DRAINED): (State.STOPPING, Action.SIGNAL_STOP),
-    (State.DRAINING, Event.STOP): (State.STOPPING, Action.SIGNAL_STOP),
-    (State.DRAINING, Event.GRACE_EXPIRED): (State.STOPPING, Action.KILL),
-    (State.DRAINING, Event.EXIT): (State.EXITED, Action.REAP),
-    (State.STOPPING, Event.GRACE_EXPIRED): (State.STOPPING, Action.KILL),
-    (State.STOPPING, Event.STOP): (State.STOPPING, Action.NONE),
-    (State.STOPPING, Event.READY): (State.STOPPING, Action.NONE),  # late readiness: ignore
-    (State.STOPPING, Event.EXIT): (State.EXITED, Action.REAP),
-    (State.DRAINING, Event.READY): (State.DRAINING, Action.NONE),
-    (State.READY, Event.READY): (State.READY, Action.NONE),  # READY=1 sent twice
+class SlotState(enum.Enum):
+    EMPTY = "empty"  # no worker and none coming (boot not yet, or a failed start)
+    SERVING = "serving"  # has a live worker (its state is what status shows)
+    BACKOFF = "backoff"  # its worker crashed; respawn at the slot's respawn time
+    REMOVING = "removing"  # scaled away: its workers retire, then its sockets close
+    CLOSED = "closed"  # its sockets are closed; it is gone
+
+
+class SlotEvent(enum.Enum):
+    SPAWNED = "spawned"
+    EMPTIED = "emptied"  # its last worker exited and none is to follow
+    CRASHED = "crashed"  # its last worker exited unexpectedly: back off, then respawn
+    RESPAWN_DUE = "respawn_due"
+    CANCEL = "cancel"  # the supervisor stops: no respawn
+    REMOVE = "remove"
+    CLOSE = "close"
+
+
+class SupervisorState(enum.Enum):
+    BOOTING = "booting"
+    RUNNING = "running"
+    CHANGING = "changing"  # a reload or a scale runs (one at a time)
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class SupervisorEvent(enum.Enum):
+    BOOTED = "booted"  # every slot's first worker is ready
+    CHANGE = "change"  # a reload or scale starts
+    CHANGED = "changed"  # ... and ended (done or failed)
+    STOP = "stop"  # graceful stop (SIGTERM, `stop`, a fatal error)
+    QUIT = "quit"  # kill every worker now (SIGQUIT, a second SIGTERM)
+    ALL_EXITED = "all_exited"
+
+
+_A = Action
+_S, _E = State, Event
+_LIVE = (_S.STARTING, _S.READY, _S.DRAINING, _S.STOPPING)
+
+WORKER_TABLE: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
+    (_S.STARTING, _E.READY): (_S.READY, ()),
+    (_S.STARTING, _E.READY_TIMEOUT): (_S.STOPPING, (_A.KILL,)),
+    (_S.STARTING, _E.DRAIN): (_S.DRAINING, ()),
+    (_S.READY, _E.READY): (_S.READY, ()),  # READY=1 sent twice
+    (_S.READY, _E.DRAIN): (_S.DRAINING, ()),
+    (_S.DRAINING, _E.READY): (_S.DRAINING, ()),  # late readiness: ignore
+    (_S.DRAINING, _E.FREEZE): (_S.DRAINING, (_A.FREEZE,)),
+    (_S.DRAINING, _E.THAW): (_S.DRAINING, (_A.THAW,)),
+    (_S.DRAINING, _E.IDLE): (_S.STOPPING, (_A.KILL, _A.ARM_KILL_TIMER)),
+    (_S.DRAINING, _E.DRAINED): (_S.STOPPING, (_A.STOP_SIGNAL, _A.ARM_KILL_TIMER)),
+    (_S.STOPPING, _E.READY): (_S.STOPPING, ()),
+    (_S.STOPPING, _E.TIMER): (_S.STOPPING, (_A.DISARM_KILL_TIMER, _A.KILL)),
+    **{(s, _E.KILL): (_S.STOPPING, (_A.KILL,)) for s in _LIVE},
+    **{(s, _E.EXIT): (_S.EXITED, (_A.DISARM_KILL_TIMER, _A.REAP)) for s in _LIVE},
 }
+RETIRING_EVENTS = frozenset({_E.DRAIN, _E.KILL})  # after these an exit is expected
+
+_L = SlotState
+_SE = SlotEvent
+SLOT_TABLE: dict[tuple[SlotState, SlotEvent], tuple[SlotState, tuple[Action, ...]]] = {
+    (_L.EMPTY, _SE.SPAWNED): (_L.SERVING, ()),
+    (_L.SERVING, _SE.SPAWNED): (_L.SERVING, ()),  # a reload's replacement, beside the old one
+    (_L.SERVING, _SE.EMPTIED): (_L.EMPTY, ()),
+    (_L.EMPTY, _SE.EMPTIED): (_L.EMPTY, ()),
+    (_L.SERVING, _SE.CRASHED): (_L.BACKOFF, (_A.ARM_RESPAWN,)),
+    (_L.EMPTY, _SE.CRASHED): (_L.BACKOFF, (_A.ARM_RESPAWN,)),  # a respawn that failed at once
+    (_L.BACKOFF, _SE.RESPAWN_DUE): (_L.EMPTY, (_A.DISARM_RESPAWN, _A.SPAWN)),
+    (_L.BACKOFF, _SE.CANCEL): (_L.EMPTY, (_A.DISARM_RESPAWN,)),
+    (_L.EMPTY, _SE.CANCEL): (_L.EMPTY, ()),
+    (_L.SERVING, _SE.CANCEL): (_L.SERVING, ()),
+    (_L.REMOVING, _SE.CANCEL): (_L.REMOVING, ()),
+    (_L.EMPTY, _SE.REMOVE): (_L.REMOVING, ()),
+    (_L.SERVING, _SE.REMOVE): (_L.REMOVING, ()),
+    (_L.BACKOFF, _SE.REMOVE): (_L.REMOVING, (_A.DISARM_RESPAWN,)),
+    (_L.REMOVING, _SE.EMPTIED): (_L.REMOVING, ()),
+    (_L.REMOVING, _SE.CRASHED): (_L.REMOVING, ()),  # going anyway: no respawn
+    (_L.REMOVING, _SE.CLOSE): (_L.CLOSED, (_A.CLOSE_SOCKETS,)),
+}
+
+_P = SupervisorState
+_PE = SupervisorEvent
+_BEGIN_STOP = (_A.CANCEL_PROCEDURES, _A.CANCEL_RESPAWNS, _A.BEGIN_STOP)
+_QUIT = (_A.CANCEL_PROCEDURES, _A.CANCEL_RESPAWNS, _A.KILL_ALL, _A.AWAIT_EXIT)
+SUPERVISOR_TABLE: dict[
+    tuple[SupervisorState, SupervisorEvent], tuple[SupervisorState, tuple[Action, ...]]
+] = {
+    (_P.BOOTING, _PE.BOOTED): (_P.RUNNING, (_A.NOTIFY_READY,)),
+    (_P.RUNNING, _PE.CHANGE): (_P.CHANGING, ()),
+    (_P.CHANGING, _PE.CHANGED): (_P.RUNNING, (_A.NOTIFY_READY,)),
+    (_P.STOPPING, _PE.CHANGED): (_P.STOPPING, ()),  # a change cancelled by the stop
+    **{(s, _PE.STOP): (_P.STOPPING, _BEGIN_STOP) for s in (_P.BOOTING, _P.RUNNING, _P.CHANGING)},
+    (_P.STOPPING, _PE.STOP): (_P.STOPPING, ()),
+    **{(s, _PE.QUIT): (_P.STOPPING, _QUIT) for s in (_P.BOOTING, _P.RUNNING, _P.CHANGING)},
+    (_P.STOPPING, _PE.QUIT): (_P.STOPPING, (_A.KILL_ALL,)),
+    (_P.STOPPING, _PE.ALL_EXITED): (_P.STOPPED, ()),
+}
+
+# What `status` shows for a slot: its serving worker's state, else the slot's own; in this
+# order (the metrics' label values, the table's colours).
+SHOWN_STATES: tuple[State | SlotState, ...] = (
+    State.STARTING,
+    State.READY,
+    State.DRAINING,
+    State.STOPPING,
+    SlotState.BACKOFF,
+    SlotState.EMPTY,
+    SlotState.REMOVING,
+)
 
 
 class IllegalTransition(Exception):
-    def __init__(self, state: State, event: Event) -> None:
+    def __init__(self, state: enum.Enum, event: enum.Enum) -> None:
         super().__init__(f"event {event.value!r} is not allowed in state {state.value!r}")
         self.state = state
         self.event = event
 
 
-@dataclass
-class Lifecycle:
-    """The state of one worker; ``fire`` is the only way to change it."""
+S = TypeVar("S", bound=enum.Enum)
+E = TypeVar("E", bound=enum.Enum)
 
-    state: State = State.STARTING
 
-    def fire(self, event: Event) -> Action:
+class Machine(Generic[S, E]):
+    """A state and its table; :meth:`fire` is the only way to change the state."""
+
+    def __init__(self, table: Mapping[tuple[S, E], tuple[S, tuple[Action, ...]]], state: S):
+        self.table = table
+        self.state = state
+
+    def allows(self, event: E) -> bool:
+        return (self.state, event) in self.table
+
+    def fire(self, event: E) -> tuple[Action, ...]:
         try:
-            new_state, action = TRANSITIONS[(self.state, event)]
+            new_state, actions = self.table[(self.state, event)]
         except KeyError:
             raise IllegalTransition(self.state, event) from None
         self.state = new_state
-        return action
+        return actions
+
+
+class Lifecycle(Machine[State, Event]):
+    """A worker's state and the data its transitions record (on the clock passed in)."""
+
+    def __init__(self, state: State = State.STARTING) -> None:
+        super().__init__(WORKER_TABLE, state)
+        self.ready_at: float | None = None  # when it became ready (None: never was)
+        self.retired_at: float | None = None  # when we began to retire it (drain or kill)
+        self.kill_at: float | None = None  # its kill timer (armed by ARM_KILL_TIMER)
+        self.timed_out = False  # killed for not being ready in time (its exit says SIGKILL)
+
+    def fire(self, event: Event, now: float = 0.0) -> tuple[Action, ...]:
+        before = self.state
+        actions = super().fire(event)
+        if before is State.STARTING and self.state is State.READY:
+            self.ready_at = now
+        if event is Event.READY_TIMEOUT:
+            self.timed_out = True
+        if event in RETIRING_EVENTS and self.retired_at is None:
+            self.retired_at = now
+        return actions
 
     @property
     def alive(self) -> bool:
         return self.state is not State.EXITED
+
+    @property
+    def retiring(self) -> bool:
+        """We are retiring it (drain or kill): its exit is expected, not a crash."""
+        return self.retired_at is not None
 
 
 @dataclass

@@ -21,6 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 from ..address import parse
 from ..endpoint import Limits, Peer, StreamServer
 from ..errors import ConfigError, SupervisorError
+from .state import SHOWN_STATES
+from .status import Status
 
 log = logging.getLogger("portshard.supervisor")
 
@@ -43,7 +45,7 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
     return (addr.host or "127.0.0.1", addr.port)
 
 
-def metrics_registry(snapshot: Callable[[], dict[str, Any]]) -> Any:
+def metrics_registry(snapshot: Callable[[], Status]) -> Any:
     """A prometheus_client registry whose one collector reads the supervisor's status."""
     try:
         from prometheus_client.core import (
@@ -58,83 +60,7 @@ def metrics_registry(snapshot: Callable[[], dict[str, Any]]) -> Any:
 
     class Collector:
         def collect(self) -> Iterator[Any]:
-            st = snapshot()
-            state = GaugeMetricFamily(
-                "portshard_slot_state",
-                "1 for the state each slot's worker is in",
-                labels=["slot", "state"],
-            )
-            restarts = CounterMetricFamily(
-                "portshard_slot_restarts", "Unexpected worker exits respawned", labels=["slot"]
-            )
-            queued = GaugeMetricFamily(
-                "portshard_slot_accept_queue",
-                "Connections waiting in the slot's accept queue",
-                labels=["slot", "listen"],
-            )
-            backlog = GaugeMetricFamily(
-                "portshard_slot_backlog",
-                "The accept queue's limit (backlog)",
-                labels=["slot", "listen"],
-            )
-            conns = GaugeMetricFamily(
-                "portshard_slot_connections",
-                "Client connections the worker holds",
-                labels=["slot"],
-            )
-            handed = CounterMetricFamily(
-                "portshard_slot_new_connections",
-                "New TCP connections the kernel handed to the slot (counted by the eBPF "
-                "steering program; absent under classic BPF or with steering off)",
-                labels=["slot"],
-            )
-            for slot in st["slots"]:
-                label = str(slot["slot"])
-                if slot.get("new_total") is not None:
-                    handed.add_metric([label], float(slot["new_total"]))
-                for name in (
-                    "starting",
-                    "ready",
-                    "draining",
-                    "stopping",
-                    "backoff",
-                    "empty",
-                    "removing",
-                ):
-                    state.add_metric([label, name], 1.0 if slot["state"] == name else 0.0)
-                restarts.add_metric([label], float(slot["restarts"]))
-                for listen, q in slot["queue"].items():
-                    queued.add_metric([label, listen], float(q["queued"]))
-                    backlog.add_metric([label, listen], float(q["backlog"]))
-                if slot.get("connections") is not None:
-                    conns.add_metric([label], float(slot["connections"]))
-            yield from (state, restarts, queued, backlog, conns, handed)
-            reloads = CounterMetricFamily(
-                "portshard_reloads", "Rolling reloads by result", labels=["result"]
-            )
-            reloads.add_metric(["ok"], float(st["reloads"]["ok"]))
-            reloads.add_metric(["failed"], float(st["reloads"]["failed"]))
-            yield reloads
-            yield GaugeMetricFamily("portshard_workers", "Worker slots", value=st["workers"])
-            yield GaugeMetricFamily(
-                "portshard_generation", "Generation of the newest reload", value=st["generation"]
-            )
-            yield CounterMetricFamily(
-                "portshard_steering_changes",
-                "Changes of which slots get new connections",
-                value=float(st.get("steering_changes", 0)),
-            )
-            drops = st.get("kernel", {})
-            yield CounterMetricFamily(
-                "portshard_kernel_listen_overflows",
-                "SYNs dropped because an accept queue was full (TcpExt ListenOverflows)",
-                value=float(drops.get("ListenOverflows", 0)),
-            )
-            yield CounterMetricFamily(
-                "portshard_kernel_listen_drops",
-                "SYNs dropped at a listener for any reason (TcpExt ListenDrops)",
-                value=float(drops.get("ListenDrops", 0)),
-            )
+            yield from _families(snapshot(), GaugeMetricFamily, CounterMetricFamily)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())
@@ -157,6 +83,79 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+
+
+def _families(st: Status, gauge: Any, counter: Any) -> Iterator[Any]:
+    """The metric families of one status snapshot (prometheus_client's classes passed in)."""
+    state = gauge(
+        "portshard_slot_state", "1 for the state each slot's worker is in", labels=["slot", "state"]
+    )
+    restarts = counter(
+        "portshard_slot_restarts", "Unexpected worker exits respawned", labels=["slot"]
+    )
+    queued = gauge(
+        "portshard_slot_accept_queue",
+        "Connections waiting in the slot's accept queue",
+        labels=["slot", "listen"],
+    )
+    backlog = gauge(
+        "portshard_slot_backlog", "The accept queue's limit (backlog)", labels=["slot", "listen"]
+    )
+    conns = gauge(
+        "portshard_slot_connections", "Client connections the worker holds", labels=["slot"]
+    )
+    handed = counter(
+        "portshard_slot_new_connections",
+        "New TCP connections the kernel handed to the slot (counted by the eBPF "
+        "steering program; absent under classic BPF or with steering off)",
+        labels=["slot"],
+    )
+    failures = gauge(
+        "portshard_slot_failures",
+        "Quick failures of the slot's program in a row (it backs off; 0 when healthy)",
+        labels=["slot"],
+    )
+    for slot in st.slots:
+        label = str(slot.slot)
+        failures.add_metric([label], float(slot.failures))
+        if slot.new_total is not None:
+            handed.add_metric([label], float(slot.new_total))
+        for shown in SHOWN_STATES:
+            state.add_metric([label, shown.value], 1.0 if slot.state is shown else 0.0)
+        restarts.add_metric([label], float(slot.restarts))
+        for listen, q in (slot.queue or {}).items():
+            queued.add_metric([label, listen], float(q.queued))
+            backlog.add_metric([label, listen], float(q.backlog))
+        if slot.connections is not None:
+            conns.add_metric([label], float(slot.connections))
+    yield from (state, restarts, failures, queued, backlog, conns, handed)
+    yield from _totals(st, gauge, counter)
+
+
+def _totals(st: Status, gauge: Any, counter: Any) -> Iterator[Any]:
+    """The supervisor-wide families."""
+    reloads = counter("portshard_reloads", "Rolling reloads by result", labels=["result"])
+    reloads.add_metric(["ok"], float(st.reloads_ok))
+    reloads.add_metric(["failed"], float(st.reloads_failed))
+    yield reloads
+    yield gauge("portshard_workers", "Worker slots", value=st.workers)
+    yield gauge("portshard_generation", "Generation of the newest reload", value=st.generation)
+    yield counter(
+        "portshard_steering_changes",
+        "Changes of which slots get new connections",
+        value=float(st.steering_changes),
+    )
+    drops = st.kernel or {}
+    yield counter(
+        "portshard_kernel_listen_overflows",
+        "SYNs dropped because an accept queue was full (TcpExt ListenOverflows)",
+        value=float(drops.get("ListenOverflows", 0)),
+    )
+    yield counter(
+        "portshard_kernel_listen_drops",
+        "SYNs dropped at a listener for any reason (TcpExt ListenDrops)",
+        value=float(drops.get("ListenDrops", 0)),
+    )
 
 
 def _head(code: int, ctype: str, length: int) -> bytes:
@@ -202,7 +201,7 @@ class WebServer(StreamServer):
         self,
         address: tuple[str, int],
         selector: selectors.BaseSelector,
-        status: Callable[[], dict[str, Any]],
+        status: Callable[[], Status],
         history: Callable[[float], dict[str, Any]],
         *,
         limits: Limits = LIMITS,
@@ -276,7 +275,7 @@ class WebServer(StreamServer):
                 since_t = float(since)
             except ValueError:
                 return 400, "text/plain", f"since={since!r} is not a number\n".encode()
-            body = {"status": self.status(), "history": self.history(since_t)}
+            body = {"status": self.status().to_json(), "history": self.history(since_t)}
             return 200, "application/json", json.dumps(body).encode()
         return 404, "text/plain", b"not found: try /, /metrics or /api/status\n"
 

@@ -1,0 +1,296 @@
+"""The supervisor's procedures: boot, reload, scale, retire one worker, stop.
+
+Each is a generator over a :class:`Fleet` that yields ``Until`` waits (``tasks.py``) and fires
+events; the scheduler steps it on every loop turn. Boot, reload and scale run in the fleet's
+cancel scope: a stop throws ``Cancelled`` into them at their wait, and each undoes what it
+must (a reload kills its not-yet-ready replacements and reports). Retiring a worker and the
+stop itself are never cancelled. Nothing here touches a process or a socket: the fleet's
+effects layer does.
+
+Invariant (a reload): a slot has at most two workers, and the old one is retired only after
+the new one is ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Generator, Iterable
+from typing import TYPE_CHECKING
+
+from ..errors import PortshardError
+from .config import Config
+from .state import Backoff, Event, SlotEvent, State, SupervisorEvent, SupervisorState
+from .tasks import Cancelled, Task, Until
+from .worker import Slot, Worker
+
+if TYPE_CHECKING:  # the fleet starts these procedures; they only call back into it
+    from .fleet import Fleet, Outcome
+
+log = logging.getLogger("portshard.supervisor")
+
+__all__ = ["await_exit", "boot", "drain", "drain_all", "reload", "scale", "stop"]
+
+FREEZE_SPIN = 0.005  # s to wait inline for a tree to stop (usually microseconds)
+
+
+def boot(fleet: Fleet) -> Task:
+    fleet.generation = 1
+    for slot in fleet.slots:
+        slot.generation = 1
+        if fleet.spawn_or_fail(slot, "boot") is None:
+            return
+    try:
+        yield Until(lambda: all(_serving_ready(s) for s in fleet.slots))
+    except Cancelled:
+        return
+    log.info("all %d workers ready", len(fleet.slots))
+    fleet.history.event("boot", f"{len(fleet.slots)} workers ready")
+    fleet.fx.store(fleet.slots)
+    fleet.fire_supervisor(SupervisorEvent.BOOTED)
+    if fleet.on_ready is not None:
+        fleet.on_ready()
+
+
+def _serving_ready(slot: Slot) -> bool:
+    w = slot.serving()
+    return w is not None and w.state is State.READY
+
+
+# ---- retiring a worker ---------------------------------------------------------------------
+
+
+def drain(fleet: Fleet, w: Worker) -> Task:
+    """Retire ``w`` without losing what it holds; ends when it has exited."""
+    if w.state in (State.STARTING, State.READY):
+        fleet.fire(w, Event.DRAIN)
+    if w.state is State.DRAINING:
+        cfg = w.slot.cfg
+        if cfg.drain == "freeze":
+            yield from _freeze_check_kill(fleet, w, fleet.fx.now() + cfg.grace)
+        if w.state is State.DRAINING:  # --drain signal, or freeze found no idle moment
+            fleet.fire(w, Event.DRAINED)
+    yield Until(lambda: not w.life.alive)
+
+
+def _freeze_check_kill(fleet: Fleet, w: Worker, deadline: float) -> Generator[Until, bool, None]:
+    """Freeze, check, kill: a stopped task leaves the accept wait queue, so the queue goes to
+    the slot's other worker; if the frozen tree holds no connection, nothing can be lost."""
+    fx = fleet.fx
+    while w.state is State.DRAINING and fx.now() < deadline:
+        fleet.fire(w, Event.FREEZE)
+        if not fx.tree_stopped(w, FREEZE_SPIN):
+            yield Until(lambda: not w.life.alive or fx.tree_stopped(w, 0.0), fx.now() + 1.0)
+        if w.state is not State.DRAINING:
+            return  # exited or killed meanwhile
+        if not fx.holds_connections(w):
+            fleet.fire(w, Event.IDLE)
+            return
+        fleet.fire(w, Event.THAW)
+        yield fleet.scheduler.sleep(0.02)
+    if w.state is State.DRAINING:
+        cfg = w.slot.cfg
+        log.warning(
+            "slot %d pid %d: still holds connections after %gs; sending %s",
+            w.slot.index,
+            w.pid,
+            cfg.grace,
+            signal.Signals(cfg.stop_signal).name,
+            extra=w.fields,
+        )
+        fleet.fire(w, Event.THAW)
+
+
+def drain_all(fleet: Fleet, workers: Iterable[Worker]) -> Until:
+    """Retire ``workers`` (those not already on their way out); wait until all have exited."""
+    workers = list(workers)
+    for w in workers:
+        if w.state in (State.STARTING, State.READY):
+            fleet.retire(w)
+    return Until(lambda: all(not w.life.alive for w in workers))
+
+
+def _settled(workers: list[Worker]) -> Callable[[], bool]:
+    """All ready, or one already died: time to decide."""
+    return lambda: (
+        all(w.state is State.READY for w in workers) or any(not w.life.alive for w in workers)
+    )
+
+
+# ---- reload --------------------------------------------------------------------------------
+
+
+def reload(fleet: Fleet, new_cfg: Config, outcome: Outcome) -> Task:
+    fleet.generation += 1
+    gen = fleet.generation
+    slots = [s for s in fleet.slots if not s.removing]
+    log.info("reload to generation %d: %d slots, %d at a time", gen, len(slots), new_cfg.surge)
+    fleet.fx.notify("reloading")
+    fleet.history.event("reload", f"reload to generation {gen} started")
+    for start in range(0, len(slots), new_cfg.surge):
+        batch = slots[start : start + new_cfg.surge]
+        news: list[Worker] = []
+        for slot in batch:
+            try:
+                news.append(fleet.spawn(slot, "reload", new_cfg))
+            except (PortshardError, OSError) as exc:
+                _abort_reload(fleet, news, outcome, f"reload failed at slot {slot.index}: {exc}")
+                return
+        previous = {slot.index: slot.cfg for slot in batch}
+        for w in news:
+            w.slot.cfg = new_cfg  # its readiness is judged by the new settings
+        try:
+            yield Until(_settled(news), fleet.fx.now() + new_cfg.ready_timeout + 0.5)
+            cancelled = ""
+        except Cancelled as exc:
+            cancelled = exc.reason
+        bad = [w for w in news if w.state is not State.READY]
+        if bad or cancelled:
+            for slot in batch:
+                slot.cfg = previous[slot.index]  # the old worker keeps its settings
+            w = bad[0] if bad else news[0]
+            why = cancelled or _not_ready_why(w, new_cfg)
+            _abort_reload(
+                fleet,
+                news,
+                outcome,
+                f"reload failed at slot {w.slot.index}: the new worker (pid {w.pid}) did not "
+                f"become ready: {why}; the old workers keep serving",
+            )
+            return
+        olds = [o for slot in batch for o in slot.live() if o not in news and not o.life.retiring]
+        for slot in batch:
+            slot.generation = gen
+            slot.backoff = Backoff()
+        try:
+            yield drain_all(fleet, olds)
+        except Cancelled as exc:  # the stop retires the rest
+            _abort_reload(fleet, [], outcome, f"reload to generation {gen}: {exc.reason}")
+            return
+    fleet.cfg = new_cfg
+    fleet.reloads["ok"] += 1
+    log.info("reload to generation %d done", gen)
+    fleet.finish(outcome)
+
+
+def _not_ready_why(w: Worker, cfg: Config) -> str:
+    """Timeout or exit: a worker killed for its timeout also exits (by SIGKILL)."""
+    if not w.life.alive and not w.life.timed_out:
+        return f"it exited ({w.describe_exit()})"
+    return f"it was not ready within {cfg.ready_timeout:g}s (--ready {cfg.ready})"
+
+
+def _abort_reload(fleet: Fleet, news: list[Worker], outcome: Outcome, error: str) -> None:
+    for w in news:
+        if w.life.alive:
+            fleet.fire(w, Event.KILL)
+    fleet.reloads["failed"] += 1
+    fleet.finish(outcome, error)
+
+
+# ---- scale ---------------------------------------------------------------------------------
+
+
+def scale(fleet: Fleet, count: int, outcome: Outcome) -> Task:
+    current = [s for s in fleet.slots if not s.removing]
+    log.info("scale %d -> %d", len(current), count)
+    try:
+        if count > len(current):
+            yield from _scale_up(fleet, len(current), count, outcome)
+        else:
+            yield from _scale_down(fleet, current[count:], count, outcome)
+    except Cancelled as exc:
+        if not outcome.done:
+            fleet.finish(outcome, f"scale {len(current)} -> {count}: {exc.reason}")
+
+
+def _scale_up(fleet: Fleet, before: int, count: int, outcome: Outcome) -> Task:
+    added: list[Slot] = []
+    error = ""
+    for index in range(len(fleet.slots), len(fleet.slots) + count - before):
+        try:
+            slot = Slot(index, fleet.fx.open_slot(index), fleet.cfg)
+        except (PortshardError, OSError) as exc:
+            error = f"scale up failed at slot {index}: {exc}"
+            break
+        slot.generation = fleet.generation
+        fleet.slots.append(slot)
+        added.append(slot)
+        fleet.fx.add_to_steering(slot)  # out of the table until its worker is ready
+        try:
+            fleet.spawn(slot, "scale")
+        except (PortshardError, OSError) as exc:
+            error = f"scale up failed at slot {index}: {exc}"
+            break
+    news = [w for slot in added for w in slot.live()]
+    if not error:
+        try:
+            yield Until(_settled(news), fleet.fx.now() + fleet.cfg.ready_timeout + 0.5)
+        except Cancelled as exc:
+            error = f"scale up: {exc.reason}"
+        if not error and any(w.state is not State.READY for w in news):
+            error = "scale up: a new worker did not become ready; see the log"
+    if error:
+        # Nothing half-done stays: the new slots go again (their workers killed, their
+        # sockets closed), so status never counts a slot that has no worker.
+        for w in news:
+            if w.life.alive:
+                fleet.fire(w, Event.KILL)
+        for slot in added:
+            fleet.fire_slot(slot, SlotEvent.REMOVE)
+        if news:  # SIGKILLed: quick; the next change must find the slots gone
+            yield Until(lambda: not any(w.life.alive for w in news))
+        for slot in added:
+            fleet.fire_slot(slot, SlotEvent.CLOSE)
+        fleet.finish(outcome, error)
+        return
+    fleet.with_workers(count)
+    fleet.fx.store(fleet.slots[before:])
+    fleet.finish(outcome)
+
+
+def _scale_down(fleet: Fleet, removed: list[Slot], count: int, outcome: Outcome) -> Task:
+    # Steer new connections to the slots that stay (they come first in listen order), let
+    # the removed slots' queues empty, retire their workers, then close their sockets. With
+    # steering on, the removed slots leave its table (UDP too: only their flows move).
+    fx = fleet.fx
+    for slot in removed:
+        fleet.fire_slot(slot, SlotEvent.REMOVE)
+    fx.first_k(count)
+    yield fleet.scheduler.sleep(0.05)  # handshakes already under way finish into the old queues
+    yield Until(
+        lambda: all(fx.queue_empty(s) or not s.live() for s in removed),
+        fx.now() + fleet.cfg.grace,
+    )
+    yield drain_all(fleet, (w for s in removed for w in s.live()))
+    yield Until(lambda: all(fx.queue_empty(s) for s in removed), fx.now() + 1.0)
+    for slot in removed:
+        fleet.fire_slot(slot, SlotEvent.CLOSE)
+    fx.all_slots()
+    fleet.with_workers(count)
+    fleet.finish(outcome)
+
+
+# ---- stop ----------------------------------------------------------------------------------
+
+
+def stop(fleet: Fleet) -> Task:
+    """New SYNs are dropped; connections the kernel already accepted are served. Sockets
+    systemd holds too are left alone: their queues wait for the next supervisor."""
+    fx = fleet.fx
+    fx.notify("stopping")
+    closing = fx.drop_syns()
+    yield Until(
+        lambda: fx.queues_empty(closing) or not any(s.live() for s in fleet.slots),
+        fx.now() + fleet.cfg.grace,
+    )
+    yield drain_all(fleet, (w for s in fleet.slots for w in s.live()))
+    yield from await_exit(fleet)
+
+
+def await_exit(fleet: Fleet) -> Task:
+    yield Until(lambda: all(not s.live() for s in fleet.slots))
+    log.info("stopped")
+    if fleet.state is not SupervisorState.STOPPED:  # SIGQUIT during a stop waits too
+        fleet.fire_supervisor(SupervisorEvent.ALL_EXITED)
+    fleet.exit_code = 1 if fleet.fatal else fleet.stop_code

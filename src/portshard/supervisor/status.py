@@ -1,0 +1,191 @@
+"""The supervisor's status as a typed, immutable value, serialised once.
+
+Built once per request by the supervisor (``Supervisor.status``) and read by the control
+reply (``status --json``: :meth:`Status.to_json`, whose keys and values are an interface that
+scripts and tests read), ``/metrics`` and ``/api/status`` (``web.py``) and the status table
+(``render.py``, which gets the JSON back over the control socket: :meth:`Status.from_json`).
+The state vocabulary is the enums' (``state.SHOWN_STATES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .state import SHOWN_STATES, SlotState, State
+
+__all__ = [
+    "ListenStatus",
+    "QueueStatus",
+    "SlotStatus",
+    "Status",
+    "WorkerStatus",
+    "shown_state",
+]
+
+_BY_VALUE: dict[str, State | SlotState] = {s.value: s for s in SHOWN_STATES}
+
+
+def shown_state(value: str) -> State | SlotState:
+    """A slot state as status shows it, from its JSON value."""
+    try:
+        return _BY_VALUE[value]
+    except KeyError:
+        raise ValueError(f"unknown slot state {value!r}") from None
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    queued: int
+    backlog: int
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    pid: int
+    state: State
+    generation: int
+
+
+@dataclass(frozen=True)
+class ListenStatus:
+    name: str
+    address: str
+    proto: str
+    port: int
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    slot: int
+    pid: int | None
+    state: State | SlotState
+    restarts: int = 0
+    generation: int = 0
+    uptime: float | None = None
+    mode: str | None = None
+    queue: Mapping[str, QueueStatus] | None = None  # per TCP listen name
+    connections: int | None = None
+    new_per_s: float | None = None
+    new_total: int | None = None
+    steering: Mapping[str, Any] | None = None  # steering's own view (controller.slot_status)
+    workers: tuple[WorkerStatus, ...] = ()
+    failures: int = 0  # quick failures of its program in a row (it backs off; 0 = healthy)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "pid": self.pid,
+            "state": self.state.value,
+            "restarts": self.restarts,
+            "generation": self.generation,
+            "uptime": self.uptime,
+            "mode": self.mode,
+            "queue": {
+                name: {"queued": q.queued, "backlog": q.backlog}
+                for name, q in (self.queue or {}).items()
+            },
+            "connections": self.connections,
+            "new_per_s": self.new_per_s,
+            "new_total": self.new_total,
+            "steering": dict(self.steering) if self.steering is not None else None,
+            "workers": [
+                {"pid": w.pid, "state": w.state.value, "generation": w.generation}
+                for w in self.workers
+            ],
+            "failures": self.failures,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SlotStatus:
+        return cls(
+            slot=d["slot"],
+            pid=d.get("pid"),
+            state=shown_state(d["state"]),
+            restarts=d.get("restarts", 0),
+            generation=d.get("generation", 0),
+            uptime=d.get("uptime"),
+            mode=d.get("mode"),
+            queue={
+                name: QueueStatus(q["queued"], q["backlog"])
+                for name, q in (d.get("queue") or {}).items()
+            },
+            connections=d.get("connections"),
+            new_per_s=d.get("new_per_s"),
+            new_total=d.get("new_total"),
+            steering=d.get("steering"),
+            workers=tuple(
+                WorkerStatus(w["pid"], State(w["state"]), w["generation"])
+                for w in d.get("workers", ())
+            ),
+            failures=d.get("failures", 0),
+        )
+
+
+@dataclass(frozen=True)
+class Status:
+    name: str
+    pid: int
+    uptime: float | None
+    generation: int
+    stopping: bool
+    ready: bool
+    reloads_ok: int
+    reloads_failed: int
+    listen: tuple[ListenStatus, ...]
+    workers: int  # slots not being removed
+    slots: tuple[SlotStatus, ...]
+    metrics: str | None = None  # the /metrics URL
+    dashboard: str | None = None
+    kernel: Mapping[str, int] | None = None  # ListenOverflows, ListenDrops
+    steering: Mapping[str, Any] | None = None  # steering's own view (controller.status)
+    steering_changes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "uptime": self.uptime,
+            "generation": self.generation,
+            "stopping": self.stopping,
+            "ready": self.ready,
+            "reloads": {"ok": self.reloads_ok, "failed": self.reloads_failed},
+            "listen": [
+                {"name": x.name, "address": x.address, "proto": x.proto, "port": x.port}
+                for x in self.listen
+            ],
+            "workers": self.workers,
+            "slots": [slot.to_json() for slot in self.slots],
+            "metrics": self.metrics,
+            "dashboard": self.dashboard,
+            "kernel": dict(self.kernel or {}),
+            "steering": dict(self.steering) if self.steering is not None else None,
+            "steering_changes": self.steering_changes,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Status:
+        """Read a ``status --json`` reply back (missing optional keys take defaults)."""
+        reloads = d.get("reloads", {})
+        return cls(
+            name=d["name"],
+            pid=d["pid"],
+            uptime=d.get("uptime"),
+            generation=d.get("generation", 0),
+            stopping=d.get("stopping", False),
+            ready=d.get("ready", False),
+            reloads_ok=reloads.get("ok", 0),
+            reloads_failed=reloads.get("failed", 0),
+            listen=tuple(
+                ListenStatus(x.get("name", ""), x["address"], x.get("proto", ""), x.get("port", 0))
+                for x in d.get("listen", ())
+            ),
+            workers=d.get("workers", len(d.get("slots", ()))),
+            slots=tuple(SlotStatus.from_json(s) for s in d.get("slots", ())),
+            metrics=d.get("metrics"),
+            dashboard=d.get("dashboard"),
+            kernel=d.get("kernel"),
+            steering=d.get("steering"),
+            steering_changes=d.get("steering_changes", 0),
+        )

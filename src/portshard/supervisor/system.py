@@ -1,0 +1,418 @@
+"""The real effects layer: processes, sockets, the kernel, steering, systemd, the control socket.
+
+Implements ``effects.Effects`` for the supervisor; the lifecycle (``fleet.py``,
+``procedures.py``) decides and this carries out. Tests swap in a fake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import socket
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..address import Address, Proto, parse
+from ..control.server import Connection, ControlServer
+from ..errors import InspectError, PortshardError, SupervisorError
+from ..interpose.plan import plan as interpose_plan
+from ..interpose.seccomp import Trap
+from ..linux import sockdiag, tcpinfo
+from ..linux.proc import tree_stopped
+from ..linux.sockdiag import held_connections
+from ..linux.waiting import tree_waiting_for_work
+from ..sockets import listen
+from ..steering import cbpf
+from ..steering.controller import Health, Steering
+from .config import Config
+from .spawn import SpawnSpec, spawn
+from .state import State
+from .systemd import Activated, Notifier, address_of, store_name
+from .worker import Slot, Worker
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
+
+log = logging.getLogger("portshard.supervisor")
+
+__all__ = ["HANDOVER_MAX", "SystemEffects", "expand_placeholders"]
+
+HANDOVER_MAX = 1.0  # seconds a reloading slot may stay out for new TCP connections
+
+
+class SystemEffects:
+    """What the supervisor does to the world. ``fleet`` is set once the fleet exists."""
+
+    fleet: Fleet
+
+    def __init__(
+        self, selector: selectors.BaseSelector, activated: Activated | None = None
+    ) -> None:
+        self.sel = selector
+        self.activated = activated
+        self.systemd = Notifier()  # takes NOTIFY_SOCKET out of the workers' environment
+        self.held: set[int] = set()  # fds of sockets systemd holds too (they outlive us)
+        self.bound: list[Address] = []  # each listen spec's concrete address (port 0 resolved)
+        self.steering: Steering | None = None
+        self.control: ControlServer | None = None
+        self.notify_name = ""  # the abstract address of the workers' NOTIFY_SOCKET
+
+    @property
+    def cfg(self) -> Config:
+        return self.fleet.cfg
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    @property
+    def owns_sockets(self) -> bool:
+        """False with --via reuseport: each worker binds its own socket, slots hold none."""
+        return self.cfg.via != "reuseport"
+
+    def tcp_ports(self) -> set[int]:
+        """The served TCP ports (port 0 resolved)."""
+        return {a.port for a in self.bound if a.proto is Proto.TCP}
+
+    # ---- processes --------------------------------------------------------------------------
+
+    def spawn(self, slot: Slot, role: str, cfg: Config, generation: int) -> Worker:
+        env = dict(os.environ)
+        env.update(cfg.env)
+        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
+            env.pop(key, None)
+        env["PORTSHARD_SLOT"] = str(slot.index)
+        env["PORTSHARD_WORKERS"] = str(cfg.workers)
+        if cfg.ready.kind == "notify":
+            env["NOTIFY_SOCKET"] = "@" + self.notify_name[1:]
+        names = [spec.name for spec in cfg.listen]
+        ports = [addr.port for addr in self.bound]
+        argv = [expand_placeholders(arg, names, ports) for arg in cfg.command]
+        creds = cfg.credentials()
+        try:
+            via = interpose_plan(
+                cfg.via,
+                argv,
+                env,
+                inodes=[os.fstat(s.fileno()).st_ino for s in slot.socks],
+                ports=ports,
+                uid=creds.uid if creds is not None else None,
+            )
+        except PortshardError as exc:
+            raise SupervisorError(str(exc)) from None
+        spawned = spawn(
+            SpawnSpec(
+                argv, env, [s.fileno() for s in slot.socks], names, creds, seccomp=via.seccomp
+            )
+        )
+        w = Worker(slot, spawned.pid, spawned.pidfd, generation, role, self.now())
+        w.mode = via.mode
+        self.sel.register(spawned.pidfd, selectors.EVENT_READ, lambda _m: self.fleet.on_exit(w))
+        if spawned.listener is not None:
+            self._watch_trap(w, spawned.listener, via.reuseport)
+        log.info(
+            "slot %d pid %d: started (%s, generation %d, via %s: %s)",
+            slot.index,
+            w.pid,
+            role,
+            generation,
+            via.mode,
+            via.why,
+            extra=w.fields,
+        )
+        return w
+
+    def _watch_trap(self, w: Worker, listener: int, reuseport: bool) -> None:
+        """Answer the worker's bind() calls from the selector (--via seccomp; with
+        ``reuseport``, only set SO_REUSEPORT on the program's own socket)."""
+        ports = frozenset(a.port for a in self.bound) if reuseport else None
+        trap = Trap(
+            listener, w.slot.socks, label=f"slot {w.slot.index} pid {w.pid}", reuseport=ports
+        )
+        w.trap = trap
+
+        def on_trap(_mask: int) -> None:
+            if not trap.on_readable():  # every process that used the filter has exited
+                self.sel.unregister(trap.listener)
+                trap.close()
+
+        self.sel.register(listener, selectors.EVENT_READ, on_trap)
+
+    def signal(self, w: Worker, sig: int) -> None:
+        w.signal(sig)
+
+    def reap(self, w: Worker) -> None:
+        if w.pidfd >= 0:
+            self.sel.unregister(w.pidfd)
+        w.reap()
+
+    def is_ready(self, w: Worker, now: float) -> bool:
+        mode = w.slot.cfg.ready
+        if mode.kind == "delay":
+            return now - w.started >= mode.seconds
+        if mode.kind == "accept":
+            # Waiting for work on its socket, or already serving: under a saturating load the
+            # queue never empties, so a worker that accepts at once never waits, but it holds
+            # a connection it accepted (it inherited none).
+            try:
+                inodes = self.listeners_of(w)
+                return tree_waiting_for_work(w.pid, inodes, ports=self.tcp_ports())
+            except (OSError, InspectError):
+                return False  # not visible (yet): ask again on the next tick
+        return False  # notify: an event from the notify socket
+
+    def became_ready(self, w: Worker) -> None:
+        """A program under --via seccomp called listen() on the slot's socket for real (only
+        bind() is trapped), which set its own backlog (e.g. 128); put ours back."""
+        if w.trap is None:
+            return
+        for sock in w.slot.queue_fds():
+            try:
+                sock.listen(w.slot.cfg.backlog)
+            except OSError as exc:
+                log.warning(
+                    "slot %d: cannot restore the backlog: %s",
+                    w.slot.index,
+                    exc,
+                    extra={"slot": w.slot.index},
+                )
+
+    def listeners_of(self, w: Worker) -> set[int]:
+        """Inodes of the listening sockets ``w`` serves: its slot's, or (--via reuseport) the
+        ones it bound itself."""
+        if self.owns_sockets:
+            return tcpinfo.socket_inodes(w.slot.socks)
+        try:  # only the served ports: a program may listen elsewhere first (an admin port)
+            return sockdiag.listening_sockets_of(w.pid, ports={a.port for a in self.bound})
+        except (OSError, InspectError):
+            return set()  # not visible now: nothing counts as its listener this time
+
+    def tree_stopped(self, w: Worker, spin: float) -> bool:
+        """Its whole tree is stopped; ``spin``: wait that long inline for it (a freeze should
+        be short: its request in hand waits)."""
+        until = time.monotonic() + spin
+        while not tree_stopped(w.pid):
+            if time.monotonic() >= until:
+                return False
+            time.sleep(0.0002)
+        return True
+
+    def holds_connections(self, w: Worker) -> bool:
+        """True also when we cannot tell (EMFILE, an unreadable /proc): then the drain thaws
+        it and looks again, and after --grace falls back to the stop signal."""
+        try:
+            return held_connections(w.pid, self.listeners_of(w), self.tcp_ports()) > 0
+        except (OSError, InspectError) as exc:
+            log.warning(
+                "slot %d pid %d: cannot see what it holds (%s); assuming it holds a connection",
+                w.slot.index,
+                w.pid,
+                exc,
+                extra=w.fields,
+            )
+            return True
+
+    # ---- sockets ----------------------------------------------------------------------------
+
+    def open_slot(self, index: int) -> list[socket.socket]:
+        if not self.owns_sockets:  # each copy binds its own (ports checked by config)
+            if self.activated:
+                raise SupervisorError(
+                    "--via reuseport cannot use sockets from systemd socket activation: each "
+                    "copy binds its own; use --via auto"
+                )
+            self.bound = [spec.address for spec in self.cfg.listen]
+            return []
+        socks: list[socket.socket] = []
+        try:
+            for i, spec in enumerate(self.cfg.listen):
+                addr = self.bound[i] if i < len(self.bound) else spec.address
+                passed = self.activated.take(spec.name, addr, index) if self.activated else None
+                if passed is not None:
+                    sock = passed
+                    self.held.add(sock.fileno())
+                    if i >= len(self.bound):  # the other slots copy its exact address
+                        self.bound.append(parse(address_of(sock)))
+                else:
+                    sock = listen(addr, backlog=self.cfg.backlog)
+                if i >= len(self.bound):
+                    port = sock.getsockname()[1]
+                    self.bound.append(Address(addr.proto, addr.host, port))
+                socks.append(sock)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    def close_slot(self, slot: Slot) -> None:
+        for spec, sock in zip(self.cfg.listen, slot.socks, strict=self.owns_sockets):
+            self.systemd.unstore(store_name(spec.name, slot.index))
+            self.held.discard(sock.fileno())
+            sock.close()
+        if self.steering is not None:
+            self.steering.remove_slot(slot.index)
+
+    def queue_empty(self, slot: Slot) -> bool:
+        return not any(tcpinfo.queue_depth(sock).queued for sock in slot.queue_fds())
+
+    def drop_syns(self) -> list[socket.socket]:
+        closing = [
+            sock
+            for slot in self.fleet.slots
+            for sock, spec in zip(slot.socks, self.cfg.listen, strict=self.owns_sockets)
+            if spec.address.proto is Proto.TCP and sock.fileno() not in self.held
+        ]
+        for sock in closing:
+            cbpf.drop_syns(sock)
+        return closing
+
+    def queues_empty(self, socks: list[socket.socket]) -> bool:
+        return all(tcpinfo.queue_depth(sock).queued == 0 for sock in socks)
+
+    def store(self, slots: list[Slot]) -> None:
+        """Give systemd a copy of each slot socket it doesn't hold yet (kept across restarts
+        when the unit has FileDescriptorStoreMax=; ignored otherwise)."""
+        if not self.systemd:
+            return
+        if not self.owns_sockets:
+            return  # --via reuseport: the programs own their sockets
+        for slot in slots:
+            for spec, sock in zip(self.cfg.listen, slot.socks, strict=True):
+                if sock.fileno() not in self.held:
+                    self.systemd.store(store_name(spec.name, slot.index), sock)
+                    if self.systemd.store_known:  # it will outlive us: leave its queue be
+                        self.held.add(sock.fileno())
+
+    # ---- steering ---------------------------------------------------------------------------
+
+    def health(self, slot: Slot) -> Health:
+        if slot.removing:
+            return Health.REMOVING
+        live = slot.live()
+        states = {w.state for w in live}
+        if State.READY in states:
+            # Out for new TCP connections while an old worker goes, so that its queue empties
+            # and freeze-check-kill catches it idle; at most HANDOVER_MAX s: an old worker that
+            # holds long-lived connections is not caught idle anyway (it waits for --grace),
+            # and meanwhile its slot's new worker should serve.
+            now = self.now()
+            retiring = any(
+                w.state in (State.DRAINING, State.STOPPING)
+                and now - (w.life.retired_at or now) < HANDOVER_MAX
+                for w in live
+            )
+            return Health.HANDOVER if retiring else Health.READY
+        if State.DRAINING in states or State.STOPPING in states:
+            return Health.DRAINING
+        if State.STARTING in states:
+            return Health.STARTING
+        return Health.DOWN
+
+    def steer(self) -> None:
+        """Tell steering each slot's health (every turn of the loop: a dead or ready worker
+        changes the table at once); it samples the queues itself when due."""
+        if self.steering is None or self.fleet.stopping:
+            return
+        views = []
+        for slot in self.fleet.slots:
+            w = slot.serving()
+            views.append((slot.index, w.pid if w else None, self.health(slot)))
+        self.steering.step(self.now(), views)
+
+    def add_to_steering(self, slot: Slot) -> None:
+        if self.steering is not None:
+            self.steering.add_slot(slot.index, slot.socks)
+
+    def first_k(self, count: int) -> None:
+        if self.steering is not None:
+            self.steer()
+        elif self.owns_sockets:
+            for i, spec in enumerate(self.cfg.listen):
+                if spec.address.proto is Proto.TCP:
+                    cbpf.attach_first_k(self.fleet.slots[0].socks[i], count)
+
+    def all_slots(self) -> None:
+        if self.steering is None and self.owns_sockets:
+            for i, spec in enumerate(self.cfg.listen):
+                if spec.address.proto is Proto.TCP:
+                    cbpf.detach(self.fleet.slots[0].socks[i])
+
+    def rescue(self, slot: Slot, pid: int) -> None:
+        """A slot lost its only worker: take it out of the table now and, where the kernel can
+        migrate a closing listener's queue, replace its listener so that the connections
+        queued on it go to the other slots instead of waiting for the replacement."""
+        if self.steering is None:
+            return
+        self.steer()
+        if self.systemd:
+            return  # systemd may hold a copy of the socket: closing ours would not close it
+        fields = {"slot": slot.index, "pid": pid}
+        for i, spec in enumerate(self.cfg.listen):
+            old = slot.socks[i]
+            if spec.address.proto is not Proto.TCP or old.fileno() in self.held:
+                continue
+            if not self.steering.can_migrate():
+                queued = tcpinfo.queue_depth(old).queued
+                if queued:
+                    log.warning(
+                        "slot %d pid %d: %d connection(s) queued on its socket wait for the "
+                        "replacement (no migration: tcp_migrate_req=0 and no eBPF steering)",
+                        slot.index,
+                        pid,
+                        queued,
+                        extra=fields,
+                    )
+                continue
+            try:
+                new = self.steering.rescue(slot.index, i, old, self.cfg.backlog)
+            except OSError as exc:
+                log.warning(
+                    "slot %d pid %d: could not replace its listener to hand its queue over "
+                    "(%s); its queued connections wait for the replacement",
+                    slot.index,
+                    pid,
+                    exc.strerror or exc,
+                    extra=fields,
+                )
+                continue
+            if new is not None:
+                slot.socks[i] = new
+
+    # ---- systemd and the control socket -----------------------------------------------------
+
+    def notify(self, what: str, text: str = "") -> None:
+        if what == "ready":
+            self.systemd.ready(text)
+        elif what == "reloading":
+            self.systemd.reloading()
+        elif what == "stopping":
+            self.systemd.stopping()
+        else:
+            raise ValueError(f"sd_notify {what!r}: use ready, reloading or stopping")
+
+    def reply(self, conn: Connection, data: bytes) -> None:
+        if self.control is not None:
+            self.control.reply(conn, data)
+
+
+def expand_placeholders(arg: str, names: list[str], ports: Sequence[int] = ()) -> str:
+    """``{fd}`` is the first socket's fd; ``{fd:NAME}`` the fd of the listen address NAME;
+    ``{port}`` and ``{port:NAME}`` the actual port (after port 0 was resolved), for programs
+    that bind the port themselves (--via preload/seccomp)."""
+    if "{fd" not in arg and "{port" not in arg:
+        return arg
+    out = arg.replace("{fd}", "3")
+    if ports:
+        out = out.replace("{port}", str(ports[0]))
+    for i, name in enumerate(names):
+        out = out.replace("{fd:" + name + "}", str(3 + i))
+        if i < len(ports):
+            out = out.replace("{port:" + name + "}", str(ports[i]))
+    if "{fd:" in out or "{port:" in out:
+        raise SupervisorError(
+            f"argument {arg!r} names a listen address that does not exist; "
+            f"known: {', '.join(names)}"
+        )
+    return out

@@ -1,0 +1,161 @@
+"""A worker (one process of a slot, which owns its pid, pidfd and kill) and a slot.
+
+A slot's sockets are opened once and stay open for the slot's whole life; every incarnation
+of the slot's worker gets the same sockets. A worker's and a slot's state change only through
+their machines (``state.py``); the supervisor carries out what ``fire`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from typing import TYPE_CHECKING, Any
+
+from .state import SLOT_TABLE, Backoff, Lifecycle, Machine, SlotEvent, SlotState, State
+
+if TYPE_CHECKING:
+    from ..interpose.seccomp import Trap
+    from .config import Config
+
+__all__ = ["Slot", "Worker", "log_fields"]
+
+
+def log_fields(slot: int, pid: int | None = None) -> dict[str, Any]:
+    """``extra=`` for a log record about a slot (and its worker): the JSON log has them as
+    fields; the text still starts ``slot N pid P:``."""
+    return {"slot": slot} if pid is None else {"slot": slot, "pid": pid}
+
+
+class Worker:
+    """One process of a slot. It owns its process: :meth:`signal` reaches its process group,
+    :meth:`reap` collects its exit status and closes its pidfd."""
+
+    def __init__(
+        self, slot: Slot, pid: int, pidfd: int, generation: int, role: str, now: float
+    ) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.pidfd = pidfd
+        self.generation = generation
+        self.role = role  # boot | respawn | reload | scale
+        self.life = Lifecycle()
+        self.started = now
+        self.status: int | None = None  # the wait status, once reaped
+        self.mode = "fds"  # how it got its sockets (--via), for status
+        self.trap: Trap | None = None  # its seccomp bind() trap (--via seccomp)
+
+    def __repr__(self) -> str:
+        return f"<Worker slot {self.slot.index} pid {self.pid} {self.state.value}>"
+
+    @property
+    def state(self) -> State:
+        return self.life.state
+
+    @property
+    def ready(self) -> bool:
+        """It was ready at some point."""
+        return self.life.ready_at is not None
+
+    @property
+    def stop_timeout(self) -> float:
+        """How long a stopping worker gets before SIGKILL: --grace after the stop signal with
+        --drain signal; 5 s with freeze (which spent its grace looking for an idle moment)."""
+        return self.slot.cfg.grace if self.slot.cfg.drain == "signal" else 5.0
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return log_fields(self.slot.index, self.pid)
+
+    # ---- its process (only the effects layer calls these) ----------------------------------
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to its process group (to the process alone if the group is not ours
+        to signal, e.g. it changed user)."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, sig)
+
+    def reap(self) -> None:
+        """Collect its exit status and close its pidfd; then kill whatever it left in its
+        process group."""
+        try:
+            _, self.status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            self.status = 0
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self.signal(signal.SIGKILL)
+
+    def describe_exit(self) -> str:
+        status = self.status
+        if status is None:
+            return "still running"
+        if os.WIFSIGNALED(status):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exit status {os.WEXITSTATUS(status)}"
+
+    @property
+    def killed_by_sigkill(self) -> bool:
+        status = self.status
+        return (
+            status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        )
+
+
+class Slot:
+    """A slot: its sockets, its workers (at most two during a reload), its machine."""
+
+    def __init__(self, index: int, socks: list[socket.socket], cfg: Config) -> None:
+        self.index = index
+        self.socks = socks
+        self.cfg = cfg  # the settings its current generation runs with
+        self.generation = 0
+        self.workers: list[Worker] = []
+        self.restarts = 0
+        self.backoff = Backoff()
+        self.machine: Machine[SlotState, SlotEvent] = Machine(SLOT_TABLE, SlotState.EMPTY)
+        self.respawn_at: float | None = None  # its respawn timer (armed by ARM_RESPAWN)
+        self.delay = 0.0  # the backoff delay ARM_RESPAWN arms
+
+    def __repr__(self) -> str:
+        return f"<Slot {self.index} {self.state.value}>"
+
+    @property
+    def state(self) -> SlotState:
+        return self.machine.state
+
+    @property
+    def removing(self) -> bool:
+        return self.state in (SlotState.REMOVING, SlotState.CLOSED)
+
+    def live(self) -> list[Worker]:
+        return [w for w in self.workers if w.life.alive]
+
+    def serving(self) -> Worker | None:
+        """The worker that answers for the slot: the newest ready one, else the newest in the
+        first state of starting, draining, stopping."""
+        live = self.live()
+        for wanted in (State.READY, State.STARTING, State.DRAINING, State.STOPPING):
+            for w in reversed(live):
+                if w.state is wanted:
+                    return w
+        return None
+
+    def shown(self) -> State | SlotState:
+        """What status shows: removing, else its serving worker's state, else backoff/empty."""
+        if self.removing:
+            return SlotState.REMOVING
+        w = self.serving()
+        if w is not None:
+            return w.state
+        return SlotState.BACKOFF if self.state is SlotState.BACKOFF else SlotState.EMPTY
+
+    def queue_fds(self) -> list[socket.socket]:
+        return [s for s in self.socks if s.type == socket.SOCK_STREAM]

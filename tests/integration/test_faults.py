@@ -1,0 +1,137 @@
+"""Fault containment (issue 14): no input, signal or error takes the whole service down.
+
+Each test here reproduces a way the supervisor of before failed: it died (and with it every
+worker), never replied, or reported what did not happen.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.loadgen import Load
+
+from tests.conftest import wait_until
+from tests.supervisor_fixture import FDWORKER, Start
+
+
+def wrapper(tmp: Path, name: str = "srv", before: str = "") -> Path:
+    """An executable that runs fdworker (so moving it away makes exec fail at once)."""
+    path = tmp / name
+    path.write_text(f"#!/bin/sh\n{before}\nexec {sys.executable} {FDWORKER[1]}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_scale_and_reload_reply_when_the_spawn_fails_at_once(start: Start, short_tmp: Path) -> None:
+    srv = wrapper(short_tmp)
+    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--", str(srv))
+    pids = sup.pids()
+    srv.rename(short_tmp / "moved")  # the command is gone: exec fails at once
+    res = sup.ctl("scale", "3", check=False, timeout=30)
+    assert res.returncode != 0 and "cannot run worker command" in res.stderr, res.stderr
+    st = sup.status()
+    assert st["workers"] == 2 and [s["pid"] for s in st["slots"]] == pids
+    assert all(s["state"] == "ready" for s in st["slots"])
+    res = sup.ctl("reload", "--wait", check=False, timeout=30)
+    assert res.returncode != 0 and "cannot run worker command" in res.stderr, res.stderr
+    assert sup.status()["reloads"] == {"ok": 0, "failed": 1}
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=40) as load:
+        load.wait_for(40)
+    assert not load.failed, load.by_kind()
+
+
+def write_config(path: Path, command: list[str]) -> None:
+    quoted = ", ".join(f'"{arg}"' for arg in command)
+    path.write_text(f'command = [{quoted}]\nlisten = ["tcp://127.0.0.1:0"]\nworkers = 1\n')
+
+
+def test_a_reload_that_times_out_says_timeout_not_exit(start: Start, short_tmp: Path) -> None:
+    # The worker is killed at its ready timeout, so it has also exited (by SIGKILL) by the
+    # time the reload decides; the message used to say "it exited (killed by SIGKILL)".
+    conf = short_tmp / "ps.toml"
+    write_config(conf, FDWORKER)
+    sup = start("-c", str(conf), "--ready-timeout", "3")
+    write_config(conf, [sys.executable, "-c", "import time; time.sleep(30)"])
+    res = sup.ctl("reload", "--wait", check=False)
+    assert res.returncode != 0
+    assert "did not become ready: it was not ready within 3s" in res.stderr, res.stderr
+    assert "exited" not in res.stderr
+
+
+def test_usr1_usr2_alrm_do_not_kill_the_supervisor(start: Start) -> None:
+    # They used to kill it at once (exit 138/140/142): no drain, every worker killed.
+    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    assert sup.proc is not None
+    pids = sup.pids()
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGRTMIN):
+        sup.proc.send_signal(sig)
+    wait_until(lambda: "SIGALRM: ignored" in sup.text(), 10, "the SIGALRM log line")
+    assert sup.proc.poll() is None
+    assert "SIGUSR1: reopened 0 log file(s)" in sup.text()
+    assert "SIGUSR2: ignored" in sup.text() and "SIGRTMIN: ignored" in sup.text()
+    assert sup.pids() == pids
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=40) as load:
+        load.wait_for(40)
+    assert not load.failed, load.by_kind()
+
+
+def test_one_crash_looping_slot_backs_off_while_the_other_serves(
+    start: Start, short_tmp: Path
+) -> None:
+    marker = short_tmp / "broken"
+    srv = wrapper(short_tmp, before=f'[ -e {marker} ] && [ "$PORTSHARD_SLOT" = 1 ] && exit 3')
+    sup = start(
+        "-w", "2", "--metrics", "127.0.0.1:0", "--listen", "tcp://127.0.0.1:0", "--", str(srv)
+    )
+    assert sup.proc is not None
+    marker.touch()
+    os.kill(sup.pids()[1], signal.SIGKILL)  # slot 1's program now fails at once, again and again
+    wait_until(lambda: "failed 5 times in a row" in sup.text(), 30, "slot 1 giving up")
+    assert sup.proc.poll() is None, sup.text()  # it used to stop the whole service here
+    st = sup.status()
+    assert st["slots"][0]["state"] == "ready" and st["slots"][1]["failures"] >= 5
+    assert st["slots"][1]["state"] in ("backoff", "starting")
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=60) as load:
+        load.wait_for(60)
+    assert not load.failed, load.by_kind()
+    metrics = urllib.request.urlopen(st["metrics"], timeout=10).read().decode()
+    assert 'portshard_slot_failures{slot="1"}' in metrics
+    marker.unlink()  # fixed: the slot comes back by itself
+    wait_until(lambda: sup.status()["slots"][1]["state"] == "ready", 30, "slot 1 serving again")
+
+
+def test_the_supervisor_survives_running_out_of_fds(start: Start) -> None:
+    # Idle connections to the metrics endpoint used up the fd limit; the next sample's
+    # listing of /proc/PID/fd raised EMFILE, nothing caught it, and every worker was killed.
+    listen = ("--listen", "tcp://127.0.0.1:0")
+    sup = start("-w", "2", "--metrics", "127.0.0.1:0", *listen, "--", *FDWORKER)
+    assert sup.proc is not None
+    st = sup.status()
+    host, port = st["metrics"].removeprefix("http://").split("/")[0].rsplit(":", 1)
+    used = len(os.listdir(f"/proc/{sup.proc.pid}/fd"))
+    limit = used + 8
+    soft, hard = resource.prlimit(sup.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(sup.proc.pid, resource.RLIMIT_NOFILE, (limit, hard))
+    clients = []
+    try:
+        for _ in range(limit):
+            clients.append(socket.create_connection((host, int(port)), timeout=5))
+        time.sleep(2.5)  # bounded: two samples, under EMFILE
+        assert sup.proc.poll() is None, sup.text()
+        with Load("127.0.0.1", sup.port, concurrency=2, max_requests=20) as load:
+            load.wait_for(20)  # the workers serve meanwhile
+        assert not load.failed, load.by_kind()
+    finally:
+        for client in clients:
+            client.close()
+    resource.prlimit(sup.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    wait_until(lambda: sup.ctl("status", check=False).returncode == 0, 20, "status answers")
+    assert sup.proc.poll() is None
+    assert len(sup.status()["slots"]) == 2

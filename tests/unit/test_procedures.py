@@ -1,0 +1,427 @@
+"""Boot, reload, scale, stop and crash handling against a fake effects layer and a fake clock.
+
+No process and no socket: the fake records what the lifecycle asked the world to do (signals,
+spawns, closed slots, replies, sd_notify), and the test plays the world's part (a worker
+becomes ready, holds a connection, exits). Each test runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from typing import Any
+
+import pytest
+
+from portshard.control.server import Connection
+from portshard.errors import ConfigError, ControlError
+from portshard.supervisor import procedures
+from portshard.supervisor.config import Config, load
+from portshard.supervisor.fleet import Fleet, Outcome
+from portshard.supervisor.state import SlotState, State, SupervisorState
+from portshard.supervisor.worker import Slot, Worker
+
+CLI: dict[str, Any] = {"command": ("srv",), "listen": ("tcp://:0",)}
+
+
+def exited(code: int) -> int:
+    return code << 8  # a wait status: exited with ``code``
+
+
+def killed(sig: int) -> int:
+    return sig
+
+
+class FakeEffects:
+    """The world, as the lifecycle sees it; the test moves the clock and the processes."""
+
+    def __init__(self) -> None:
+        self.clock = 100.0
+        self.next_pid = 1000
+        self.signals: list[tuple[int, int]] = []  # (pid, signal)
+        self.ready: set[int] = set()  # pids that look ready
+        self.holding: set[int] = set()  # pids whose tree holds a client connection
+        self.spawn_error: dict[int, str] = {}  # slot -> the error its next spawn raises
+        self.closed: list[int] = []
+        self.notes: list[tuple[str, str]] = []
+        self.replies: list[tuple[Connection, bytes]] = []
+        self.rescued: list[int] = []
+
+    def now(self) -> float:
+        return self.clock
+
+    def spawn(self, slot: Slot, role: str, cfg: Config, generation: int) -> Worker:
+        if slot.index in self.spawn_error:
+            raise ConfigError(self.spawn_error[slot.index])  # e.g. the --user lookup failed
+        self.next_pid += 1
+        return Worker(slot, self.next_pid, -1, generation, role, self.clock)
+
+    def signal(self, w: Worker, sig: int) -> None:
+        self.signals.append((w.pid, sig))
+
+    def reap(self, w: Worker) -> None:
+        pass  # the test set w.status
+
+    def is_ready(self, w: Worker, now: float) -> bool:
+        return w.pid in self.ready
+
+    def became_ready(self, w: Worker) -> None:
+        pass
+
+    def tree_stopped(self, w: Worker, spin: float) -> bool:
+        return True
+
+    def holds_connections(self, w: Worker) -> bool:
+        return w.pid in self.holding
+
+    def open_slot(self, index: int) -> list[socket.socket]:
+        return []
+
+    def close_slot(self, slot: Slot) -> None:
+        self.closed.append(slot.index)
+
+    def queue_empty(self, slot: Slot) -> bool:
+        return True
+
+    def drop_syns(self) -> list[socket.socket]:
+        return []
+
+    def queues_empty(self, socks: list[socket.socket]) -> bool:
+        return True
+
+    def store(self, slots: list[Slot]) -> None:
+        pass
+
+    def steer(self) -> None:
+        pass
+
+    def add_to_steering(self, slot: Slot) -> None:
+        pass
+
+    def rescue(self, slot: Slot, pid: int) -> None:
+        self.rescued.append(slot.index)
+
+    def first_k(self, count: int) -> None:
+        pass
+
+    def all_slots(self) -> None:
+        pass
+
+    def notify(self, what: str, text: str = "") -> None:
+        self.notes.append((what, text))
+
+    def reply(self, conn: Connection, data: bytes) -> None:
+        self.replies.append((conn, data))
+
+    def sent(self, pid: int) -> list[int]:
+        return [sig for p, sig in self.signals if p == pid]
+
+
+class World:
+    def __init__(self, workers: int = 2, **cli: Any) -> None:
+        self.fx = FakeEffects()
+        self.fleet = Fleet(load({**CLI, "workers": workers, **cli}), {**CLI, **cli}, self.fx)
+        for i in range(workers):
+            self.fleet.slots.append(Slot(i, [], self.fleet.cfg))
+
+    def turn(self, seconds: float = 0.02) -> None:
+        self.fx.clock += seconds
+        self.fleet.tick(self.fx.clock)
+
+    def pids(self) -> list[int]:
+        return [w.pid for s in self.fleet.slots for w in s.live()]
+
+    def serving(self) -> list[int]:
+        return [w.pid for s in self.fleet.slots if (w := s.serving()) is not None]
+
+    def exit(self, pid: int, status: int) -> None:
+        w = next(w for s in self.fleet.slots for w in s.workers if w.pid == pid)
+        w.status = status
+        self.fleet.on_exit(w)
+
+    def obey(self) -> None:
+        """Every worker that got SIGKILL (or its stop signal) exits."""
+        for pid in self.pids():
+            if signal.SIGKILL in self.fx.sent(pid) or signal.SIGTERM in self.fx.sent(pid):
+                self.exit(pid, killed(signal.SIGKILL))
+
+    def boot(self) -> None:
+        self.fleet.scheduler.start(procedures.boot(self.fleet), self.fleet.scope)
+        self.fx.ready.update(self.pids())
+        self.turn()
+        self.turn()
+        assert self.fleet.state is SupervisorState.RUNNING
+
+
+def test_boot_then_every_slot_serves_and_systemd_hears_ready() -> None:
+    world = World(3)
+    world.boot()
+    assert len(world.serving()) == 3 and world.fleet.booted
+    assert world.fx.notes == [("ready", "3 of 3 workers ready, generation 1")]
+
+
+def test_reload_replaces_each_slot_only_after_its_new_worker_is_ready() -> None:
+    world = World(2)
+    world.boot()
+    old = world.pids()
+    world.fleet.reload(Outcome())
+    world.turn()
+    new0 = world.fleet.slots[0].workers[-1].pid
+    assert new0 not in old and world.fx.sent(old[0]) == []  # not ready: the old one stays
+    world.fx.holding.add(old[0])  # the old one holds a connection: frozen, thawed, waits
+    world.fx.ready.add(new0)
+    world.turn()
+    world.turn()
+    assert world.fx.sent(old[0])[:2] == [signal.SIGSTOP, signal.SIGCONT]
+    world.fx.holding.discard(old[0])
+    world.turn(0.05)
+    assert world.fx.sent(old[0])[-1] == signal.SIGKILL  # frozen and idle: nothing to lose
+    world.obey()
+    world.turn()
+    new1 = world.fleet.slots[1].workers[-1].pid
+    world.fx.ready.add(new1)
+    world.turn()
+    world.turn(0.05)
+    world.obey()
+    world.turn()
+    assert world.serving() == [new0, new1] and world.fleet.reloads == {"ok": 1, "failed": 0}
+    assert world.fleet.state is SupervisorState.RUNNING
+    assert all(s.generation == 2 for s in world.fleet.slots)
+
+
+def test_reload_whose_new_worker_exits_keeps_the_old_and_reports_why() -> None:
+    world = World(1)
+    world.boot()
+    (old,) = world.pids()
+    outcome = world.fleet.reload(Outcome())
+    world.turn()
+    new = world.fleet.slots[0].workers[-1].pid
+    world.exit(new, exited(3))
+    world.turn()
+    assert outcome.done and not outcome.ok
+    assert "did not become ready: it exited (exit status 3)" in outcome.error
+    assert world.serving() == [old] and world.fx.sent(old) == []
+    assert world.fleet.reloads["failed"] == 1
+
+
+def test_a_second_change_is_refused_while_one_runs() -> None:
+    world = World(1)
+    with pytest.raises(ControlError, match="still starting"):
+        world.fleet.reload(Outcome())
+    world.boot()
+    world.fleet.reload(Outcome())
+    with pytest.raises(ControlError, match="a reload is already in progress"):
+        world.fleet.scale(3, Outcome())
+
+
+def test_scale_down_retires_the_last_slots_and_closes_their_sockets() -> None:
+    world = World(3)
+    world.boot()
+    pids = world.pids()
+    outcome = world.fleet.scale(1, Outcome())
+    world.turn(0.06)
+    world.turn()
+    assert [s.state for s in world.fleet.slots[1:]] == [SlotState.REMOVING] * 2
+    assert world.fx.sent(pids[0]) == []
+    world.turn()
+    world.obey()
+    world.turn()
+    world.turn()
+    assert outcome.done and outcome.ok, outcome.error
+    assert world.fx.closed == [1, 2] and len(world.fleet.slots) == 1
+    assert world.fleet.cfg.workers == 1
+
+
+def test_scale_up_waits_for_the_new_workers() -> None:
+    world = World(1)
+    world.boot()
+    outcome = world.fleet.scale(2, Outcome())
+    world.turn()
+    assert not outcome.done
+    world.fx.ready.update(world.pids())
+    world.turn()
+    assert outcome.done and outcome.ok and world.fleet.cfg.workers == 2
+
+
+def test_stop_cancels_a_reload_and_retires_everyone() -> None:
+    world = World(2)
+    world.boot()
+    olds = world.pids()
+    outcome = world.fleet.reload(Outcome())
+    world.turn()
+    new = world.fleet.slots[0].workers[-1].pid
+    world.fleet.stop()
+    world.turn()
+    assert outcome.done and "the supervisor is stopping" in outcome.error
+    assert world.fx.sent(new) == [signal.SIGKILL]  # the unready replacement
+    world.turn()
+    world.obey()
+    world.turn()
+    assert all(signal.SIGKILL in world.fx.sent(pid) for pid in olds)
+    assert world.fleet.exit_code == 0 and world.fleet.state is SupervisorState.STOPPED
+    assert ("stopping", "") in world.fx.notes
+
+
+def test_a_crash_backs_off_then_respawns_and_counts_a_restart() -> None:
+    world = World(2)
+    world.boot()
+    pid = world.fleet.slots[1].serving().pid  # type: ignore[union-attr]
+    world.turn(0.5)
+    world.exit(pid, exited(1))
+    slot = world.fleet.slots[1]
+    assert slot.state is SlotState.BACKOFF and slot.shown() is SlotState.BACKOFF
+    assert world.fx.rescued == [1]
+    world.turn(0.05)
+    assert slot.state is SlotState.BACKOFF  # 0.1 s first
+    world.turn(0.06)
+    assert slot.state is SlotState.SERVING and slot.restarts == 1
+    assert slot.serving() is not None and slot.serving().state is State.STARTING  # type: ignore[union-attr]
+
+
+def test_a_program_that_keeps_crashing_makes_the_supervisor_give_up() -> None:
+    world = World(1)
+    world.boot()
+    for _ in range(5):
+        (pid,) = world.pids()
+        world.exit(pid, exited(1))
+        world.turn(6.0)
+    assert world.fleet.fatal is not None and "failed 5 times in a row" in world.fleet.fatal
+    assert world.fleet.stopping
+
+
+def test_a_worker_that_ignores_its_stop_signal_is_killed_when_the_timer_fires() -> None:
+    world = World(1, drain="signal", grace=3.0)
+    world.boot()
+    (pid,) = world.pids()
+    world.fleet.stop()
+    world.turn()
+    world.turn()
+    assert world.fx.sent(pid) == [signal.SIGTERM, signal.SIGCONT]
+    world.turn(2.9)
+    assert signal.SIGKILL not in world.fx.sent(pid)
+    world.turn(0.2)
+    assert world.fx.sent(pid)[-1] == signal.SIGKILL
+
+
+def test_boot_failure_stops_with_the_reason() -> None:
+    world = World(2)
+    world.fleet.scheduler.start(procedures.boot(world.fleet), world.fleet.scope)
+    pid = world.pids()[0]
+    world.exit(pid, exited(2))
+    assert world.fleet.fatal is not None and "exited before it was ready" in world.fleet.fatal
+    world.turn()
+    world.obey()
+    world.turn()
+    world.turn()
+    assert world.fleet.exit_code == 1
+
+
+def test_a_deferred_reply_reaches_the_waiter() -> None:
+    world = World(1)
+    world.boot()
+    conn = Connection(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    try:
+        outcome = Outcome(waiters=[conn])
+        world.fleet.reload(outcome)
+        world.turn()
+        world.exit(world.fleet.slots[0].workers[-1].pid, exited(1))
+        world.turn()
+        assert [c for c, _ in world.fx.replies] == [conn]
+        assert b'"ok": false' in world.fx.replies[0][1] or b'"ok":false' in world.fx.replies[0][1]
+    finally:
+        conn.sock.close()
+
+
+def test_one_crash_looping_slot_backs_off_alone_while_the_others_serve() -> None:
+    world = World(2)
+    world.boot()
+    slot = world.fleet.slots[1]
+    for _ in range(8):
+        (pid,) = [w.pid for w in slot.live()]
+        world.exit(pid, exited(1))
+        world.turn(6.0)
+    assert world.fleet.fatal is None and not world.fleet.stopping
+    assert slot.backoff.strikes == 8 and slot.restarts == 8
+    assert world.fleet.slots[0].serving().state is State.READY  # type: ignore[union-attr]
+    assert any(e.kind == "failing" for e in world.fleet.history.events)
+    world.exit(world.fleet.slots[0].serving().pid, exited(1))  # type: ignore[union-attr]
+    (pid,) = [w.pid for w in slot.live()]
+    world.exit(pid, exited(1))  # now no slot serves: give up
+    assert world.fleet.fatal is not None and "giving up" in world.fleet.fatal
+
+
+def test_a_respawn_that_cannot_start_backs_off_instead_of_ending_the_service() -> None:
+    world = World(2)
+    world.boot()
+    world.exit(world.fleet.slots[1].serving().pid, exited(1))  # type: ignore[union-attr]
+    world.fx.spawn_error[1] = "cannot run worker command 'srv': No such file or directory"
+    world.turn(0.2)  # the respawn fails at once (a moved command, a --user lookup, EMFILE)
+    slot = world.fleet.slots[1]
+    assert slot.state is SlotState.BACKOFF and not world.fleet.stopping
+    del world.fx.spawn_error[1]
+    world.turn(1.0)
+    assert slot.state is SlotState.SERVING
+
+
+def test_a_stop_whose_procedure_raises_still_ends_with_every_worker_killed() -> None:
+    world = World(2)
+    world.boot()
+
+    def broken() -> list[socket.socket]:
+        raise OSError(24, "Too many open files")
+
+    world.fx.drop_syns = broken  # type: ignore[method-assign]
+    world.fleet.stop()
+    assert all(world.fx.sent(pid) == [signal.SIGKILL] for pid in world.pids())
+    world.obey()
+    world.turn()
+    assert world.fleet.exit_code == 0
+
+
+def test_a_drain_that_raises_kills_the_worker_rather_than_leave_it_frozen() -> None:
+    world = World(1)
+    world.boot()
+    (old,) = world.pids()
+    outcome = world.fleet.reload(Outcome())
+    world.turn()
+
+    def broken(w: Worker) -> bool:
+        raise RuntimeError("a bug")
+
+    world.fx.ready.update(world.pids())
+    world.fx.holds_connections = broken  # type: ignore[method-assign]
+    world.turn()
+    assert world.fx.sent(old) == [signal.SIGSTOP, signal.SIGKILL]
+    world.obey()
+    world.turn()
+    assert outcome.done and outcome.ok and world.fleet.state is SupervisorState.RUNNING
+
+
+def test_a_reload_whose_procedure_raises_replies_and_allows_the_next() -> None:
+    world = World(1)
+    world.boot()
+
+    def broken(what: str, text: str = "") -> None:
+        if what == "reloading":
+            raise RuntimeError("a bug")
+
+    world.fx.notify = broken  # type: ignore[method-assign]
+    outcome = world.fleet.reload(Outcome())
+    assert outcome.done and "internal error" in outcome.error
+    assert world.fleet.state is SupervisorState.RUNNING
+    world.fleet.reload(Outcome())  # not refused as "already in progress"
+
+
+def test_a_failed_scale_up_takes_its_new_slots_away_again() -> None:
+    world = World(1)
+    world.boot()
+    world.fx.spawn_error[2] = "cannot run worker command 'srv': No such file or directory"
+    outcome = world.fleet.scale(3, Outcome())  # slot 1 starts, slot 2 cannot
+    assert not outcome.done
+    (new,) = [w.pid for w in world.fleet.slots[1].live()]
+    assert world.fx.sent(new) == [signal.SIGKILL]
+    world.obey()
+    world.turn()
+    assert outcome.done and "scale up failed at slot 2" in outcome.error
+    assert [s.index for s in world.fleet.slots] == [0] and world.fx.closed == [1, 2]
+    assert world.fleet.cfg.workers == 1 and world.fleet.state is SupervisorState.RUNNING
