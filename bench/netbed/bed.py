@@ -267,6 +267,7 @@ frontend vip
 backend hosts
     balance roundrobin
     default-server check inter {inter}ms fall 2 rise 1 agent-check agent-port {AGENT_PORT} \
+agent-send "agent\\n" \
 agent-inter {agent}ms weight 100
 {servers}
 """

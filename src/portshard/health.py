@@ -118,6 +118,24 @@ def agent_reply(snap: Snapshot) -> str:
     return f"ready {weight_percent(snap)}%\n"
 
 
+HTTP_METHODS = (b"GET ", b"HEAD ")
+NOT_FOUND = HttpReply(404, "Not Found", b'{"error":"not found: try /healthz"}\n')
+
+
+def respond(first_line: bytes, snap: Snapshot) -> bytes:
+    """One ``--health`` port for both: an HTTP request line gets the /healthz reply (404 for
+    another path); anything else, such as HAProxy's ``agent-send "agent\\n"``, gets the agent
+    line. (An agent check that sends nothing needs a port of its own: `AgentServer`.)"""
+    if not first_line.startswith(HTTP_METHODS):
+        return agent_reply(snap).encode("ascii")
+    parts = first_line.split()
+    path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+    reply = healthz(snap) if path == b"/healthz" else NOT_FOUND
+    if first_line.startswith(b"HEAD "):
+        return reply.encode()[: len(reply.encode()) - len(reply.body)]
+    return reply.encode()
+
+
 class AgentServer:
     """HAProxy's agent check on a listening TCP socket, served from the caller's selector.
 

@@ -15,6 +15,7 @@ from portshard.health import (
     Snapshot,
     agent_reply,
     healthz,
+    respond,
     weight_percent,
 )
 
@@ -70,6 +71,18 @@ def test_agent_reply_is_one_line_haproxy_can_parse() -> None:
             assert word in {"ready", "drain", "maint"} or (
                 word.endswith("%") and word[:-1].isdigit()
             ), word
+
+
+def test_one_port_answers_http_and_the_agent_by_the_first_line() -> None:
+    snap = Snapshot(SERVING, 1, 2)
+    assert respond(b"agent\n", snap) == b"ready 50%\n"  # HAProxy's agent-send "agent\n"
+    assert respond(b"", snap) == b"ready 50%\n"
+    ok = respond(b"GET /healthz HTTP/1.1\r\n", snap)
+    assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and ok.endswith(b'"capacity":0.5}\n')
+    assert respond(b"GET /healthz?verbose=1 HTTP/1.0\r\n", snap).startswith(b"HTTP/1.1 200")
+    assert respond(b"GET / HTTP/1.1\r\n", snap).startswith(b"HTTP/1.1 404")
+    head = respond(b"HEAD /healthz HTTP/1.1\r\n", Snapshot(DRAINING, 1, 2))
+    assert head.startswith(b"HTTP/1.1 503") and head.endswith(b"\r\n\r\n")
 
 
 @pytest.mark.parametrize(("ready", "slots"), [(3, 2), (-1, 2), (0, -1)])
