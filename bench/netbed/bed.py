@@ -38,7 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load.loadgen import Load
-from bench.netbed.netns import NetnsError, call_in, enter, exec_prefix, ip, namespaces, run_in
+from bench.netbed.netns import (
+    NetnsError,
+    call_in,
+    enter,
+    exec_prefix,
+    ip,
+    namespaces,
+    remove_stale,
+    run_in,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "bench" / "netbed" / "worker.py"
@@ -50,6 +59,7 @@ CLIENT_ADDR = "10.77.100.2"
 AGENT_INTER = 0.3  # HAProxy's agent-inter, and the endpoints controller's period
 CHECK_INTER = 0.5  # HAProxy's TCP check of the service port
 SETTLE = 1.5  # how long after a host reports draining every balancer has seen it
+NS_ROOT = "psbed"  # namespaces are named psbed<pid>-<role>
 
 
 @dataclass
@@ -85,7 +95,7 @@ class Bed:
     def __init__(self, tmp: Path, hosts: int = 3, workers: int = 2) -> None:
         self.tmp = tmp
         self.workers = workers
-        self.prefix = f"psbed{os.getpid()}-"
+        self.prefix = f"{NS_ROOT}{os.getpid()}-"
         self.lb = self.prefix + "lb"
         self.client = self.prefix + "cl"
         self.hosts = [
@@ -105,6 +115,7 @@ class Bed:
 
     # -- set-up and teardown --
     def __enter__(self) -> Bed:
+        remove_stale(NS_ROOT)
         try:
             names = [self.lb, self.client, *(h.ns for h in self.hosts)]
             self._stack.enter_context(namespaces(names))

@@ -66,6 +66,19 @@ def leftover(prefix: str) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
 
 
+def remove_stale(root: str) -> list[str]:
+    """Delete the namespaces named ``<root><pid>-...`` whose process is gone (a bed killed
+    before it could clean up); the names deleted."""
+    gone = []
+    for name in leftover(root):
+        pid = name[len(root) :].partition("-")[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(NetnsError):
+                ip("netns", "del", name)
+                gone.append(name)
+    return gone
+
+
 def enter(ns: str) -> None:
     """Move the calling thread into namespace ``ns`` (setns(2) is per thread for the network
     namespace): sockets it creates from then on live there."""

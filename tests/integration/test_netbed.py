@@ -10,7 +10,6 @@ form (3 hosts x 2 workers, a few seconds of load per case) runs in `make test`.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,8 @@ from bench.netbed.bed import SETTLE, VIP_HAPROXY, VIP_NFT, Bed, NsLoad
 from bench.netbed.netns import leftover
 
 from tests.conftest import wait_until
+
+from .conftest import need
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates network namespaces)"),
@@ -31,11 +32,7 @@ BALANCERS = {"haproxy": VIP_HAPROXY, "nftables": VIP_NFT}
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     for tool in ("ip", "haproxy", "nft"):
-        if shutil.which(tool) is None:
-            message = f"{tool} is not installed (make deps-test installs the test packages)"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+        need(tool)
     tmp = Path(tmp_path_factory.mktemp("netbed"))
     with Bed(tmp) as b:
         yield b
