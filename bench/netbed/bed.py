@@ -26,6 +26,7 @@ deleted on the way out, whatever happened.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -36,6 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.load.loadgen import Load
 from bench.netbed.netns import (
@@ -222,7 +224,7 @@ class Bed:
             if host.proc is not None and host.proc.poll() is not None:
                 raise NetnsError(f"{host.name}: portshard run exited:\n{self.log_of(host)}")
             res = self.ctl(host, "status", "--json", check=False)
-            if res.returncode == 0 and '"ready": true' in res.stdout:
+            if res.returncode == 0 and json.loads(res.stdout).get("ready"):
                 return
             time.sleep(0.1)
         raise NetnsError(f"{host.name}: not ready after {timeout}s:\n{self.log_of(host)}")
@@ -237,6 +239,10 @@ class Bed:
         if check and res.returncode:
             raise NetnsError(f"portshard {' '.join(args)} on {host.name}: {res.stderr}")
         return res
+
+    def status(self, host: Host) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.ctl(host, "status", "--json").stdout)
+        return result
 
     def reload_host(self, host: Host) -> None:
         self.ctl(host, "reload", "--wait", "--timeout", "60")
