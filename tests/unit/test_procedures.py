@@ -425,3 +425,21 @@ def test_a_failed_scale_up_takes_its_new_slots_away_again() -> None:
     assert outcome.done and "scale up failed at slot 2" in outcome.error
     assert [s.index for s in world.fleet.slots] == [0] and world.fx.closed == [1, 2]
     assert world.fleet.cfg.workers == 1 and world.fleet.state is SupervisorState.RUNNING
+
+
+def test_a_reload_replaces_a_slot_that_is_backing_off_instead_of_a_second_respawn() -> None:
+    world = World(2)
+    world.boot()
+    world.turn(0.5)
+    world.exit(world.fleet.slots[1].serving().pid, exited(1))  # type: ignore[union-attr]
+    slot = world.fleet.slots[1]
+    assert slot.state is SlotState.BACKOFF
+    outcome = world.fleet.reload(Outcome())
+    world.fx.ready.update(world.pids())
+    for _ in range(20):
+        world.turn()
+        world.fx.ready.update(world.pids())
+        world.obey()
+    assert outcome.done and outcome.ok, outcome.error
+    assert slot.state is SlotState.SERVING and len(slot.live()) == 1
+    assert slot.respawn_at is None

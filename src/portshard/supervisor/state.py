@@ -156,6 +156,7 @@ _SE = SlotEvent
 SLOT_TABLE: dict[tuple[SlotState, SlotEvent], tuple[SlotState, tuple[Action, ...]]] = {
     (_L.EMPTY, _SE.SPAWNED): (_L.SERVING, ()),
     (_L.SERVING, _SE.SPAWNED): (_L.SERVING, ()),  # a reload's replacement, beside the old one
+    (_L.BACKOFF, _SE.SPAWNED): (_L.SERVING, (_A.DISARM_RESPAWN,)),  # a reload's, instead
     (_L.SERVING, _SE.EMPTIED): (_L.EMPTY, ()),
     (_L.EMPTY, _SE.EMPTIED): (_L.EMPTY, ()),
     (_L.SERVING, _SE.CRASHED): (_L.BACKOFF, (_A.ARM_RESPAWN,)),
