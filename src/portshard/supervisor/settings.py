@@ -235,8 +235,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "join_existing",
         "Start even if another process (another supervisor included) already serves a "
-        "--listen port, and share the port with it. Without it, portshard refuses and names "
-        "the holder.",
+        "--listen port, and join its SO_REUSEPORT group. With steering on, this supervisor's "
+        "program then picks the socket of every new connection to the port (it takes them "
+        "all); with --steering off the kernel spreads them over both. Without it, portshard "
+        "refuses and names the holder.",
         v.flag,
         False,
         "off",
