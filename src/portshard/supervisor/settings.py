@@ -236,9 +236,9 @@ SETTINGS: tuple[Setting, ...] = (
         "join_existing",
         "Start even if another process (another supervisor included) already serves a "
         "--listen port, and join its SO_REUSEPORT group. With steering on, this supervisor's "
-        "program then picks the socket of every new connection to the port (it takes them "
-        "all); with --steering off the kernel spreads them over both. Without it, portshard "
-        "refuses and names the holder.",
+        "program then decides for the whole group (with eBPF it takes every new connection); "
+        "--steering off leaves the kernel's hashing. Without it, portshard refuses and names "
+        "the holder.",
         v.flag,
         False,
         "off",
