@@ -1,5 +1,5 @@
 """The loop's sampling survives a worker whose /proc it may not read (no processes needed:
-the kernel readers are replaced at their seam, ``inspect``)."""
+the kernel readers are replaced at their seam, ``portshard.linux``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from portshard import inspect
+from portshard.linux import proc, sockdiag
 from portshard.supervisor.config import load
 from portshard.supervisor.loop import Supervisor
 from portshard.supervisor.worker import Slot, Worker
@@ -42,8 +42,8 @@ def test_sampling_skips_a_worker_whose_proc_is_unreadable(
             raise PermissionError(errno.EACCES, "Permission denied", f"/proc/{pid}/fd")
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(inspect, "sockets_of", sockets_of)
-    monkeypatch.setattr(inspect, "connections_by_pid", lambda pids, ports: {4001: 3})
+    monkeypatch.setattr(proc, "sockets_of", sockets_of)
+    monkeypatch.setattr(sockdiag, "connections_by_pid", lambda pids, ports: {4001: 3})
     sup._sample()
     (sample,) = sup.fleet.history.samples
     assert [row["connections"] for row in sample.slots] == [3, 0]

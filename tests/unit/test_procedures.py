@@ -175,7 +175,9 @@ def test_reload_replaces_each_slot_only_after_its_new_worker_is_ready() -> None:
     assert world.fx.sent(old[0])[:2] == [signal.SIGSTOP, signal.SIGCONT]
     world.fx.holding.discard(old[0])
     world.turn(0.05)
-    assert world.fx.sent(old[0])[-1] == signal.SIGKILL  # frozen and idle: nothing to lose
+    # frozen and idle: its stop signal is queued before SIGCONT (nothing to lose, and its
+    # shutdown runs), with --grace to exit
+    assert world.fx.sent(old[0])[-2:] == [signal.SIGTERM, signal.SIGCONT]
     world.obey()
     world.turn()
     new1 = world.fleet.slots[1].workers[-1].pid
@@ -257,7 +259,7 @@ def test_stop_cancels_a_reload_and_retires_everyone() -> None:
     world.turn()
     world.obey()
     world.turn()
-    assert all(signal.SIGKILL in world.fx.sent(pid) for pid in olds)
+    assert all(signal.SIGTERM in world.fx.sent(pid) for pid in olds)  # their shutdown runs
     assert world.fleet.exit_code == 0 and world.fleet.state is SupervisorState.STOPPED
     assert ("stopping", "") in world.fx.notes
 

@@ -407,12 +407,13 @@ class Supervisor:
             if isinstance(count, bool) or not isinstance(count, int):
                 raise ControlError(f"scale needs an integer 'workers', not {count!r}")
             self.fleet.scale(count, outcome)
+        kept = {"kept": list(outcome.kept)}
         if not request.get("wait"):
-            return protocol.reply_ok({"started": True})
+            return protocol.reply_ok({"started": True, **kept})
         if outcome.done:
             if outcome.error:
                 return protocol.reply_error(outcome.error)
-            return protocol.reply_ok(self.status().to_json())
+            return protocol.reply_ok({**self.status().to_json(), **kept})
         outcome.waiters.append(conn)
         return None
 

@@ -31,7 +31,9 @@ VIA = {
     "what is queued on its socket unless net.ipv4.tcp_migrate_req is 1 (--migrate)",
 }
 DRAIN = {
-    "freeze": "SIGSTOP, check it holds no connection, SIGKILL: safe for any program",
+    "freeze": "SIGSTOP, check it holds no connection, then --stop-signal while still frozen and "
+    "--grace to exit: its shutdown runs, and a program that dies on the signal loses nothing",
+    "freeze-kill": "as freeze, but SIGKILL once it holds nothing: fastest, skips its shutdown",
     "signal": "send --stop-signal and wait, for programs that stop gracefully",
 }
 STEERING = {
