@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import NoAccess
+from .cgroup import Cgroup
 
 __all__ = [
     "ProcStat",
@@ -158,8 +159,11 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def tree_stopped(pid: int) -> bool:
-    """Every process of the tree is stopped (state T), or gone."""
+def tree_stopped(pid: int, group: Cgroup | None = None) -> bool:
+    """Every process of the tree is stopped (state T), or gone. With the worker's ``group``:
+    the group is frozen (cgroup.freeze; stopped tasks count as frozen), or empty."""
+    if group is not None and os.path.isdir(group.path):
+        return group.frozen() or not group.populated()
     for member in process_tree(pid):
         st = stat(member)
         if st is not None and st.state not in _HALTED:

@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import array
+import contextlib
 import logging
 import os
 import selectors
@@ -32,6 +33,7 @@ from ..errors import ControlError, InspectError, PortshardError, SupervisorError
 from ..interpose.plan import plan as interpose_plan
 from ..interpose.seccomp import Trap
 from ..linux import proc, sockdiag, tcpinfo
+from ..linux.cgroup import Cgroup, Trees
 from ..linux.proc import cpu_seconds as worker_cpu
 from ..linux.proc import tree_stopped
 from ..linux.sockdiag import held_connections
@@ -92,6 +94,7 @@ class Worker:
         self.mode = "fds"  # how it got its sockets (--via), for status
         self.trap: Trap | None = None  # its seccomp bind() trap (--via seccomp)
         self.retiring_since: float | None = None  # when _drain began to retire it
+        self.cgroup: Cgroup | None = None  # its whole process tree (linux/cgroup.py)
 
     @property
     def state(self) -> State:
@@ -145,6 +148,7 @@ class Supervisor:
         self._handed: tuple[float, dict[int, int]] | None = None  # eBPF counters, last sample
         self._new_per_s: dict[int, float] = {}  # slot -> new connections/s, last second
         self.steering: Steering | None = None  # which slots get new connections (issue 5)
+        self.trees: Trees | None = None  # a cgroup per worker, or the subreaper fallback
         self.held: set[int] = set()  # fds of sockets systemd holds too (they outlive us)
         self.sel = selectors.DefaultSelector()
         self.slots: list[Slot] = []
@@ -199,6 +203,8 @@ class Supervisor:
         return socks
 
     def _setup(self) -> None:
+        self.trees = Trees.open(self.cfg.name)
+        log.info("worker trees: %s (%s)", self.trees.mechanism.value, self.trees.detected.why)
         for i in range(self.cfg.workers):
             self.slots.append(Slot(i, self._open_slot_sockets(i), self.cfg))
         if self.activated:
@@ -244,6 +250,8 @@ class Supervisor:
             self.web.close()
         if self.steering is not None:
             self.steering.close()
+        if self.trees is not None:
+            self.trees.close()
         for slot in self.slots:
             for sock in slot.socks:
                 sock.close()
@@ -332,7 +340,10 @@ class Supervisor:
             # a connection it accepted (it inherited none).
             try:
                 inodes = self._listeners_of(w)
-                return tree_waiting_for_work(w.pid, inodes, ports=self._tcp_ports())
+                members = w.cgroup.members() if w.cgroup is not None else None
+                return tree_waiting_for_work(
+                    w.pid, inodes, ports=self._tcp_ports(), members=members
+                )
             except (OSError, InspectError):
                 return False  # not visible (yet): ask again on the next tick
         return False  # notify: set by _on_notify
@@ -434,14 +445,27 @@ class Supervisor:
             )
         except PortshardError as exc:
             raise SupervisorError(str(exc)) from None
-        spawned = spawn(
-            SpawnSpec(
-                argv, env, [s.fileno() for s in slot.socks], names, creds, seccomp=via.seccomp
+        group = self.trees.create(f"slot{slot.index}") if self.trees else None
+        try:
+            spawned = spawn(
+                SpawnSpec(
+                    argv,
+                    env,
+                    [s.fileno() for s in slot.socks],
+                    names,
+                    creds,
+                    seccomp=via.seccomp,
+                    cgroup=group,
+                )
             )
-        )
+        except SupervisorError:
+            if self.trees is not None:
+                self.trees.release(group)
+            raise
         generation = self.generation if role in ("reload", "scale", "boot") else slot.generation
         w = Worker(slot, spawned.pid, spawned.pidfd, generation, role, time.monotonic())
         w.mode = via.mode
+        w.cgroup = group
         slot.workers.append(w)
         self.sel.register(spawned.pidfd, selectors.EVENT_READ, lambda _m: self._on_exit(w))
         if spawned.listener is not None:
@@ -491,6 +515,12 @@ class Supervisor:
             return None
 
     def _signal(self, w: Worker, sig: int) -> None:
+        if w.cgroup is not None and sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
+            with contextlib.suppress(OSError):  # the whole tree, setsid children included
+                if sig == signal.SIGKILL:
+                    w.cgroup.kill()
+                else:
+                    w.cgroup.freeze(sig == signal.SIGSTOP)
         try:
             os.killpg(w.pid, sig)
         except ProcessLookupError:
@@ -507,6 +537,8 @@ class Supervisor:
         self.sel.unregister(w.pidfd)
         os.close(w.pidfd)
         self._signal(w, signal.SIGKILL)  # whatever the worker left in its process group
+        if self.trees is not None:
+            self.trees.release(w.cgroup)  # ... and in its cgroup; then the group goes
         w.life.fire(Event.EXIT)
         w.kill_at = None
         slot = w.slot
@@ -653,15 +685,16 @@ class Supervisor:
                 self._signal(w, signal.SIGSTOP)
                 # Usually stopped within microseconds: check inline to keep the freeze short.
                 spin_until = time.monotonic() + 0.005
-                while not tree_stopped(w.pid) and time.monotonic() < spin_until:
+                while not tree_stopped(w.pid, w.cgroup) and time.monotonic() < spin_until:
                     time.sleep(0.0002)
-                if not tree_stopped(w.pid):
+                if not tree_stopped(w.pid, w.cgroup):
                     yield Until(
-                        lambda: not w.life.alive or tree_stopped(w.pid), time.monotonic() + 1.0
+                        lambda: not w.life.alive or tree_stopped(w.pid, w.cgroup),
+                        time.monotonic() + 1.0,
                     )
                 if not w.life.alive:
                     return
-                if held_connections(w.pid, listeners, ports) == 0:
+                if held_connections(w.pid, listeners, ports, w.cgroup) == 0:
                     w.life.fire(Event.DRAINED)
                     self._signal(w, signal.SIGKILL)
                     w.kill_at = time.monotonic() + 5.0
