@@ -358,13 +358,18 @@ class Trees:
         return cls(found, home)
 
     def create(self, label: str) -> Cgroup | None:
-        """A new, empty group for one worker (None under the subreaper mechanism)."""
+        """A new, empty group for one worker (None under the subreaper mechanism, or if it
+        cannot be created: logged, never raised)."""
         if self.home is None:
             return None
         self._retry_pending()
         self._serial += 1
         group = Cgroup(os.path.join(self.home, f"{label}-{self._serial}"))
-        os.mkdir(group.path)
+        try:
+            os.mkdir(group.path)
+        except OSError as exc:  # the worker still runs, as its process group and tree
+            log.warning("cannot create the cgroup %s: %s", group.path, exc.strerror or exc)
+            return None
         return group
 
     def release(self, group: Cgroup | None) -> None:
@@ -372,9 +377,14 @@ class Trees:
         it still empties)."""
         if group is None:
             return
-        if group.populated():
-            group.kill()
-        if not group.remove():
+        try:
+            if group.populated():
+                group.kill()
+            removed = group.remove()
+        except OSError as exc:
+            log.warning("cannot empty the cgroup %s: %s", group.path, exc.strerror or exc)
+            removed = False
+        if not removed:
             self._pending.append(group)
 
     def _retry_pending(self) -> None:

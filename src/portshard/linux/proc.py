@@ -28,6 +28,7 @@ __all__ = [
     "process_tree",
     "program_name",
     "read",
+    "read_memory",
     "read_small",
     "socket_fds",
     "sockets_of",
@@ -60,6 +61,16 @@ def read_small(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def read_memory(pid: int, addr: int, size: int) -> bytes:
+    """``size`` bytes of the process's memory at ``addr`` (/proc/PID/mem: ptrace rights
+    needed); fewer if the range ends early. Raises OSError."""
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, addr)
     finally:
         os.close(fd)
 
