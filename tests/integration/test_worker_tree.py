@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from bench.loadgen import Load
+from bench.load.loadgen import Load
 
 from portshard.linux import cgroup, proc
 from tests.conftest import ROOT, wait_until
