@@ -97,3 +97,31 @@ def test_after_a_supervisor_sigkill_the_next_one_kills_the_old_trees(
     wait_until(lambda: not any(proc.alive(k) for k in kids), 10, "... until the next start")
     second.close()
     wait_until(lambda: no_process_left(tag), 10, "no process left")
+
+
+def test_without_cgroups_the_subreaper_collects_escaped_children_and_stop_kills_them(
+    start: Start,
+) -> None:
+    """PORTSHARD_CGROUP=off (what a non-root supervisor without delegation gets): a worker's
+    setsid children whose parent dies are re-parented to the supervisor, not to init, and the
+    stop kills them."""
+    tag = f"--tag={uuid.uuid4().hex[:12]}"
+    sup = start(
+        "-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *PREFORK, tag,
+        env={"SETSID": "1", "PORTSHARD_CGROUP": "off"},
+    )  # fmt: skip
+    assert "worker trees: child subreaper (PORTSHARD_CGROUP=off)" in sup.text()
+    assert sup.proc is not None
+    (worker,) = sup.pids()
+    kids = wait_until(lambda: (k := children_of([worker])) and len(k) == 2 and escaped(k) and k)
+    os.kill(worker, signal.SIGKILL)  # the master dies; its setsid children do not
+    wait_until(
+        lambda: all(proc.stat(k).ppid == sup.proc.pid for k in kids),  # type: ignore[union-attr]
+        10,
+        "the orphans re-parented to the supervisor",
+    )
+    sup.wait_ready()
+    sup.ctl("stop")
+    assert sup.wait_exit(30) == 0
+    assert not any(proc.alive(k) for k in kids)
+    wait_until(lambda: no_process_left(tag), 10, "no process left")

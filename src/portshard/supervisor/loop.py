@@ -539,6 +539,7 @@ class Supervisor:
         self._signal(w, signal.SIGKILL)  # whatever the worker left in its process group
         if self.trees is not None:
             self.trees.release(w.cgroup)  # ... and in its cgroup; then the group goes
+            self.trees.reap_orphans({o.pid for sl in self.slots for o in sl.workers})
         w.life.fire(Event.EXIT)
         w.kill_at = None
         slot = w.slot
