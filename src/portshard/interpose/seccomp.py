@@ -331,8 +331,7 @@ class Trap:
         tid = int(notif.pid)
         raw = b""
         if addr and 0 < addrlen <= 128:
-            with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
-                raw = os.pread(mem.fileno(), addrlen, addr)
+            raw = proc.read_memory(tid, addr, addrlen)
         parsed = parse_sockaddr(raw)
         if parsed is None or not 0 <= fd < 1 << 20:
             sys_.notif_send(self.listener, notif.id, cont=True)
@@ -447,7 +446,7 @@ def run_reuseport(argv: Sequence[str], env: Mapping[str, str], ports: frozenset[
     with ours:
         listener = receive_listener(ours)
     trap = Trap(listener, [], label=f"pid {pid}", reuseport=ports)
-    pidfd = os.pidfd_open(pid)
+    pidfd = syscalls.pidfd_open(pid)
     previous = {sig: signal.signal(sig, lambda s, _f: os.kill(pid, s)) for sig in _FORWARDED}
     try:
         with selectors.DefaultSelector() as sel:
