@@ -84,6 +84,28 @@ static struct {
 	unsigned short ports[PORTSHARD_MAX_PORTS];
 } portshard_cfg;
 
+/* fds the program bound to port 0 (the kernel picks a port: not a port anyone chose, so
+ * listen() on it gets no note); fds >= 4096 are not tracked. */
+static unsigned char portshard_ephemeral[4096 / 8];
+
+static void portshard_set_ephemeral(int fd, int on)
+{
+	if (fd < 0 || fd >= 4096)
+		return;
+	if (on)
+		__atomic_fetch_or(&portshard_ephemeral[fd / 8], (unsigned char)(1u << (fd % 8)),
+				  __ATOMIC_RELAXED);
+	else
+		__atomic_fetch_and(&portshard_ephemeral[fd / 8], (unsigned char)~(1u << (fd % 8)),
+				   __ATOMIC_RELAXED);
+}
+
+static int portshard_is_ephemeral(int fd)
+{
+	return fd >= 0 && fd < 4096 &&
+	       (__atomic_load_n(&portshard_ephemeral[fd / 8], __ATOMIC_RELAXED) >> (fd % 8)) & 1;
+}
+
 /* Unmanaged ports already reported by listen() (inherit mode), so each is said once. */
 static struct {
 	pthread_mutex_t lock;
@@ -418,9 +440,9 @@ static void portshard_say_mismatch(int fd, const struct sockaddr_storage *want, 
 			portshard_show(want, asked, sizeof(asked));
 			portshard_show(&s->addr, ours, sizeof(ours));
 			portshard_say("bind(fd %d) to %s does not match portshard's socket on %s; the "
-				      "program binds its own socket and will likely fail with "
-				      "EADDRINUSE. Make it bind %s (or every interface), or use "
-				      "--listen %s://%s",
+				      "program binds a socket of its own, which portshard does not "
+				      "manage (or fails with EADDRINUSE). Make it bind %s (or every "
+				      "interface), or use --listen %s://%s",
 				      fd, asked, ours, ours, type == SOCK_DGRAM ? "udp" : "tcp", asked);
 			return;
 		}
@@ -460,6 +482,8 @@ static void portshard_note_unmanaged(int fd)
 	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM)
 		return;
 	port = portshard_port_of(&ss);
+	if (port == 0 || portshard_is_ephemeral(fd))
+		return;
 	ours[0] = '\0';
 	for (i = 0; i < portshard_cfg.nsockets; i++) {
 		const struct portshard_socket *s = &portshard_cfg.sockets[i];
@@ -469,7 +493,7 @@ static void portshard_note_unmanaged(int fd)
 		if (s->type == SOCK_STREAM && n + 8 < sizeof(ours) && !portshard_seen_before(i))
 			n += (size_t)snprintf(ours + n, sizeof(ours) - n, "%s%u", n ? "," : "", s->port);
 	}
-	if (port == 0 || n == 0)
+	if (n == 0)
 		return;
 	(void)pthread_mutex_lock(&portshard_noted.lock);
 	for (i = 0; i < portshard_noted.n; i++)
@@ -629,6 +653,7 @@ PORTSHARD_EXPORT int bind(int fd, __CONST_SOCKADDR_ARG arg, socklen_t len)
 			portshard_say("SO_REUSEPORT set on fd %d before bind to port %u", fd, port);
 		goto real;
 	}
+	portshard_set_ephemeral(fd, port == 0);
 	if (port == 0)
 		goto real;
 	optlen = sizeof(type);

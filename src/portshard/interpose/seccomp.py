@@ -247,9 +247,9 @@ def mismatch(
     ours = ", ".join(show(t.family, t.host, port) for t in kind)
     proto = "udp" if type_ == socket.SOCK_DGRAM else "tcp"
     return (
-        f"bind() to {asked} does not match portshard's socket on {ours}; it binds its own "
-        f"socket and will likely fail with EADDRINUSE. Make the program bind {ours.split(', ')[0]}"
-        f" (or every interface), or use --listen {proto}://{asked}"
+        f"bind() to {asked} does not match portshard's socket on {ours}; the program binds a "
+        f"socket of its own, which portshard does not manage (or fails with EADDRINUSE). Make "
+        f"it bind {ours.split(', ')[0]} (or every interface), or use --listen {proto}://{asked}"
     )
 
 
@@ -258,8 +258,8 @@ def unmanaged(targets: Sequence[Target], port: int) -> str:
     ours = ", ".join(sorted({str(t.port) for t in targets}))
     return (
         f"it binds port {port}, which portshard does not manage (it serves {ours}): connections "
-        f"to {ours} never reach that socket. If {port} is the port to serve, pass {{port}} to the "
-        f"program instead of {port}, or use --listen tcp://:{port}"
+        f"to {ours} never reach that socket. If {port} is the port to serve, write {{port}} where "
+        f"the program takes its port, or use --listen tcp://:{port}"
     )
 
 

@@ -1,5 +1,5 @@
-// The Go recipe: binds its own port (server PORT; built with CGO_ENABLED=0, so portshard's
-// seccomp trap hands it the slot's socket) and stops gracefully on SIGTERM: Shutdown() stops
+// The Go recipe: binds its own port (server PORT, or server HOST:PORT; built with
+// CGO_ENABLED=0, so portshard's seccomp trap hands it the slot's socket) and stops gracefully on SIGTERM: Shutdown() stops
 // accepting and waits for the requests in hand, then a marker is written.
 package main
 
@@ -11,15 +11,20 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 )
 
 func main() {
 	if len(os.Args) != 2 {
-		log.Fatal("usage: server PORT")
+		log.Fatal("usage: server PORT | HOST:PORT")
 	}
-	srv := &http.Server{Addr: ":" + os.Args[1], Handler: http.HandlerFunc(
+	addr := os.Args[1]
+	if !strings.Contains(addr, ":") {
+		addr = ":" + addr
+	}
+	srv := &http.Server{Addr: addr, Handler: http.HandlerFunc(
 		func(w http.ResponseWriter, r *http.Request) { fmt.Fprintf(w, "pid %d\n", os.Getpid()) })}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM)
