@@ -4,21 +4,21 @@ own shutdown hook seen for every process retired (ASGI lifespan shutdown, gunico
 worker_exit/on_exit, aiohttp's on_shutdown, node's server.close(), Go's Shutdown(), nginx's
 graceful exit).
 
-Each recipe is tested as the README writes it today (the flags it needs now), and, where a
-recipe will need no flags once portshard's defaults cover it, once more with the defaults,
-marked xfail until then: tree-wide readiness (a pre-fork master never waits on the socket
-itself) and graceful retirement (the default --drain freeze ends in SIGKILL, so no shutdown
-hook runs).
+`test_recipe` runs each recipe as the README writes it today, with the flags it needs now.
+`test_recipe_with_defaults` runs the same servers with portshard's defaults, which should be
+enough once issue 12 lands everywhere; each is xfail (strict=False) until then, with the reason:
+tree-wide readiness (a pre-fork master never waits on the socket itself; kernel branch) and
+graceful retirement (the default --drain freeze ends in SIGKILL, so no shutdown hook runs;
+core branch). When they pass, drop the marks and the README's extra flags.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,69 +31,71 @@ from tests.supervisor_fixture import Start
 
 APPS = ROOT / "tests" / "workers" / "recipes"
 BIN = Path(sys.executable).parent
-
-NEEDS_TREE_READY = pytest.mark.xfail(
-    strict=False, reason="needs tree-wide readiness (issue 12, kernel branch)"
-)
-NEEDS_GRACEFUL = pytest.mark.xfail(
-    strict=False, reason="needs graceful retirement by default (issue 12, core branch)"
-)
-NEEDS_BOTH = pytest.mark.xfail(
+TREE = "needs tree-wide readiness (issue 12, kernel branch)"
+GRACEFUL = "needs graceful retirement by default (issue 12, core branch)"
+NEEDS_TREE_READY = pytest.mark.xfail(strict=False, reason=TREE)
+NEEDS_GRACEFUL = pytest.mark.xfail(strict=False, reason=GRACEFUL)
+NEEDS_BOTH = pytest.mark.xfail(strict=False, reason=f"{TREE}; {GRACEFUL}")
+NEEDS_MASTER_SIGNAL = pytest.mark.xfail(
     strict=False,
-    reason="needs tree-wide readiness (issue 12, kernel branch) and graceful retirement by "
-    "default (issue 12, core branch)",
+    reason=f"{TREE}; {GRACEFUL}, with the stop signal sent to the worker's main process "
+    "only: hypercorn's pre-fork child keeps SIGTERM's default action and waits for its "
+    "master's shutdown event, so the process-group SIGTERM kills it with requests in hand",
 )
 
 
 def python_tool(name: str) -> str:
     """A server installed in this venv (the `recipes` extra), else skip/fail like need()."""
     path = BIN / name
-    if path.exists():
-        return str(path)
-    return need(name)
+    return str(path) if path.exists() else need(name)
 
 
 @dataclass
 class Recipe:
     argv: list[str]  # the program, after `--`
-    flags: list[str]  # portshard run's flags besides -w and --listen
-    hooks: Callable[[int], dict[str, int]]  # processes retired -> {marker: at least}
+    flags: list[str]  # what portshard run needs today, besides -w and --listen
+    hooks: dict[str, int]  # per process retired: {marker or log event: how many}
+    keep: list[str] = field(default_factory=list)  # flags that stay with the defaults
     env: dict[str, str] = field(default_factory=dict)
 
 
-def one_each(event: str) -> Callable[[int], dict[str, int]]:
-    return lambda retired: {event: retired}
+TODAY = ["--drain", "signal"]  # the stop signal and --grace, so shutdown hooks run
 
 
-def recipe(name: str, markers: Path, request: pytest.FixtureRequest) -> Recipe:
+def recipe(name: str, request: pytest.FixtureRequest) -> Recipe:
     """The command line each README recipe gives (port 0 here: {port} is the one chosen)."""
-    if name.startswith("gunicorn"):
+    if name in ("gunicorn", "gunicorn-w2"):
+        # gunicorn takes the slot's socket from LISTEN_FDS whatever --bind says (the -w 2
+        # recipe writes one, as many do); it says READY=1 (sd_notify) from its master.
         inner = 2 if name == "gunicorn-w2" else 1
         argv = [python_tool("gunicorn"), "-c", str(APPS / "gunicorn_conf.py")]
-        argv += ["--no-control-socket", "--chdir", str(APPS), "-w", str(inner), "wsgi_app:app"]
+        argv += ["--no-control-socket", "--chdir", str(APPS), "-w", str(inner)]
+        if inner == 2:
+            argv += ["--bind", "127.0.0.1:{port}"]
         return Recipe(
-            argv,
-            ["--ready", "notify", "--drain", "signal"],
-            lambda retired: {"on_exit": retired, "worker_exit": retired * inner},
+            [*argv, "wsgi_app:app"],
+            ["--ready", "notify", *TODAY],
+            {"on_exit": 1, "worker_exit": inner},
         )
     if name == "uvicorn":
         argv = [python_tool("uvicorn"), "--app-dir", str(APPS), "asgi_app:app"]
-        argv += ["--port", "{port}", "--no-access-log"]
-        return Recipe(argv, ["--drain", "signal"], one_each("shutdown"))
-    if name == "hypercorn":
-        argv = [python_tool("hypercorn"), "--bind", "127.0.0.1:{port}", "--workers", "0"]
+        return Recipe([*argv, "--port", "{port}", "--no-access-log"], TODAY, {"shutdown": 1})
+    if name.startswith("hypercorn"):
+        # --workers 0: no pre-fork master of its own (portshard is the master).
+        workers = ["--workers", "0"] if name == "hypercorn" else []
+        argv = [python_tool("hypercorn"), "--bind", "127.0.0.1:{port}", *workers]
         argv += ["--graceful-timeout", "5", "asgi_app:app"]
-        return Recipe(argv, ["--drain", "signal"], one_each("shutdown"), {"PYTHONPATH": str(APPS)})
+        return Recipe(argv, TODAY, {"shutdown": 1}, env={"PYTHONPATH": str(APPS)})
     if name == "aiohttp":
-        argv = [sys.executable, str(APPS / "aiohttp_app.py")]
-        return Recipe(argv, ["--drain", "signal"], one_each("shutdown"))
+        return Recipe([sys.executable, str(APPS / "aiohttp_app.py")], TODAY, {"shutdown": 1})
     if name == "node":
-        argv = [need("node"), str(APPS / "server.js"), "{port}"]
-        return Recipe(argv, ["--drain", "signal"], one_each("shutdown"))
+        return Recipe([need("node"), str(APPS / "server.js"), "{port}"], TODAY, {"shutdown": 1})
     if name == "go":
         binary = request.getfixturevalue("go_recipe_server")
-        return Recipe([binary, "{port}"], ["--drain", "signal"], one_each("shutdown"))
+        return Recipe([binary, "{port}"], TODAY, {"shutdown": 1})
     assert name == "nginx"
+    # nginx needs its port in its configuration: written from the template with {port}.
+    # QUIT is nginx's graceful stop (TERM is its fast one); its workers get it too and finish.
     nginx = need("nginx")
     script = (
         f'sed "s/PORT/127.0.0.1:$1/" {APPS / "nginx.conf"} >"$PS_MARKERS/nginx.$$.conf" && '
@@ -103,7 +105,8 @@ def recipe(name: str, markers: Path, request: pytest.FixtureRequest) -> Recipe:
     return Recipe(
         ["sh", "-c", script, "sh", "{port}"],
         ["--ready", "delay:1", "--stop-signal", "QUIT", "--drain", "signal"],
-        lambda _retired: {},
+        {"clean exit": 1, "gracefully shutting down": 2},
+        keep=["--stop-signal", "QUIT"],
     )
 
 
@@ -125,58 +128,70 @@ def go_recipe_server(build_dir: Path) -> str:
     return str(out)
 
 
-def count_markers(markers: Path) -> dict[str, int]:
+def observed(markers: Path, log: str) -> dict[str, int]:
+    """Shutdown hooks seen: marker files (EVENT.PID), clean exits and nginx's own lines."""
     counts: dict[str, int] = {}
     for path in markers.iterdir():
         event, _, pid = path.name.partition(".")
         if pid.isdigit():
             counts[event] = counts.get(event, 0) + 1
+    counts["clean exit"] = log.count("retired (exit status 0)")
+    counts["gracefully shutting down"] = log.count("gracefully shutting down")
     return counts
 
 
-def serve_reload_stop(start: Start, rec: Recipe, markers: Path) -> dict[str, object]:
+@dataclass
+class Outcome:
+    load: Load
+    reloads: dict[str, int]
+    took: list[float]  # seconds per reload --wait
+    booted: list[float]  # seconds each new worker took to be ready (from the log)
+    exit: int
+    log: str
+
+    def handover(self) -> list[float]:
+        """Per reload, what was not the new workers' own start-up: retiring the old ones."""
+        per = self.booted[2:]
+        return [t - sum(per[2 * i : 2 * i + 2]) for i, t in enumerate(self.took)]
+
+
+def serve_reload_stop(start: Start, rec: Recipe, flags: list[str], markers: Path) -> Outcome:
     env = {**rec.env, "PS_MARKERS": str(markers)}
-    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", *rec.flags, "--", *rec.argv, env=env)
-    port = sup.port
+    args = ["-w", "2", "--listen", "tcp://127.0.0.1:0", *flags, "--", *rec.argv]
+    sup = start(*args, env=env, wait=False)
+    sup.wait_ready(40)
     took: list[float] = []
-    with Load("127.0.0.1", port, concurrency=4, max_seconds=60) as load:
+    with Load("127.0.0.1", sup.port, concurrency=4, max_seconds=90) as load:
         load.wait_for(40)
         for _ in range(3):
             t0 = time.monotonic()
             sup.ctl("reload", "--wait")
             took.append(time.monotonic() - t0)
             load.wait_for(load.count() + 20)
-    st = sup.status()
+    reloads = sup.status()["reloads"]
     sup.ctl("stop")
-    code = sup.wait_exit(30)
-    return {
-        "requests": load.count(),
-        "failed": load.by_kind() if load.failed else {},
-        "pids": len(load.served_by()),
-        "reloads": st["reloads"],
-        "took": took,
-        "exit": code,
-        "log": sup.text(),
-    }
+    code = sup.wait_exit(60)
+    log = sup.text()
+    booted = [float(s) for s in re.findall(r"ready (?:\(notify\) )?after ([\d.]+)s", log)]
+    return Outcome(load, reloads, took, booted, code, log)
 
 
-def check(name: str, rec: Recipe, result: dict[str, object], markers: Path) -> None:
-    took = result["took"]
-    assert isinstance(took, list)
+def check(name: str, rec: Recipe, out: Outcome, markers: Path) -> None:
     print(
-        f"{name}: {result['requests']} requests from {result['pids']} pids, reloads "
-        f"{', '.join(f'{t:.2f}' for t in took)} s, failed {result['failed']}"
+        f"{name}: {out.load.count()} requests from {len(out.load.served_by())} pids; "
+        f"3 reloads took {', '.join(f'{t:.1f}' for t in out.took)} s, of which handing over "
+        f"{', '.join(f'{t:.1f}' for t in out.handover())} s; failed {out.load.by_kind()}"
     )
     if os.environ.get("RECIPES_LOG"):
-        print(result["log"])
-    assert result["exit"] == 0, result["log"]
-    assert result["reloads"] == {"ok": 3, "failed": 0}, result["log"]
-    assert not result["failed"], result["failed"]
-    assert isinstance(result["pids"], int) and result["pids"] >= 2
-    retired = 2 * 4  # 2 slots: the first workers and 3 reloads' worth, all stopped by now
-    seen = count_markers(markers)
-    for event, want in rec.hooks(retired).items():
-        assert seen.get(event, 0) >= want, (event, seen, result["log"])
+        print(out.log)
+    assert out.exit == 0, out.log
+    assert out.reloads == {"ok": 3, "failed": 0}, out.log
+    assert not out.load.failed, out.load.by_kind()
+    assert len(out.load.served_by()) >= 2
+    retired = 2 * 4  # 2 slots x (the first workers + 3 reloads), all stopped by now
+    seen = observed(markers, out.log)
+    for event, each in rec.hooks.items():
+        assert seen.get(event, 0) >= each * retired, (event, seen, out.log)
 
 
 RECIPES = ["gunicorn", "gunicorn-w2", "uvicorn", "hypercorn", "aiohttp", "nginx", "node", "go"]
@@ -184,12 +199,46 @@ RECIPES = ["gunicorn", "gunicorn-w2", "uvicorn", "hypercorn", "aiohttp", "nginx"
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe(name: str, start: Start, short_tmp: Path, request: pytest.FixtureRequest) -> None:
+    rec = recipe(name, request)
     markers = short_tmp / "m"
     markers.mkdir()
-    rec = recipe(name, markers, request)
-    result = serve_reload_stop(start, rec, markers)
-    check(name, rec, result, markers)
-    if name == "nginx":
-        log = str(result["log"])
-        assert log.count("exit") >= 1
-    shutil.rmtree(markers)
+    check(name, rec, serve_reload_stop(start, rec, rec.flags, markers), markers)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("gunicorn", marks=NEEDS_BOTH),
+        pytest.param("uvicorn", marks=NEEDS_GRACEFUL),
+        pytest.param("hypercorn-prefork", marks=NEEDS_MASTER_SIGNAL),
+        pytest.param("aiohttp", marks=NEEDS_GRACEFUL),
+        pytest.param("nginx", marks=NEEDS_BOTH),
+        pytest.param("node", marks=NEEDS_GRACEFUL),
+        pytest.param("go", marks=NEEDS_GRACEFUL),
+    ],
+)
+def test_recipe_with_defaults(
+    name: str, start: Start, short_tmp: Path, request: pytest.FixtureRequest
+) -> None:
+    """The same servers with no --ready and no --drain: what issue 12 makes the default."""
+    rec = recipe(name, request)
+    markers = short_tmp / "m"
+    markers.mkdir()
+    flags = [*rec.keep, "--ready-timeout", "10"]  # fail in 10 s, not 30, while xfail
+    check(name, rec, serve_reload_stop(start, rec, flags, markers), markers)
+
+
+def test_gunicorn_bind_to_an_inherited_fd_is_refused_with_the_recipe(start: Start) -> None:
+    """`gunicorn --bind fd://3` under --via fds would crash with EBADF (gunicorn takes fd 3
+    from LISTEN_FDS too): refused before any worker starts, naming the form that works."""
+    gunicorn = python_tool("gunicorn")
+    sup = start(
+        "-w", "1", "--via", "fds", "--listen", "tcp://127.0.0.1:0", "--",
+        gunicorn, "--bind", "fd://{fd}", "--chdir", str(APPS), "wsgi_app:app",
+        wait=False,
+    )  # fmt: skip
+    assert sup.wait_exit(30) != 0
+    log = sup.text()
+    assert "gunicorn --bind fd://3" in log and "EBADF" in log, log
+    assert "Drop --bind fd://3" in log and "-- gunicorn app:app" in log
+    assert "Traceback" not in log and "started" not in log
