@@ -21,13 +21,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bench.loadgen import Load
 
-from tests.conftest import ROOT
+from portshard.control.client import request
+from portshard.errors import ControlError
+from tests.conftest import ROOT, wait_until
 from tests.integration.conftest import need
-from tests.supervisor_fixture import Start
+from tests.supervisor_fixture import Running, Start
 
 APPS = ROOT / "tests" / "workers" / "recipes"
 BIN = Path(sys.executable).parent
@@ -57,6 +60,7 @@ class Recipe:
     hooks: dict[str, int]  # per process retired: {marker or log event: how many}
     keep: list[str] = field(default_factory=list)  # flags that stay with the defaults
     env: dict[str, str] = field(default_factory=dict)
+    default_hooks: dict[str, int] | None = None  # with the defaults, if not `hooks`
 
 
 TODAY = ["--drain", "signal"]  # the stop signal and --grace, so shutdown hooks run
@@ -87,26 +91,33 @@ def recipe(name: str, request: pytest.FixtureRequest) -> Recipe:
         argv += ["--graceful-timeout", "5", "asgi_app:app"]
         return Recipe(argv, TODAY, {"shutdown": 1}, env={"PYTHONPATH": str(APPS)})
     if name == "aiohttp":
-        return Recipe([sys.executable, str(APPS / "aiohttp_app.py")], TODAY, {"shutdown": 1})
+        # Not --drain signal today: aiohttp's shutdown closes a connection it accepted but has
+        # not read yet (1 empty reply in 8,833 over 3 reloads), so the default freeze-check,
+        # which loses nothing, is the recipe; on_shutdown is checked with the defaults below.
+        argv = [sys.executable, str(APPS / "aiohttp_app.py")]
+        return Recipe(argv, [], {}, default_hooks={"shutdown": 1})
     if name == "node":
         return Recipe([need("node"), str(APPS / "server.js"), "{port}"], TODAY, {"shutdown": 1})
     if name == "go":
         binary = request.getfixturevalue("go_recipe_server")
         return Recipe([binary, "{port}"], TODAY, {"shutdown": 1})
-    assert name == "nginx"
+    assert name in ("nginx", "nginx-fds")
     # nginx needs its port in its configuration: written from the template with {port}.
     # QUIT is nginx's graceful stop (TERM is its fast one); its workers get it too and finish.
+    # nginx-fds: no interposition; nginx's own inherited-socket variable (its binary upgrade)
+    # names fd 3, and its `listen` matches the socket's address, so it binds nothing.
     nginx = need("nginx")
+    inherit, via = ('NGINX="3;" ', ["--via", "fds"]) if name == "nginx-fds" else ("", [])
     script = (
         f'sed "s/PORT/127.0.0.1:$1/" {APPS / "nginx.conf"} >"$PS_MARKERS/nginx.$$.conf" && '
-        f'exec {nginx} -p "$PS_MARKERS" -c "$PS_MARKERS/nginx.$$.conf" -e stderr '
+        f'{inherit}exec {nginx} -p "$PS_MARKERS" -c "$PS_MARKERS/nginx.$$.conf" -e stderr '
         f'-g "pid $PS_MARKERS/nginx.$$.pid;"'
     )
     return Recipe(
         ["sh", "-c", script, "sh", "{port}"],
-        ["--ready", "delay:1", "--stop-signal", "QUIT", "--drain", "signal"],
+        [*via, "--ready", "delay:1", "--stop-signal", "QUIT", "--drain", "signal"],
         {"clean exit": 1, "gracefully shutting down": 2},
-        keep=["--stop-signal", "QUIT"],
+        keep=[*via, "--stop-signal", "QUIT"],
     )
 
 
@@ -150,33 +161,57 @@ class Outcome:
     log: str
 
     def handover(self) -> list[float]:
-        """Per reload, what was not the new workers' own start-up: retiring the old ones."""
+        """Per reload, what was not the new workers' start-up (both start at once): retiring
+        the old ones."""
         per = self.booted[2:]
-        return [t - sum(per[2 * i : 2 * i + 2]) for i, t in enumerate(self.took)]
+        return [t - max(per[2 * i : 2 * i + 2], default=0) for i, t in enumerate(self.took)]
+
+
+def ask(sup: Running, cmd: str, **args: Any) -> dict[str, Any]:
+    """What `portshard CMD` sends, from this process (no interpreter start per call: these
+    servers' start-up already dominates the run time)."""
+    return request(sup.control, cmd, timeout=120, **args)
+
+
+def wait_ready(sup: Running, timeout: float) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        if sup.proc is not None and sup.proc.poll() is not None:
+            raise AssertionError(f"supervisor exited {sup.proc.returncode}:\n{sup.text()}")
+        try:
+            st = ask(sup, "status")
+        except (ControlError, OSError):
+            return None
+        return st if st["ready"] else None
+
+    result: dict[str, Any] = wait_until(ready, timeout, "supervisor ready")
+    return result
 
 
 def serve_reload_stop(start: Start, rec: Recipe, flags: list[str], markers: Path) -> Outcome:
+    """`portshard run -w 2`, load, 3 `reload --wait`s (both slots at once: --surge 2 halves
+    the time these servers take to start, and a reload still waits for every new worker to be
+    ready before an old one goes), then `stop`."""
     env = {**rec.env, "PS_MARKERS": str(markers)}
-    args = ["-w", "2", "--listen", "tcp://127.0.0.1:0", *flags, "--", *rec.argv]
+    args = ["-w", "2", "--surge", "2", "--listen", "tcp://127.0.0.1:0", *flags, "--", *rec.argv]
     sup = start(*args, env=env, wait=False)
-    sup.wait_ready(40)
+    port = wait_ready(sup, 40)["listen"][0]["port"]
     took: list[float] = []
-    with Load("127.0.0.1", sup.port, concurrency=4, max_seconds=90) as load:
+    with Load("127.0.0.1", port, concurrency=4, max_seconds=90) as load:
         load.wait_for(40)
         for _ in range(3):
             t0 = time.monotonic()
-            sup.ctl("reload", "--wait")
+            ask(sup, "reload", wait=True)
             took.append(time.monotonic() - t0)
             load.wait_for(load.count() + 20)
-    reloads = sup.status()["reloads"]
-    sup.ctl("stop")
+    reloads = ask(sup, "status")["reloads"]
+    ask(sup, "stop")
     code = sup.wait_exit(60)
     log = sup.text()
     booted = [float(s) for s in re.findall(r"ready (?:\(notify\) )?after ([\d.]+)s", log)]
     return Outcome(load, reloads, took, booted, code, log)
 
 
-def check(name: str, rec: Recipe, out: Outcome, markers: Path) -> None:
+def check(name: str, hooks: dict[str, int], out: Outcome, markers: Path) -> None:
     print(
         f"{name}: {out.load.count()} requests from {len(out.load.served_by())} pids; "
         f"3 reloads took {', '.join(f'{t:.1f}' for t in out.took)} s, of which handing over "
@@ -190,11 +225,21 @@ def check(name: str, rec: Recipe, out: Outcome, markers: Path) -> None:
     assert len(out.load.served_by()) >= 2
     retired = 2 * 4  # 2 slots x (the first workers + 3 reloads), all stopped by now
     seen = observed(markers, out.log)
-    for event, each in rec.hooks.items():
+    for event, each in hooks.items():
         assert seen.get(event, 0) >= each * retired, (event, seen, out.log)
 
 
-RECIPES = ["gunicorn", "gunicorn-w2", "uvicorn", "hypercorn", "aiohttp", "nginx", "node", "go"]
+RECIPES = [
+    "gunicorn",
+    "gunicorn-w2",
+    "uvicorn",
+    "hypercorn",
+    "aiohttp",
+    "nginx",
+    "nginx-fds",
+    "node",
+    "go",
+]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -202,7 +247,7 @@ def test_recipe(name: str, start: Start, short_tmp: Path, request: pytest.Fixtur
     rec = recipe(name, request)
     markers = short_tmp / "m"
     markers.mkdir()
-    check(name, rec, serve_reload_stop(start, rec, rec.flags, markers), markers)
+    check(name, rec.hooks, serve_reload_stop(start, rec, rec.flags, markers), markers)
 
 
 @pytest.mark.parametrize(
@@ -225,7 +270,8 @@ def test_recipe_with_defaults(
     markers = short_tmp / "m"
     markers.mkdir()
     flags = [*rec.keep, "--ready-timeout", "10"]  # fail in 10 s, not 30, while xfail
-    check(name, rec, serve_reload_stop(start, rec, flags, markers), markers)
+    hooks = rec.hooks if rec.default_hooks is None else rec.default_hooks
+    check(name, hooks, serve_reload_stop(start, rec, flags, markers), markers)
 
 
 def test_gunicorn_bind_to_an_inherited_fd_is_refused_with_the_recipe(start: Start) -> None:

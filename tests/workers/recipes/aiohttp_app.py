@@ -1,14 +1,13 @@
-"""An aiohttp server for the recipes: takes the inherited socket (portshard.inherited()),
-"pid N" per request; its on_shutdown hook writes a marker. aiohttp's web.run_app stops
-gracefully on SIGTERM (GracefulExit): it stops accepting, finishes requests, runs the hooks."""
+"""An aiohttp server for the recipes: takes the slot's socket at fd 3 (LISTEN_FDS), "pid N" per
+request; its on_shutdown hook writes a marker. aiohttp's web.run_app stops gracefully on
+SIGTERM (GracefulExit): it stops accepting, finishes requests, runs the hooks."""
 
 from __future__ import annotations
 
 import os
+import socket
 
 from aiohttp import web
-
-import portshard
 
 
 def mark(event: str) -> None:
@@ -29,8 +28,7 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/", hello)
     app.on_shutdown.append(on_shutdown)
-    (sock,) = portshard.inherited()
-    web.run_app(app, sock=sock, print=None, shutdown_timeout=5)
+    web.run_app(app, sock=socket.socket(fileno=3), print=None, shutdown_timeout=5)
 
 
 if __name__ == "__main__":
