@@ -498,7 +498,9 @@ static void portshard_note_unmanaged(int fd)
 	(void)pthread_mutex_lock(&portshard_noted.lock);
 	for (i = 0; i < portshard_noted.n; i++)
 		known |= portshard_noted.ports[i] == port;
-	if (!known && portshard_noted.n < sizeof(portshard_noted.ports) / sizeof(unsigned short))
+	if (portshard_noted.n >= sizeof(portshard_noted.ports) / sizeof(unsigned short))
+		known = 1; /* said enough: stay quiet from here on */
+	else if (!known)
 		portshard_noted.ports[portshard_noted.n++] = port;
 	(void)pthread_mutex_unlock(&portshard_noted.lock);
 	if (!known)
