@@ -33,7 +33,7 @@ PID_SERVER = [sys.executable, str(APPS / "pid_server.py")]
 NARROWER = r"""
 import json, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
-from bench.loadgen import Load
+from bench.load.loadgen import Load
 from tests.supervisor_fixture import Running
 from pathlib import Path
 control, argv = Path(sys.argv[2]), json.loads(sys.argv[3])

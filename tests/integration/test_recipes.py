@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bench.loadgen import Load
+from bench.load.loadgen import Load
 
 from portshard.control.client import request
 from portshard.errors import ControlError
