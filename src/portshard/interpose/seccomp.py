@@ -359,11 +359,11 @@ class Trap:
         self.reuseport = reuseport
         self.targets = [t for t in (Target.of(s) for s in socks) if t is not None]
         self._inodes = {os.fstat(t.sock.fileno()).st_ino for t in self.targets}
-        self._noted: set[int] = set()  # unmanaged ports already logged
         self.arch = sys_.native_arch()
         self.handled = 0  # bind() calls answered
         self.adopted = 0  # of which were given a slot socket
         self.busy = 0.0  # seconds spent answering
+        self._noted: set[int] = set()  # unmanaged ports already logged
 
     def fileno(self) -> int:
         return self.listener
