@@ -6,11 +6,10 @@ graceful exit).
 
 `test_recipe` runs each recipe as the README writes it today, with the flags it needs now
 (the shutdown hook checked where today's flags can run it without losing a request).
-`test_recipe_with_defaults` runs the same servers with portshard's defaults, which should be
-enough once issue 12 lands everywhere; each is xfail (strict=False) until then, with the reason:
-tree-wide readiness (a pre-fork master never waits on the socket itself; kernel branch) and
-graceful retirement (the default --drain freeze ends in SIGKILL, so no shutdown hook runs;
-core branch). When they pass, drop the marks and the README's extra flags.
+`test_recipe_with_defaults` runs the same servers with portshard's defaults (no --ready, no
+--drain): tree-wide readiness sees a pre-fork master's children wait on the socket, and the
+default retirement runs the server's shutdown once the frozen tree holds nothing and its slot's
+queue is empty. The two servers it does not fit yet are xfail with the measured reason.
 """
 
 from __future__ import annotations
@@ -35,15 +34,15 @@ from tests.supervisor_fixture import Running, Start
 
 APPS = ROOT / "tests" / "workers" / "recipes"
 BIN = Path(sys.executable).parent
-TREE = "needs tree-wide readiness (issue 12, kernel branch)"
-GRACEFUL = "needs graceful retirement by default (issue 12, core branch)"
-NEEDS_TREE_READY = pytest.mark.xfail(strict=False, reason=TREE)
-NEEDS_GRACEFUL = pytest.mark.xfail(strict=False, reason=GRACEFUL)
-NEEDS_BOTH = pytest.mark.xfail(strict=False, reason=f"{TREE}; {GRACEFUL}")
+NEEDS_UNREAD = pytest.mark.xfail(
+    strict=False,
+    reason="aiohttp's shutdown closes a connection it accepted and has not read: 3 empty "
+    "replies in 8k requests over 3 reloads with the default retirement (its recipe uses "
+    "--drain freeze-kill)",
+)
 NEEDS_MASTER_SIGNAL = pytest.mark.xfail(
     strict=False,
-    reason=f"{TREE}; {GRACEFUL}, with the stop signal sent to the worker's main process "
-    "only: hypercorn's pre-fork child keeps SIGTERM's default action and waits for its "
+    reason="needs the stop signal sent to the worker's main process only: hypercorn's pre-fork child keeps SIGTERM's default action and waits for its "
     "master's shutdown event, so the process-group SIGTERM kills it with requests in hand",
 )
 
@@ -100,8 +99,11 @@ def recipe(name: str, request: pytest.FixtureRequest) -> Recipe:
         argv += ["--graceful-timeout", "5", "asgi_app:app"]
         return Recipe(argv, [], {}, env={"PYTHONPATH": str(APPS)}, default_hooks=ASYNC_HOOK)
     if name == "aiohttp":
+        # aiohttp's shutdown closes what it accepted and has not read; measured with the
+        # default retirement: 3 empty replies in 8k requests over 3 reloads. freeze-kill
+        # loses nothing (its on_shutdown does not run).
         argv = [sys.executable, str(APPS / "aiohttp_app.py")]
-        return Recipe(argv, [], {}, default_hooks=ASYNC_HOOK)
+        return Recipe(argv, ["--drain", "freeze-kill"], {}, default_hooks=ASYNC_HOOK)
     if name == "node":
         argv = [need("node"), str(APPS / "server.js"), "{port}"]
         return Recipe(argv, [], {}, default_hooks=ASYNC_HOOK)
@@ -197,11 +199,11 @@ def wait_ready(sup: Running, timeout: float) -> dict[str, Any]:
 
 
 def serve_reload_stop(start: Start, rec: Recipe, flags: list[str], markers: Path) -> Outcome:
-    """`portshard run -w 2`, load, 3 `reload --wait`s (both slots at once: --surge 2 halves
-    the time these servers take to start, and a reload still waits for every new worker to be
-    ready before an old one goes), then `stop`."""
+    """`portshard run -w 2`, load, 3 `reload --wait`s (one slot at a time, the default: while
+    a slot's old worker runs its shutdown, steering sends new connections to the other slot),
+    then `stop`."""
     env = {**rec.env, "PS_MARKERS": str(markers)}
-    args = ["-w", "2", "--surge", "2", "--listen", "tcp://127.0.0.1:0", *flags, "--", *rec.argv]
+    args = ["-w", "2", "--listen", "tcp://127.0.0.1:0", *flags, "--", *rec.argv]
     sup = start(*args, env=env, wait=False)
     port = wait_ready(sup, 40)["listen"][0]["port"]
     took: list[float] = []
@@ -262,13 +264,13 @@ def test_recipe(name: str, start: Start, short_tmp: Path, request: pytest.Fixtur
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("gunicorn", marks=NEEDS_BOTH),
-        pytest.param("uvicorn", marks=NEEDS_GRACEFUL),
+        "gunicorn",
+        "uvicorn",
         pytest.param("hypercorn-prefork", marks=NEEDS_MASTER_SIGNAL),
-        pytest.param("aiohttp", marks=NEEDS_GRACEFUL),
-        pytest.param("nginx", marks=NEEDS_BOTH),
-        pytest.param("node", marks=NEEDS_GRACEFUL),
-        pytest.param("go", marks=NEEDS_GRACEFUL),
+        pytest.param("aiohttp", marks=NEEDS_UNREAD),
+        "nginx",
+        "node",
+        "go",
     ],
 )
 def test_recipe_with_defaults(

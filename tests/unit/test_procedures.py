@@ -38,6 +38,7 @@ class FakeEffects:
     def __init__(self) -> None:
         self.clock = 100.0
         self.next_pid = 1000
+        self.busy_queues: set[int] = set()  # slots whose accept queue is never empty
         self.signals: list[tuple[int, int]] = []  # (pid, signal)
         self.ready: set[int] = set()  # pids that look ready
         self.holding: set[int] = set()  # pids whose tree holds a client connection
@@ -81,7 +82,7 @@ class FakeEffects:
         self.closed.append(slot.index)
 
     def queue_empty(self, slot: Slot) -> bool:
-        return True
+        return slot.index not in self.busy_queues
 
     def drop_syns(self) -> list[socket.socket]:
         return []
@@ -445,3 +446,24 @@ def test_a_reload_replaces_a_slot_that_is_backing_off_instead_of_a_second_respaw
     assert outcome.done and outcome.ok, outcome.error
     assert slot.state is SlotState.SERVING and len(slot.live()) == 1
     assert slot.respawn_at is None
+
+
+def test_an_idle_old_worker_gets_its_stop_signal_only_once_its_slot_queue_is_empty() -> None:
+    # A server that handles its stop signal accepts what is queued on the shared socket before
+    # it stops listening and may close it unread: it is signalled only with the queue empty,
+    # and killed (frozen, idle: nothing lost) if the slot keeps receiving connections.
+    world = World(1)
+    world.boot()
+    (old,) = world.pids()
+    world.fx.busy_queues.add(0)
+    world.fleet.reload(Outcome())
+    world.turn()
+    new = world.fleet.slots[0].workers[-1].pid
+    world.fx.ready.add(new)
+    world.turn()
+    world.turn()
+    assert signal.SIGTERM not in world.fx.sent(old)  # queued connections: not yet
+    world.turn(1.1)
+    world.turn()
+    assert world.fx.sent(old)[-1] == signal.SIGKILL  # the slot never emptied: killed idle
+    assert signal.SIGTERM not in world.fx.sent(old)

@@ -307,13 +307,17 @@ class SystemEffects:
         states = {w.state for w in live}
         if State.READY in states:
             # Out for new TCP connections while an old worker goes, so that its queue empties
-            # and freeze-check-kill catches it idle; at most HANDOVER_MAX s: an old worker that
-            # holds long-lived connections is not caught idle anyway (it waits for --grace),
-            # and meanwhile its slot's new worker should serve.
+            # and the freeze-check catches it idle; while draining at most HANDOVER_MAX s: an
+            # old worker that holds long-lived connections is not caught idle anyway (it waits
+            # for --grace), and meanwhile its slot's new worker should serve. Once it has its
+            # stop signal (STOPPING) it stays out until it exits: a server that handles the
+            # signal may still accept what reaches the shared socket before it stops
+            # listening, and close it unread (aiohttp, uvicorn: measured, 1-3 empty replies in
+            # 4.5k requests over 3 reloads without this).
             now = self.now()
             retiring = any(
-                w.state in (State.DRAINING, State.STOPPING)
-                and now - (w.life.retired_at or now) < HANDOVER_MAX
+                w.state is State.STOPPING
+                or (w.state is State.DRAINING and now - (w.life.retired_at or now) < HANDOVER_MAX)
                 for w in live
             )
             return Health.HANDOVER if retiring else Health.READY
