@@ -42,7 +42,8 @@ NEEDS_UNREAD = pytest.mark.xfail(
 )
 NEEDS_MASTER_SIGNAL = pytest.mark.xfail(
     strict=False,
-    reason="needs the stop signal sent to the worker's main process only: hypercorn's pre-fork child keeps SIGTERM's default action and waits for its "
+    reason="needs the stop signal sent to the worker's main process only: hypercorn's "
+    "pre-fork child keeps SIGTERM's default action and waits for its "
     "master's shutdown event, so the process-group SIGTERM kills it with requests in hand",
 )
 
