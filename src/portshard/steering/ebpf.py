@@ -31,11 +31,12 @@ import os
 import platform
 import socket
 import struct
-import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import PortshardError
 from ..interpose import seccomp_sys as sc
+from . import bpfasm as asm
+from .bpfasm import Asm, insn
 
 __all__ = [
     "SO_ATTACH_REUSEPORT_EBPF",
@@ -59,8 +60,16 @@ BPF_SK_REUSEPORT_SELECT_OR_MIGRATE = 40
 BPF_FUNC_MAP_LOOKUP_ELEM = 1
 BPF_FUNC_GET_PRANDOM_U32 = 7
 BPF_FUNC_SK_SELECT_REUSEPORT = 82
+BPF_FUNC_MAP_UPDATE_ELEM = 2
+BPF_FUNC_SKB_LOAD_BYTES = 26
+BPF_FUNC_SKB_LOAD_BYTES_RELATIVE = 68
+_BPF_HDR_START_NET = 1
+_ETH_P_IPV6_BE = socket.htons(0x86DD)  # ctx->eth_protocol of an IPv6 packet
+_V4_MAPPED_WORD = struct.unpack("=i", b"\0\0\xff\xff")[0]  # word 2 of ::ffff:a.b.c.d
 BPF_PSEUDO_MAP_FD = 1
 SK_PASS = 1
+_DRAWS = 5  # draws of a table bucket per TCP connection, at most (see tcp_code)
+_MD_ETH_PROTOCOL = 20  # offsetof(struct sk_reuseport_md, eth_protocol): network order
 _MD_HASH = 32  # offsetof(struct sk_reuseport_md, hash)
 _MD_MIGRATING_SK = 48  # offsetof(struct sk_reuseport_md, migrating_sk) (Linux 5.14+)
 
@@ -105,21 +114,25 @@ def bpf(cmd: int, attr: bytes, what: str) -> int:
         raise BpfError(f"{what}: {_reason(exc)}") from None
 
 
-def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-    """One eBPF instruction (struct bpf_insn)."""
-    regs = dst | src << 4 if sys.byteorder == "little" else dst << 4 | src
-    return struct.pack("=BBhi", code, regs, off, imm)
-
-
 def _ld_map_fd(dst: int, fd: int) -> bytes:
     return insn(0x18, dst=dst, src=BPF_PSEUDO_MAP_FD, imm=fd) + insn(0)  # ld_imm64: two slots
 
 
 class Map:
-    """A BPF map with u32 keys; closes its fd on close()."""
+    """A BPF map (u32 keys unless ``key_size`` says otherwise); closes its fd on close()."""
 
-    def __init__(self, kind: int, value_size: int, entries: int, name: bytes, what: str) -> None:
-        spec = struct.pack("=7I16s", kind, 4, value_size, entries, 0, 0, 0, name)
+    def __init__(
+        self,
+        kind: int,
+        value_size: int,
+        entries: int,
+        name: bytes,
+        what: str,
+        *,
+        key_size: int = 4,
+        flags: int = 0,
+    ) -> None:
+        spec = struct.pack("=7I16s", kind, key_size, value_size, entries, flags, 0, 0, name)
         self.fd = bpf(BPF_MAP_CREATE, spec, f"creating {what}")
         self.entries = entries
         self.what = what
@@ -152,6 +165,11 @@ class Map:
         bpf(BPF_MAP_LOOKUP_ELEM, attr, f"reading {self.what} at key {key}")
         return int(v.value)
 
+    def lookup_s64(self, key: int) -> int:
+        """The value at ``key`` as a signed 64-bit number."""
+        value = self.lookup_u64(key)
+        return value - (1 << 64) if value >= 1 << 63 else value
+
     def delete(self, key: int) -> bool:
         """Remove ``key``; False if it held nothing."""
         k = ctypes.c_uint32(key)
@@ -170,18 +188,21 @@ class Map:
             self.fd = -1
 
 
-def load_program(code: bytes, attach_type: int, name: bytes) -> int:
-    """Load an SK_REUSEPORT program; the verifier's last line is in the error if it refuses."""
+def load_program(
+    code: bytes, attach_type: int, name: bytes, prog_type: int = BPF_PROG_TYPE_SK_REUSEPORT
+) -> int:
+    """Load a program (SK_REUSEPORT unless ``prog_type`` says otherwise); the verifier's last
+    line is in the error if it refuses."""
     insns, license_ = ctypes.create_string_buffer(code, len(code)), ctypes.c_char_p(b"GPL")
     log = ctypes.create_string_buffer(16384)
     attr = struct.pack(
         "=IIQQIIQII16sII",
-        BPF_PROG_TYPE_SK_REUSEPORT, len(code) // 8, ctypes.addressof(insns),
+        prog_type, len(code) // 8, ctypes.addressof(insns),
         ctypes.cast(license_, ctypes.c_void_p).value or 0, 1, len(log), ctypes.addressof(log),
         0, 0, name, 0, attach_type,
     )  # fmt: skip
     try:
-        return bpf(BPF_PROG_LOAD, attr, "loading an SK_REUSEPORT program")
+        return bpf(BPF_PROG_LOAD, attr, f"loading the program {name.decode()}")
     except BpfError as exc:
         lines = log.value.decode(errors="replace").strip().splitlines()
         raise BpfError(f"{exc}; verifier: {lines[-1]}" if lines else str(exc)) from None
@@ -204,12 +225,66 @@ def load_select_key0(map_fd: int) -> int:
     return load_program(code, BPF_SK_REUSEPORT_SELECT, b"portshard_probe")
 
 
+def _active_bucket(a: Asm, table_fd: int, buckets: int) -> None:
+    """r7 = the active copy's offset (table[2K]); a failed lookup goes to ``out``."""
+    a.op(asm.ST_W, dst=10, off=-4, imm=2 * buckets)  # *(u32 *)(fp - 4) = 2K
+    _lookup(a, table_fd, -4)
+    a.jump(asm.JEQ_IMM, "out", dst=0, imm=0)
+    a.op(asm.LDX_W, dst=7, src=0)  # w7 = active offset
+
+
+def _lookup(a: Asm, map_fd: int, key_off: int) -> None:
+    """r0 = &map[*(fp + key_off)] or NULL."""
+    a.map_fd(1, map_fd).op(asm.MOV64_REG, dst=2, src=10).op(asm.ADD64_IMM, dst=2, imm=key_off)
+    a.call(BPF_FUNC_MAP_LOOKUP_ELEM)
+
+
+def _pick(a: Asm, table_fd: int, buckets: int, dst: int, fail: str) -> None:
+    """w``dst`` = the slot of a random bucket of the active table; NULL lookup: ``fail``."""
+    a.call(BPF_FUNC_GET_PRANDOM_U32).op(asm.MOV32_REG, dst=2, src=0)
+    a.op(asm.MOD32_IMM, dst=2, imm=buckets).op(asm.ADD32_REG, dst=2, src=7)
+    a.op(asm.STX_W, dst=10, src=2, off=-4)  # *(u32 *)(fp - 4) = bucket
+    _lookup(a, table_fd, -4)
+    a.jump(asm.JEQ_IMM, fail, dst=0, imm=0)
+    a.op(asm.LDX_W, dst=dst, src=0)
+
+
+def _record_tuple(a: Asm, syn_fd: int) -> None:
+    """syn[(client port, local port, client address as IPv6)] = *(u32 *)(fp - 8), the slot:
+    the SOCK_OPS program (inflight.py) finds it when the handshake completes. The key is the
+    20 bytes at fp - 40 (see :func:`portshard.steering.inflight.tuple_key`)."""
+    a.op(asm.MOV64_REG, dst=1, src=6).op(asm.MOV64_IMM, dst=2, imm=0)
+    a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=-40)
+    a.op(asm.MOV64_IMM, dst=4, imm=4).call(BPF_FUNC_SKB_LOAD_BYTES)  # TCP ports (skb->data)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)
+    a.op(asm.LDX_W, dst=1, src=6, off=_MD_ETH_PROTOCOL)
+    a.jump(asm.JEQ_IMM, "v6", dst=1, imm=_ETH_P_IPV6_BE)
+    for off in (-36, -32):
+        a.op(asm.ST_W, dst=10, off=off, imm=0)
+    a.op(asm.ST_W, dst=10, off=-28, imm=_V4_MAPPED_WORD)  # ::ffff:a.b.c.d
+    _load_net(a, offset=12, to=-24, size=4)  # IPv4 source
+    a.jump(asm.JA, "put")
+    a.label("v6")
+    _load_net(a, offset=8, to=-36, size=16)  # IPv6 source
+    a.label("put")
+    a.map_fd(1, syn_fd).op(asm.MOV64_REG, dst=2, src=10).op(asm.ADD64_IMM, dst=2, imm=-40)
+    a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=-8)
+    a.op(asm.MOV64_IMM, dst=4, imm=0).call(BPF_FUNC_MAP_UPDATE_ELEM)
+
+
+def _load_net(a: Asm, offset: int, to: int, size: int) -> None:
+    a.op(asm.MOV64_REG, dst=1, src=6).op(asm.MOV64_IMM, dst=2, imm=offset)
+    a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=to)
+    a.op(asm.MOV64_IMM, dst=4, imm=size).op(asm.MOV64_IMM, dst=5, imm=_BPF_HDR_START_NET)
+    a.call(BPF_FUNC_SKB_LOAD_BYTES_RELATIVE)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)
+
+
 def steering_code(
     table_fd: int, sockarray_fd: int, counts_fd: int, buckets: int, *, flow: bool
 ) -> bytes:
-    """``table[active + x % buckets]`` is the slot key; select that slot's socket. ``x`` is the
-    kernel's flow hash of the packet if ``flow`` (UDP: a flow stays on its bucket), else a
-    random number (TCP: any spread will do for a new connection, as in the classic program).
+    """UDP: ``table[active + hash % buckets]`` is the slot key (the kernel's flow hash of the
+    packet, so a flow stays on its bucket); select that slot's socket.
 
     The table holds two copies of the bucket table (``[0, K)`` and ``[K, 2K)``) and, at index
     2K, the offset of the active one: the supervisor writes the other copy in one batch and
@@ -217,79 +292,79 @@ def steering_code(
     bpf() calls however many buckets change. If a lookup fails, or the slot has no socket (it
     just closed), the program selects nothing and the kernel falls back to its own hash.
 
-    For TCP, ``counts[slot]`` (u64) goes up by one for every new connection handed to the slot
-    (an atomic add: CPUs may run the program at once), not for one migrated from a closing
-    listener: the new connections per second that ``portshard status`` shows.
+    TCP uses :func:`tcp_code` (two choices by connections in flight).
     """
-    if flow:
-        x = insn(0x61, dst=2, src=6, off=_MD_HASH)  # w2 = ctx->hash
-    else:
-        x = insn(0x85, imm=BPF_FUNC_GET_PRANDOM_U32) + insn(0xBC, dst=2, src=0)  # w2 = random
-    count = b""
-    if not flow:  # TCP only (nobody reads UDP counts), and new connections only, not migrations
-        count = b"".join(
-            (
-                insn(0x55, dst=0, off=10, imm=0),  # if r0 != 0 goto out     (not selected)
-                insn(0x79, dst=1, src=6, off=_MD_MIGRATING_SK),  # r1 = ctx->migrating_sk
-                insn(0x55, dst=1, off=8, imm=0),  # if r1 != 0 goto out     (a migration)
-                _ld_map_fd(1, counts_fd),  # r1 = counts
-                insn(0xBF, dst=2, src=10),  # r2 = r10
-                insn(0x07, dst=2, imm=-8),  # r2 += -8                  (&slot)
-                insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &counts[slot] or NULL
-                insn(0x15, dst=0, off=2, imm=0),  # if r0 == 0 goto out
-                insn(0xB7, dst=1, imm=1),  # r1 = 1
-                insn(0xDB, dst=0, src=1),  # lock *(u64 *)r0 += r1
-            )
-        )
-    head = b"".join(
-        (
-            insn(0xBF, dst=6, src=1),  # r6 = ctx
-            insn(0x62, dst=10, off=-4, imm=2 * buckets),  # *(u32 *)(r10 - 4) = 2K
-            _ld_map_fd(1, table_fd),  # r1 = table
-            insn(0xBF, dst=2, src=10),  # r2 = r10
-            insn(0x07, dst=2, imm=-4),  # r2 += -4
-            insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &table[2K] or NULL
-        )
-    )
-    bucket = b"".join(
-        (
-            insn(0x61, dst=7, src=0),  # w7 = *(u32 *)r0            (active offset)
-            x,
-            insn(0x94, dst=2, imm=buckets),  # w2 %= K
-            insn(0x0C, dst=2, src=7),  # w2 += w7
-            insn(0x63, dst=10, src=2, off=-4),  # *(u32 *)(r10 - 4) = w2    (bucket)
-            _ld_map_fd(1, table_fd),  # r1 = table
-            insn(0xBF, dst=2, src=10),  # r2 = r10
-            insn(0x07, dst=2, imm=-4),  # r2 += -4
-            insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &table[bucket] or NULL
-        )
-    )
-    select = b"".join(
-        (
-            insn(0x61, dst=1, src=0),  # w1 = *(u32 *)r0            (slot key)
-            insn(0x63, dst=10, src=1, off=-8),  # *(u32 *)(r10 - 8) = w1
-            insn(0xBF, dst=1, src=6),  # r1 = ctx
-            _ld_map_fd(2, sockarray_fd),  # r2 = sockarray
-            insn(0xBF, dst=3, src=10),  # r3 = r10
-            insn(0x07, dst=3, imm=-8),  # r3 += -8                  (&slot)
-            insn(0xB7, dst=4, imm=0),  # r4 = 0                     (flags)
-            insn(0x85, imm=BPF_FUNC_SK_SELECT_REUSEPORT),
-            count,
-        )
-    )
-    out = insn(0xB7, dst=0, imm=SK_PASS) + insn(0x95)  # out: r0 = SK_PASS; exit
-    to_out_2 = len(select) // 8
-    to_out_1 = (len(bucket) + 8 + len(select)) // 8
-    return b"".join(
-        (
-            head,
-            insn(0x15, dst=0, off=to_out_1, imm=0),  # if r0 == 0 goto out
-            bucket,
-            insn(0x15, dst=0, off=to_out_2, imm=0),  # if r0 == 0 goto out
-            select,
-            out,
-        )
-    )
+    if not flow:
+        raise ValueError("TCP steering is tcp_code()")
+    a = Asm().op(asm.MOV64_REG, dst=6, src=1)
+    _active_bucket(a, table_fd, buckets)
+    a.op(asm.LDX_W, dst=2, src=6, off=_MD_HASH)  # w2 = ctx->hash
+    a.op(asm.MOD32_IMM, dst=2, imm=buckets).op(asm.ADD32_REG, dst=2, src=7)
+    a.op(asm.STX_W, dst=10, src=2, off=-4)
+    _lookup(a, table_fd, -4)
+    a.jump(asm.JEQ_IMM, "out", dst=0, imm=0)
+    a.op(asm.LDX_W, dst=8, src=0)
+    _select(a, sockarray_fd)
+    a.label("out").op(asm.MOV64_IMM, dst=0, imm=SK_PASS).op(asm.EXIT)
+    return a.code()
+
+
+def _select(a: Asm, sockarray_fd: int) -> None:
+    """sk_select_reuseport(ctx, sockarray, &w8); r0 = its result."""
+    a.op(asm.STX_W, dst=10, src=8, off=-8)  # *(u32 *)(fp - 8) = slot
+    a.op(asm.MOV64_REG, dst=1, src=6).map_fd(2, sockarray_fd)
+    a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=-8)
+    a.op(asm.MOV64_IMM, dst=4, imm=0).call(BPF_FUNC_SK_SELECT_REUSEPORT)
+
+
+def tcp_code(
+    table_fd: int, sockarray_fd: int, counts_fd: int, held_fd: int, syn_fd: int, buckets: int
+) -> bytes:
+    """A new TCP connection goes to the less loaded of two slots drawn from the bucket table
+    (the power of two choices; the table carries weights and exclusions): ``held[slot]`` is
+    the slot's connections in flight (queued + held by its worker, counted by the SOCK_OPS
+    program of inflight.py; where that cannot run, the supervisor writes the queue depths
+    there). The second draw is repeated while it names the first's slot, up to
+    ``_DRAWS - 1`` times (4 equal slots: 1 in 256 connections gets no choice); ties go to the
+    first draw.
+
+    Then, for a new connection (not one migrated from a closing listener): ``counts[slot]``
+    (u64) goes up by one (an atomic add: CPUs may run the program at once; the new
+    connections per second of ``portshard status``, and the "accepted since the last look"
+    of the policy) and ``syn[tuple] = slot`` (an LRU hash), so that the SOCK_OPS program can
+    count the connection for this slot once its handshake completes.
+    """
+    a = Asm().op(asm.MOV64_REG, dst=6, src=1)
+    _active_bucket(a, table_fd, buckets)
+    _pick(a, table_fd, buckets, dst=8, fail="out")
+    for _ in range(_DRAWS - 1):
+        _pick(a, table_fd, buckets, dst=9, fail="choose")
+        a.jump(asm.JNE_REG, "compare", dst=9, src=8)
+    a.jump(asm.JA, "choose")  # the same slot every time: it is most of the table
+    a.label("compare")
+    a.op(asm.STX_W, dst=10, src=8, off=-8)
+    _lookup(a, held_fd, -8)
+    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
+    a.op(asm.LDX_DW, dst=1, src=0).op(asm.STX_DW, dst=10, src=1, off=-16)
+    a.op(asm.STX_W, dst=10, src=9, off=-8)
+    _lookup(a, held_fd, -8)
+    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
+    a.op(asm.LDX_DW, dst=1, src=0).op(asm.LDX_DW, dst=2, src=10, off=-16)
+    a.jump(asm.JSGT_REG, "second", dst=2, src=1)  # held[first] > held[second]
+    a.jump(asm.JA, "choose")
+    a.label("second").op(asm.MOV64_REG, dst=8, src=9)
+    a.label("choose")
+    _select(a, sockarray_fd)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # not selected
+    a.op(asm.LDX_DW, dst=1, src=6, off=_MD_MIGRATING_SK)
+    a.jump(asm.JNE_IMM, "out", dst=1, imm=0)  # a migration: not new
+    _lookup(a, counts_fd, -8)
+    a.jump(asm.JEQ_IMM, "record", dst=0, imm=0)
+    a.op(asm.MOV64_IMM, dst=1, imm=1).op(asm.ATOMIC_ADD_DW, dst=0, src=1)
+    a.label("record")
+    _record_tuple(a, syn_fd)
+    a.label("out").op(asm.MOV64_IMM, dst=0, imm=SK_PASS).op(asm.EXIT)
+    return a.code()
 
 
 class SteeringProgram:
@@ -301,7 +376,13 @@ class SteeringProgram:
     (replacing any program there).
     """
 
-    def __init__(self, buckets: int, *, flow: bool, slots: int = 1024) -> None:
+    def __init__(
+        self, buckets: int, *, flow: bool, slots: int = 1024, loads: tuple[int, int] = (-1, -1)
+    ) -> None:
+        """``loads``: the fds of the per-slot in-flight array and of the SYN tuple map
+        (inflight.py) a TCP program reads and writes."""
+        if not flow and min(loads) < 0:
+            raise ValueError("a TCP steering program needs the in-flight maps")
         self.buckets = buckets
         self.table = Map(
             BPF_MAP_TYPE_ARRAY, 4, 2 * buckets + 1, b"portshard_table", "the bucket table"
@@ -320,7 +401,12 @@ class SteeringProgram:
                 b"portshard_socks",
                 "a REUSEPORT_SOCKARRAY map",
             )
-            code = steering_code(self.table.fd, self.socks.fd, self.counts.fd, buckets, flow=flow)
+            if flow:
+                code = steering_code(
+                    self.table.fd, self.socks.fd, self.counts.fd, buckets, flow=True
+                )
+            else:
+                code = tcp_code(self.table.fd, self.socks.fd, self.counts.fd, *loads, buckets)
             self.prog_fd = load_program(
                 code, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, b"portshard_steer"
             )

@@ -35,6 +35,7 @@ from ..interpose.seccomp import Trap
 from ..sockets import listen
 from ..steering import cbpf
 from ..steering.controller import Health, Steering, migrate_req
+from ..steering.held import HeldWalk
 from .config import Config, reloaded
 from .history import History, listen_drop_counters
 from .spawn import SpawnSpec, spawn
@@ -140,6 +141,7 @@ class Supervisor:
         self._connections: dict[int, int | None] = {}  # slot -> connections, last sample
         self._handed: tuple[float, dict[int, int]] | None = None  # eBPF counters, last sample
         self._new_per_s: dict[int, float] = {}  # slot -> new connections/s, last second
+        self._held_walk = HeldWalk()  # per-connection counts: less often as they grow
         self.steering: Steering | None = None  # which slots get new connections (issue 5)
         self.held: set[int] = set()  # fds of sockets systemd holds too (they outlive us)
         self.sel = selectors.DefaultSelector()
@@ -848,30 +850,38 @@ class Supervisor:
                 slot.socks[i] = new
 
     def _sample(self) -> None:
-        """Once a second: each slot's queue depth and the connections its worker holds."""
+        """Once a second: each slot's queue depth and the connections its worker holds (from
+        the kernel's in-flight counts where eBPF steering has them, at a cost per slot; else
+        walked per connection, less often as they grow: steering/held.py)."""
         ports = self._tcp_ports()
         workers = {slot.index: w for slot in self.slots if (w := slot.serving()) is not None}
-        # Most of the time a worker holds no socket but its listeners: no table walk at all.
-        busy = [
-            w.pid
-            for w in workers.values()
-            if ports and inspect.sockets_of(w.pid) - self._listeners_of(w)
-        ]
-        try:
-            counts = inspect.connections_by_pid(busy, ports=ports) if busy else {}
-        except (OSError, inspect.InspectError):
-            counts = {}
+        in_flight = self.steering.in_flight() if self.steering is not None else None
+        if in_flight is None and self._held_walk.due(now := time.monotonic()):
+            # Most of the time a worker holds no socket but its listeners: no table walk.
+            busy = [
+                w.pid
+                for w in workers.values()
+                if ports and inspect.sockets_of(w.pid) - self._listeners_of(w)
+            ]
+            try:
+                walked = inspect.connections_by_pid(busy, ports=ports) if busy else {}
+            except (OSError, inspect.InspectError):
+                walked = {}
+            self._held_walk.done(now, walked)
+        counts = self._held_walk.counts
         self._rate_new_connections()
         rows = []
         for slot in self.slots:
             w = workers.get(slot.index)
-            conns = counts.get(w.pid, 0) if w is not None and ports else None
-            self._connections[slot.index] = conns
             queued = sum(
                 inspect.queue_depth(sock).queued
                 for sock in slot.socks
                 if sock.type == socket.SOCK_STREAM
             )
+            conns = counts.get(w.pid, 0) if w is not None and ports else None
+            if in_flight is not None and w is not None and ports:
+                conns = max(0, in_flight.get(slot.index, 0) - queued)
+            self._connections[slot.index] = conns
             rows.append(
                 {
                     "slot": slot.index,

@@ -73,11 +73,11 @@ def _child(spec: SpawnSpec, err_w: int, parent: int, channel: int | None) -> Non
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.setpgid(0, 0)  # its own group, so a stop reaches the worker's children too
         # Move everything we keep above the target range first, then down into place.
+        # Above every fd we hold, so that no move lands on a socket not moved yet (and dup3
+        # never gets the same fd twice, EINVAL): steering's BPF fds pushed sockets up to it.
         count = len(spec.fds)
-        high = LISTEN_FDS_START + count + 16
-        err_w = (
-            os.dup2(err_w, high + count + 1, inheritable=False) if err_w < high + count else err_w
-        )
+        high = max(LISTEN_FDS_START + count, err_w, *spec.fds) + 1
+        err_w = os.dup2(err_w, high + count, inheritable=False)
         moved = [os.dup2(fd, high + i, inheritable=False) for i, fd in enumerate(spec.fds)]
         for i, fd in enumerate(moved):
             os.dup2(fd, LISTEN_FDS_START + i, inheritable=True)
