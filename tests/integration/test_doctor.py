@@ -24,6 +24,7 @@ KEYS = [
     "reuseport_lb",
     "reuseport_cbpf",
     "reuseport_ebpf",
+    "sock_ops_inflight",
     "tcp_migrate_req",
     "seccomp_user_notif_addfd",
     "pidfd_getfd",
@@ -36,6 +37,7 @@ ROOT_FEATURES = [
     "reuseport",
     "reuseport_cbpf",
     "reuseport_ebpf",
+    "sock_ops_inflight",
     "seccomp_user_notif_addfd",
     "pidfd_getfd",
 ]

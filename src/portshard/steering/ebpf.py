@@ -27,6 +27,7 @@ import array
 import ctypes
 import errno
 import functools
+import mmap
 import os
 import platform
 import socket
@@ -53,6 +54,7 @@ BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 
 BPF_PROG_LOAD = 5
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_TYPE_ARRAY = 2
+BPF_F_MMAPABLE = 1 << 10
 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
 BPF_PROG_TYPE_SK_REUSEPORT = 21
 BPF_SK_REUSEPORT_SELECT = 39  # expected_attach_type
@@ -136,6 +138,23 @@ class Map:
         self.fd = bpf(BPF_MAP_CREATE, spec, f"creating {what}")
         self.entries = entries
         self.what = what
+        self.view: memoryview | None = None
+        self._mmap: mmap.mmap | None = None
+
+    @classmethod
+    def counters(cls, entries: int, name: bytes, what: str) -> Map:
+        """An array of ``entries`` u64, mapped into this process (BPF_F_MMAPABLE, Linux 5.5+):
+        reading or writing a counter is a memory access, not a bpf() call (the supervisor
+        reads them at every sample)."""
+        counters = cls(BPF_MAP_TYPE_ARRAY, 8, entries, name, what, flags=BPF_F_MMAPABLE)
+        try:
+            size = -(-8 * entries // mmap.PAGESIZE) * mmap.PAGESIZE
+            counters._mmap = mmap.mmap(counters.fd, size, mmap.MAP_SHARED)
+        except OSError as exc:
+            counters.close()
+            raise BpfError(f"mapping {what} into memory: {_reason(exc)}") from None
+        counters.view = memoryview(counters._mmap).cast("q")
+        return counters
 
     def update(self, key: int, value: int, value_size: int = 4) -> None:
         k = ctypes.c_uint32(key)
@@ -165,11 +184,6 @@ class Map:
         bpf(BPF_MAP_LOOKUP_ELEM, attr, f"reading {self.what} at key {key}")
         return int(v.value)
 
-    def lookup_s64(self, key: int) -> int:
-        """The value at ``key`` as a signed 64-bit number."""
-        value = self.lookup_u64(key)
-        return value - (1 << 64) if value >= 1 << 63 else value
-
     def delete(self, key: int) -> bool:
         """Remove ``key``; False if it held nothing."""
         k = ctypes.c_uint32(key)
@@ -183,6 +197,12 @@ class Map:
         return True
 
     def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -391,9 +411,7 @@ class SteeringProgram:
         self.counts: Map | None = None
         self.prog_fd = -1
         try:
-            self.counts = Map(
-                BPF_MAP_TYPE_ARRAY, 8, slots, b"portshard_count", "the per-slot counters"
-            )
+            self.counts = Map.counters(slots, b"portshard_count", "the per-slot counters")
             self.socks = Map(
                 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
                 8,
@@ -460,5 +478,5 @@ class SteeringProgram:
     def handed(self, slot: int) -> int:
         """New TCP connections handed to ``slot`` since the program was loaded (a UDP
         program does not count)."""
-        assert self.counts is not None
-        return self.counts.lookup_u64(slot)
+        assert self.counts is not None and self.counts.view is not None
+        return int(self.counts.view[slot])

@@ -41,7 +41,6 @@ from .bpfasm import Asm
 from .ebpf import (
     BPF_FUNC_MAP_LOOKUP_ELEM,
     BPF_FUNC_MAP_UPDATE_ELEM,
-    BPF_MAP_TYPE_ARRAY,
     BpfError,
     Map,
     bpf,
@@ -193,7 +192,7 @@ class InFlight:
     """The in-flight maps, and the SOCK_OPS program that keeps them where it can attach."""
 
     def __init__(self, slots: int = 1024) -> None:
-        self.held = Map(BPF_MAP_TYPE_ARRAY, 8, slots, b"portshard_held", "the in-flight counts")
+        self.held = Map.counters(slots, b"portshard_held", "the in-flight counts")
         self.syn: Map | None = None
         self.conns: Map | None = None
         self.prog_fd = self.link_fd = -1
@@ -239,11 +238,14 @@ class InFlight:
 
     def counts(self, slots: Iterable[int]) -> dict[int, int]:
         """In flight per slot (queued + held), or the last queue depths the supervisor wrote."""
-        return {slot: self.held.lookup_s64(slot) for slot in slots}
+        view = self.held.view
+        assert view is not None
+        return {slot: int(view[slot]) for slot in slots}
 
     def write(self, slot: int, value: int) -> None:
         """The supervisor's stand-in for the kernel count (only while :attr:`kernel` is False)."""
-        self.held.update(slot, value, value_size=8)
+        assert self.held.view is not None
+        self.held.view[slot] = value
 
     def _close_program(self) -> None:
         for fd in (self.link_fd, self.prog_fd):
