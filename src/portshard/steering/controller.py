@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -131,10 +132,15 @@ class Steering:
         self._last_health: tuple[tuple[int, int | None, Health], ...] = ()
         self._handed: dict[int, int] = {}
         self.inflight: InFlight | None = None
+        self.balance = "none"
         try:
             if backend == "ebpf":
                 self.inflight = InFlight()
-                self.inflight.attach()
+                self.balance = os.environ.get("PORTSHARD_BALANCE", "inflight")
+                if self.balance == "inflight":
+                    self.inflight.attach()
+                else:  # the benchmark's knob: "queue" depths, or "none" (random, as classic)
+                    self.inflight.why = f"PORTSHARD_BALANCE={self.balance}"
                 loads = (self.inflight.held.fd, self.inflight.syn.fd if self.inflight.syn else -1)
                 for group in self.groups:
                     group.program = SteeringProgram(
@@ -199,6 +205,8 @@ class Steering:
         for group, sock in zip(self.groups, socks, strict=True):
             group.buckets.add_slot(slot)
             group.join(slot, sock)
+        if self._writes_queues():
+            self._write_queued(slot, 0)  # a slot removed earlier may have left its last depth
 
     def remove_slot(self, slot: int) -> None:
         """A slot's sockets have closed (scale down); it was excluded before."""
@@ -289,7 +297,7 @@ class Steering:
                 count = handed[slot]
                 busy = busy or count != self._handed.get(slot, count)
                 self._handed[slot] = count
-            if sample and self.inflight is not None and not self.inflight.kernel:
+            if sample and self._writes_queues():
                 self._write_queued(slot, queued)
             observations.append(Observation(slot, pid, health, queued, count))
             self.seen_ready = self.seen_ready or health is Health.READY
@@ -307,6 +315,10 @@ class Steering:
             self._version = self.policy.version
             for group in self.groups:
                 self._install(group)
+
+    def _writes_queues(self) -> bool:
+        """eBPF without kernel counts: the program compares the queue depths written here."""
+        return self.inflight is not None and not self.inflight.kernel and self.balance != "none"
 
     def _write_queued(self, slot: int, queued: int | None) -> None:
         """No kernel in-flight counts: the steering program compares queue depths instead."""
@@ -455,6 +467,8 @@ class Steering:
             return "none: classic BPF cannot read per-slot counts (random pick from the table)"
         if self.inflight.kernel:
             return "connections in flight, counted by a SOCK_OPS program (two choices)"
+        if self.balance == "none":
+            return "none (PORTSHARD_BALANCE=none): a random pick from the table"
         return f"queue depths written every sample (two choices); {self.inflight.why}"
 
     def status(self) -> dict[str, Any]:

@@ -351,8 +351,9 @@ def tcp_code(
     Then, for a new connection (not one migrated from a closing listener): ``counts[slot]``
     (u64) goes up by one (an atomic add: CPUs may run the program at once; the new
     connections per second of ``portshard status``, and the "accepted since the last look"
-    of the policy) and ``syn[tuple] = slot`` (an LRU hash), so that the SOCK_OPS program can
-    count the connection for this slot once its handshake completes.
+    of the policy); for any, ``syn[tuple] = slot`` (an LRU hash), so that the SOCK_OPS program
+    counts the connection for this slot once its handshake completes (a request migrated from
+    a closing listener before that counts for the slot that takes it).
     """
     a = Asm().op(asm.MOV64_REG, dst=6, src=1)
     _active_bucket(a, table_fd, buckets)
@@ -377,7 +378,7 @@ def tcp_code(
     _select(a, sockarray_fd)
     a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # not selected
     a.op(asm.LDX_DW, dst=1, src=6, off=_MD_MIGRATING_SK)
-    a.jump(asm.JNE_IMM, "out", dst=1, imm=0)  # a migration: not new
+    a.jump(asm.JNE_IMM, "record", dst=1, imm=0)  # a migration: not new (but now this slot's)
     _lookup(a, counts_fd, -8)
     a.jump(asm.JEQ_IMM, "record", dst=0, imm=0)
     a.op(asm.MOV64_IMM, dst=1, imm=1).op(asm.ATOMIC_ADD_DW, dst=0, src=1)
