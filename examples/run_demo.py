@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import Load  # noqa: E402 - the repository root is put on the path first
+from bench.load.loadgen import Load  # noqa: E402 - the repository root is put on the path first
 
 PORTSHARD = [sys.executable, "-m", "portshard"]
 

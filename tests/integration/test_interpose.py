@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from bench.rawload import RawLoad, http_get
+from bench.load.rawload import RawLoad, http_get
 
 from portshard import inspect
 from tests.conftest import ROOT, wait_until

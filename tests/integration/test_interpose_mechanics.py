@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from bench.loadgen import Load
-from bench.rawload import RawLoad
+from bench.load.loadgen import Load
+from bench.load.rawload import RawLoad
 
 import portshard
 from portshard import inspect

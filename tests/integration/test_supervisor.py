@@ -11,7 +11,7 @@ import time
 import uuid
 
 import pytest
-from bench.loadgen import Load
+from bench.load.loadgen import Load
 
 from tests.conftest import wait_until
 from tests.supervisor_fixture import FDWORKER, Start, no_process_left, settle

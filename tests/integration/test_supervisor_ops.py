@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from bench.loadgen import Load
+from bench.load.loadgen import Load
 
 from tests.conftest import ROOT, needs_root, wait_until
 from tests.supervisor_fixture import FDWORKER, PORTSHARD, Start, no_process_left

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bench.loadgen import Load
+from bench.load.loadgen import Load
 
 from tests.conftest import wait_until
 from tests.supervisor_fixture import FDWORKER, PORTSHARD, Control

@@ -169,7 +169,7 @@ def test_what_reuseport_mode_cannot_do_is_refused_with_the_reason(
 RELOADS_IN_A_NAMESPACE = """
 import json, socket, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
-from bench.loadgen import Load
+from bench.load.loadgen import Load
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 control = sys.argv[2]

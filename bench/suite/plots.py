@@ -9,7 +9,7 @@ from typing import Any
 import matplotlib
 import matplotlib.pyplot as plt
 
-from bench.harness import ScenarioResult
+from bench.suite.harness import ScenarioResult
 
 matplotlib.use("Agg")  # files only, no display (before the first figure is made)
 

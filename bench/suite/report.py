@@ -11,20 +11,20 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Run, ScenarioResult, Settings
-from bench.stats import Spread
+from bench.suite.harness import Run, ScenarioResult, Settings
+from bench.suite.stats import Spread
 
 METHOD = """\
 ## How these figures were measured
 
 - **Tools.** Requests/s, errors and each worker's share: **wrk** (Debian's 4.x), whose Lua
   script counts the responses by body (every worker answers with its pid). Latency p50/p99/max:
-  **raw per-request timings** from a Python asyncio probe (`bench/loadgen.py`: {probe} clients,
+  **raw per-request timings** from a Python asyncio probe (`bench/load/loadgen.py`: {probe} clients,
   each pausing {pause:g} ms between requests) running beside wrk during the same window. wrk's
   own percentiles are corrected for coordinated omission, which can inflate a bimodal tail
   several times over; they are kept in results.json (`wrk_p99_ms`) for reference only.
   Reload failures: the same asyncio load generator, a new connection per request. UDP: Python
-  asyncio clients (`bench/udpload.py`).
+  asyncio clients (`bench/load/udpload.py`).
 - **Where the client is the bottleneck.** On loopback the client pays for its half of every
   TCP handshake and teardown, and the kernel work of both ends runs on the same {cpus} CPUs:
   connection-per-request figures are bounded by the load generator (wrk alone uses about a

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bench.machine import CpuUse
 from bench.procs import BenchError
-from bench.stats import Spread
+from bench.suite.machine import CpuUse
+from bench.suite.stats import Spread
 
 REPEAT_PAUSE = 2.0  # seconds to wait before repeating a noisy run
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import servers
-from bench.harness import Config, Metric, Scenario, ScenarioResult, Settings
-from bench.httprun import Starter
-from bench.scenarios.common import Env, expect, http_config
-from bench.stats import times
+from bench.suite import servers
+from bench.suite.harness import Config, Metric, Scenario, ScenarioResult, Settings
+from bench.suite.httprun import Starter
+from bench.suite.scenarios.common import Env, expect, http_config
+from bench.suite.stats import times
 
 ABOUT = """\
 The same server ({n} copies of the Python worker) started by itself (each copy binds its own
@@ -122,6 +122,6 @@ def headline(res: ScenarioResult) -> list[tuple[str, str]]:
 
 
 def plot(res: ScenarioResult, out: Path) -> list[Path]:
-    from bench.plots import ratio_bars  # matplotlib only when plotting
+    from bench.suite.plots import ratio_bars  # matplotlib only when plotting
 
     return [ratio_bars(res, out / "s3_overhead.png", "rps", "requests/s vs by itself")]

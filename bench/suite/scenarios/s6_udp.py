@@ -6,13 +6,13 @@ import json
 import statistics
 from pathlib import Path
 
-from bench import servers
-from bench.harness import Config, Measurement, Metric, Scenario, ScenarioResult, Settings
-from bench.machine import CpuSample, cpu_use
 from bench.procs import PYTHON, BenchError, spawn, stop
-from bench.reload_run import udp_flows
-from bench.scenarios.common import Env, cpus
-from bench.stats import jain, times, value
+from bench.suite import servers
+from bench.suite.harness import Config, Measurement, Metric, Scenario, ScenarioResult, Settings
+from bench.suite.machine import CpuSample, cpu_use
+from bench.suite.reload_run import udp_flows
+from bench.suite.scenarios.common import Env, cpus
+from bench.suite.stats import jain, times, value
 
 CLIENTS = 2  # load processes: one Python process cannot keep even one Python server busy
 FLOWS, WINDOW = 64, 4
@@ -25,7 +25,7 @@ that spends {work} µs of CPU on each datagram, standing in for real handling: a
 Python costs less than the Python client that feeds it, and then only the client is measured)
 on one socket (one process), on {n} SO_REUSEPORT sockets ({n} processes, each binding its
 own), and under `portshard run -w {n} --listen udp://...`. The load: {k} Python asyncio client
-processes (`bench/udpload.py`), {f} flows each (one source port per flow: reuseport spreads
+processes (`bench/load/udpload.py`), {f} flows each (one source port per flow: reuseport spreads
 UDP by flow hash), {w} datagrams in flight per flow. Datagrams/s = replies received.
 **Flows across a reload**: {p} flows, each probed again and again during a rolling reload of
 {n} workers; a flow moved if a different slot answered it at any point (for QUIC, even a
@@ -52,7 +52,7 @@ def throughput(settings: Settings, kind: str, workers: int, flags: list[str]) ->
                 [
                     PYTHON,
                     "-m",
-                    "bench.udpload",
+                    "bench.load.udpload",
                     "--port",
                     str(srv.port),
                     "--flows",
@@ -62,7 +62,7 @@ def throughput(settings: Settings, kind: str, workers: int, flags: list[str]) ->
                     "--seconds",
                     str(settings.seconds),
                 ],
-                cwd=str(Path(__file__).resolve().parents[2]),
+                cwd=str(Path(__file__).resolve().parents[3]),
             )
             for _ in range(CLIENTS)
         ]
@@ -208,7 +208,7 @@ def headline(res: ScenarioResult) -> list[tuple[str, str]]:
 
 
 def plot(res: ScenarioResult, out: Path) -> list[Path]:
-    from bench.plots import bars  # matplotlib only when plotting
+    from bench.suite.plots import bars  # matplotlib only when plotting
 
     return [
         bars(

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.loadgen import Result
+from bench.load.loadgen import Result
 
 
 def http_get(_n: int) -> bytes:

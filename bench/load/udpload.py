@@ -8,7 +8,7 @@ is refilled. Bounded by ``seconds`` and ``max_datagrams``.
 Run as a program for one load process (the bench starts several, in parallel, to give a
 Python client a chance to keep Python servers busy)::
 
-    python -m bench.udpload --port P --flows 64 --window 4 --seconds 3
+    python -m bench.load.udpload --port P --flows 64 --window 4 --seconds 3
     -> {"replies": ..., "sent": ..., "seconds": ..., "by_server": {"0 4711": ...}, "cpu": ...}
 
 `FlowSet` keeps a fixed set of flows open and asks each which worker slot answers it, before
@@ -129,7 +129,7 @@ class FlowSet:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="One UDP load process (see bench/udpload.py).")
+    p = argparse.ArgumentParser(description="One UDP load process (see bench/load/udpload.py).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--flows", type=int, default=64)

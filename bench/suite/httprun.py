@@ -1,7 +1,7 @@
 """One HTTP throughput measurement, the same for every server configuration.
 
 wrk drives the load (requests/s, errors, the responses each worker served, from its Lua
-script). Beside it, a Python asyncio probe (bench.loadgen) sends a few requests at a bounded
+script). Beside it, a Python asyncio probe (bench.load.loadgen) sends a few requests at a bounded
 rate and times each one: the latency percentiles come from those raw timings, not from wrk
 (whose percentiles are corrected for coordinated omission). The CPU of the server, wrk and the
 probe is measured over the same window, with the machine's steal and everyone else's use.
@@ -19,13 +19,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Measurement, Settings
-from bench.loadgen import Load
-from bench.machine import CpuSample, cpu_use
+from bench.load.loadgen import Load
+from bench.load.wrk import Wrk
 from bench.procs import BenchError
-from bench.servers import HOST, Running
-from bench.stats import cdf_points, jain, latency_summary
-from bench.wrk import Wrk
+from bench.suite.harness import Measurement, Settings
+from bench.suite.machine import CpuSample, cpu_use
+from bench.suite.servers import HOST, Running
+from bench.suite.stats import cdf_points, jain, latency_summary
 
 # (extra worker arguments, log file) -> a running server
 Starter = Callable[[list[str], Path], AbstractContextManager[Running]]

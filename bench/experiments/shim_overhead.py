@@ -1,7 +1,8 @@
 """Does the LD_PRELOAD shim cost anything on the data path? (It should not: after bind() the
 program holds an ordinary socket, the supervisor's.)
 
-    .venv/bin/python -m bench.shim_overhead [--rounds 10] [--seconds 2] [--connections 32]
+    .venv/bin/python -m bench.experiments.shim_overhead [--rounds 10] [--seconds 2]
+        [--connections 32]
 
 The same server (tests/workers/hello.js: node, HTTP keep-alive) runs twice at once: "own"
 binds its own socket; "shim" runs with the shim, handed a listening socket this process
@@ -26,7 +27,7 @@ from pathlib import Path
 import portshard
 from portshard.interpose import shim
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SERVER = ROOT / "tests" / "workers" / "hello.js"
 AT_FD_3 = "import os, sys; os.dup2(int(sys.argv[1]), 3); os.execvp(sys.argv[2], sys.argv[2:])"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import servers
-from bench.harness import Config, Metric, Scenario, ScenarioResult, Settings
-from bench.httprun import Starter
-from bench.scenarios.common import HTTP_METRICS, MODES, Env, cpus, expect, http_config
-from bench.stats import times
+from bench.suite import servers
+from bench.suite.harness import Config, Metric, Scenario, ScenarioResult, Settings
+from bench.suite.httprun import Starter
+from bench.suite.scenarios.common import HTTP_METRICS, MODES, Env, cpus, expect, http_config
+from bench.suite.stats import times
 
 ABOUT = """\
 The same Python worker (an epoll loop, `bench/workers/httpd.py`; it answers every request
@@ -145,7 +145,7 @@ def headline(res: ScenarioResult) -> list[tuple[str, str]]:
 
 
 def plot(res: ScenarioResult, out: Path) -> list[Path]:
-    from bench.plots import bars  # matplotlib only when plotting
+    from bench.suite.plots import bars  # matplotlib only when plotting
 
     return [
         bars(res, out / "s1_accept.png", [("rps", "requests/s (wrk)"), ("p99_ms", "p99 ms (raw)")])

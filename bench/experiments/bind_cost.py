@@ -1,8 +1,8 @@
 """What one bind() costs a program under each kind of interposition (µs, from inside it).
 
-    .venv/bin/python -m bench.bind_cost [--calls 2000] [--rounds 3]
+    .venv/bin/python -m bench.experiments.bind_cost [--calls 2000] [--rounds 3]
 
-A small C program (bench/bind_cost.c) times N bind() calls on fresh sockets, either to a
+A small C program (bench/experiments/bind_cost.c) times N bind() calls on fresh sockets, either to a
 port nobody manages (127.0.0.1:0: the path every unrelated bind() takes) or to the managed
 address (0.0.0.0:P, handed the supervisor's socket each time). It runs with no
 interposition, under the LD_PRELOAD shim, and under the seccomp trap answered by this

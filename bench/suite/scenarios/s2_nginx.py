@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import servers
-from bench.harness import Config, Scenario, ScenarioResult, Settings
-from bench.httprun import Starter
-from bench.scenarios.common import (
+from bench.suite import servers
+from bench.suite.harness import Config, Scenario, ScenarioResult, Settings
+from bench.suite.httprun import Starter
+from bench.suite.scenarios.common import (
     HTTP_METRICS,
     MODES,
     Env,
@@ -16,7 +16,7 @@ from bench.scenarios.common import (
     http_config,
     skipped,
 )
-from bench.stats import times, value
+from bench.suite.stats import times, value
 
 ABOUT = """\
 nginx (Debian's package) with {n} workers answering `return 200 "$pid"` (no file, no
@@ -176,6 +176,6 @@ def headline(res: ScenarioResult) -> list[tuple[str, str]]:
 
 
 def plot(res: ScenarioResult, out: Path) -> list[Path]:
-    from bench.plots import bars  # matplotlib only when plotting
+    from bench.suite.plots import bars  # matplotlib only when plotting
 
     return [bars(res, out / "s2_nginx.png", [("rps", "requests/s (wrk)"), ("jain", "Jain")])]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import servers
-from bench.harness import Config, Metric, Scenario, ScenarioResult, Settings
-from bench.httprun import Starter
-from bench.scenarios.common import Env, expect, http_config
+from bench.suite import servers
+from bench.suite.harness import Config, Metric, Scenario, ScenarioResult, Settings
+from bench.suite.httprun import Starter
+from bench.suite.scenarios.common import Env, expect, http_config
 
 EVERY, STALL_MS = 20, 50
 SETTLE = 2.0  # seconds of full load before each measured run (quick: 0.5)
@@ -135,7 +135,7 @@ def headline(res: ScenarioResult) -> list[tuple[str, str]]:
 
 
 def plot(res: ScenarioResult, out: Path) -> list[Path]:
-    from bench.plots import bars, cdfs  # matplotlib only when plotting
+    from bench.suite.plots import bars, cdfs  # matplotlib only when plotting
 
     return [
         bars(

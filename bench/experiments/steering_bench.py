@@ -1,19 +1,20 @@
 """Steering benchmark: issue 5's acceptance scenarios, side by side, from raw per-request timings.
 
-    sudo .venv/bin/python bench/steering_bench.py [--rounds 3] [--seconds 6] [--only slow2,crash]
+    sudo .venv/bin/python bench/experiments/steering_bench.py [--rounds 3] [--seconds 6]
+        [--only slow2,crash]
 
 Needs root: every run happens in a network namespace of its own (``unshare -n``, loopback up),
 so runs do not share TIME_WAIT sockets or sysctls, and ``--migrate`` can set tcp_migrate_req
 there without touching the host.
 
-Servers (the same Python worker, bench/steering_worker.py, in every set-up):
+Servers (the same Python worker, bench/workers/steering_worker.py, in every set-up):
 
 - ``shared``: one listening socket, every worker blocked in accept() on it (one accept queue);
 - ``plain``: one SO_REUSEPORT socket per worker, the kernel's plain hashing (no supervisor);
 - ``off`` / ``cbpf`` / ``ebpf``: ``portshard run --steering ...``; ``cbpf+migrate`` adds
   ``--migrate`` (tcp_migrate_req=1 in the run's namespace).
 
-Load: bench/steering_load.c (built here with gcc), closed loop, a new connection per request,
+Load: bench/load/steering_load.c (built here with gcc), closed loop, a new connection per request,
 64 in flight, every request recorded (start, latency from connect() to EOF, which worker). The
 first ``--warmup`` seconds are left out of the figures; requests still waiting when the run ends
 count with the time they had waited. Configurations are interleaved (each round runs every
@@ -51,9 +52,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-WORKER = HERE / "steering_worker.py"
-LOAD_SRC = HERE / "steering_load.c"
+ROOT = HERE.parents[1]
+WORKER = ROOT / "bench" / "workers" / "steering_worker.py"
+LOAD_SRC = ROOT / "bench" / "load" / "steering_load.c"
 CONCURRENCY = 64
 RECORD = struct.Struct("=QIhBx")
 
@@ -392,7 +393,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
-    parser.add_argument("--out", default=str(HERE / "results" / "steering.json"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "steering.json"))
     parser.add_argument("--run", nargs=2, metavar=("SCENARIO", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args()

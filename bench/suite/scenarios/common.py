@@ -6,10 +6,10 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from bench.harness import Config, Measurement, Metric, Settings
-from bench.httprun import Starter, measure
-from bench.reload_run import netns_usable
-from bench.servers import portshard_options
+from bench.suite.harness import Config, Measurement, Metric, Settings
+from bench.suite.httprun import Starter, measure
+from bench.suite.reload_run import netns_usable
+from bench.suite.servers import portshard_options
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ the kernel had queued on it, unless ``net.ipv4.tcp_migrate_req=1`` moves it to a
 ``portshard``: `portshard run` and `portshard reload --wait` (the sockets stay; the old worker
 is frozen, checked and killed).
 
-TCP (`tcp_reload`): the asyncio load generator (bench.loadgen, a new connection per request)
+TCP (`tcp_reload`): the asyncio load generator (bench.load.loadgen, a new connection per request)
 runs through R rolling reloads; every failed request is counted by kind.
 UDP (`udp_flows`): a fixed set of flows asks which slot answers it before and after each
 reload; a flow moved if another slot answers it.
@@ -16,7 +16,8 @@ reload; a flow moved if another slot answers it.
 this module as a program inside a new one (``unshare --net``, loopback brought up, the sysctl
 written there), and prints the result as JSON::
 
-    unshare --net -- python -m bench.reload_run --kind naive --migrate 1 --workers 2 --reloads 3
+    unshare --net -- python -m bench.suite.reload_run --kind naive --migrate 1 --workers 2
+        --reloads 3
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.loadgen import Load
+from bench.load.loadgen import Load
+from bench.load.udpload import FlowSet
 from bench.procs import ROOT, BenchError
-from bench.servers import HOST, HTTPD, UDPD, Group, Supervisor
-from bench.udpload import FlowSet
+from bench.suite.servers import HOST, HTTPD, UDPD, Group, Supervisor
 
 MIGRATE = "/proc/sys/net/ipv4/tcp_migrate_req"
 
@@ -178,7 +179,7 @@ def in_netns(args: list[str], migrate: bool, timeout: float) -> dict[str, Any]:
             "--",
             sys.executable,
             "-m",
-            "bench.reload_run",
+            "bench.suite.reload_run",
             *args,
             "--netns-setup",
             "--migrate",

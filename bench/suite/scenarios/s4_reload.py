@@ -6,15 +6,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Config, Measurement, Metric, Scenario, ScenarioResult, Settings
-from bench.machine import CpuSample, cpu_use
-from bench.reload_run import in_netns, tcp_reload
-from bench.scenarios.common import Env, skipped
-from bench.stats import value
+from bench.suite.harness import Config, Measurement, Metric, Scenario, ScenarioResult, Settings
+from bench.suite.machine import CpuSample, cpu_use
+from bench.suite.reload_run import in_netns, tcp_reload
+from bench.suite.scenarios.common import Env, skipped
+from bench.suite.stats import value
 
 ABOUT = """\
 {n} workers (the Python worker, 1 ms of work per request) under a steady load from the
-Python asyncio load generator (`bench/loadgen.py`, {c} clients, a new connection per request),
+Python asyncio load generator (`bench/load/loadgen.py`, {c} clients, a new connection per request),
 through {r} rolling reloads per run (every worker replaced, one at a time). **naive**: each
 worker binds its own SO_REUSEPORT socket; a reload starts the new copy, waits until it
 listens, then stops the old one gracefully (SIGTERM: it finishes what it holds and exits).
@@ -135,7 +135,7 @@ def headline(res: ScenarioResult) -> list[tuple[str, str]]:
 
 
 def plot(res: ScenarioResult, out: Path) -> list[Path]:
-    from bench.plots import bars  # matplotlib only when plotting
+    from bench.suite.plots import bars  # matplotlib only when plotting
 
     return [
         bars(
