@@ -155,7 +155,9 @@ def test_a_dead_workers_queue_goes_to_the_other_slots_where_the_kernel_can_migra
 
     def some_queued() -> bool:
         burst(port, 10, clients)
-        return queued(sup, 1) >= 3
+        # eBPF sends new connections to the less loaded slot and takes a slot that does not
+        # accept out at once: only the first one or two reach the stopped worker.
+        return queued(sup, 1) >= (1 if backend == "ebpf" else 3)
 
     wait_until(some_queued, 20, "a queue on slot 1")
     marker.touch()
@@ -417,9 +419,11 @@ def test_200_long_lived_connections_opened_at_once_spread_evenly_and_are_counted
     start: Start, clients: list[socket.socket]
 ) -> None:
     sup = start("-w", "4", "--steering", "ebpf", "--listen", "tcp://127.0.0.1:0", "--", *HOLDER)
-    assert "SOCK_OPS" in sup.status()["steering"]["balance"]
+    st = sup.status()
+    assert "SOCK_OPS" in st["steering"]["balance"]
+    port = st["listen"][0]["port"]
     for _ in range(200):
-        clients.append(socket.create_connection(("127.0.0.1", sup.port), timeout=10))
+        clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
     for conn in clients:
         conn.sendall(b"?")
     held = Counter(conn.recv(16).decode() for conn in clients)
@@ -434,3 +438,6 @@ def test_200_long_lived_connections_opened_at_once_spread_evenly_and_are_counted
     for conn in clients[:100]:
         conn.close()
     wait_until(lambda: sum(s["connections"] for s in sup.status()["slots"]) == 100, 5, "100 closed")
+    for conn in clients[100:]:  # the workers let go of what their clients closed: a quick stop
+        conn.close()
+    wait_until(lambda: sum(s["connections"] for s in sup.status()["slots"]) == 0, 5, "all closed")

@@ -66,9 +66,12 @@ def test_without_handed_counts_a_growing_queue_well_above_the_rest_is_a_stall() 
     p = Policy()
     look(p, {0: (0, None), 1: (0, None), 2: (0, None), 3: (0, None)})
     look(p, {0: (0, None), 1: (0, None), 2: (0, None), 3: (1, None)})
-    assert 3 in p.tcp_weights()  # one queued, once: could be a burst
+    assert 3 in p.tcp_weights()  # one queued: could be a connection just arriving
     changes = look(p, {0: (0, None), 1: (0, None), 2: (0, None), 3: (3, None)})
     assert changes == ["excluded: stalled: its queue grew from 1 to 3, the rest shorter"]
+    look(p, {0: (0, None), 1: (0, None), 2: (0, None), 3: (0, None)})
+    changes = look(p, {0: (0, None), 1: (0, None), 2: (0, None), 3: (2, None)})
+    assert changes == ["excluded: stalled: its queue grew from 0 to 2, the rest shorter"]
 
 
 def test_without_handed_counts_equal_busy_queues_or_a_steady_one_are_no_stall() -> None:

@@ -131,6 +131,7 @@ class Steering:
         self._ever_ready: set[int] = set()  # slots that have had a ready worker
         self._last_health: tuple[tuple[int, int | None, Health], ...] = ()
         self._handed: dict[int, int] = {}
+        self._next_expire = 0.0
         self.inflight: InFlight | None = None
         self.balance = "none"
         try:
@@ -141,7 +142,7 @@ class Steering:
                     self.inflight.attach()
                 else:  # the benchmark's knob: "queue" depths, or "none" (random, as classic)
                     self.inflight.why = f"PORTSHARD_BALANCE={self.balance}"
-                loads = (self.inflight.held.fd, self.inflight.syn.fd if self.inflight.syn else -1)
+                loads = self.inflight.loads
                 for group in self.groups:
                     group.program = SteeringProgram(
                         BUCKETS, flow=group.proto is Proto.UDP, loads=loads
@@ -303,6 +304,7 @@ class Steering:
             self.seen_ready = self.seen_ready or health is Health.READY
         if sample:
             self.next_sample = now + (SAMPLE if busy else SAMPLE_IDLE)
+            self._expire(now)
         changes = self.policy.observe(observations)
         for change in changes:
             if change.kind in ("out", "in"):
@@ -315,6 +317,17 @@ class Steering:
             self._version = self.policy.version
             for group in self.groups:
                 self._install(group)
+
+    def _expire(self, now: float) -> None:
+        """Once a second: handshakes that never completed stop counting (inflight.py)."""
+        if self.inflight is None or not self.inflight.kernel or now < self._next_expire:
+            return
+        self._next_expire = now + 1.0
+        try:
+            if expired := self.inflight.expire(time.monotonic_ns()):
+                log.debug("steering: %d handshake(s) never completed; not counted", expired)
+        except BpfError as exc:
+            log.warning("steering: could not expire stale handshakes: %s", exc)
 
     def _writes_queues(self) -> bool:
         """eBPF without kernel counts: the program compares the queue depths written here."""

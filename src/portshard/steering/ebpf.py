@@ -51,6 +51,7 @@ __all__ = [
 SO_ATTACH_REUSEPORT_EBPF = 52
 
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
+BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_TYPE_ARRAY = 2
@@ -63,6 +64,7 @@ BPF_FUNC_MAP_LOOKUP_ELEM = 1
 BPF_FUNC_GET_PRANDOM_U32 = 7
 BPF_FUNC_SK_SELECT_REUSEPORT = 82
 BPF_FUNC_MAP_UPDATE_ELEM = 2
+BPF_FUNC_KTIME_GET_NS = 5
 BPF_FUNC_SKB_LOAD_BYTES = 26
 BPF_FUNC_SKB_LOAD_BYTES_RELATIVE = 68
 _BPF_HDR_START_NET = 1
@@ -136,6 +138,7 @@ class Map:
     ) -> None:
         spec = struct.pack("=7I16s", kind, key_size, value_size, entries, flags, 0, 0, name)
         self.fd = bpf(BPF_MAP_CREATE, spec, f"creating {what}")
+        self.key_size, self.value_size = key_size, value_size
         self.entries = entries
         self.what = what
         self.view: memoryview | None = None
@@ -183,6 +186,47 @@ class Map:
         attr = struct.pack("=I4xQQQ", self.fd, ctypes.addressof(k), ctypes.addressof(v), 0)
         bpf(BPF_MAP_LOOKUP_ELEM, attr, f"reading {self.what} at key {key}")
         return int(v.value)
+
+    def next_key(self, key: bytes | None) -> bytes | None:
+        """The key after ``key`` (the first if None), or None at the end (BPF_MAP_GET_NEXT_KEY)."""
+        size = self.key_size
+        k = ctypes.create_string_buffer(key or b"\0" * size, size)
+        nxt = ctypes.create_string_buffer(size)
+        attr = struct.pack(
+            "=I4xQQ", self.fd, ctypes.addressof(k) if key else 0, ctypes.addressof(nxt)
+        )
+        try:
+            bpf(BPF_MAP_GET_NEXT_KEY, attr, f"walking {self.what}")
+        except BpfError as exc:
+            if "ENOENT" in str(exc):
+                return None
+            raise
+        return nxt.raw
+
+    def lookup_bytes(self, key: bytes) -> bytes | None:
+        """The value at a byte-string key, or None if there is none."""
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(self.value_size)
+        attr = struct.pack("=I4xQQQ", self.fd, ctypes.addressof(k), ctypes.addressof(v), 0)
+        try:
+            bpf(BPF_MAP_LOOKUP_ELEM, attr, f"reading {self.what}")
+        except BpfError as exc:
+            if "ENOENT" in str(exc):
+                return None
+            raise
+        return v.raw
+
+    def delete_bytes(self, key: bytes) -> bool:
+        """Remove a byte-string key; False if it was not there."""
+        k = ctypes.create_string_buffer(key, len(key))
+        attr = struct.pack("=I4xQ", self.fd, ctypes.addressof(k))
+        try:
+            bpf(BPF_MAP_DELETE_ELEM, attr, f"deleting from {self.what}")
+        except BpfError as exc:
+            if "ENOENT" in str(exc):
+                return False
+            raise
+        return True
 
     def delete(self, key: int) -> bool:
         """Remove ``key``; False if it held nothing."""
@@ -269,10 +313,9 @@ def _pick(a: Asm, table_fd: int, buckets: int, dst: int, fail: str) -> None:
     a.op(asm.LDX_W, dst=dst, src=0)
 
 
-def _record_tuple(a: Asm, syn_fd: int) -> None:
-    """syn[(client port, local port, client address as IPv6)] = *(u32 *)(fp - 8), the slot:
-    the SOCK_OPS program (inflight.py) finds it when the handshake completes. The key is the
-    20 bytes at fp - 40 (see :func:`portshard.steering.inflight.tuple_key`)."""
+def _tuple_key(a: Asm) -> None:
+    """The connection's key at fp - 40 (20 bytes; see
+    :func:`portshard.steering.inflight.tuple_key`): TCP ports, then the client as IPv6."""
     a.op(asm.MOV64_REG, dst=1, src=6).op(asm.MOV64_IMM, dst=2, imm=0)
     a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=-40)
     a.op(asm.MOV64_IMM, dst=4, imm=4).call(BPF_FUNC_SKB_LOAD_BYTES)  # TCP ports (skb->data)
@@ -283,13 +326,56 @@ def _record_tuple(a: Asm, syn_fd: int) -> None:
         a.op(asm.ST_W, dst=10, off=off, imm=0)
     a.op(asm.ST_W, dst=10, off=-28, imm=_V4_MAPPED_WORD)  # ::ffff:a.b.c.d
     _load_net(a, offset=12, to=-24, size=4)  # IPv4 source
-    a.jump(asm.JA, "put")
+    a.jump(asm.JA, "keyed")
     a.label("v6")
     _load_net(a, offset=8, to=-36, size=16)  # IPv6 source
+    a.label("keyed")
+
+
+def _add(a: Asm, map_fd: int, key_off: int, delta: int) -> None:
+    """map[*(u32 *)(fp + key_off)] += delta, atomically (nothing if the lookup fails)."""
+    _lookup(a, map_fd, key_off)
+    skip = f"skip{a.here()}"
+    a.jump(asm.JEQ_IMM, skip, dst=0, imm=0)
+    a.op(asm.MOV64_IMM, dst=1, imm=delta).op(asm.ATOMIC_ADD_DW, dst=0, src=1)
+    a.label(skip)
+
+
+def _record(a: Asm, held_fd: int, syn_fd: int) -> None:
+    """``syn[tuple] = (slot, now)`` and ``held[slot] += 1`` for a new connection; a SYN seen
+    again (retransmitted, or a request migrated from a closing listener) moves its count to
+    the slot chosen now; an established connection migrating is not this map's."""
+    _tuple_key(a)
+    _lookup(a, syn_fd, -40)
+    a.jump(asm.JEQ_IMM, "fresh", dst=0, imm=0)
+    a.op(asm.LDX_W, dst=1, src=0).op(asm.LDX_W, dst=2, src=10, off=-8)
+    a.jump(asm.JEQ_REG, "out", dst=1, src=2)  # the same slot again
+    a.op(asm.STX_W, dst=10, src=1, off=-60)
+    _add(a, held_fd, -60, -1)
+    a.jump(asm.JA, "put")
+    a.label("fresh")
+    a.jump(asm.JNE_IMM, "out", dst=7, imm=0)  # r7: migrating_sk
     a.label("put")
+    a.op(asm.LDX_W, dst=1, src=10, off=-8).op(asm.STX_W, dst=10, src=1, off=-56)
+    a.op(asm.ST_W, dst=10, off=-52, imm=0)
+    a.call(BPF_FUNC_KTIME_GET_NS).op(asm.STX_DW, dst=10, src=0, off=-48)
     a.map_fd(1, syn_fd).op(asm.MOV64_REG, dst=2, src=10).op(asm.ADD64_IMM, dst=2, imm=-40)
-    a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=-8)
+    a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=-56)
     a.op(asm.MOV64_IMM, dst=4, imm=0).call(BPF_FUNC_MAP_UPDATE_ELEM)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # not recorded: not counted
+    _add(a, held_fd, -8, 1)
+
+
+def _load(a: Asm, held_fd: int, fix_fd: int, slot_reg: int, to: int) -> None:
+    """*(s64 *)(fp + to) = held[slot] - fix[slot]; a failed lookup goes to ``choose``."""
+    a.op(asm.STX_W, dst=10, src=slot_reg, off=-8)
+    _lookup(a, held_fd, -8)
+    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
+    a.op(asm.LDX_DW, dst=1, src=0).op(asm.STX_DW, dst=10, src=1, off=to)
+    _lookup(a, fix_fd, -8)
+    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
+    a.op(asm.LDX_DW, dst=2, src=0).op(asm.LDX_DW, dst=1, src=10, off=to)
+    a.op(asm.SUB64_REG, dst=1, src=2).op(asm.STX_DW, dst=10, src=1, off=to)
 
 
 def _load_net(a: Asm, offset: int, to: int, size: int) -> None:
@@ -338,23 +424,28 @@ def _select(a: Asm, sockarray_fd: int) -> None:
 
 
 def tcp_code(
-    table_fd: int, sockarray_fd: int, counts_fd: int, held_fd: int, syn_fd: int, buckets: int
+    table_fd: int,
+    sockarray_fd: int,
+    counts_fd: int,
+    loads: tuple[int, int, int],
+    buckets: int,
 ) -> bytes:
     """A new TCP connection goes to the less loaded of two slots drawn from the bucket table
-    (the power of two choices; the table carries weights and exclusions): ``held[slot]`` is
-    the slot's connections in flight (queued + held by its worker, counted by the SOCK_OPS
-    program of inflight.py; where that cannot run, the supervisor writes the queue depths
-    there). The second draw is repeated while it names the first's slot, up to
-    ``_DRAWS - 1`` times (4 equal slots: 1 in 256 connections gets no choice); ties go to the
-    first draw.
+    (the power of two choices; the table carries weights and exclusions). ``loads`` are the
+    fds of ``held``, ``fix`` and ``syn`` (inflight.py): a slot's load is ``held[slot] -
+    fix[slot]``, its connections in flight (handed and not yet let go by its worker; ``fix``
+    is what the supervisor found stale); where the SOCK_OPS program cannot run, the
+    supervisor writes queue depths into ``held`` instead. The second draw is repeated while
+    it names the first's slot, up to ``_DRAWS - 1`` times (4 equal slots: 1 in 256
+    connections gets no choice); ties go to the first draw.
 
     Then, for a new connection (not one migrated from a closing listener): ``counts[slot]``
     (u64) goes up by one (an atomic add: CPUs may run the program at once; the new
     connections per second of ``portshard status``, and the "accepted since the last look"
-    of the policy); for any, ``syn[tuple] = slot`` (an LRU hash), so that the SOCK_OPS program
-    counts the connection for this slot once its handshake completes (a request migrated from
-    a closing listener before that counts for the slot that takes it).
+    of the policy), and the slot's load goes up at once, before the handshake completes, so
+    that a burst of SYNs (one RTT) does not all see the same counts (:func:`_record`).
     """
+    held_fd, fix_fd, syn_fd = loads
     a = Asm().op(asm.MOV64_REG, dst=6, src=1)
     _active_bucket(a, table_fd, buckets)
     _pick(a, table_fd, buckets, dst=8, fail="out")
@@ -363,27 +454,20 @@ def tcp_code(
         a.jump(asm.JNE_REG, "compare", dst=9, src=8)
     a.jump(asm.JA, "choose")  # the same slot every time: it is most of the table
     a.label("compare")
-    a.op(asm.STX_W, dst=10, src=8, off=-8)
-    _lookup(a, held_fd, -8)
-    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
-    a.op(asm.LDX_DW, dst=1, src=0).op(asm.STX_DW, dst=10, src=1, off=-16)
-    a.op(asm.STX_W, dst=10, src=9, off=-8)
-    _lookup(a, held_fd, -8)
-    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
-    a.op(asm.LDX_DW, dst=1, src=0).op(asm.LDX_DW, dst=2, src=10, off=-16)
-    a.jump(asm.JSGT_REG, "second", dst=2, src=1)  # held[first] > held[second]
+    _load(a, held_fd, fix_fd, 8, -16)
+    _load(a, held_fd, fix_fd, 9, -24)
+    a.op(asm.LDX_DW, dst=1, src=10, off=-24).op(asm.LDX_DW, dst=2, src=10, off=-16)
+    a.jump(asm.JSGT_REG, "second", dst=2, src=1)  # load[first] > load[second]
     a.jump(asm.JA, "choose")
     a.label("second").op(asm.MOV64_REG, dst=8, src=9)
     a.label("choose")
     _select(a, sockarray_fd)
     a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # not selected
-    a.op(asm.LDX_DW, dst=1, src=6, off=_MD_MIGRATING_SK)
-    a.jump(asm.JNE_IMM, "record", dst=1, imm=0)  # a migration: not new (but now this slot's)
-    _lookup(a, counts_fd, -8)
-    a.jump(asm.JEQ_IMM, "record", dst=0, imm=0)
-    a.op(asm.MOV64_IMM, dst=1, imm=1).op(asm.ATOMIC_ADD_DW, dst=0, src=1)
+    a.op(asm.LDX_DW, dst=7, src=6, off=_MD_MIGRATING_SK)
+    a.jump(asm.JNE_IMM, "record", dst=7, imm=0)  # a migration: not new
+    _add(a, counts_fd, -8, 1)
     a.label("record")
-    _record_tuple(a, syn_fd)
+    _record(a, held_fd, syn_fd)
     a.label("out").op(asm.MOV64_IMM, dst=0, imm=SK_PASS).op(asm.EXIT)
     return a.code()
 
@@ -398,9 +482,14 @@ class SteeringProgram:
     """
 
     def __init__(
-        self, buckets: int, *, flow: bool, slots: int = 1024, loads: tuple[int, int] = (-1, -1)
+        self,
+        buckets: int,
+        *,
+        flow: bool,
+        slots: int = 1024,
+        loads: tuple[int, int, int] = (-1, -1, -1),
     ) -> None:
-        """``loads``: the fds of the per-slot in-flight array and of the SYN tuple map
+        """``loads``: the fds of the in-flight maps ``held``, ``fix`` and ``syn``
         (inflight.py) a TCP program reads and writes."""
         if not flow and min(loads) < 0:
             raise ValueError("a TCP steering program needs the in-flight maps")
@@ -425,7 +514,7 @@ class SteeringProgram:
                     self.table.fd, self.socks.fd, self.counts.fd, buckets, flow=True
                 )
             else:
-                code = tcp_code(self.table.fd, self.socks.fd, self.counts.fd, *loads, buckets)
+                code = tcp_code(self.table.fd, self.socks.fd, self.counts.fd, loads, buckets)
             self.prog_fd = load_program(
                 code, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, b"portshard_steer"
             )

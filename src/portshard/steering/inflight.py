@@ -5,18 +5,25 @@ connections waiting in its accept queues plus those its worker (and its children
 supervisor used to count the held ones from /proc fd tables and a socket-table dump, a cost
 that grows with connections (13.8% of a core at 10k idle ones); here two programs count them:
 
-- the steering program (ebpf.py, ``tcp_code``), for each new connection, records
-  ``syn[client port, local port, client address] = slot`` in an LRU hash (only handshakes in
-  progress live there);
+- the steering program (ebpf.py, ``tcp_code``), for each new connection (its SYN), adds one
+  to ``held[slot]`` and records ``syn[client port, local port, client address] = (slot,
+  time)`` in an LRU hash (only handshakes in progress live there): counting at the SYN means
+  that a burst of SYNs within one round trip already sees its own earlier members;
 - a ``SOCK_OPS`` program on the supervisor's cgroup (cgroup v2; a private mount of the
   hierarchy when none is mounted) sees the handshake complete (``PASSIVE_ESTABLISHED``): it
-  moves the tuple from ``syn`` to ``conns`` (a hash, no preallocation), adds one to
-  ``held[slot]`` and asks for the connection's state changes; the first change that means
-  the worker let go (``FIN_WAIT1``: it closed first; ``LAST_ACK``: it closed after the client;
-  ``CLOSE``: a reset, or a connection never accepted) subtracts one and forgets the tuple.
+  moves the tuple from ``syn`` to ``conns`` (a hash, no preallocation) and asks for the
+  connection's state changes; the first change that means the worker let go (``FIN_WAIT1``:
+  it closed first; ``LAST_ACK``: it closed after the client; ``CLOSE``: a reset, or a
+  connection never accepted) subtracts one, forgets the tuple and stops the callbacks;
+- a handshake that never completes (the client vanished, a SYN flood) would stay counted: the
+  supervisor expires ``syn`` entries older than ``EXPIRE`` seconds (:meth:`InFlight.expire`,
+  a cost per handshake in progress, normally none) and adds them to ``fix[slot]``, which the
+  steering program and :meth:`InFlight.counts` subtract (the supervisor cannot add to
+  ``held`` atomically itself).
 
-A connection is counted only if both programs saw it, so none is counted twice or left
-behind (a tuple the LRU evicted, or ``conns`` full, is simply not counted). Accepted children
+Nothing is counted twice or left behind: a SYN seen again moves its count to the slot chosen
+now; ``conns`` full undoes the count; only a tuple the LRU evicted before its handshake
+completed stays in ``held`` (a flood larger than ``SYN_ENTRIES``). Accepted children
 belong to the listener's cgroup, that is the supervisor's, so workers in cgroups of their own
 change nothing. The attachment is a bpf link: it goes when the supervisor's fd closes, even if
 the supervisor is killed.
@@ -67,6 +74,8 @@ _V4_MAPPED_WORD = struct.unpack("=i", b"\0\0\xff\xff")[0]
 
 KEY_SIZE = 20
 SYN_ENTRIES = 16384  # handshakes in progress at once
+SYN_VALUE = struct.Struct("=IxxxxQ")  # slot, when the SYN was steered (CLOCK_MONOTONIC ns)
+EXPIRE = 10.0  # seconds: a handshake not completed by then is forgotten
 CONN_ENTRIES = 1 << 20  # connections counted at once (more are not counted)
 CGROUP2_MAGIC = 0x63677270
 
@@ -126,9 +135,12 @@ def sock_ops_code(syn_fd: int, conns_fd: int, held_fd: int) -> bytes:
     a.jump(asm.JEQ_IMM, "out", dst=0, imm=0)
     a.op(asm.LDX_W, dst=7, src=0).op(asm.STX_W, dst=10, src=7, off=-28)
     _call_map(a, BPF_FUNC_MAP_DELETE_ELEM, syn_fd, -24)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # the supervisor expired it meanwhile
     _call_map(a, BPF_FUNC_MAP_UPDATE_ELEM, conns_fd, -24, value_off=-28)
-    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # full, or already there: not counted
-    _add(a, held_fd, 1)
+    a.jump(asm.JEQ_IMM, "follow", dst=0, imm=0)
+    _add(a, held_fd, -1)  # conns is full: its close could not be seen, so it does not count
+    a.jump(asm.JA, "out")
+    a.label("follow")
     a.op(asm.LDX_W, dst=2, src=6, off=_CB_FLAGS).op(0x44, dst=2, imm=BPF_SOCK_OPS_STATE_CB_FLAG)
     a.op(asm.MOV64_REG, dst=1, src=6).call(BPF_FUNC_SOCK_OPS_CB_FLAGS_SET)
     a.jump(asm.JA, "out")
@@ -146,6 +158,9 @@ def sock_ops_code(syn_fd: int, conns_fd: int, held_fd: int) -> bytes:
     _call_map(a, BPF_FUNC_MAP_DELETE_ELEM, conns_fd, -24)
     a.jump(asm.JNE_IMM, "out", dst=0, imm=0)
     _add(a, held_fd, -1)
+    # Its later state changes (FIN_WAIT2, TIME_WAIT, CLOSE) need not run this program.
+    a.op(asm.LDX_W, dst=2, src=6, off=_CB_FLAGS).op(0x54, dst=2, imm=~BPF_SOCK_OPS_STATE_CB_FLAG)
+    a.op(asm.MOV64_REG, dst=1, src=6).call(BPF_FUNC_SOCK_OPS_CB_FLAGS_SET)
     a.label("out").op(asm.MOV64_IMM, dst=0, imm=1).op(asm.EXIT)
     return a.code()
 
@@ -193,14 +208,16 @@ class InFlight:
 
     def __init__(self, slots: int = 1024) -> None:
         self.held = Map.counters(slots, b"portshard_held", "the in-flight counts")
+        self.fix: Map | None = None
         self.syn: Map | None = None
         self.conns: Map | None = None
         self.prog_fd = self.link_fd = -1
         self.why = ""
         try:
+            self.fix = Map.counters(slots, b"portshard_fix", "the expired handshakes")
             self.syn = Map(
-                BPF_MAP_TYPE_LRU_HASH, 4, SYN_ENTRIES, b"portshard_syn", "the handshake map",
-                key_size=KEY_SIZE,
+                BPF_MAP_TYPE_LRU_HASH, SYN_VALUE.size, SYN_ENTRIES, b"portshard_syn",
+                "the handshake map", key_size=KEY_SIZE,
             )  # fmt: skip
         except BaseException:
             self.close()
@@ -238,9 +255,34 @@ class InFlight:
 
     def counts(self, slots: Iterable[int]) -> dict[int, int]:
         """In flight per slot (queued + held), or the last queue depths the supervisor wrote."""
-        view = self.held.view
-        assert view is not None
-        return {slot: int(view[slot]) for slot in slots}
+        held, fix = self.held.view, self.fix.view if self.fix else None
+        assert held is not None and fix is not None
+        return {slot: int(held[slot]) - int(fix[slot]) for slot in slots}
+
+    @property
+    def loads(self) -> tuple[int, int, int]:
+        """The fds a TCP steering program reads and writes (ebpf.tcp_code)."""
+        assert self.fix is not None and self.syn is not None
+        return self.held.fd, self.fix.fd, self.syn.fd
+
+    def expire(self, now_ns: int, older: float = EXPIRE) -> int:
+        """Forget the handshakes started more than ``older`` s ago (they will not complete),
+        so that they stop counting; returns how many. Costs one bpf() call per handshake in
+        progress, which are normally none."""
+        assert self.syn is not None and self.fix is not None and self.fix.view is not None
+        stale: list[bytes] = []
+        key = None
+        while (key := self.syn.next_key(key)) is not None:
+            value = self.syn.lookup_bytes(key)
+            if value is not None and now_ns - SYN_VALUE.unpack(value)[1] > older * 1e9:
+                stale.append(key)
+        expired = 0
+        for key in stale:
+            value = self.syn.lookup_bytes(key)
+            if value is not None and self.syn.delete_bytes(key):  # else it completed meanwhile
+                self.fix.view[SYN_VALUE.unpack(value)[0]] += 1
+                expired += 1
+        return expired
 
     def write(self, slot: int, value: int) -> None:
         """The supervisor's stand-in for the kernel count (only while :attr:`kernel` is False)."""
@@ -258,6 +300,7 @@ class InFlight:
 
     def close(self) -> None:
         self._close_program()
-        if self.syn is not None:
-            self.syn.close()
+        for m in (self.syn, self.fix):
+            if m is not None:
+                m.close()
         self.held.close()

@@ -202,8 +202,9 @@ class Policy:
     def _stalls(self, sampled: Sequence[Observation], shares: dict[int, float]) -> None:
         """Out at once: a slot whose queue holds connections while it accepted none since the
         last look (with handed counts: ``handed - handed' - (queued - queued')`` is what it
-        accepted; without, a queue that grew and is ``stall_ratio`` x the rest's per unit of
-        share, so that equal busy workers or a steady queue are not taken for a stall)."""
+        accepted; without, a queue that grew to 2 or more and is ``stall_ratio`` x the rest's
+        per unit of share, so that equal busy workers or a steady queue are not taken for a
+        stall)."""
         p = self.params
         for o in sampled:
             t = self._tracks[o.slot]
@@ -217,7 +218,7 @@ class Policy:
                 rest = [s for s in shares if s != o.slot and s in self._tracks]
                 rest_share = sum(shares[s] for s in rest)
                 rest_queue = sum(self._tracks[s].queued for s in rest)
-                if not was_queued or t.queued <= was_queued or rest_share <= 0:
+                if t.queued <= max(was_queued, 1) or rest_share <= 0:
                     continue
                 if t.queued / shares[o.slot] < p.stall_ratio * (rest_queue + 1) / rest_share:
                     continue
