@@ -132,16 +132,7 @@ class Server:
         args += ["--control", str(self.control), "--log-level", "warning"]
         if "migrate" in config:
             args.append("--migrate")
-        if (
-            "--via"
-            in subprocess.run(
-                [sys.executable, "-m", "portshard", "run", "--help"],
-                capture_output=True,
-                text=True,
-                env=env,
-            ).stdout
-        ):
-            args += ["--via", "fds"]
+        args += ["--via", "fds"]
         self.log = open(tmp / "supervisor.log", "wb")  # noqa: SIM115 - closed in stop()
         sup = subprocess.Popen([*args, "--", *worker], env=env, stdout=self.log, stderr=self.log)
         self.procs.append(sup)
@@ -162,12 +153,14 @@ class Server:
         self.pids = [s["pid"] for s in st["slots"]]
 
     def status(self) -> dict[str, Any] | None:
-        res = subprocess.run(
-            [sys.executable, "-m", "portshard", "status", "--json", "--control", str(self.control)],
-            capture_output=True,
-            text=True,
-        )
-        return json.loads(res.stdout) if res.returncode == 0 else None
+        # In this process: a `portshard status` process per poll took seconds on a busy machine.
+        from portshard.control.client import request
+        from portshard.errors import ControlError
+
+        try:
+            return request(str(self.control), "status", timeout=10)
+        except (ControlError, OSError):
+            return None
 
     def log_text(self) -> str:
         if self.supervisor is None:
