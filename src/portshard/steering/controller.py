@@ -145,7 +145,10 @@ class Steering:
                 loads = self.inflight.loads
                 for group in self.groups:
                     group.program = SteeringProgram(
-                        BUCKETS, flow=group.proto is Proto.UDP, loads=loads
+                        BUCKETS,
+                        flow=group.proto is Proto.UDP,
+                        loads=loads,
+                        compare=self.balance != "none",
                     )
             for slot in sorted(slots):
                 for group, sock in zip(self.groups, slots[slot], strict=True):

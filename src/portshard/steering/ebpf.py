@@ -423,32 +423,9 @@ def _select(a: Asm, sockarray_fd: int) -> None:
     a.op(asm.MOV64_IMM, dst=4, imm=0).call(BPF_FUNC_SK_SELECT_REUSEPORT)
 
 
-def tcp_code(
-    table_fd: int,
-    sockarray_fd: int,
-    counts_fd: int,
-    loads: tuple[int, int, int],
-    buckets: int,
-) -> bytes:
-    """A new TCP connection goes to the less loaded of two slots drawn from the bucket table
-    (the power of two choices; the table carries weights and exclusions). ``loads`` are the
-    fds of ``held``, ``fix`` and ``syn`` (inflight.py): a slot's load is ``held[slot] -
-    fix[slot]``, its connections in flight (handed and not yet let go by its worker; ``fix``
-    is what the supervisor found stale); where the SOCK_OPS program cannot run, the
-    supervisor writes queue depths into ``held`` instead. The second draw is repeated while
-    it names the first's slot, up to ``_DRAWS - 1`` times (4 equal slots: 1 in 256
-    connections gets no choice); ties go to the first draw.
-
-    Then, for a new connection (not one migrated from a closing listener): ``counts[slot]``
-    (u64) goes up by one (an atomic add: CPUs may run the program at once; the new
-    connections per second of ``portshard status``, and the "accepted since the last look"
-    of the policy), and the slot's load goes up at once, before the handshake completes, so
-    that a burst of SYNs (one RTT) does not all see the same counts (:func:`_record`).
-    """
-    held_fd, fix_fd, syn_fd = loads
-    a = Asm().op(asm.MOV64_REG, dst=6, src=1)
-    _active_bucket(a, table_fd, buckets)
-    _pick(a, table_fd, buckets, dst=8, fail="out")
+def _compare(a: Asm, table_fd: int, buckets: int, loads: tuple[int, int, int]) -> None:
+    """w8 = the less loaded of w8 and a second draw (see :func:`tcp_code`)."""
+    held_fd, fix_fd, _ = loads
     for _ in range(_DRAWS - 1):
         _pick(a, table_fd, buckets, dst=9, fail="choose")
         a.jump(asm.JNE_REG, "compare", dst=9, src=8)
@@ -460,6 +437,39 @@ def tcp_code(
     a.jump(asm.JSGT_REG, "second", dst=2, src=1)  # load[first] > load[second]
     a.jump(asm.JA, "choose")
     a.label("second").op(asm.MOV64_REG, dst=8, src=9)
+
+
+def tcp_code(
+    table_fd: int,
+    sockarray_fd: int,
+    counts_fd: int,
+    loads: tuple[int, int, int],
+    buckets: int,
+    *,
+    compare: bool = True,
+) -> bytes:
+    """A new TCP connection goes to the less loaded of two slots drawn from the bucket table
+    (the power of two choices; the table carries weights and exclusions). ``loads`` are the
+    fds of ``held``, ``fix`` and ``syn`` (inflight.py): a slot's load is ``held[slot] -
+    fix[slot]``, its connections in flight (handed and not yet let go by its worker; ``fix``
+    is what the supervisor found stale); where the SOCK_OPS program cannot run, the
+    supervisor writes queue depths into ``held`` instead. The second draw is repeated while
+    it names the first's slot, up to ``_DRAWS - 1`` times (4 equal slots: 1 in 256
+    connections gets no choice); ties go to the first draw. ``compare=False``: the first draw
+    only (the benchmark's PORTSHARD_BALANCE=none).
+
+    Then, for a new connection (not one migrated from a closing listener): ``counts[slot]``
+    (u64) goes up by one (an atomic add: CPUs may run the program at once; the new
+    connections per second of ``portshard status``, and the "accepted since the last look"
+    of the policy), and the slot's load goes up at once, before the handshake completes, so
+    that a burst of SYNs (one RTT) does not all see the same counts (:func:`_record`).
+    """
+    held_fd, _, syn_fd = loads
+    a = Asm().op(asm.MOV64_REG, dst=6, src=1)
+    _active_bucket(a, table_fd, buckets)
+    _pick(a, table_fd, buckets, dst=8, fail="out")
+    if compare:  # else (PORTSHARD_BALANCE=none) the first draw, as the classic program
+        _compare(a, table_fd, buckets, loads)
     a.label("choose")
     _select(a, sockarray_fd)
     a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # not selected
@@ -488,6 +498,7 @@ class SteeringProgram:
         flow: bool,
         slots: int = 1024,
         loads: tuple[int, int, int] = (-1, -1, -1),
+        compare: bool = True,
     ) -> None:
         """``loads``: the fds of the in-flight maps ``held``, ``fix`` and ``syn``
         (inflight.py) a TCP program reads and writes."""
@@ -514,7 +525,9 @@ class SteeringProgram:
                     self.table.fd, self.socks.fd, self.counts.fd, buckets, flow=True
                 )
             else:
-                code = tcp_code(self.table.fd, self.socks.fd, self.counts.fd, loads, buckets)
+                code = tcp_code(
+                    self.table.fd, self.socks.fd, self.counts.fd, loads, buckets, compare=compare
+                )
             self.prog_fd = load_program(
                 code, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, b"portshard_steer"
             )
