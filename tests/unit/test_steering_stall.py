@@ -83,3 +83,15 @@ def test_without_handed_counts_equal_busy_queues_or_a_steady_one_are_no_stall() 
     for _ in range(30):  # a steady queue of 3 beside an empty one: it keeps up
         look(p, {0: (3, None), 1: (0, None)})
     assert set(p.tcp_weights()) == {0, 1}
+
+
+def test_a_stall_never_hands_a_full_share_to_slots_cut_for_falling_behind() -> None:
+    # Slot 1 was cut to the least weight; slot 0, healthy, accepted nothing for one look (a
+    # busy machine descheduled it): out, it would send every connection to slot 1.
+    p = Policy()
+    look(p, {0: (0, 0), 1: (0, 0)})
+    p._tracks[1].weight = p.params.min_weight  # as epochs of falling behind leave it
+    p._decide([])
+    look(p, {0: (5, 100), 1: (0, 100)})
+    assert look(p, {0: (9, 104), 1: (0, 100)}) == []
+    assert set(p.tcp_weights()) == {0, 1}

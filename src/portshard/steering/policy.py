@@ -64,6 +64,7 @@ class Params:
     overload_ratio: float = 4.0  # ... and this many times the rest's queue per unit of share
     recover_queue: int = 1  # an overloaded slot is back once its queue is down to this
     stall_ratio: float = 3.0  # without handed counts: a stall needs this x the rest's queue
+    stall_rest: float = 0.5  # ... and the slots left must have this x its share between them
     epoch: int = 15  # samples (of 20 ms) between weight decisions
     cut_out: float = 0.3  # weights are cut for a slot out at least this part of the epoch
     cut_rest: float = 3.0  # ... and this many times the rest's part (+ margin)
@@ -204,12 +205,17 @@ class Policy:
         last look (with handed counts: ``handed - handed' - (queued - queued')`` is what it
         accepted; without, a queue that grew to 2 or more and is ``stall_ratio`` x the rest's
         per unit of share, so that equal busy workers or a steady queue are not taken for a
-        stall)."""
+        stall). Not when the slots left have less than ``stall_rest`` x its share between
+        them: a healthy worker descheduled for a look (a busy machine) would hand its whole
+        share to a slow one whose weight was cut (measured: 0.44x of a shared queue)."""
         p = self.params
         for o in sampled:
             t = self._tracks[o.slot]
             if t.overloaded or t.last is None or not t.queued or o.slot not in shares:
                 continue
+            serving = [s for s in shares if s != o.slot and not self._tracks[s].overloaded]
+            if sum(shares[s] for s in serving) < p.stall_rest * shares[o.slot]:
+                continue  # its share would go to slots cut for falling behind: worse
             was_queued, was_handed = t.last
             if o.handed is not None and was_handed is not None:
                 if o.handed - was_handed - (t.queued - was_queued) > 0:
