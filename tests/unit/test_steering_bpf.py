@@ -48,12 +48,12 @@ def test_the_tuple_key_is_the_tcp_header_ports_then_the_client_as_ipv6() -> None
     assert tuple_key("::1", 1, 2)[4:] == bytes(15) + b"\x01"
 
 
-def test_held_connections_are_walked_less_often_as_they_grow() -> None:
+def test_held_connections_are_walked_less_often_as_the_walk_grows() -> None:
     walk = HeldWalk()
     assert walk.due(0.0)
-    walk.done(0.0, {1: 300, 2: 400})
-    assert walk.due(1.0) and not walk.due(0.5)  # up to 1,000: every second
-    walk.done(10.0, {1: 10_000})
-    assert not walk.due(19.0) and walk.due(20.0)  # 10k: every 10 s
-    walk.done(100.0, {1: 100_000})
+    walk.done(0.0, {1: 300, 2: 400}, took=0.001)
+    assert walk.due(1.0) and not walk.due(0.5)  # a cheap walk: every second
+    walk.done(10.0, {1: 10_000}, took=0.05)  # 50 ms: next in 10 s (0.5% of a core)
+    assert not walk.due(19.0) and walk.due(20.0)
+    walk.done(100.0, {1: 100_000}, took=2.0)
     assert walk.due(100.0 + LONGEST) and not walk.due(100.0 + LONGEST - 1)

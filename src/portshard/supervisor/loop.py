@@ -867,7 +867,7 @@ class Supervisor:
                 walked = inspect.connections_by_pid(busy, ports=ports) if busy else {}
             except (OSError, inspect.InspectError):
                 walked = {}
-            self._held_walk.done(now, walked)
+            self._held_walk.done(now, walked, time.monotonic() - now)
         counts = self._held_walk.counts
         self._rate_new_connections()
         rows = []
