@@ -107,6 +107,7 @@ class Server:
         env.update(
             BENCH_SLOW=scenario["slow"],
             BENCH_SLOW_SLOT=str(n - 1),
+            BENCH_SLOW_EVERY=str(scenario.get("every", 20)),
             BENCH_BOOT=str(scenario.get("boot", 0)),
         )
         worker = [sys.executable, str(WORKER)]
@@ -123,22 +124,15 @@ class Server:
             self.pids = [p.pid for p in self.procs]
             time.sleep(0.3 + float(scenario.get("boot", 0)))
             return
-        steering = config.split("+")[0]
+        steering, _, balance = config.split("+")[0].partition("-")
+        if balance:  # ebpf-queue, ebpf-none: what the eBPF program compares (steering_sweep)
+            env["PORTSHARD_BALANCE"] = balance
         args = [sys.executable, "-m", "portshard", "run", "-w", str(n)]
         args += ["--listen", "tcp://127.0.0.1:0", "--steering", steering]
         args += ["--control", str(self.control), "--log-level", "warning"]
         if "migrate" in config:
             args.append("--migrate")
-        if (
-            "--via"
-            in subprocess.run(
-                [sys.executable, "-m", "portshard", "run", "--help"],
-                capture_output=True,
-                text=True,
-                env=env,
-            ).stdout
-        ):
-            args += ["--via", "fds"]
+        args += ["--via", "fds"]
         self.log = open(tmp / "supervisor.log", "wb")  # noqa: SIM115 - closed in stop()
         sup = subprocess.Popen([*args, "--", *worker], env=env, stdout=self.log, stderr=self.log)
         self.procs.append(sup)
@@ -159,12 +153,14 @@ class Server:
         self.pids = [s["pid"] for s in st["slots"]]
 
     def status(self) -> dict[str, Any] | None:
-        res = subprocess.run(
-            [sys.executable, "-m", "portshard", "status", "--json", "--control", str(self.control)],
-            capture_output=True,
-            text=True,
-        )
-        return json.loads(res.stdout) if res.returncode == 0 else None
+        # In this process: a `portshard status` process per poll took seconds on a busy machine.
+        from portshard.control.client import request
+        from portshard.errors import ControlError
+
+        try:
+            return request(str(self.control), "status", timeout=10)
+        except (ControlError, OSError):
+            return None
 
     def log_text(self) -> str:
         if self.supervisor is None:
@@ -202,8 +198,16 @@ def _jain(counts: list[int]) -> float:
     return total * total / (len(counts) * squares) if squares else float("nan")
 
 
-def run_one(scenario_name: str, config: str, seconds: float, warmup: float, load: str) -> dict:
-    scenario = SCENARIOS[scenario_name]
+def run_one(
+    scenario_name: str,
+    config: str,
+    seconds: float,
+    warmup: float,
+    load: str,
+    scenario: dict[str, Any] | None = None,
+    concurrency: int = CONCURRENCY,
+) -> dict:
+    scenario = scenario or SCENARIOS[scenario_name]
     tmp = Path(tempfile.mkdtemp(prefix="ps-bench-"))
     try:
         server = Server(config, scenario, tmp)
@@ -234,11 +238,20 @@ def run_one(scenario_name: str, config: str, seconds: float, warmup: float, load
             timers.append(threading.Timer(warmup + seconds / 3, crash))
         for t in timers:
             t.start()
-        proc = subprocess.run(
-            [load, "127.0.0.1", str(server.port), str(CONCURRENCY), str(total), str(out)],
-            capture_output=True,
-            text=True,
-        )
+        hog = None
+        if scenario["slow"] == "hog":  # a CPU hog on the CPU the slow worker pinned itself to
+            spin = "import os; os.sched_setaffinity(0, {1})\nwhile True: pass"
+            hog = subprocess.Popen([sys.executable, "-c", spin])
+        try:
+            proc = subprocess.run(
+                [load, "127.0.0.1", str(server.port), str(concurrency), str(total), str(out)],
+                capture_output=True,
+                text=True,
+            )
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
         if proc.returncode:
             raise RuntimeError(f"load generator failed: {proc.stderr}")
         if server.supervisor is not None:
@@ -269,6 +282,10 @@ def run_one(scenario_name: str, config: str, seconds: float, warmup: float, load
         "per_worker": counts,
         "jain": _jain(counts),
         "warmup_max_ms": max((r[1] / 1000 for r in records if r[0] < w0), default=0.0),
+        "cold_p99_ms": _percentile(
+            [r[1] / 1000 for r in records if r[0] < min(2e9, w1) and r[3] in (0, 3)], 0.99
+        ),
+        "cold_rps": sum(1 for r in records if r[3] == 0 and r[0] + r[1] * 1000 < 2e9) / 2,
     }
     if "start" in cpu and "end" in cpu:
         result["supervisor_cpu_pct"] = 100 * (cpu["end"] - cpu["start"]) / seconds

@@ -5,6 +5,9 @@ own shared-queue and plain-reuseport set-ups). Its slot is $PORTSHARD_SLOT or $B
 
 - BENCH_SLOW=sleep|spin and BENCH_SLOW_SLOT=N: the worker of slot N sleeps (or burns the CPU)
   for BENCH_SLOW_MS (50) on every BENCH_SLOW_EVERY-th (20th) request.
+- BENCH_SLOW=x3: that worker is always 3x slower (it burns twice the time each request took).
+- BENCH_SLOW=hog: that worker pins itself to CPU BENCH_HOG_CPU (1), where the benchmark runs a
+  CPU hog beside it.
 - BENCH_BOOT=S: sleep S seconds before accepting (a slow boot: a respawn takes that long).
 """
 
@@ -29,12 +32,21 @@ def main() -> None:
     body = f"{slot} {os.getpid()}\n".encode()
     reply = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     served = 0
+    base = 0.0  # x3: the average time a request takes this worker, without the extra burn
+    if slow and mode == "hog":
+        os.sched_setaffinity(0, {int(os.environ.get("BENCH_HOG_CPU", "1"))})
     while True:
         conn, _ = sock.accept()
+        began, burnt = time.monotonic(), 0.0
         try:
             conn.recv(4096)
             served += 1
-            if slow and served % every == 0:
+            if slow and mode == "x3" and base:
+                burnt = 2 * base
+                until = time.monotonic() + burnt
+                while time.monotonic() < until:
+                    pass
+            if slow and mode in ("sleep", "spin") and served % every == 0:
                 if mode == "spin":
                     until = time.monotonic() + pause
                     while time.monotonic() < until:
@@ -46,6 +58,8 @@ def main() -> None:
             pass
         finally:
             conn.close()
+        took = time.monotonic() - began - burnt
+        base = took if not base else 0.95 * base + 0.05 * took
 
 
 if __name__ == "__main__":

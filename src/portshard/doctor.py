@@ -29,6 +29,7 @@ from .linux import bpf, cgroup, proc, syscalls, sysctl
 from .linux.exec import ExecSpec, fork_call, fork_exec
 from .sockets import PLATFORMS, platform_key, somaxconn
 from .steering import ebpf
+from .steering.inflight import InFlight
 
 __all__ = ["Check", "probe_all", "render", "to_json"]
 
@@ -343,7 +344,9 @@ def _reuseport_lb() -> _Found:
 @_probe(
     "reuseport_cbpf",
     "steering backend cbpf (no privilege; what --steering auto uses without eBPF): new "
-    "connections skip dead, starting, draining and overloaded slots, weighted by what they serve",
+    "connections skip dead, starting, draining, stalled and overloaded slots, weighted by what "
+    "they serve; it cannot count connections per slot nor choose per connection (a stall is "
+    "seen from queue growth, at the supervisor's next look)",
     "no steering: a slot with no worker keeps its hash share (its connections wait)",
 )
 def _reuseport_cbpf() -> _Found:
@@ -376,6 +379,27 @@ def _reuseport_ebpf() -> _Found:
         for fd in fds:
             os.close(fd)
     return True, True, f"SK_REUSEPORT program + REUSEPORT_SOCKARRAY map by bpf(2): {steered}"
+
+
+@_probe(
+    "sock_ops_inflight",
+    "eBPF steering sends each new connection to the less loaded of two slots by connections in "
+    "flight, counted in the kernel (SOCK_OPS on the supervisor's cgroup v2); held connections "
+    "cost the supervisor the same at 100 and 100,000",
+    "eBPF steering compares queue depths instead; held connections are counted one by one "
+    "(less often as they grow)",
+)
+def _sock_ops_inflight() -> _Found:
+    try:
+        counts = InFlight(slots=1)
+    except ebpf.BpfError as exc:
+        raise _Failed(str(exc)) from None
+    try:
+        if not counts.attach():
+            raise _Failed(counts.why)
+    finally:
+        counts.close()
+    return True, True, "SOCK_OPS program attached to this process's cgroup v2 by a bpf link"
 
 
 def _caps() -> list[str]:

@@ -9,8 +9,12 @@ kernel can migrate it (eBPF).
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import socket
+import sys
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,9 +100,9 @@ def test_an_overloaded_slot_gets_no_new_connection_until_it_recovers(
 
         wait_until(overloaded, 30, "slot 1 excluded")
         steer = slot_of(sup, 1)["steering"]
-        assert steer["reason"].startswith("overloaded: "), steer
+        assert steer["reason"].startswith(("stalled: ", "overloaded: ")), steer
         before = queued(sup, 1)
-        assert before >= 8
+        assert before >= 1
         assert [ask(port) for _ in range(60)] == ["0"] * 60
         assert queued(sup, 1) == before, "an excluded slot got new connections"
     finally:
@@ -107,7 +111,8 @@ def test_an_overloaded_slot_gets_no_new_connection_until_it_recovers(
     assert all(answer(c) in ("0", "1") for c in clients)
     wait_until(lambda: not slot_of(sup, 1)["steering"]["excluded"], 10, "slot 1 back in")
     wait_until(lambda: ask(port) == "1", 10, "a connection served by slot 1 again")
-    assert "slot 1 pid" in sup.text() and "excluded: overloaded" in sup.text()
+    text = sup.text()
+    assert "slot 1 pid" in text and ("excluded: stalled" in text or "excluded: overloaded" in text)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,7 +155,9 @@ def test_a_dead_workers_queue_goes_to_the_other_slots_where_the_kernel_can_migra
 
     def some_queued() -> bool:
         burst(port, 10, clients)
-        return queued(sup, 1) >= 3
+        # eBPF sends new connections to the less loaded slot and takes a slot that does not
+        # accept out at once: only the first one or two reach the stopped worker.
+        return queued(sup, 1) >= (1 if backend == "ebpf" else 3)
 
     wait_until(some_queued, 20, "a queue on slot 1")
     marker.touch()
@@ -287,3 +294,150 @@ def test_classic_bpf_cannot_count_new_connections_and_says_nothing(start: Start)
     assert [ask(sup.port) for _ in range(10)]
     wait_until(lambda: sup.status()["slots"][0]["connections"] is not None, 5, "a sample")
     assert all(s["new_total"] is None and s["new_per_s"] is None for s in sup.status()["slots"])
+
+
+class Driver:
+    """A closed loop of HTTP/1.0 clients, a new connection per request, ``n`` in flight
+    (connections stuck on a stopped worker count as in flight, as they would for a user)."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.port, self.n = port, n
+        self.sel = selectors.DefaultSelector()
+        self.open: dict[socket.socket, bytes] = {}
+
+    def _connect(self) -> None:
+        conn = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        conn.sendall(REQUEST)
+        conn.setblocking(False)
+        self.open[conn] = b""
+        self.sel.register(conn, selectors.EVENT_READ)
+
+    def run(self, answers: int, timeout: float) -> list[str]:
+        """Until ``answers`` requests were answered (or ``timeout`` s); the answering slots."""
+        served: list[str] = []
+        deadline = time.monotonic() + timeout
+        while len(served) < answers and time.monotonic() < deadline:
+            while len(self.open) < self.n:
+                self._connect()
+            for key, _ in self.sel.select(0.1):
+                conn = key.fileobj
+                assert isinstance(conn, socket.socket)
+                chunk = conn.recv(4096)
+                self.open[conn] += chunk
+                if not chunk:
+                    self.sel.unregister(conn)
+                    conn.close()
+                    served.append(self.open.pop(conn).split(b"\r\n\r\n", 1)[1].split()[0].decode())
+        return served
+
+    def close(self) -> None:
+        for conn in self.open:
+            conn.close()
+        self.sel.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="eBPF steering needs root")
+def test_at_8_in_flight_on_4_workers_a_stalled_slot_gets_no_new_connection_while_it_holds_some(
+    start: Start,
+) -> None:
+    # The old rule needed 8 queued at a slot: 8 clients could never put more than 7 there, so
+    # steering never fired and the stalled worker soaked up every client. eBPF only: classic
+    # BPF cannot count what a slot accepted nor choose per connection, so all 8 clients can be
+    # stuck on the stopped worker before the supervisor looks (it is then out for overload,
+    # as test_an_overloaded_slot_... shows; status says what cbpf balances on).
+    sup = start("-w", "4", "--steering", "ebpf", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    port, stuck = sup.port, sup.pids()[3]
+    driver = Driver(port, 8)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+
+        def stalled() -> bool:
+            driver.run(20, 2)
+            return bool(slot_of(sup, 3)["steering"]["excluded"])
+
+        wait_until(stalled, 30, "slot 3 excluded")
+        steer = slot_of(sup, 3)["steering"]
+        assert steer["reason"].startswith("stalled: "), steer
+        before = queued(sup, 3)
+        assert 1 <= before < 8
+        served = driver.run(300, 60)
+        assert len(served) >= 300, "the other workers did not keep serving"
+        assert set(served) <= {"0", "1", "2"}
+        assert queued(sup, 3) == before, "a stalled slot got new connections"
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+        driver.close()
+    wait_until(lambda: not slot_of(sup, 3)["steering"]["excluded"], 10, "slot 3 back in")
+    assert "slot 3 pid" in sup.text() and "excluded: stalled" in sup.text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equal_workers_at_low_concurrency_are_none_starved(start: Start, backend: str) -> None:
+    sup = start("-w", "4", "--steering", backend, "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    driver = Driver(sup.port, 2)
+    try:
+        served = driver.run(400, 60)
+    finally:
+        driver.close()
+    assert len(served) >= 400
+    per_slot = Counter(served)
+    assert set(per_slot) == {"0", "1", "2", "3"}
+    assert min(per_slot.values()) >= 400 / 4 / 3, per_slot
+    assert not any(s["steering"]["excluded"] for s in sup.status()["slots"])
+
+
+HOLDER = [
+    sys.executable,
+    "-c",
+    """
+import os, selectors, socket
+slot = os.environ["PORTSHARD_SLOT"].encode()
+listener = socket.socket(fileno=3)
+listener.setblocking(False)
+sel = selectors.DefaultSelector()
+sel.register(listener, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        s = key.fileobj
+        if s is listener:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            sel.register(conn, selectors.EVENT_READ)
+        elif s.recv(64):
+            s.sendall(slot)
+        else:
+            sel.unregister(s)
+            s.close()
+""",
+]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="eBPF steering needs root")
+def test_200_long_lived_connections_opened_at_once_spread_evenly_and_are_counted_by_the_kernel(
+    start: Start, clients: list[socket.socket]
+) -> None:
+    sup = start("-w", "4", "--steering", "ebpf", "--listen", "tcp://127.0.0.1:0", "--", *HOLDER)
+    st = sup.status()
+    assert "SOCK_OPS" in st["steering"]["balance"]
+    port = st["listen"][0]["port"]
+    for _ in range(200):
+        clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+    for conn in clients:
+        conn.sendall(b"?")
+    held = Counter(conn.recv(16).decode() for conn in clients)
+    assert set(held) == {"0", "1", "2", "3"}
+    assert max(held.values()) <= 1.1 * min(held.values()), held
+    # CONNS comes from the kernel's counts: what each worker holds, and nothing once closed.
+    wait_until(
+        lambda: {str(s["slot"]): s["connections"] for s in sup.status()["slots"]} == held,
+        5,
+        f"status connections = {dict(held)}",
+    )
+    for conn in clients[:100]:
+        conn.close()
+    wait_until(lambda: sum(s["connections"] for s in sup.status()["slots"]) == 100, 5, "100 closed")
+    for conn in clients[100:]:  # the workers let go of what their clients closed: a quick stop
+        conn.close()
+    wait_until(lambda: sum(s["connections"] for s in sup.status()["slots"]) == 0, 5, "all closed")

@@ -22,7 +22,9 @@ slot's listener: a new socket is bound first (so a failure changes nothing), the
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +37,7 @@ from ..linux import sysctl, tcpinfo
 from ..linux.sysctl import migrate_req
 from . import cbpf
 from .ebpf import BpfError, SteeringProgram
+from .inflight import InFlight
 from .policy import Change, ChangeKind, Health, Observation, Policy
 from .table import BUCKETS, Buckets, apportion, contiguous, runs
 
@@ -45,7 +48,8 @@ log = logging.getLogger("portshard.steering")
 BACKENDS = ("auto", "cbpf", "ebpf", "off")
 SAMPLE = 0.02  # seconds between queue samples while any queue is not empty (10 ms cost 3.3%
 # of a core on the benchmark, 20 ms 2.0%, with no difference measured in what steering achieved)
-SAMPLE_IDLE = 0.1  # ... and while every queue was empty at the last sample
+SAMPLE_IDLE = 0.05  # ... and while nothing was queued or handed since the last sample (a
+# stall is seen at the second look, so within 70 ms of the load starting)
 LOG_EVERY = 1.0  # overload and weight lines: at most one a second per slot
 MIGRATE_REQ = sysctl.path(sysctl.MIGRATE_REQ)
 
@@ -118,10 +122,26 @@ class Steering:
         self._pids: dict[int, int | None] = {}
         self._ever_ready: set[int] = set()  # slots that have had a ready worker
         self._last_health: tuple[tuple[int, int | None, Health], ...] = ()
+        self._handed: dict[int, int] = {}
+        self._next_expire = 0.0
+        self.inflight: InFlight | None = None
+        self.balance = "none"
         try:
             if backend == "ebpf":
+                self.inflight = InFlight()
+                self.balance = os.environ.get("PORTSHARD_BALANCE", "inflight")
+                if self.balance == "inflight":
+                    self.inflight.attach()
+                else:  # the benchmark's knob: "queue" depths, or "none" (random, as classic)
+                    self.inflight.why = f"PORTSHARD_BALANCE={self.balance}"
+                loads = self.inflight.loads
                 for group in self.groups:
-                    group.program = SteeringProgram(BUCKETS, flow=group.proto is Proto.UDP)
+                    group.program = SteeringProgram(
+                        BUCKETS,
+                        flow=group.proto is Proto.UDP,
+                        loads=loads,
+                        compare=self.balance != "none",
+                    )
             for slot in sorted(slots):
                 for group, sock in zip(self.groups, slots[slot], strict=True):
                     group.join(slot, sock)
@@ -170,6 +190,9 @@ class Steering:
             if group.program is not None:
                 group.program.close()
                 group.program = None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
 
     # ---- slots come and go ------------------------------------------------------------------
 
@@ -178,6 +201,8 @@ class Steering:
         for group, sock in zip(self.groups, socks, strict=True):
             group.buckets.add_slot(slot)
             group.join(slot, sock)
+        if self._writes_queues():
+            self._write_queued(slot, 0)  # a slot removed earlier may have left its last depth
 
     def remove_slot(self, slot: int) -> None:
         """A slot's sockets have closed (scale down); it was excluded before."""
@@ -253,20 +278,28 @@ class Steering:
         self._last_health = seen
         busy = False
         observations = []
+        handed = self.handed() if sample else None
         for slot, pid, health in slots:
             if pid is not None or slot not in self._pids:
                 self._pids[slot] = pid
             pid = self._pids[slot]  # a dead worker's pid names its slot's lines until replaced
             if health is Health.READY:
                 self._ever_ready.add(slot)
-            queued = None
+            queued = count = None
             if sample and health is Health.READY:
                 queued = self._queued(slot)
                 busy = busy or bool(queued)
-            observations.append(Observation(slot, pid, health, queued))
+            if handed is not None and slot in handed:
+                count = handed[slot]
+                busy = busy or count != self._handed.get(slot, count)
+                self._handed[slot] = count
+            if sample and self._writes_queues():
+                self._write_queued(slot, queued)
+            observations.append(Observation(slot, pid, health, queued, count))
             self.seen_ready = self.seen_ready or health is Health.READY
         if sample:
             self.next_sample = now + (SAMPLE if busy else SAMPLE_IDLE)
+            self._expire(now)
         changes = self.policy.observe(observations)
         for change in changes:
             if change.moves:
@@ -279,6 +312,27 @@ class Steering:
             self._version = self.policy.version
             for group in self.groups:
                 self._install(group)
+
+    def _expire(self, now: float) -> None:
+        """Once a second: handshakes that never completed stop counting (inflight.py)."""
+        if self.inflight is None or not self.inflight.kernel or now < self._next_expire:
+            return
+        self._next_expire = now + 1.0
+        try:
+            if expired := self.inflight.expire(time.monotonic_ns()):
+                log.debug("steering: %d handshake(s) never completed; not counted", expired)
+        except BpfError as exc:
+            log.warning("steering: could not expire stale handshakes: %s", exc)
+
+    def _writes_queues(self) -> bool:
+        """eBPF without kernel counts: the program compares the queue depths written here."""
+        return self.inflight is not None and not self.inflight.kernel and self.balance != "none"
+
+    def _write_queued(self, slot: int, queued: int | None) -> None:
+        """No kernel in-flight counts: the steering program compares queue depths instead."""
+        assert self.inflight is not None
+        with contextlib.suppress(BpfError):  # else the slot's load is stale until the next one
+            self.inflight.write(slot, queued or 0)
 
     def _pending(self) -> bool:
         return any(limiter.pending is not None for limiter in self._limit.values())
@@ -401,10 +455,33 @@ class Steering:
                     continue  # should not happen; the rate is simply unknown this second
         return totals
 
+    def in_flight(self) -> dict[int, int] | None:
+        """Connections in flight per slot (queued + held by its worker and its children),
+        counted in the kernel (inflight.py): None where it cannot count (classic BPF, or no
+        SOCK_OPS attach point). Costs one map read per slot, whatever the connections."""
+        if self.inflight is None or not self.inflight.kernel:
+            return None
+        slots = {slot for group in self.groups for slot in group.socks}
+        try:
+            return {slot: max(0, n) for slot, n in self.inflight.counts(sorted(slots)).items()}
+        except BpfError:
+            return None
+
+    def in_flight_source(self) -> str:
+        """What the kernel program compares, in words (status, doctor)."""
+        if self.inflight is None:
+            return "none: classic BPF cannot read per-slot counts (random pick from the table)"
+        if self.inflight.kernel:
+            return "connections in flight, counted by a SOCK_OPS program (two choices)"
+        if self.balance == "none":
+            return "none (PORTSHARD_BALANCE=none): a random pick from the table"
+        return f"queue depths written every sample (two choices); {self.inflight.why}"
+
     def status(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
             "why": self.why,
+            "balance": self.in_flight_source(),
             "migrate": self.can_migrate(),
             "sample_ms": SAMPLE * 1000,
             "changes": self.changes,

@@ -27,16 +27,18 @@ import array
 import ctypes
 import errno
 import functools
+import mmap
 import os
 import platform
 import socket
 import struct
-import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import PortshardError
 from ..linux.bpf import SO_ATTACH_REUSEPORT_EBPF
 from ..linux.syscalls import native_arch
+from . import bpfasm as asm
+from .bpfasm import Asm, insn
 
 __all__ = [
     "SO_ATTACH_REUSEPORT_EBPF",
@@ -48,9 +50,11 @@ __all__ = [
 ]
 
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
+BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_TYPE_ARRAY = 2
+BPF_F_MMAPABLE = 1 << 10
 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
 BPF_PROG_TYPE_SK_REUSEPORT = 21
 BPF_SK_REUSEPORT_SELECT = 39  # expected_attach_type
@@ -58,8 +62,17 @@ BPF_SK_REUSEPORT_SELECT_OR_MIGRATE = 40
 BPF_FUNC_MAP_LOOKUP_ELEM = 1
 BPF_FUNC_GET_PRANDOM_U32 = 7
 BPF_FUNC_SK_SELECT_REUSEPORT = 82
+BPF_FUNC_MAP_UPDATE_ELEM = 2
+BPF_FUNC_KTIME_GET_NS = 5
+BPF_FUNC_SKB_LOAD_BYTES = 26
+BPF_FUNC_SKB_LOAD_BYTES_RELATIVE = 68
+_BPF_HDR_START_NET = 1
+_ETH_P_IPV6_BE = socket.htons(0x86DD)  # ctx->eth_protocol of an IPv6 packet
+_V4_MAPPED_WORD = struct.unpack("=i", b"\0\0\xff\xff")[0]  # word 2 of ::ffff:a.b.c.d
 BPF_PSEUDO_MAP_FD = 1
 SK_PASS = 1
+_DRAWS = 5  # draws of a table bucket per TCP connection, at most (see tcp_code)
+_MD_ETH_PROTOCOL = 20  # offsetof(struct sk_reuseport_md, eth_protocol): network order
 _MD_HASH = 32  # offsetof(struct sk_reuseport_md, hash)
 _MD_MIGRATING_SK = 48  # offsetof(struct sk_reuseport_md, migrating_sk) (Linux 5.14+)
 
@@ -104,24 +117,46 @@ def bpf(cmd: int, attr: bytes, what: str) -> int:
         raise BpfError(f"{what}: {_reason(exc)}") from None
 
 
-def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-    """One eBPF instruction (struct bpf_insn)."""
-    regs = dst | src << 4 if sys.byteorder == "little" else dst << 4 | src
-    return struct.pack("=BBhi", code, regs, off, imm)
-
-
 def _ld_map_fd(dst: int, fd: int) -> bytes:
     return insn(0x18, dst=dst, src=BPF_PSEUDO_MAP_FD, imm=fd) + insn(0)  # ld_imm64: two slots
 
 
 class Map:
-    """A BPF map with u32 keys; closes its fd on close()."""
+    """A BPF map (u32 keys unless ``key_size`` says otherwise); closes its fd on close()."""
 
-    def __init__(self, kind: int, value_size: int, entries: int, name: bytes, what: str) -> None:
-        spec = struct.pack("=7I16s", kind, 4, value_size, entries, 0, 0, 0, name)
+    def __init__(
+        self,
+        kind: int,
+        value_size: int,
+        entries: int,
+        name: bytes,
+        what: str,
+        *,
+        key_size: int = 4,
+        flags: int = 0,
+    ) -> None:
+        spec = struct.pack("=7I16s", kind, key_size, value_size, entries, flags, 0, 0, name)
         self.fd = bpf(BPF_MAP_CREATE, spec, f"creating {what}")
+        self.key_size, self.value_size = key_size, value_size
         self.entries = entries
         self.what = what
+        self.view: memoryview | None = None
+        self._mmap: mmap.mmap | None = None
+
+    @classmethod
+    def counters(cls, entries: int, name: bytes, what: str) -> Map:
+        """An array of ``entries`` u64, mapped into this process (BPF_F_MMAPABLE, Linux 5.5+):
+        reading or writing a counter is a memory access, not a bpf() call (the supervisor
+        reads them at every sample)."""
+        counters = cls(BPF_MAP_TYPE_ARRAY, 8, entries, name, what, flags=BPF_F_MMAPABLE)
+        try:
+            size = -(-8 * entries // mmap.PAGESIZE) * mmap.PAGESIZE
+            counters._mmap = mmap.mmap(counters.fd, size, mmap.MAP_SHARED)
+        except OSError as exc:
+            counters.close()
+            raise BpfError(f"mapping {what} into memory: {_reason(exc)}") from None
+        counters.view = memoryview(counters._mmap).cast("q")
+        return counters
 
     def update(self, key: int, value: int, value_size: int = 4) -> None:
         k = ctypes.c_uint32(key)
@@ -151,6 +186,47 @@ class Map:
         bpf(BPF_MAP_LOOKUP_ELEM, attr, f"reading {self.what} at key {key}")
         return int(v.value)
 
+    def next_key(self, key: bytes | None) -> bytes | None:
+        """The key after ``key`` (the first if None), or None at the end (BPF_MAP_GET_NEXT_KEY)."""
+        size = self.key_size
+        k = ctypes.create_string_buffer(key or b"\0" * size, size)
+        nxt = ctypes.create_string_buffer(size)
+        attr = struct.pack(
+            "=I4xQQ", self.fd, ctypes.addressof(k) if key else 0, ctypes.addressof(nxt)
+        )
+        try:
+            bpf(BPF_MAP_GET_NEXT_KEY, attr, f"walking {self.what}")
+        except BpfError as exc:
+            if "ENOENT" in str(exc):
+                return None
+            raise
+        return nxt.raw
+
+    def lookup_bytes(self, key: bytes) -> bytes | None:
+        """The value at a byte-string key, or None if there is none."""
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(self.value_size)
+        attr = struct.pack("=I4xQQQ", self.fd, ctypes.addressof(k), ctypes.addressof(v), 0)
+        try:
+            bpf(BPF_MAP_LOOKUP_ELEM, attr, f"reading {self.what}")
+        except BpfError as exc:
+            if "ENOENT" in str(exc):
+                return None
+            raise
+        return v.raw
+
+    def delete_bytes(self, key: bytes) -> bool:
+        """Remove a byte-string key; False if it was not there."""
+        k = ctypes.create_string_buffer(key, len(key))
+        attr = struct.pack("=I4xQ", self.fd, ctypes.addressof(k))
+        try:
+            bpf(BPF_MAP_DELETE_ELEM, attr, f"deleting from {self.what}")
+        except BpfError as exc:
+            if "ENOENT" in str(exc):
+                return False
+            raise
+        return True
+
     def delete(self, key: int) -> bool:
         """Remove ``key``; False if it held nothing."""
         k = ctypes.c_uint32(key)
@@ -164,23 +240,32 @@ class Map:
         return True
 
     def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
-def load_program(code: bytes, attach_type: int, name: bytes) -> int:
-    """Load an SK_REUSEPORT program; the verifier's last line is in the error if it refuses."""
+def load_program(
+    code: bytes, attach_type: int, name: bytes, prog_type: int = BPF_PROG_TYPE_SK_REUSEPORT
+) -> int:
+    """Load a program (SK_REUSEPORT unless ``prog_type`` says otherwise); the verifier's last
+    line is in the error if it refuses."""
     insns, license_ = ctypes.create_string_buffer(code, len(code)), ctypes.c_char_p(b"GPL")
     log = ctypes.create_string_buffer(16384)
     attr = struct.pack(
         "=IIQQIIQII16sII",
-        BPF_PROG_TYPE_SK_REUSEPORT, len(code) // 8, ctypes.addressof(insns),
+        prog_type, len(code) // 8, ctypes.addressof(insns),
         ctypes.cast(license_, ctypes.c_void_p).value or 0, 1, len(log), ctypes.addressof(log),
         0, 0, name, 0, attach_type,
     )  # fmt: skip
     try:
-        return bpf(BPF_PROG_LOAD, attr, "loading an SK_REUSEPORT program")
+        return bpf(BPF_PROG_LOAD, attr, f"loading the program {name.decode()}")
     except BpfError as exc:
         lines = log.value.decode(errors="replace").strip().splitlines()
         raise BpfError(f"{exc}; verifier: {lines[-1]}" if lines else str(exc)) from None
@@ -203,12 +288,108 @@ def load_select_key0(map_fd: int) -> int:
     return load_program(code, BPF_SK_REUSEPORT_SELECT, b"portshard_probe")
 
 
+def _active_bucket(a: Asm, table_fd: int, buckets: int) -> None:
+    """r7 = the active copy's offset (table[2K]); a failed lookup goes to ``out``."""
+    a.op(asm.ST_W, dst=10, off=-4, imm=2 * buckets)  # *(u32 *)(fp - 4) = 2K
+    _lookup(a, table_fd, -4)
+    a.jump(asm.JEQ_IMM, "out", dst=0, imm=0)
+    a.op(asm.LDX_W, dst=7, src=0)  # w7 = active offset
+
+
+def _lookup(a: Asm, map_fd: int, key_off: int) -> None:
+    """r0 = &map[*(fp + key_off)] or NULL."""
+    a.map_fd(1, map_fd).op(asm.MOV64_REG, dst=2, src=10).op(asm.ADD64_IMM, dst=2, imm=key_off)
+    a.call(BPF_FUNC_MAP_LOOKUP_ELEM)
+
+
+def _pick(a: Asm, table_fd: int, buckets: int, dst: int, fail: str) -> None:
+    """w``dst`` = the slot of a random bucket of the active table; NULL lookup: ``fail``."""
+    a.call(BPF_FUNC_GET_PRANDOM_U32).op(asm.MOV32_REG, dst=2, src=0)
+    a.op(asm.MOD32_IMM, dst=2, imm=buckets).op(asm.ADD32_REG, dst=2, src=7)
+    a.op(asm.STX_W, dst=10, src=2, off=-4)  # *(u32 *)(fp - 4) = bucket
+    _lookup(a, table_fd, -4)
+    a.jump(asm.JEQ_IMM, fail, dst=0, imm=0)
+    a.op(asm.LDX_W, dst=dst, src=0)
+
+
+def _tuple_key(a: Asm) -> None:
+    """The connection's key at fp - 40 (20 bytes; see
+    :func:`portshard.steering.inflight.tuple_key`): TCP ports, then the client as IPv6."""
+    a.op(asm.MOV64_REG, dst=1, src=6).op(asm.MOV64_IMM, dst=2, imm=0)
+    a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=-40)
+    a.op(asm.MOV64_IMM, dst=4, imm=4).call(BPF_FUNC_SKB_LOAD_BYTES)  # TCP ports (skb->data)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)
+    a.op(asm.LDX_W, dst=1, src=6, off=_MD_ETH_PROTOCOL)
+    a.jump(asm.JEQ_IMM, "v6", dst=1, imm=_ETH_P_IPV6_BE)
+    for off in (-36, -32):
+        a.op(asm.ST_W, dst=10, off=off, imm=0)
+    a.op(asm.ST_W, dst=10, off=-28, imm=_V4_MAPPED_WORD)  # ::ffff:a.b.c.d
+    _load_net(a, offset=12, to=-24, size=4)  # IPv4 source
+    a.jump(asm.JA, "keyed")
+    a.label("v6")
+    _load_net(a, offset=8, to=-36, size=16)  # IPv6 source
+    a.label("keyed")
+
+
+def _add(a: Asm, map_fd: int, key_off: int, delta: int) -> None:
+    """map[*(u32 *)(fp + key_off)] += delta, atomically (nothing if the lookup fails)."""
+    _lookup(a, map_fd, key_off)
+    skip = f"skip{a.here()}"
+    a.jump(asm.JEQ_IMM, skip, dst=0, imm=0)
+    a.op(asm.MOV64_IMM, dst=1, imm=delta).op(asm.ATOMIC_ADD_DW, dst=0, src=1)
+    a.label(skip)
+
+
+def _record(a: Asm, held_fd: int, syn_fd: int) -> None:
+    """``syn[tuple] = (slot, now)`` and ``held[slot] += 1`` for a new connection; a SYN seen
+    again (retransmitted, or a request migrated from a closing listener) moves its count to
+    the slot chosen now; an established connection migrating is not this map's."""
+    _tuple_key(a)
+    _lookup(a, syn_fd, -40)
+    a.jump(asm.JEQ_IMM, "fresh", dst=0, imm=0)
+    a.op(asm.LDX_W, dst=1, src=0).op(asm.LDX_W, dst=2, src=10, off=-8)
+    a.jump(asm.JEQ_REG, "out", dst=1, src=2)  # the same slot again
+    a.op(asm.STX_W, dst=10, src=1, off=-60)
+    _add(a, held_fd, -60, -1)
+    a.jump(asm.JA, "put")
+    a.label("fresh")
+    a.jump(asm.JNE_IMM, "out", dst=7, imm=0)  # r7: migrating_sk
+    a.label("put")
+    a.op(asm.LDX_W, dst=1, src=10, off=-8).op(asm.STX_W, dst=10, src=1, off=-56)
+    a.op(asm.ST_W, dst=10, off=-52, imm=0)
+    a.call(BPF_FUNC_KTIME_GET_NS).op(asm.STX_DW, dst=10, src=0, off=-48)
+    a.map_fd(1, syn_fd).op(asm.MOV64_REG, dst=2, src=10).op(asm.ADD64_IMM, dst=2, imm=-40)
+    a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=-56)
+    a.op(asm.MOV64_IMM, dst=4, imm=0).call(BPF_FUNC_MAP_UPDATE_ELEM)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # not recorded: not counted
+    _add(a, held_fd, -8, 1)
+
+
+def _load(a: Asm, held_fd: int, fix_fd: int, slot_reg: int, to: int) -> None:
+    """*(s64 *)(fp + to) = held[slot] - fix[slot]; a failed lookup goes to ``choose``."""
+    a.op(asm.STX_W, dst=10, src=slot_reg, off=-8)
+    _lookup(a, held_fd, -8)
+    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
+    a.op(asm.LDX_DW, dst=1, src=0).op(asm.STX_DW, dst=10, src=1, off=to)
+    _lookup(a, fix_fd, -8)
+    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
+    a.op(asm.LDX_DW, dst=2, src=0).op(asm.LDX_DW, dst=1, src=10, off=to)
+    a.op(asm.SUB64_REG, dst=1, src=2).op(asm.STX_DW, dst=10, src=1, off=to)
+
+
+def _load_net(a: Asm, offset: int, to: int, size: int) -> None:
+    a.op(asm.MOV64_REG, dst=1, src=6).op(asm.MOV64_IMM, dst=2, imm=offset)
+    a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=to)
+    a.op(asm.MOV64_IMM, dst=4, imm=size).op(asm.MOV64_IMM, dst=5, imm=_BPF_HDR_START_NET)
+    a.call(BPF_FUNC_SKB_LOAD_BYTES_RELATIVE)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)
+
+
 def steering_code(
     table_fd: int, sockarray_fd: int, counts_fd: int, buckets: int, *, flow: bool
 ) -> bytes:
-    """``table[active + x % buckets]`` is the slot key; select that slot's socket. ``x`` is the
-    kernel's flow hash of the packet if ``flow`` (UDP: a flow stays on its bucket), else a
-    random number (TCP: any spread will do for a new connection, as in the classic program).
+    """UDP: ``table[active + hash % buckets]`` is the slot key (the kernel's flow hash of the
+    packet, so a flow stays on its bucket); select that slot's socket.
 
     The table holds two copies of the bucket table (``[0, K)`` and ``[K, 2K)``) and, at index
     2K, the offset of the active one: the supervisor writes the other copy in one batch and
@@ -216,79 +397,88 @@ def steering_code(
     bpf() calls however many buckets change. If a lookup fails, or the slot has no socket (it
     just closed), the program selects nothing and the kernel falls back to its own hash.
 
-    For TCP, ``counts[slot]`` (u64) goes up by one for every new connection handed to the slot
-    (an atomic add: CPUs may run the program at once), not for one migrated from a closing
-    listener: the new connections per second that ``portshard status`` shows.
+    TCP uses :func:`tcp_code` (two choices by connections in flight).
     """
-    if flow:
-        x = insn(0x61, dst=2, src=6, off=_MD_HASH)  # w2 = ctx->hash
-    else:
-        x = insn(0x85, imm=BPF_FUNC_GET_PRANDOM_U32) + insn(0xBC, dst=2, src=0)  # w2 = random
-    count = b""
-    if not flow:  # TCP only (nobody reads UDP counts), and new connections only, not migrations
-        count = b"".join(
-            (
-                insn(0x55, dst=0, off=10, imm=0),  # if r0 != 0 goto out     (not selected)
-                insn(0x79, dst=1, src=6, off=_MD_MIGRATING_SK),  # r1 = ctx->migrating_sk
-                insn(0x55, dst=1, off=8, imm=0),  # if r1 != 0 goto out     (a migration)
-                _ld_map_fd(1, counts_fd),  # r1 = counts
-                insn(0xBF, dst=2, src=10),  # r2 = r10
-                insn(0x07, dst=2, imm=-8),  # r2 += -8                  (&slot)
-                insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &counts[slot] or NULL
-                insn(0x15, dst=0, off=2, imm=0),  # if r0 == 0 goto out
-                insn(0xB7, dst=1, imm=1),  # r1 = 1
-                insn(0xDB, dst=0, src=1),  # lock *(u64 *)r0 += r1
-            )
-        )
-    head = b"".join(
-        (
-            insn(0xBF, dst=6, src=1),  # r6 = ctx
-            insn(0x62, dst=10, off=-4, imm=2 * buckets),  # *(u32 *)(r10 - 4) = 2K
-            _ld_map_fd(1, table_fd),  # r1 = table
-            insn(0xBF, dst=2, src=10),  # r2 = r10
-            insn(0x07, dst=2, imm=-4),  # r2 += -4
-            insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &table[2K] or NULL
-        )
-    )
-    bucket = b"".join(
-        (
-            insn(0x61, dst=7, src=0),  # w7 = *(u32 *)r0            (active offset)
-            x,
-            insn(0x94, dst=2, imm=buckets),  # w2 %= K
-            insn(0x0C, dst=2, src=7),  # w2 += w7
-            insn(0x63, dst=10, src=2, off=-4),  # *(u32 *)(r10 - 4) = w2    (bucket)
-            _ld_map_fd(1, table_fd),  # r1 = table
-            insn(0xBF, dst=2, src=10),  # r2 = r10
-            insn(0x07, dst=2, imm=-4),  # r2 += -4
-            insn(0x85, imm=BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &table[bucket] or NULL
-        )
-    )
-    select = b"".join(
-        (
-            insn(0x61, dst=1, src=0),  # w1 = *(u32 *)r0            (slot key)
-            insn(0x63, dst=10, src=1, off=-8),  # *(u32 *)(r10 - 8) = w1
-            insn(0xBF, dst=1, src=6),  # r1 = ctx
-            _ld_map_fd(2, sockarray_fd),  # r2 = sockarray
-            insn(0xBF, dst=3, src=10),  # r3 = r10
-            insn(0x07, dst=3, imm=-8),  # r3 += -8                  (&slot)
-            insn(0xB7, dst=4, imm=0),  # r4 = 0                     (flags)
-            insn(0x85, imm=BPF_FUNC_SK_SELECT_REUSEPORT),
-            count,
-        )
-    )
-    out = insn(0xB7, dst=0, imm=SK_PASS) + insn(0x95)  # out: r0 = SK_PASS; exit
-    to_out_2 = len(select) // 8
-    to_out_1 = (len(bucket) + 8 + len(select)) // 8
-    return b"".join(
-        (
-            head,
-            insn(0x15, dst=0, off=to_out_1, imm=0),  # if r0 == 0 goto out
-            bucket,
-            insn(0x15, dst=0, off=to_out_2, imm=0),  # if r0 == 0 goto out
-            select,
-            out,
-        )
-    )
+    if not flow:
+        raise ValueError("TCP steering is tcp_code()")
+    a = Asm().op(asm.MOV64_REG, dst=6, src=1)
+    _active_bucket(a, table_fd, buckets)
+    a.op(asm.LDX_W, dst=2, src=6, off=_MD_HASH)  # w2 = ctx->hash
+    a.op(asm.MOD32_IMM, dst=2, imm=buckets).op(asm.ADD32_REG, dst=2, src=7)
+    a.op(asm.STX_W, dst=10, src=2, off=-4)
+    _lookup(a, table_fd, -4)
+    a.jump(asm.JEQ_IMM, "out", dst=0, imm=0)
+    a.op(asm.LDX_W, dst=8, src=0)
+    _select(a, sockarray_fd)
+    a.label("out").op(asm.MOV64_IMM, dst=0, imm=SK_PASS).op(asm.EXIT)
+    return a.code()
+
+
+def _select(a: Asm, sockarray_fd: int) -> None:
+    """sk_select_reuseport(ctx, sockarray, &w8); r0 = its result."""
+    a.op(asm.STX_W, dst=10, src=8, off=-8)  # *(u32 *)(fp - 8) = slot
+    a.op(asm.MOV64_REG, dst=1, src=6).map_fd(2, sockarray_fd)
+    a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=-8)
+    a.op(asm.MOV64_IMM, dst=4, imm=0).call(BPF_FUNC_SK_SELECT_REUSEPORT)
+
+
+def _compare(a: Asm, table_fd: int, buckets: int, loads: tuple[int, int, int]) -> None:
+    """w8 = the less loaded of w8 and a second draw (see :func:`tcp_code`)."""
+    held_fd, fix_fd, _ = loads
+    for _ in range(_DRAWS - 1):
+        _pick(a, table_fd, buckets, dst=9, fail="choose")
+        a.jump(asm.JNE_REG, "compare", dst=9, src=8)
+    a.jump(asm.JA, "choose")  # the same slot every time: it is most of the table
+    a.label("compare")
+    _load(a, held_fd, fix_fd, 8, -16)
+    _load(a, held_fd, fix_fd, 9, -24)
+    a.op(asm.LDX_DW, dst=1, src=10, off=-24).op(asm.LDX_DW, dst=2, src=10, off=-16)
+    a.jump(asm.JSGT_REG, "second", dst=2, src=1)  # load[first] > load[second]
+    a.jump(asm.JA, "choose")
+    a.label("second").op(asm.MOV64_REG, dst=8, src=9)
+
+
+def tcp_code(
+    table_fd: int,
+    sockarray_fd: int,
+    counts_fd: int,
+    loads: tuple[int, int, int],
+    buckets: int,
+    *,
+    compare: bool = True,
+) -> bytes:
+    """A new TCP connection goes to the less loaded of two slots drawn from the bucket table
+    (the power of two choices; the table carries weights and exclusions). ``loads`` are the
+    fds of ``held``, ``fix`` and ``syn`` (inflight.py): a slot's load is ``held[slot] -
+    fix[slot]``, its connections in flight (handed and not yet let go by its worker; ``fix``
+    is what the supervisor found stale); where the SOCK_OPS program cannot run, the
+    supervisor writes queue depths into ``held`` instead. The second draw is repeated while
+    it names the first's slot, up to ``_DRAWS - 1`` times (4 equal slots: 1 in 256
+    connections gets no choice); ties go to the first draw. ``compare=False``: the first draw
+    only (the benchmark's PORTSHARD_BALANCE=none).
+
+    Then, for a new connection (not one migrated from a closing listener): ``counts[slot]``
+    (u64) goes up by one (an atomic add: CPUs may run the program at once; the new
+    connections per second of ``portshard status``, and the "accepted since the last look"
+    of the policy), and the slot's load goes up at once, before the handshake completes, so
+    that a burst of SYNs (one RTT) does not all see the same counts (:func:`_record`).
+    """
+    held_fd, _, syn_fd = loads
+    a = Asm().op(asm.MOV64_REG, dst=6, src=1)
+    _active_bucket(a, table_fd, buckets)
+    _pick(a, table_fd, buckets, dst=8, fail="out")
+    if compare:  # else (PORTSHARD_BALANCE=none) the first draw, as the classic program
+        _compare(a, table_fd, buckets, loads)
+    a.label("choose")
+    _select(a, sockarray_fd)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # not selected
+    a.op(asm.LDX_DW, dst=7, src=6, off=_MD_MIGRATING_SK)
+    a.jump(asm.JNE_IMM, "record", dst=7, imm=0)  # a migration: not new
+    _add(a, counts_fd, -8, 1)
+    a.label("record")
+    _record(a, held_fd, syn_fd)
+    a.label("out").op(asm.MOV64_IMM, dst=0, imm=SK_PASS).op(asm.EXIT)
+    return a.code()
 
 
 class SteeringProgram:
@@ -300,7 +490,19 @@ class SteeringProgram:
     (replacing any program there).
     """
 
-    def __init__(self, buckets: int, *, flow: bool, slots: int = 1024) -> None:
+    def __init__(
+        self,
+        buckets: int,
+        *,
+        flow: bool,
+        slots: int = 1024,
+        loads: tuple[int, int, int] = (-1, -1, -1),
+        compare: bool = True,
+    ) -> None:
+        """``loads``: the fds of the in-flight maps ``held``, ``fix`` and ``syn``
+        (inflight.py) a TCP program reads and writes."""
+        if not flow and min(loads) < 0:
+            raise ValueError("a TCP steering program needs the in-flight maps")
         self.buckets = buckets
         self.table = Map(
             BPF_MAP_TYPE_ARRAY, 4, 2 * buckets + 1, b"portshard_table", "the bucket table"
@@ -309,9 +511,7 @@ class SteeringProgram:
         self.counts: Map | None = None
         self.prog_fd = -1
         try:
-            self.counts = Map(
-                BPF_MAP_TYPE_ARRAY, 8, slots, b"portshard_count", "the per-slot counters"
-            )
+            self.counts = Map.counters(slots, b"portshard_count", "the per-slot counters")
             self.socks = Map(
                 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
                 8,
@@ -319,7 +519,14 @@ class SteeringProgram:
                 b"portshard_socks",
                 "a REUSEPORT_SOCKARRAY map",
             )
-            code = steering_code(self.table.fd, self.socks.fd, self.counts.fd, buckets, flow=flow)
+            if flow:
+                code = steering_code(
+                    self.table.fd, self.socks.fd, self.counts.fd, buckets, flow=True
+                )
+            else:
+                code = tcp_code(
+                    self.table.fd, self.socks.fd, self.counts.fd, loads, buckets, compare=compare
+                )
             self.prog_fd = load_program(
                 code, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, b"portshard_steer"
             )
@@ -373,5 +580,5 @@ class SteeringProgram:
     def handed(self, slot: int) -> int:
         """New TCP connections handed to ``slot`` since the program was loaded (a UDP
         program does not count)."""
-        assert self.counts is not None
-        return self.counts.lookup_u64(slot)
+        assert self.counts is not None and self.counts.view is not None
+        return int(self.counts.view[slot])

@@ -63,6 +63,8 @@ class Params:
     overload_queue: int = 8  # an overloaded slot has at least this many queued connections
     overload_ratio: float = 4.0  # ... and this many times the rest's queue per unit of share
     recover_queue: int = 1  # an overloaded slot is back once its queue is down to this
+    stall_ratio: float = 3.0  # without handed counts: a stall needs this x the rest's queue
+    stall_rest: float = 0.5  # ... and the slots left must have this x its share between them
     epoch: int = 15  # samples (of 20 ms) between weight decisions
     cut_out: float = 0.3  # weights are cut for a slot out at least this part of the epoch
     cut_rest: float = 3.0  # ... and this many times the rest's part (+ margin)
@@ -77,6 +79,7 @@ class Observation:
     pid: int | None
     health: Health
     queued: int | None = None  # TCP accept-queue depth now; None when not sampled
+    handed: int | None = None  # new TCP connections handed to it so far (eBPF counts them)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class _Track:
     back_why: str = ""  # why it came back in, for the log line
     recovered: bool = False  # ... because its queue drained (not because a worker is ready)
     queued: int = 0
+    last: tuple[int, int | None] | None = None  # (queued, handed) at the last look
+    stalled: bool = False  # out until its queue is empty
     samples: int = 0  # in this epoch, while ready
     out: int = 0  # ... of which overloaded
     verdict: Verdict | None = None
@@ -161,6 +166,7 @@ class Policy:
             t = self._tracks.setdefault(o.slot, _Track())
             if t.health is not o.health:
                 t.samples = t.out = 0  # an epoch counts only what a ready worker did
+                t.last = None  # "since the last look" starts again
             t.pid = o.pid
             if o.health is not t.health and o.health is Health.READY:
                 t.recovered = False
@@ -171,7 +177,7 @@ class Policy:
                 )
             t.health = o.health
             if o.health is not Health.READY:
-                t.overloaded = False  # judged afresh once a worker serves it again
+                t.overloaded = t.stalled = False  # judged afresh once a worker serves it again
         sampled = [o for o in obs if o.queued is not None and o.health is Health.READY]
         if sampled:
             self._sample(sampled, changes)
@@ -186,8 +192,8 @@ class Policy:
         for o in sampled:
             t = self._tracks[o.slot]
             t.queued = o.queued or 0
-            if t.overloaded and t.queued <= p.recover_queue:
-                t.overloaded = False
+            if t.overloaded and t.queued <= (0 if t.stalled else p.recover_queue):
+                t.overloaded = t.stalled = False
                 t.recovered = True
                 t.back_why = "its queue drained"
         # Compare each serving slot with the rest of the serving slots.
@@ -211,14 +217,59 @@ class Policy:
                     f"{rest_queue} for the rest"
                 )
                 serving.remove(slot)
+        self._stalls(sampled, shares)
         for o in sampled:
             t = self._tracks[o.slot]
             t.samples += 1
             t.out += t.overloaded
+            t.last = (t.queued, o.handed)
         self._samples += 1
         if self._samples >= p.epoch:
             self._samples = 0
             self._weigh([o.slot for o in sampled], changes)
+
+    def _stalls(self, sampled: Sequence[Observation], shares: dict[int, float]) -> None:
+        """Out at once: a slot whose queue holds connections while it accepted none since the
+        last look (with handed counts: ``handed - handed' - (queued - queued')`` is what it
+        accepted; without, a queue that grew to 2 or more and is ``stall_ratio`` x the rest's
+        per unit of share, so that equal busy workers or a steady queue are not taken for a
+        stall). Not when the slots left have less than ``stall_rest`` x its share between
+        them: a healthy worker descheduled for a look (a busy machine) would hand its whole
+        share to a slow one whose weight was cut (measured: 0.44x of a shared queue)."""
+        p = self.params
+        for o in sampled:
+            t = self._tracks[o.slot]
+            if t.overloaded or t.last is None or not t.queued or o.slot not in shares:
+                continue
+            serving = [s for s in shares if s != o.slot and not self._tracks[s].overloaded]
+            if sum(shares[s] for s in serving) < p.stall_rest * shares[o.slot]:
+                continue  # its share would go to slots cut for falling behind: worse
+            was_queued, was_handed = t.last
+            if o.handed is not None and was_handed is not None:
+                if o.handed - was_handed - (t.queued - was_queued) > 0:
+                    continue  # it accepted some
+            else:
+                rest = [s for s in shares if s != o.slot and s in self._tracks]
+                rest_share = sum(shares[s] for s in rest)
+                rest_queue = sum(self._tracks[s].queued for s in rest)
+                if t.queued <= max(was_queued, 1) or rest_share <= 0:
+                    continue
+                if t.queued / shares[o.slot] < p.stall_ratio * (rest_queue + 1) / rest_share:
+                    continue
+            if not self._others_serve(o.slot):
+                continue  # never the last one out
+            t.overloaded = t.stalled = True
+            t.overload_why = (
+                f"stalled: {t.queued} queued and none accepted since the last look"
+                if o.handed is not None
+                else f"stalled: its queue grew from {was_queued} to {t.queued}, the rest shorter"
+            )
+
+    def _others_serve(self, slot: int) -> bool:
+        return any(
+            s != slot and t.health is Health.READY and not t.overloaded
+            for s, t in self._tracks.items()
+        )
 
     def _weigh(self, slots: list[int], changes: list[Change]) -> None:
         """End of an epoch: cut the weight of a slot that was out much more than the rest,

@@ -37,6 +37,7 @@ from ..linux import proc, sockdiag, tcpinfo
 from ..linux.cgroup import Trees
 from ..linux.proc import cpu_seconds as worker_cpu
 from ..steering.controller import Steering, migrate_req
+from ..steering.held import HeldWalk
 from .config import Config
 from .fleet import Fleet, Outcome
 from .history import listen_drop_counters
@@ -106,6 +107,7 @@ class Supervisor:
         self.web: WebServer | None = None
         self.started = time.monotonic()
         self._next_sample = 0.0
+        self._held_walk = HeldWalk()  # per-connection counts: less often as they grow
         self._connections: dict[int, int | None] = {}  # slot -> connections, last sample
         self._handed: tuple[float, dict[int, int]] | None = None  # eBPF counters, last sample
         self._new_per_s: dict[int, float] = {}  # slot -> new connections/s, last second
@@ -337,22 +339,31 @@ class Supervisor:
     # ---- sampling ----------------------------------------------------------------------------
 
     def _sample(self) -> None:
-        """Once a second: each slot's queue depth and the connections its worker holds."""
+        """Once a second: each slot's queue depth and the connections its worker holds (from
+        the kernel's in-flight counts where eBPF steering has them, at a cost per slot; else
+        walked per connection, less often as they grow: steering/held.py)."""
         ports = self.fx.tcp_ports()
         workers = {slot.index: w for slot in self.fleet.slots if (w := slot.serving()) is not None}
-        # Most of the time a worker holds no socket but its listeners: no table walk at all.
-        busy = [w.pid for w in workers.values() if ports and self._holds_sockets(w)]
-        try:
-            counts = sockdiag.connections_by_pid(busy, ports=ports) if busy else {}
-        except (OSError, InspectError):
-            counts = {}
+        steering = self.fx.steering
+        in_flight = steering.in_flight() if steering is not None else None
+        if in_flight is None and self._held_walk.due(now := time.monotonic()):
+            # Most of the time a worker holds no socket but its listeners: no table walk.
+            busy = [w.pid for w in workers.values() if ports and self._holds_sockets(w)]
+            try:
+                walked = sockdiag.connections_by_pid(busy, ports=ports) if busy else {}
+            except (OSError, InspectError):
+                walked = {}
+            self._held_walk.done(now, walked, time.monotonic() - now)
+        counts = self._held_walk.counts
         self._rate_new_connections()
         rows = []
         for slot in self.fleet.slots:
             w = workers.get(slot.index)
-            conns = counts.get(w.pid, 0) if w is not None and ports else None
-            self._connections[slot.index] = conns
             queued = sum(tcpinfo.queue_depth(sock).queued for sock in slot.queue_fds())
+            conns = counts.get(w.pid, 0) if w is not None and ports else None
+            if in_flight is not None and w is not None and ports:
+                conns = max(0, in_flight.get(slot.index, 0) - queued)
+            self._connections[slot.index] = conns
             rows.append(
                 {
                     "slot": slot.index,

@@ -1,0 +1,284 @@
+"""Steering at every concurrency (issue 11): a sweep, long-lived connections, and a heat map.
+
+    sudo .venv/bin/python bench/experiments/steering_sweep.py                  # the full sweep
+    sudo .venv/bin/python bench/experiments/steering_sweep.py --workers 4 --inflight 8,64 \\
+        --kinds stall,none --rounds 3                                           # a subset
+
+Cells: workers (2, 4) x connections in flight (4, 8, 16, 64, 256) x slow kind:
+
+- ``stall``: one worker sleeps 50 ms on every 10th request;
+- ``x3``: one worker is always 3x slower (it burns twice what each request took);
+- ``hog``: one worker shares its CPU (pinned to CPU 1) with a busy-looping process;
+- ``none``: every worker equal.
+
+Configurations: the shared accept queue, plain reuseport, and ``portshard run`` with each
+steering backend (``ebpf``; ``ebpf-queue`` and ``ebpf-none`` compare supervisor-written queue
+depths or nothing instead of the kernel's in-flight counts, to measure those options; ``cbpf``).
+Each run is steering_bench.py's (its own network namespace, the C closed-loop client
+load/steering_load.c, a new connection per request, raw per-request timings): the first
+``--warmup`` seconds (2) are the cold start, reported apart (``cold_p99_ms``, from the
+supervisor's start); the next ``--seconds`` are the steady state. Ratios are paired within a
+round: requests/s and p99 against the shared queue, and for ``none`` requests/s against plain
+reuseport and Jain's index. Configurations run interleaved, rotating each round.
+
+``--keepalive``: 200 connections opened at once over 4 workers holding them
+(workers/holder.py), each then asks which worker holds it: max/min held per worker with equal
+workers, and the slow worker's share with one 3x slower, for each configuration.
+
+Writes bench/results/steering_sweep.json and steering_sweep.png (a heat map of the ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+import steering_bench as sb  # noqa: E402  (a sibling script, not a package module)
+
+KINDS = {
+    "stall": {"slow": "sleep", "every": 10},
+    "x3": {"slow": "x3"},
+    "hog": {"slow": "hog"},
+    "none": {"slow": ""},
+}
+CONFIGS = ["shared", "plain", "ebpf", "cbpf"]
+HOLDER = ROOT / "bench" / "workers" / "holder.py"
+
+
+def cell_name(workers: int, inflight: int, kind: str) -> str:
+    return f"w{workers}-c{inflight}-{kind}"
+
+
+def run_cell(workers: int, inflight: int, kind: str, config: str, args: Any) -> dict[str, Any]:
+    scenario = {"workers": workers, **KINDS[kind]}
+    name = cell_name(workers, inflight, kind)
+    result = sb.run_one(name, config, args.seconds, args.warmup, args.load, scenario, inflight)
+    result.update(workers=workers, inflight=inflight, kind=kind)
+    return result
+
+
+def run_keepalive(config: str, kind: str) -> dict[str, Any]:
+    """200 connections at once over 4 holders; who holds each (asked over the connection)."""
+    scenario = {"workers": 4, "slow": "x3" if kind == "x3" else ""}
+    sb.WORKER = HOLDER
+    tmp = Path(tempfile.mkdtemp(prefix="ps-sweep-"))
+    server = sb.Server(config, scenario, tmp)
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            conns.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        for conn in conns:
+            conn.sendall(b"?")
+        held = Counter(int(conn.recv(16).split()[0]) for conn in conns)
+    finally:
+        for conn in conns:
+            conn.close()
+        server.stop()
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    counts = [held.get(slot, 0) for slot in range(4)]
+    return {
+        "config": config,
+        "kind": kind,
+        "held": counts,
+        "max_over_min": max(counts) / max(1, min(counts)),
+        "slow_share_of_equal": counts[3] / (200 / 4),
+    }
+
+
+def isolated(inner: list[str]) -> dict[str, Any]:
+    cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    cmd += [sys.executable, str(Path(__file__).resolve()), *inner]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode:
+        raise RuntimeError(f"{inner} failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+# ---- ratios, tables, the heat map ----------------------------------------------------------
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """cell -> config -> {rps, p99, cold_p99 (vs shared), rps_plain (vs plain), jain}."""
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for r in results:
+        if "inflight" not in r:
+            continue
+        cell = cell_name(r["workers"], r["inflight"], r["kind"])
+        same = [x for x in results if x.get("round") == r["round"] and x["scenario"] == cell]
+        base = {x["config"]: x for x in same}
+        entry = out.setdefault(cell, {}).setdefault(r["config"], {})
+        if "shared" in base and base["shared"]["rps"] > 0:
+            s = base["shared"]
+            entry.setdefault("rps", []).append(r["rps"] / s["rps"])
+            entry.setdefault("p99", []).append(r["p99_ms"] / s["p99_ms"])
+            entry.setdefault("cold_p99", []).append(r["cold_p99_ms"] / s["cold_p99_ms"])
+        if "plain" in base and base["plain"]["rps"] > 0:
+            entry.setdefault("rps_plain", []).append(r["rps"] / base["plain"]["rps"])
+        entry.setdefault("jain", []).append(r["jain"])
+    return out
+
+
+def med(values: list[float]) -> float:
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def table(results: list[dict[str, Any]], configs: list[str]) -> str:
+    rat = ratios(results)
+    shown = [c for c in configs if c != "shared"]
+    head = "| cell | " + " | ".join(f"{c}: req/s, p99, cold p99" for c in shown) + " |"
+    lines = [head, "|" + "---|" * (len(shown) + 1)]
+    for cell in sorted(rat, key=_cell_key):
+        row = [cell]
+        for config in shown:
+            e = rat[cell].get(config, {})
+            if cell.endswith("none"):
+                row.append(
+                    f"{med(e.get('rps_plain', [])):.2f}x plain, jain {med(e.get('jain', [])):.3f}"
+                )
+            else:
+                row.append(
+                    f"{med(e.get('rps', [])):.2f}x, {med(e.get('p99', [])):.2f}x, "
+                    f"{med(e.get('cold_p99', [])):.2f}x"
+                )
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _cell_key(cell: str) -> tuple[str, int, int]:
+    w, c, kind = cell.split("-")
+    return (kind, int(w[1:]), int(c[1:]))
+
+
+def heat_map(results: list[dict[str, Any]], configs: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rat = ratios(results)
+    shown = [c for c in configs if c != "shared"]
+    rows = sorted({(r["kind"], r["workers"]) for r in results if "inflight" in r})
+    cols = sorted({r["inflight"] for r in results if "inflight" in r})
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 0.5 * len(rows) + 1.8))
+    axes = axes if len(shown) > 1 else [axes]
+    for ax, config in zip(axes, shown, strict=True):
+        grid = [[float("nan")] * len(cols) for _ in rows]
+        for i, (kind, workers) in enumerate(rows):
+            for j, inflight in enumerate(cols):
+                e = rat.get(cell_name(workers, inflight, kind), {}).get(config, {})
+                key = "rps_plain" if kind == "none" else "rps"
+                value, p99 = med(e.get(key, [])), med(e.get("p99", []))
+                grid[i][j] = value
+                if value == value:
+                    text = f"{value:.2f}" if kind == "none" else f"{value:.2f}\np99 {p99:.1f}x"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7)
+        ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=1.1, aspect="auto")
+        ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+        ax.set_yticks(range(len(rows)), [f"{k}, {w} workers" for k, w in rows])
+        ax.set_xlabel("connections in flight")
+        ax.set_title(f"{config}: req/s vs shared queue\n(none: vs plain reuseport)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- the orchestrator --------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--workers", default="2,4")
+    parser.add_argument("--inflight", default="4,8,16,64,256")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--keepalive", action="store_true", help="also the long-lived spread")
+    parser.add_argument("--keepalive-only", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "steering_sweep.json"))
+    parser.add_argument("--cell", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--held", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--load", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cell:
+        w, c, kind, config = args.cell
+        print(json.dumps(run_cell(int(w), int(c), kind, config, args)))
+        return
+    if args.held:
+        print(json.dumps(run_keepalive(*args.held)))
+        return
+    if os.geteuid() != 0:
+        sys.exit("steering_sweep: needs root (each run gets its own network namespace)")
+    configs = args.configs.split(",")
+    results: list[dict[str, Any]] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ps-sweep-") as tmp:
+        load = sb.build_load(Path(tmp))
+        cells = [
+            (int(w), int(c), kind)
+            for kind in args.kinds.split(",")
+            for w in args.workers.split(",")
+            for c in args.inflight.split(",")
+        ]
+        for rnd in range(0 if args.keepalive_only else args.rounds):
+            for w, c, kind in cells:
+                k = rnd % len(configs)
+                for config in configs[k:] + configs[:k]:
+                    inner = ["--cell", str(w), str(c), kind, config, "--load", load]
+                    inner += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+                    r = isolated(inner)
+                    r.update(round=rnd, load_average=load_average())
+                    results.append(r)
+                    print(
+                        f"round {rnd} {cell_name(w, c, kind):14} {config:10} {r['rps']:8.0f} "
+                        f"req/s p99 {r['p99_ms']:7.2f} ms cold p99 {r['cold_p99_ms']:7.2f} ms "
+                        f"jain {r['jain']:.3f} load {r['load_average']}",
+                        flush=True,
+                    )
+                out.write_text(json.dumps({"results": results}, indent=1))
+    spread = []
+    if args.keepalive or args.keepalive_only:
+        for rnd in range(args.rounds):
+            for kind in ("none", "x3"):
+                for config in [c for c in configs if c != "ebpf-none"]:
+                    r = isolated(["--held", config, kind])
+                    r.update(round=rnd, load_average=load_average())
+                    spread.append(r)
+                    print(f"keepalive {kind:4} {config:10} held {r['held']}", flush=True)
+    meta = {"kernel": os.uname().release, "cpus": os.cpu_count(), "seconds": args.seconds}
+    if results:
+        print(table(results, configs))
+        heat_map(results, configs, out.with_suffix(".png"))
+    out.write_text(
+        json.dumps(
+            {"meta": meta, "results": results, "ratios": ratios(results), "keepalive": spread},
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
