@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the fleet starts these procedures; they only call back into
 
 log = logging.getLogger("portshard.supervisor")
 
-__all__ = ["await_exit", "boot", "drain", "drain_all", "reload", "scale", "stop"]
+__all__ = ["await_exit", "boot", "drain", "drain_all", "drain_host", "reload", "scale", "stop"]
 
 FREEZE_SPIN = 0.005  # s to wait inline for a tree to stop (usually microseconds)
 
@@ -294,3 +294,18 @@ def await_exit(fleet: Fleet) -> Task:
     if fleet.state is not SupervisorState.STOPPED:  # SIGQUIT during a stop waits too
         fleet.fire_supervisor(SupervisorEvent.ALL_EXITED)
     fleet.exit_code = 1 if fleet.fatal else fleet.stop_code
+    fleet.end_drain()
+
+
+# ---- a host drain --------------------------------------------------------------------------
+
+
+def drain_host(fleet: Fleet, settle: float) -> Task:
+    """Health says draining from now (the state is DRAINING); the sockets keep accepting for
+    ``settle`` s, so what the balancers send before they notice is served; then the stop. A
+    stop, a quit or the deadline meanwhile ends the wait (the state moved on)."""
+    fleet.fx.notify("stopping")
+    yield Until(lambda: fleet.state is not SupervisorState.DRAINING, fleet.fx.now() + settle)
+    if fleet.state is SupervisorState.DRAINING:
+        log.info("drain: settle time over; taking no new connections")
+        fleet.fire_supervisor(SupervisorEvent.SETTLED)
