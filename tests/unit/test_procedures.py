@@ -48,6 +48,7 @@ class FakeEffects:
         self.replies: list[tuple[Connection, bytes]] = []
         self.rescued: list[int] = []
         self.syns_dropped_at: float | None = None  # when the stop's SYN-drop filter went on
+        self.clients = False  # a drain --wait client is still running
 
     def now(self) -> float:
         return self.clock
@@ -115,6 +116,9 @@ class FakeEffects:
 
     def reply(self, conn: Connection, data: bytes) -> None:
         self.replies.append((conn, data))
+
+    def clients_gone(self, conns: list[Connection]) -> bool:
+        return not self.clients
 
     def sent(self, pid: int) -> list[int]:
         return [sig for p, sig in self.signals if p == pid]
@@ -455,11 +459,17 @@ def test_drain_keeps_serving_for_the_settle_time_then_stops_and_replies() -> Non
         assert world.fx.syns_dropped_at is not None
         world.turn()
         assert all(signal.SIGKILL in world.fx.sent(pid) for pid in pids)  # idle: retired
+        world.fx.clients = True  # `drain --wait` has not read its reply and exited yet
         world.obey()
         world.turn()
-        assert world.fleet.exit_code == 0 and world.fleet.state is SupervisorState.STOPPED
+        assert world.fleet.state is SupervisorState.STOPPED and world.fleet.exit_code is None
         ((to, reply),) = world.fx.replies
         assert to is conn and b'"drained":true' in reply
+        world.turn(1.0)
+        assert world.fleet.exit_code is None  # PID 1 in a container: its exit kills the client
+        world.fx.clients = False
+        world.turn()
+        assert world.fleet.exit_code == 0
     finally:
         conn.sock.close()
 

@@ -398,13 +398,14 @@ class Fleet:
         log.error("drain: internal error; stopping now", exc_info=exc)
         self.stop()
 
-    def end_drain(self) -> None:
-        """Every worker has exited: tell who waits for the drain."""
-        if self.draining is not None:
-            reply = self.draining.reply(self.fx.now(), self.fatal)
-            for conn in self.draining.waiters:
-                self.fx.reply(conn, reply)
-            self.draining.waiters.clear()
+    def end_drain(self) -> list[Connection]:
+        """Every worker has exited: tell who waits for the drain; return them."""
+        if self.draining is None:
+            return []
+        reply = self.draining.reply(self.fx.now(), self.fatal)
+        for conn in self.draining.waiters:
+            self.fx.reply(conn, reply)
+        return self.draining.waiters
 
     def quit(self) -> None:
         """Kill every worker now (SIGQUIT, a second SIGTERM)."""

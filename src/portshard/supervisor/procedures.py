@@ -32,6 +32,7 @@ log = logging.getLogger("portshard.supervisor")
 __all__ = ["await_exit", "boot", "drain", "drain_all", "drain_host", "reload", "scale", "stop"]
 
 FREEZE_SPIN = 0.005  # s to wait inline for a tree to stop (usually microseconds)
+CLIENTS_EXIT = 2.0  # s the supervisor waits for `drain --wait` clients to exit before it does
 
 
 def boot(fleet: Fleet) -> Task:
@@ -293,8 +294,13 @@ def await_exit(fleet: Fleet) -> Task:
     log.info("stopped")
     if fleet.state is not SupervisorState.STOPPED:  # SIGQUIT during a stop waits too
         fleet.fire_supervisor(SupervisorEvent.ALL_EXITED)
+    waiters = fleet.end_drain()
+    if waiters:
+        # In a container the supervisor is PID 1: its exit kills every process of the PID
+        # namespace, a preStop hook's `portshard drain --wait` too (kubelet would report the
+        # hook failed). Let the waiting clients read the reply and exit first, briefly.
+        yield Until(lambda: fleet.fx.clients_gone(waiters), fleet.fx.now() + CLIENTS_EXIT)
     fleet.exit_code = 1 if fleet.fatal else fleet.stop_code
-    fleet.end_drain()
 
 
 # ---- a host drain --------------------------------------------------------------------------
