@@ -35,6 +35,13 @@ class DrainRequest:
     deadline: float | None = None  # s from the request to kill what is left (None: no bound)
     wait: bool = False  # the reply comes when the supervisor has stopped
 
+    def describe(self) -> str:
+        deadline = f", deadline {self.deadline:g}s" if self.deadline is not None else ""
+        return (
+            f"draining: health says so now; new connections are taken for {self.settle:g}s "
+            f"more{deadline}"
+        )
+
 
 def _seconds(request: dict[str, Any], key: str, *, low: float) -> float | None:
     value = request.get(key)

@@ -373,18 +373,13 @@ class Fleet:
         self.fire_supervisor(SupervisorEvent.STOP)
 
     def drain(self, req: DrainRequest, waiter: Connection | None = None) -> None:
-        """portshard drain: health says draining at once, the sockets accept for the settle
-        time, then the stop; a deadline kills what is left. A second drain (or one during a
-        stop) joins: it waits for the same end, and the earlier deadline wins."""
+        """portshard drain (drain.py, procedures.drain_host); a second one, or one during a
+        stop, joins: it waits for the same end, and the earlier deadline wins."""
         now = self.fx.now()
         if self.draining is None:
             self.draining = Drain(req.settle, now)
-            log.info(
-                "draining: health says so now; new connections are taken for %gs more%s",
-                req.settle,
-                f", deadline {req.deadline:g}s" if req.deadline is not None else "",
-            )
-            self.history.event("drain", f"drain: settle {req.settle:g}s")
+            log.info("%s", req.describe())
+            self.history.event("drain", req.describe())
         self.draining.join(req, now, waiter)
         self.fire_supervisor(SupervisorEvent.DRAIN)
 
@@ -397,15 +392,6 @@ class Fleet:
     def _drain_failed(self, exc: Exception) -> None:
         log.error("drain: internal error; stopping now", exc_info=exc)
         self.stop()
-
-    def end_drain(self) -> list[Connection]:
-        """Every worker has exited: tell who waits for the drain; return them."""
-        if self.draining is None:
-            return []
-        reply = self.draining.reply(self.fx.now(), self.fatal)
-        for conn in self.draining.waiters:
-            self.fx.reply(conn, reply)
-        return self.draining.waiters
 
     def quit(self) -> None:
         """Kill every worker now (SIGQUIT, a second SIGTERM)."""

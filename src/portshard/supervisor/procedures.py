@@ -294,7 +294,11 @@ def await_exit(fleet: Fleet) -> Task:
     log.info("stopped")
     if fleet.state is not SupervisorState.STOPPED:  # SIGQUIT during a stop waits too
         fleet.fire_supervisor(SupervisorEvent.ALL_EXITED)
-    waiters = fleet.end_drain()
+    waiters = fleet.draining.waiters if fleet.draining else []
+    if fleet.draining is not None:  # tell who waits for the drain
+        reply = fleet.draining.reply(fleet.fx.now(), fleet.fatal)
+        for conn in waiters:
+            fleet.fx.reply(conn, reply)
     if waiters:
         # In a container the supervisor is PID 1: its exit kills every process of the PID
         # namespace, a preStop hook's `portshard drain --wait` too (kubelet would report the
