@@ -6,13 +6,23 @@ the same behind HAProxy and nftables: tests/integration/test_netbed.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 
-from tests.conftest import wait_until
+import pytest
+import yaml
+from bench.netbed.netns import call_in, exec_prefix, namespaces
+
+from tests.conftest import ROOT, wait_until
 from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, Start, no_process_left
+
+from .conftest import need
+
+MANIFEST = ROOT / "examples" / "k8s" / "deployment.yaml"
 
 
 def exchange(port: int, request: bytes) -> bytes:
@@ -139,3 +149,56 @@ def test_health_address_errors_name_the_option(start: Start) -> None:
     )
     assert res.returncode != 0 and "--health 'nope:x'" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a network namespace of its own)")
+def test_the_kubernetes_example_runs_as_written() -> None:
+    """examples/k8s/deployment.yaml's container command, readiness probe and preStop hook,
+    run literally (only the name made unique and the paths made local) in a network namespace
+    of the test's own: the probe is 200, the hook drains (the probe 503 at once), the
+    supervisor exits 0 within terminationGracePeriodSeconds."""
+    need("ip")
+    manifest = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+    pod = next(d for d in manifest if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    name = f"k8s{uuid.uuid4().hex[:8]}"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    probe = c["readinessProbe"]["httpGet"]
+    local = {"portshard": " ".join(PORTSHARD), "python3": sys.executable, "hello": name}
+    local["/app/hello_pid.py"] = str(ROOT / "examples" / "hello_pid.py")
+
+    def here(argv: list[str]) -> list[str]:
+        return [w for a in argv for w in local.get(a, a).split(" ")]
+
+    def ready() -> int:
+        request = f"GET {probe['path']} HTTP/1.1\r\nHost: kubelet\r\n\r\n".encode()
+        try:
+            reply = call_in(name, lambda: exchange(ports[probe["port"]], request))
+        except OSError:
+            return 0
+        return int(reply.split()[1])
+
+    with namespaces([name]):
+        log = open(f"/tmp/{name}.log", "wb")  # noqa: SIM115 - closed below
+        sup = subprocess.Popen(
+            [*exec_prefix(name), *here(c["command"])], stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_until(lambda: ready() == 200, 30, "the readiness probe")
+            hook = subprocess.Popen(
+                here(c["lifecycle"]["preStop"]["exec"]["command"]),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            wait_until(lambda: ready() == 503, 10, "the probe failing")  # out at the first
+            out, err = hook.communicate(timeout=pod["terminationGracePeriodSeconds"])
+            assert hook.returncode == 0, err
+            assert "drained in" in out
+            assert sup.wait(10) == 0
+        finally:
+            if sup.poll() is None:
+                sup.kill()
+                sup.wait(10)
+            log.close()
+            os.unlink(f"/tmp/{name}.log")
