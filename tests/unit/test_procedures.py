@@ -467,6 +467,8 @@ def test_drain_keeps_serving_for_the_settle_time_then_stops_and_replies() -> Non
         assert to is conn and b'"drained":true' in reply
         world.turn(1.0)
         assert world.fleet.exit_code is None  # PID 1 in a container: its exit kills the client
+        with pytest.raises(ControlError, match="stopped already"):
+            world.fleet.drain(DrainRequest())  # meanwhile: refused, not an internal error
         world.fx.clients = False
         world.turn()
         assert world.fleet.exit_code == 0

@@ -375,6 +375,8 @@ class Fleet:
     def drain(self, req: DrainRequest, waiter: Connection | None = None) -> None:
         """portshard drain (drain.py, procedures.drain_host); a second one, or one during a
         stop, joins: it waits for the same end, and the earlier deadline wins."""
+        if self.state is SupervisorState.STOPPED:  # every worker gone, exiting
+            raise ControlError("the supervisor has stopped already; nothing to drain")
         now = self.fx.now()
         if self.draining is None:
             self.draining = Drain(req.settle, now)
