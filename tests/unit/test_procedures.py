@@ -476,6 +476,23 @@ def test_drain_keeps_serving_for_the_settle_time_then_stops_and_replies() -> Non
         conn.sock.close()
 
 
+def test_a_drain_done_in_time_exits_zero_even_if_its_deadline_passes_while_exiting() -> None:
+    world = World(1)
+    world.boot()
+    world.fleet.drain(DrainRequest(settle=1.0, deadline=2.0, wait=True), _waiter())
+    world.turn(1.1)
+    world.turn()
+    world.fx.clients = True  # the client reads its reply slowly
+    world.obey()
+    world.turn()
+    assert world.fleet.state is SupervisorState.STOPPED and world.fleet.deadline_at is None
+    world.turn(1.5)  # past the deadline, still waiting for the client
+    world.fx.clients = False
+    world.turn()
+    assert world.fleet.exit_code == 0 and b'"drained":true' in world.fx.replies[0][1]
+    world.fx.replies[0][0].sock.close()
+
+
 def test_a_worker_that_crashes_while_the_drain_settles_is_respawned() -> None:
     world = World(2)
     world.boot()

@@ -212,7 +212,7 @@ SUPERVISOR_TABLE: dict[
     (_P.DRAINING, _PE.SETTLED): (_P.STOPPING, (_A.CANCEL_RESPAWNS, _A.BEGIN_STOP)),
     (_P.DRAINING, _PE.DEADLINE): (_P.STOPPING, (*_DEADLINE, _A.AWAIT_EXIT)),
     (_P.STOPPING, _PE.DEADLINE): (_P.STOPPING, _DEADLINE),
-    (_P.STOPPING, _PE.ALL_EXITED): (_P.STOPPED, ()),
+    (_P.STOPPING, _PE.ALL_EXITED): (_P.STOPPED, (_A.DISARM_DEADLINE,)),  # in time
 }
 
 # What `status` shows for a slot: its serving worker's state, else the slot's own; in this
