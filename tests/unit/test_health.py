@@ -7,10 +7,11 @@ import selectors
 import socket
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from portshard.errors import SupervisorError
+from portshard.errors import ConfigError, SupervisorError
 from portshard.health import (
     LIMITS,
     HealthServer,
@@ -21,6 +22,8 @@ from portshard.health import (
     respond,
     weight_percent,
 )
+from portshard.supervisor.config import load
+from portshard.supervisor.settings import BY_FIELD
 from portshard.supervisor.state import SupervisorState
 from portshard.supervisor.status import SlotStatus, Status, shown_state
 
@@ -188,3 +191,14 @@ def test_the_supervisors_status_says_its_health(
     st = _status(state, *shown)
     assert st.health_snapshot() == expected
     assert Status.from_json(st.to_json()).health_snapshot() == expected  # status --json too
+
+
+def test_health_setting_comes_from_the_schema_like_metrics(tmp_path: Path) -> None:
+    cli = {"command": ("srv",), "listen": ("tcp://:0",)}
+    assert load({**cli, "health": "0.0.0.0:9100"}).health == "0.0.0.0:9100"
+    conf = tmp_path / "ps.toml"
+    conf.write_text('command = ["srv"]\nlisten = ["tcp://:0"]\nhealth = 9100\n')
+    assert load({"config": str(conf)}).health == "9100"  # a port: loopback
+    with pytest.raises(ConfigError, match="--health 'nope:x'"):
+        load({**cli, "health": "nope:x"})
+    assert not BY_FIELD["health"].reloadable
