@@ -10,10 +10,11 @@ in network namespaces it deletes again), then:
    with min-max, and the ratio to direct paired within each round.
 2. **Rolling reload** of all three hosts (``portshard reload --wait``, one after another) under
    a connection-per-request load through both virtual addresses: failed requests per balancer.
-3. **Drain**: host h2 reports draining; how long until each balancer stops sending it new
-   connections (the last request it served, from when it said so), then ``portshard stop``
-   after the balancers' interval, ``portshard run`` again, and how long until each sends to it
-   again; failed requests per balancer.
+3. **Drain**: ``portshard drain --wait`` on host h2 (``--settle`` 2 s); how long until each
+   balancer stops sending it new connections (the last request it served, from the drain
+   command), how long the whole drain took (until the supervisor had stopped), then
+   ``portshard run`` again and how long until each sends to it again; failed requests per
+   balancer.
 
 Prints a Markdown table and writes every figure to ``--out`` (bench/results/netbed.json).
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load.wrk import Wrk
-from bench.netbed.bed import PORT, SETTLE, VIP_HAPROXY, VIP_NFT, Bed, NsLoad
+from bench.netbed.bed import DRAIN_SETTLE, PORT, SETTLE, VIP_HAPROXY, VIP_NFT, Bed, NsLoad
 from bench.netbed.netns import exec_prefix, leftover
 from bench.procs import ROOT
 
@@ -115,10 +116,10 @@ def drain(bed: Bed) -> dict[str, Any]:
     loads = _loads(bed)
     try:
         drained_at = time.monotonic()
-        bed.drain_host(host)
-        time.sleep(SETTLE)
-        stop_at = time.monotonic()
-        bed.stop_host(host)
+        command = bed.drain_host(host)
+        _until(lambda: bed.healthz(host) == 503, 10)  # the command has reached the supervisor
+        said_at = time.monotonic()
+        bed.finish_drain(host, command)
         stopped_at = time.monotonic()
         time.sleep(0.5)
         start_at = time.monotonic()
@@ -129,16 +130,20 @@ def drain(bed: Bed) -> dict[str, Any]:
     finally:
         for load in loads.values():
             load.stop()
-    out: dict[str, Any] = {"settle_s": SETTLE, "stop_s": round(stopped_at - stop_at, 2)}
+    out: dict[str, Any] = {
+        "settle_s": DRAIN_SETTLE,
+        "command_s": round(said_at - drained_at, 2),  # `portshard drain` started, until 503
+        "drain_s": round(stopped_at - said_at, 2),  # 503, until the supervisor had exited
+    }
     for name, load in loads.items():
         mine = [r.start for r in load.results if r.ok and r.body.split()[0] == host.name]
-        last = max((t for t in mine if t < stopped_at), default=drained_at)
+        last = max((t for t in mine if t < stopped_at), default=said_at)
         first_back = min((t for t in mine if t >= start_at), default=float("nan"))
         out[name] = {
             **_summary(load),
-            "out_after_s": round(max(0.0, last - drained_at), 3),
+            "out_after_s": round(max(0.0, last - said_at), 3),  # from /healthz 503
             "back_after_s": round(first_back - start_at, 3),  # from portshard run
-            "served_after_settle": sum(1 for t in mine if stop_at <= t < start_at),
+            "served_after_interval": sum(1 for t in mine if said_at + SETTLE <= t < start_at),
         }
     return out
 
@@ -185,6 +190,12 @@ def table(res: dict[str, Any]) -> str:
                 f" {dr[name]['requests']} | {dr[name]['back_after_s']:.2f} s |"
             )
         lines.append(row)
+    lines.append(
+        f"\n`portshard drain --wait --settle {dr['settle_s']:g}`: {dr['command_s']:.2f} s from "
+        f"the command to /healthz 503 (the CLI starting on a loaded machine), then "
+        f"{dr['drain_s']:.2f} s until the supervisor had exited (the settle time, then the "
+        f'stop); drain "out after" is from the 503.'
+    )
     return "\n".join(lines)
 
 

@@ -7,17 +7,19 @@ Topology (every address lives only inside namespaces this module creates, and go
                                             10.77.200.1  (HAProxy)    10.77.3.1 --- 10.77.3.2  h3
                                             10.77.200.2  (nftables DNAT)
 
-Each host runs ``portshard run -w 2 --via fds`` of a tiny HTTP worker (`worker.py`, answers
-``<host> <pid>``) on HOST:8080, and a stand-in health agent (`agent.py`) on HOST:9777 until
-``--health`` exists. The balancer namespace routes (ip_forward in that namespace only) and
-runs both balancers, each existing software:
+Each host runs ``portshard run -w 2 --via fds --health HOST:9100`` of a tiny HTTP worker
+(`worker.py`, answers ``<host> <pid>``) on HOST:8080; a host leaves with ``portshard drain``.
+The balancer namespace routes (ip_forward in that namespace only) and runs both balancers,
+each existing software:
 
 - HAProxy in TCP mode on 10.77.200.1:8080, roundrobin, a TCP ``check`` of each host's port
-  and an ``agent-check`` on its agent (so ``drain``/``maint``/a weight come from the host);
+  and an ``agent-check`` on its ``--health`` port (so ``drain``/``maint``/a weight come from
+  the host's supervisor);
 - nftables on 10.77.200.2:8080 as kube-proxy's nftables mode programs a Service: a ``numgen
-  random mod N vmap`` to one chain per endpoint that DNATs to it. `Endpoints` plays the
-  endpoints controller: it asks every host's agent and rewrites the map (one ``nft -f``
-  transaction) when the set of ready hosts changes.
+  random mod N vmap`` to one chain per endpoint that DNATs to it. `Endpoints` plays kubelet's
+  readiness probe and the endpoints controller: it GETs every host's ``/healthz`` (the same
+  ``--health`` port) and rewrites the map (one ``nft -f`` transaction) when the set of hosts
+  answering 200 changes.
 
 `Bed` is a context manager: every process is stopped (process groups) and every namespace
 deleted on the way out, whatever happened.
@@ -54,13 +56,14 @@ from bench.netbed.netns import (
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "bench" / "netbed" / "worker.py"
 PORT = 8080
-AGENT_PORT = 9777
+HEALTH_PORT = 9100
 VIP_HAPROXY = "10.77.200.1"
 VIP_NFT = "10.77.200.2"
 CLIENT_ADDR = "10.77.100.2"
 AGENT_INTER = 0.3  # HAProxy's agent-inter, and the endpoints controller's period
 CHECK_INTER = 0.5  # HAProxy's TCP check of the service port
 SETTLE = 1.5  # how long after a host reports draining every balancer has seen it
+DRAIN_SETTLE = 2.0  # portshard drain --settle: more than SETTLE, so nothing is refused
 NS_ROOT = "psbed"  # namespaces are named psbed<pid>-<role>
 
 
@@ -70,7 +73,6 @@ class Host:
     ns: str
     addr: str
     control: Path
-    drain_file: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
 
@@ -106,7 +108,6 @@ class Bed:
                 ns=f"{self.prefix}h{i}",
                 addr=f"10.77.{i}.2",
                 control=tmp / f"h{i}.sock",
-                drain_file=tmp / f"h{i}.drain",
                 log=tmp / f"h{i}.log",
             )
             for i in range(1, hosts + 1)
@@ -124,7 +125,6 @@ class Bed:
             self._stack.callback(self._stop_all)
             self._wire()
             for host in self.hosts:
-                self.start_agent(host)
                 self.start_host(host, wait=False)
             for host in self.hosts:
                 self.wait_host(host)
@@ -198,17 +198,12 @@ class Bed:
                 proc.wait(5)
 
     # -- hosts --
-    def start_agent(self, host: Host) -> None:
-        args = [sys.executable, "-m", "bench.netbed.agent", "--control", str(host.control)]
-        args += ["--listen", f"{host.addr}:{AGENT_PORT}", "--drain-file", str(host.drain_file)]
-        self._spawn(host.ns, args, host.log.with_suffix(".agent.log"))
-
     def start_host(self, host: Host, wait: bool = True, stall_slot: int | None = None) -> None:
         """``portshard run`` on the host; ``stall_slot``: that slot's worker never becomes
         ready (it never accepts), so the host has part of its slots not ready."""
-        host.drain_file.unlink(missing_ok=True)
         args = [sys.executable, "-m", "portshard", "run", "-w", str(self.workers), "--via", "fds"]
         args += ["--listen", f"tcp://{host.addr}:{PORT}", "--control", str(host.control)]
+        args += ["--health", f"{host.addr}:{HEALTH_PORT}"]
         env = {"NETBED_HOST": host.name}
         if stall_slot is not None:
             args += ["--ready-timeout", "300"]
@@ -247,10 +242,33 @@ class Bed:
     def reload_host(self, host: Host) -> None:
         self.ctl(host, "reload", "--wait", "--timeout", "60")
 
-    def drain_host(self, host: Host) -> None:
-        """What `portshard drain` will do first: health turns to draining (the stand-in agent
-        reads this file), the host still serves."""
-        host.drain_file.touch()
+    def drain_host(
+        self, host: Host, settle: float = DRAIN_SETTLE, deadline: float = 30
+    ) -> subprocess.Popen[str]:
+        """``portshard drain --wait`` on the host, started (it returns when the supervisor has
+        stopped: `finish_drain`). Health says draining at once; the host serves for ``settle``
+        s more, then stops."""
+        cmd = [sys.executable, "-m", "portshard", "drain", "--control", str(host.control)]
+        cmd += ["--wait", "--settle", str(settle), "--deadline", str(deadline)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish_drain(self, host: Host, drain: subprocess.Popen[str], timeout: float = 60) -> str:
+        """Wait for the drain command and the supervisor; the command's output (it must have
+        succeeded, and the supervisor exited 0)."""
+        try:
+            out, _ = drain.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            drain.kill()
+            drain.communicate()
+            raise
+        assert host.proc is not None
+        code = host.proc.wait(timeout)
+        if drain.returncode or code:
+            raise NetnsError(
+                f"drain of {host.name}: exit {drain.returncode} ({out.strip()}), supervisor exit "
+                f"{code}:\n{self.log_of(host)}"
+            )
+        return out
 
     def stop_host(self, host: Host, timeout: float = 30) -> None:
         self.ctl(host, "stop")
@@ -261,9 +279,12 @@ class Bed:
         return host.log.read_text(errors="replace")[-3000:] if host.log.exists() else ""
 
     def agent_reply(self, host: Host) -> str:
-        """The agent's answer, asked from the balancer's namespace (as HAProxy asks it)."""
-
+        """The agent check's answer, asked from the balancer's namespace as HAProxy asks it."""
         return call_in(self.lb, lambda: _ask_agent(host.addr))
+
+    def healthz(self, host: Host) -> int:
+        """/healthz's status code from the balancer's namespace (0: no answer)."""
+        return call_in(self.lb, lambda: _probe(host.addr))
 
     # -- balancers --
     def _start_haproxy(self) -> None:
@@ -283,7 +304,7 @@ frontend vip
     default_backend hosts
 backend hosts
     balance roundrobin
-    default-server check inter {inter}ms fall 2 rise 1 agent-check agent-port {AGENT_PORT} \
+    default-server check inter {inter}ms fall 2 rise 1 agent-check agent-port {HEALTH_PORT} \
 agent-send "agent\\n" \
 agent-inter {agent}ms weight 100
 {servers}
@@ -350,8 +371,8 @@ def _get(vip: str) -> set[str]:
 
 @dataclass
 class Endpoints:
-    """The endpoints controller: every AGENT_INTER s it asks each host's agent and keeps in the
-    nftables service the hosts that answer ``ready`` with a weight above 0%."""
+    """kubelet's readiness probe and the endpoints controller in one: every AGENT_INTER s it
+    GETs each host's /healthz and keeps in the nftables service the hosts that answer 200."""
 
     bed: Bed
     changes: list[tuple[float, list[str]]] = field(default_factory=list)
@@ -371,7 +392,7 @@ class Endpoints:
     def _run(self) -> None:
         enter(self.bed.lb)
         while not self._stop.wait(AGENT_INTER):
-            ready = [h.name for h in self.bed.hosts if _ready(_ask_agent(h.addr))]
+            ready = [h.name for h in self.bed.hosts if _probe(h.addr) == 200]
             if ready != self.current:
                 with contextlib.suppress(NetnsError):
                     self.bed.set_nft_endpoints(ready)
@@ -380,19 +401,27 @@ class Endpoints:
 
 
 def _ask_agent(addr: str) -> str:
+    """HAProxy's agent check with ``agent-send "agent\\n"``: one line back, then the close."""
+    return _exchange(addr, b"agent\n").decode(errors="replace")
+
+
+def _probe(addr: str) -> int:
+    """GET /healthz as kubelet's httpGet probe does: the status code (0: no answer)."""
+    reply = _exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: probe\r\n\r\n")
+    words = reply.split(b" ", 2)
+    return int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
+
+
+def _exchange(addr: str, request: bytes) -> bytes:
     try:
-        with socket.create_connection((addr, AGENT_PORT), timeout=1) as s:
+        with socket.create_connection((addr, HEALTH_PORT), timeout=1) as s:
+            s.sendall(request)
             data = b""
-            while chunk := s.recv(100):
+            while chunk := s.recv(4096):
                 data += chunk
-            return data.decode()
+            return data
     except OSError:
-        return ""
-
-
-def _ready(reply: str) -> bool:
-    words = reply.split()
-    return "ready" in words and not any(w in ("0%", "drain", "maint") for w in words)
+        return b""
 
 
 @contextlib.contextmanager

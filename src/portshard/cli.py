@@ -283,6 +283,65 @@ def stop(name: str, control: str | None) -> None:
 
 
 @cli.command()
+@control_options
+@click.option(
+    "--wait/--no-wait",
+    default=False,
+    show_default=True,
+    help="Return once the supervisor has stopped (exit non-zero if the deadline passed).",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0.1, max=86400),
+    default=None,
+    metavar="SECONDS",
+    help="Kill what is left this long after the drain began; the supervisor then exits 1.  "
+    "[default: none; --grace bounds each worker]",
+)
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0, max=86400),
+    default=None,
+    metavar="SECONDS",
+    help="How long new connections are still taken after health turns to draining, for "
+    "those the balancers send before they notice.  [default: 5, or half the deadline]",
+)
+def drain(
+    name: str, control: str | None, wait: bool, deadline: float | None, settle: float | None
+) -> None:
+    """Take this host out of its load balancers, then stop (systemd ExecStop, k8s preStop).
+
+    \b
+    At once:            --health says draining (/healthz 503, agent check "drain").
+    For --settle s:     new connections are still served (the balancers notice late).
+    Then:               new connections are refused, the workers finish what they hold
+                        (as in a reload), and the supervisor exits 0.
+    After --deadline s: what is left is killed; the supervisor exits 1.
+    """
+    from .control.client import request
+
+    if deadline is not None and settle is not None and settle > deadline:
+        raise click.BadParameter(
+            f"{settle:g} is longer than --deadline {deadline:g}: the deadline would kill the "
+            f"workers before they stop taking connections",
+            param_hint="--settle",
+        )
+    args: dict[str, Any] = {"wait": wait}
+    if deadline is not None:
+        args["deadline"] = deadline
+    if settle is not None:
+        args["settle"] = settle
+    # --wait: the answer comes when the supervisor has stopped; with a deadline that is
+    # bounded (kill, reap, reply), without one only --grace bounds it.
+    timeout = (deadline + 30 if deadline is not None else None) if wait else 30
+    result = request(_client(name, control), "drain", timeout=timeout, **args)
+    if wait:
+        click.echo(f"drained in {result.get('seconds', 0):.1f}s; the supervisor has stopped")
+    else:
+        click.echo("draining: health says so now; 'portshard status' shows the rest")
+
+
+@cli.command()
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> None:
     """Print the shell completion script for SHELL.

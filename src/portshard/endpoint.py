@@ -60,6 +60,7 @@ class Peer:
         self.waiting = False  # the answer is deferred (reload --wait): no idle timeout
         self.answered = False  # an answer was queued (the request is complete)
         self.writing = False  # registered for EVENT_WRITE (the socket buffer was full)
+        self.pid: int | None = None  # the peer's process, where the transport says (Unix)
 
     @property
     def open(self) -> bool:

@@ -1,4 +1,4 @@
-"""Health for the load balancers in front of a host (issue 16). Pure, except the agent server.
+"""Health for the load balancers in front of a host (issue 16). Pure, except its server.
 
 A balancer in front of many hosts (a Kubernetes Service, HAProxy, IPVS) needs to know, per
 host, whether to send it new connections and how many. The supervisor knows; this module says
@@ -20,20 +20,22 @@ it in the two forms balancers read, from one small typed snapshot:
   reply carries ``ready``: a host that comes back after ``drain`` or ``maint`` is ready again
   at the next check (HAProxy keeps running agent checks in maintenance).
 
-`AgentServer` answers the agent check from a non-blocking listening socket inside the caller's
-selector loop (accept, write the reply, close): no thread, no state between connections.
+`HealthServer` serves both on one TCP port (``portshard run --health``) from the supervisor's
+selector, on ``endpoint.StreamServer``: no thread, no state between connections.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import errno
 import json
 import logging
+import selectors
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .endpoint import Limits, Peer, StreamServer
+from .errors import SupervisorError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ NOT_FOUND = HttpReply(404, "Not Found", b'{"error":"not found: try /healthz"}\n'
 def respond(first_line: bytes, snap: Snapshot) -> bytes:
     """One ``--health`` port for both: an HTTP request line gets the /healthz reply (404 for
     another path); anything else, such as HAProxy's ``agent-send "agent\\n"``, gets the agent
-    line. (An agent check that sends nothing needs a port of its own: `AgentServer`.)"""
+    line (an agent check that sends nothing: `HealthServer` answers it after its idle time)."""
     if not first_line.startswith(HTTP_METHODS):
         return agent_reply(snap).encode("ascii")
     parts = first_line.split()
@@ -136,67 +138,77 @@ def respond(first_line: bytes, snap: Snapshot) -> bytes:
     return reply.encode()
 
 
-class AgentServer:
-    """HAProxy's agent check on a listening TCP socket, served from the caller's selector.
+# A probe sends its request at once; this is also how long a silent agent check waits for its
+# line (HAProxy without agent-send) and how long a stalled peer may hold a connection.
+LIMITS = Limits(max_conns=64, idle=2.0, max_request=8 * 1024, backlog=128)
 
-    Register ``fileno()`` for reading and call ``on_readable()`` when it is: every pending
-    connection gets ``reply()`` (the current agent line) and is closed. HAProxy may send a
-    string first (``agent-send``); what has arrived is read and dropped before the close, so
-    the close is a FIN, not a reset that could lose the reply. The reply is a few bytes into an
-    empty send buffer, so a non-blocking send writes it whole."""
 
-    def __init__(self, sock: socket.socket, reply: Callable[[], str]) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.reply = reply
-        self.answered = 0
+class HealthServer(StreamServer):
+    """``--health``: /healthz and the agent check on one TCP port, in the caller's selector.
 
-    @classmethod
-    def listen(cls, host: str, port: int, reply: Callable[[], str]) -> AgentServer:
-        """A new listening socket on host:port (port 0 picks a free one)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    Built on ``endpoint.StreamServer`` (its connection cap, idle timeout and descriptor
+    reserve), so a flood of probes cannot hurt the supervisor. An HTTP request is answered
+    once its header is complete (answering earlier and closing with unread bytes would reset
+    the connection, which can lose the answer); any other first line (HAProxy's
+    ``agent-send "agent\\n"``) gets the agent line at once; a peer that sends nothing gets the
+    agent line when its idle time ends (an agent check without agent-send)."""
+
+    name = "health"
+    busy_reply = HttpReply(503, "Service Unavailable", b'{"error":"busy"}\n').encode()
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        selector: selectors.BaseSelector,
+        snapshot: Callable[[], Snapshot],
+        *,
+        limits: Limits = LIMITS,
+    ) -> None:
+        self.snapshot = snapshot
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(64)
-        except OSError:
+            sock.bind(address)
+            sock.listen(limits.backlog)
+        except OSError as exc:
             sock.close()
-            raise
-        return cls(sock, reply)
+            raise SupervisorError(
+                f"--health: cannot listen on {address[0]}:{address[1]}: {exc.strerror}; "
+                f"pick a free port (0 = any)"
+            ) from None
+        super().__init__(sock, selector, limits)
 
     @property
-    def address(self) -> tuple[str, int]:
+    def url(self) -> str:
         host, port = self.sock.getsockname()[:2]
-        return str(host), int(port)
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{port}"
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def on_readable(self) -> None:
-        """Answer every connection waiting in the accept queue."""
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+    def on_data(self, peer: Peer) -> None:
+        line, newline, _ = peer.buf.partition(b"\n")
+        if line.startswith(HTTP_METHODS):
+            if b"\r\n\r\n" not in peer.buf and b"\n\n" not in peer.buf:
+                if len(peer.buf) > self.limits.max_request:
+                    self.send(
+                        peer, HttpReply(431, "Request Header Fields Too Large", b"{}\n").encode()
+                    )
                 return
-            except OSError as exc:  # ECONNABORTED and the like: that client is gone
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.warning("health agent: cannot accept: %s", exc)
-                    return
-                continue
-            self._answer(conn)
+        elif not newline:
+            if len(peer.buf) > self.limits.max_request:
+                self.close(peer)
+            return
+        self._answer(peer, line)
 
-    def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            conn.setblocking(False)
-            with contextlib.suppress(OSError):
-                conn.send(self.reply().encode("ascii"))
-                self.answered += 1
-                with contextlib.suppress(BlockingIOError):
-                    while conn.recv(4096):
-                        pass
-                conn.shutdown(socket.SHUT_WR)
+    def on_expire(self, peer: Peer) -> None:
+        if peer.buf:
+            self.close(peer)  # half a request: not worth an answer
+        else:
+            self._answer(peer, b"")  # an agent check that sends nothing
 
-    def close(self) -> None:
-        self.sock.close()
+    def _answer(self, peer: Peer, line: bytes) -> None:
+        try:
+            self.send(peer, respond(line.rstrip(b"\r"), self.snapshot()))
+        except Exception:  # a bug here must not take the supervisor down
+            log.exception("health: internal error")
+            self.send(peer, HttpReply(500, "Internal Server Error", b"{}\n").encode())

@@ -78,12 +78,16 @@ def render_status(status: Status | Mapping[str, Any], *, colour: bool = False) -
     )
     if st.stopping:
         head += ", " + paint("stopping", "yellow")
+    elif st.state.value == "draining":
+        head += ", " + paint("draining (portshard drain)", "yellow")
     lines = [paint(head, "white", bold=True) if colour else head]
     lines.append("listen:  " + ", ".join(item.address for item in st.listen))
     if st.steering:
         lines.append(f"steering: {st.steering.get('backend', '?')}")
     if st.metrics:
         lines.append(f"metrics: {st.metrics}")
+    if st.health:
+        lines.append(f"health:  {st.health}/healthz")
     lines += _table(st, paint if colour else None)
     lines.append(
         "QUEUE = connections waiting in the slot's accept queue / its backlog; "

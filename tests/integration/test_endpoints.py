@@ -298,3 +298,38 @@ def test_an_endpoint_at_its_cap_leaves_the_rest_in_the_queue_and_expires_idle_pe
         srv.close_all()
         sel.close()
     assert srv.sock.fileno() == -1
+
+
+def test_a_flood_of_idle_health_connections_at_a_low_fd_limit_takes_nothing_down(
+    start: Start,
+) -> None:
+    # --health faces the network (a probe from kubelet or a balancer needs a routable address):
+    # the same caps as --metrics; an idle peer gets the agent line after 2 s and goes.
+    sup = start(
+        "-w", "2", "--listen", "tcp://127.0.0.1:0", "--health", "127.0.0.1:0", "--", *FDWORKER
+    )  # fmt: skip
+    assert sup.proc is not None
+    resource.prlimit(sup.proc.pid, resource.RLIMIT_NOFILE, (256, 256))
+    st = sup.status()
+    port, hport = sup.port, int(str(st["health"]).rsplit(":", 1)[1])
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(400):
+            s = socket.socket()
+            s.setblocking(False)
+            flood.append(s)
+            err = s.connect_ex(("127.0.0.1", hport))
+            assert err in (0, errno.EINPROGRESS), os.strerror(err)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            assert sup.proc.poll() is None, f"the supervisor died:\n{sup.text()}"
+            assert served(port).startswith(("0 ", "1 "))
+            time.sleep(0.2)
+        fds = len(os.listdir(f"/proc/{sup.proc.pid}/fd"))
+        assert fds < 256 - 32, f"{fds} descriptors open: the caps do not hold"
+    finally:
+        for s in flood:
+            s.close()
+    code, body = wait_until(lambda: http(hport, "/healthz"), 20, "health answers again")
+    assert code == 200 and json.loads(body)["ready"] == 2
+    assert [s["pid"] for s in sup.status()["slots"]] == [s["pid"] for s in st["slots"]]

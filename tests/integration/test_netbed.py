@@ -79,21 +79,27 @@ def test_rolling_reload_of_every_host_fails_nothing(bed: Bed) -> None:
 
 
 def test_drained_host_gets_no_new_connection_then_stops_and_comes_back(bed: Bed) -> None:
+    """`portshard drain --wait`: /healthz 503 and the agent's "drain" at once, no new
+    connection through either balancer once it has had its interval, the host serving what
+    comes meanwhile (the settle time), then it stops (exit 0) and starts again."""
     host = bed.hosts[1]
     assert bed.endpoints is not None
+    assert bed.healthz(host) == 200 and bed.agent_reply(host) == "ready 100%\n"
     loads = _loads(bed)
     try:
         for load in loads.values():
             wait_until(lambda ld=load: host.name in ld.hosts_after(0), 10, "the host serving")
         drained_at = time.monotonic()
-        bed.drain_host(host)  # what `portshard drain` will do first: health says draining
+        drain = bed.drain_host(host)
+        wait_until(lambda: bed.healthz(host) == 503, 5, "/healthz 503")
+        assert bed.agent_reply(host) == "drain\n"  # still within the settle time
         wait_until(lambda: host.name not in bed.endpoints.current, 5, "the controller")
-        assert bed.agent_reply(host) == "drain\n"
-        time.sleep(SETTLE)  # every balancer has had its interval
+        time.sleep(max(0.0, drained_at + SETTLE - time.monotonic()))  # every balancer's interval
         out_at = time.monotonic()
         for load in loads.values():
             _served_since(load, out_at)
-        bed.stop_host(host)
+        out = bed.finish_drain(host, drain)
+        assert "drained in" in out and "the supervisor has stopped" in out
         stopped_at = time.monotonic()
         for load in loads.values():
             _served_since(load, stopped_at)
@@ -115,8 +121,7 @@ def test_drained_host_gets_no_new_connection_then_stops_and_comes_back(bed: Bed)
 
 def test_host_with_half_its_slots_not_ready_gets_half_the_weight(bed: Bed) -> None:
     """HAProxy: 'ready 50%' from a host whose slots are half not ready -> half the share of the
-    others (weights 50:100:100 -> 20% : 40% : 40%). The weight comes from the stand-in agent
-    (bench/netbed/agent.py, from `portshard status`) until --health serves it."""
+    others (weights 50:100:100 -> 20% : 40% : 40%). The weight comes from the host's --health."""
     host = bed.hosts[0]
     bed.stop_host(host)
     bed.start_host(host, wait=False, stall_slot=1)  # slot 1's worker never becomes ready

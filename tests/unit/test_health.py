@@ -6,11 +6,15 @@ import json
 import selectors
 import socket
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from portshard.errors import ConfigError, SupervisorError
 from portshard.health import (
-    AgentServer,
+    LIMITS,
+    HealthServer,
     HostState,
     Snapshot,
     agent_reply,
@@ -18,6 +22,10 @@ from portshard.health import (
     respond,
     weight_percent,
 )
+from portshard.supervisor.config import load
+from portshard.supervisor.settings import BY_FIELD
+from portshard.supervisor.state import SupervisorState
+from portshard.supervisor.status import SlotStatus, Status, shown_state
 
 SERVING, DRAINING, STOPPING = HostState.SERVING, HostState.DRAINING, HostState.STOPPING
 
@@ -91,48 +99,106 @@ def test_impossible_snapshot_is_refused(ready: int, slots: int) -> None:
         Snapshot(SERVING, ready, slots)
 
 
-def _serve(server: AgentServer, answered: int) -> None:
-    """Run a selector loop until ``answered`` connections have been answered (5 s at most)."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(server.fileno(), selectors.EVENT_READ)
-        deadline = time.monotonic() + 5
-        while server.answered < answered and time.monotonic() < deadline:
-            if sel.select(0.1):
-                server.on_readable()  # serves the whole queue, never blocks
-    assert server.answered == answered
+class Served:
+    """A HealthServer in a selector loop of the test's own (as the supervisor runs it)."""
+
+    def __init__(self, snap: list[Snapshot], **limits: float) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.server = HealthServer(
+            ("127.0.0.1", 0), self.sel, lambda: snap[0], limits=replace(LIMITS, **limits)
+        )
+        self.address = self.server.sock.getsockname()[:2]
+
+    def ask(self, send: bytes, *, close_write: bool = False, timeout: float = 5) -> bytes:
+        """Connect, send ``send``, turn the loop until the server closes; what came back."""
+        with socket.create_connection(self.address, timeout=timeout) as c:
+            c.setblocking(False)
+            c.sendall(send)
+            data, deadline = b"", time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for key, mask in self.sel.select(0.02):
+                    key.data(mask)
+                self.server.expire(time.monotonic())
+                try:
+                    chunk = c.recv(4096)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return data
+                data += chunk
+        raise AssertionError(f"no close within {timeout}s; got {data!r}")
+
+    def close(self) -> None:
+        self.server.close_all()
+        self.sel.close()
 
 
-def _read_all(c: socket.socket) -> bytes:
-    data = b""
-    while chunk := c.recv(100):
-        data += chunk
-    return data
-
-
-def test_agent_server_answers_every_connection_from_a_selector() -> None:
-    server = AgentServer.listen("127.0.0.1", 0, lambda: agent_reply(Snapshot(SERVING, 2, 2)))
-    clients = [socket.create_connection(server.address, timeout=5) for _ in range(3)]
-    try:
-        clients[0].sendall(b"backend/host1\n")  # agent-send: read and dropped, not a reset
-        _serve(server, 3)
-        assert [_read_all(c) for c in clients] == [b"ready 100%\n"] * 3
-    finally:
-        for c in clients:
-            c.close()
-        server.close()
-
-
-def test_agent_server_follows_the_snapshot() -> None:
+def test_health_server_answers_http_and_the_agent_on_one_port() -> None:
     snap = [Snapshot(SERVING, 1, 2)]
-    server = AgentServer.listen("127.0.0.1", 0, lambda: agent_reply(snap[0]))
+    served = Served(snap)
     try:
-        with socket.create_connection(server.address, timeout=5) as c:
-            _serve(server, 1)
-            assert _read_all(c) == b"ready 50%\n"
-        snap[0] = Snapshot(DRAINING, 1, 2)
-        with socket.create_connection(server.address, timeout=5) as c:
-            _serve(server, 2)
-            assert _read_all(c) == b"drain\n"
-        server.on_readable()  # an empty queue: returns at once
+        assert served.server.url.startswith("http://127.0.0.1:")
+        assert served.ask(b"agent\n") == b"ready 50%\n"  # HAProxy's agent-send
+        reply = served.ask(b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["ready"] == 1
+        snap[0] = Snapshot(DRAINING, 2, 2)
+        assert served.ask(b"agent\n") == b"drain\n"
+        assert served.ask(b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 503 ")
+        assert served.ask(b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 404 ")
     finally:
-        server.close()
+        served.close()
+
+
+def test_health_server_answers_a_silent_agent_check_after_its_idle_time() -> None:
+    served = Served([Snapshot(STOPPING, 2, 2)], idle=0.2)
+    try:
+        assert served.ask(b"") == b"maint\n"  # an agent-check without agent-send
+        assert served.ask(b"GET /heal") == b""  # half a request: closed, no answer
+        assert not served.server.peers
+    finally:
+        served.close()
+
+
+def test_health_server_refuses_a_port_in_use_with_the_fix() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with selectors.DefaultSelector() as sel, pytest.raises(SupervisorError, match="--health"):
+            HealthServer(("127.0.0.1", port), sel, lambda: Snapshot(SERVING, 1, 1))
+
+
+def _status(state: SupervisorState, *shown: str) -> Status:
+    slots = tuple(SlotStatus(i, 100 + i, shown_state(s)) for i, s in enumerate(shown))
+    return Status("n", 1, 0.0, 1, False, True, 0, 0, (), len(slots), slots, state=state)
+
+
+@pytest.mark.parametrize(
+    ("state", "shown", "expected"),
+    [
+        (SupervisorState.RUNNING, ("ready", "ready"), Snapshot(SERVING, 2, 2)),
+        (SupervisorState.BOOTING, ("ready", "starting"), Snapshot(SERVING, 1, 2)),
+        (SupervisorState.CHANGING, ("ready", "backoff"), Snapshot(SERVING, 1, 2)),
+        (SupervisorState.RUNNING, ("ready", "removing"), Snapshot(SERVING, 1, 1)),  # scale down
+        (SupervisorState.DRAINING, ("ready", "ready"), Snapshot(DRAINING, 2, 2)),
+        (SupervisorState.STOPPING, ("draining", "ready"), Snapshot(STOPPING, 1, 2)),
+    ],
+)
+def test_the_supervisors_status_says_its_health(
+    state: SupervisorState, shown: tuple[str, ...], expected: Snapshot
+) -> None:
+    st = _status(state, *shown)
+    assert st.health_snapshot() == expected
+    assert Status.from_json(st.to_json()).health_snapshot() == expected  # status --json too
+
+
+def test_health_setting_comes_from_the_schema_like_metrics(tmp_path: Path) -> None:
+    cli = {"command": ("srv",), "listen": ("tcp://:0",)}
+    assert load({**cli, "health": "0.0.0.0:9100"}).health == "0.0.0.0:9100"
+    conf = tmp_path / "ps.toml"
+    conf.write_text('command = ["srv"]\nlisten = ["tcp://:0"]\nhealth = 9100\n')
+    assert load({"config": str(conf)}).health == "9100"  # a port: loopback
+    with pytest.raises(ConfigError, match="--health 'nope:x'"):
+        load({**cli, "health": "nope:x"})
+    assert not BY_FIELD["health"].reloadable

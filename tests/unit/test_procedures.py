@@ -17,6 +17,7 @@ from portshard.control.server import Connection
 from portshard.errors import ConfigError, ControlError
 from portshard.supervisor import procedures
 from portshard.supervisor.config import Config, load
+from portshard.supervisor.drain import DrainRequest, parse_request
 from portshard.supervisor.fleet import Fleet, Outcome
 from portshard.supervisor.state import SlotState, State, SupervisorState
 from portshard.supervisor.worker import Slot, Worker
@@ -47,6 +48,8 @@ class FakeEffects:
         self.notes: list[tuple[str, str]] = []
         self.replies: list[tuple[Connection, bytes]] = []
         self.rescued: list[int] = []
+        self.syns_dropped_at: float | None = None  # when the stop's SYN-drop filter went on
+        self.clients = False  # a drain --wait client is still running
 
     def now(self) -> float:
         return self.clock
@@ -85,6 +88,7 @@ class FakeEffects:
         return slot.index not in self.busy_queues
 
     def drop_syns(self) -> list[socket.socket]:
+        self.syns_dropped_at = self.clock
         return []
 
     def queues_empty(self, socks: list[socket.socket]) -> bool:
@@ -113,6 +117,9 @@ class FakeEffects:
 
     def reply(self, conn: Connection, data: bytes) -> None:
         self.replies.append((conn, data))
+
+    def clients_gone(self, conns: list[Connection]) -> bool:
+        return not self.clients
 
     def sent(self, pid: int) -> list[int]:
         return [sig for p, sig in self.signals if p == pid]
@@ -467,3 +474,140 @@ def test_an_idle_old_worker_gets_its_stop_signal_only_once_its_slot_queue_is_emp
     world.turn()
     assert world.fx.sent(old)[-1] == signal.SIGKILL  # the slot never emptied: killed idle
     assert signal.SIGTERM not in world.fx.sent(old)
+
+
+# ---- a host drain (portshard drain) ----------------------------------------------------------
+
+
+def _waiter() -> Connection:
+    return Connection(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+
+
+def test_drain_keeps_serving_for_the_settle_time_then_stops_and_replies() -> None:
+    world = World(2)
+    world.boot()
+    pids = world.pids()
+    conn = _waiter()
+    try:
+        world.fleet.drain(DrainRequest(settle=3.0, wait=True), conn)
+        assert world.fleet.state is SupervisorState.DRAINING
+        assert ("stopping", "") in world.fx.notes  # systemd hears it at once
+        world.turn(2.9)
+        assert world.fx.syns_dropped_at is None and world.fx.signals == []  # still accepting
+        with pytest.raises(ControlError, match="draining"):
+            world.fleet.reload(Outcome())
+        world.turn(0.2)
+        assert world.fleet.state is SupervisorState.STOPPING
+        assert world.fx.syns_dropped_at is not None
+        world.turn()
+        assert all(signal.SIGKILL in world.fx.sent(pid) for pid in pids)  # idle: retired
+        world.fx.clients = True  # `drain --wait` has not read its reply and exited yet
+        world.obey()
+        world.turn()
+        assert world.fleet.state is SupervisorState.STOPPED and world.fleet.exit_code is None
+        ((to, reply),) = world.fx.replies
+        assert to is conn and b'"drained":true' in reply
+        world.turn(1.0)
+        assert world.fleet.exit_code is None  # PID 1 in a container: its exit kills the client
+        with pytest.raises(ControlError, match="stopped already"):
+            world.fleet.drain(DrainRequest())  # meanwhile: refused, not an internal error
+        world.fx.clients = False
+        world.turn()
+        assert world.fleet.exit_code == 0
+    finally:
+        conn.sock.close()
+
+
+def test_a_drain_done_in_time_exits_zero_even_if_its_deadline_passes_while_exiting() -> None:
+    world = World(1)
+    world.boot()
+    world.fleet.drain(DrainRequest(settle=1.0, deadline=2.0, wait=True), _waiter())
+    world.turn(1.1)
+    world.turn()
+    world.fx.clients = True  # the client reads its reply slowly
+    world.obey()
+    world.turn()
+    assert world.fleet.state is SupervisorState.STOPPED and world.fleet.deadline_at is None
+    world.turn(1.5)  # past the deadline, still waiting for the client
+    world.fx.clients = False
+    world.turn()
+    assert world.fleet.exit_code == 0 and b'"drained":true' in world.fx.replies[0][1]
+    world.fx.replies[0][0].sock.close()
+
+
+def test_a_worker_that_crashes_while_the_drain_settles_is_respawned() -> None:
+    world = World(2)
+    world.boot()
+    world.fleet.drain(DrainRequest(settle=5.0))
+    world.turn(2.5)  # ran 2.5 s: respawned at once
+    world.exit(world.fleet.slots[0].serving().pid, exited(1))  # type: ignore[union-attr]
+    world.turn()
+    assert world.fleet.slots[0].state is SlotState.SERVING  # the host still serves
+    world.fx.ready.update(world.pids())
+    world.turn(3.0)
+    assert world.fleet.state is SupervisorState.STOPPING
+
+
+def test_drain_deadline_kills_what_is_left_and_exits_non_zero() -> None:
+    world = World(2, grace=30.0)
+    world.boot()
+    holder = world.pids()[0]
+    world.fx.holding.add(holder)  # holds a long connection: freeze-check-kill waits for it
+    conn = _waiter()
+    try:
+        world.fleet.drain(DrainRequest(settle=1.0, deadline=4.0, wait=True), conn)
+        world.turn(1.1)
+        world.turn()
+        world.obey()  # the idle one went
+        world.turn(2.0)
+        assert world.fleet.slots[0].live() and signal.SIGKILL not in world.fx.sent(holder)
+        world.turn(1.0)  # 4 s since the drain
+        assert world.fx.sent(holder)[-1] == signal.SIGKILL
+        world.obey()
+        world.turn()
+        world.turn()
+        assert world.fleet.exit_code == 1
+        ((_, reply),) = world.fx.replies
+        assert b"deadline passed with 1 worker(s) still running" in reply
+    finally:
+        conn.sock.close()
+
+
+def test_a_stop_during_the_settle_time_stops_at_once() -> None:
+    world = World(1)
+    world.boot()
+    world.fleet.drain(DrainRequest(settle=30.0))
+    world.turn()
+    world.fleet.stop()
+    assert world.fleet.state is SupervisorState.STOPPING and world.fx.syns_dropped_at
+    world.turn()
+    world.obey()
+    world.turn()
+    assert world.fleet.exit_code == 0
+
+
+def test_drain_cancels_a_reload_and_a_second_drain_joins_with_the_earlier_deadline() -> None:
+    world = World(1)
+    world.boot()
+    outcome = world.fleet.reload(Outcome())
+    world.turn()
+    new = world.fleet.slots[0].workers[-1].pid
+    world.fleet.drain(DrainRequest(settle=2.0, deadline=60.0))
+    world.turn()
+    assert outcome.done and "draining" in outcome.error and world.fx.sent(new) == [signal.SIGKILL]
+    world.fleet.drain(DrainRequest(settle=9.0, deadline=10.0))
+    assert world.fleet.state is SupervisorState.DRAINING
+    assert world.fleet.deadline_at == pytest.approx(world.fx.clock + 10.0)
+    world.turn(2.0)  # the first drain's settle time holds
+    assert world.fleet.state is SupervisorState.STOPPING
+
+
+def test_drain_request_checks_its_numbers() -> None:
+    assert parse_request({}) == DrainRequest(5.0, None, False)
+    assert parse_request({"deadline": 4, "wait": True}) == DrainRequest(2.0, 4.0, True)
+    with pytest.raises(ControlError, match="--settle 10 is longer than --deadline 5"):
+        parse_request({"settle": 10, "deadline": 5})
+    with pytest.raises(ControlError, match="deadline must be a number of seconds, not 'x'"):
+        parse_request({"deadline": "x"})
+    with pytest.raises(ControlError, match="settle -1 is out of range"):
+        parse_request({"settle": -1})

@@ -185,3 +185,31 @@ def test_freeze_kill_drain_kills_an_idle_frozen_worker_at_once() -> None:
     life.fire(Event.FREEZE)
     assert life.fire(Event.IDLE_KILL) == (Action.KILL, Action.ARM_KILL_TIMER)
     assert life.state is State.STOPPING
+
+
+def test_a_drain_settles_into_the_stop_and_takes_no_change_meanwhile() -> None:
+    sup = Machine(SUPERVISOR_TABLE, SupervisorState.RUNNING)
+    drain = sup.fire(SupervisorEvent.DRAIN)
+    assert drain == (Action.CANCEL_PROCEDURES, Action.ARM_DEADLINE, Action.BEGIN_DRAIN)
+    assert sup.state is SupervisorState.DRAINING and not sup.allows(SupervisorEvent.CHANGE)
+    assert sup.fire(SupervisorEvent.DRAIN) == (Action.ARM_DEADLINE,)  # a second one joins
+    settled = sup.fire(SupervisorEvent.SETTLED)
+    assert sup.state is SupervisorState.STOPPING
+    assert Action.BEGIN_STOP in settled and Action.CANCEL_RESPAWNS in settled
+    assert Action.KILL_ALL in sup.fire(SupervisorEvent.DEADLINE)
+    with pytest.raises(IllegalTransition):
+        sup.fire(SupervisorEvent.SETTLED)  # settled once
+    sup.fire(SupervisorEvent.ALL_EXITED)
+    for event in (SupervisorEvent.DRAIN, SupervisorEvent.SETTLED, SupervisorEvent.DEADLINE):
+        with pytest.raises(IllegalTransition):
+            sup.fire(event)
+        assert sup.state is SupervisorState.STOPPED
+
+
+def test_a_deadline_during_the_settle_time_kills_and_waits_for_the_exits() -> None:
+    sup = Machine(SUPERVISOR_TABLE, SupervisorState.CHANGING)
+    sup.fire(SupervisorEvent.DRAIN)
+    assert sup.fire(SupervisorEvent.CHANGED) == ()  # the cancelled change ends: no READY=1
+    actions = sup.fire(SupervisorEvent.DEADLINE)
+    assert Action.KILL_ALL in actions and Action.AWAIT_EXIT in actions
+    assert sup.state is SupervisorState.STOPPING

@@ -71,7 +71,7 @@ class ControlServer(StreamServer):
 
     def on_accept(self, peer: Peer) -> None:
         creds = peer.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
+        peer.pid, uid, _gid = struct.unpack("3i", creds)
         if uid not in (0, os.geteuid()):
             log.warning("control: refused a peer with uid %d", uid)
             self.send(peer, protocol.reply_error(f"uid {uid} may not control this supervisor"))

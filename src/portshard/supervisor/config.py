@@ -63,6 +63,7 @@ class Config:
     surge: int = default("surge")
     backlog: int = default("backlog")
     metrics: str | None = default("metrics")  # HOST:PORT of the metrics and dashboard endpoint
+    health: str | None = default("health")  # HOST:PORT of /healthz and the agent check
     steering: str = default("steering")  # auto | cbpf | ebpf | off (steering/controller.py)
     migrate: bool = default("migrate")  # set net.ipv4.tcp_migrate_req=1 in our netns
     config_file: str | None = None

@@ -22,6 +22,7 @@ from ..control.server import Connection
 from ..errors import ControlError, PortshardError
 from . import procedures
 from .config import Config, plan_reload
+from .drain import Drain, DrainRequest
 from .effects import Effects
 from .history import History
 from .state import (
@@ -42,6 +43,7 @@ log = logging.getLogger("portshard.supervisor")
 __all__ = ["Fleet", "Outcome"]
 
 STOPPING_REASON = "the supervisor is stopping"
+DRAINING_REASON = "the supervisor is draining (portshard drain): it stops soon"
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Fleet:
         self.scope = CancelScope()  # boot, reload and scale run in it; a stop cancels it
         self.on_ready: Callable[[], None] | None = None
         self.report: Callable[[], dict[str, Any]] = dict  # the status, for deferred replies
+        self.draining: Drain | None = None  # a host drain asked for (portshard drain)
+        self.deadline_at: float | None = None  # its deadline (armed by ARM_DEADLINE)
 
     @property
     def state(self) -> SupervisorState:
@@ -148,7 +152,8 @@ class Fleet:
 
     def _apply_supervisor(self, action: Action) -> None:
         if action is Action.CANCEL_PROCEDURES:
-            self.scope.cancel(STOPPING_REASON)
+            draining = self.state is SupervisorState.DRAINING
+            self.scope.cancel(DRAINING_REASON if draining else STOPPING_REASON)
         elif action is Action.CANCEL_RESPAWNS:
             for slot in self.slots:
                 self.fire_slot(slot, SlotEvent.CANCEL)
@@ -163,6 +168,14 @@ class Fleet:
         elif action is Action.NOTIFY_READY:
             failed = f"; last change failed: {self.last_error}" if self.last_error else ""
             self.fx.notify("ready", self.summary() + failed)
+        elif action is Action.BEGIN_DRAIN:
+            assert self.draining is not None
+            task = procedures.drain_host(self, self.draining.settle)
+            self.scheduler.start(task, on_error=self._drain_failed)
+        elif action is Action.ARM_DEADLINE:
+            self.deadline_at = self.draining.deadline_at if self.draining else None
+        elif action is Action.DISARM_DEADLINE:
+            self.deadline_at = None
         else:
             raise AssertionError(f"not a supervisor action: {action}")
 
@@ -333,11 +346,14 @@ class Fleet:
                 self.check(w, now)
             if slot.respawn_at is not None and now >= slot.respawn_at:
                 self.fire_slot(slot, SlotEvent.RESPAWN_DUE)
+        if self.deadline_at is not None and now >= self.deadline_at:
+            self._deadline_passed()
         self.scheduler.step()
 
     def deadlines(self) -> list[float]:
         """Every armed timer (the loop sleeps no longer than the nearest)."""
         timers = [w.life.kill_at for s in self.slots for w in s.workers if w.life.kill_at]
+        timers += [self.deadline_at] if self.deadline_at is not None else []
         return timers + [s.respawn_at for s in self.slots if s.respawn_at is not None]
 
     def busy(self) -> bool:
@@ -359,6 +375,29 @@ class Fleet:
             self.stop_code = code
         self.fire_supervisor(SupervisorEvent.STOP)
 
+    def drain(self, req: DrainRequest, waiter: Connection | None = None) -> None:
+        """portshard drain (drain.py, procedures.drain_host); a second one, or one during a
+        stop, joins: it waits for the same end, and the earlier deadline wins."""
+        if self.state is SupervisorState.STOPPED:  # every worker gone, exiting
+            raise ControlError("the supervisor has stopped already; nothing to drain")
+        now = self.fx.now()
+        if self.draining is None:
+            self.draining = Drain(req.settle, now)
+            log.info("%s", req.describe())
+            self.history.event("drain", req.describe())
+        self.draining.join(req, now, waiter)
+        self.fire_supervisor(SupervisorEvent.DRAIN)
+
+    def _deadline_passed(self) -> None:
+        assert self.draining is not None
+        log.error("%s", self.draining.expired(sum(len(s.live()) for s in self.slots)))
+        self.stop_code = 1
+        self.fire_supervisor(SupervisorEvent.DEADLINE)
+
+    def _drain_failed(self, exc: Exception) -> None:
+        log.error("drain: internal error; stopping now", exc_info=exc)
+        self.stop()
+
     def quit(self) -> None:
         """Kill every worker now (SIGQUIT, a second SIGTERM)."""
         self.fire_supervisor(SupervisorEvent.QUIT)
@@ -372,6 +411,8 @@ class Fleet:
     def _refuse(self, what: str) -> None:
         """Raise the refusal of a reload or scale now, if there is one."""
         state = self.state
+        if state is SupervisorState.DRAINING:
+            raise ControlError(f"{DRAINING_REASON}; no {what} now")
         if state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
             tail = "; nothing to reload" if what == "reload" else ""
             raise ControlError(f"{STOPPING_REASON}{tail}")

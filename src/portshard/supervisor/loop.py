@@ -33,12 +33,14 @@ from ..address import Proto
 from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
 from ..errors import ControlError, InspectError, PortshardError
+from ..health import HealthServer
 from ..linux import proc, sockdiag, tcpinfo
 from ..linux.cgroup import Trees
 from ..linux.proc import cpu_seconds as worker_cpu
 from ..steering.controller import Steering, migrate_req
 from ..steering.held import HeldWalk
 from .config import Config
+from .drain import parse_request as parse_drain
 from .fleet import Fleet, Outcome
 from .history import listen_drop_counters
 from .state import SlotState
@@ -105,6 +107,7 @@ class Supervisor:
         self.fleet.report = lambda: self.status().to_json()
         self.activated = activated
         self.web: WebServer | None = None
+        self.health: HealthServer | None = None
         self.started = time.monotonic()
         self._next_sample = 0.0
         self._held_walk = HeldWalk()  # per-connection counts: less often as they grow
@@ -143,6 +146,10 @@ class Supervisor:
                 fleet.history.to_json,
             )
             log.info("metrics on %s/metrics, dashboard on %s/", self.web.url, self.web.url)
+        if self.cfg.health:
+            address = parse_metrics_address(self.cfg.health, "--health")
+            self.health = HealthServer(address, self.sel, lambda: self.status().health_snapshot())
+            log.info("health on %s/healthz (and HAProxy's agent check)", self.health.url)
         fx.notify_name = f"\0portshard/{os.getpid()}/{os.urandom(6).hex()}"
         self._notify.bind(fx.notify_name)
         self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -169,6 +176,8 @@ class Supervisor:
             self.fx.control.shutdown()
         if self.web is not None:
             self.web.close()
+        if self.health is not None:
+            self.health.close_all()
         if self.fx.steering is not None:
             self.fx.steering.close()
         if self.fx.trees is not None:
@@ -217,8 +226,9 @@ class Supervisor:
         if now >= self._next_sample:
             self._next_sample = now + SAMPLE_EVERY
             self._guard("sampling", self._sample)
-        if self.web is not None:
-            self._guard("expiring metrics connections", self.web.expire, now)
+        for endpoint in (self.web, self.health):
+            if endpoint is not None:
+                self._guard(f"expiring {endpoint.name} connections", endpoint.expire, now)
 
     def _guard(self, what: str, fn: Callable[..., object], *args: object) -> None:
         """Run one operation of the loop; an error in it is logged (at most once per
@@ -413,6 +423,10 @@ class Supervisor:
         if cmd == "stop":
             self.fleet.stop()
             return protocol.reply_ok({"stopping": True})
+        if cmd == "drain":
+            drain = parse_drain(request)
+            self.fleet.drain(drain, conn if drain.wait else None)
+            return None if drain.wait else protocol.reply_ok({"draining": True})
         # The outcome carries the reply: a change that fails at once (the spawn fails) has
         # finished before we return, and its waiter must still hear about it.
         outcome = Outcome()
@@ -461,6 +475,8 @@ class Supervisor:
                 else {"backend": "off", "why": f"--steering {self.cfg.steering}"}
             ),
             steering_changes=steering.changes if steering else 0,
+            state=fleet.state,
+            health=self.health.url if self.health else None,
         )
 
     def _slot_status(self, slot: Slot, now: float) -> SlotStatus:

@@ -29,10 +29,11 @@ if TYPE_CHECKING:  # the fleet starts these procedures; they only call back into
 
 log = logging.getLogger("portshard.supervisor")
 
-__all__ = ["await_exit", "boot", "drain", "drain_all", "reload", "scale", "stop"]
+__all__ = ["await_exit", "boot", "drain", "drain_all", "drain_host", "reload", "scale", "stop"]
 
 FREEZE_SPIN = 0.005  # s to wait inline for a tree to stop (usually microseconds)
 GRACEFUL_WAIT = 1.0  # s an idle frozen worker waits for its slot's queue to empty before SIGKILL
+CLIENTS_EXIT = 2.0  # s the supervisor waits for `drain --wait` clients to exit before it does
 
 
 def boot(fleet: Fleet) -> Task:
@@ -321,4 +322,28 @@ def await_exit(fleet: Fleet) -> Task:
     log.info("stopped")
     if fleet.state is not SupervisorState.STOPPED:  # SIGQUIT during a stop waits too
         fleet.fire_supervisor(SupervisorEvent.ALL_EXITED)
+    waiters = fleet.draining.waiters if fleet.draining else []
+    if fleet.draining is not None:  # tell who waits for the drain
+        reply = fleet.draining.reply(fleet.fx.now(), fleet.fatal)
+        for conn in waiters:
+            fleet.fx.reply(conn, reply)
+    if waiters:
+        # In a container the supervisor is PID 1: its exit kills every process of the PID
+        # namespace, a preStop hook's `portshard drain --wait` too (kubelet would report the
+        # hook failed). Let the waiting clients read the reply and exit first, briefly.
+        yield Until(lambda: fleet.fx.clients_gone(waiters), fleet.fx.now() + CLIENTS_EXIT)
     fleet.exit_code = 1 if fleet.fatal else fleet.stop_code
+
+
+# ---- a host drain --------------------------------------------------------------------------
+
+
+def drain_host(fleet: Fleet, settle: float) -> Task:
+    """Health says draining from now (the state is DRAINING); the sockets keep accepting for
+    ``settle`` s, so what the balancers send before they notice is served; then the stop. A
+    stop, a quit or the deadline meanwhile ends the wait (the state moved on)."""
+    fleet.fx.notify("stopping")
+    yield Until(lambda: fleet.state is not SupervisorState.DRAINING, fleet.fx.now() + settle)
+    if fleet.state is SupervisorState.DRAINING:
+        log.info("drain: settle time over; taking no new connections")
+        fleet.fire_supervisor(SupervisorEvent.SETTLED)

@@ -228,6 +228,20 @@ SETTINGS: tuple[Setting, ...] = (
         example='"127.0.0.1:9100"',
     ),
     Setting(
+        "health",
+        "Serve health for load balancers on this address: HTTP /healthz (200 while serving "
+        "with a worker ready, 503 while draining, stopping or with none ready; a JSON body) "
+        "and HAProxy's agent check (ready N%, drain, maint) on the same port. Loopback "
+        "unless a host is given (a probe from another machine needs one, e.g. "
+        "0.0.0.0:9100); port 0 picks a free one (see status --json).",
+        v.parse_health,
+        None,
+        "off",
+        reloadable=False,
+        fixed_because="the endpoint is bound once, at start",
+        metavar="[HOST:]PORT",
+    ),
+    Setting(
         "steering",
         "Keep new connections away from dead, starting, draining and overloaded workers, and "
         "weight the rest by what they serve: "

@@ -11,7 +11,12 @@ Three machines, each a table ``(state, event) -> (new state, actions)``:
 
 - a slot (the sockets that outlive its workers): EMPTY, SERVING, BACKOFF (waiting to respawn
   a crashed worker), REMOVING (scaled away), CLOSED;
-- the supervisor: BOOTING, RUNNING, CHANGING (a reload or scale runs), STOPPING, STOPPED.
+- the supervisor: BOOTING, RUNNING, CHANGING (a reload or scale runs), DRAINING (``portshard
+  drain``: health says draining, the sockets still accept for the settle time), STOPPING,
+  STOPPED::
+
+    RUNNING --drain--> DRAINING --settled (or stop)--> STOPPING --all_exited--> STOPPED
+    (a deadline passed while DRAINING or STOPPING kills every worker)
 
 ``fire()`` returns the actions; the supervisor carries out exactly those (one effects layer,
 ``Fleet.apply``), so where this table and the code could disagree there is nothing to
@@ -94,6 +99,9 @@ class Action(enum.Enum):
     KILL_ALL = "kill_all"  # KILL every live worker
     AWAIT_EXIT = "await_exit"  # stopped once every worker has exited
     NOTIFY_READY = "notify_ready"  # sd_notify READY=1 with a summary
+    BEGIN_DRAIN = "begin_drain"  # the host drain: health says draining, settle, then SETTLED
+    ARM_DEADLINE = "arm_deadline"  # the drain's deadline (if one was asked; the earlier wins)
+    DISARM_DEADLINE = "disarm_deadline"
 
 
 class SlotState(enum.Enum):
@@ -118,6 +126,7 @@ class SupervisorState(enum.Enum):
     BOOTING = "booting"
     RUNNING = "running"
     CHANGING = "changing"  # a reload or a scale runs (one at a time)
+    DRAINING = "draining"  # portshard drain: no new connections wanted; accepting to settle
     STOPPING = "stopping"
     STOPPED = "stopped"
 
@@ -127,6 +136,9 @@ class SupervisorEvent(enum.Enum):
     CHANGE = "change"  # a reload or scale starts
     CHANGED = "changed"  # ... and ended (done or failed)
     STOP = "stop"  # graceful stop (SIGTERM, `stop`, a fatal error)
+    DRAIN = "drain"  # a host drain (portshard drain): health turns to draining at once
+    SETTLED = "settled"  # ... its settle time is over: stop taking new connections
+    DEADLINE = "deadline"  # ... its deadline passed: kill every worker
     QUIT = "quit"  # kill every worker now (SIGQUIT, a second SIGTERM)
     ALL_EXITED = "all_exited"
 
@@ -181,8 +193,13 @@ SLOT_TABLE: dict[tuple[SlotState, SlotEvent], tuple[SlotState, tuple[Action, ...
 
 _P = SupervisorState
 _PE = SupervisorEvent
+_UP = (_P.BOOTING, _P.RUNNING, _P.CHANGING)
 _BEGIN_STOP = (_A.CANCEL_PROCEDURES, _A.CANCEL_RESPAWNS, _A.BEGIN_STOP)
 _QUIT = (_A.CANCEL_PROCEDURES, _A.CANCEL_RESPAWNS, _A.KILL_ALL, _A.AWAIT_EXIT)
+# A drain cancels a boot, reload or scale (the host is leaving) but keeps respawning crashed
+# workers while it still accepts; the stop after the settle time is the ordinary stop.
+_BEGIN_DRAIN = (_A.CANCEL_PROCEDURES, _A.ARM_DEADLINE, _A.BEGIN_DRAIN)
+_DEADLINE = (_A.DISARM_DEADLINE, _A.CANCEL_RESPAWNS, _A.KILL_ALL)
 SUPERVISOR_TABLE: dict[
     tuple[SupervisorState, SupervisorEvent], tuple[SupervisorState, tuple[Action, ...]]
 ] = {
@@ -190,11 +207,18 @@ SUPERVISOR_TABLE: dict[
     (_P.RUNNING, _PE.CHANGE): (_P.CHANGING, ()),
     (_P.CHANGING, _PE.CHANGED): (_P.RUNNING, (_A.NOTIFY_READY,)),
     (_P.STOPPING, _PE.CHANGED): (_P.STOPPING, ()),  # a change cancelled by the stop
-    **{(s, _PE.STOP): (_P.STOPPING, _BEGIN_STOP) for s in (_P.BOOTING, _P.RUNNING, _P.CHANGING)},
+    (_P.DRAINING, _PE.CHANGED): (_P.DRAINING, ()),  # ... or by the drain
+    **{(s, _PE.STOP): (_P.STOPPING, _BEGIN_STOP) for s in (*_UP, _P.DRAINING)},
     (_P.STOPPING, _PE.STOP): (_P.STOPPING, ()),
-    **{(s, _PE.QUIT): (_P.STOPPING, _QUIT) for s in (_P.BOOTING, _P.RUNNING, _P.CHANGING)},
+    **{(s, _PE.QUIT): (_P.STOPPING, _QUIT) for s in (*_UP, _P.DRAINING)},
     (_P.STOPPING, _PE.QUIT): (_P.STOPPING, (_A.KILL_ALL,)),
-    (_P.STOPPING, _PE.ALL_EXITED): (_P.STOPPED, ()),
+    **{(s, _PE.DRAIN): (_P.DRAINING, _BEGIN_DRAIN) for s in _UP},
+    (_P.DRAINING, _PE.DRAIN): (_P.DRAINING, (_A.ARM_DEADLINE,)),  # a second one joins
+    (_P.STOPPING, _PE.DRAIN): (_P.STOPPING, (_A.ARM_DEADLINE,)),  # ... so does one after a stop
+    (_P.DRAINING, _PE.SETTLED): (_P.STOPPING, (_A.CANCEL_RESPAWNS, _A.BEGIN_STOP)),
+    (_P.DRAINING, _PE.DEADLINE): (_P.STOPPING, (*_DEADLINE, _A.AWAIT_EXIT)),
+    (_P.STOPPING, _PE.DEADLINE): (_P.STOPPING, _DEADLINE),
+    (_P.STOPPING, _PE.ALL_EXITED): (_P.STOPPED, (_A.DISARM_DEADLINE,)),  # in time
 }
 
 # What `status` shows for a slot: its serving worker's state, else the slot's own; in this

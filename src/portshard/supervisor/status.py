@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .state import SHOWN_STATES, SlotState, State
+from ..health import HostState, Snapshot
+from .state import SHOWN_STATES, SlotState, State, SupervisorState
 
 __all__ = [
     "ListenStatus",
@@ -141,10 +142,26 @@ class Status:
     kernel: Mapping[str, int] | None = None  # ListenOverflows, ListenDrops
     steering: Mapping[str, Any] | None = None  # steering's own view (controller.status)
     steering_changes: int = 0
+    state: SupervisorState = SupervisorState.RUNNING  # the supervisor machine's state
+    health: str | None = None  # the --health URL (/healthz and the agent check)
+
+    def health_snapshot(self) -> Snapshot:
+        """The host's health for the balancers in front (health.py): draining from the moment
+        a drain is asked; the ready share counts slots whose serving worker is ready."""
+        if self.state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
+            host = HostState.STOPPING
+        elif self.state is SupervisorState.DRAINING:
+            host = HostState.DRAINING
+        else:
+            host = HostState.SERVING
+        counted = [s for s in self.slots if s.state is not SlotState.REMOVING]
+        ready = sum(1 for s in counted if s.state is State.READY)
+        return Snapshot(host, ready, len(counted))
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "state": self.state.value,
             "pid": self.pid,
             "uptime": self.uptime,
             "generation": self.generation,
@@ -162,6 +179,7 @@ class Status:
             "kernel": dict(self.kernel or {}),
             "steering": dict(self.steering) if self.steering is not None else None,
             "steering_changes": self.steering_changes,
+            "health": self.health,
         }
 
     @classmethod
@@ -188,4 +206,6 @@ class Status:
             kernel=d.get("kernel"),
             steering=d.get("steering"),
             steering_changes=d.get("steering_changes", 0),
+            state=SupervisorState(d.get("state", "running")),
+            health=d.get("health"),
         )

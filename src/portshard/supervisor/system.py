@@ -19,7 +19,7 @@ from ..control.server import Connection, ControlServer
 from ..errors import InspectError, PortshardError, SupervisorError
 from ..interpose.plan import plan as interpose_plan
 from ..interpose.seccomp import Trap
-from ..linux import sockdiag, tcpinfo
+from ..linux import proc, sockdiag, tcpinfo
 from ..linux.cgroup import Trees
 from ..linux.proc import tree_stopped
 from ..linux.sockdiag import held_connections
@@ -412,6 +412,9 @@ class SystemEffects:
     def reply(self, conn: Connection, data: bytes) -> None:
         if self.control is not None:
             self.control.reply(conn, data)
+
+    def clients_gone(self, conns: list[Connection]) -> bool:
+        return not any(c.pid is not None and proc.alive(c.pid) for c in conns)
 
 
 def expand_placeholders(arg: str, names: list[str], ports: Sequence[int] = ()) -> str:

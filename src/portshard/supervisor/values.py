@@ -238,17 +238,25 @@ def parse_optional_path(value: Any, origin: Origin) -> str:
 
 
 def parse_metrics(value: Any, origin: Origin) -> str:
+    return _endpoint_address(value, origin, "metrics")
+
+
+def parse_health(value: Any, origin: Origin) -> str:
+    return _endpoint_address(value, origin, "health")
+
+
+def _endpoint_address(value: Any, origin: Origin, key: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # metrics = 9100: a port on loopback
     address = text("127.0.0.1:9100")(value, origin)
     from .web import parse_metrics_address
 
     try:
-        parse_metrics_address(address)  # validate now: a bad address fails before any worker
+        parse_metrics_address(address, f"--{key}")  # a bad address fails before any worker
     except ConfigError as exc:
         if origin.file is None:
             raise
-        raise ConfigError(f"{exc} (metrics in {origin.file!r})") from None
+        raise ConfigError(f"{exc} ({key} in {origin.file!r})") from None
     return str(address)
 
 

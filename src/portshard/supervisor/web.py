@@ -34,14 +34,15 @@ IDLE_TIMEOUT = 10.0
 Response = tuple[int, str, bytes]
 
 
-def parse_metrics_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT`` or ``PORT``; no host means 127.0.0.1 (loopback by default)."""
+def parse_metrics_address(text: str, option: str = "--metrics") -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``PORT``; no host means 127.0.0.1 (loopback by default).
+    (``--health`` takes the same form.)"""
     try:
         addr = parse(f"tcp://{text}" if "://" not in text else text)
     except ConfigError as exc:
-        raise ConfigError(f"--metrics {text!r}: {exc}") from None
+        raise ConfigError(f"{option} {text!r}: {exc}") from None
     except ValueError as exc:
-        raise ConfigError(f"--metrics {text!r}: {exc}; e.g. --metrics 127.0.0.1:9100") from None
+        raise ConfigError(f"{option} {text!r}: {exc}; e.g. {option} 127.0.0.1:9100") from None
     return (addr.host or "127.0.0.1", addr.port)
 
 
