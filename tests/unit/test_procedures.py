@@ -500,7 +500,7 @@ def test_drain_keeps_serving_for_the_settle_time_then_stops_and_replies() -> Non
         assert world.fleet.state is SupervisorState.STOPPING
         assert world.fx.syns_dropped_at is not None
         world.turn()
-        assert all(signal.SIGKILL in world.fx.sent(pid) for pid in pids)  # idle: retired
+        assert all(signal.SIGTERM in world.fx.sent(pid) for pid in pids)  # idle: its shutdown
         world.fx.clients = True  # `drain --wait` has not read its reply and exited yet
         world.obey()
         world.turn()

@@ -9,9 +9,9 @@ import pytest
 
 from portshard.steering import bpfasm as asm
 from portshard.steering.bpfasm import Asm
-from portshard.steering.ebpf import tcp_code
 from portshard.steering.held import LONGEST, HeldWalk
 from portshard.steering.inflight import sock_ops_code, tuple_key
+from portshard.steering.programs import tcp_code
 
 
 def decode(code: bytes) -> list[tuple[int, int, int]]:

@@ -45,14 +45,8 @@ from collections.abc import Iterable
 
 from . import bpfasm as asm
 from .bpfasm import Asm
-from .ebpf import (
-    BPF_FUNC_MAP_LOOKUP_ELEM,
-    BPF_FUNC_MAP_UPDATE_ELEM,
-    BpfError,
-    Map,
-    bpf,
-    load_program,
-)
+from .ebpf import BpfError, Map, bpf, load_program
+from .programs import BPF_FUNC_MAP_LOOKUP_ELEM, BPF_FUNC_MAP_UPDATE_ELEM
 
 __all__ = ["InFlight", "cgroup_fd", "sock_ops_code", "tuple_key"]
 
