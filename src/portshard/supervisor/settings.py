@@ -240,6 +240,7 @@ SETTINGS: tuple[Setting, ...] = (
         reloadable=False,
         fixed_because="the endpoint is bound once, at start",
         metavar="[HOST:]PORT",
+        example='"127.0.0.1:9101"',
     ),
     Setting(
         "steering",
