@@ -273,6 +273,7 @@ class Lifecycle(Machine[State, Event]):
         self.retired_at: float | None = None  # when we began to retire it (drain or kill)
         self.kill_at: float | None = None  # its kill timer (armed by ARM_KILL_TIMER)
         self.timed_out = False  # killed for not being ready in time (its exit says SIGKILL)
+        self.shutting_down = False  # found idle and given its stop signal: its shutdown runs
 
     def fire(self, event: Event, now: float = 0.0) -> tuple[Action, ...]:
         before = self.state
@@ -281,6 +282,8 @@ class Lifecycle(Machine[State, Event]):
             self.ready_at = now
         if event is Event.READY_TIMEOUT:
             self.timed_out = True
+        if event is Event.IDLE:
+            self.shutting_down = True
         if event in RETIRING_EVENTS and self.retired_at is None:
             self.retired_at = now
         return actions
