@@ -79,3 +79,14 @@ bench: deps-bench
 
 bench-quick: deps-bench
 	$(PY) -m bench --quick
+
+# The chaos soak (issue 14; bench/README.md "Chaos soak"): a supervisor under load while random
+# reloads, scales, worker SIGKILLs, forking/setsid workers, control and metrics floods, bad
+# configs and signals hit it. SOAK_SECONDS (default 600), SOAK_SEED (replay a run). Writes
+# bench/results/soak/soak-SEED.{md,json} (and latest.*); exits non-zero if a property broke.
+# A 35 s version runs in `make test` (tests/integration/test_chaos.py).
+SOAK_SECONDS ?= 600
+SOAK_SEED ?=
+.PHONY: soak
+soak: deps-test
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED)) -v
