@@ -9,10 +9,12 @@ supervisor re-reads on reload.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +72,7 @@ class Chaos:
     kills: list[Kill] = field(default_factory=list)
     forked: list[int] = field(default_factory=list)
     workers: int = 0  # the count last asked for
+    probe_waits: list[tuple[str, float]] = field(default_factory=list)  # flood, s a real one waited
     opening: list[str] | None = None  # the kinds still to do once before chance decides
 
     def actions(self) -> dict[str, tuple[int, Callable[[], Op]]]:
@@ -180,41 +183,70 @@ class Chaos:
         return Op("bad-config", t0, time.monotonic() - t0, op.outcome, f"{name}: {op.detail}")
 
     def flood_control(self) -> Op:
-        return self._flood("flood-control", self._control_conn, self._control_answers)
+        return self._flood(
+            "flood-control", self._control_conn, self._control_payload, self._control_answers
+        )
 
     def flood_metrics(self) -> Op:
-        return self._flood("flood-metrics", self._metrics_conn, self._metrics_answers)
+        return self._flood(
+            "flood-metrics", self._metrics_conn, self._metrics_payload, self._metrics_answers
+        )
 
     # ---- floods --------------------------------------------------------------------------
 
     def _flood(
         self,
         kind: str,
-        connect: Callable[[str], socket.socket | None],
-        answers: Callable[[], str | None],
+        connect: Callable[[], socket.socket | None],
+        payload: Callable[[str], bytes],
+        probe: Callable[[], str | None],
     ) -> Op:
-        """Open many connections (idle, garbage, oversized, half requests), check the endpoint
-        still answers a real request meanwhile, then close them all."""
+        """Open many connections (idle, garbage, oversized, half requests) and hold them; a
+        real request (``probe``) arrives behind them. The endpoint may make it wait (its
+        connection cap and idle timeout are the design), but it must answer it, at the latest
+        once the flood is gone; how long it waited is reported."""
         t0 = time.monotonic()
         count = self.rng.randint(self.flood_max // 4, self.flood_max)
         styles = [self.rng.choice(("idle", "garbage", "oversize", "half")) for _ in range(count)]
-        socks: list[socket.socket] = []
+        hold = self.rng.uniform(0.5, 3.0)
+        socks: list[tuple[socket.socket, str]] = []
+        outcome: list[str | None] = []
+        waited: list[float] = []
+
+        def real_request() -> None:
+            t = time.monotonic()
+            outcome.append(probe())
+            waited.append(time.monotonic() - t)
+
+        checker = threading.Thread(target=real_request, name="soak-probe", daemon=True)
         try:
             for style in styles:
-                sock = connect(style)
+                sock = connect()
                 if sock is not None:
-                    socks.append(sock)
-            time.sleep(self.rng.uniform(0.2, 1.5))
-            problem = answers()
+                    socks.append((sock, style))
+            time.sleep(0.05)  # loopback handshakes complete
+            for sock, style in socks:
+                _send_some(sock, payload(style))
+            checker.start()
+            time.sleep(hold)
         finally:
-            for sock in socks:
+            for sock, _ in socks:
                 sock.close()
-        detail = f"{len(socks)}/{count} connections"
-        if problem is not None:
+        checker.join(60)
+        self.probe_waits.append((kind, waited[0] if waited else -1.0))
+        detail = f"{len(socks)}/{count} connections held {hold:.1f}s"
+        if not outcome or outcome[0] is not None:
+            problem = outcome[0] if outcome else "no answer in 60 s after the flood ended"
             return Op(kind, t0, time.monotonic() - t0, "violation", f"{detail}; {problem}")
-        return Op(kind, t0, time.monotonic() - t0, "ok", detail)
+        return Op(
+            kind,
+            t0,
+            time.monotonic() - t0,
+            "ok",
+            f"{detail}; a real request waited {waited[0]:.2f}s",
+        )
 
-    def _payload(self, style: str) -> bytes:
+    def _control_payload(self, style: str) -> bytes:
         if style == "garbage":
             return self.rng.randbytes(self.rng.randint(1, 512))
         if style == "oversize":
@@ -223,52 +255,50 @@ class Chaos:
             return b'{"v": 1, "cmd": "sta'
         return b""
 
-    def _control_conn(self, style: str) -> socket.socket | None:
+    def _metrics_payload(self, style: str) -> bytes:
+        if style == "half":
+            return b"GET /metrics HTTP/1.1\r\nHost: evil.example\r\n"
+        if style == "oversize":
+            return b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n"
+        if style == "garbage":
+            return self.rng.randbytes(self.rng.randint(1, 512))
+        return b""
+
+    def _control_conn(self) -> socket.socket | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             sock.connect(self.target.control)
-            _send_some(sock, self._payload(style))
         except OSError:
             sock.close()  # the queue is full: the flood has done its job
             return None
         return sock
 
-    def _metrics_conn(self, style: str) -> socket.socket | None:
+    def _metrics_conn(self) -> socket.socket | None:
         sock = socket.socket()
-        sock.settimeout(1.0)
-        try:
-            sock.connect(("127.0.0.1", self.target.metrics_port))
-            sock.setblocking(False)
-            if style == "half":
-                payload = b"GET /metrics HTTP/1.1\r\nHost: evil.example\r\n"
-            elif style == "oversize":
-                payload = b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n"
-            else:
-                payload = self._payload(style)
-            _send_some(sock, payload)
-        except OSError:
+        sock.setblocking(False)
+        if sock.connect_ex(("127.0.0.1", self.target.metrics_port)) not in (0, errno.EINPROGRESS):
             sock.close()
             return None
         return sock
 
     def _control_answers(self) -> str | None:
-        res = self.target.cli("status", "--json", timeout=30)
+        res = self.target.cli("status", "--json", timeout=60)
         if res.rc != 0:
-            return f"status during the flood: rc {res.rc} {res.err.strip()[-300:]!r}"
+            return f"status: rc {res.rc} {res.err.strip()[-300:]!r}"
         return None
 
     def _metrics_answers(self) -> str | None:
-        body = metrics_get(self.target.metrics_port, timeout=15)
+        body = metrics_get(self.target.metrics_port, timeout=60)
         if body is None or b"portshard_" not in body:
-            return f"GET /metrics during the flood: {body[:200] if body else 'no answer'!r}"
+            return f"GET /metrics: {body[:200] if body else 'no answer'!r}"
         return None
 
 
 def _send_some(sock: socket.socket, payload: bytes) -> None:
     """Send what fits now (a flood never blocks on its own sockets)."""
     if payload:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
+        with contextlib.suppress(OSError):  # full, refused, reset: the flood goes on
             sock.send(payload)
 
 

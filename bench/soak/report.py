@@ -79,6 +79,18 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|",
     ]
     lines += [f"| {k} | {v} |" for k, v in sorted(r["operations"].items())]
+    waits = r.get("flood_probe_wait_s") or {}
+    if waits:
+        lines += [
+            "",
+            "A real request behind a flood (it waits for the endpoint's connection cap "
+            "and idle timeout) was answered after, in seconds: "
+            + "; ".join(
+                f"{k}: median {w['median']}, max {w['max']} over {w['floods']:.0f} floods"
+                for k, w in waits.items()
+            )
+            + ".",
+        ]
     if res:
         lines += [
             "",

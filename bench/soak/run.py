@@ -206,6 +206,7 @@ def _report(
             "per_s": round(load.ok / elapsed, 1) if elapsed else 0,
             "failed_by_kind": _count(f.kind for f in failures),
         },
+        "flood_probe_wait_s": _waits(chaos.probe_waits),
         "kills": [dataclasses.asdict(k) for k in kills],
         "forked": len(chaos.forked),
         "lost": [dataclasses.asdict(f) for f in split["lost"][:50]],
@@ -223,6 +224,19 @@ def _report(
             for op in chaos.ops
         ],
     }
+
+
+def _waits(waits: list[tuple[str, float]]) -> dict[str, dict[str, float]]:
+    """How long a real request waited behind each flood, per endpoint."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in sorted({k for k, _ in waits}):
+        got = sorted(w for k, w in waits if k == kind)
+        out[kind] = {
+            "floods": len(got),
+            "median": round(got[len(got) // 2], 2),
+            "max": round(got[-1], 2),
+        }
+    return out
 
 
 def _loadavg() -> str:
