@@ -10,7 +10,8 @@ grammar (below): never a signal; P binds as without the shim; Q binds only when 
 are valid and say so (fd 3 adopted, or SO_REUSEPORT for a listed port), else EADDRINUSE as
 without the shim; stderr is the one warning line naming the variable for a malformed setting,
 nothing for a valid one (unless PORTSHARD_SHIM_DEBUG=1, whose lines are all the shim's).
-Bounded: 150 examples (a few ms each) plus the explicit ones."""
+Both on the installed shim and on the same source built with UBSan. Bounded: 75 examples each
+(a few ms each) plus the explicit ones, about 20 s in all."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ MAX_PORTS = 256  # PORTSHARD_MAX_PORTS
 ENV_MAX = 100_000  # one environment string may not exceed 128 KiB (MAX_ARG_STRLEN)
 
 FUZZ = settings(
-    max_examples=150,
+    max_examples=75,  # for each of the two builds
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -49,6 +50,26 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> str:
         pytest.skip("gcc is not installed (make deps-test installs it)")
     out = tmp_path_factory.mktemp("shimfuzz") / "shim_env_probe"
     subprocess.run([gcc, "-O1", "-o", str(out), str(PROBE_C)], check=True, timeout=60)
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=["installed", "ubsan"])
+def shim(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The installed shim, and the same source built with UBSan (undefined behaviour, such as
+    a signed overflow in the parser, aborts the program: a failure here, not a silent wrong
+    value)."""
+    if request.param == "installed":
+        return shim_path()
+    out = tmp_path_factory.mktemp("shimubsan") / "libportshard_preload.so"
+    source = ROOT / "src" / "portshard" / "interpose" / "preload.c"
+    flags = ["-O1", "-g", "-fsanitize=undefined", "-fno-sanitize-recover=all", "-shared", "-fPIC"]
+    res = subprocess.run(
+        ["gcc", *flags, "-fvisibility=hidden", "-o", str(out), str(source), "-ldl", "-pthread"],
+        capture_output=True,
+        timeout=120,
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot build the shim with UBSan (libubsan missing?): {res.stderr[-300:]!r}")
     return str(out)
 
 
@@ -167,11 +188,11 @@ def environments(inode: int, port: int) -> st.SearchStrategy[dict[bytes, bytes]]
 # ---- the property ---------------------------------------------------------------------------
 
 
-def run(probe: str, listener: socket.socket, env: dict[bytes, bytes]) -> None:
+def run(probe: str, shim: str, listener: socket.socket, env: dict[bytes, bytes]) -> None:
     full = {b"PATH": os.environb.get(b"PATH", b"/usr/bin:/bin"), **env}
     fd = listener.fileno()
     res = subprocess.run(
-        [probe, str(fd), shim_path()], env=full, pass_fds=[fd], capture_output=True, timeout=20
+        [probe, str(fd), shim], env=full, pass_fds=[fd], capture_output=True, timeout=20
     )
     inode = os.fstat(fd).st_ino
     port = listener.getsockname()[1]
@@ -201,10 +222,10 @@ def ids(listener: socket.socket) -> tuple[int, int]:
 @FUZZ
 @given(data=st.data())
 def test_the_shim_switches_itself_off_for_any_malformed_environment(
-    probe: str, listener: socket.socket, ids: tuple[int, int], data: st.DataObject
+    probe: str, shim: str, listener: socket.socket, ids: tuple[int, int], data: st.DataObject
 ) -> None:
     inode, port = ids
-    run(probe, listener, data.draw(environments(inode, port)))
+    run(probe, shim, listener, data.draw(environments(inode, port)))
 
 
 @pytest.mark.parametrize(
@@ -232,8 +253,15 @@ def test_the_shim_switches_itself_off_for_any_malformed_environment(
     ],
 )
 def test_known_edges(
-    probe: str, listener: socket.socket, ids: tuple[int, int], env: dict[bytes, bytes]
+    probe: str,
+    shim: str,
+    listener: socket.socket,
+    ids: tuple[int, int],
+    env: dict[bytes, bytes],
 ) -> None:
     inode, port = ids
-    run(probe, listener, {k: v.replace(b"{ino}", b"%d" % inode).replace(b"{port}", b"%d" % port)
-                          for k, v in env.items()})  # fmt: skip
+    filled = {
+        k: v.replace(b"{ino}", b"%d" % inode).replace(b"{port}", b"%d" % port)
+        for k, v in env.items()
+    }
+    run(probe, shim, listener, filled)
