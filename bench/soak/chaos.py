@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,7 @@ class Chaos:
     min_workers: int = 2
     max_workers: int = 5
     flood_max: int = 300  # connections per flood
+    midway_kill_chance: float = 0.3  # a reload or scale also meets a worker SIGKILL
     ops: list[Op] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
     forked: list[int] = field(default_factory=list)
@@ -119,12 +120,14 @@ class Chaos:
         return Op(kind, t0, res.seconds, "refused", f"{' '.join(args)}: {err}")
 
     def reload(self) -> Op:
-        return self._cli_op("reload", "reload", "--wait", "--timeout", "60")
+        with self._maybe_kill_midway():
+            return self._cli_op("reload", "reload", "--wait", "--timeout", "60")
 
     def scale(self) -> Op:
         choices = [n for n in range(self.min_workers, self.max_workers + 1) if n != self.workers]
         n = self.rng.choice(choices)
-        op = self._cli_op("scale", "scale", str(n), "--timeout", "60")
+        with self._maybe_kill_midway():
+            op = self._cli_op("scale", "scale", str(n), "--timeout", "60")
         if op.outcome == "ok":
             self.workers = n
         return Op(op.kind, op.t, op.seconds, op.outcome, op.detail)
@@ -143,6 +146,37 @@ class Chaos:
             return Op("kill", t0, time.monotonic() - t0, "refused", f"pid {slot['pid']} gone")
         self.kills.append(Kill(t, slot["pid"], slot["slot"]))
         return Op("kill", t0, time.monotonic() - t0, "ok", f"slot {slot['slot']} pid {slot['pid']}")
+
+    @contextlib.contextmanager
+    def _maybe_kill_midway(self) -> Iterator[None]:
+        """Now and then, SIGKILL one of the supervisor's children (old or new worker) while
+        the operation runs: a reload or scale that meets a crash must still end cleanly."""
+        if self.rng.random() >= self.midway_kill_chance:
+            yield
+            return
+        delay = self.rng.uniform(0.05, 1.5)
+        pick = self.rng.random()
+        done = threading.Event()
+
+        def kill_later() -> None:
+            if done.wait(delay):
+                return
+            pids = children_of(self.target.pid)
+            if not pids:
+                return
+            pid = pids[int(pick * len(pids))]
+            t = time.monotonic()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                self.kills.append(Kill(t, pid, -1))
+
+        killer = threading.Thread(target=kill_later, name="soak-midway-kill", daemon=True)
+        killer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            killer.join(5)
 
     def fork(self) -> Op:
         t0 = time.monotonic()
@@ -293,6 +327,21 @@ class Chaos:
         if body is None or b"portshard_" not in body:
             return f"GET /metrics: {body[:200] if body else 'no answer'!r}"
         return None
+
+
+def children_of(pid: int) -> list[int]:
+    """The direct children of ``pid`` (a supervisor's: its workers), from /proc."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            if int(raw[raw.rindex(b")") + 2 :].split()[1]) == pid:
+                out.append(int(name))
+    return sorted(out)
 
 
 def _send_some(sock: socket.socket, payload: bytes) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import verdict
-from .chaos import Chaos, summary
+from .chaos import Chaos, Op, summary
 from .client import Failure, Load
 from .target import Target
 from .watch import (
@@ -79,8 +79,9 @@ def _soak(cfg: SoakConfig, seed: int, marker: str, target: Target) -> dict[str, 
     cgroups: set[str] = set()
     checkpoints: list[Sample] = []
     own = cgroup_of(target.pid)
+    problems: list[str] = []  # seen at checkpoints, reported as operations that went wrong
     alive = True
-    _checkpoint(target, sampler, checkpoints, cgroups, own, st)
+    _checkpoint(target, sampler, checkpoints, cgroups, own, st, problems)
     try:
         while time.monotonic() - t0 < cfg.seconds:
             op = chaos.step()
@@ -95,7 +96,7 @@ def _soak(cfg: SoakConfig, seed: int, marker: str, target: Target) -> dict[str, 
             if not target.alive():
                 alive = False
                 break
-            _checkpoint(target, sampler, checkpoints, cgroups, own, None)
+            _checkpoint(target, sampler, checkpoints, cgroups, own, None, problems)
             time.sleep(rng.uniform(*cfg.pause))
         # the last quiet checkpoints at each worker count the run began with
         if alive and target.alive():
@@ -103,11 +104,12 @@ def _soak(cfg: SoakConfig, seed: int, marker: str, target: Target) -> dict[str, 
             if res.rc == 0:
                 chaos.workers = cfg.workers
             time.sleep(1.0)
-            _checkpoint(target, sampler, checkpoints, cgroups, own, None)
+            _checkpoint(target, sampler, checkpoints, cgroups, own, None, problems)
     finally:
         load.stop()
         sampler.stop()
     alive = alive and target.alive() and sampler.gone_at is None
+    chaos.ops.extend(Op("checkpoint", t0, 0.0, "violation", p) for p in problems)
     exit_code = target.stop()
     leftovers = _leftovers(target, marker, cgroups)
     for pid in kill_marked(marker):  # judged above; the machine is left clean either way
@@ -124,12 +126,19 @@ def _checkpoint(
     cgroups: set[str],
     own: str | None,
     st: dict[str, Any] | None,
+    problems: list[str],
 ) -> None:
     """After an operation, with no flood open: the worker count, their cgroups, the fds."""
     st = st or target.status()
     if st is None:
+        problems.append(f"t={time.monotonic() - sampler.t0:.1f}s: status did not answer")
         return
     pids = [s["pid"] for s in st.get("slots", []) if s.get("pid")]
+    served_empty = [s["slot"] for s in st.get("slots", []) if s.get("state") == "ready"
+                    and not s.get("pid")]  # fmt: skip
+    if served_empty:
+        when = time.monotonic() - sampler.t0
+        problems.append(f"t={when:.1f}s: status shows slot(s) {served_empty} ready, no worker")
     for pid in pids:
         group = cgroup_of(pid)
         if group and group != own:
