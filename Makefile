@@ -8,7 +8,10 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # Debian packages the tests drive for real (real programs, real load).
 # gcc + libc6-dev (static libc.a), golang-go, nodejs, ruby: the unmodified servers of the
 # interposition tests (tests/integration/test_interpose*.py).
-DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binutils golang-go nodejs ruby
+# nftables (nft): the multi-host test bed's kube-proxy-style balancer (tests/integration/
+# test_netbed.py, bench/netbed/; HAProxy, its other balancer, comes with DEB_BENCH_PKGS).
+DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binutils golang-go nodejs ruby \
+	nftables
 # Debian packages the benchmarks drive (bench/): nginx and HAProxy are the alternatives portshard
 # is compared with, wrk the HTTP load, iproute2 brings up loopback in the reload scenario's
 # network namespace. `make test` installs them too: tests/integration/test_bench_quick.py runs
@@ -16,7 +19,7 @@ DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binut
 # default site on port 80; the bench never uses it: it runs its own nginx on loopback.)
 DEB_BENCH_PKGS := nginx haproxy wrk iproute2
 
-.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick deps-bench
+.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick deps-bench netbed soak
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +83,12 @@ bench: deps-bench
 bench-quick: deps-bench
 	$(PY) -m bench --quick
 
+# The multi-host test bed (bench/netbed/, root): three hosts under `portshard run` behind HAProxy
+# (agent checks) and nftables DNAT (kube-proxy's way), in network namespaces it deletes again;
+# a rolling reload and a drain through each, and requests/s through each balancer vs direct.
+netbed: deps-test
+	$(PY) -m bench.netbed
+
 # The chaos soak (issue 14; bench/README.md "Chaos soak"): a supervisor under load while random
 # reloads, scales, worker SIGKILLs, forking/setsid workers, control and metrics floods, bad
 # configs and signals hit it. SOAK_SECONDS (default 600), SOAK_SEED (replay a run). Writes
@@ -87,6 +96,5 @@ bench-quick: deps-bench
 # A 35 s version runs in `make test` (tests/integration/test_chaos.py).
 SOAK_SECONDS ?= 600
 SOAK_SEED ?=
-.PHONY: soak
 soak: deps-test
 	$(PY) -m bench.soak --seconds $(SOAK_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED)) -v

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.loadgen import Load
+from bench.load.loadgen import Load
 
 from tests.conftest import wait_until
 from tests.supervisor_fixture import FDWORKER, Start

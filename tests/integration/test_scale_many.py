@@ -15,7 +15,7 @@ import time
 import uuid
 
 import pytest
-from bench.loadgen import Load
+from bench.load.loadgen import Load
 
 from tests.conftest import ROOT, wait_until
 from tests.supervisor_fixture import Running, Start, no_process_left
