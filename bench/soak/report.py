@@ -43,7 +43,6 @@ def failure_message(report: dict[str, Any]) -> str:
 
 def markdown(r: dict[str, Any]) -> str:
     req = r["requests"]
-    res = r.get("resources") or {}
     lines = [
         f"# portshard chaos soak, seed {r['seed']}",
         "",
@@ -61,7 +60,19 @@ def markdown(r: dict[str, Any]) -> str:
         f"| {c['name']} | {'ok' if c['ok'] else '**VIOLATED**'} | {c['detail']} |"
         for c in r["checks"]
     ]
-    lines += [
+    lines += _requests(r) + _operations(r) + _resources(r.get("resources") or {})
+    lines += ["", "## Left behind after the stop", ""]
+    lines += [f"- {k}: {v or 'none'}" for k, v in r["leftovers"].items()]
+    if r["lost"]:
+        lines += ["", "## Lost requests (first 50)", ""]
+        lines += [f"- {f}" for f in r["lost"]]
+    lines += ["", "## Supervisor log (tail)", "", "```"] + r["supervisor_log_tail"] + ["```", ""]
+    return "\n".join(lines)
+
+
+def _requests(r: dict[str, Any]) -> list[str]:
+    req = r["requests"]
+    return [
         "",
         "## Requests",
         "",
@@ -72,12 +83,11 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Failed by kind: {req['failed_by_kind'] or 'none'}. Workers SIGKILLed: {len(r['kills'])}; "
         f"children forked on demand: {r['forked']}.",
-        "",
-        "## Operations",
-        "",
-        "| operation | outcomes |",
-        "|---|---|",
     ]
+
+
+def _operations(r: dict[str, Any]) -> list[str]:
+    lines = ["", "## Operations", "", "| operation | outcomes |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(r["operations"].items())]
     waits = r.get("flood_probe_wait_s") or {}
     if waits:
@@ -91,37 +101,35 @@ def markdown(r: dict[str, Any]) -> str:
             )
             + ".",
         ]
-    if res:
-        lines += [
-            "",
-            "## Supervisor resources (sampled every 0.5 s from /proc)",
-            "",
-            "| | first | last | max | first third (median) | last third (median) | slope/min |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for key, label in (("fds", "fds"), ("rss_kb", "RSS KiB")):
-            s = res[key]
-            lines.append(
-                f"| {label} | {s['first']} | {s['last']} | {s['max']} | "
-                f"{s['first_third_median']} | {s['last_third_median']} | "
-                f"{s['slope_per_min']:.2f} |"
-            )
-        lines += [
-            "",
-            "fds at quiet checkpoints (after an operation, no flood open), by worker count:",
-            "",
-            "| workers | checkpoints | first third min | last third min | max |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {c} | {g['samples']} | {g['first_third_min']} | {g['last_third_min']} | "
-            f"{g['max']} |"
-            for c, g in res["checkpoint_fds"].items()
-        ]
-    lines += ["", "## Left behind after the stop", ""]
-    lines += [f"- {k}: {v or 'none'}" for k, v in r["leftovers"].items()]
-    if r["lost"]:
-        lines += ["", "## Lost requests (first 50)", ""]
-        lines += [f"- {f}" for f in r["lost"]]
-    lines += ["", "## Supervisor log (tail)", "", "```"] + r["supervisor_log_tail"] + ["```", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _resources(res: dict[str, Any]) -> list[str]:
+    if not res:
+        return []
+    lines = [
+        "",
+        "## Supervisor resources (sampled every 0.5 s from /proc)",
+        "",
+        "| | first | last | max | first third (median) | last third (median) | slope/min |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, label in (("fds", "fds"), ("rss_kb", "RSS KiB")):
+        s = res[key]
+        lines.append(
+            f"| {label} | {s['first']} | {s['last']} | {s['max']} | "
+            f"{s['first_third_median']} | {s['last_third_median']} | "
+            f"{s['slope_per_min']:.2f} |"
+        )
+    lines += [
+        "",
+        "fds at quiet checkpoints (after an operation, no flood open), by worker count:",
+        "",
+        "| workers | checkpoints | first third min | last third min | max |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c} | {g['samples']} | {g['first_third_min']} | {g['last_third_min']} | {g['max']} |"
+        for c, g in res["checkpoint_fds"].items()
+    ]
+    return lines

@@ -206,15 +206,7 @@ def _report(
         "checks": [dataclasses.asdict(c) for c in checks],
         "operations": summary(chaos.ops),
         "operations_total": len(chaos.ops),
-        "requests": {
-            "ok": load.ok,
-            "failed": len(failures),
-            "in_flight_at_kill": len(split["in_flight_at_kill"]),
-            "in_flight_at_kill_unnamed": len(split["in_flight_at_kill_unnamed"]),
-            "lost": len(split["lost"]),
-            "per_s": round(load.ok / elapsed, 1) if elapsed else 0,
-            "failed_by_kind": _count(f.kind for f in failures),
-        },
+        "requests": _requests(load, failures, split, elapsed),
         "flood_probe_wait_s": _waits(chaos.probe_waits),
         "kills": [dataclasses.asdict(k) for k in kills],
         "forked": len(chaos.forked),
@@ -232,6 +224,20 @@ def _report(
             }
             for op in chaos.ops
         ],
+    }
+
+
+def _requests(
+    load: Load, failures: list[Failure], split: dict[str, list[Failure]], elapsed: float
+) -> dict[str, Any]:
+    return {
+        "ok": load.ok,
+        "failed": len(failures),
+        "in_flight_at_kill": len(split["in_flight_at_kill"]),
+        "in_flight_at_kill_unnamed": len(split["in_flight_at_kill_unnamed"]),
+        "lost": len(split["lost"]),
+        "per_s": round(load.ok / elapsed, 1) if elapsed else 0,
+        "failed_by_kind": _count(f.kind for f in failures),
     }
 
 
