@@ -207,14 +207,28 @@ class Chaos:
     def bad_config(self) -> Op:
         t0 = time.monotonic()
         name = self.rng.choice(sorted(BAD_CONFIGS))
+        by_signal = self.rng.random() < 0.3  # SIGHUP: nobody to answer, it must only survive
         self.target.config.write_bytes(BAD_CONFIGS[name])
         try:
-            op = self._cli_op("bad-config", "reload", "--wait", "--timeout", "60", expect_ok=False)
+            if by_signal:
+                op = self._hup_bad_config()
+            else:
+                op = self._cli_op(
+                    "bad-config", "reload", "--wait", "--timeout", "60", expect_ok=False
+                )
         finally:
             self.target.config.write_text(good_config(self.target.marker))
         if op.outcome == "refused":  # the expected outcome: refused with a clear line
             return Op("bad-config", t0, time.monotonic() - t0, "ok", f"{name}: {op.detail}")
         return Op("bad-config", t0, time.monotonic() - t0, op.outcome, f"{name}: {op.detail}")
+
+    def _hup_bad_config(self) -> Op:
+        t0 = time.monotonic()
+        self.target.signal(signal.SIGHUP)
+        time.sleep(1.0)  # it reads the file (a reload of a command that is gone fails later)
+        if not self.target.alive() or self.target.status() is None:
+            return Op("bad-config", t0, time.monotonic() - t0, "violation", "SIGHUP: it died")
+        return Op("bad-config", t0, time.monotonic() - t0, "refused", "SIGHUP: still serving")
 
     def flood_control(self) -> Op:
         return self._flood(
