@@ -213,6 +213,8 @@ def _report(
         "lost": [dataclasses.asdict(f) for f in split["lost"][:50]],
         "failures": {k: [dataclasses.asdict(f) for f in v[:50]] for k, v in split.items()},
         "resources": trend,
+        "samples": [[round(x.t, 2), x.fds, x.rss_kb] for x in sampler.samples],  # t, fds, KiB
+        "checkpoints": [[round(x.t, 2), x.fds, x.rss_kb, x.workers] for x in checkpoints],
         "leftovers": leftovers,
         "op_log": [
             {
