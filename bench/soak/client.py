@@ -39,6 +39,7 @@ class Load:
     failures: list[Failure] = field(default_factory=list)
     per_second: collections.Counter[int] = field(default_factory=collections.Counter)
     by_worker: collections.Counter[int] = field(default_factory=collections.Counter)
+    last_served: dict[int, float] = field(default_factory=dict)  # worker -> monotonic time
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -109,6 +110,7 @@ class Load:
             self.per_second[int(t0 - self.started)] += 1
             if worker is not None:
                 self.by_worker[worker] += 1
+                self.last_served[worker] = t0
             return None
         return Failure(t0, time.monotonic(), kind or "short", pid, worker, repr(data[:80]))
 

@@ -80,8 +80,9 @@ def _soak(cfg: SoakConfig, seed: int, marker: str, target: Target) -> dict[str, 
     checkpoints: list[Sample] = []
     own = cgroup_of(target.pid)
     problems: list[str] = []  # seen at checkpoints, reported as operations that went wrong
+    seen: list[tuple[float, set[int]]] = []  # the workers status showed, at each checkpoint
     alive = True
-    _checkpoint(target, sampler, checkpoints, cgroups, own, st, problems)
+    _checkpoint(target, sampler, checkpoints, cgroups, own, st, problems, seen)
     try:
         while time.monotonic() - t0 < cfg.seconds:
             op = chaos.step()
@@ -96,7 +97,7 @@ def _soak(cfg: SoakConfig, seed: int, marker: str, target: Target) -> dict[str, 
             if not target.alive():
                 alive = False
                 break
-            _checkpoint(target, sampler, checkpoints, cgroups, own, None, problems)
+            _checkpoint(target, sampler, checkpoints, cgroups, own, None, problems, seen)
             time.sleep(rng.uniform(*cfg.pause))
         # the last quiet checkpoints at each worker count the run began with
         if alive and target.alive():
@@ -104,7 +105,7 @@ def _soak(cfg: SoakConfig, seed: int, marker: str, target: Target) -> dict[str, 
             if res.rc == 0:
                 chaos.workers = cfg.workers
             time.sleep(1.0)
-            _checkpoint(target, sampler, checkpoints, cgroups, own, None, problems)
+            _checkpoint(target, sampler, checkpoints, cgroups, own, None, problems, seen)
     finally:
         load.stop()
         sampler.stop()
@@ -115,7 +116,7 @@ def _soak(cfg: SoakConfig, seed: int, marker: str, target: Target) -> dict[str, 
     for pid in kill_marked(marker):  # judged above; the machine is left clean either way
         log.warning("soak: killed pid %d, left behind by the supervisor", pid)
     return _report(
-        cfg, seed, marker, t0, chaos, load, sampler, checkpoints, alive, exit_code, leftovers
+        cfg, seed, marker, t0, chaos, load, sampler, checkpoints, seen, alive, exit_code, leftovers
     )
 
 
@@ -127,6 +128,7 @@ def _checkpoint(
     own: str | None,
     st: dict[str, Any] | None,
     problems: list[str],
+    seen: list[tuple[float, set[int]]],
 ) -> None:
     """After an operation, with no flood open: the worker count, their cgroups, the fds."""
     st = st or target.status()
@@ -144,6 +146,8 @@ def _checkpoint(
         if group and group != own:
             cgroups.add(group)
             cgroups.add(group.rsplit("/", 1)[0])  # the supervisor's group of groups
+    shown = {w["pid"] for s in st.get("slots", []) for w in s.get("workers", []) if w.get("pid")}
+    seen.append((time.monotonic(), shown | set(pids)))
     sample = sampler.take(workers=len(st.get("slots", [])))
     if sample is not None:
         checkpoints.append(sample)
@@ -173,6 +177,7 @@ def _report(
     load: Load,
     sampler: Sampler,
     checkpoints: list[Sample],
+    seen: list[tuple[float, set[int]]],
     alive: bool,
     exit_code: int | None,
     leftovers: dict[str, list[Any]],
@@ -183,6 +188,7 @@ def _report(
     kills = [dataclasses.replace(k, t=k.t - t0) for k in chaos.kills]
     failures = [rel(f) for f in load.failures]
     split = verdict.attribute(failures, kills)
+    stale = verdict.served_after_retired(load.last_served, seen)
     trend = verdict.resource_trend(sampler.samples, checkpoints)
     checks = verdict.checks(
         alive_throughout=alive,
@@ -193,6 +199,7 @@ def _report(
         leftovers=leftovers,
         exit_code=exit_code,
         requests_ok=load.ok,
+        stale=stale,
         fd_tolerance=cfg.fd_tolerance,
         rss_tolerance_kb=cfg.rss_tolerance_kb,
     )

@@ -11,7 +11,7 @@ from .chaos import Kill, Op
 from .client import Failure
 from .watch import Sample, slope
 
-__all__ = ["Check", "attribute", "resource_trend"]
+__all__ = ["Check", "attribute", "resource_trend", "served_after_retired"]
 
 # A connection in a killed worker's hands fails when the kernel resets it (at once) or when the
 # supervisor kills the rest of the worker's tree (its forked children) a moment later.
@@ -51,6 +51,26 @@ def attribute(failures: list[Failure], kills: list[Kill]) -> dict[str, list[Fail
             out["in_flight_at_kill_unnamed"].append(f)
             continue
         out["lost"].append(f)
+    return out
+
+
+RETIRED_MARGIN = 2.0  # s: status may lag a retirement by a loop turn and a checkpoint
+
+
+def served_after_retired(
+    last_served: dict[int, float], seen: list[tuple[float, set[int]]]
+) -> list[tuple[int, float]]:
+    """Workers whose tree answered a request well after the worker had left status for good
+    (present at one checkpoint, absent from every later one): a child it forked outlived it
+    and still serves the port with old code. (worker, seconds after it left)."""
+    out = []
+    for worker, t in sorted(last_served.items()):
+        present = [i for i, (_, pids) in enumerate(seen) if worker in pids]
+        if not present or present[-1] + 1 >= len(seen):
+            continue  # never seen, or still there at the last checkpoint
+        left = seen[present[-1] + 1][0]
+        if t > left + RETIRED_MARGIN:
+            out.append((worker, t - left))
     return out
 
 
@@ -110,6 +130,7 @@ def checks(
     leftovers: dict[str, list[Any]],
     exit_code: int | None,
     requests_ok: int,
+    stale: list[tuple[int, float]],
     fd_tolerance: int,
     rss_tolerance_kb: int,
 ) -> list[Check]:
@@ -128,6 +149,14 @@ def checks(
             "no failed connection beyond a killed worker's",
             not lost,
             f"{len(lost)} lost: " + "; ".join(_failure_line(f) for f in lost[:5]) if lost else "0",
+        )
+    )
+    out.append(
+        Check(
+            "no request served by a retired worker's tree",
+            not stale,
+            "; ".join(f"worker {w}'s tree {s:.1f}s after the worker left" for w, s in stale[:5])
+            or "none",
         )
     )
     bad_ops = [op for op in ops if op.outcome == "violation"]

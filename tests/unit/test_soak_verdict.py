@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bench.soak.chaos import Kill, Op
 from bench.soak.client import Failure
-from bench.soak.verdict import attribute, checks, resource_trend
+from bench.soak.verdict import attribute, checks, resource_trend, served_after_retired
 from bench.soak.watch import Sample, slope
 
 KILL = Kill(t=10.0, pid=100, slot=1)
@@ -47,6 +47,7 @@ def _judge(**kw: object) -> dict[str, bool]:
         "leftovers": {"processes": []},
         "exit_code": 0,
         "requests_ok": 10,
+        "stale": [],
         "fd_tolerance": 2,
         "rss_tolerance_kb": 1024,
     }
@@ -73,6 +74,7 @@ def test_each_property_can_fail() -> None:
         "fd count flat (quiet checkpoints, same worker count)": {"trend": leak},
         "RSS flat": {"trend": leak},
         "stopped cleanly": {"exit_code": 1},
+        "no request served by a retired worker's tree": {"stale": [(4, 3.0)]},
         "nothing left: processes": {"leftovers": {"processes": [(7, "x")]}},
     }
     for name, change in cases.items():
@@ -83,3 +85,11 @@ def test_each_property_can_fail() -> None:
 def test_slope() -> None:
     assert slope([(0, 1), (1, 3), (2, 5)]) == 2.0
     assert slope([(1, 1)]) == 0.0
+
+
+def test_a_tree_serving_after_its_worker_left_is_found() -> None:
+    seen = [(0.0, {1, 2}), (5.0, {1, 2}), (10.0, {1, 3}), (20.0, {1, 3})]
+    last = {1: 25.0, 2: 11.0, 3: 25.0, 9: 30.0}  # 2 left at 10 s: 1 s later is the margin
+    assert served_after_retired(last, seen) == []
+    last[2] = 15.0  # 5 s after it left status: an escaped child serves old code
+    assert served_after_retired(last, seen) == [(2, 5.0)]
