@@ -7,11 +7,13 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # Debian packages the tests drive for real (real programs, real load).
 # gcc + libc6-dev (static libc.a), golang-go, nodejs, ruby: the unmodified servers of the
-# interposition tests (tests/integration/test_interpose*.py).
+# interposition tests (tests/integration/test_interpose*.py) and of the recipes
+# (tests/integration/test_recipes.py, with nginx below); systemd: `systemd-analyze verify` checks
+# the example units (tests/integration/test_systemd.py).
 # nftables (nft): the multi-host test bed's kube-proxy-style balancer (tests/integration/
 # test_netbed.py, bench/netbed/; HAProxy, its other balancer, comes with DEB_BENCH_PKGS).
 DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binutils golang-go nodejs ruby \
-	nftables
+	systemd nftables
 # Debian packages the benchmarks drive (bench/): nginx and HAProxy are the alternatives portshard
 # is compared with, wrk the HTTP load, iproute2 brings up loopback in the reload scenario's
 # network namespace. `make test` installs them too: tests/integration/test_bench_quick.py runs
@@ -42,7 +44,7 @@ deps-test: $(VENV)/.created
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	$(PIP) install -e '.[dev,metrics,bench]'
+	$(PIP) install -e '.[dev,metrics,bench,recipes]'
 
 lint: deps-test
 	$(VENV)/bin/ruff check src tests examples bench

@@ -49,26 +49,23 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(getattr(logging, level.upper()))
 
 
-_control_options = [
-    click.option(
-        "--name",
-        default="portshard",
-        show_default=True,
-        help="The supervisor's name (picks its control socket).",
-    ),
-    click.option(
-        "--control",
-        type=click.Path(dir_okay=False),
-        help="Control socket path (default: /run/portshard/NAME.sock as root, "
-        "else $XDG_RUNTIME_DIR/portshard/NAME.sock). Also $PORTSHARD_CONTROL.",
-    ),
-]
-
-
 def control_options(f: Any) -> Any:
-    for option in reversed(_control_options):
-        f = option(f)
-    return f
+    """--name and --control of the commands that talk to a supervisor (the schema's defaults)."""
+    from .supervisor.settings import BY_FIELD
+
+    name, control = BY_FIELD["name"], BY_FIELD["control"]
+    f = click.option(
+        "--control",
+        metavar=control.metavar,
+        help="The supervisor's control socket (default: by --name: /run/portshard/NAME.sock as "
+        "root, else $XDG_RUNTIME_DIR/portshard/NAME.sock). Also $PORTSHARD_CONTROL.",
+    )(f)
+    return click.option(
+        "--name",
+        default=name.default,
+        show_default=True,
+        help="The supervisor's name (its --name; picks its control socket).",
+    )(f)
 
 
 def _setting_options(f: Any) -> Any:
@@ -248,7 +245,9 @@ def reload(name: str, control: str | None, wait: bool, timeout: float) -> None:
     """
     from .control.client import request
 
-    request(_client(name, control), "reload", timeout=timeout if wait else 30, wait=wait)
+    result = request(_client(name, control), "reload", timeout=timeout if wait else 30, wait=wait)
+    for line in result.get("kept", []):  # settings the reload could not change, and why
+        click.echo(f"portshard: note: {line}", err=True)
     click.echo("reload done" if wait else "reload started")
 
 

@@ -25,8 +25,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from .interpose import seccomp_sys as sc
-from .linux import bpf, proc, syscalls, sysctl
-from .linux.exec import fork_call
+from .linux import bpf, cgroup, proc, syscalls, sysctl
+from .linux.exec import ExecSpec, fork_call, fork_exec
 from .sockets import PLATFORMS, platform_key, somaxconn
 from .steering import ebpf
 
@@ -521,6 +521,40 @@ def _pidfd_getfd() -> _Found:
     if not same:
         raise _Failed(f"pidfd_getfd returned an fd that is not the child's socket {fd_s}")
     return True, True, f"pidfd_open on a child, pidfd_getfd copied its UDP socket (fd {fd_s})"
+
+
+@_probe(
+    "worker_trees",
+    "a worker is its whole process tree (a cgroup each): stop, reload and exits kill every "
+    "process it started, setsid() and daemonized children included",
+    "a worker's tree is its process group and children (child subreaper): a child that calls "
+    "setsid() escapes stop and reload",
+)
+def _worker_trees() -> _Found:
+    found = cgroup.detect()
+    if found.mechanism is cgroup.Mechanism.SUBREAPER:
+        return False, found.mechanism.value, found.why
+    trees = cgroup.Trees.open(f"doctor-{os.getpid()}", found)
+    try:
+        if trees.mechanism is cgroup.Mechanism.SUBREAPER:
+            return False, trees.mechanism.value, trees.detected.why
+        group = trees.create("probe")
+        assert group is not None
+        spec = ExecSpec(["sleep", "60"], dict(os.environ))
+        pid = fork_exec(spec, setup=group.join_self)
+        try:
+            members = group.members()
+            group.kill()
+            os.waitpid(pid, 0)
+        finally:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if members != [pid]:
+            raise _Failed(f"the child's group held {members}, not [{pid}]")
+    finally:
+        trees.close()
+    detail = f"{found.why}; a child joined its group before exec and cgroup.kill ended it"
+    return True, found.mechanism.value, detail
 
 
 @_probe(

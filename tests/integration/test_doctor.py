@@ -27,6 +27,7 @@ KEYS = [
     "tcp_migrate_req",
     "seccomp_user_notif_addfd",
     "pidfd_getfd",
+    "worker_trees",
     "somaxconn",
     "ipv6",
     "euid",
@@ -38,6 +39,7 @@ ROOT_FEATURES = [
     "reuseport_ebpf",
     "seccomp_user_notif_addfd",
     "pidfd_getfd",
+    "worker_trees",
 ]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux probes")
 

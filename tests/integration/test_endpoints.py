@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import resource
+import selectors
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from portshard.control.client import request
+from portshard.endpoint import Limits, Peer, StreamServer
 from tests.conftest import wait_until
 from tests.supervisor_fixture import FDWORKER, PORTSHARD, Start
 
@@ -255,3 +257,44 @@ print("shed", srv.shed, flush=True)
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0
     assert int(out.split()[-1]) > 0, "nothing was shed: the limit was never reached"
+
+
+class Echo(StreamServer):
+    name = "echo"
+
+    def on_data(self, peer: Peer) -> None:
+        if b"\n" in peer.buf:
+            self.send(peer, b"pong\n")
+
+
+def _pump(sel: selectors.BaseSelector, srv: StreamServer, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for key, mask in sel.select(0.01):
+            key.data(mask)
+        srv.expire(time.monotonic())
+
+
+def test_an_endpoint_at_its_cap_leaves_the_rest_in_the_queue_and_expires_idle_peers() -> None:
+    sel = selectors.DefaultSelector()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    srv = Echo(lsock, sel, Limits(max_conns=2, idle=0.5, backlog=16))
+    port = lsock.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        _pump(sel, srv, 0.1)
+        assert len(srv.peers) == 2  # the third waits in the kernel's queue
+        clients[2].sendall(b"ping\n")
+        _pump(sel, srv, 0.1)
+        assert len(srv.peers) == 2
+        _pump(sel, srv, 0.6)  # the two idle peers expire; the third is accepted and answered
+        assert clients[2].recv(16) == b"pong\n"
+        assert clients[0].recv(16) == b""  # expired: closed without an answer
+    finally:
+        for c in clients:
+            c.close()
+        srv.close_all()
+        sel.close()
+    assert srv.sock.fileno() == -1

@@ -118,13 +118,20 @@ def test_shim_leaves_other_addresses_and_ports_alone(procs: Procs, probes: dict[
         # A specific address that is not the managed one: the program's own bind, and a note.
         got, proc = run_probe(procs, probes["dynamic"], "127.0.0.2", port, sock, shim_env(sock))
         assert got["same"] == 0 and got["bind"] == 0, got
-        assert "does not match the supervisor's socket" in stderr_of(proc)
-        # Another port: untouched, silently.
+        err = stderr_of(proc)
+        assert f"to 127.0.0.2:{port} does not match portshard's socket on 127.0.0.1:{port}" in err
+        # Another port: untouched, and its listen() names the port once (a program serving
+        # the wrong port would otherwise only time out).
         free.bind(("127.0.0.1", 0))
         other = free.getsockname()[1]
         free.close()
-        got, proc = run_probe(procs, probes["dynamic"], "0.0.0.0", other, sock, shim_env(sock))
-        assert got["same"] == 0 and got["bind"] == 0, got
+        got, proc = run_probe(procs, probes["dynamic"], "127.0.0.1", other, sock, shim_env(sock))
+        assert got["same"] == 0 and got["bind"] == 0 and got["listen"] == 0, got
+        err = stderr_of(proc)
+        assert err.count("portshard-shim") == 1, err
+        assert f"listens on port {other}, which portshard does not manage (it serves {port})" in err
+        # A client socket (bound to port 0, never listening) gets no note.
+        got, proc = run_probe(procs, probes["dynamic"], "127.0.0.1", 0, sock, shim_env(sock))
         assert "portshard-shim" not in stderr_of(proc)
 
 

@@ -66,3 +66,18 @@ def test_a_served_port_is_refused_naming_its_holder_unless_joining(
     seen = {get(port).split(b"\r\n\r\n")[1].split()[1] for _ in range(40)}
     # (its steering program now decides for the whole reuseport group: all go to its slots)
     assert {str(p).encode() for p in second.pids()} <= seen, "the joined supervisor serves"
+
+
+def test_a_reload_says_which_file_changes_it_cannot_apply(start: Start, short_tmp: Path) -> None:
+    # issue 14 item 8 / issue 12 item 8: a changed listen or workers was ignored without a word.
+    conf = short_tmp / "ps.toml"
+    quoted = ", ".join(f'"{arg}"' for arg in FDWORKER)
+    conf.write_text(f'command = [{quoted}]\nlisten = ["tcp://127.0.0.1:0"]\nworkers = 1\n')
+    sup = start("-c", str(conf))
+    conf.write_text(f'command = [{quoted}]\nlisten = ["tcp://127.0.0.1:1"]\nworkers = 2\n')
+    sup.ctl("reload")
+    log = sup.text()
+    assert "reload: listen changed in" in log and "the sockets are bound once" in log
+    # the count: either the loop scales to it (plan_reload.scale_to) or the log says why not
+    assert "scaling to it after the reload" in log and sup.status()["workers"] == 2
+    assert sup.status()["listen"][0]["port"] != 1

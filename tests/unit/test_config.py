@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -316,3 +317,36 @@ def test_the_command_lines_workers_wins_over_a_reloaded_file(tmp_path: Path) -> 
     plan = plan_reload(cfg, cli)
     assert plan.scale_to is None and plan.config.workers == 4
     assert "--workers 4 on the command line wins" in plan.kept[0]
+
+
+# ---- the example file: every key, derived from the schema, and it loads
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "portshard.toml"
+
+
+def test_the_example_file_is_the_schemas() -> None:
+    from portshard.supervisor.settings import example_toml
+
+    assert EXAMPLE.read_text() == example_toml(), (
+        "examples/portshard.toml is stale: write example_toml() to it"
+    )
+
+
+def test_the_example_file_loads_as_it_is_and_with_every_key_set(tmp_path: Path) -> None:
+    from portshard.supervisor.settings import KEYS
+
+    cfg = load({"config": str(EXAMPLE)})
+    assert cfg.listen[0].address.port == 8080 and cfg.command[0] == "python3"
+    every = tmp_path / "every.toml"
+    lines = EXAMPLE.read_text().splitlines()
+    every.write_text(
+        "\n".join(
+            line[2:] if line.startswith("# ") and line[2:].split(" = ")[0] in KEYS else line
+            for line in lines
+        )
+    )
+    data = tomllib.loads(every.read_text())
+    assert set(data) == KEYS
+    full = load({"config": str(every)})
+    assert full.workers == 4 and full.metrics == "127.0.0.1:9100" and full.user == "www-data"

@@ -27,8 +27,10 @@ def teardown_module() -> None:
     _UNUSED.close()
 
 
-def target(family: int, host: bytes, port: int, kind: tuple[int, int] = TCP) -> Target:
-    return Target(_UNUSED, family, kind[0], kind[1], host, port)
+def target(
+    family: int, host: bytes, port: int, kind: tuple[int, int] = TCP, *, dual: bool = False
+) -> Target:
+    return Target(_UNUSED, family, kind[0], kind[1], host, port, dual)
 
 
 def test_exact_address_wins_over_a_wildcard_match() -> None:
@@ -51,10 +53,47 @@ def test_other_addresses_ports_and_protocols_are_not_managed() -> None:
     any4 = target(socket.AF_INET, V4_ANY, 80)
     other = socket.inet_pton(socket.AF_INET, "127.0.0.2")
     assert match([loop4], socket.AF_INET, other, 80, *TCP) is None
-    assert match([any4], socket.AF_INET, LOOP4, 80, *TCP) is None  # no widening to wildcard
+    assert match([any4], socket.AF_INET, LOOP4, 81, *TCP) is None
     assert match([loop4], socket.AF_INET, LOOP4, 81, *TCP) is None
     assert match([loop4], socket.AF_INET, LOOP4, 80, *UDP) is None
     assert match([loop4], socket.AF_INET, LOOP4, 80, socket.SOCK_STREAM, 262) is None  # MPTCP
+
+
+def test_one_address_gets_the_wildcard_socket_that_receives_it() -> None:
+    """uvicorn binds 127.0.0.1:P by default; with --listen tcp://:P it gets that socket (and
+    a log line) instead of EADDRINUSE; never a socket that cannot receive its family."""
+    any4 = target(socket.AF_INET, V4_ANY, 80)
+    dual = target(socket.AF_INET6, V6_ANY, 80, dual=True)
+    v6only = target(socket.AF_INET6, V6_ANY, 80)
+    assert match([any4], socket.AF_INET, LOOP4, 80, *TCP) is any4
+    assert match([dual], socket.AF_INET, LOOP4, 80, *TCP) is dual
+    assert match([dual], socket.AF_INET6, LOOP6, 80, *TCP) is dual
+    assert match([v6only, any4], socket.AF_INET, LOOP4, 80, *TCP) is any4
+    assert match([dual, any4], socket.AF_INET, LOOP4, 80, *TCP) is any4  # same family first
+    assert match([v6only], socket.AF_INET, LOOP4, 80, *TCP) is None  # IPv6 only: no IPv4
+    assert match([any4], socket.AF_INET6, LOOP6, 80, *TCP) is None  # IPv4 cannot take ::1
+    assert match([any4], socket.AF_INET, LOOP4, 80, *UDP) is None
+    loop4 = target(socket.AF_INET, LOOP4, 80)
+    assert match([dual, loop4], socket.AF_INET, LOOP4, 80, *TCP) is loop4  # exact first
+    note = seccomp.widened(any4, socket.AF_INET, LOOP4, 80)
+    assert note is not None and "127.0.0.1:80" in note and "0.0.0.0:80" in note
+    assert "--listen tcp://127.0.0.1:80" in note
+    assert seccomp.widened(loop4, socket.AF_INET, LOOP4, 80) is None
+    assert seccomp.widened(any4, socket.AF_INET, V4_ANY, 80) is None
+
+
+def test_a_mismatch_names_both_addresses_and_the_fix() -> None:
+    loop4 = target(socket.AF_INET, LOOP4, 80)
+    other = socket.inet_pton(socket.AF_INET, "127.0.0.2")
+    why = seccomp.mismatch([loop4], socket.AF_INET, other, 80, *TCP)
+    assert why is not None
+    assert "127.0.0.2:80" in why and "127.0.0.1:80" in why
+    assert "--listen tcp://127.0.0.2:80" in why
+    assert seccomp.mismatch([loop4], socket.AF_INET, other, 81, *TCP) is None  # not managed
+    udp = seccomp.mismatch([loop4], socket.AF_INET, LOOP4, 80, *UDP)
+    assert udp is not None and "protocol" in udp
+    note = seccomp.unmanaged([loop4], 9090)
+    assert "port 9090" in note and "80" in note and "{port}" in note
 
 
 def test_parse_sockaddr() -> None:
@@ -119,3 +158,26 @@ def test_a_worker_user_gets_a_shim_it_can_read(
     assert copy.stat().st_mode & 0o777 == 0o644 and copy.parent.stat().st_mode & 0o777 == 0o755
     assert shim.shim_for(65534) == str(copy)  # one copy per supervisor
     assert shim.shim_for(None) == str(installed)  # our own user reads the installed one
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["gunicorn", "--bind", "fd://3", "app:app"],
+        ["/venv/bin/gunicorn", "-b", "fd://3", "app:app"],
+        ["gunicorn", "--bind=fd://4", "app:app"],
+        ["gunicorn", "-bfd://3", "app:app"],
+        ["python3", "-m", "gunicorn", "-w", "2", "--bind", "fd://3", "app:app"],
+    ],
+)
+def test_gunicorn_with_a_bind_to_an_inherited_fd_is_refused(argv: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"gunicorn --bind fd://\d.*EBADF.*Drop --bind"):
+        plan.refuse_double_take(argv, {})
+
+
+def test_other_gunicorn_forms_and_other_programs_pass() -> None:
+    plan.refuse_double_take(["gunicorn", "--bind", "0.0.0.0:8000", "app:app"], {})
+    plan.refuse_double_take(["gunicorn", "app:app"], {})
+    plan.refuse_double_take(["hypercorn", "--bind", "fd://3", "app:app"], {})  # no LISTEN_FDS
+    with pytest.raises(ConfigError, match="fd://3"):
+        plan.refuse_double_take(["gunicorn", "app:app"], {"GUNICORN_CMD_ARGS": "--bind fd://3"})

@@ -175,7 +175,9 @@ def test_reload_replaces_each_slot_only_after_its_new_worker_is_ready() -> None:
     assert world.fx.sent(old[0])[:2] == [signal.SIGSTOP, signal.SIGCONT]
     world.fx.holding.discard(old[0])
     world.turn(0.05)
-    assert world.fx.sent(old[0])[-1] == signal.SIGKILL  # frozen and idle: nothing to lose
+    # frozen and idle: its stop signal is queued before SIGCONT (nothing to lose, and its
+    # shutdown runs), with --grace to exit
+    assert world.fx.sent(old[0])[-2:] == [signal.SIGTERM, signal.SIGCONT]
     world.obey()
     world.turn()
     new1 = world.fleet.slots[1].workers[-1].pid
@@ -257,7 +259,7 @@ def test_stop_cancels_a_reload_and_retires_everyone() -> None:
     world.turn()
     world.obey()
     world.turn()
-    assert all(signal.SIGKILL in world.fx.sent(pid) for pid in olds)
+    assert all(signal.SIGTERM in world.fx.sent(pid) for pid in olds)  # their shutdown runs
     assert world.fleet.exit_code == 0 and world.fleet.state is SupervisorState.STOPPED
     assert ("stopping", "") in world.fx.notes
 
@@ -425,3 +427,21 @@ def test_a_failed_scale_up_takes_its_new_slots_away_again() -> None:
     assert outcome.done and "scale up failed at slot 2" in outcome.error
     assert [s.index for s in world.fleet.slots] == [0] and world.fx.closed == [1, 2]
     assert world.fleet.cfg.workers == 1 and world.fleet.state is SupervisorState.RUNNING
+
+
+def test_a_reload_replaces_a_slot_that_is_backing_off_instead_of_a_second_respawn() -> None:
+    world = World(2)
+    world.boot()
+    world.turn(0.5)
+    world.exit(world.fleet.slots[1].serving().pid, exited(1))  # type: ignore[union-attr]
+    slot = world.fleet.slots[1]
+    assert slot.state is SlotState.BACKOFF
+    outcome = world.fleet.reload(Outcome())
+    world.fx.ready.update(world.pids())
+    for _ in range(20):
+        world.turn()
+        world.fx.ready.update(world.pids())
+        world.obey()
+    assert outcome.done and outcome.ok, outcome.error
+    assert slot.state is SlotState.SERVING and len(slot.live()) == 1
+    assert slot.respawn_at is None

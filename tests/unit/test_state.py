@@ -31,13 +31,14 @@ def test_a_reload_retires_the_old_worker_by_freeze_check_kill() -> None:
     assert life.ready_at == 1.0 and not life.retiring
     assert life.fire(Event.DRAIN, 5.0) == () and life.state is State.DRAINING
     assert life.retiring and life.retired_at == 5.0
-    # Frozen, holds a connection: thawed; frozen again, idle: killed, with a kill timer.
+    # Frozen, holds a connection: thawed; frozen again, idle: its stop signal (queued while
+    # frozen, then SIGCONT), with --grace to exit before the kill timer fires.
     assert walk(life, (Event.FREEZE, 5.0), (Event.THAW, 5.0), (Event.FREEZE, 5.1)) == [
         (Action.FREEZE,),
         (Action.THAW,),
         (Action.FREEZE,),
     ]
-    assert life.fire(Event.IDLE, 5.1) == (Action.KILL, Action.ARM_KILL_TIMER)
+    assert life.fire(Event.IDLE, 5.1) == (Action.STOP_SIGNAL, Action.ARM_GRACE_TIMER)
     assert life.state is State.STOPPING
     assert life.fire(Event.EXIT, 5.2) == (Action.DISARM_KILL_TIMER, Action.REAP)
     assert not life.alive
@@ -175,3 +176,12 @@ def test_a_healthy_run_resets_the_count() -> None:
     assert b.on_exit(5.0) == 0.0  # ran long enough: respawn at once, count reset
     assert b.failures == 0
     assert b.on_exit(0.1) == 0.1
+
+
+def test_freeze_kill_drain_kills_an_idle_frozen_worker_at_once() -> None:
+    # --drain freeze-kill: the fastest retirement; the program's shutdown does not run.
+    life = Lifecycle(State.READY)
+    life.fire(Event.DRAIN)
+    life.fire(Event.FREEZE)
+    assert life.fire(Event.IDLE_KILL) == (Action.KILL, Action.ARM_KILL_TIMER)
+    assert life.state is State.STOPPING

@@ -46,13 +46,13 @@ def _connect(path: str, timeout: float | None) -> socket.socket:
 
 
 def _connect_error(path: str, exc: OSError) -> str:
-    where = "give its --name or --control (or set PORTSHARD_CONTROL)"
+    where = "Give its --name or --control (or set PORTSHARD_CONTROL)"
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-        return f"no supervisor at {path!r}: is 'portshard run' running? {where.capitalize()}"
+        return f"no supervisor at {path!r}: is 'portshard run' running? {where}"
     if exc.errno == errno.ECONNREFUSED:
         return (
             f"no supervisor listening at {path!r} (a stale socket, or not a socket); is "
-            f"'portshard run' running? {where.capitalize()}"
+            f"'portshard run' running? {where}"
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied on {path!r}: run as the supervisor's user or root"

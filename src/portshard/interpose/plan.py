@@ -8,13 +8,16 @@ fd 3), so it runs exactly as with ``fds`` (tested with the cooperative test work
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+import itertools
+import os
+import shlex
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
 from . import elf, shim
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "plan", "refuse_double_take"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ def plan(
     user if it differs from ours (the shim must be readable by it).
     """
     shim.remove_shim(env)
+    if via != "reuseport":  # every other mode passes the sockets with LISTEN_FDS
+        refuse_double_take(argv, env)
     if via == "fds":
         return Plan("fds", False, "--via fds")
     program: elf.Program | None = None
@@ -68,3 +73,49 @@ def plan(
             env.update(shim.inherit_env(inodes))
     mode = f"reuseport+{mechanism}" if via == "reuseport" else mechanism
     return Plan(mode, mechanism == "seccomp", why)
+
+
+def _is_gunicorn(argv: Sequence[str]) -> bool:
+    """``gunicorn ...``, ``/venv/bin/gunicorn ...`` or ``python3 -m gunicorn ...``."""
+    if not argv:
+        return False
+    if os.path.basename(argv[0]).startswith("gunicorn"):
+        return True
+    return any(a == "-m" and b == "gunicorn" for a, b in itertools.pairwise(argv))
+
+
+def _fd_binds(args: Sequence[str]) -> list[str]:
+    """The ``fd://N`` addresses among gunicorn's -b/--bind options."""
+    found: list[str] = []
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("-b", "--bind") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--bind="):
+            value = arg[len("--bind=") :]
+        elif arg.startswith("-b") and len(arg) > 2:
+            value = arg[2:]
+        if value is not None and value.startswith("fd://"):
+            found.append(value)
+    return found
+
+
+def refuse_double_take(argv: Sequence[str], env: Mapping[str, str]) -> None:
+    """gunicorn takes the sockets in LISTEN_FDS (which portshard always sets) *and* each
+    ``--bind fd://N``: with both it wraps fd 3 twice, closes it once and crashes with EBADF.
+    Refuse that before spawning, naming the form that works (no --bind at all)."""
+    if not _is_gunicorn(argv):
+        return
+    try:
+        extra = shlex.split(env.get("GUNICORN_CMD_ARGS", ""))
+    except ValueError:
+        extra = []
+    binds = _fd_binds(list(argv[1:])) + _fd_binds(extra)
+    if binds:
+        raise ConfigError(
+            f"gunicorn --bind {binds[0]}: portshard already hands gunicorn its sockets through "
+            f"LISTEN_FDS, which gunicorn reads as well, so it would take the same fd twice and "
+            f"crash with EBADF. Drop --bind {binds[0]}: gunicorn then serves the slot's socket "
+            f"from LISTEN_FDS, e.g. portshard run -w 2 --listen tcp://:8000 --ready notify "
+            f"--drain signal -- gunicorn app:app (README, Recipes)"
+        )

@@ -13,11 +13,16 @@
  *   PORTSHARD_SHIM_DEBUG  "1": one line on stderr per decision
  *
  * Inherit mode. bind(fd, A) where A matches a passed socket S (same type and protocol; same
- * family and address and port, or A is the wildcard 0.0.0.0 / :: of either family on S's port):
- * copy the options the program set on fd that matter to S, give S the program's O_NONBLOCK,
- * dup3() S over fd (keeping fd's close-on-exec flag) and return 0. listen() on S returns 0
- * (the supervisor's backlog stays), shutdown() on S returns 0 (a shutdown() would kill the
- * socket for every holder). Anything else goes to the real call, untouched.
+ * family and address and port, or A is the wildcard 0.0.0.0 / :: of either family on S's port,
+ * or A is one address (127.0.0.1) and S the wildcard that receives it: the program then serves
+ * what --listen says, and one line on stderr says so): copy the options the program set on fd
+ * that matter to S, give S the program's O_NONBLOCK, dup3() S over fd (keeping fd's
+ * close-on-exec flag) and return 0. listen() on S returns 0 (the supervisor's backlog stays),
+ * shutdown() on S returns 0 (a shutdown() would kill the socket for every holder). Anything
+ * else goes to the real call, untouched; a bind() on a managed port that does not match says
+ * why on stderr (both addresses and the fix), and a TCP listen() on a port nobody manages says
+ * so once per port (the program's server is then somewhere portshard does not serve).
+ * Keep the matching rules in step with seccomp.py match().
  *
  * Reuseport mode (libreuseport-compatible): set SO_REUSEPORT before bind() to a listed port,
  * and when the program sets SO_REUSEADDR on a socket already bound to a listed port (or on any
@@ -30,6 +35,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -65,6 +71,7 @@ struct portshard_socket {
 	int family;
 	int type;
 	int protocol;
+	int dualstack; /* an IPv6 wildcard that also receives IPv4 (IPV6_V6ONLY off) */
 	unsigned short port; /* host order */
 	struct sockaddr_storage addr;
 };
@@ -77,6 +84,35 @@ static struct {
 	size_t nports; /* 0: every port (reuseport mode) */
 	unsigned short ports[PORTSHARD_MAX_PORTS];
 } portshard_cfg;
+
+/* fds the program bound to port 0 (the kernel picks a port: not a port anyone chose, so
+ * listen() on it gets no note); fds >= 4096 are not tracked. */
+static unsigned char portshard_ephemeral[4096 / 8];
+
+static void portshard_set_ephemeral(int fd, int on)
+{
+	if (fd < 0 || fd >= 4096)
+		return;
+	if (on)
+		__atomic_fetch_or(&portshard_ephemeral[fd / 8], (unsigned char)(1u << (fd % 8)),
+				  __ATOMIC_RELAXED);
+	else
+		__atomic_fetch_and(&portshard_ephemeral[fd / 8], (unsigned char)~(1u << (fd % 8)),
+				   __ATOMIC_RELAXED);
+}
+
+static int portshard_is_ephemeral(int fd)
+{
+	return fd >= 0 && fd < 4096 &&
+	       (__atomic_load_n(&portshard_ephemeral[fd / 8], __ATOMIC_RELAXED) >> (fd % 8)) & 1;
+}
+
+/* Unmanaged ports already reported by listen() (inherit mode), so each is said once. */
+static struct {
+	pthread_mutex_t lock;
+	size_t n;
+	unsigned short ports[16];
+} portshard_noted = {PTHREAD_MUTEX_INITIALIZER, 0, {0}};
 
 typedef int (*portshard_bind_fn)(int, const struct sockaddr *, socklen_t);
 typedef int (*portshard_listen_fn)(int, int);
@@ -197,6 +233,14 @@ static int portshard_add_socket(int fd, unsigned long long ino)
 	s->family = s->addr.ss_family;
 	if (s->family != AF_INET && s->family != AF_INET6)
 		return 0; /* not ours to match (e.g. a Unix socket passed too) */
+	if (s->family == AF_INET6) {
+		int v6only = 1;
+
+		len = sizeof(v6only);
+		if (getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &len) != 0)
+			return -1;
+		s->dualstack = !v6only;
+	}
 	s->port = portshard_port_of(&s->addr);
 	portshard_cfg.nsockets++;
 	return 0;
@@ -341,11 +385,16 @@ static int portshard_same_address(const struct sockaddr_storage *a,
 				  &((const struct sockaddr_in6 *)b)->sin6_addr);
 }
 
-/* The passed socket a bind() of `want` on a socket of this type/protocol should get. */
+/*
+ * The passed socket a bind() of `want` on a socket of this type/protocol should get, in order:
+ * the same family and address; for a wildcard, the supervisor's --listen decides which (the
+ * same family first); for one address, a wildcard socket that receives it (the program then
+ * serves every interface, as --listen says, instead of failing with EADDRINUSE).
+ */
 static const struct portshard_socket *portshard_match(const struct sockaddr_storage *want,
 						      int type, int protocol)
 {
-	const struct portshard_socket *other_family = NULL;
+	const struct portshard_socket *other_family = NULL, *covering = NULL;
 	unsigned short port = portshard_port_of(want);
 	int wildcard = portshard_is_wildcard(want);
 	size_t i;
@@ -357,15 +406,124 @@ static const struct portshard_socket *portshard_match(const struct sockaddr_stor
 			continue;
 		if (portshard_same_address(&s->addr, want))
 			return s;
-		if (!wildcard)
-			continue;
-		/* The program asked for every address: the supervisor's --listen decides which. */
-		if (s->family == want->ss_family)
-			return s;
-		if (other_family == NULL)
-			other_family = s;
+		if (wildcard) {
+			if (s->family == want->ss_family)
+				return s;
+			if (other_family == NULL)
+				other_family = s;
+		} else if (portshard_is_wildcard(&s->addr) &&
+			   (s->family == want->ss_family || s->dualstack) &&
+			   (covering == NULL || covering->family != want->ss_family)) {
+			covering = s;
+		}
 	}
-	return other_family;
+	return other_family ? other_family : covering;
+}
+
+/* "127.0.0.1:8000" or "[::1]:8000" into buf. */
+static const char *portshard_show(const struct sockaddr_storage *ss, char *buf, size_t size)
+{
+	char host[INET6_ADDRSTRLEN];
+	const void *raw = ss->ss_family == AF_INET
+				  ? (const void *)&((const struct sockaddr_in *)ss)->sin_addr
+				  : (const void *)&((const struct sockaddr_in6 *)ss)->sin6_addr;
+
+	if (inet_ntop(ss->ss_family, raw, host, sizeof(host)) == NULL)
+		(void)snprintf(host, sizeof(host), "?");
+	(void)snprintf(buf, size, ss->ss_family == AF_INET6 ? "[%s]:%u" : "%s:%u", host,
+		       portshard_port_of(ss));
+	return buf;
+}
+
+/* A bind() on a managed port that got no slot socket: say which address portshard serves. */
+static void portshard_say_mismatch(int fd, const struct sockaddr_storage *want, int type,
+				   int protocol)
+{
+	char asked[64], ours[64];
+	unsigned short port = portshard_port_of(want);
+	const struct portshard_socket *any = NULL;
+	size_t i;
+
+	for (i = 0; i < portshard_cfg.nsockets; i++) {
+		const struct portshard_socket *s = &portshard_cfg.sockets[i];
+
+		if (s->port != port)
+			continue;
+		if (any == NULL)
+			any = s;
+		if (s->type == type && s->protocol == protocol) {
+			portshard_show(want, asked, sizeof(asked));
+			portshard_show(&s->addr, ours, sizeof(ours));
+			portshard_say("bind(fd %d) to %s does not match portshard's socket on %s; the "
+				      "program binds a socket of its own, which portshard does not "
+				      "manage (or fails with EADDRINUSE). Make it bind %s (or every "
+				      "interface), or use --listen %s://%s",
+				      fd, asked, ours, ours, type == SOCK_DGRAM ? "udp" : "tcp", asked);
+			return;
+		}
+	}
+	if (any != NULL)
+		portshard_say("bind(fd %d) to port %u: not the protocol portshard serves there (type "
+			      "%d, protocol %d); binding the program's own socket",
+			      fd, port, type, protocol);
+}
+
+/* Whether a stream socket before sockets[i] has its port (to list each port once). */
+static int portshard_seen_before(size_t i)
+{
+	size_t j;
+
+	for (j = 0; j < i; j++)
+		if (portshard_cfg.sockets[j].type == SOCK_STREAM &&
+		    portshard_cfg.sockets[j].port == portshard_cfg.sockets[i].port)
+			return 1;
+	return 0;
+}
+
+/* listen() on a TCP socket bound to a port nobody manages: say so, once per port. */
+static void portshard_note_unmanaged(int fd)
+{
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof(ss);
+	char ours[128];
+	size_t i, n = 0;
+	unsigned short port;
+	int type, known = 0;
+
+	if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0 ||
+	    (ss.ss_family != AF_INET && ss.ss_family != AF_INET6))
+		return;
+	len = sizeof(type);
+	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM)
+		return;
+	port = portshard_port_of(&ss);
+	if (port == 0 || portshard_is_ephemeral(fd))
+		return;
+	ours[0] = '\0';
+	for (i = 0; i < portshard_cfg.nsockets; i++) {
+		const struct portshard_socket *s = &portshard_cfg.sockets[i];
+
+		if (s->port == port)
+			return; /* a managed port (a narrower bind said why already) */
+		if (s->type == SOCK_STREAM && n + 8 < sizeof(ours) && !portshard_seen_before(i))
+			n += (size_t)snprintf(ours + n, sizeof(ours) - n, "%s%u", n ? "," : "", s->port);
+	}
+	if (n == 0)
+		return;
+	(void)pthread_mutex_lock(&portshard_noted.lock);
+	for (i = 0; i < portshard_noted.n; i++)
+		known |= portshard_noted.ports[i] == port;
+	if (portshard_noted.n >= sizeof(portshard_noted.ports) / sizeof(unsigned short))
+		known = 1; /* said enough: stay quiet from here on */
+	else if (!known)
+		portshard_noted.ports[portshard_noted.n++] = port;
+	(void)pthread_mutex_unlock(&portshard_noted.lock);
+	if (!known)
+		portshard_say("the program listens on port %u, which portshard does not manage (it "
+			      "serves %s): connections to %s never reach it. If %u is the port to "
+			      "serve, write {port} where the program takes its port, or use --listen "
+			      "tcp://:%u",
+			      port, ours, ours, port, port);
 }
 
 static const struct portshard_socket *portshard_managed_fd(int fd)
@@ -512,6 +670,7 @@ PORTSHARD_EXPORT int bind(int fd, __CONST_SOCKADDR_ARG arg, socklen_t len)
 			portshard_say("SO_REUSEPORT set on fd %d before bind to port %u", fd, port);
 		goto real;
 	}
+	portshard_set_ephemeral(fd, port == 0);
 	if (port == 0)
 		goto real;
 	optlen = sizeof(type);
@@ -522,22 +681,23 @@ PORTSHARD_EXPORT int bind(int fd, __CONST_SOCKADDR_ARG arg, socklen_t len)
 		goto real;
 	s = portshard_match(&want, type, protocol);
 	if (s == NULL) {
-		size_t i;
-
-		for (i = 0; i < portshard_cfg.nsockets; i++)
-			if (portshard_cfg.sockets[i].port == port) {
-				portshard_say("bind(fd %d) to port %u does not match the supervisor's "
-					      "socket on that port (address, type or protocol differ); "
-					      "binding the program's own socket",
-					      fd, port);
-				break;
-			}
+		portshard_say_mismatch(fd, &want, type, protocol);
 		goto real;
 	}
 	if (portshard_managed_fd(fd) != NULL)
 		goto real; /* binding the supervisor's socket itself: let the kernel say EINVAL */
 	if (portshard_adopt(fd, s, want.ss_family, type) != 0)
 		goto real;
+	if (!portshard_is_wildcard(&want) && portshard_is_wildcard(&s->addr)) {
+		char asked[64], ours[64];
+
+		portshard_show(&want, asked, sizeof(asked));
+		portshard_show(&s->addr, ours, sizeof(ours));
+		portshard_say("bind(fd %d) asked for %s and gets portshard's socket on %s (every "
+			      "interface, as --listen says), so it also serves other interfaces; to "
+			      "serve %s only, use --listen tcp://%s",
+			      fd, asked, ours, asked, asked);
+	}
 	if (portshard_cfg.debug)
 		portshard_say("bind(fd %d, port %u): now the supervisor's socket (fd %d)", fd, port,
 			      s->fd);
@@ -561,6 +721,8 @@ PORTSHARD_EXPORT int listen(int fd, int backlog)
 		errno = saved;
 		return 0;
 	}
+	if (portshard_cfg.mode == PORTSHARD_MODE_INHERIT)
+		portshard_note_unmanaged(fd);
 	errno = saved;
 	return portshard_real_listen(fd, backlog);
 }

@@ -55,8 +55,11 @@ __all__ = [
     "Trap",
     "child_install",
     "match",
+    "mismatch",
     "receive_listener",
     "run_reuseport",
+    "unmanaged",
+    "widened",
 ]
 
 _BATCH = 64
@@ -136,12 +139,16 @@ class Target:
     protocol: int
     host: bytes  # packed address
     port: int
+    dualstack: bool = False  # an IPv6 wildcard that also takes IPv4 (IPV6_V6ONLY off)
 
     @classmethod
     def of(cls, sock: socket.socket) -> Target | None:
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return None
         name = sock.getsockname()
+        dual = sock.family == socket.AF_INET6 and not sock.getsockopt(
+            socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
+        )
         return cls(
             sock,
             int(sock.family),
@@ -149,7 +156,16 @@ class Target:
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL),
             ipaddress.ip_address(name[0].split("%", 1)[0]).packed,
             int(name[1]),
+            dual,
         )
+
+    @property
+    def wildcard(self) -> bool:
+        return not any(self.host)
+
+    def covers(self, family: int) -> bool:
+        """Whether this wildcard socket receives connections to an address of ``family``."""
+        return self.wildcard and (self.family == family or self.dualstack)
 
 
 def parse_sockaddr(raw: bytes) -> tuple[int, bytes, int] | None:
@@ -167,22 +183,85 @@ def parse_sockaddr(raw: bytes) -> tuple[int, bytes, int] | None:
 def match(
     targets: Sequence[Target], family: int, host: bytes, port: int, type_: int, protocol: int
 ) -> Target | None:
-    """The slot socket a bind() of (family, host, port) should get; the shim's rules."""
+    """The slot socket a bind() of (family, host, port) should get; the shim's rules, in order:
+
+    1. the same family and address;
+    2. the program asks for every address (a wildcard): the supervisor's --listen decides
+       which, the same family first;
+    3. the program asks for one address (127.0.0.1, uvicorn's default) and the supervisor
+       listens on every interface (a wildcard that receives that family): the program gets
+       the wildcard socket, so it serves what --listen says (a log line says so: see
+       :func:`widened`), instead of binding its own socket and failing with EADDRINUSE.
+    """
     wildcard = not any(host)
     other_family: Target | None = None
+    covering: Target | None = None
     for t in targets:
         if t.port != port or t.type != type_ or t.protocol != protocol:
             continue
         if t.family == family and t.host == host:
             return t
-        if not wildcard:
-            continue
-        # The program asked for every address: the supervisor's --listen decides which.
-        if t.family == family:
-            return t
-        if other_family is None:
-            other_family = t
-    return other_family
+        if wildcard:
+            if t.family == family:
+                return t
+            if other_family is None:
+                other_family = t
+        elif t.covers(family) and (covering is None or covering.family != family):
+            covering = t
+    return other_family or covering
+
+
+def show(family: int, host: bytes, port: int) -> str:
+    """127.0.0.1:8000, [::1]:8000, 0.0.0.0:8000: an address as the messages print it."""
+    text = socket.inet_ntop(family, host)
+    return f"[{text}]:{port}" if family == socket.AF_INET6 else f"{text}:{port}"
+
+
+def widened(target: Target, family: int, host: bytes, port: int) -> str | None:
+    """The log line when :func:`match` gave a program asking for one address the wildcard
+    socket (rule 3); None when it got what it asked for."""
+    if not any(host) or not target.wildcard:
+        return None
+    asked, ours = show(family, host, port), show(target.family, target.host, port)
+    return (
+        f"it asked for {asked} and gets portshard's socket on {ours} (every interface, as "
+        f"--listen says), so it also serves other interfaces; to serve {asked} only, use "
+        f"--listen tcp://{asked}"
+    )
+
+
+def mismatch(
+    targets: Sequence[Target], family: int, host: bytes, port: int, type_: int, protocol: int
+) -> str | None:
+    """Why a bind() on a managed port got no slot socket (None: the port is not managed):
+    names both addresses and the fix."""
+    same_port = [t for t in targets if t.port == port]
+    if not same_port:
+        return None
+    asked = show(family, host, port)
+    kind = [t for t in same_port if t.type == type_ and t.protocol == protocol]
+    if not kind:
+        return (
+            f"bind() to {asked} is not the protocol portshard serves on port {port} (type "
+            f"{type_}, protocol {protocol}); it binds its own socket"
+        )
+    ours = ", ".join(show(t.family, t.host, port) for t in kind)
+    proto = "udp" if type_ == socket.SOCK_DGRAM else "tcp"
+    return (
+        f"bind() to {asked} does not match portshard's socket on {ours}; the program binds a "
+        f"socket of its own, which portshard does not manage (or fails with EADDRINUSE). Make "
+        f"it bind {ours.split(', ')[0]} (or every interface), or use --listen {proto}://{asked}"
+    )
+
+
+def unmanaged(targets: Sequence[Target], port: int) -> str:
+    """The note for a program binding a port nobody manages (its real server port, often)."""
+    ours = ", ".join(sorted({str(t.port) for t in targets}))
+    return (
+        f"it binds port {port}, which portshard does not manage (it serves {ours}): connections "
+        f"to {ours} never reach that socket. If {port} is the port to serve, write {{port}} where "
+        f"the program takes its port, or use --listen tcp://:{port}"
+    )
 
 
 def copy_options(src: socket.socket, dst: socket.socket, family: int, type_: int) -> list[str]:
@@ -269,6 +348,7 @@ class Trap:
         self.handled = 0  # bind() calls answered
         self.adopted = 0  # of which were given a slot socket
         self.busy = 0.0  # seconds spent answering
+        self._noted: set[int] = set()  # unmanaged ports already logged
 
     def fileno(self) -> int:
         return self.listener
@@ -331,8 +411,7 @@ class Trap:
         tid = int(notif.pid)
         raw = b""
         if addr and 0 < addrlen <= 128:
-            with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
-                raw = os.pread(mem.fileno(), addrlen, addr)
+            raw = proc.read_memory(tid, addr, addrlen)
         parsed = parse_sockaddr(raw)
         if parsed is None or not 0 <= fd < 1 << 20:
             sys_.notif_send(self.listener, notif.id, cont=True)
@@ -344,6 +423,9 @@ class Trap:
             ours = not self.reuseport or port in self.reuseport
         if not ours:
             sys_.notif_send(self.listener, notif.id, cont=True)  # the fast path: not ours
+            if self.reuseport is None and port and port not in self._noted:
+                self._noted.add(port)  # once per port: say where the program's server went
+                log.info("%s: %s", self.label, unmanaged(self.targets, port))
             return
         pid = proc.tgid(tid)
         pidfd = syscalls.pidfd_open(pid)
@@ -379,14 +461,9 @@ class Trap:
         protocol = theirs.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
         target = match(self.targets, family, host, port, type_, protocol)
         if target is None or os.fstat(theirs.fileno()).st_ino in self._inodes:
-            if target is None:
-                log.warning(
-                    "%s: bind() in pid %d to port %d does not match the slot's socket "
-                    "(address, type or protocol differ); it binds its own socket",
-                    self.label,
-                    pid,
-                    port,
-                )
+            why = mismatch(self.targets, family, host, port, type_, protocol)
+            if target is None and why is not None:
+                log.warning("%s: pid %d: %s", self.label, pid, why)
             sys_.notif_send(self.listener, notif.id, cont=True)
             return
         ours = target.sock
@@ -399,6 +476,8 @@ class Trap:
         cloexec = proc.fd_cloexec(pid, fd)
         sys_.answer_with_fd(self.listener, notif, ours.fileno(), cloexec=cloexec)
         self.adopted += 1
+        if (note := widened(target, family, host, port)) is not None:
+            log.warning("%s: bind() in pid %d: %s", self.label, pid, note)
         log.info(
             "%s: bind() in pid %d on fd %d now has the slot's socket (port %d%s)",
             self.label,
@@ -447,7 +526,7 @@ def run_reuseport(argv: Sequence[str], env: Mapping[str, str], ports: frozenset[
     with ours:
         listener = receive_listener(ours)
     trap = Trap(listener, [], label=f"pid {pid}", reuseport=ports)
-    pidfd = os.pidfd_open(pid)
+    pidfd = syscalls.pidfd_open(pid)
     previous = {sig: signal.signal(sig, lambda s, _f: os.kill(pid, s)) for sig in _FORWARDED}
     try:
         with selectors.DefaultSelector() as sel:

@@ -40,7 +40,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from .syscalls import set_child_subreaper
@@ -224,7 +224,10 @@ def _cgroup2_available() -> bool:
 
 
 def detect() -> Detected:
-    """Which mechanism this supervisor can use, and why (see the module doc)."""
+    """Which mechanism this supervisor can use, and why (see the module doc).
+    ``PORTSHARD_CGROUP=off`` in the environment asks for the subreaper fallback."""
+    if os.environ.get("PORTSHARD_CGROUP", "").lower() in ("off", "0", "no"):
+        return Detected(Mechanism.SUBREAPER, None, "PORTSHARD_CGROUP=off")
     if _is_cgroup2(_UNIFIED):
         own = own_cgroup2_path()
         base = os.path.join(_UNIFIED, (own or "/").lstrip("/"))
@@ -358,13 +361,18 @@ class Trees:
         return cls(found, home)
 
     def create(self, label: str) -> Cgroup | None:
-        """A new, empty group for one worker (None under the subreaper mechanism)."""
+        """A new, empty group for one worker (None under the subreaper mechanism, or if it
+        cannot be created: logged, never raised)."""
         if self.home is None:
             return None
         self._retry_pending()
         self._serial += 1
         group = Cgroup(os.path.join(self.home, f"{label}-{self._serial}"))
-        os.mkdir(group.path)
+        try:
+            os.mkdir(group.path)
+        except OSError as exc:  # the worker still runs, as its process group and tree
+            log.warning("cannot create the cgroup %s: %s", group.path, exc.strerror or exc)
+            return None
         return group
 
     def release(self, group: Cgroup | None) -> None:
@@ -372,16 +380,38 @@ class Trees:
         it still empties)."""
         if group is None:
             return
-        if group.populated():
-            group.kill()
-        if not group.remove():
+        try:
+            if group.populated():
+                group.kill()
+            removed = group.remove()
+        except OSError as exc:
+            log.warning("cannot empty the cgroup %s: %s", group.path, exc.strerror or exc)
+            removed = False
+        if not removed:
             self._pending.append(group)
 
     def _retry_pending(self) -> None:
         self._pending = [g for g in self._pending if not g.remove()]
 
+    def reap_orphans(self, workers: Collection[int]) -> list[int]:
+        """Subreaper: reap our children that are not ``workers`` and have exited (orphaned
+        descendants of a worker are re-parented to us); their pids."""
+        if self.mechanism is not Mechanism.SUBREAPER:
+            return []
+        reaped = []
+        for pid in _our_children():
+            if pid in workers:
+                continue
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped.append(pid)
+        return reaped
+
     def close(self) -> None:
-        """Kill whatever is left in our groups and remove them; unmount if we were the last."""
+        """Kill whatever is left in our groups and remove them; unmount if we were the last.
+        Subreaper: kill and reap every child left (orphans of workers that have gone)."""
+        if self.mechanism is Mechanism.SUBREAPER:
+            _kill_children()
         if self.home is None:
             return
         home = Cgroup(self.home)
@@ -412,6 +442,29 @@ def _sweep_stale(base: str, safe: str) -> None:
                     " ".join(map(str, left[:10])),
                 )
             stale.remove(wait=_KILL_WAIT)
+
+
+def _our_children() -> list[int]:
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+    return pids
+
+
+def _kill_children() -> None:
+    """SIGKILL and reap every child of ours (at stop, after the workers have gone)."""
+    deadline = time.monotonic() + _KILL_WAIT
+    while (children := _our_children()) and time.monotonic() < deadline:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    if children:
+        log.warning("processes still left after the stop: %s", " ".join(map(str, children)))
 
 
 def _alive(pid: int) -> bool:

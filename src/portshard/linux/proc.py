@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import NoAccess
+from .cgroup import Cgroup
 
 __all__ = [
     "ProcStat",
@@ -27,6 +28,7 @@ __all__ = [
     "process_tree",
     "program_name",
     "read",
+    "read_memory",
     "read_small",
     "socket_fds",
     "sockets_of",
@@ -59,6 +61,16 @@ def read_small(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def read_memory(pid: int, addr: int, size: int) -> bytes:
+    """``size`` bytes of the process's memory at ``addr`` (/proc/PID/mem: ptrace rights
+    needed); fewer if the range ends early. Raises OSError."""
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, addr)
     finally:
         os.close(fd)
 
@@ -158,8 +170,11 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def tree_stopped(pid: int) -> bool:
-    """Every process of the tree is stopped (state T), or gone."""
+def tree_stopped(pid: int, group: Cgroup | None = None) -> bool:
+    """Every process of the tree is stopped (state T), or gone. With the worker's ``group``:
+    the group is frozen (cgroup.freeze; stopped tasks count as frozen), or empty."""
+    if group is not None and os.path.isdir(group.path):
+        return group.frozen() or not group.populated()
     for member in process_tree(pid):
         st = stat(member)
         if st is not None and st.state not in _HALTED:

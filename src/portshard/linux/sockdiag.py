@@ -28,6 +28,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from ..address import Proto
+from .cgroup import Cgroup
 from .proc import pids_by_inode, process_tree, program_name, read, socket_fds
 
 __all__ = [
@@ -277,14 +278,21 @@ def listening_sockets_of(pid: int, *, ports: AbstractSet[int] | None = None) -> 
     return found
 
 
-def held_connections(pid: int, listeners: AbstractSet[int], ports: AbstractSet[int]) -> int:
-    """Client connections (local port one of ``ports``) that the process tree holds.
+def held_connections(
+    pid: int,
+    listeners: AbstractSet[int],
+    ports: AbstractSet[int],
+    group: Cgroup | None = None,
+) -> int:
+    """Client connections (local port one of ``ports``) that the process tree holds (the
+    worker's ``group`` members if given: its escaped descendants included).
 
     First the tree's own fd tables (microseconds): no socket besides the listeners means
     nothing is held. Only otherwise walk the socket table (sock_diag, filtered by state in
     the kernel) for live connections on our ports (a DB connection does not count).
     """
-    return held_by_members(process_tree(pid), listeners, ports)
+    members = group.members() if group is not None else []
+    return held_by_members(members or process_tree(pid), listeners, ports)
 
 
 def held_by_members(

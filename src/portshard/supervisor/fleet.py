@@ -21,7 +21,7 @@ from ..control import protocol
 from ..control.server import Connection
 from ..errors import ControlError, PortshardError
 from . import procedures
-from .config import Config, reloaded
+from .config import Config, plan_reload
 from .effects import Effects
 from .history import History
 from .state import (
@@ -52,6 +52,7 @@ class Outcome:
     error: str = ""
     done: bool = False
     waiters: list[Connection] = field(default_factory=list)
+    kept: tuple[str, ...] = ()  # settings a reload could not change, and why (for the reply)
 
 
 class Fleet:
@@ -123,6 +124,8 @@ class Fleet:
             fx.signal(w, signal.SIGCONT)
         elif action is Action.ARM_KILL_TIMER:
             w.life.kill_at = fx.now() + w.stop_timeout
+        elif action is Action.ARM_GRACE_TIMER:
+            w.life.kill_at = fx.now() + w.slot.cfg.grace
         elif action is Action.DISARM_KILL_TIMER:
             w.life.kill_at = None
         elif action is Action.REAP:
@@ -379,11 +382,22 @@ class Fleet:
 
     def reload(self, outcome: Outcome) -> Outcome:
         self._refuse("reload")
-        new_cfg = reloaded(self.cfg, self.cli)
+        plan = plan_reload(self.cfg, self.cli)
+        for line in plan.kept:
+            log.warning("reload: %s", line)
+        if plan.scale_to is not None:
+            log.info(
+                "reload: workers changed in %r to %d: scaling to it after the reload",
+                self.cfg.config_file,
+                plan.scale_to,
+            )
+        outcome.kept = plan.kept
         self.fire_supervisor(SupervisorEvent.CHANGE)
         self.change = "reload"
         self.scheduler.start(
-            procedures.reload(self, new_cfg, outcome), self.scope, self._change_failed(outcome)
+            procedures.reload(self, plan.config, outcome, scale_to=plan.scale_to),
+            self.scope,
+            self._change_failed(outcome),
         )
         return outcome
 
@@ -452,7 +466,11 @@ class Fleet:
         if error:
             log.error("%s", error)
         for conn in outcome.waiters:
-            reply = protocol.reply_error(error) if error else protocol.reply_ok(self.report())
+            reply = (
+                protocol.reply_error(error)
+                if error
+                else protocol.reply_ok({**self.report(), "kept": list(outcome.kept)})
+            )
             self.fx.reply(conn, reply)
 
     def summary(self) -> str:

@@ -34,6 +34,7 @@ from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
 from ..errors import ControlError, InspectError, PortshardError
 from ..linux import proc, sockdiag, tcpinfo
+from ..linux.cgroup import Trees
 from ..linux.proc import cpu_seconds as worker_cpu
 from ..steering.controller import Steering, migrate_req
 from .config import Config
@@ -121,6 +122,8 @@ class Supervisor:
 
     def _setup(self) -> None:
         fleet, fx = self.fleet, self.fx
+        fx.trees = Trees.open(self.cfg.name)
+        log.info("worker trees: %s (%s)", fx.trees.mechanism.value, fx.trees.detected.why)
         for i in range(self.cfg.workers):
             fleet.slots.append(Slot(i, fx.open_slot(i), self.cfg))
         if self.activated:
@@ -166,6 +169,8 @@ class Supervisor:
             self.web.close()
         if self.fx.steering is not None:
             self.fx.steering.close()
+        if self.fx.trees is not None:
+            self.fx.trees.close()
         for slot in self.fleet.slots:
             for sock in slot.socks:
                 sock.close()
@@ -407,12 +412,13 @@ class Supervisor:
             if isinstance(count, bool) or not isinstance(count, int):
                 raise ControlError(f"scale needs an integer 'workers', not {count!r}")
             self.fleet.scale(count, outcome)
+        kept = {"kept": list(outcome.kept)}
         if not request.get("wait"):
-            return protocol.reply_ok({"started": True})
+            return protocol.reply_ok({"started": True, **kept})
         if outcome.done:
             if outcome.error:
                 return protocol.reply_error(outcome.error)
-            return protocol.reply_ok(self.status().to_json())
+            return protocol.reply_ok({**self.status().to_json(), **kept})
         outcome.waiters.append(conn)
         return None
 

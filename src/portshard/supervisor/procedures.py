@@ -66,7 +66,7 @@ def drain(fleet: Fleet, w: Worker) -> Task:
         fleet.fire(w, Event.DRAIN)
     if w.state is State.DRAINING:
         cfg = w.slot.cfg
-        if cfg.drain == "freeze":
+        if cfg.drain in ("freeze", "freeze-kill"):
             yield from _freeze_check_kill(fleet, w, fleet.fx.now() + cfg.grace)
         if w.state is State.DRAINING:  # --drain signal, or freeze found no idle moment
             fleet.fire(w, Event.DRAINED)
@@ -84,7 +84,7 @@ def _freeze_check_kill(fleet: Fleet, w: Worker, deadline: float) -> Generator[Un
         if w.state is not State.DRAINING:
             return  # exited or killed meanwhile
         if not fx.holds_connections(w):
-            fleet.fire(w, Event.IDLE)
+            fleet.fire(w, Event.IDLE_KILL if w.slot.cfg.drain == "freeze-kill" else Event.IDLE)
             return
         fleet.fire(w, Event.THAW)
         yield fleet.scheduler.sleep(0.02)
@@ -120,7 +120,9 @@ def _settled(workers: list[Worker]) -> Callable[[], bool]:
 # ---- reload --------------------------------------------------------------------------------
 
 
-def reload(fleet: Fleet, new_cfg: Config, outcome: Outcome) -> Task:
+def reload(fleet: Fleet, new_cfg: Config, outcome: Outcome, *, scale_to: int | None = None) -> Task:
+    """Replace every slot's worker, ``--surge`` at a time; then, if the file's ``workers``
+    changed (``scale_to``), scale to it as ``portshard scale`` would."""
     fleet.generation += 1
     gen = fleet.generation
     slots = [s for s in fleet.slots if not s.removing]
@@ -170,6 +172,9 @@ def reload(fleet: Fleet, new_cfg: Config, outcome: Outcome) -> Task:
     fleet.cfg = new_cfg
     fleet.reloads["ok"] += 1
     log.info("reload to generation %d done", gen)
+    if scale_to is not None and scale_to != len([s for s in fleet.slots if not s.removing]):
+        yield from scale(fleet, scale_to, outcome)
+        return
     fleet.finish(outcome)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from . import values as v
 from .values import Origin, ReadyMode
 
-__all__ = ["BY_FIELD", "KEYS", "SETTINGS", "VIA", "Setting", "default"]
+__all__ = ["BY_FIELD", "KEYS", "SETTINGS", "VIA", "Setting", "default", "example_toml"]
 
 # How a worker gets its slot's sockets (docs/ARCHITECTURE.md, "Interposition").
 VIA = {
@@ -30,7 +31,9 @@ VIA = {
     "what is queued on its socket unless net.ipv4.tcp_migrate_req is 1 (--migrate)",
 }
 DRAIN = {
-    "freeze": "SIGSTOP, check it holds no connection, SIGKILL: safe for any program",
+    "freeze": "SIGSTOP, check it holds no connection, then --stop-signal while still frozen and "
+    "--grace to exit: its shutdown runs, and a program that dies on the signal loses nothing",
+    "freeze-kill": "as freeze, but SIGKILL once it holds nothing: fastest, skips its shutdown",
     "signal": "send --stop-signal and wait, for programs that stop gracefully",
 }
 STEERING = {
@@ -59,6 +62,8 @@ class Setting:
     multiple: bool = False
     flag: bool = False
     option: bool = True  # False: TOML only (command comes as arguments, env as a table)
+    example: str = ""  # a TOML value for the example file (examples/portshard.toml)
+    required: bool = False  # the example file sets it (else it shows it commented out)
 
     @property
     def key(self) -> str:
@@ -84,6 +89,8 @@ SETTINGS: tuple[Setting, ...] = (
         short="-l",
         metavar="[NAME=]ADDR",
         multiple=True,
+        example='["tcp://:8080"]',
+        required=True,
     ),
     Setting(
         "workers",
@@ -96,6 +103,7 @@ SETTINGS: tuple[Setting, ...] = (
         click_type=int,
         short="-w",
         metavar="N",
+        example="4",
     ),
     Setting(
         "name",
@@ -105,6 +113,7 @@ SETTINGS: tuple[Setting, ...] = (
         "portshard",
         reloadable=False,
         fixed_because="the control socket is open under it",
+        example='"portshard"',
     ),
     Setting(
         "control",
@@ -116,6 +125,7 @@ SETTINGS: tuple[Setting, ...] = (
         reloadable=False,
         fixed_because="the control socket is open",
         metavar="PATH",
+        example='"/run/portshard/web.sock"',
     ),
     Setting(
         "user",
@@ -124,6 +134,7 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "the supervisor's user",
         metavar="USER[:GROUP]",
+        example='"www-data"',
     ),
     Setting(
         "ready",
@@ -134,6 +145,7 @@ SETTINGS: tuple[Setting, ...] = (
         ReadyMode("accept"),
         "accept",
         metavar="MODE",
+        example='"accept"',
     ),
     Setting(
         "ready_timeout",
@@ -143,6 +155,7 @@ SETTINGS: tuple[Setting, ...] = (
         "30",
         click_type=float,
         metavar="SECONDS",
+        example="30",
     ),
     Setting(
         "stop_signal",
@@ -151,6 +164,7 @@ SETTINGS: tuple[Setting, ...] = (
         int(signal.SIGTERM),
         "TERM",
         metavar="SIG",
+        example='"TERM"',
     ),
     Setting(
         "grace",
@@ -160,6 +174,7 @@ SETTINGS: tuple[Setting, ...] = (
         "30",
         click_type=float,
         metavar="SECONDS",
+        example="30",
     ),
     Setting(
         "drain",
@@ -168,6 +183,7 @@ SETTINGS: tuple[Setting, ...] = (
         "freeze",
         "freeze",
         choices=tuple(DRAIN),
+        example='"freeze"',
     ),
     Setting(
         "surge",
@@ -176,6 +192,7 @@ SETTINGS: tuple[Setting, ...] = (
         1,
         "1",
         click_type=int,
+        example="1",
     ),
     Setting(
         "backlog",
@@ -184,6 +201,7 @@ SETTINGS: tuple[Setting, ...] = (
         0xFFFF,
         "65535",
         click_type=int,
+        example="65535",
     ),
     Setting(
         "via",
@@ -194,6 +212,7 @@ SETTINGS: tuple[Setting, ...] = (
         "auto",
         "auto",
         choices=tuple(VIA),
+        example='"auto"',
     ),
     Setting(
         "metrics",
@@ -206,6 +225,7 @@ SETTINGS: tuple[Setting, ...] = (
         reloadable=False,
         fixed_because="the endpoint is bound once, at start",
         metavar="[HOST:]PORT",
+        example='"127.0.0.1:9100"',
     ),
     Setting(
         "steering",
@@ -219,6 +239,7 @@ SETTINGS: tuple[Setting, ...] = (
         reloadable=False,
         fixed_because=_AT_START,
         choices=tuple(STEERING),
+        example='"auto"',
     ),
     Setting(
         "migrate",
@@ -231,11 +252,14 @@ SETTINGS: tuple[Setting, ...] = (
         reloadable=False,
         fixed_because="it is set once, at start",
         flag=True,
+        example="false",
     ),
     Setting(
         "join_existing",
         "Start even if another process (another supervisor included) already serves a "
-        "--listen port, and share the port with it. Without it, portshard refuses and names "
+        "--listen port, and join its SO_REUSEPORT group. With steering on, this supervisor's "
+        "program then decides for the whole group (with eBPF it takes every new connection); "
+        "--steering off leaves the kernel's hashing. Without it, portshard refuses and names "
         "the holder.",
         v.flag,
         False,
@@ -243,6 +267,7 @@ SETTINGS: tuple[Setting, ...] = (
         reloadable=False,
         fixed_because="it is checked once, at start",
         flag=True,
+        example="false",
     ),
     Setting(
         "command",
@@ -251,6 +276,8 @@ SETTINGS: tuple[Setting, ...] = (
         (),
         "none",
         option=False,
+        example='["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]',
+        required=True,
     ),
     Setting(
         "env",
@@ -259,11 +286,34 @@ SETTINGS: tuple[Setting, ...] = (
         (),
         "none",
         option=False,
+        example='{ PYTHONUNBUFFERED = "1" }',
+        required=True,
     ),
 )
 
 BY_FIELD = {s.field: s for s in SETTINGS}
 KEYS = frozenset(s.key for s in SETTINGS)
+
+
+def example_toml() -> str:
+    """examples/portshard.toml: every key with its help and default (a test keeps it equal)."""
+    lines = [
+        "# Settings of `portshard run -c portshard.toml`: every key is a long option of",
+        "# `portshard run` (the command line wins over the file); `portshard reload` re-reads",
+        "# the file. Generated from src/portshard/supervisor/settings.py (example_toml()).",
+    ]
+    for setting in SETTINGS:
+        fixed = "" if setting.reloadable else f" A reload keeps it: {setting.fixed_because}."
+        text = f"{setting.help} Default: {setting.shown}.{fixed}"
+        lines += [
+            "",
+            *textwrap.wrap(
+                text, 98, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False
+            ),
+        ]
+        value = f"{setting.key} = {setting.example}"
+        lines.append(value if setting.required else f"# {value}")
+    return "\n".join(lines) + "\n"
 
 
 def default(field: str) -> Any:

@@ -21,6 +21,7 @@ from ..errors import SupervisorError
 from ..interpose.seccomp import child_install, receive_listener
 from ..linux.cgroup import Cgroup
 from ..linux.exec import ChildError, Credentials, ExecSpec, fork_exec
+from ..linux.syscalls import pidfd_open
 
 __all__ = ["Credentials", "SpawnSpec", "Spawned", "spawn"]
 
@@ -108,4 +109,4 @@ def spawn(spec: SpawnSpec) -> Spawned:
                     f"worker command {spec.argv[0]!r}: the seccomp bind() trap did not "
                     f"reach the supervisor; use --via preload or fds"
                 ) from None
-    return Spawned(pid, os.pidfd_open(pid), listener)
+    return Spawned(pid, pidfd_open(pid), listener)

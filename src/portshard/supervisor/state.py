@@ -65,7 +65,8 @@ class Event(enum.Enum):
     DRAIN = "drain"  # retire it: a replacement is ready, the slot goes, or we stop
     FREEZE = "freeze"  # --drain freeze: stop its tree to look at what it holds
     THAW = "thaw"  # ... it holds a connection: let it run on
-    IDLE = "idle"  # frozen and holding no connection: nothing can be lost
+    IDLE = "idle"  # frozen and holding no connection: its stop signal, then --grace to exit
+    IDLE_KILL = "idle_kill"  # ... the same with --drain freeze-kill: SIGKILL it now
     DRAINED = "drained"  # retire it with the stop signal (--drain signal, or freeze gave up)
     KILL = "kill"  # kill it now (a failed reload's replacement, SIGQUIT, a second SIGTERM)
     TIMER = "timer"  # its kill deadline passed
@@ -80,6 +81,7 @@ class Action(enum.Enum):
     FREEZE = "freeze"  # SIGSTOP the group
     THAW = "thaw"  # SIGCONT the group
     ARM_KILL_TIMER = "arm_kill_timer"  # kill at now + its stop timeout unless it exited
+    ARM_GRACE_TIMER = "arm_grace_timer"  # kill at now + --grace unless it exited
     DISARM_KILL_TIMER = "disarm_kill_timer"
     REAP = "reap"  # collect the exit status, close the pidfd, kill what is left of the group
     ARM_RESPAWN = "arm_respawn"  # respawn the slot at now + its backoff delay
@@ -142,7 +144,10 @@ WORKER_TABLE: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     (_S.DRAINING, _E.READY): (_S.DRAINING, ()),  # late readiness: ignore
     (_S.DRAINING, _E.FREEZE): (_S.DRAINING, (_A.FREEZE,)),
     (_S.DRAINING, _E.THAW): (_S.DRAINING, (_A.THAW,)),
-    (_S.DRAINING, _E.IDLE): (_S.STOPPING, (_A.KILL, _A.ARM_KILL_TIMER)),
+    # Idle and still frozen: the stop signal is queued before SIGCONT, so a program that dies
+    # on it dies before it can accept again, and one that handles it runs its shutdown.
+    (_S.DRAINING, _E.IDLE): (_S.STOPPING, (_A.STOP_SIGNAL, _A.ARM_GRACE_TIMER)),
+    (_S.DRAINING, _E.IDLE_KILL): (_S.STOPPING, (_A.KILL, _A.ARM_KILL_TIMER)),
     (_S.DRAINING, _E.DRAINED): (_S.STOPPING, (_A.STOP_SIGNAL, _A.ARM_KILL_TIMER)),
     (_S.STOPPING, _E.READY): (_S.STOPPING, ()),
     (_S.STOPPING, _E.TIMER): (_S.STOPPING, (_A.DISARM_KILL_TIMER, _A.KILL)),
@@ -156,6 +161,7 @@ _SE = SlotEvent
 SLOT_TABLE: dict[tuple[SlotState, SlotEvent], tuple[SlotState, tuple[Action, ...]]] = {
     (_L.EMPTY, _SE.SPAWNED): (_L.SERVING, ()),
     (_L.SERVING, _SE.SPAWNED): (_L.SERVING, ()),  # a reload's replacement, beside the old one
+    (_L.BACKOFF, _SE.SPAWNED): (_L.SERVING, (_A.DISARM_RESPAWN,)),  # a reload's, instead
     (_L.SERVING, _SE.EMPTIED): (_L.EMPTY, ()),
     (_L.EMPTY, _SE.EMPTIED): (_L.EMPTY, ()),
     (_L.SERVING, _SE.CRASHED): (_L.BACKOFF, (_A.ARM_RESPAWN,)),

@@ -20,6 +20,7 @@ from ..errors import InspectError, PortshardError, SupervisorError
 from ..interpose.plan import plan as interpose_plan
 from ..interpose.seccomp import Trap
 from ..linux import sockdiag, tcpinfo
+from ..linux.cgroup import Trees
 from ..linux.proc import tree_stopped
 from ..linux.sockdiag import held_connections
 from ..linux.waiting import tree_waiting_for_work
@@ -57,6 +58,7 @@ class SystemEffects:
         self.bound: list[Address] = []  # each listen spec's concrete address (port 0 resolved)
         self.steering: Steering | None = None
         self.control: ControlServer | None = None
+        self.trees: Trees | None = None  # a cgroup per worker, or the subreaper fallback
         self.notify_name = ""  # the abstract address of the workers' NOTIFY_SOCKET
 
     @property
@@ -101,13 +103,19 @@ class SystemEffects:
             )
         except PortshardError as exc:
             raise SupervisorError(str(exc)) from None
-        spawned = spawn(
-            SpawnSpec(
-                argv, env, [s.fileno() for s in slot.socks], names, creds, seccomp=via.seccomp
+        group = self.trees.create(f"slot{slot.index}") if self.trees else None
+        fds = [s.fileno() for s in slot.socks]
+        try:
+            spawned = spawn(
+                SpawnSpec(argv, env, fds, names, creds, seccomp=via.seccomp, cgroup=group)
             )
-        )
+        except SupervisorError:
+            if self.trees is not None:
+                self.trees.release(group)
+            raise
         w = Worker(slot, spawned.pid, spawned.pidfd, generation, role, self.now())
         w.mode = via.mode
+        w.cgroup = group
         self.sel.register(spawned.pidfd, selectors.EVENT_READ, lambda _m: self.fleet.on_exit(w))
         if spawned.listener is not None:
             self._watch_trap(w, spawned.listener, via.reuseport)
@@ -146,6 +154,9 @@ class SystemEffects:
         if w.pidfd >= 0:
             self.sel.unregister(w.pidfd)
         w.reap()
+        if self.trees is not None:
+            self.trees.release(w.cgroup)  # what is left in its cgroup is killed; it goes
+            self.trees.reap_orphans({o.pid for s in self.fleet.slots for o in s.workers})
 
     def is_ready(self, w: Worker, now: float) -> bool:
         mode = w.slot.cfg.ready
@@ -157,7 +168,8 @@ class SystemEffects:
             # a connection it accepted (it inherited none).
             try:
                 inodes = self.listeners_of(w)
-                return tree_waiting_for_work(w.pid, inodes, ports=self.tcp_ports())
+                members = w.cgroup.members() if w.cgroup is not None else None
+                return tree_waiting_for_work(w.pid, inodes, ports=self.tcp_ports(), members=members)
             except (OSError, InspectError):
                 return False  # not visible (yet): ask again on the next tick
         return False  # notify: an event from the notify socket
@@ -192,7 +204,7 @@ class SystemEffects:
         """Its whole tree is stopped; ``spin``: wait that long inline for it (a freeze should
         be short: its request in hand waits)."""
         until = time.monotonic() + spin
-        while not tree_stopped(w.pid):
+        while not tree_stopped(w.pid, w.cgroup):
             if time.monotonic() >= until:
                 return False
             time.sleep(0.0002)
@@ -202,7 +214,8 @@ class SystemEffects:
         """True also when we cannot tell (EMFILE, an unreadable /proc): then the drain thaws
         it and looks again, and after --grace falls back to the stop signal."""
         try:
-            return held_connections(w.pid, self.listeners_of(w), self.tcp_ports()) > 0
+            held = held_connections(w.pid, self.listeners_of(w), self.tcp_ports(), w.cgroup)
+            return held > 0
         except (OSError, InspectError) as exc:
             log.warning(
                 "slot %d pid %d: cannot see what it holds (%s); assuming it holds a connection",

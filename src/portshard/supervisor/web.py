@@ -67,10 +67,6 @@ def metrics_registry(snapshot: Callable[[], Status]) -> Any:
     return registry
 
 
-# The endpoint serves a dashboard and /api/status to browsers, so a web page elsewhere must
-# not read them through DNS rebinding (its name re-pointed at 127.0.0.1): the Host header must
-# be a loopback name or address, this machine's name, or the address the endpoint is bound to
-# (any IP literal when bound to every address: an address is never re-pointed).
 LIMITS = Limits(max_conns=32, idle=IDLE_TIMEOUT, max_request=MAX_REQUEST, backlog=64)
 
 _REASONS = {
@@ -181,6 +177,11 @@ def host_of(request: bytes) -> str | None:
 
 
 def host_allowed(host: str | None, bound: str) -> bool:
+    """The endpoint serves a dashboard and /api/status to browsers, so a web page elsewhere
+    must not read them through DNS rebinding (its name re-pointed at 127.0.0.1): the Host must
+    be a loopback name or address, this machine's name, or the address the endpoint is bound to
+    (any address literal when bound to every address: an address is never re-pointed). No DNS
+    lookup here: this runs in the supervisor's one thread."""
     if host is None:
         return True  # HTTP/1.0 without Host: not a browser (browsers always send one)
     if host == "localhost" or host.endswith(".localhost"):
@@ -188,7 +189,7 @@ def host_allowed(host: str | None, bound: str) -> bool:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return host in {socket.gethostname().lower(), socket.getfqdn().lower()}
+        return host == socket.gethostname().lower()
     listening = ipaddress.ip_address(bound)
     return ip.is_loopback or ip == listening or listening.is_unspecified
 

@@ -13,6 +13,7 @@ import signal
 import socket
 from typing import TYPE_CHECKING, Any
 
+from ..linux.cgroup import Cgroup
 from .state import SLOT_TABLE, Backoff, Lifecycle, Machine, SlotEvent, SlotState, State
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class Worker:
         self.status: int | None = None  # the wait status, once reaped
         self.mode = "fds"  # how it got its sockets (--via), for status
         self.trap: Trap | None = None  # its seccomp bind() trap (--via seccomp)
+        self.cgroup: Cgroup | None = None  # its whole process tree (linux/cgroup.py), if any
 
     def __repr__(self) -> str:
         return f"<Worker slot {self.slot.index} pid {self.pid} {self.state.value}>"
@@ -72,7 +74,15 @@ class Worker:
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to its process group (to the process alone if the group is not ours
-        to signal, e.g. it changed user)."""
+        to signal, e.g. it changed user). With a cgroup, SIGKILL is also the group's kill and
+        SIGSTOP/SIGCONT its freeze/thaw: the whole tree, children that called setsid()
+        included."""
+        if self.cgroup is not None and sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
+            with contextlib.suppress(OSError):
+                if sig == signal.SIGKILL:
+                    self.cgroup.kill()
+                else:
+                    self.cgroup.freeze(sig == signal.SIGSTOP)
         try:
             os.killpg(self.pid, sig)
         except ProcessLookupError:

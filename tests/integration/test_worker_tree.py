@@ -1,0 +1,127 @@
+"""`portshard run` with pre-fork workers whose children escape (issue 14 item 5, issue 12 item 1).
+
+tests/workers/prefork.py: the master takes the slot's socket, forks 2 children that accept
+and call setsid() (they leave its process group and session, as daemonizing children do), and
+waits in wait(). Before: never ready with the default --ready accept (the master never waits
+on the socket), and the children outlived reload and stop and kept the port. Now each worker
+is a cgroup (where the kernel allows it: see `portshard doctor`'s worker_trees line).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from bench.load.loadgen import Load
+
+from portshard.linux import cgroup, proc
+from tests.conftest import ROOT, wait_until
+from tests.supervisor_fixture import Start, no_process_left
+
+PREFORK = [sys.executable, str(ROOT / "tests" / "workers" / "prefork.py")]
+needs_cgroup2 = pytest.mark.skipif(
+    cgroup.detect().mechanism is cgroup.Mechanism.SUBREAPER,
+    reason=f"no cgroup2 for this user here: {cgroup.detect().why}",
+)
+
+
+def children_of(pids: list[int]) -> list[int]:
+    return [c for pid in pids for c in proc.process_tree(pid) if c != pid]
+
+
+def escaped(kids: list[int]) -> bool:
+    return all(proc.stat(k) is not None and proc.stat(k).session == k for k in kids)  # type: ignore[union-attr]
+
+
+def test_a_pre_fork_server_becomes_ready_with_the_default_readiness(start: Start) -> None:
+    tag = f"--tag={uuid.uuid4().hex[:12]}"
+    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--", *PREFORK, tag)
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=200, max_seconds=30) as load:
+        load.wait_for(200)
+    assert not load.failed, load.by_kind()
+    sup.close()
+    wait_until(lambda: no_process_left(tag), 10, "workers and their children gone")
+
+
+@needs_cgroup2
+def test_setsid_children_go_with_their_worker_at_reload_and_stop(start: Start) -> None:
+    tag = f"--tag={uuid.uuid4().hex[:12]}"
+    name = f"t{uuid.uuid4().hex[:8]}"
+    sup = start(
+        "-w", "2", "--name", name, "--listen", "tcp://127.0.0.1:0", "--", *PREFORK, tag,
+        env={"SETSID": "1"},
+    )  # fmt: skip
+    assert "worker trees: cgroup2" in sup.text()
+    old = sup.pids()
+    old_kids = wait_until(lambda: (k := children_of(old)) and len(k) == 4 and escaped(k) and k)
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=5000, max_seconds=60) as load:
+        load.wait_for(100)
+        sup.ctl("reload", "--wait")
+        load.wait_for(load.count() + 100)
+    assert not load.failed, load.by_kind()
+    wait_until(lambda: not any(proc.alive(k) for k in old_kids), 10, "old children killed")
+    served = {int(r.body) for r in load.results if r.body}
+    new_kids = children_of(sup.pids())
+    assert served <= set(old_kids) | set(new_kids)
+    # The supervisor's groups hold exactly its workers' trees.
+    base = cgroup.detect().base
+    assert base is not None
+    (home,) = [e for e in os.listdir(base) if e.startswith(f"{name}.")]
+    members = cgroup.Cgroup(os.path.join(base, home)).members()
+    assert sorted(members) == sorted(sup.pids() + new_kids)
+    sup.ctl("stop")
+    assert sup.wait_exit(30) == 0
+    wait_until(lambda: no_process_left(tag), 10, "no process left, setsid children included")
+    assert not os.path.exists(os.path.join(base, home)), "the supervisor's groups are removed"
+
+
+@needs_cgroup2
+def test_after_a_supervisor_sigkill_the_next_one_kills_the_old_trees(
+    start: Start, short_tmp: Path
+) -> None:
+    tag = f"--tag={uuid.uuid4().hex[:12]}"
+    name = f"t{uuid.uuid4().hex[:8]}"
+    args = ["-w", "1", "--name", name, "--listen", "tcp://127.0.0.1:0", "--", *PREFORK, tag]
+    first = start(*args, env={"SETSID": "1"})
+    kids = wait_until(lambda: (k := children_of(first.pids())) and len(k) == 2 and escaped(k) and k)
+    assert first.proc is not None
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.wait_exit(10)
+    assert all(proc.alive(k) for k in kids), "children that escaped survive the crash ..."
+    second = start(*args)
+    assert "left by supervisor pid" in second.text()
+    wait_until(lambda: not any(proc.alive(k) for k in kids), 10, "... until the next start")
+    second.close()
+    wait_until(lambda: no_process_left(tag), 10, "no process left")
+
+
+def test_without_cgroups_the_subreaper_collects_escaped_children_and_stop_kills_them(
+    start: Start,
+) -> None:
+    """PORTSHARD_CGROUP=off (what a non-root supervisor without delegation gets): a worker's
+    setsid children whose parent dies are re-parented to the supervisor, not to init, and the
+    stop kills them."""
+    tag = f"--tag={uuid.uuid4().hex[:12]}"
+    sup = start(
+        "-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *PREFORK, tag,
+        env={"SETSID": "1", "PORTSHARD_CGROUP": "off"},
+    )  # fmt: skip
+    assert "worker trees: child subreaper (PORTSHARD_CGROUP=off)" in sup.text()
+    assert sup.proc is not None
+    (worker,) = sup.pids()
+    kids = wait_until(lambda: (k := children_of([worker])) and len(k) == 2 and escaped(k) and k)
+    os.kill(worker, signal.SIGKILL)  # the master dies; its setsid children do not
+    wait_until(
+        lambda: all(proc.stat(k).ppid == sup.proc.pid for k in kids),  # type: ignore[union-attr]
+        10,
+        "the orphans re-parented to the supervisor",
+    )
+    sup.wait_ready()
+    sup.ctl("stop")
+    assert sup.wait_exit(30) == 0
+    assert not any(proc.alive(k) for k in kids)
+    wait_until(lambda: no_process_left(tag), 10, "no process left")
