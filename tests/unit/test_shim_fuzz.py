@@ -9,7 +9,8 @@ numbers, odd separators, thousands of entries. For each, against a model of the 
 grammar (below): never a signal; P binds as without the shim; Q binds only when the settings
 are valid and say so (fd 3 adopted, or SO_REUSEPORT for a listed port), else EADDRINUSE as
 without the shim; stderr is the one warning line naming the variable for a malformed setting,
-nothing for a valid one (unless PORTSHARD_SHIM_DEBUG=1, whose lines are all the shim's).
+nothing for a valid one but the documented note naming P as a port it does not manage when it
+holds fd 3 (PORTSHARD_SHIM_DEBUG=1 adds lines, all the shim's).
 Both on the installed shim and on the same source built with UBSan. Bounded: 75 examples each
 (a few ms each) plus the explicit ones, about 20 s in all."""
 
@@ -141,6 +142,13 @@ def expect(env: dict[bytes, bytes], inode: int, port: int) -> tuple[str | None, 
     return "PORTSHARD_SHIM", False
 
 
+def mode_inherit_adopting(env: dict[bytes, bytes], inode: int) -> bool:
+    """Inherit mode holding the supervisor's socket: the shim names an unmanaged listener."""
+    return env.get(b"PORTSHARD_SHIM") == b"inherit" and fds_setting(
+        env.get(b"PORTSHARD_SHIM_FDS"), inode
+    ) == (True, True)
+
+
 # ---- generated environments -----------------------------------------------------------------
 
 no_nul = st.binary(max_size=64).map(lambda b: b.replace(b"\0", b""))
@@ -207,6 +215,9 @@ def run(probe: str, shim: str, listener: socket.socket, env: dict[bytes, bytes])
     assert all(line.startswith("portshard-shim[") for line in lines), (shown, lines)
     if env.get(b"PORTSHARD_SHIM_DEBUG") == b"1":
         assert warned is None or any(warned + "=" in line for line in lines), (shown, lines)
+    elif warned is None and mode_inherit_adopting(env, inode):
+        # documented: a listen() on a port portshard does not manage (P) is named once
+        assert len(lines) == 1 and "does not manage" in lines[0], f"{shown}: {lines}"
     elif warned is None:
         assert lines == [], f"a warning for valid settings {shown}: {lines}"
     else:
