@@ -21,7 +21,7 @@ DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binut
 # default site on port 80; the bench never uses it: it runs its own nginx on loopback.)
 DEB_BENCH_PKGS := nginx haproxy wrk iproute2
 
-.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick deps-bench netbed
+.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick deps-bench netbed soak
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -90,3 +90,13 @@ bench-quick: deps-bench
 # a rolling reload and a drain through each, and requests/s through each balancer vs direct.
 netbed: deps-test
 	$(PY) -m bench.netbed
+
+# The chaos soak (issue 14; bench/README.md "Chaos soak"): a supervisor under load while random
+# reloads, scales, worker SIGKILLs, forking/setsid workers, control and metrics floods, bad
+# configs and signals hit it. SOAK_SECONDS (default 600), SOAK_SEED (replay a run). Writes
+# bench/results/soak/soak-SEED.{md,json} (and latest.*); exits non-zero if a property broke.
+# A 35 s version runs in `make test` (tests/integration/test_chaos.py).
+SOAK_SECONDS ?= 600
+SOAK_SEED ?=
+soak: deps-test
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED)) -v

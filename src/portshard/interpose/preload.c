@@ -3,7 +3,8 @@
  * socket when it binds a managed address, or (reuseport mode) only set SO_REUSEPORT.
  *
  * Environment (read once, validated; anything invalid disables the shim with one line on
- * stderr, so the program runs untouched):
+ * stderr, so the program runs untouched; the line shows at most 64 bytes of the value, control
+ * characters as '?'; tests/unit/test_shim_fuzz.py fuzzes all of it):
  *
  *   PORTSHARD_SHIM        "inherit" or "reuseport"; unset or empty: do nothing
  *   PORTSHARD_SHIM_FDS    inherit: FD:INODE,... the sockets the supervisor passed (fds 3...).
@@ -139,6 +140,9 @@ static void portshard_say(const char *fmt, ...)
 	(void)vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
 	va_end(ap);
 	n = (int)strlen(line);
+	for (int i = 0; i < n; i++) /* one line, whatever the environment held */
+		if ((unsigned char)line[i] < 0x20 || line[i] == 0x7f)
+			line[i] = '?';
 	line[n++] = '\n';
 	if (write(STDERR_FILENO, line, (size_t)n) < 0) {
 		/* nothing to do: stderr is closed */
@@ -185,11 +189,11 @@ static long long portshard_number(const char *text, size_t len, long long low, l
 	if (len == 0 || len > 20)
 		return -1;
 	for (i = 0; i < len; i++) {
-		if (text[i] < '0' || text[i] > '9')
-			return -1;
-		value = value * 10 + (text[i] - '0');
-		if (value > high)
-			return -1;
+		int digit = text[i] - '0';
+
+		if (text[i] < '0' || text[i] > '9' || value > (high - digit) / 10)
+			return -1; /* checked before it could overflow */
+		value = value * 10 + digit;
 	}
 	return value < low ? -1 : value;
 }
@@ -282,6 +286,15 @@ static int portshard_parse_ports(const char *text)
 	return 0;
 }
 
+/* A setting in a warning: its first PORTSHARD_SHOWN bytes, then "..." (the reason and the
+ * fix must fit in the line). */
+enum { PORTSHARD_SHOWN = 64 };
+
+static const char *portshard_more(const char *value)
+{
+	return value != NULL && strlen(value) > PORTSHARD_SHOWN ? "..." : "";
+}
+
 static void portshard_init(void)
 {
 	const char *mode = getenv("PORTSHARD_SHIM");
@@ -309,8 +322,8 @@ static void portshard_init(void)
 
 		portshard_cfg.mode = PORTSHARD_MODE_INHERIT;
 		if (fds == NULL || portshard_parse_fds(fds) != 0) {
-			portshard_say("PORTSHARD_SHIM_FDS=%s is not FD:INODE,...; the shim is off",
-				      fds ? fds : "(unset)");
+			portshard_say("PORTSHARD_SHIM_FDS=%.*s%s is not FD:INODE,...; the shim is off",
+				      PORTSHARD_SHOWN, fds ? fds : "(unset)", portshard_more(fds));
 			portshard_cfg.mode = PORTSHARD_MODE_OFF;
 			portshard_cfg.nsockets = 0;
 		}
@@ -319,12 +332,14 @@ static void portshard_init(void)
 
 		portshard_cfg.mode = PORTSHARD_MODE_REUSEPORT;
 		if (ports != NULL && portshard_parse_ports(ports) != 0) {
-			portshard_say("PORTSHARD_SHIM_PORTS=%s is not PORT,... (1-65535); the shim is off",
-				      ports);
+			portshard_say("PORTSHARD_SHIM_PORTS=%.*s%s is not PORT,... (1-65535); the shim "
+				      "is off",
+				      PORTSHARD_SHOWN, ports, portshard_more(ports));
 			portshard_cfg.mode = PORTSHARD_MODE_OFF;
 		}
 	} else {
-		portshard_say("PORTSHARD_SHIM=%s: use inherit or reuseport; the shim is off", mode);
+		portshard_say("PORTSHARD_SHIM=%.*s%s: use inherit or reuseport; the shim is off",
+			      PORTSHARD_SHOWN, mode, portshard_more(mode));
 	}
 	errno = saved;
 }

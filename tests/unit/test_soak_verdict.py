@@ -1,0 +1,95 @@
+"""The chaos soak's judge (bench/soak/verdict.py) on made-up records: each property can fail,
+and a failure is blamed on a SIGKILL only when the connection was in the killed tree's hands."""
+
+from __future__ import annotations
+
+from bench.soak.chaos import Kill, Op
+from bench.soak.client import Failure
+from bench.soak.verdict import attribute, checks, resource_trend, served_after_retired
+from bench.soak.watch import Sample, slope
+
+KILL = Kill(t=10.0, pid=100, slot=1)
+
+
+def test_a_failure_in_the_killed_workers_tree_is_in_flight_at_the_kill() -> None:
+    worker = Failure(9.9, 10.01, "short", pid=100, worker=100)
+    child = Failure(10.5, 10.6, "reset", pid=101, worker=100)  # its child, killed after it
+    split = attribute([worker, child], [KILL])
+    assert split["in_flight_at_kill"] == [worker, child] and not split["lost"]
+
+
+def test_other_failures_are_lost() -> None:
+    other_worker = Failure(9.9, 10.01, "short", pid=200, worker=200)
+    long_after = Failure(20.0, 20.1, "short", pid=100, worker=100)
+    before = Failure(5.0, 5.1, "short", pid=100, worker=100)
+    refused = Failure(9.9, 10.1, "refused", pid=None, worker=None)
+    nobody_no_kill = Failure(30.0, 30.1, "reset", pid=None, worker=None)
+    split = attribute([other_worker, long_after, before, refused, nobody_no_kill], [KILL])
+    assert split["lost"] == [other_worker, long_after, before, refused, nobody_no_kill]
+
+
+def test_an_unnamed_failure_across_a_kill_is_counted_apart() -> None:
+    across = Failure(9.95, 10.02, "short", pid=None, worker=None)
+    split = attribute([across], [KILL])
+    assert split["in_flight_at_kill_unnamed"] == [across] and not split["lost"]
+
+
+def _judge(**kw: object) -> dict[str, bool]:
+    args: dict[str, object] = {
+        "alive_throughout": True,
+        "gone_at": None,
+        "ops": [Op("reload", 0.0, 1.0, "ok")],
+        "split": {"in_flight_at_kill": [], "in_flight_at_kill_unnamed": [], "lost": []},
+        "trend": resource_trend(
+            [Sample(t, 20, 30_000) for t in range(30)],
+            [Sample(t, 20, 30_000, workers=3) for t in range(0, 30, 3)],
+        ),
+        "leftovers": {"processes": []},
+        "exit_code": 0,
+        "requests_ok": 10,
+        "stale": [],
+        "fd_tolerance": 2,
+        "rss_tolerance_kb": 1024,
+    }
+    args.update(kw)
+    return {c.name: c.ok for c in checks(**args)}  # type: ignore[arg-type]
+
+
+def test_a_clean_run_passes_every_check() -> None:
+    assert all(_judge().values())
+
+
+def test_each_property_can_fail() -> None:
+    lost = Failure(1.0, 1.1, "reset", 5, 5)
+    leak = resource_trend(
+        [Sample(t, 20 + t, 30_000 + 100 * t) for t in range(30)],
+        [Sample(t, 20 + t, 30_000 + 100 * t, workers=3) for t in range(0, 30, 3)],
+    )
+    cases = {
+        "supervisor alive throughout": {"alive_throughout": False},
+        "no failed connection beyond a killed worker's": {
+            "split": {"in_flight_at_kill": [], "in_flight_at_kill_unnamed": [], "lost": [lost]}
+        },
+        "every operation answered cleanly": {"ops": [Op("reload", 0, 1, "violation", "trace")]},
+        "fd count flat (quiet checkpoints, same worker count)": {"trend": leak},
+        "RSS flat": {"trend": leak},
+        "stopped cleanly": {"exit_code": 1},
+        "no request served by a retired worker's tree": {"stale": [(4, 3.0)]},
+        "nothing left: processes": {"leftovers": {"processes": [(7, "x")]}},
+    }
+    for name, change in cases.items():
+        got = _judge(**change)
+        assert got[name] is False, (name, got)
+
+
+def test_slope() -> None:
+    assert slope([(0, 1), (1, 3), (2, 5)]) == 2.0
+    assert slope([(1, 1)]) == 0.0
+
+
+def test_a_tree_serving_after_its_worker_left_is_found() -> None:
+    seen = [(0.0, {1, 2}), (5.0, {1, 2}), (10.0, {1, 3}), (20.0, {1, 3})]
+    last = {1: 25.0, 2: 11.0, 3: 25.0, 9: 30.0}  # 2 left at 10 s: 1 s later is the margin
+    assert served_after_retired(last, seen) == []
+    last[2] = 15.0  # 5 s after it left status: an escaped child serves old code
+    assert served_after_retired(last, seen) == [(2, 5.0)]
