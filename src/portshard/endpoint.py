@@ -45,6 +45,7 @@ class Limits:
     pause: float = 0.5  # seconds accepting stops after EMFILE/ENFILE or a shed
     accept_batch: int = 32  # connections accepted per readiness event (others wait their turn)
     backlog: int = 512  # the listen queue (the kernel clamps it to net.core.somaxconn)
+    evict_after: float = 0.5  # at the cap, a peer silent this long gives way to a new one
 
 
 class Peer:
@@ -176,8 +177,10 @@ class StreamServer:
     def _on_accept(self, _mask: int) -> None:
         ceiling = self._fd_ceiling()
         for _ in range(self.limits.accept_batch):
-            if len(self.peers) >= self.limits.max_conns:
-                self._pause_listener()  # until one leaves (close() resumes)
+            if len(self.peers) >= self.limits.max_conns and not self._evict_silent():
+                # Until one leaves (close() resumes) or one has been silent long enough.
+                self._pause_listener()
+                self._paused_until = time.monotonic() + self.limits.evict_after
                 return
             try:
                 sock, _ = self.sock.accept()
@@ -211,6 +214,22 @@ class StreamServer:
         self.peers[peer.fd] = peer
         self.selector.register(sock, selectors.EVENT_READ, lambda m: self._on_peer(peer, m))
         self.on_accept(peer)
+
+    def _evict_silent(self) -> bool:
+        """At the cap: close the oldest peer that has not sent a whole request for
+        ``evict_after`` s, so that idle connections held open on purpose cannot keep a real
+        request (a scrape, a status) waiting behind them until they expire."""
+        now = time.monotonic()
+        silent = [
+            p
+            for p in self.peers.values()
+            if not p.answered and not p.waiting and now - p.opened >= self.limits.evict_after
+        ]
+        if not silent:
+            return False
+        self.shed += 1
+        self.close(min(silent, key=lambda p: p.opened))
+        return True
 
     def _shed_newest(self) -> None:
         """Close the newest peer that has not sent a whole request (the likeliest hog)."""

@@ -333,3 +333,29 @@ def test_a_flood_of_idle_health_connections_at_a_low_fd_limit_takes_nothing_down
     code, body = wait_until(lambda: http(hport, "/healthz"), 20, "health answers again")
     assert code == 200 and json.loads(body)["ready"] == 2
     assert [s["pid"] for s in sup.status()["slots"]] == [s["pid"] for s in st["slots"]]
+
+
+def test_silent_connections_at_the_cap_give_way_to_a_real_request() -> None:
+    # A local user holding the endpoint's cap of idle connections (reopening each one as it
+    # expires) made every /metrics scrape wait for the 10 s idle expiry and time out: at the
+    # cap, a peer that has been silent for evict_after gives way to the next connection.
+    sel = selectors.DefaultSelector()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    srv = Echo(lsock, sel, Limits(max_conns=4, idle=10.0, backlog=16, evict_after=0.2))
+    port = lsock.getsockname()[1]
+    hogs = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+    real = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        _pump(sel, srv, 0.05)
+        assert len(srv.peers) == 4  # the cap holds; the real one waits in the kernel's queue
+        real.sendall(b"ping\n")
+        _pump(sel, srv, 0.5)  # well before the 10 s idle expiry
+        assert real.recv(16) == b"pong\n"
+        assert hogs[0].recv(16) == b""  # the oldest silent peer gave way
+    finally:
+        for c in [*hogs, real]:
+            c.close()
+        srv.close_all()
+        sel.close()
