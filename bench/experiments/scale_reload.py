@@ -131,7 +131,8 @@ def summary(values: list[float], digits: int = 1) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     out = [
-        "| workers | surge | boot, s | reload --wait, s | failed per reload | requests during it |",
+        "| workers | surge | boot, s | reload --wait, s | failed per reload: max (total) "
+        "| requests during it |",
         "|---:|---:|---|---|---|---|",
     ]
     for row in rows:
@@ -139,7 +140,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         failed = [r["failed"] for r in rounds]
         out.append(
             f"| {row['workers']} | {row['surge']} | {summary([r['boot'] for r in rounds])} "
-            f"| {summary([r['reload'] for r in rounds])} | {max(failed)} (total {sum(failed)}) "
+            f"| {summary([r['reload'] for r in rounds])} | {max(failed)} ({sum(failed)}) "
             f"| {summary([r['requests'] for r in rounds], 0)} |"
         )
     return "\n".join(out)
