@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import wait_until
 from tests.integration.test_dashboard import CHROMIUM, chromium, get
@@ -46,7 +47,7 @@ def slot_rows(text: str) -> list[int]:
     return rows
 
 
-def slot_of(sup: Running, slot: int) -> dict:  # type: ignore[type-arg]
+def slot_of(sup: Running, slot: int) -> dict[str, Any]:
     return next(s for s in sup.status()["slots"] if s["slot"] == slot)
 
 
