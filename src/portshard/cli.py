@@ -174,7 +174,16 @@ def _client(name: str, control: str | None) -> str:
     metavar="[SECONDS]",
     help="Refresh in place every SECONDS (default 1) until Ctrl-C.",
 )
-def status(name: str, control: str | None, as_json: bool, watch: float | None) -> None:
+@click.option(
+    "--compact",
+    "layout",
+    flag_value="compact",
+    help="Totals, then the worst slots first (the default when the slots do not fit the terminal).",
+)
+@click.option("--all", "layout", flag_value="all", help="Every slot, in slot order.")
+def status(
+    name: str, control: str | None, as_json: bool, watch: float | None, layout: str | None
+) -> None:
     """Show the workers of a running supervisor.
 
     \b
@@ -183,11 +192,16 @@ def status(name: str, control: str | None, as_json: bool, watch: float | None) -
     QUEUE     connections waiting in the slot's accept queue / its backlog
     CONNS     client connections the worker holds right now
     STEERING  whether new connections are steered to the slot, and its weight
+
+    With more slots than the terminal has lines (or --compact), it shows totals (slots by
+    state, workers ready, connections, queued, restarts), then the worst slots first: no
+    worker, not ready, excluded by steering, the most queued, the most restarts.
     """
+    import shutil
     import time
 
     from .control.client import request
-    from .render import render_status
+    from .render import compact_rows, render_status
 
     path = _client(name, control)
     if watch is not None and watch <= 0:
@@ -198,7 +212,9 @@ def status(name: str, control: str | None, as_json: bool, watch: float | None) -
             if as_json:
                 text = json.dumps(result, indent=2)
             else:
-                text = render_status(result, colour=sys.stdout.isatty())
+                lines = shutil.get_terminal_size().lines  # $LINES, else 24 off a terminal
+                rows = compact_rows(len(result.get("slots", ())), lines, layout)
+                text = render_status(result, colour=sys.stdout.isatty(), rows=rows)
             if watch is None:
                 click.echo(text)
                 return

@@ -11,9 +11,14 @@ from typing import Any
 import click
 
 from .supervisor.state import SlotState, State
-from .supervisor.status import SlotStatus, Status
+from .supervisor.status import SlotStatus, Status, healthy, totals, worst_first
 
-__all__ = ["JsonFormatter", "TextFormatter", "format_uptime", "render_status"]
+__all__ = ["JsonFormatter", "TextFormatter", "compact_rows", "format_uptime", "render_status"]
+
+# Lines of a status screen that are not slot rows (head, listen, steering, metrics, totals,
+# table header, "... and K more", the legend): what a compact table leaves for rows.
+_OVERHEAD = 10
+MIN_ROWS = 5
 
 _STATE_COLOUR: dict[State | SlotState, str] = {
     State.READY: "green",
@@ -63,9 +68,22 @@ def _rate(value: float | None) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
-def render_status(status: Status | Mapping[str, Any], *, colour: bool = False) -> str:
+def compact_rows(slots: int, lines: int, layout: str | None = None) -> int | None:
+    """How many slot rows `status` shows on a terminal of ``lines`` lines, or None for the
+    full table: ``layout`` "all" is always full, "compact" always compact, None (the default)
+    compact only when the slots do not fit."""
+    rows = max(MIN_ROWS, lines - _OVERHEAD - 2)
+    if layout == "all" or (layout is None and slots + _OVERHEAD <= lines):
+        return None
+    return rows
+
+
+def render_status(
+    status: Status | Mapping[str, Any], *, colour: bool = False, rows: int | None = None
+) -> str:
     """The `portshard status` table (from the status, or its JSON); colour only when asked
-    (the CLI asks on a TTY)."""
+    (the CLI asks on a TTY). ``rows`` makes it compact: totals first, then at most ``rows``
+    slots, the worst first, and a count of the healthy slots left out."""
     st = status if isinstance(status, Status) else Status.from_json(status)
 
     def paint(text: str, fg: str | None, bold: bool = False) -> str:
@@ -88,7 +106,10 @@ def render_status(status: Status | Mapping[str, Any], *, colour: bool = False) -
         lines.append(f"metrics: {st.metrics}")
     if st.health:
         lines.append(f"health:  {st.health}/healthz")
-    lines += _table(st, paint if colour else None)
+    if rows is None:
+        lines += _table(st.slots, paint if colour else None)
+    else:
+        lines += _compact(st, rows, paint if colour else None)
     lines.append(
         "QUEUE = connections waiting in the slot's accept queue / its backlog; "
         "CONNS = client connections the worker holds"
@@ -96,7 +117,28 @@ def render_status(status: Status | Mapping[str, Any], *, colour: bool = False) -
     return "\n".join(lines)
 
 
-def _table(st: Status, paint: Callable[..., str] | None) -> list[str]:
+def _compact(st: Status, rows: int, paint: Callable[..., str] | None) -> list[str]:
+    """Totals, then the worst ``rows`` slots; the slots left out are counted (and said to be
+    healthy only when they all are)."""
+    t = totals(st.slots)
+    states = ", ".join(f"{n} {name}" for name, n in t.by_state.items()) or "none"
+    lines = [
+        f"slots:   {t.slots} ({states})",
+        f"totals:  {t.ready}/{t.slots} workers ready, {t.connections} connections, "
+        f"{t.queued} queued, {t.restarts} restarts, {t.excluded} excluded by steering",
+    ]
+    ranked = worst_first(st.slots)
+    shown, left = ranked[:rows], ranked[rows:]
+    lines.append(f"worst {len(shown)} of {t.slots} slots first ({t.unhealthy} not healthy):")
+    lines += _table(tuple(shown), paint)
+    if left:
+        sick = sum(1 for s in left if not healthy(s))
+        what = "healthy slots" if not sick else f"slots ({sick} of them not healthy)"
+        lines.append(f"... and {len(left)} more {what}; --all shows every slot")
+    return lines
+
+
+def _table(slots: tuple[SlotStatus, ...], paint: Callable[..., str] | None) -> list[str]:
     """One row per slot, columns aligned; ``paint`` colours the state and header."""
     header = (
         "SLOT",
@@ -113,7 +155,7 @@ def _table(st: Status, paint: Callable[..., str] | None) -> list[str]:
     )
     rows: list[tuple[str, ...]] = [header]
     states: list[State | SlotState | None] = [None]
-    for slot in st.slots:
+    for slot in slots:
         rows.append(
             (
                 str(slot.slot),

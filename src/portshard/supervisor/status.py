@@ -21,8 +21,12 @@ __all__ = [
     "QueueStatus",
     "SlotStatus",
     "Status",
+    "Totals",
     "WorkerStatus",
+    "healthy",
     "shown_state",
+    "totals",
+    "worst_first",
 ]
 
 _BY_VALUE: dict[str, State | SlotState] = {s.value: s for s in SHOWN_STATES}
@@ -209,3 +213,78 @@ class Status:
             state=SupervisorState(d.get("state", "running")),
             health=d.get("health"),
         )
+
+
+# Summaries for many slots (issue 17: status, /metrics and the dashboard readable at 128 slots).
+# Pure functions of the status; the dashboard (dashboard.html) ranks slots the same way.
+
+_NO_WORKER = (SlotState.BACKOFF, SlotState.EMPTY)
+
+
+def _excluded(slot: SlotStatus) -> bool:
+    return bool(slot.steering and slot.steering.get("excluded"))
+
+
+def _queued(slot: SlotStatus) -> int:
+    return sum(q.queued for q in (slot.queue or {}).values())
+
+
+def healthy(slot: SlotStatus) -> bool:
+    """Ready, steered to, nothing waiting in its queue, not failing: a row a compact view may
+    leave out (past restarts alone do not make a slot unhealthy; they rank it higher)."""
+    return (
+        slot.state is State.READY
+        and not _excluded(slot)
+        and _queued(slot) == 0
+        and slot.failures == 0
+    )
+
+
+def _badness(slot: SlotStatus) -> tuple[int, int, int, int, int, int]:
+    """Sort key, worst first: no worker (backing off, empty), then not ready (starting,
+    draining, ...), then excluded by steering, then the most queued, the most restarts, the
+    most quick failures; ties by slot number."""
+    rank = 0 if slot.state in _NO_WORKER else 1 if slot.state is not State.READY else 2
+    return (
+        rank,
+        0 if _excluded(slot) else 1,
+        -_queued(slot),
+        -slot.restarts,
+        -slot.failures,
+        slot.slot,
+    )
+
+
+def worst_first(slots: tuple[SlotStatus, ...] | list[SlotStatus]) -> list[SlotStatus]:
+    """The slots, the worst first (see :func:`_badness`)."""
+    return sorted(slots, key=_badness)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Supervisor-wide figures summed over the slots."""
+
+    slots: int
+    by_state: Mapping[str, int]  # shown state value -> slots in it (only states present)
+    ready: int  # slots whose worker is ready
+    connections: int  # client connections the workers hold (slots that report them)
+    queued: int  # connections waiting in every accept queue
+    restarts: int
+    excluded: int  # slots steering keeps new connections away from
+    unhealthy: int  # slots not :func:`healthy`
+
+
+def totals(slots: tuple[SlotStatus, ...] | list[SlotStatus]) -> Totals:
+    by_state: dict[str, int] = {}
+    for slot in slots:
+        by_state[slot.state.value] = by_state.get(slot.state.value, 0) + 1
+    return Totals(
+        slots=len(slots),
+        by_state={s.value: by_state[s.value] for s in SHOWN_STATES if s.value in by_state},
+        ready=by_state.get(State.READY.value, 0),
+        connections=sum(s.connections or 0 for s in slots),
+        queued=sum(_queued(s) for s in slots),
+        restarts=sum(s.restarts for s in slots),
+        excluded=sum(1 for s in slots if _excluded(s)),
+        unhealthy=sum(1 for s in slots if not healthy(s)),
+    )

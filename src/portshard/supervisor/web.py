@@ -22,7 +22,7 @@ from ..address import parse
 from ..endpoint import Limits, Peer, StreamServer
 from ..errors import ConfigError, SupervisorError
 from .state import SHOWN_STATES
-from .status import Status
+from .status import Status, totals
 
 log = logging.getLogger("portshard.supervisor")
 
@@ -131,6 +131,26 @@ def _families(st: Status, gauge: Any, counter: Any) -> Iterator[Any]:
 
 def _totals(st: Status, gauge: Any, counter: Any) -> Iterator[Any]:
     """The supervisor-wide families."""
+    t = totals(st.slots)
+    slots = gauge(
+        "portshard_slots",
+        "Slots in each state (sums portshard_slot_state: one series per state, whatever the "
+        "worker count)",
+        labels=["state"],
+    )
+    for shown in SHOWN_STATES:
+        slots.add_metric([shown.value], float(t.by_state.get(shown.value, 0)))
+    yield slots
+    yield gauge("portshard_workers_ready", "Slots whose worker is ready", value=t.ready)
+    yield gauge("portshard_connections", "Client connections all workers hold", value=t.connections)
+    yield gauge(
+        "portshard_accept_queue", "Connections waiting in every accept queue", value=t.queued
+    )
+    yield gauge(
+        "portshard_slots_excluded",
+        "Slots steering keeps new connections away from",
+        value=t.excluded,
+    )
     reloads = counter("portshard_reloads", "Rolling reloads by result", labels=["result"])
     reloads.add_metric(["ok"], float(st.reloads_ok))
     reloads.add_metric(["failed"], float(st.reloads_failed))
