@@ -149,7 +149,8 @@ def run(log_level: str, log_format: str, **options: Any) -> None:
     cfg = load(cli_values)
     if not activated:  # systemd's sockets are held by systemd: sharing them is the point
         refuse_served_ports(cfg)  # another server on a --listen port: say who (--join-existing)
-    code = Supervisor(cfg, cli_values, activated).run()
+    # JSON logs: the workers' stdout/stderr lines come back as JSON records too
+    code = Supervisor(cfg, cli_values, activated, capture_output=log_format == "json").run()
     if code:
         sys.exit(code)
 

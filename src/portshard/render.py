@@ -211,6 +211,9 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if isinstance(value, int):
                 entry[key] = value
+        stream = getattr(record, "stream", None)  # a worker's own line: stdout or stderr
+        if isinstance(stream, str):
+            entry["stream"] = stream
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -154,6 +155,18 @@ def test_dashboard_in_a_real_browser_shows_every_worker_and_updates(
     assert 'data-kind="reload"' in dom
     counted = sup.status()["steering"]["backend"] == "ebpf"
     assert ("share of new connections" in dom) == counted
+    # The new-connections-per-second chart: a line per slot where eBPF steering counts them,
+    # else a note saying they are not counted.
+    rate = dom.split('id="rate-chart"', 1)[1].split("</svg>", 1)[0]
+    note = dom.split('id="rate-note">', 1)[1].split("</div>", 1)[0]
+    if counted:
+        assert rate.count("<polyline") == 3 and note == ""
+    else:
+        assert "<polyline" not in rate and "not counted under this steering backend" in note
+    # Clock times are 24-hour: no AM/PM anywhere, HH:MM:SS in the events and on the charts.
+    assert not re.search(r"\d{1,2}:\d{2}(:\d{2})?\s?[AaPp]\.?[Mm]\b", dom), dom[-3000:]
+    assert re.search(r'<li data-kind="reload"><b>\d{2}:\d{2}:\d{2} </b>', dom)
+    assert re.search(r'class="clock">\d{2}:\d{2}:\d{2}<', dom)
     shot = short_tmp / "dashboard.png"
     chromium("--window-size=1200,760", f"--screenshot={shot}", url, profile=short_tmp / "chrome")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -98,10 +98,15 @@ def _signal_name(signum: int) -> str:
 
 class Supervisor:
     def __init__(
-        self, cfg: Config, cli: dict[str, Any], activated: Activated | None = None
+        self,
+        cfg: Config,
+        cli: dict[str, Any],
+        activated: Activated | None = None,
+        *,
+        capture_output: bool = False,
     ) -> None:
         self.sel = selectors.DefaultSelector()
-        self.fx = SystemEffects(self.sel, activated)
+        self.fx = SystemEffects(self.sel, activated, capture_output=capture_output)
         self.fleet = Fleet(cfg, cli, self.fx)
         self.fx.fleet = self.fleet
         self.fleet.report = lambda: self.status().to_json()
@@ -182,6 +187,8 @@ class Supervisor:
             self.fx.steering.close()
         if self.fx.trees is not None:
             self.fx.trees.close()
+        if self.fx.output is not None:
+            self.fx.output.close()
         for slot in self.fleet.slots:
             for sock in slot.socks:
                 sock.close()

@@ -38,6 +38,7 @@ class SpawnSpec:
     cwd: str | None = None
     seccomp: bool = False  # trap bind() (--via seccomp); the listener comes back in Spawned
     cgroup: Cgroup | None = None  # the worker's own group, joined before exec
+    stdio: tuple[int, int] | None = None  # fds placed on its stdout and stderr (else ours)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ def spawn(spec: SpawnSpec) -> Spawned:
     ours, theirs = socket.socketpair() if spec.seccomp else (None, None)
 
     def setup() -> None:
+        if spec.stdio is not None:  # --log-format json: the supervisor reads its output
+            os.dup2(spec.stdio[0], 1)
+            os.dup2(spec.stdio[1], 2)
         if spec.cgroup is not None:  # first: everything the worker ever starts stays in it
             spec.cgroup.join_self()
         if theirs is not None:

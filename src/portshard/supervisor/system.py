@@ -28,6 +28,7 @@ from ..sockets import listen
 from ..steering import cbpf
 from ..steering.controller import Health, Steering
 from .config import Config
+from .output import Pipes, WorkerOutput
 from .spawn import SpawnSpec, spawn
 from .state import State
 from .systemd import Activated, Notifier, address_of, store_name
@@ -49,9 +50,15 @@ class SystemEffects:
     fleet: Fleet
 
     def __init__(
-        self, selector: selectors.BaseSelector, activated: Activated | None = None
+        self,
+        selector: selectors.BaseSelector,
+        activated: Activated | None = None,
+        *,
+        capture_output: bool = False,
     ) -> None:
         self.sel = selector
+        # --log-format json: the workers' stdout/stderr come back as log records
+        self.output = WorkerOutput(selector) if capture_output else None
         self.activated = activated
         self.systemd = Notifier()  # takes NOTIFY_SOCKET out of the workers' environment
         self.held: set[int] = set()  # fds of sockets systemd holds too (they outlive us)
@@ -105,14 +112,23 @@ class SystemEffects:
             raise SupervisorError(str(exc)) from None
         group = self.trees.create(f"slot{slot.index}") if self.trees else None
         fds = [s.fileno() for s in slot.socks]
+        pipes = Pipes.create() if self.output is not None else None
+        stdio = (pipes.stdout_w, pipes.stderr_w) if pipes is not None else None
         try:
             spawned = spawn(
-                SpawnSpec(argv, env, fds, names, creds, seccomp=via.seccomp, cgroup=group)
+                SpawnSpec(
+                    argv, env, fds, names, creds, seccomp=via.seccomp, cgroup=group, stdio=stdio
+                )
             )
         except SupervisorError:
+            if pipes is not None:
+                pipes.close_all()
             if self.trees is not None:
                 self.trees.release(group)
             raise
+        if pipes is not None and self.output is not None:
+            pipes.close_child_ends()
+            self.output.watch(pipes, slot.index, spawned.pid)
         w = Worker(slot, spawned.pid, spawned.pidfd, generation, role, self.now())
         w.mode = via.mode
         w.cgroup = group
