@@ -11,9 +11,12 @@ import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import NoAccess
-from .cgroup import Cgroup
+
+if TYPE_CHECKING:  # no runtime import: `import portshard` stays light
+    from .cgroup import Cgroup
 
 __all__ = [
     "ProcStat",

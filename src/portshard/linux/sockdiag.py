@@ -26,10 +26,13 @@ import struct
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..address import Proto
-from .cgroup import Cgroup
 from .proc import pids_by_inode, process_tree, program_name, read, socket_fds
+
+if TYPE_CHECKING:  # no runtime import: `import portshard` stays light
+    from .cgroup import Cgroup
 
 __all__ = [
     "Holder",

@@ -218,10 +218,10 @@ class _Looker:
 def waiting_for_work(pid: int, inodes: AbstractSet[int]) -> bool:
     """True when a thread of ``pid`` is blocked waiting for work on one of these sockets.
 
-    ``inodes`` are socket inodes (:func:`socket_inode`). Looks only at /proc: the program
-    needs no cooperation. See the notes at the top of this module for what it recognises and what
-    it cannot see. False for a process that has exited or is stopped; raises
-    :class:`NoAccess` when this user may not look into the process.
+    ``inodes`` are socket inodes (:func:`~portshard.linux.tcpinfo.socket_inode`). Looks only
+    at /proc: the program needs no cooperation. See the notes at the top of this module for
+    what it recognises and what it cannot see. False for a process that has exited or is
+    stopped; raises :class:`NoAccess` when this user may not look into the process.
     """
     if not inodes:
         return False
