@@ -21,7 +21,7 @@ DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binut
 # default site on port 80; the bench never uses it: it runs its own nginx on loopback.)
 DEB_BENCH_PKGS := nginx haproxy wrk iproute2
 
-.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick deps-bench netbed soak
+.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick bench-scale deps-bench netbed soak
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,15 @@ deps-bench: $(VENV)/.created
 
 bench: deps-bench
 	$(PY) -m bench
+	$(MAKE) bench-scale
+
+# Issue 17's rows, after the suite: the supervisor's CPU against idle held connections (0, 1k,
+# 10k, 50k; eBPF and classic BPF steering) and boot / reload --wait time against workers (1, 4,
+# 16, 64; surge 1 and 8), one round each (about 15 min; more rounds: run the scripts by hand,
+# bench/README.md). Write bench/results/held_cpu.json and scale_reload.json.
+bench-scale: deps-bench
+	$(PY) bench/experiments/held_cpu.py --rounds 1 --configs ebpf,cbpf
+	$(PY) bench/experiments/scale_reload.py --rounds 1
 
 bench-quick: deps-bench
 	$(PY) -m bench --quick
