@@ -40,6 +40,7 @@ class FakeEffects:
         self.clock = 100.0
         self.next_pid = 1000
         self.busy_queues: set[int] = set()  # slots whose accept queue is never empty
+        self.unshielded: set[int] = set()  # slots steering does not keep new connections off
         self.signals: list[tuple[int, int]] = []  # (pid, signal)
         self.ready: set[int] = set()  # pids that look ready
         self.holding: set[int] = set()  # pids whose tree holds a client connection
@@ -86,6 +87,9 @@ class FakeEffects:
 
     def queue_empty(self, slot: Slot) -> bool:
         return slot.index not in self.busy_queues
+
+    def shielded(self, slot: Slot) -> bool:
+        return slot.index not in self.unshielded
 
     def drop_syns(self) -> list[socket.socket]:
         self.syns_dropped_at = self.clock
@@ -611,3 +615,18 @@ def test_drain_request_checks_its_numbers() -> None:
         parse_request({"deadline": "x"})
     with pytest.raises(ControlError, match="settle -1 is out of range"):
         parse_request({"settle": -1})
+
+
+def test_an_idle_old_worker_whose_slot_still_gets_connections_is_killed_not_signalled() -> None:
+    # Steering off (or one slot): a server that handles its stop signal would accept what
+    # reaches the shared socket before it exits; killed frozen and idle, it loses nothing.
+    world = World(1)
+    world.boot()
+    (old,) = world.pids()
+    world.fx.unshielded.add(0)
+    world.fleet.reload(Outcome())
+    world.turn()
+    world.fx.ready.add(world.fleet.slots[0].workers[-1].pid)
+    world.turn()
+    world.turn()
+    assert world.fx.sent(old)[-1] == signal.SIGKILL and signal.SIGTERM not in world.fx.sent(old)

@@ -58,6 +58,10 @@ class Effects(Protocol):
 
     def queue_empty(self, slot: Slot) -> bool: ...
 
+    def shielded(self, slot: Slot) -> bool:
+        """Steering keeps new TCP connections off ``slot`` right now."""
+        ...
+
     def drop_syns(self) -> list[socket.socket]:
         """Stop: a SYN-drop filter on every TCP slot socket we close; returns them."""
         ...

@@ -283,6 +283,10 @@ class SystemEffects:
         if self.steering is not None:
             self.steering.remove_slot(slot.index)
 
+    def shielded(self, slot: Slot) -> bool:
+        steering = self.steering
+        return steering is not None and bool(steering.slot_status(slot.index)["excluded"])
+
     def queue_empty(self, slot: Slot) -> bool:
         return not any(tcpinfo.queue_depth(sock).queued for sock in slot.queue_fds())
 
