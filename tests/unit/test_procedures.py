@@ -88,6 +88,9 @@ class FakeEffects:
     def queue_empty(self, slot: Slot) -> bool:
         return slot.index not in self.busy_queues
 
+    def steers(self) -> bool:
+        return not self.unshielded
+
     def shielded(self, slot: Slot) -> bool:
         return slot.index not in self.unshielded
 

@@ -58,6 +58,10 @@ class Effects(Protocol):
 
     def queue_empty(self, slot: Slot) -> bool: ...
 
+    def steers(self) -> bool:
+        """Steering is on (it can keep new connections off a slot)."""
+        ...
+
     def shielded(self, slot: Slot) -> bool:
         """Steering keeps new TCP connections off ``slot`` right now."""
         ...

@@ -98,11 +98,11 @@ def _freeze_check_kill(fleet: Fleet, w: Worker, deadline: float) -> Generator[Un
             if w.slot.cfg.drain == "freeze-kill":
                 fleet.fire(w, Event.IDLE_KILL)
                 return
-            shielded = fx.now() < graceful_until and fx.shielded(w.slot)
-            if shielded and fx.queue_empty(w.slot):
+            # else: steering takes the slot out at its next turn, or its queue empties: look again
+            if fx.shielded(w.slot) and fx.queue_empty(w.slot):
                 fleet.fire(w, Event.IDLE)
                 return
-            if not shielded:
+            if fx.now() >= graceful_until or not (fx.steers() or fleet.stopping):
                 log.info(
                     "slot %d pid %d: idle, but its slot is not kept from new connections "
                     "(steering off, one slot, or its handover second is over); killing it frozen "

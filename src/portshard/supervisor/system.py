@@ -283,7 +283,12 @@ class SystemEffects:
         if self.steering is not None:
             self.steering.remove_slot(slot.index)
 
+    def steers(self) -> bool:
+        return self.steering is not None
+
     def shielded(self, slot: Slot) -> bool:
+        if self.fleet.stopping:
+            return True  # the stop drops new SYNs on every slot socket
         steering = self.steering
         return steering is not None and bool(steering.slot_status(slot.index)["excluded"])
 
