@@ -116,8 +116,14 @@ def _setting_options(f: Any) -> Any:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Check the settings, the --config file and the command, then exit (0: fine); "
+    "`portshard upgrade` runs it first.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(log_level: str, log_format: str, **options: Any) -> None:
+def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
     """Run N copies of COMMAND sharing the --listen addresses.
 
     \b
@@ -132,27 +138,66 @@ def run(log_level: str, log_format: str, **options: Any) -> None:
     worker gets its slot's sockets the systemd way (LISTEN_FDS, fds from 3, {fd} and
     {fd:NAME} in the arguments, PORTSHARD_SLOT). SIGHUP or 'portshard reload' replaces
     workers one at a time, each new one ready before the old one goes. SIGTERM/SIGINT stop
-    gracefully; a second one kills.
+    gracefully; a second one kills. SIGUSR2 or 'portshard upgrade' replaces the supervisor
+    itself, keeping every socket and worker.
+
+    If the supervisor dies (SIGKILL, the OOM killer), its workers keep serving; running the
+    same command again (same --name/--control) within --orphan-timeout adopts them.
     """
+    from .supervisor import handoff
     from .supervisor.config import load
     from .supervisor.loop import Supervisor
     from .supervisor.preflight import refuse_served_ports
     from .supervisor.systemd import Activated
 
     _setup_logging(log_level, log_format)
+    resume = handoff.from_env()  # we are the new image of `portshard upgrade`
     cli_values = dict(options)
     cli_values["command"] = tuple(options["command"]) or None
     cli_values["listen"] = tuple(options["listen"]) or None
-    activated = Activated()  # sockets from systemd socket activation or its fd store
+    activated = None if resume is not None else Activated()  # systemd's sockets
     if activated and not cli_values["listen"] and not options.get("config"):
         cli_values["listen"] = tuple(activated.addresses()) or None
     cfg = load(cli_values)
-    if not activated:  # systemd's sockets are held by systemd: sharing them is the point
+    if check:
+        _check(cfg)
+        return
+    if resume is None:  # the workers of a supervisor of ours that died: adopt them
+        resume = handoff.adopt(cfg.control or _client(cfg.name, None))
+    if not activated and resume is None:  # systemd's sockets are held by systemd
         refuse_served_ports(cfg)  # another server on a --listen port: say who (--join-existing)
     # JSON logs: the workers' stdout/stderr lines come back as JSON records too
-    code = Supervisor(cfg, cli_values, activated, capture_output=log_format == "json").run()
+    code = Supervisor(
+        cfg,
+        cli_values,
+        activated,
+        capture_output=log_format == "json",
+        resume=resume,
+        log_format=log_format,
+    ).run()
     if code:
         sys.exit(code)
+
+
+def _check(cfg: Any) -> None:
+    """run --check: what a start would refuse before it opens anything."""
+    import os
+    import shutil
+
+    from .errors import ConfigError
+
+    program = cfg.command[0]
+    found = shutil.which(program) if os.sep not in program else program
+    if found is None or not os.access(found, os.X_OK):
+        raise ConfigError(
+            f"the command {program!r} is not an executable file"
+            + ("" if os.sep in program else " on PATH")
+            + "; check the path"
+        )
+    click.echo(
+        f"portshard {__version__}: the settings are fine: {cfg.workers} workers of "
+        f"{' '.join(cfg.command)!r} on {', '.join(str(s.address) for s in cfg.listen)}"
+    )
 
 
 def _client(name: str, control: str | None) -> str:
@@ -287,6 +332,34 @@ def scale(name: str, control: str | None, workers: int, wait: bool, timeout: flo
         wait=wait,
     )
     click.echo(f"scaled to {workers} workers" if wait else f"scaling to {workers} workers")
+
+
+@cli.command()
+@control_options
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120,
+    show_default=True,
+    help="Give up waiting for the new supervisor's answer after this many seconds.",
+)
+def upgrade(name: str, control: str | None, timeout: float) -> None:
+    """Replace the running supervisor with the portshard on disk, keeping every socket,
+    worker and connection (as SIGUSR2).
+
+    The new portshard first checks the current settings (`run --check`): if it would not
+    start (a broken --config file, a broken install), the running supervisor goes on and this
+    says why. Settings a reload cannot change (--listen) change here; the workers keep
+    running (a reload replaces them, and does so by itself if --listen changed).
+    """
+    from .control.client import request
+
+    result = request(_client(name, control), "upgrade", timeout=timeout)
+    lineage = result.get("supervisor", {})
+    click.echo(
+        f"upgraded: supervisor generation {lineage.get('generation')}, "
+        f"portshard {lineage.get('version')}"
+    )
 
 
 @cli.command()

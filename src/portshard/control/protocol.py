@@ -1,6 +1,7 @@
 """The control protocol: one JSON object per line, versioned, size-limited.
 
-Request:  {"v": 1, "cmd": "status" | "reload" | "scale" | "stop" | "drain", ...arguments}
+Request:  {"v": 1, "cmd": "status" | "reload" | "scale" | "stop" | "drain" | "upgrade",
+           ...arguments}
           (drain: "settle" and "deadline" in seconds, "wait": reply once stopped)
 Reply:    {"v": 1, "ok": true, "result": {...}}  or  {"v": 1, "ok": false, "error": "..."}
 """
@@ -24,7 +25,7 @@ __all__ = [
 
 VERSION = 1
 MAX_FRAME = 64 * 1024
-COMMANDS = ("status", "reload", "scale", "stop", "drain")
+COMMANDS = ("status", "reload", "scale", "stop", "drain", "upgrade")
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -57,11 +57,16 @@ class ControlServer(StreamServer):
         *,
         private_dir: bool = True,
         limits: Limits = LIMITS,
+        inherited: socket.socket | None = None,
     ) -> None:
         self.path = path
         self.handler = handler
-        # The socket is 0600 and every peer's uid is checked, wherever it lives.
-        sock = _bind(path, private_dir=private_dir, backlog=limits.backlog)
+        # The socket is 0600 and every peer's uid is checked, wherever it lives. An upgrade
+        # passes the listening socket on (``inherited``): requests made meanwhile wait in it.
+        if inherited is not None:
+            sock = inherited
+        else:
+            sock = _bind(path, private_dir=private_dir, backlog=limits.backlog)
         self._inode = os.stat(path).st_ino
         super().__init__(sock, selector, limits)
 

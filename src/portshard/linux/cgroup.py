@@ -61,6 +61,7 @@ MOUNT_POINT = RUN_DIR + "/cgroup2"
 _UNIFIED = "/sys/fs/cgroup"
 _TOP = "portshard"  # our directory under the mount (mounted mode)
 _KILL_WAIT = 2.0  # seconds to wait for a killed group to empty
+WARDEN = "warden"  # the warden's group in a home (issue 15)
 
 
 class Mechanism(enum.Enum):
@@ -360,6 +361,30 @@ class Trees:
             home = _delegated_home(found.base, safe)
         return cls(found, home)
 
+    @classmethod
+    def adopt(cls, name: str, home: str | None) -> Trees:
+        """The groups of a supervisor that is gone (issue 15): its home becomes ours as it is
+        (cgroup v2 cannot rename a group); its warden's group keeps sweeps away from it."""
+        if home is None or not os.path.isdir(home):
+            return cls.open(name)
+        trees = cls(detect(), home)
+        serials = [g.rpartition("-")[2] for g in _subgroups(home)]
+        trees._serial = max((int(n) for n in serials if n.isdigit()), default=0)
+        return trees
+
+    def warden_group(self) -> Cgroup | None:
+        """The group the warden (supervisor/warden.py) lives in: while a process is in it, no
+        supervisor of the same name sweeps this home, even after our pid is gone."""
+        if self.home is None:
+            return None
+        group = Cgroup(os.path.join(self.home, WARDEN))
+        try:
+            os.makedirs(group.path, exist_ok=True)
+        except OSError as exc:
+            log.warning("cannot create the cgroup %s: %s", group.path, exc.strerror or exc)
+            return None
+        return group
+
     def create(self, label: str) -> Cgroup | None:
         """A new, empty group for one worker (None under the subreaper mechanism, or if it
         cannot be created: logged, never raised)."""
@@ -424,6 +449,25 @@ class Trees:
         self.home = None
 
 
+def remove_home(home: str, wait: float = _KILL_WAIT) -> bool:
+    """The warden, once nobody adopted the workers: kill what is left in the home, move
+    ourselves out of it (to the hierarchy's root, or the home's parent), remove it, and
+    unmount the shared hierarchy if it was the last."""
+    for entry in _subgroups(home):
+        if entry != WARDEN:
+            Cgroup(os.path.join(home, entry)).remove(wait=wait)
+    for out in (MOUNT_POINT, os.path.dirname(home)):
+        if home.startswith(out + "/"):
+            with contextlib.suppress(OSError):
+                Cgroup(out).join(os.getpid())
+                break
+    removed = Cgroup(home).remove(wait=wait)
+    if home.startswith(MOUNT_POINT + "/"):
+        with _locked():
+            _unmount_if_unused()
+    return removed
+
+
 def _sweep_stale(base: str, safe: str) -> None:
     """Groups of a supervisor of the same name that is gone: kill what they hold, remove."""
     with contextlib.suppress(OSError):
@@ -432,6 +476,8 @@ def _sweep_stale(base: str, safe: str) -> None:
             if stem != safe or not pid_text.isdigit() or _alive(int(pid_text)):
                 continue
             stale = Cgroup(os.path.join(base, entry))
+            if Cgroup(os.path.join(stale.path, WARDEN)).members():
+                continue  # a warden keeps its workers for the next supervisor to adopt
             left = stale.members()
             if left:
                 log.warning(

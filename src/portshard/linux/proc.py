@@ -103,6 +103,7 @@ class ProcStat:
     session: int
     utime: int  # clock ticks
     stime: int
+    start: int = 0  # clock ticks after boot it started: with the pid, it names one process
 
     @property
     def cpu_seconds(self) -> float:
@@ -123,6 +124,7 @@ def parse_stat(raw: bytes) -> ProcStat | None:
         session=int(fields[3]),
         utime=int(fields[11]),
         stime=int(fields[12]),
+        start=int(fields[19]) if len(fields) > 19 else 0,
     )
 
 

@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,11 +65,33 @@ class _Group:
         self.program: SteeringProgram | None = None
         self.installed: object = None  # what the kernel has now (to skip identical updates)
         self.counts: dict[int, int] = {}  # the bucket counts last installed
+        self.seeded_order: list[int] = []  # a predecessor's listen order (seed)
+        self.present = False  # its sockets are in the (inherited) sockarray already
+
+    def export(self) -> dict[str, Any]:
+        """What a supervisor's successor needs to go on where this one is (issue 15): the
+        bucket table (so that no UDP flow moves) and the kernel's listen order."""
+        return {
+            "proto": self.proto.value,
+            "home": list(self.buckets.home),
+            "owner": list(self.buckets.owner),
+            "order": list(self.order),
+        }
+
+    def seed(self, saved: Mapping[str, Any]) -> None:
+        """Start from a predecessor's table (before the sockets join, in its listen order)."""
+        if saved.get("proto") != self.proto.value:
+            return
+        if sorted(set(saved["home"])) != self.buckets.slots:
+            return  # other slots: start afresh
+        self.buckets.home = list(saved["home"])
+        self.buckets.owner = list(saved["owner"])
+        self.seeded_order = [int(s) for s in saved.get("order", ())]
 
     def join(self, slot: int, sock: socket.socket) -> None:
         self.socks[slot] = sock
         self.order.append(slot)
-        if self.program is not None:
+        if self.program is not None and not self.present:
             self.program.set_socket(slot, sock)
 
     def leave(self, slot: int) -> None:
@@ -104,13 +126,20 @@ class Steering:
         protos: Sequence[Proto],
         slots: dict[int, list[socket.socket]],
         on_event: Callable[[str], None] | None = None,
+        seed: Sequence[Mapping[str, Any]] | None = None,
+        inherited: Mapping[int, int] | None = None,
     ) -> None:
+        """``seed``: a predecessor's tables (``export``); ``inherited``: its sockarray fds by
+        group (``handoff_fds``), whose sockets are in them already (issue 15)."""
+        inherited = inherited or {}
         if backend not in ("cbpf", "ebpf"):
             raise ValueError(f"steering backend {backend!r}: use cbpf or ebpf")
         self.backend = backend
         self.why = why
         self.policy = Policy()
         self.groups = [_Group(proto, sorted(slots)) for proto in protos]
+        for group, saved in zip(self.groups, seed or (), strict=False):
+            group.seed(saved)
         self.on_event = on_event
         self.changes = 0
         self.updates = 0
@@ -135,16 +164,22 @@ class Steering:
                 else:  # the benchmark's knob: "queue" depths, or "none" (random, as classic)
                     self.inflight.why = f"PORTSHARD_BALANCE={self.balance}"
                 loads = self.inflight.loads
-                for group in self.groups:
+                for gi, group in enumerate(self.groups):
                     group.program = SteeringProgram(
                         BUCKETS,
                         flow=group.proto is Proto.UDP,
                         loads=loads,
                         compare=self.balance != "none",
+                        socks_fd=os.dup(inherited[gi]) if gi in inherited else None,
                     )
-            for slot in sorted(slots):
-                for group, sock in zip(self.groups, slots[slot], strict=True):
-                    group.join(slot, sock)
+                    group.present = gi in inherited
+            for gi, group in enumerate(self.groups):
+                order = group.seeded_order
+                if sorted(order) != sorted(slots):
+                    order = sorted(slots)
+                for slot in order:
+                    group.join(slot, slots[slot][gi])
+                group.present = False
             self.policy.observe(Observation(s, None, Health.STARTING) for s in sorted(slots))
             for group in self.groups:
                 self._install(group)
@@ -159,6 +194,8 @@ class Steering:
         protos: Sequence[Proto],
         slots: dict[int, list[socket.socket]],
         on_event: Callable[[str], None] | None = None,
+        seed: Sequence[Mapping[str, Any]] | None = None,
+        inherited: Mapping[int, int] | None = None,
     ) -> Steering | None:
         """Steering with the backend ``mode`` asks for (auto: eBPF if this process may load it,
         else classic BPF); None for ``off``. Raises SupervisorError if a forced backend fails."""
@@ -169,13 +206,21 @@ class Steering:
         tried = ""
         if mode in ("auto", "ebpf"):
             try:
-                return cls("ebpf", f"{mode}: eBPF SK_REUSEPORT loaded", protos, slots, on_event)
+                return cls(
+                    "ebpf",
+                    f"{mode}: eBPF SK_REUSEPORT loaded",
+                    protos,
+                    slots,
+                    on_event,
+                    seed,
+                    inherited,
+                )
             except (BpfError, OSError) as exc:
                 if mode == "ebpf":
                     raise SupervisorError(f"--steering ebpf: {exc}; use --steering cbpf") from None
                 tried = f"; eBPF not available: {exc}"
         try:
-            return cls("cbpf", f"{mode}: classic BPF{tried}", protos, slots, on_event)
+            return cls("cbpf", f"{mode}: classic BPF{tried}", protos, slots, on_event, seed)
         except OSError as exc:
             if mode == "cbpf":
                 raise SupervisorError(
@@ -184,6 +229,17 @@ class Steering:
                 ) from None
             log.warning("steering is off: classic BPF failed too (%s)%s", exc, tried)
             return None
+
+    def export(self) -> list[dict[str, Any]]:
+        return [group.export() for group in self.groups]
+
+    def handoff_fds(self) -> dict[int, int]:
+        """Each group's sockarray fd (eBPF): a successor must use the same map (issue 15)."""
+        return {
+            gi: group.program.socks.fd
+            for gi, group in enumerate(self.groups)
+            if group.program is not None and group.program.socks is not None
+        }
 
     def close(self) -> None:
         for group in self.groups:

@@ -134,6 +134,15 @@ class Map:
         self._mmap: mmap.mmap | None = None
 
     @classmethod
+    def adopt(cls, fd: int, value_size: int, entries: int, what: str) -> Map:
+        """A map a predecessor created (issue 15: handed over by fd)."""
+        self = cls.__new__(cls)
+        self.fd, self.key_size, self.value_size = fd, 4, value_size
+        self.entries, self.what = entries, what
+        self.view, self._mmap = None, None
+        return self
+
+    @classmethod
     def counters(cls, entries: int, name: bytes, what: str) -> Map:
         """An array of ``entries`` u64, mapped into this process (BPF_F_MMAPABLE, Linux 5.5+):
         reading or writing a counter is a memory access, not a bpf() call (the supervisor
@@ -295,9 +304,12 @@ class SteeringProgram:
         slots: int = 1024,
         loads: tuple[int, int, int] = (-1, -1, -1),
         compare: bool = True,
+        socks_fd: int | None = None,
     ) -> None:
         """``loads``: the fds of the in-flight maps ``held``, ``fix`` and ``syn``
-        (inflight.py) a TCP program reads and writes."""
+        (inflight.py) a TCP program reads and writes. ``socks_fd``: a predecessor's
+        sockarray (issue 15): a socket can be in one sockarray only, and the group's sockets
+        are in that one already."""
         if not flow and min(loads) < 0:
             raise ValueError("a TCP steering program needs the in-flight maps")
         self.buckets = buckets
@@ -309,12 +321,16 @@ class SteeringProgram:
         self.prog_fd = -1
         try:
             self.counts = Map.counters(slots, b"portshard_count", "the per-slot counters")
-            self.socks = Map(
-                BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
-                8,
-                slots,
-                b"portshard_socks",
-                "a REUSEPORT_SOCKARRAY map",
+            self.socks = (
+                Map(
+                    BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+                    8,
+                    slots,
+                    b"portshard_socks",
+                    "a REUSEPORT_SOCKARRAY map",
+                )
+                if socks_fd is None
+                else Map.adopt(socks_fd, 8, slots, "a REUSEPORT_SOCKARRAY map")
             )
             if flow:
                 code = steering_code(

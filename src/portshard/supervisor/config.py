@@ -59,6 +59,7 @@ class Config:
     ready_timeout: float = default("ready_timeout")
     stop_signal: int = default("stop_signal")
     grace: float = default("grace")
+    orphan_timeout: float = default("orphan_timeout")
     drain: str = default("drain")  # freeze | signal (settings.DRAIN)
     surge: int = default("surge")
     backlog: int = default("backlog")

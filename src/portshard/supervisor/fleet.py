@@ -460,6 +460,10 @@ class Fleet:
     def boot(self) -> None:
         self.scheduler.start(procedures.boot(self), self.scope, self._boot_failed)
 
+    def resume(self, then_reload: bool = False) -> None:
+        """Boot from a predecessor's workers (issue 15)."""
+        self.scheduler.start(procedures.resume(self, then_reload), self.scope, self._boot_failed)
+
     def _boot_failed(self, exc: Exception) -> None:
         log.error("boot: internal error", exc_info=exc)
         self.fail(f"boot failed: {exc!r}")

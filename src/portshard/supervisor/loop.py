@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .. import __version__
 from ..address import Proto
 from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
@@ -39,14 +40,18 @@ from ..linux.cgroup import Trees
 from ..linux.proc import cpu_seconds as worker_cpu
 from ..steering.controller import Steering, migrate_req
 from ..steering.held import HeldWalk
+from . import handoff
 from .config import Config
 from .drain import parse_request as parse_drain
 from .fleet import Fleet, Outcome
+from .handoff import Resume
 from .history import listen_drop_counters
-from .state import SlotState
-from .status import ListenStatus, QueueStatus, SlotStatus, Status, WorkerStatus
+from .state import SlotState, SupervisorState
+from .status import Lineage, ListenStatus, QueueStatus, SlotStatus, Status, WorkerStatus
 from .system import SystemEffects, expand_placeholders
 from .systemd import Activated
+from .upgrade import Upgrade, answer
+from .wardenlink import WardenLink
 from .web import WebServer, parse_metrics_address
 from .worker import Slot, Worker
 
@@ -56,14 +61,21 @@ __all__ = ["Supervisor", "expand_placeholders"]
 
 TICK = 0.02  # how often conditions are re-checked while something is in progress
 SAMPLE_EVERY = 1.0
+WARDEN_SYNC_EVERY = 0.1  # s between updates of the warden's manifest (only if it changed)
 GUARD_LOG_EVERY = 10.0  # s between log lines about the same failing loop operation
 
 # Every signal whose default would kill the supervisor (and with it every worker) has a
 # meaning or is ignored with a log line. TERM/INT: graceful stop (twice: kill now); QUIT: kill
-# now; HUP: reload; USR1: reopen log files. The rest are ignored.
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
-IGNORED = (
+# now; HUP: reload; USR1: reopen log files; USR2: upgrade (as nginx). The rest are ignored.
+HANDLED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
     signal.SIGUSR2,
+)
+IGNORED = (
     signal.SIGALRM,
     signal.SIGVTALRM,
     signal.SIGPROF,
@@ -104,6 +116,8 @@ class Supervisor:
         activated: Activated | None = None,
         *,
         capture_output: bool = False,
+        resume: Resume | None = None,
+        log_format: str = "text",
     ) -> None:
         self.sel = selectors.DefaultSelector()
         self.fx = SystemEffects(self.sel, activated, capture_output=capture_output)
@@ -123,6 +137,19 @@ class Supervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._old_handlers: dict[int, Any] = {}
+        self.resume = resume
+        now = time.time()
+        self.lineage = (
+            Lineage.from_json(resume.manifest["lineage"]).successor(resume.how, __version__, now)
+            if resume is not None
+            else Lineage(since=now, first=now, version=__version__)
+        )
+        self.control_path = cfg.control or default_path(cfg.name)
+        self.warden = WardenLink(self.sel, self.control_path, log_format)
+        self.fx.warden = self.warden
+        self._warden_due = 0.0
+        self._warden_seen: object = None
+        self.upgrade: Upgrade | None = None
 
     @property
     def cfg(self) -> Config:
@@ -132,16 +159,26 @@ class Supervisor:
 
     def _setup(self) -> None:
         fleet, fx = self.fleet, self.fx
-        fx.trees = Trees.open(self.cfg.name)
+        resume = self.resume
+        if resume is not None:
+            fx.trees = Trees.adopt(self.cfg.name, resume.manifest["trees"]["home"])
+            fleet.slots.extend(handoff.restore(resume, self))
+        else:
+            fx.trees = Trees.open(self.cfg.name)
+            for i in range(self.cfg.workers):
+                fleet.slots.append(Slot(i, fx.open_slot(i), self.cfg))
         log.info("worker trees: %s (%s)", fx.trees.mechanism.value, fx.trees.detected.why)
-        for i in range(self.cfg.workers):
-            fleet.slots.append(Slot(i, fx.open_slot(i), self.cfg))
         if self.activated:
             self.activated.close_unused()
         self._setup_steering()
-        path = self.cfg.control or default_path(self.cfg.name)
+        path = self.control_path
+        inherited = resume.take("control") if resume is not None else None
         fx.control = ControlServer(
-            path, self.sel, self._on_request, private_dir=self.cfg.control is None
+            path,
+            self.sel,
+            self._on_request,
+            private_dir=self.cfg.control is None,
+            inherited=socket.socket(fileno=inherited) if inherited is not None else None,
         )
         if self.cfg.metrics:
             self.web = WebServer(
@@ -155,7 +192,11 @@ class Supervisor:
             address = parse_metrics_address(self.cfg.health, "--health")
             self.health = HealthServer(address, self.sel, lambda: self.status().health_snapshot())
             log.info("health on %s/healthz (and HAProxy's agent check)", self.health.url)
-        fx.notify_name = f"\0portshard/{os.getpid()}/{os.urandom(6).hex()}"
+        fx.notify_name = (
+            "\0" + resume.manifest["notify"]
+            if resume is not None
+            else f"\0portshard/{os.getpid()}/{os.urandom(6).hex()}"
+        )
         self._notify.bind(fx.notify_name)
         self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._notify.setblocking(False)
@@ -166,6 +207,7 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (*HANDLED, *IGNORED):
             self._old_handlers[sig] = signal.signal(sig, lambda _s, _f: None)
+        self._setup_warden()
         log.info(
             "listening on %s with %d workers; control socket %s",
             ", ".join(str(a) for a in fx.bound),
@@ -173,7 +215,48 @@ class Supervisor:
             path,
         )
 
+    def _setup_warden(self) -> None:
+        """The warden (warden.py): the same one after an upgrade, a new one otherwise (after
+        an adoption, once the old one has handed everything over and gone)."""
+        resume = self.resume
+        if resume is not None:
+            self._resumed(resume)
+        if self.fx.trees is not None:
+            self.warden.group = self.fx.trees.warden_group()
+        if resume is not None and resume.channel is not None and resume.warden_pid:
+            self.warden.attach(resume.channel, resume.warden_pid)
+        else:
+            self.warden.start(time.monotonic())
+
+    def _resumed(self, resume: Resume) -> None:
+        """Say what was recovered; answer the client that asked for the upgrade."""
+        workers = [w for s in self.fleet.slots for w in s.live()]
+        old = resume.manifest.get("pid")
+        if resume.how == "adoption":
+            log.warning(
+                "adopted %d running worker(s) and %d slot(s) of supervisor pid %s (it died); "
+                "supervisor generation %d",
+                len(workers),
+                len(self.fleet.slots),
+                old,
+                self.lineage.generation,
+            )
+            self.fleet.history.event("adopted", f"{len(workers)} workers of pid {old}")
+        else:
+            log.info(
+                "upgraded to portshard %s: %d worker(s) kept, supervisor generation %d",
+                __version__,
+                len(workers),
+                self.lineage.generation,
+            )
+            self.fleet.history.event("upgrade", f"generation {self.lineage.generation}")
+        client = resume.take("client")
+        resume.done()
+        if client is not None:
+            answer(client, {"upgraded": True, "supervisor": self.lineage.to_json()})
+
     def _teardown(self) -> None:
+        self.warden.bye()
         signal.set_wakeup_fd(-1)
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
@@ -203,7 +286,12 @@ class Supervisor:
         fleet = self.fleet
         try:
             self._setup()
-            fleet.boot()
+            if self.resume is None:
+                fleet.boot()
+            else:
+                kept = [str(spec.address) for spec in self.cfg.listen]
+                fleet.resume(then_reload=kept != self.resume.manifest["listen"])
+                self.resume = None
             while fleet.exit_code is None:
                 for key, mask in self.sel.select(self._timeout()):
                     self._guard(f"handling fd {key.fd}", key.data, mask)
@@ -228,6 +316,10 @@ class Supervisor:
         now = time.monotonic()
         self._guard("checking workers", self.fleet.tick, now)
         self._guard("steering", self.fx.steer)
+        if now >= self._warden_due:
+            self._guard("updating the warden", self._sync_warden, now)
+        if self.upgrade is not None:
+            self._guard("upgrading", self._poll_upgrade)
         if self.fx.control is not None:
             self._guard("expiring control connections", self.fx.control.expire, now)
         if now >= self._next_sample:
@@ -291,8 +383,71 @@ class Supervisor:
                     log.error("reload refused: %s", exc)
             elif signum == signal.SIGUSR1:
                 log.info("SIGUSR1: reopened %d log file(s)", reopen_log_files())
+            elif signum == signal.SIGUSR2:
+                log.info("SIGUSR2: upgrading")
+                try:
+                    self.begin_upgrade(None)
+                except PortshardError as exc:
+                    log.error("upgrade refused: %s", exc)
             else:
                 log.info("%s: ignored (it means nothing to portshard)", name)
+
+    # ---- the warden and upgrades (issue 15) ---------------------------------------------------
+
+    def _sync_warden(self, now: float) -> None:
+        """Give the warden the manifest when something it names changed."""
+        self._warden_due = now + WARDEN_SYNC_EVERY
+        fx = self.fx
+        seen = (
+            self.fleet.generation,
+            tuple(
+                (
+                    s.index,
+                    s.generation,
+                    tuple(id(x) for x in s.socks),
+                    *((w.pid, w.state) for w in s.live()),
+                )
+                for s in self.fleet.slots
+            ),
+            len(fx.output.open) if fx.output is not None else 0,
+            fx.steering.updates if fx.steering is not None else 0,
+            self.warden.alive,
+        )
+        if seen == self._warden_seen and self.warden.alive:
+            return
+        manifest, fds = handoff.export(self)
+        self.warden.sync(now, manifest, fds)
+        self._warden_seen = seen if self.warden.alive else None
+
+    def begin_upgrade(self, conn: Connection | None) -> None:
+        """portshard upgrade / SIGUSR2: check the new portshard, then exec it (upgrade.py)."""
+        if self.upgrade is not None:
+            raise ControlError("an upgrade is already in progress; wait for it to finish")
+        state = self.fleet.state
+        if state is not SupervisorState.RUNNING:
+            raise ControlError(
+                f"the supervisor is {state.value}; upgrade when status says running "
+                "(after the boot, a reload or a scale)"
+            )
+        self.upgrade = Upgrade(self, conn)
+
+    def _poll_upgrade(self) -> None:
+        upgrade = self.upgrade
+        assert upgrade is not None
+
+        def refuse(why: str) -> None:
+            log.error("upgrade refused: %s", why)
+            self.lineage.upgrade_error = why
+            self.fleet.history.event("upgrade_failed", why)
+            if upgrade.conn is not None:
+                self.fx.reply(upgrade.conn, protocol.reply_error(why))
+
+        try:
+            if upgrade.poll(refuse):
+                self.upgrade = None
+        except BaseException:
+            self.upgrade = None
+            raise
 
     # ---- steering ---------------------------------------------------------------------------
 
@@ -304,6 +459,8 @@ class Supervisor:
             [spec.address.proto for spec in self.cfg.listen],
             {slot.index: list(slot.socks) for slot in self.fleet.slots},
             on_event=lambda text: self.fleet.history.event("steering", text),
+            seed=self.resume.manifest.get("steering") if self.resume is not None else None,
+            inherited=self._inherited_maps(),
         )
         if steering is None and not self.fx.owns_sockets:
             log.warning(
@@ -326,6 +483,18 @@ class Supervisor:
             if steering.can_migrate()
             else "waits for its replacement (tcp_migrate_req=0; --migrate sets it)",
         )
+
+    def _inherited_maps(self) -> dict[int, int]:
+        """A predecessor's sockarray fds by group (the sockets are in them: issue 15)."""
+        resume = self.resume
+        if resume is None or resume.manifest["listen"] != [str(s.address) for s in self.cfg.listen]:
+            return {}
+        maps = {}
+        for gi in range(len(self.cfg.listen)):
+            fd = resume.fds.get(f"bpf:socks:{gi}")
+            if fd is not None:
+                maps[gi] = fd
+        return maps
 
     def _set_migrate_req(self) -> None:
         """--migrate: net.ipv4.tcp_migrate_req=1 in this network namespace (root only)."""
@@ -430,6 +599,9 @@ class Supervisor:
         if cmd == "stop":
             self.fleet.stop()
             return protocol.reply_ok({"stopping": True})
+        if cmd == "upgrade":
+            self.begin_upgrade(conn)
+            return None
         if cmd == "drain":
             drain = parse_drain(request)
             self.fleet.drain(drain, conn if drain.wait else None)
@@ -484,6 +656,7 @@ class Supervisor:
             steering_changes=steering.changes if steering else 0,
             state=fleet.state,
             health=self.health.url if self.health else None,
+            supervisor=self.lineage,
         )
 
     def _slot_status(self, slot: Slot, now: float) -> SlotStatus:
@@ -507,6 +680,8 @@ class Supervisor:
             new_per_s=self._new_per_s.get(slot.index),
             new_total=self._handed[1].get(slot.index) if self._handed else None,
             steering=steering.slot_status(slot.index) if steering else None,
-            workers=tuple(WorkerStatus(x.pid, x.state, x.generation) for x in slot.live()),
+            workers=tuple(
+                WorkerStatus(x.pid, x.state, x.generation, x.adopted) for x in slot.live()
+            ),
             failures=slot.backoff.strikes,
         )

@@ -108,13 +108,20 @@ class WorkerOutput:
         self.open: dict[int, _Reader] = {}
 
     def watch(self, pipes: Pipes, slot: int, pid: int) -> None:
-        for fd, stream, level in (
-            (pipes.stdout_r, "stdout", logging.INFO),
-            (pipes.stderr_r, "stderr", logging.WARNING),
-        ):
-            reader = _Reader(self, fd, {"slot": slot, "pid": pid, "stream": stream}, level)
-            self.sel.register(fd, selectors.EVENT_READ, reader.on_readable)
-            self.open[fd] = reader
+        self.adopt(pipes.stdout_r, slot, pid, "stdout")
+        self.adopt(pipes.stderr_r, slot, pid, "stderr")
+
+    def adopt(self, fd: int, slot: int, pid: int, stream: str) -> None:
+        """Read ``fd`` (a read end of a worker's ``stream``) from now on: a new worker's, or
+        one a previous supervisor read (issue 15: an upgrade, an adoption)."""
+        level = logging.INFO if stream == "stdout" else logging.WARNING
+        reader = _Reader(self, fd, {"slot": slot, "pid": pid, "stream": stream}, level)
+        self.sel.register(fd, selectors.EVENT_READ, reader.on_readable)
+        self.open[fd] = reader
+
+    def keys(self) -> dict[str, int]:
+        """Every read end by its handoff key (``out:PID:STREAM``)."""
+        return {f"out:{r.fields['pid']}:{r.fields['stream']}": fd for fd, r in self.open.items()}
 
     def done(self, fd: int) -> None:
         self.sel.unregister(fd)

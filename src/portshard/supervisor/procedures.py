@@ -29,7 +29,17 @@ if TYPE_CHECKING:  # the fleet starts these procedures; they only call back into
 
 log = logging.getLogger("portshard.supervisor")
 
-__all__ = ["await_exit", "boot", "drain", "drain_all", "drain_host", "reload", "scale", "stop"]
+__all__ = [
+    "await_exit",
+    "boot",
+    "drain",
+    "drain_all",
+    "drain_host",
+    "reload",
+    "resume",
+    "scale",
+    "stop",
+]
 
 FREEZE_SPIN = 0.005  # s to wait inline for a tree to stop (usually microseconds)
 GRACEFUL_WAIT = 1.0  # s of handover in which an idle frozen worker may get its stop signal
@@ -52,6 +62,36 @@ def boot(fleet: Fleet) -> Task:
     fleet.fire_supervisor(SupervisorEvent.BOOTED)
     if fleet.on_ready is not None:
         fleet.on_ready()
+
+
+def resume(fleet: Fleet, then_reload: bool = False) -> Task:
+    """Boot from a predecessor's workers (issue 15: an upgrade or an adoption): start only the
+    slots that have none; once every slot's worker is ready, retire the ones a reload was
+    retiring when the predecessor went (and extra ones). ``then_reload``: --listen changed, so
+    a reload gives every worker the new set of sockets."""
+    for slot in fleet.slots:
+        if not slot.live() and fleet.spawn_or_fail(slot, "respawn") is None:
+            return
+    try:
+        yield Until(lambda: all(_serving_ready(s) for s in fleet.slots))
+    except Cancelled:
+        return
+    for slot in fleet.slots:
+        serving = slot.serving()
+        for w in slot.live():
+            if w is not serving and (w.resume_retiring or w.state is State.READY):
+                fleet.retire(w)
+    log.info("all %d workers ready (resumed)", len(fleet.slots))
+    fleet.history.event("resume", f"{len(fleet.slots)} workers ready")
+    fleet.fx.store(fleet.slots)
+    fleet.fire_supervisor(SupervisorEvent.BOOTED)
+    if fleet.on_ready is not None:
+        fleet.on_ready()
+    if then_reload:
+        from .fleet import Outcome
+
+        log.info("--listen changed in the upgrade: reloading so that every worker gets it")
+        fleet.reload(Outcome())
 
 
 def _serving_ready(slot: Slot) -> bool:

@@ -177,6 +177,19 @@ SETTINGS: tuple[Setting, ...] = (
         example="30",
     ),
     Setting(
+        "orphan_timeout",
+        "If the supervisor dies (SIGKILL, the OOM killer, a bug), its workers keep serving "
+        "this many seconds for the next `portshard run` of the same name to adopt them (by "
+        "hand or systemd's Restart=); then they get their stop signal and --grace, and go. "
+        "0: they go at once.",
+        v.real(0, 86400, 120),
+        120.0,
+        "120",
+        click_type=float,
+        metavar="SECONDS",
+        example="120",
+    ),
+    Setting(
         "drain",
         "How an old worker is retired: " + "; ".join(f"{k} ({d})" for k, d in DRAIN.items()) + ".",
         v.choice(DRAIN),

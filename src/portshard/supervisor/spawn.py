@@ -39,6 +39,7 @@ class SpawnSpec:
     seccomp: bool = False  # trap bind() (--via seccomp); the listener comes back in Spawned
     cgroup: Cgroup | None = None  # the worker's own group, joined before exec
     stdio: tuple[int, int] | None = None  # fds placed on its stdout and stderr (else ours)
+    orphan: bool = False  # it outlives the supervisor (a warden stops it): no death signal
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def _exec_spec(spec: SpawnSpec) -> ExecSpec:
         new_group=True,  # its own group, so a stop reaches the worker's children too
         reset_signals=True,
         credentials=spec.credentials,
-        death_signal=signal.SIGKILL,
+        death_signal=None if spec.orphan else signal.SIGKILL,
         cwd=spec.cwd,
     )
 

@@ -51,6 +51,41 @@ class WorkerStatus:
     pid: int
     state: State
     generation: int
+    adopted: float | None = None  # wall clock: adopted from a supervisor that died
+
+
+@dataclass
+class Lineage:
+    """The supervisor's own life across upgrades and adoptions (issue 15)."""
+
+    generation: int = 1  # 1 at the first start; +1 at each upgrade and each adoption
+    began: str = "start"  # how the running one began: start, upgrade or adoption
+    since: float = 0.0  # wall clock when the running one began
+    first: float = 0.0  # wall clock when the first one started
+    upgrades: int = 0
+    adoptions: int = 0
+    version: str = ""
+    upgrade_error: str = ""  # why the last upgrade was refused ("" if none was)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Lineage:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def successor(self, how: str, version: str, now: float) -> Lineage:
+        """The lineage of the supervisor that takes over by ``how`` (upgrade, adoption)."""
+        return Lineage(
+            generation=self.generation + 1,
+            began=how,
+            since=now,
+            first=self.first or now,
+            upgrades=self.upgrades + (how == "upgrade"),
+            adoptions=self.adoptions + (how == "adoption"),
+            version=version,
+        )
 
 
 @dataclass(frozen=True)
@@ -96,7 +131,12 @@ class SlotStatus:
             "new_total": self.new_total,
             "steering": dict(self.steering) if self.steering is not None else None,
             "workers": [
-                {"pid": w.pid, "state": w.state.value, "generation": w.generation}
+                {
+                    "pid": w.pid,
+                    "state": w.state.value,
+                    "generation": w.generation,
+                    **({"adopted": w.adopted} if w.adopted is not None else {}),
+                }
                 for w in self.workers
             ],
             "failures": self.failures,
@@ -121,7 +161,7 @@ class SlotStatus:
             new_total=d.get("new_total"),
             steering=d.get("steering"),
             workers=tuple(
-                WorkerStatus(w["pid"], State(w["state"]), w["generation"])
+                WorkerStatus(w["pid"], State(w["state"]), w["generation"], w.get("adopted"))
                 for w in d.get("workers", ())
             ),
             failures=d.get("failures", 0),
@@ -148,6 +188,7 @@ class Status:
     steering_changes: int = 0
     state: SupervisorState = SupervisorState.RUNNING  # the supervisor machine's state
     health: str | None = None  # the --health URL (/healthz and the agent check)
+    supervisor: Lineage | None = None  # its own generation, uptime, upgrades, adoptions
 
     def health_snapshot(self) -> Snapshot:
         """The host's health for the balancers in front (health.py): draining from the moment
@@ -184,6 +225,7 @@ class Status:
             "steering": dict(self.steering) if self.steering is not None else None,
             "steering_changes": self.steering_changes,
             "health": self.health,
+            "supervisor": self.supervisor.to_json() if self.supervisor else None,
         }
 
     @classmethod
@@ -212,6 +254,7 @@ class Status:
             steering_changes=d.get("steering_changes", 0),
             state=SupervisorState(d.get("state", "running")),
             health=d.get("health"),
+            supervisor=Lineage.from_json(d["supervisor"]) if d.get("supervisor") else None,
         )
 
 

@@ -36,6 +36,7 @@ from .worker import Slot, Worker
 
 if TYPE_CHECKING:
     from .fleet import Fleet
+    from .wardenlink import WardenLink
 
 log = logging.getLogger("portshard.supervisor")
 
@@ -67,6 +68,7 @@ class SystemEffects:
         self.control: ControlServer | None = None
         self.trees: Trees | None = None  # a cgroup per worker, or the subreaper fallback
         self.notify_name = ""  # the abstract address of the workers' NOTIFY_SOCKET
+        self.warden: WardenLink | None = None  # the process that outlives us (issue 15)
 
     @property
     def cfg(self) -> Config:
@@ -117,7 +119,16 @@ class SystemEffects:
         try:
             spawned = spawn(
                 SpawnSpec(
-                    argv, env, fds, names, creds, seccomp=via.seccomp, cgroup=group, stdio=stdio
+                    argv,
+                    env,
+                    fds,
+                    names,
+                    creds,
+                    seccomp=via.seccomp,
+                    cgroup=group,
+                    stdio=stdio,
+                    # With a warden, a worker outlives a supervisor that dies (issue 15)
+                    orphan=self.orphans_kept(cfg),
                 )
             )
         except SupervisorError:
@@ -132,7 +143,7 @@ class SystemEffects:
         w = Worker(slot, spawned.pid, spawned.pidfd, generation, role, self.now())
         w.mode = via.mode
         w.cgroup = group
-        self.sel.register(spawned.pidfd, selectors.EVENT_READ, lambda _m: self.fleet.on_exit(w))
+        self.watch_exit(w)
         if spawned.listener is not None:
             self._watch_trap(w, spawned.listener, via.reuseport)
         log.info(
@@ -146,6 +157,10 @@ class SystemEffects:
             extra=w.fields,
         )
         return w
+
+    def watch_exit(self, w: Worker) -> None:
+        """Its pidfd in the selector: readable once it exits (a child or not: issue 15)."""
+        self.sel.register(w.pidfd, selectors.EVENT_READ, lambda _m: self.fleet.on_exit(w))
 
     def _watch_trap(self, w: Worker, listener: int, reuseport: bool) -> None:
         """Answer the worker's bind() calls from the selector (--via seccomp; with
@@ -162,6 +177,11 @@ class SystemEffects:
                 trap.close()
 
         self.sel.register(listener, selectors.EVENT_READ, on_trap)
+
+    def orphans_kept(self, cfg: Config) -> bool:
+        """Workers outlive a supervisor that dies (no parent-death signal): only while a
+        warden holds what they and a successor need, and --orphan-timeout is not 0."""
+        return cfg.orphan_timeout > 0 and self.warden is not None and self.warden.alive
 
     def signal(self, w: Worker, sig: int) -> None:
         w.signal(sig)

@@ -47,6 +47,9 @@ class Worker:
         self.mode = "fds"  # how it got its sockets (--via), for status
         self.trap: Trap | None = None  # its seccomp bind() trap (--via seccomp)
         self.cgroup: Cgroup | None = None  # its whole process tree (linux/cgroup.py), if any
+        self.child = True  # our child (False: adopted from a supervisor that died)
+        self.adopted: float | None = None  # when (wall clock) it was adopted (issue 15)
+        self.resume_retiring = False  # it was being retired when its supervisor went
 
     def __repr__(self) -> str:
         return f"<Worker slot {self.slot.index} pid {self.pid} {self.state.value}>"
@@ -94,10 +97,11 @@ class Worker:
     def reap(self) -> None:
         """Collect its exit status and close its pidfd; then kill whatever it left in its
         process group."""
-        try:
-            _, self.status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            self.status = 0
+        if self.child:
+            try:
+                _, self.status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.status = 0
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -106,7 +110,7 @@ class Worker:
     def describe_exit(self) -> str:
         status = self.status
         if status is None:
-            return "still running"
+            return "still running" if self.pidfd >= 0 else "status unknown: not our child"
         if os.WIFSIGNALED(status):
             return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
         return f"exit status {os.WEXITSTATUS(status)}"

@@ -1,0 +1,338 @@
+"""A supervisor hands itself over (issue 15): to its own upgrade, or to the next one after a crash.
+
+What survives is one thing, the *manifest* (plain JSON) plus fds named by keys (``sock:S:I``:
+slot S's socket for --listen address I; ``out:PID:STREAM``: a worker's stdout/stderr read
+end). Two ways carry it:
+
+- ``portshard upgrade``: the supervisor writes the manifest into a memfd, makes the fds it
+  names inheritable and execs the portshard on disk (same pid: the workers stay its children,
+  systemd's main pid and a terminal's job do not change). The new image finds the memfd in
+  ``$PORTSHARD_RESUME`` and resumes.
+- a crash: the warden (``warden.py``) holds copies of the fds and the latest manifest; the
+  next ``portshard run`` with the same control socket adopts them (``adopt``), opens pidfds
+  of the workers (not its children), and tells the warden it is done.
+
+Either way, :func:`restore` rebuilds the slots and workers, and the loop resumes: steering
+is set up again over the same sockets (a UDP group's bucket table is in the manifest, so no
+flow moves), readiness goes on by observation, and nothing is spawned that still runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..address import Address, parse
+from ..errors import SupervisorError
+from ..linux.proc import stat
+from ..linux.syscalls import pidfd_open
+from ..sockets import listen
+from . import warden as wire
+from .state import SLOT_TABLE, Lifecycle, Machine, SlotState, State
+from .worker import Slot, Worker
+
+if TYPE_CHECKING:
+    from .loop import Supervisor
+
+__all__ = ["RESUME_ENV", "Resume", "adopt", "export", "from_env", "restore"]
+
+log = logging.getLogger("portshard.supervisor")
+
+RESUME_ENV = "PORTSHARD_RESUME"  # the upgrade's memfd: "FD"
+VERSION = 1
+ADOPT_WAIT = 10.0  # s to wait for a warden's answer
+
+
+@dataclass
+class Resume:
+    """What a new supervisor starts from instead of nothing."""
+
+    how: str  # "upgrade" or "adoption"
+    manifest: dict[str, Any]
+    fds: dict[str, int]  # key -> fd in this process
+    warden: socket.socket | None = None  # adoption: the old warden, told "adopted" at the end
+    channel: int | None = None  # upgrade: our warden's channel, inherited
+    warden_pid: int = 0  # ... and its pid
+    used: set[str] = field(default_factory=set)
+
+    def take(self, key: str) -> int | None:
+        fd = self.fds.get(key)
+        if fd is not None:
+            self.used.add(key)
+        return fd
+
+    def close_unused(self) -> None:
+        for key, fd in self.fds.items():
+            if key not in self.used:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def done(self) -> None:
+        """Restored: the old warden may go (adoption)."""
+        self.close_unused()
+        if self.warden is not None:
+            with contextlib.suppress(OSError):
+                wire.send(self.warden, {"op": "adopted"})
+            self.warden.close()
+            self.warden = None
+
+
+# ---- the manifest ----------------------------------------------------------------------------
+
+
+def _start_ticks(pid: int) -> int:
+    st = stat(pid)
+    return st.start if st is not None else 0
+
+
+def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
+    """The manifest of ``sup`` now, and the fds it names."""
+    fleet, fx, cfg = sup.fleet, sup.fx, sup.cfg
+    now = time.monotonic()
+    fds: dict[str, int] = {}
+    out = fx.output.keys() if fx.output is not None else {}
+    home = fx.trees.home if fx.trees is not None else None
+    slots = []
+    for slot in fleet.slots:
+        keys = []
+        for i, sock in enumerate(slot.socks):
+            keys.append(f"sock:{slot.index}:{i}")
+            fds[keys[-1]] = sock.fileno()
+        workers = []
+        for w in slot.live():
+            streams = [k for k in (f"out:{w.pid}:stdout", f"out:{w.pid}:stderr") if k in out]
+            fds.update({k: out[k] for k in streams})
+            workers.append(
+                {
+                    "pid": w.pid,
+                    "start": _start_ticks(w.pid),
+                    "generation": w.generation,
+                    "role": w.role,
+                    "state": w.state.value,
+                    "age": round(now - w.started, 3),
+                    "ready_age": None if w.life.ready_at is None else now - w.life.ready_at,
+                    "mode": w.mode,
+                    "cgroup": os.path.basename(w.cgroup.path) if w.cgroup and home else None,
+                    "adopted": w.adopted,
+                }
+            )
+        slots.append(
+            {
+                "index": slot.index,
+                "generation": slot.generation,
+                "restarts": slot.restarts,
+                "state": slot.state.value,
+                "socks": keys,
+                "workers": workers,
+            }
+        )
+    if fx.steering is not None:
+        for gi, fd in fx.steering.handoff_fds().items():
+            fds[f"bpf:socks:{gi}"] = fd
+    manifest = {
+        "version": VERSION,
+        "name": cfg.name,
+        "pid": os.getpid(),
+        "lineage": sup.lineage.to_json(),
+        "generation": fleet.generation,
+        "reloads": dict(fleet.reloads),
+        "listen": [str(spec.address) for spec in cfg.listen],
+        "bound": [str(a) for a in fx.bound],
+        "via": cfg.via,
+        "trees": {"home": home},
+        "notify": fx.notify_name[1:],
+        "stop": {
+            "signal": int(cfg.stop_signal),
+            "grace": cfg.grace,
+            "orphan_timeout": cfg.orphan_timeout,
+        },
+        "steering": fx.steering.export() if fx.steering is not None else None,
+        "slots": slots,
+    }
+    return manifest, fds
+
+
+# ---- the two ways in ---------------------------------------------------------------------------
+
+
+def write_memfd(manifest: dict[str, Any]) -> int:
+    """The manifest in an inheritable memfd (for the upgrade's exec)."""
+    fd = os.memfd_create("portshard-resume", 0)  # no MFD_CLOEXEC: the new image reads it
+    os.write(fd, json.dumps(manifest).encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def from_env() -> Resume | None:
+    """The upgrade's resume data, if this process is the new image of an upgrade."""
+    value = os.environ.pop(RESUME_ENV, None)
+    if not value:
+        return None
+    try:
+        fd = int(value)
+        with os.fdopen(fd, "rb") as f:
+            data = json.load(f)
+    except (ValueError, OSError) as exc:
+        raise SupervisorError(f"${RESUME_ENV}={value!r}: cannot read the manifest: {exc}") from None
+    manifest = data["manifest"]
+    fds = {key: int(n) for key, n in data["fds"].items()}
+    for n in fds.values():
+        os.set_inheritable(n, False)
+    channel = data.get("channel")
+    if channel is not None:
+        os.set_inheritable(channel, False)
+    return Resume("upgrade", manifest, fds, channel=channel, warden_pid=data.get("warden_pid") or 0)
+
+
+def adopt(control_path: str) -> Resume | None:
+    """Ask a warden for the workers of a supervisor with this control socket that is gone;
+    None if there is no warden. Raises SupervisorError if it refuses (its supervisor runs)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(wire.address(control_path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        return None
+    sock.settimeout(ADOPT_WAIT)
+    fds: dict[str, int] = {}
+    manifest: dict[str, Any] | None = None
+    try:
+        wire.send(sock, {"op": "adopt"})
+        while True:
+            msg, got = wire.recv(sock)
+            if msg is None:
+                raise SupervisorError("the warden of the previous supervisor hung up")
+            if msg["op"] == "refused":
+                raise SupervisorError(
+                    f"a supervisor with control socket {control_path} already runs "
+                    f"({msg['why']}); stop it first, or choose another --name"
+                )
+            if msg["op"] == "manifest":
+                manifest = msg["manifest"]
+            elif msg["op"] == "put":
+                fds.update(zip(msg["keys"], got, strict=True))
+            elif msg["op"] == "end":
+                break
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        sock.close()
+        raise
+    if manifest is None or manifest.get("version") != VERSION:
+        for fd in fds.values():
+            os.close(fd)
+        sock.close()
+        raise SupervisorError(
+            "the warden of the previous supervisor holds a state this portshard cannot read; "
+            "it stops its workers after --orphan-timeout"
+        )
+    return Resume("adoption", manifest, fds, warden=sock)
+
+
+# ---- restoring -------------------------------------------------------------------------------
+
+
+def restored_sockets(resume: Resume, sup: Supervisor) -> Iterator[tuple[int, list[socket.socket]]]:
+    """Each slot's sockets for the current --listen: the same one where the address is the
+    same (its queue with it), a new one where the address is new (an upgrade may change
+    --listen: then the workers get the new set by a reload, which ``Supervisor`` starts)."""
+    old = resume.manifest["listen"]
+    cfg, fx = sup.cfg, sup.fx
+    bound: list[Address | None] = [
+        parse(resume.manifest["bound"][old.index(str(s.address))])
+        if str(s.address) in old
+        else None
+        for s in cfg.listen
+    ]
+    for slot in resume.manifest["slots"]:
+        socks = []
+        for i, spec in enumerate(cfg.listen):
+            if str(spec.address) in old:
+                fd = resume.take(slot["socks"][old.index(str(spec.address))])
+                if fd is None:
+                    raise SupervisorError(f"the manifest names no socket for slot {slot['index']}")
+                socks.append(socket.socket(fileno=fd))
+                continue
+            addr = bound[i] or spec.address
+            sock = listen(addr, backlog=cfg.backlog)
+            if bound[i] is None:
+                bound[i] = Address(addr.proto, addr.host, sock.getsockname()[1])
+            socks.append(sock)
+        yield slot["index"], socks
+    fx.bound = [a for a in bound if a is not None]
+
+
+def restore(resume: Resume, sup: Supervisor) -> list[Slot]:
+    """The slots and their live workers, from the manifest (sockets restored by the caller
+    through :func:`restored_sockets`)."""
+    fleet = sup.fleet
+    m = resume.manifest
+    now = time.monotonic()
+    wall = time.time()
+    fleet.generation = m["generation"]
+    fleet.reloads.update(m.get("reloads", {}))
+    slots = []
+    for (index, socks), data in zip(restored_sockets(resume, sup), m["slots"], strict=True):
+        slot = Slot(index, socks, sup.cfg)
+        slot.generation = data["generation"]
+        slot.restarts = data["restarts"]
+        slot.machine = Machine(SLOT_TABLE, SlotState.SERVING)
+        for wd in data["workers"]:
+            w = _restore_worker(resume, sup, slot, wd, now, wall)
+            if w is not None:
+                slot.workers.append(w)
+        if not slot.live():
+            slot.machine = Machine(SLOT_TABLE, SlotState.EMPTY)
+        slots.append(slot)
+    return slots
+
+
+def _restore_worker(
+    resume: Resume, sup: Supervisor, slot: Slot, wd: dict[str, Any], now: float, wall: float
+) -> Worker | None:
+    fx = sup.fx
+    pid = wd["pid"]
+    st = stat(pid)
+    if st is None or st.state in ("Z", "X") or (wd["start"] and st.start != wd["start"]):
+        log.warning(
+            "slot %d pid %d: gone while the supervisor was away; its slot starts a new one",
+            slot.index,
+            pid,
+            extra={"slot": slot.index, "pid": pid},
+        )
+        return None
+    try:
+        pidfd = pidfd_open(pid)
+    except OSError:
+        return None
+    state = State(wd["state"])
+    w = Worker(slot, pid, pidfd, wd["generation"], wd["role"], now - wd["age"])
+    w.mode = wd["mode"]
+    w.life = Lifecycle(State.READY if state is State.READY else State.STARTING)
+    if wd.get("ready_age") is not None and state is State.READY:
+        w.life.ready_at = now - wd["ready_age"]
+    w.adopted = wd.get("adopted")
+    if resume.how == "adoption":
+        w.adopted = wall
+        w.child = False
+    home = fx.trees.home if fx.trees is not None else None
+    if home and wd.get("cgroup"):
+        from ..linux.cgroup import Cgroup
+
+        w.cgroup = Cgroup(os.path.join(home, wd["cgroup"]))
+    if fx.output is not None:
+        for stream in ("stdout", "stderr"):
+            fd = resume.take(f"out:{pid}:{stream}")
+            if fd is not None:
+                fx.output.adopt(fd, slot.index, pid, stream)
+    fx.watch_exit(w)
+    if state in (State.DRAINING, State.STOPPING):
+        w.resume_retiring = True  # it was being retired when the supervisor went
+    return w

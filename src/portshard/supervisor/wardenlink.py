@@ -1,0 +1,176 @@
+"""The supervisor's side of its warden (``warden.py``): start it, keep it current, restart it.
+
+The warden gets every fd a successor needs (slot sockets, the read ends of the workers'
+output pipes) once, by key, and the manifest (``handoff.py``) whenever it changed; the loop
+calls :meth:`sync` at most every ``SYNC_EVERY`` s and only if something changed. A warden
+that dies is started again (at most once a second) and given everything again. A warden
+that cannot keep up (its channel is full) is replaced the same way. At a clean stop it is
+told ``bye``; an upgrade's exec keeps its channel (inheritable) and the warden never knows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import selectors
+import socket
+import sys
+import time
+from typing import Any
+
+from ..linux.cgroup import Cgroup
+from ..linux.exec import ExecSpec, fork_exec
+from ..linux.syscalls import pidfd_open
+from . import warden as wire
+
+__all__ = ["WardenLink"]
+
+log = logging.getLogger("portshard.supervisor")
+
+RESTART_EVERY = 1.0
+
+
+class WardenLink:
+    def __init__(self, sel: selectors.BaseSelector, control: str, log_format: str) -> None:
+        self.sel = sel
+        self.control = control
+        self.log_format = log_format
+        self.channel: socket.socket | None = None
+        self.pid = 0
+        self.pidfd = -1
+        self.sent: dict[str, tuple[int, int]] = {}  # key -> (fd, inode) the warden has
+        self.manifest = ""
+        self.restart_at = 0.0
+        self.restarts = 0
+        self.group: Cgroup | None = None  # its cgroup (in our home: keeps sweeps away)
+
+    @property
+    def alive(self) -> bool:
+        return self.channel is not None
+
+    def start(self, now: float) -> bool:
+        """Start a warden; False (logged) if it cannot be."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [
+            sys.executable,
+            "-m",
+            "portshard.supervisor.warden",
+            self.control,
+            str(os.getpid()),
+            self.log_format,
+        ]
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("LISTEN_") and k not in ("NOTIFY_SOCKET", "PORTSHARD_RESUME")
+        }
+        try:
+            pid = fork_exec(
+                ExecSpec(
+                    argv,
+                    env,
+                    fds=[theirs.fileno()],
+                    new_group=True,  # a terminal's Ctrl-C is not for it
+                    reset_signals=True,
+                    death_signal=None,  # the point: it outlives us
+                ),
+                setup=self.group.join_self if self.group is not None else None,
+            )
+            pidfd = pidfd_open(pid)
+        except OSError as exc:
+            ours.close()
+            log.warning(
+                "cannot start the warden (%s): the workers die with the supervisor",
+                exc.strerror or exc,
+            )
+            self.restart_at = now + RESTART_EVERY
+            return False
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.channel, self.pid, self.pidfd = ours, pid, pidfd
+        self.sent, self.manifest = {}, ""
+        self.sel.register(pidfd, selectors.EVENT_READ, lambda _m: self._exited())
+        return True
+
+    def attach(self, channel: int, pid: int) -> None:
+        """The warden of the supervisor we replace by exec (an upgrade): the same one."""
+        self.channel = socket.socket(fileno=channel)
+        self.channel.setblocking(False)
+        self.pid = pid
+        try:
+            self.pidfd = pidfd_open(pid)
+        except OSError:
+            self._lost("it is gone")
+            return
+        self.sel.register(self.pidfd, selectors.EVENT_READ, lambda _m: self._exited())
+
+    def _exited(self) -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, os.WNOHANG)
+        self._lost("it exited")
+
+    def _lost(self, why: str) -> None:
+        log.warning("the warden (pid %d) is lost (%s); starting another", self.pid, why)
+        self.close()
+        self.restarts += 1
+
+    def sync(self, now: float, manifest: dict[str, Any], fds: dict[str, int]) -> None:
+        """Give the warden what changed (restarting it first if it is gone)."""
+        if self.channel is None and (now < self.restart_at or not self.start(now)):
+            return
+        assert self.channel is not None
+        current = {}
+        for key, fd in fds.items():
+            with contextlib.suppress(OSError):
+                current[key] = (fd, os.fstat(fd).st_ino)
+        text = json.dumps(manifest, sort_keys=True)
+        try:
+            gone = [k for k in self.sent if k not in current]
+            if gone:
+                wire.send(self.channel, {"op": "drop", "keys": gone})
+            new = [(k, v[0]) for k, v in current.items() if self.sent.get(k) != v]
+            wire.send_fds(self.channel, new)
+            if text != self.manifest:
+                wire.send(self.channel, {"op": "manifest", "manifest": manifest})
+        except (BlockingIOError, ConnectionError, OSError) as exc:
+            self._lost(f"its channel: {exc}")
+            self.restart_at = now + RESTART_EVERY
+            return
+        self.sent, self.manifest = current, text
+
+    def inherit(self) -> tuple[int, int] | None:
+        """For an upgrade's exec: the channel fd (now inheritable) and the warden's pid."""
+        if self.channel is None:
+            return None
+        os.set_inheritable(self.channel.fileno(), True)
+        return self.channel.fileno(), self.pid
+
+    def bye(self) -> None:
+        """A clean stop: the warden exits and touches nothing."""
+        if self.channel is not None:
+            with contextlib.suppress(OSError):
+                self.channel.setblocking(True)
+                self.channel.settimeout(1.0)
+                wire.send(self.channel, {"op": "bye"})
+        pid = self.pid
+        self.close()
+        for _ in range(100):  # it exits at once; reap it
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
