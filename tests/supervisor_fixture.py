@@ -79,8 +79,14 @@ class Control:
 class Running(Control):
     """A `portshard run` started for a test; close() always stops it."""
 
-    def __init__(self, args: list[str], control: Path, env: dict[str, str] | None = None):
-        log = control.with_suffix(".log")
+    def __init__(
+        self,
+        args: list[str],
+        control: Path,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ):
+        log = log or control.with_suffix(".log")
         self._log = open(log, "wb")  # noqa: SIM115 - closed in close()
         proc = subprocess.Popen(
             [*PORTSHARD, "run", "--control", str(control), *args],
@@ -112,7 +118,7 @@ class Running(Control):
 
 
 def no_process_left(marker: str) -> bool:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     return not any(marker in line and "ps -eo" not in line for line in out.splitlines())
 
 

@@ -210,7 +210,16 @@ def test_seccomp_workers_die_with_the_supervisor(start: Start, probes: dict[str,
     """The kernel fails a trapped bind() with ENOSYS once the listener is gone, which
     happens only when the supervisor is gone: its workers have been killed by then."""
     sup = start(
-        "-w", "2", "--listen", "tcp://127.0.0.1:0", "--", probes["static"], "0.0.0.0", "{port}"
+        "-w",
+        "2",
+        "--orphan-timeout",
+        "0",  # no warden keeps them (the default: test_upgrade.py)
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        probes["static"],
+        "0.0.0.0",
+        "{port}",
     )
     port = sup.port
     assert sup.proc is not None

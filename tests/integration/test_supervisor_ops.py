@@ -74,8 +74,11 @@ def test_workers_run_as_another_user_on_root_bound_sockets(
 
 
 def test_supervisor_killed_takes_its_workers_with_it(start: Start) -> None:
+    """--orphan-timeout 0: no warden keeps them (the default keeps them: test_upgrade.py)."""
     t = tag()
-    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER, t)
+    sup = start(
+        "-w", "2", "--orphan-timeout", "0", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER, t
+    )
     pids = sup.pids()
     sup.proc.kill()
     sup.wait_exit(5)

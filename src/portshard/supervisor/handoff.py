@@ -211,8 +211,8 @@ def adopt(control_path: str) -> Resume | None:
                 raise SupervisorError("the warden of the previous supervisor hung up")
             if msg["op"] == "refused":
                 raise SupervisorError(
-                    f"a supervisor with control socket {control_path} already runs "
-                    f"({msg['why']}); stop it first, or choose another --name"
+                    f"a supervisor is already running on {control_path!r} ({msg['why']}); "
+                    f"stop it, or give this one another --name or --control"
                 )
             if msg["op"] == "manifest":
                 manifest = msg["manifest"]

@@ -216,17 +216,20 @@ class Supervisor:
         )
 
     def _setup_warden(self) -> None:
-        """The warden (warden.py): the same one after an upgrade, a new one otherwise (after
-        an adoption, once the old one has handed everything over and gone)."""
+        """The warden (warden.py): the same one after an upgrade, a new one otherwise. After an
+        adoption the new one starts (in the home's warden group) before the old one is let go:
+        there is always a warden in the group, so no sweep takes the adopted workers."""
         resume = self.resume
+        if self.cfg.orphan_timeout > 0:
+            if self.fx.trees is not None:
+                self.warden.group = self.fx.trees.warden_group()
+            if resume is not None and resume.channel is not None and resume.warden_pid:
+                self.warden.attach(resume.channel, resume.warden_pid)
+            else:
+                self.warden.start(time.monotonic())
+        # else: the workers die with the supervisor (their parent-death signal)
         if resume is not None:
             self._resumed(resume)
-        if self.fx.trees is not None:
-            self.warden.group = self.fx.trees.warden_group()
-        if resume is not None and resume.channel is not None and resume.warden_pid:
-            self.warden.attach(resume.channel, resume.warden_pid)
-        else:
-            self.warden.start(time.monotonic())
 
     def _resumed(self, resume: Resume) -> None:
         """Say what was recovered; answer the client that asked for the upgrade."""
@@ -316,7 +319,7 @@ class Supervisor:
         now = time.monotonic()
         self._guard("checking workers", self.fleet.tick, now)
         self._guard("steering", self.fx.steer)
-        if now >= self._warden_due:
+        if now >= self._warden_due and self.cfg.orphan_timeout > 0:
             self._guard("updating the warden", self._sync_warden, now)
         if self.upgrade is not None:
             self._guard("upgrading", self._poll_upgrade)

@@ -33,6 +33,7 @@ fds a message (the kernel's SCM_MAX_FD is 253).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -59,6 +60,7 @@ CHANNEL_FD = 3
 FDS_PER_MESSAGE = 200
 MAX_MESSAGE = 1 << 22
 ADOPT_TIMEOUT = 10.0  # s an adopter has to say "adopted" once it has the fds
+BIND_WAIT = 5.0  # s to wait for the previous warden's address (it exits after an adoption)
 QUIET_WAIT = 2.0  # s at most for the queues to empty once new connections are refused
 
 
@@ -383,11 +385,16 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)
     channel = socket.socket(fileno=CHANNEL_FD)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        listener.bind(address(control))
-    except OSError as exc:
-        log.error("warden: cannot bind its address: %s", exc)
-        return 1
+    deadline = time.monotonic() + BIND_WAIT
+    while True:  # after an adoption the old warden is on its way out
+        try:
+            listener.bind(address(control))
+            break
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                log.error("warden: cannot bind its address: %s", exc)
+                return 1
+            time.sleep(0.02)
     listener.listen(4)
     return Warden(channel, listener, supervisor).run()
 

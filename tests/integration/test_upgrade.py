@@ -1,0 +1,233 @@
+"""Issue 15: no single point of failure. `portshard upgrade` replaces the supervisor keeping every
+socket and worker; a supervisor that dies leaves its workers serving, and the next `portshard
+run` with the same control socket adopts them; nobody adopting them stops them after
+--orphan-timeout. Real supervisors, real workers, loopback, port 0, bounded loads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bench.load.loadgen import Load
+
+from tests.conftest import wait_until
+from tests.integration.test_supervisor import udp_slots
+from tests.supervisor_fixture import FDWORKER, Running, no_process_left, settle
+
+WORKER_ENV = {"WORK_MS": "1"}
+
+
+class Fleet:
+    """Supervisors started for one test on one control socket (a restart reuses it); at the
+    end every one is stopped, and whatever a killed one left (a warden, workers) is killed."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.control = tmp / "up.sock"
+        self.tag = f"--tag={uuid.uuid4().hex[:12]}"
+        self.started: list[Running] = []
+
+    def run(self, *args: str, wait: bool = True) -> Running:
+        log = self.control.with_name(f"up{len(self.started)}.log")
+        name = ("--name", f"up-{self.tag[-12:]}")  # its own cgroup home, whoever else runs
+        sup = Running([*name, *args, "--", *FDWORKER, self.tag], self.control, WORKER_ENV, log)
+        self.started.append(sup)
+        if wait:
+            sup.wait_ready()
+        return sup
+
+    def warden_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True
+        ).stdout
+        return [
+            int(line.split()[0])
+            for line in out.splitlines()
+            if "portshard.supervisor.warden" in line and str(self.control) in line
+        ]
+
+    def close(self) -> None:
+        for sup in self.started:
+            sup.close()
+        for pid in self.warden_pids():
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", "--", self.tag], check=False)
+
+
+@pytest.fixture
+def fleet(short_tmp: Path) -> Iterator[Fleet]:
+    f = Fleet(short_tmp)
+    yield f
+    f.close()
+
+
+def kill9(sup: Running) -> None:
+    assert sup.proc is not None
+    sup.proc.kill()
+    sup.wait_exit(5)
+
+
+def served(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        return c.recv(4096).decode(errors="replace")
+
+
+def test_five_upgrades_under_load_fail_nothing(fleet: Fleet) -> None:
+    sup = fleet.run("-w", "4", "--listen", "tcp://127.0.0.1:0")
+    before = sup.status()
+    pids = sup.pids()
+    with Load("127.0.0.1", sup.port, concurrency=16, max_seconds=120) as load:
+        load.wait_for(200)
+        for _ in range(5):
+            res = sup.ctl("upgrade")
+            assert "upgraded" in res.stdout
+            load.wait_for(load.count() + 100)
+    st = sup.status()
+    print(f"upgrades: {load.count()} requests, failed {load.by_kind()}")
+    assert not load.failed, load.by_kind()
+    assert st["pid"] == before["pid"]  # exec in place
+    assert sup.pids() == pids  # every worker kept
+    assert st["supervisor"]["generation"] == 6 and st["supervisor"]["upgrades"] == 5
+    assert st["supervisor"]["began"] == "upgrade"
+    sup.ctl("reload")  # the upgraded supervisor drives its workers
+    assert set(sup.pids()).isdisjoint(pids)
+    sup.close()
+    assert sup.proc is not None and sup.proc.returncode == 0
+    wait_until(lambda: no_process_left(fleet.tag), 5, "workers gone")
+    assert not fleet.warden_pids()
+
+
+def test_an_upgrade_that_cannot_start_leaves_the_old_one_serving(
+    fleet: Fleet, short_tmp: Path
+) -> None:
+    conf = short_tmp / "ps.toml"
+    conf.write_text('listen = ["tcp://127.0.0.1:0"]\nworkers = 2\n')
+    sup = fleet.run("-c", str(conf))
+    port = sup.port
+    conf.write_text("workers = [this is not toml\n")
+    res = sup.ctl("upgrade", check=False)
+    assert res.returncode != 0
+    assert "would not start" in res.stderr and "ps.toml" in res.stderr, res.stderr
+    assert "goes on" in res.stderr and "Traceback" not in res.stderr
+    st = sup.status()
+    assert st["supervisor"]["generation"] == 1 and "ps.toml" in st["supervisor"]["upgrade_error"]
+    assert served(port)  # still serving
+    conf.write_text('listen = ["tcp://127.0.0.1:0"]\nworkers = 2\n')
+    sup.ctl("upgrade")
+    assert sup.status()["supervisor"]["generation"] == 2
+
+
+def test_a_killed_supervisor_is_adopted_by_the_next_run_and_nothing_fails(fleet: Fleet) -> None:
+    args = ("-w", "4", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args)
+    port, pids = first.port, first.pids()
+    with Load("127.0.0.1", port, concurrency=8, max_seconds=120) as load:
+        load.wait_for(200)
+        kill9(first)
+        during = load.count()
+        settle(2.0)  # nobody supervises: the workers serve on
+        served_alone = load.count() - during
+        second = fleet.run(*args)
+        st = second.status()
+        assert [s["pid"] for s in st["slots"]] == pids, first.text() + second.text()
+        assert all(w.get("adopted") for s in st["slots"] for w in s["workers"])
+        assert st["supervisor"]["adoptions"] == 1 and st["supervisor"]["began"] == "adoption"
+        second.ctl("reload", "--wait")
+        load.wait_for(load.count() + 100)
+    print(
+        f"crash: {load.count()} requests ({served_alone} with no supervisor), "
+        f"failed {load.by_kind()}"
+    )
+    assert served_alone > 50
+    assert not load.failed, load.by_kind()
+    assert set(second.pids()).isdisjoint(pids)
+    assert "adopted 4 running worker(s)" in second.text()
+    second.close()
+    wait_until(lambda: no_process_left(fleet.tag), 5, "workers gone")
+    wait_until(lambda: not fleet.warden_pids(), 5, "wardens gone")
+
+
+def test_workers_nobody_adopts_serve_for_the_bound_then_stop(fleet: Fleet) -> None:
+    sup = fleet.run("-w", "2", "--listen", "tcp://127.0.0.1:0", "--orphan-timeout", "2")
+    port = sup.port
+    home = [p for p in Path("/run/portshard/cgroup2/portshard").glob("*") if p.is_dir()]
+    kill9(sup)
+    killed = time.monotonic()
+    assert served(port)  # the workers go on serving
+    wait_until(lambda: no_process_left(fleet.tag), 15, "the orphaned workers to stop")
+    gone = time.monotonic() - killed
+    print(f"orphans: stopped {gone:.2f}s after the supervisor died (bound 2s)")
+    assert gone >= 1.5
+    wait_until(lambda: not fleet.warden_pids(), 5, "the warden to exit")
+    log = sup.text()
+    assert "nobody adopted the workers" in log and "2 stopped by their stop signal" in log, log
+    with pytest.raises(OSError):
+        served(port)
+    after = [p for p in Path("/run/portshard/cgroup2/portshard").glob("*") if p.is_dir()]
+    assert set(after) <= set(home)  # no group of ours left behind
+
+
+def test_udp_flows_never_move_across_upgrades_and_a_crash(fleet: Fleet) -> None:
+    args = ("-w", "4", "--listen", "udp://127.0.0.1:0")
+    sup = fleet.run(*args)
+    port = sup.port
+    clients = []
+    try:
+        for _ in range(200):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind(("127.0.0.1", 0))
+            c.settimeout(5)
+            clients.append(c)
+        first = udp_slots(port, clients)
+        assert len(set(first)) >= 3
+        moved = 0
+        for _ in range(3):
+            sup.ctl("upgrade")
+            moved += sum(a != b for a, b in zip(first, udp_slots(port, clients), strict=True))
+        kill9(sup)
+        moved += sum(a != b for a, b in zip(first, udp_slots(port, clients), strict=True))
+        fleet.run(*args)
+        moved += sum(a != b for a, b in zip(first, udp_slots(port, clients), strict=True))
+        print(f"udp: 200 flows, 3 upgrades, 1 crash + adoption: {moved} moved")
+        assert moved == 0
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_killed_warden_is_replaced_and_still_keeps_the_workers(fleet: Fleet) -> None:
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    sup = fleet.run(*args)
+    (warden,) = wait_until(fleet.warden_pids, 5, "the warden")
+    os.kill(warden, signal.SIGKILL)
+    replaced = wait_until(lambda: [p for p in fleet.warden_pids() if p != warden], 10, "another")
+    assert "the warden (pid" in sup.text() and "starting another" in sup.text()
+    settle(0.3)  # it has been given everything again
+    pids = sup.pids()
+    kill9(sup)
+    second = fleet.run(*args)
+    assert second.pids() == pids
+    assert replaced[0] not in fleet.warden_pids()  # it handed over and went
+
+
+def test_orphan_timeout_zero_keeps_the_old_rule_workers_die_with_it(fleet: Fleet) -> None:
+    sup = fleet.run("-w", "2", "--listen", "tcp://127.0.0.1:0", "--orphan-timeout", "0")
+    assert not fleet.warden_pids()
+    kill9(sup)
+    wait_until(lambda: no_process_left(fleet.tag), 5, "workers to die with their supervisor")
+
+
+def test_a_second_supervisor_on_a_live_one_is_refused(fleet: Fleet) -> None:
+    fleet.run("-w", "1", "--listen", "tcp://127.0.0.1:0")
+    second = fleet.run("-w", "1", "--listen", "tcp://127.0.0.1:0", wait=False)
+    assert second.wait_exit(20) != 0
+    text = second.text()
+    assert "already running" in text, text
+    assert "Traceback" not in text
