@@ -164,6 +164,10 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
         return
     if resume is None:  # the workers of a supervisor of ours that died: adopt them
         resume = handoff.adopt(cfg.control or _client(cfg.name, None))
+        if resume is not None and activated:  # systemd's fd store has copies: ours win
+            for sock in activated.socks:
+                sock.close()
+            activated = None
     if not activated and resume is None:  # systemd's sockets are held by systemd
         refuse_served_ports(cfg)  # another server on a --listen port: say who (--join-existing)
     # JSON logs: the workers' stdout/stderr lines come back as JSON records too

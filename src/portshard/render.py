@@ -78,6 +78,27 @@ def compact_rows(slots: int, lines: int, layout: str | None = None) -> int | Non
     return rows
 
 
+def _supervisor_line(st: Status, paint: Callable[[str, str | None], str]) -> list[str]:
+    """Its own life (issue 15): shown once it has been upgraded or adopted, or an upgrade
+    was refused."""
+    lin = st.supervisor
+    if lin is None or (lin.generation == 1 and not lin.upgrade_error):
+        return []
+    began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lin.since))
+    text = (
+        f"supervisor: generation {lin.generation} (this one by {lin.began} at {began}; "
+        f"{lin.upgrades} upgrade(s), {lin.adoptions} adoption(s), first started "
+        f"{format_uptime(time.time() - lin.first)} ago)"
+    )
+    adopted = sum(1 for s in st.slots for w in s.workers if w.adopted is not None)
+    if adopted:
+        text += f"; {adopted} worker(s) adopted"
+    lines = [text]
+    if lin.upgrade_error:
+        lines.append(paint(f"last upgrade refused: {lin.upgrade_error}", "red"))
+    return lines
+
+
 def render_status(
     status: Status | Mapping[str, Any], *, colour: bool = False, rows: int | None = None
 ) -> str:
@@ -100,6 +121,7 @@ def render_status(
         head += ", " + paint("draining (portshard drain)", "yellow")
     lines = [paint(head, "white", bold=True) if colour else head]
     lines.append("listen:  " + ", ".join(item.address for item in st.listen))
+    lines += _supervisor_line(st, paint)
     if st.steering:
         lines.append(f"steering: {st.steering.get('backend', '?')}")
     if st.metrics:

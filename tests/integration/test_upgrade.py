@@ -231,3 +231,67 @@ def test_a_second_supervisor_on_a_live_one_is_refused(fleet: Fleet) -> None:
     text = second.text()
     assert "already running" in text, text
     assert "Traceback" not in text
+
+
+PRINTER = [
+    "sh",
+    "-c",
+    'i=0; while [ $i -lt 2000 ]; do i=$((i+1)); echo "line $i"; sleep 0.01; done',
+]
+
+
+def test_json_logs_a_worker_writing_lines_survives_the_crash(short_tmp: Path) -> None:
+    """--log-format json: the workers' output is a pipe the supervisor read. With it gone,
+    the warden reads it (no SIGPIPE), and the next supervisor reads it again."""
+    control = short_tmp / "j.sock"
+    tag = uuid.uuid4().hex[:12]
+    args = ["--name", f"j-{tag}", "-w", "1", "--ready", "delay:0.2", "--log-format", "json"]
+    args += ["--listen", "tcp://127.0.0.1:0", "--", *PRINTER[:2], PRINTER[2] + f" # {tag}"]
+    first = Running(args, control, log=short_tmp / "j0.log")
+    second: Running | None = None
+    try:
+        first.wait_ready()
+        (pid,) = first.pids()
+        kill9(first)
+        settle(1.0)  # ~100 lines written with nobody but the warden reading
+        assert Path(f"/proc/{pid}").exists(), "the worker died with its supervisor"
+        second = Running(args, control, log=short_tmp / "j1.log")
+        second.wait_ready()
+        assert second.pids() == [pid]
+        settle(0.3)
+        warden_lines = [x for x in first.text().splitlines() if f'"pid": {pid}' in x]
+        new_lines = [x for x in second.text().splitlines() if '"stream": "stdout"' in x]
+        assert warden_lines and new_lines, (first.text(), second.text())
+        assert all('"slot": 0' in x for x in new_lines)
+    finally:
+        for sup in (first, second):
+            if sup is not None:
+                sup.close()
+        subprocess.run(["pkill", "-9", "-f", tag], check=False)
+
+
+def test_a_supervisor_killed_during_a_reload_is_adopted_and_nothing_fails(fleet: Fleet) -> None:
+    """The worst moment: old workers frozen for their drain, replacements starting. The
+    warden thaws the frozen ones; the next supervisor retires what the reload was retiring."""
+    args = ("-w", "4", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args)
+    with Load("127.0.0.1", first.port, concurrency=8, max_seconds=120) as load:
+        load.wait_for(200)
+        first.ctl("reload", "--no-wait")
+        wait_until(
+            lambda: any(len(s["workers"]) > 1 for s in first.status()["slots"]), 10, "a handover"
+        )
+        kill9(first)
+        settle(1.0)
+        second = fleet.run(*args)
+        wait_until(
+            lambda: all(len(s["workers"]) == 1 for s in second.status()["slots"]),
+            30,
+            "the retirements to finish",
+        )
+        second.ctl("reload", "--wait")
+        load.wait_for(load.count() + 100)
+    print(f"killed mid-reload: {load.count()} requests, failed {load.by_kind()}")
+    assert not load.failed, load.by_kind()
+    second.close()
+    wait_until(lambda: no_process_left(fleet.tag), 5, "workers gone")
