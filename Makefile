@@ -21,7 +21,7 @@ DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binut
 # default site on port 80; the bench never uses it: it runs its own nginx on loopback.)
 DEB_BENCH_PKGS := nginx haproxy wrk iproute2
 
-.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick bench-scale deps-bench netbed soak
+.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick bench-scale bench-crash deps-bench netbed soak
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,7 @@ deps-bench: $(VENV)/.created
 bench: deps-bench
 	$(PY) -m bench
 	$(MAKE) bench-scale
+	$(MAKE) bench-crash
 
 # Issue 17's rows, after the suite: the supervisor's CPU against idle held connections (0, 1k,
 # 10k, 50k; eBPF and classic BPF steering) and boot / reload --wait time against workers (1, 4,
@@ -90,6 +91,12 @@ bench: deps-bench
 bench-scale: deps-bench
 	$(PY) bench/experiments/held_cpu.py --rounds 1 --configs ebpf,cbpf
 	$(PY) bench/experiments/scale_reload.py --rounds 1
+
+# Issue 15's row: failed connections per supervisor upgrade and per supervisor crash (naive
+# restart / old rule / portshard), 3 interleaved rounds (about 3 min). Writes
+# bench/results/crash_upgrade.json.
+bench-crash: deps-bench
+	$(PY) bench/experiments/crash_upgrade.py --rounds 3
 
 bench-quick: deps-bench
 	$(PY) -m bench --quick

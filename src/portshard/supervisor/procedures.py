@@ -72,6 +72,7 @@ def resume(fleet: Fleet, then_reload: bool = False) -> Task:
     for slot in fleet.slots:
         if not slot.live() and fleet.spawn_or_fail(slot, "respawn") is None:
             return
+
     def settled() -> bool:  # every slot serves, and a replacement left starting is judged
         starting = any(w.state is State.STARTING for s in fleet.slots for w in s.live())
         return not starting and all(_serving_ready(s) for s in fleet.slots)
