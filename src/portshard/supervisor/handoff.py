@@ -140,7 +140,7 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
         "version": VERSION,
         "name": cfg.name,
         "pid": os.getpid(),
-        "lineage": sup.lineage.to_json(),
+        "lineage": sup.succession.lineage.to_json(),
         "generation": fleet.generation,
         "reloads": dict(fleet.reloads),
         "listen": [str(spec.address) for spec in cfg.listen],

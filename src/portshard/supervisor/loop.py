@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import __version__
 from ..address import Proto
 from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
@@ -46,12 +45,11 @@ from .drain import parse_request as parse_drain
 from .fleet import Fleet, Outcome
 from .handoff import Resume
 from .history import listen_drop_counters
-from .state import SlotState, SupervisorState
-from .status import Lineage, ListenStatus, QueueStatus, SlotStatus, Status, WorkerStatus
+from .state import SlotState
+from .status import ListenStatus, QueueStatus, SlotStatus, Status, WorkerStatus
+from .succession import Succession
 from .system import SystemEffects, expand_placeholders
 from .systemd import Activated
-from .upgrade import Upgrade, answer
-from .wardenlink import WardenLink
 from .web import WebServer, parse_metrics_address
 from .worker import Slot, Worker
 
@@ -61,7 +59,6 @@ __all__ = ["Supervisor", "expand_placeholders"]
 
 TICK = 0.02  # how often conditions are re-checked while something is in progress
 SAMPLE_EVERY = 1.0
-WARDEN_SYNC_EVERY = 0.1  # s between updates of the warden's manifest (only if it changed)
 GUARD_LOG_EVERY = 10.0  # s between log lines about the same failing loop operation
 
 # Every signal whose default would kill the supervisor (and with it every worker) has a
@@ -138,18 +135,9 @@ class Supervisor:
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._old_handlers: dict[int, Any] = {}
         self.resume = resume
-        now = time.time()
-        self.lineage = (
-            Lineage.from_json(resume.manifest["lineage"]).successor(resume.how, __version__, now)
-            if resume is not None
-            else Lineage(since=now, first=now, version=__version__)
-        )
         self.control_path = cfg.control or default_path(cfg.name)
-        self.warden = WardenLink(self.sel, self.control_path, log_format)
-        self.fx.warden = self.warden
-        self._warden_due = 0.0
-        self._warden_seen: object = None
-        self.upgrade: Upgrade | None = None
+        self.succession = Succession(self, resume, log_format)  # issue 15
+        self.fx.warden = self.succession.warden
 
     @property
     def cfg(self) -> Config:
@@ -207,7 +195,7 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (*HANDLED, *IGNORED):
             self._old_handlers[sig] = signal.signal(sig, lambda _s, _f: None)
-        self._setup_warden()
+        self.succession.start_warden()
         log.info(
             "listening on %s with %d workers; control socket %s",
             ", ".join(str(a) for a in fx.bound),
@@ -215,51 +203,9 @@ class Supervisor:
             path,
         )
 
-    def _setup_warden(self) -> None:
-        """The warden (warden.py): the same one after an upgrade, a new one otherwise. After an
-        adoption the new one starts (in the home's warden group) before the old one is let go:
-        there is always a warden in the group, so no sweep takes the adopted workers."""
-        resume = self.resume
-        if self.cfg.orphan_timeout > 0:
-            if self.fx.trees is not None:
-                self.warden.group = self.fx.trees.warden_group()
-            if resume is not None and resume.channel is not None and resume.warden_pid:
-                self.warden.attach(resume.channel, resume.warden_pid)
-            else:
-                self.warden.start(time.monotonic())
-        # else: the workers die with the supervisor (their parent-death signal)
-        if resume is not None:
-            self._resumed(resume)
-
-    def _resumed(self, resume: Resume) -> None:
-        """Say what was recovered; answer the client that asked for the upgrade."""
-        workers = [w for s in self.fleet.slots for w in s.live()]
-        old = resume.manifest.get("pid")
-        if resume.how == "adoption":
-            log.warning(
-                "adopted %d running worker(s) and %d slot(s) of supervisor pid %s (it died); "
-                "supervisor generation %d",
-                len(workers),
-                len(self.fleet.slots),
-                old,
-                self.lineage.generation,
-            )
-            self.fleet.history.event("adopted", f"{len(workers)} workers of pid {old}")
-        else:
-            log.info(
-                "upgraded to portshard %s: %d worker(s) kept, supervisor generation %d",
-                __version__,
-                len(workers),
-                self.lineage.generation,
-            )
-            self.fleet.history.event("upgrade", f"generation {self.lineage.generation}")
-        client = resume.take("client")
-        resume.done()
-        if client is not None:
-            answer(client, {"upgraded": True, "supervisor": self.lineage.to_json()})
-
     def _teardown(self) -> None:
-        self.warden.bye()
+        if not self.succession.abandoned:
+            self.succession.warden.bye()
         signal.set_wakeup_fd(-1)
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
@@ -271,8 +217,8 @@ class Supervisor:
             self.health.close_all()
         if self.fx.steering is not None:
             self.fx.steering.close()
-        if self.fx.trees is not None:
-            self.fx.trees.close()
+        if self.fx.trees is not None and not self.succession.abandoned:
+            self.fx.trees.close()  # (abandoned: the warden keeps them)
         if self.fx.output is not None:
             self.fx.output.close()
         for slot in self.fleet.slots:
@@ -299,8 +245,9 @@ class Supervisor:
                 for key, mask in self.sel.select(self._timeout()):
                     self._guard(f"handling fd {key.fd}", key.data, mask)
                 self._tick()
-        except BaseException:
-            fleet.kill_everything()
+        except BaseException as exc:
+            if not self.succession.abandon(exc):
+                fleet.kill_everything()
             raise
         finally:
             self._teardown()
@@ -319,10 +266,9 @@ class Supervisor:
         now = time.monotonic()
         self._guard("checking workers", self.fleet.tick, now)
         self._guard("steering", self.fx.steer)
-        if now >= self._warden_due and self.cfg.orphan_timeout > 0:
-            self._guard("updating the warden", self._sync_warden, now)
-        if self.upgrade is not None:
-            self._guard("upgrading", self._poll_upgrade)
+        self._guard("updating the warden", self.succession.sync, now)
+        if self.succession.upgrade is not None:
+            self._guard("upgrading", self.succession.poll_upgrade)
         if self.fx.control is not None:
             self._guard("expiring control connections", self.fx.control.expire, now)
         if now >= self._next_sample:
@@ -389,68 +335,11 @@ class Supervisor:
             elif signum == signal.SIGUSR2:
                 log.info("SIGUSR2: upgrading")
                 try:
-                    self.begin_upgrade(None)
+                    self.succession.begin_upgrade(None)
                 except PortshardError as exc:
                     log.error("upgrade refused: %s", exc)
             else:
                 log.info("%s: ignored (it means nothing to portshard)", name)
-
-    # ---- the warden and upgrades (issue 15) ---------------------------------------------------
-
-    def _sync_warden(self, now: float) -> None:
-        """Give the warden the manifest when something it names changed."""
-        self._warden_due = now + WARDEN_SYNC_EVERY
-        fx = self.fx
-        seen = (
-            self.fleet.generation,
-            tuple(
-                (
-                    s.index,
-                    s.generation,
-                    tuple(id(x) for x in s.socks),
-                    *((w.pid, w.state) for w in s.live()),
-                )
-                for s in self.fleet.slots
-            ),
-            len(fx.output.open) if fx.output is not None else 0,
-            fx.steering.updates if fx.steering is not None else 0,
-            self.warden.alive,
-        )
-        if seen == self._warden_seen and self.warden.alive:
-            return
-        manifest, fds = handoff.export(self)
-        self.warden.sync(now, manifest, fds)
-        self._warden_seen = seen if self.warden.alive else None
-
-    def begin_upgrade(self, conn: Connection | None) -> None:
-        """portshard upgrade / SIGUSR2: check the new portshard, then exec it (upgrade.py)."""
-        if self.upgrade is not None:
-            raise ControlError("an upgrade is already in progress; wait for it to finish")
-        state = self.fleet.state
-        if state is not SupervisorState.RUNNING:
-            raise ControlError(
-                f"the supervisor is {state.value}; upgrade when status says running "
-                "(after the boot, a reload or a scale)"
-            )
-        self.upgrade = Upgrade(self, conn)
-
-    def _poll_upgrade(self) -> None:
-        upgrade = self.upgrade
-        assert upgrade is not None
-
-        def refuse(why: str) -> None:
-            log.error("upgrade refused: %s", why)
-            self.lineage.upgrade_error = why
-            self.fleet.history.event("upgrade_failed", why)
-            if upgrade.conn is not None:
-                self.fx.reply(upgrade.conn, protocol.reply_error(why))
-
-        try:
-            if upgrade.poll(refuse):
-                self.upgrade = None
-        except BaseException:
-            self.upgrade = None
-            raise
 
     # ---- steering ---------------------------------------------------------------------------
 
@@ -463,7 +352,7 @@ class Supervisor:
             {slot.index: list(slot.socks) for slot in self.fleet.slots},
             on_event=lambda text: self.fleet.history.event("steering", text),
             seed=self.resume.manifest.get("steering") if self.resume is not None else None,
-            inherited=self._inherited_maps(),
+            inherited=self.succession.inherited_maps(),
         )
         if steering is None and not self.fx.owns_sockets:
             log.warning(
@@ -486,18 +375,6 @@ class Supervisor:
             if steering.can_migrate()
             else "waits for its replacement (tcp_migrate_req=0; --migrate sets it)",
         )
-
-    def _inherited_maps(self) -> dict[int, int]:
-        """A predecessor's sockarray fds by group (the sockets are in them: issue 15)."""
-        resume = self.resume
-        if resume is None or resume.manifest["listen"] != [str(s.address) for s in self.cfg.listen]:
-            return {}
-        maps = {}
-        for gi in range(len(self.cfg.listen)):
-            fd = resume.fds.get(f"bpf:socks:{gi}")
-            if fd is not None:
-                maps[gi] = fd
-        return maps
 
     def _set_migrate_req(self) -> None:
         """--migrate: net.ipv4.tcp_migrate_req=1 in this network namespace (root only)."""
@@ -603,7 +480,7 @@ class Supervisor:
             self.fleet.stop()
             return protocol.reply_ok({"stopping": True})
         if cmd == "upgrade":
-            self.begin_upgrade(conn)
+            self.succession.begin_upgrade(conn)
             return None
         if cmd == "drain":
             drain = parse_drain(request)
@@ -659,7 +536,7 @@ class Supervisor:
             steering_changes=steering.changes if steering else 0,
             state=fleet.state,
             health=self.health.url if self.health else None,
-            supervisor=self.lineage,
+            supervisor=self.succession.lineage,
         )
 
     def _slot_status(self, slot: Slot, now: float) -> SlotStatus:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..control import protocol
 from ..control.server import Connection
+from ..errors import ControlError
 from . import handoff
 
 if TYPE_CHECKING:
@@ -49,6 +50,11 @@ def command_line() -> list[str]:
 
 def check_command(argv: list[str]) -> list[str]:
     """``argv`` with ``--check`` after the ``run`` subcommand."""
+    if "run" not in argv:
+        raise ControlError(
+            f"cannot upgrade: this supervisor's command line has no 'run' ({' '.join(argv)!r}); "
+            "it was not started as `portshard run`: stop it and start the new one"
+        )
     at = argv.index("run")
     return [*argv[: at + 1], "--check", *argv[at + 1 :]]
 
@@ -99,12 +105,12 @@ class Upgrade:
     def exec(self, refuse: Callable[[str], None]) -> None:
         sup = self.sup
         manifest, fds = handoff.export(sup)
-        manifest["lineage"] = sup.lineage.to_json()
+        manifest["lineage"] = sup.succession.lineage.to_json()
         if sup.fx.control is not None:
             fds["control"] = sup.fx.control.sock.fileno()
         if self.conn is not None:
             fds["client"] = self.conn.sock.fileno()
-        channel = sup.warden.inherit()
+        channel = sup.succession.warden.inherit()
         data: dict[str, Any] = {
             "manifest": manifest,
             "fds": fds,
@@ -120,8 +126,8 @@ class Upgrade:
             "upgrade: exec %s (pid %d, supervisor generation %d -> %d)",
             " ".join(self.argv[:4]),
             os.getpid(),
-            sup.lineage.generation,
-            sup.lineage.generation + 1,
+            sup.succession.lineage.generation,
+            sup.succession.lineage.generation + 1,
         )
         for handler in logging.getLogger().handlers:
             with contextlib.suppress(Exception):
