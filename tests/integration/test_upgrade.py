@@ -298,3 +298,47 @@ def test_a_supervisor_killed_during_a_reload_is_adopted_and_nothing_fails(fleet:
     assert not load.failed, load.by_kind()
     second.close()
     wait_until(lambda: no_process_left(fleet.tag), 5, "workers gone")
+
+
+def test_garbage_at_the_warden_is_refused_and_it_carries_on(fleet: Fleet) -> None:
+    from portshard.supervisor import warden
+
+    args = ("-w", "1", "--listen", "tcp://127.0.0.1:0")
+    sup = fleet.run(*args)
+    (pid,) = wait_until(fleet.warden_pids, 5, "the warden")
+    for junk in (b"", b"\x00" * 100, b"not zlib", warden.zlib.compress(b"[1, 2")):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+            c.connect(warden.address(str(fleet.control)))
+            if junk:
+                c.send(junk)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:  # a real ask: refused
+        c.connect(warden.address(str(fleet.control)))
+        c.settimeout(5)
+        warden.send(c, {"op": "adopt"})
+        msg, _ = warden.recv(c)
+        assert msg is not None and msg["op"] == "refused" and "running" in msg["why"]
+    assert fleet.warden_pids() == [pid]
+    kill9(sup)
+    assert fleet.run(*args).status()["supervisor"]["adoptions"] == 1
+
+
+def test_workers_that_die_while_nobody_supervises_leave_their_queue_to_the_next(
+    fleet: Fleet,
+) -> None:
+    """The warden holds every slot socket: with the supervisor and every worker gone,
+    connections wait in the queues (up to the backlog) and the next supervisor serves them."""
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    sup = fleet.run(*args)
+    port, pids = sup.port, sup.pids()
+    kill9(sup)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: no_process_left(fleet.tag), 5, "the workers to die")
+    with Load("127.0.0.1", port, concurrency=4, max_requests=40, timeout=30) as load:
+        settle(1.0)  # they connect (the kernel accepts into the queues) and wait
+        assert load.count() == 0
+        second = fleet.run(*args)
+        load.wait_for(40)
+    assert not load.failed, load.by_kind()
+    assert "gone while the supervisor was away" in second.text()
+    assert set(second.pids()).isdisjoint(pids)

@@ -299,8 +299,8 @@ class Warden:
             conn.settimeout(ADOPT_TIMEOUT)
             try:
                 return self._adopt(conn)
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("an adoption failed: %s; still waiting", exc)
+            except Exception as exc:  # garbage from a local peer must not end the warden
+                log.warning("an adoption failed: %r; still waiting", exc)
                 return False
 
     def _adopt(self, conn: socket.socket) -> bool:
