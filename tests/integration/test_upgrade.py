@@ -342,3 +342,28 @@ def test_workers_that_die_while_nobody_supervises_leave_their_queue_to_the_next(
     assert not load.failed, load.by_kind()
     assert "gone while the supervisor was away" in second.text()
     assert set(second.pids()).isdisjoint(pids)
+
+
+def test_an_upgrade_changes_listen_keeping_the_sockets_that_stay(
+    fleet: Fleet, short_tmp: Path
+) -> None:
+    """What a reload cannot change: a --listen address added by the upgrade gets sockets and
+    every worker gets the new set (a reload starts by itself); the one that stays keeps its
+    sockets and queues: nothing fails on it."""
+    conf = short_tmp / "ps.toml"
+    conf.write_text('listen = ["web=tcp://127.0.0.1:0"]\nworkers = 2\n')
+    sup = fleet.run("-c", str(conf))
+    web = sup.port
+    with Load("127.0.0.1", web, concurrency=8, max_seconds=120) as load:
+        load.wait_for(100)
+        conf.write_text(
+            'listen = ["web=tcp://127.0.0.1:0", "admin=tcp://127.0.0.1:0"]\nworkers = 2\n'
+        )
+        sup.ctl("upgrade")
+        wait_until(lambda: sup.status()["reloads"]["ok"] == 1, 60, "the reload after it")
+        load.wait_for(load.count() + 100)
+    st = sup.status()
+    assert [x["name"] for x in st["listen"]] == ["web", "admin"]
+    assert st["listen"][0]["port"] == web
+    assert not load.failed, load.by_kind()
+    assert served(st["listen"][1]["port"])  # the new address serves (fdworker: every socket)

@@ -39,6 +39,7 @@ from .state import SLOT_TABLE, Lifecycle, Machine, SlotState, State
 from .worker import Slot, Worker
 
 if TYPE_CHECKING:
+    from .config import Config
     from .loop import Supervisor
 
 __all__ = ["RESUME_ENV", "Resume", "adopt", "export", "from_env", "restore"]
@@ -133,9 +134,10 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
                 "workers": workers,
             }
         )
-    if fx.steering is not None:
+    if fx.steering is not None:  # by listen key: an upgrade may change --listen
+        keys = listen_keys(cfg)
         for gi, fd in fx.steering.handoff_fds().items():
-            fds[f"bpf:socks:{gi}"] = fd
+            fds[f"bpf:socks:{keys[gi]}"] = fd
     manifest = {
         "version": VERSION,
         "name": cfg.name,
@@ -143,7 +145,7 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
         "lineage": sup.succession.lineage.to_json(),
         "generation": fleet.generation,
         "reloads": dict(fleet.reloads),
-        "listen": [str(spec.address) for spec in cfg.listen],
+        "listen": listen_keys(cfg),
         "bound": [str(a) for a in fx.bound],
         "via": cfg.via,
         "trees": {"home": home},
@@ -157,6 +159,33 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
         "slots": slots,
     }
     return manifest, fds
+
+
+def steering_seed(resume: Resume, cfg: Config) -> list[dict[str, Any]]:
+    """The predecessor's steering tables for the current --listen, group by group ({} for a
+    new address: it starts afresh)."""
+    old, saved = resume.manifest["listen"], resume.manifest.get("steering") or []
+    return [
+        saved[old.index(key)] if key in old and old.index(key) < len(saved) else {}
+        for key in listen_keys(cfg)
+    ]
+
+
+def inherited_maps(resume: Resume, cfg: Config) -> dict[int, int]:
+    """The predecessor's eBPF sockarray fds by group: the sockets are in them already, and a
+    socket can be in one sockarray only."""
+    maps = {}
+    for gi, key in enumerate(listen_keys(cfg)):
+        fd = resume.fds.get(f"bpf:socks:{key}")
+        if fd is not None:
+            maps[gi] = fd
+    return maps
+
+
+def listen_keys(cfg: Config) -> list[str]:
+    """What names a --listen address across a handover: its name and its address as given
+    (port 0 included): the same key keeps its sockets, a new one gets new ones."""
+    return [f"{spec.name}={spec.address}" for spec in cfg.listen]
 
 
 # ---- the two ways in ---------------------------------------------------------------------------
@@ -245,17 +274,15 @@ def restored_sockets(resume: Resume, sup: Supervisor) -> Iterator[tuple[int, lis
     --listen: then the workers get the new set by a reload, which ``Supervisor`` starts)."""
     old = resume.manifest["listen"]
     cfg, fx = sup.cfg, sup.fx
+    keys = listen_keys(cfg)
     bound: list[Address | None] = [
-        parse(resume.manifest["bound"][old.index(str(s.address))])
-        if str(s.address) in old
-        else None
-        for s in cfg.listen
+        parse(resume.manifest["bound"][old.index(key)]) if key in old else None for key in keys
     ]
     for slot in resume.manifest["slots"]:
         socks = []
         for i, spec in enumerate(cfg.listen):
-            if str(spec.address) in old:
-                fd = resume.take(slot["socks"][old.index(str(spec.address))])
+            if keys[i] in old:
+                fd = resume.take(slot["socks"][old.index(keys[i])])
                 if fd is None:
                     raise SupervisorError(f"the manifest names no socket for slot {slot['index']}")
                 socks.append(socket.socket(fileno=fd))

@@ -238,7 +238,7 @@ class Supervisor:
             if self.resume is None:
                 fleet.boot()
             else:
-                kept = [str(spec.address) for spec in self.cfg.listen]
+                kept = handoff.listen_keys(self.cfg)
                 fleet.resume(then_reload=kept != self.resume.manifest["listen"])
                 self.resume = None
             while fleet.exit_code is None:
@@ -351,7 +351,7 @@ class Supervisor:
             [spec.address.proto for spec in self.cfg.listen],
             {slot.index: list(slot.socks) for slot in self.fleet.slots},
             on_event=lambda text: self.fleet.history.event("steering", text),
-            seed=self.resume.manifest.get("steering") if self.resume is not None else None,
+            seed=self.succession.steering_seed(),
             inherited=self.succession.inherited_maps(),
         )
         if steering is None and not self.fx.owns_sockets:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..control import protocol
@@ -101,17 +101,10 @@ class Succession:
             answer(client, {"upgraded": True, "supervisor": self.lineage.to_json()})
 
     def inherited_maps(self) -> dict[int, int]:
-        """A predecessor's eBPF sockarray fds by group: the sockets are in them already, and a
-        socket can be in one sockarray only. Only for the same --listen addresses."""
-        resume, cfg = self.resume, self.sup.cfg
-        if resume is None or resume.manifest["listen"] != [str(s.address) for s in cfg.listen]:
-            return {}
-        maps = {}
-        for gi in range(len(cfg.listen)):
-            fd = resume.fds.get(f"bpf:socks:{gi}")
-            if fd is not None:
-                maps[gi] = fd
-        return maps
+        return handoff.inherited_maps(self.resume, self.sup.cfg) if self.resume else {}
+
+    def steering_seed(self) -> list[dict[str, Any]] | None:
+        return handoff.steering_seed(self.resume, self.sup.cfg) if self.resume else None
 
     # ---- every turn -------------------------------------------------------------------------
 
