@@ -40,7 +40,7 @@ def doctor(as_json: bool) -> None:
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
-    from .render import JsonFormatter, TextFormatter
+    from .logfmt import JsonFormatter, TextFormatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

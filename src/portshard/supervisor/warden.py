@@ -374,7 +374,7 @@ def _queued(depth: Any, fd: int) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """``python -m portshard.supervisor.warden CONTROL_PATH SUPERVISOR_PID LOG_FORMAT``."""
-    from ..render import JsonFormatter, TextFormatter
+    from ..logfmt import JsonFormatter, TextFormatter
 
     control, supervisor, fmt = argv[0], int(argv[1]), argv[2]
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
