@@ -4,12 +4,13 @@ own shutdown hook seen for every process retired (ASGI lifespan shutdown, gunico
 worker_exit/on_exit, aiohttp's on_shutdown, node's server.close(), Go's Shutdown(), nginx's
 graceful exit).
 
-`test_recipe` runs each recipe as the README writes it today, with the flags it needs now
-(the shutdown hook checked where today's flags can run it without losing a request).
-`test_recipe_with_defaults` runs the same servers with portshard's defaults (no --ready, no
---drain): tree-wide readiness sees a pre-fork master's children wait on the socket, and the
-default retirement runs the server's shutdown once the frozen tree holds nothing and its slot's
-queue is empty. The two servers it does not fit yet are xfail with the measured reason.
+`test_recipe` runs each recipe as the README writes it. Most need no flag: tree-wide readiness
+sees a pre-fork master's children wait on the socket, and the default retirement runs the
+server's shutdown once the frozen tree holds nothing and no new connection can reach its slot.
+`test_recipe_with_defaults` runs the servers whose recipe has flags (gunicorn, nginx, Go) and
+hypercorn's own pre-fork mode with portshard's defaults (no --ready, no --drain).
+`test_recipe_without_steering_runs_the_shutdown_hook`: one slot, or --steering off, where
+nothing but a hold on the slot's socket keeps new connections off the retiring worker.
 """
 
 from __future__ import annotations
@@ -34,12 +35,6 @@ from tests.supervisor_fixture import Running, Start
 
 APPS = ROOT / "tests" / "workers" / "recipes"
 BIN = Path(sys.executable).parent
-NEEDS_UNREAD = pytest.mark.xfail(
-    strict=False,
-    reason="aiohttp's shutdown closes a connection it accepted and has not read: 3 empty "
-    "replies in 8k requests over 3 reloads with the default retirement (its recipe uses "
-    "--drain freeze-kill)",
-)
 
 
 def python_tool(name: str) -> str:
@@ -55,15 +50,14 @@ class Recipe:
     hooks: dict[str, int]  # per process retired: {marker or log event: how many}
     keep: list[str] = field(default_factory=list)  # flags that stay with the defaults
     env: dict[str, str] = field(default_factory=dict)
-    default_hooks: dict[str, int] | None = None  # with the defaults, if not `hooks`
 
 
-# The stop signal and --grace, so shutdown hooks run: only for servers whose graceful stop
+# The stop signal and --grace at once (--drain signal): only for servers whose graceful stop
 # serves every connection they accepted. Most asyncio servers (uvicorn, hypercorn, aiohttp) and
 # node close a connection they accepted but have not read yet as "idle": measured here, 1-3
-# empty or reset replies in 2-9k requests over 3 reloads (hypercorn, aiohttp). Those keep the
-# default freeze-check today (nothing lost, no hook) and see their hook with the defaults,
-# once retirement signals only a worker caught holding nothing (core branch).
+# empty or reset replies in 2-9k requests over 3 reloads (hypercorn, aiohttp). Those use the
+# default retirement, which signals a worker only once it is frozen holding nothing and no new
+# connection can reach its slot: their hooks run and nothing is lost.
 GRACEFUL_STOP = ["--drain", "signal"]
 ASYNC_HOOK = {"shutdown": 1}
 
@@ -86,22 +80,22 @@ def recipe(name: str, request: pytest.FixtureRequest) -> Recipe:
     if name == "uvicorn":
         argv = [python_tool("uvicorn"), "--app-dir", str(APPS), "asgi_app:app"]
         argv += ["--port", "{port}", "--no-access-log"]
-        return Recipe(argv, [], {}, default_hooks=ASYNC_HOOK)
+        return Recipe(argv, [], ASYNC_HOOK)
     if name.startswith("hypercorn"):
         # --workers 0: no pre-fork master of its own (portshard is the master).
         workers = ["--workers", "0"] if name == "hypercorn" else []
         argv = [python_tool("hypercorn"), "--bind", "127.0.0.1:{port}", *workers]
         argv += ["--graceful-timeout", "5", "asgi_app:app"]
-        return Recipe(argv, [], {}, env={"PYTHONPATH": str(APPS)}, default_hooks=ASYNC_HOOK)
+        return Recipe(argv, [], ASYNC_HOOK, env={"PYTHONPATH": str(APPS)})
     if name == "aiohttp":
-        # aiohttp's shutdown closes what it accepted and has not read; measured with the
-        # default retirement: 3 empty replies in 8k requests over 3 reloads. freeze-kill
-        # loses nothing (its on_shutdown does not run).
+        # aiohttp's shutdown closes what it accepted and has not read: the default retirement
+        # signals it only when nothing can reach its slot (was --drain freeze-kill, which
+        # skipped on_shutdown: 3 empty replies in 8k requests over 3 reloads before that).
         argv = [sys.executable, str(APPS / "aiohttp_app.py")]
-        return Recipe(argv, ["--drain", "freeze-kill"], {}, default_hooks=ASYNC_HOOK)
+        return Recipe(argv, [], ASYNC_HOOK)
     if name == "node":
         argv = [need("node"), str(APPS / "server.js"), "{port}"]
-        return Recipe(argv, [], {}, default_hooks=ASYNC_HOOK)
+        return Recipe(argv, [], ASYNC_HOOK)
     if name == "go":
         binary = request.getfixturevalue("go_recipe_server")
         # Go's Shutdown() waits for connections that have not sent a request yet (up to 5 s).
@@ -264,18 +258,7 @@ def test_recipe(name: str, start: Start, short_tmp: Path, request: pytest.Fixtur
     check(name, rec.hooks, serve_reload_stop(start, rec, rec.flags, markers), markers)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "gunicorn",
-        "uvicorn",
-        "hypercorn-prefork",
-        pytest.param("aiohttp", marks=NEEDS_UNREAD),
-        "nginx",
-        "node",
-        "go",
-    ],
-)
+@pytest.mark.parametrize("name", ["gunicorn", "hypercorn-prefork", "nginx", "go"])
 def test_recipe_with_defaults(
     name: str, start: Start, short_tmp: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -283,9 +266,7 @@ def test_recipe_with_defaults(
     rec = recipe(name, request)
     markers = short_tmp / "m"
     markers.mkdir()
-    flags = [*rec.keep, "--ready-timeout", "10"]  # fail in 10 s, not 30, while xfail
-    hooks = rec.hooks if rec.default_hooks is None else rec.default_hooks
-    check(name, hooks, serve_reload_stop(start, rec, flags, markers), markers)
+    check(name, rec.hooks, serve_reload_stop(start, rec, rec.keep, markers), markers)
 
 
 @pytest.mark.parametrize(
@@ -310,10 +291,9 @@ def test_recipe_without_steering_runs_the_shutdown_hook(
     markers = short_tmp / "m"
     markers.mkdir()
     workers, flags = (1, []) if shape == "one slot" else (2, ["--steering", "off"])
-    flags += [*rec.keep, "--ready-timeout", "10"]
-    hooks = rec.hooks if rec.default_hooks is None else rec.default_hooks
+    flags += rec.keep
     out = serve_reload_stop(start, rec, flags, markers, workers)
-    check(f"{name}, {shape}", hooks, out, markers, workers)
+    check(f"{name}, {shape}", rec.hooks, out, markers, workers)
     assert "killing it frozen" not in out.log, out.log
 
 
