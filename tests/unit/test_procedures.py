@@ -691,3 +691,49 @@ def test_an_idle_old_worker_whose_slot_cannot_be_held_is_killed_not_signalled() 
     old, _ = _reload_one_slot_unshielded(world)
     assert world.fx.sent(old)[-1] == signal.SIGKILL and signal.SIGTERM not in world.fx.sent(old)
     assert not world.fx.holds
+
+
+def test_a_reload_starts_the_next_slot_while_an_idle_old_worker_runs_its_shutdown() -> None:
+    # An old worker signalled idle holds nothing and gets no new connection: the next slot's
+    # replacement starts during its shutdown; the reload is done only once every old one exits.
+    world = World(2)
+    world.boot()
+    old = world.pids()
+    outcome = world.fleet.reload(Outcome())
+    world.turn()
+    world.fx.ready.add(world.fleet.slots[0].workers[-1].pid)
+    world.turn()
+    world.turn()
+    assert world.fx.sent(old[0])[-2:] == [signal.SIGTERM, signal.SIGCONT]
+    world.turn()
+    assert len(world.fleet.slots[1].workers) == 2  # started while old[0] still runs
+    world.fx.ready.add(world.fleet.slots[1].workers[-1].pid)
+    world.turn()
+    world.turn()
+    assert world.fx.sent(old[1])[-2:] == [signal.SIGTERM, signal.SIGCONT]
+    world.exit(old[1], exited(0))
+    world.turn()
+    assert not outcome.done  # old[0] is still running its shutdown
+    world.exit(old[0], exited(0))
+    world.turn()
+    assert outcome.done and outcome.ok and world.fleet.reloads["ok"] == 1
+
+
+def test_a_reload_waits_for_an_old_worker_that_was_signalled_holding_connections() -> None:
+    # --drain signal: the old worker may serve long-lived connections for --grace; the next
+    # slot waits for it (it may still be serving: as before).
+    world = World(2, drain="signal")
+    world.boot()
+    old = world.pids()
+    world.fleet.reload(Outcome())
+    world.turn()
+    world.fx.ready.add(world.fleet.slots[0].workers[-1].pid)
+    world.turn()
+    world.turn()
+    assert signal.SIGTERM in world.fx.sent(old[0])
+    for _ in range(3):
+        world.turn()
+    assert len(world.fleet.slots[1].workers) == 1
+    world.exit(old[0], exited(0))
+    world.turn()
+    assert len(world.fleet.slots[1].workers) == 2
