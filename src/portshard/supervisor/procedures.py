@@ -149,8 +149,8 @@ def _hold_and_signal(fleet: Fleet, w: Worker) -> Generator[Until, bool, None]:
     fx = fleet.fx
     slot = w.slot
     began = fx.now()
-    fx.hold(slot, True)
     try:
+        fx.hold(slot, True)
         yield Until(lambda: not w.life.alive, began + HOLD_SETTLE)
         yield Until(lambda: not w.life.alive or fx.queue_empty(slot), began + HOLD_MAX / 2)
         if w.state is not State.DRAINING:
