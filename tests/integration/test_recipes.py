@@ -285,8 +285,7 @@ def test_recipe_without_steering_runs_the_shutdown_hook(
 ) -> None:
     """One slot, or `--steering off`: nothing keeps new connections off the retiring worker's
     slot, so its socket drops new SYNs (clients retry) while the signalled old worker stops
-    listening; its shutdown runs and nothing is lost. (gunicorn's master keeps the socket
-    until it exits: its hold lasts longest.)"""
+    listening; its shutdown runs and nothing is lost."""
     rec = recipe(name, request)
     markers = short_tmp / "m"
     markers.mkdir()
