@@ -173,7 +173,7 @@ def _hold_and_signal(fleet: Fleet, w: Worker) -> Generator[Until, bool, None]:
     still = " (it still has its socket open)" if w.life.alive and fx.tree_listens(w) else ""
     log.info(
         "slot %d pid %d: idle; signalled while new connections were held off its slot for "
-        "%.2fs%s (nothing else keeps them off: steering off, or one slot)",
+        "%.2fs%s (steering did not keep them off: off, one slot, or no handover in time)",
         slot.index,
         w.pid,
         held,
