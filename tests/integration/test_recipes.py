@@ -4,12 +4,13 @@ own shutdown hook seen for every process retired (ASGI lifespan shutdown, gunico
 worker_exit/on_exit, aiohttp's on_shutdown, node's server.close(), Go's Shutdown(), nginx's
 graceful exit).
 
-`test_recipe` runs each recipe as the README writes it today, with the flags it needs now
-(the shutdown hook checked where today's flags can run it without losing a request).
-`test_recipe_with_defaults` runs the same servers with portshard's defaults (no --ready, no
---drain): tree-wide readiness sees a pre-fork master's children wait on the socket, and the
-default retirement runs the server's shutdown once the frozen tree holds nothing and its slot's
-queue is empty. The two servers it does not fit yet are xfail with the measured reason.
+`test_recipe` runs each recipe as the README writes it. Most need no flag: tree-wide readiness
+sees a pre-fork master's children wait on the socket, and the default retirement runs the
+server's shutdown once the frozen tree holds nothing and no new connection can reach its slot.
+`test_recipe_with_defaults` runs the servers whose recipe has flags (gunicorn, nginx, Go) and
+hypercorn's own pre-fork mode with portshard's defaults (no --ready, no --drain).
+`test_recipe_without_steering_runs_the_shutdown_hook`: one slot, or --steering off, where
+nothing but a hold on the slot's socket keeps new connections off the retiring worker.
 """
 
 from __future__ import annotations
@@ -34,18 +35,6 @@ from tests.supervisor_fixture import Running, Start
 
 APPS = ROOT / "tests" / "workers" / "recipes"
 BIN = Path(sys.executable).parent
-NEEDS_UNREAD = pytest.mark.xfail(
-    strict=False,
-    reason="aiohttp's shutdown closes a connection it accepted and has not read: 3 empty "
-    "replies in 8k requests over 3 reloads with the default retirement (its recipe uses "
-    "--drain freeze-kill)",
-)
-NEEDS_MASTER_SIGNAL = pytest.mark.xfail(
-    strict=False,
-    reason="needs the stop signal sent to the worker's main process only: hypercorn's "
-    "pre-fork child keeps SIGTERM's default action and waits for its "
-    "master's shutdown event, so the process-group SIGTERM kills it with requests in hand",
-)
 
 
 def python_tool(name: str) -> str:
@@ -61,15 +50,14 @@ class Recipe:
     hooks: dict[str, int]  # per process retired: {marker or log event: how many}
     keep: list[str] = field(default_factory=list)  # flags that stay with the defaults
     env: dict[str, str] = field(default_factory=dict)
-    default_hooks: dict[str, int] | None = None  # with the defaults, if not `hooks`
 
 
-# The stop signal and --grace, so shutdown hooks run: only for servers whose graceful stop
+# The stop signal and --grace at once (--drain signal): only for servers whose graceful stop
 # serves every connection they accepted. Most asyncio servers (uvicorn, hypercorn, aiohttp) and
 # node close a connection they accepted but have not read yet as "idle": measured here, 1-3
-# empty or reset replies in 2-9k requests over 3 reloads (hypercorn, aiohttp). Those keep the
-# default freeze-check today (nothing lost, no hook) and see their hook with the defaults,
-# once retirement signals only a worker caught holding nothing (core branch).
+# empty or reset replies in 2-9k requests over 3 reloads (hypercorn, aiohttp). Those use the
+# default retirement, which signals a worker only once it is frozen holding nothing and no new
+# connection can reach its slot: their hooks run and nothing is lost.
 GRACEFUL_STOP = ["--drain", "signal"]
 ASYNC_HOOK = {"shutdown": 1}
 
@@ -92,22 +80,22 @@ def recipe(name: str, request: pytest.FixtureRequest) -> Recipe:
     if name == "uvicorn":
         argv = [python_tool("uvicorn"), "--app-dir", str(APPS), "asgi_app:app"]
         argv += ["--port", "{port}", "--no-access-log"]
-        return Recipe(argv, [], {}, default_hooks=ASYNC_HOOK)
+        return Recipe(argv, [], ASYNC_HOOK)
     if name.startswith("hypercorn"):
         # --workers 0: no pre-fork master of its own (portshard is the master).
         workers = ["--workers", "0"] if name == "hypercorn" else []
         argv = [python_tool("hypercorn"), "--bind", "127.0.0.1:{port}", *workers]
         argv += ["--graceful-timeout", "5", "asgi_app:app"]
-        return Recipe(argv, [], {}, env={"PYTHONPATH": str(APPS)}, default_hooks=ASYNC_HOOK)
+        return Recipe(argv, [], ASYNC_HOOK, env={"PYTHONPATH": str(APPS)})
     if name == "aiohttp":
-        # aiohttp's shutdown closes what it accepted and has not read; measured with the
-        # default retirement: 3 empty replies in 8k requests over 3 reloads. freeze-kill
-        # loses nothing (its on_shutdown does not run).
+        # aiohttp's shutdown closes what it accepted and has not read: the default retirement
+        # signals it only when nothing can reach its slot (was --drain freeze-kill, which
+        # skipped on_shutdown: 3 empty replies in 8k requests over 3 reloads before that).
         argv = [sys.executable, str(APPS / "aiohttp_app.py")]
-        return Recipe(argv, ["--drain", "freeze-kill"], {}, default_hooks=ASYNC_HOOK)
+        return Recipe(argv, [], ASYNC_HOOK)
     if name == "node":
         argv = [need("node"), str(APPS / "server.js"), "{port}"]
-        return Recipe(argv, [], {}, default_hooks=ASYNC_HOOK)
+        return Recipe(argv, [], ASYNC_HOOK)
     if name == "go":
         binary = request.getfixturevalue("go_recipe_server")
         # Go's Shutdown() waits for connections that have not sent a request yet (up to 5 s).
@@ -172,11 +160,14 @@ class Outcome:
     exit: int
     log: str
 
+    workers: int = 2
+
     def handover(self) -> list[float]:
-        """Per reload, what was not the new workers' start-up (both start at once): retiring
+        """Per reload, what was not the new workers' start-up (one slot at a time): retiring
         the old ones."""
-        per = self.booted[2:]
-        return [t - max(per[2 * i : 2 * i + 2], default=0) for i, t in enumerate(self.took)]
+        n = self.workers
+        per = self.booted[n:]
+        return [t - sum(per[n * i : n * i + n]) for i, t in enumerate(self.took)]
 
 
 def ask(sup: Running, cmd: str, **args: Any) -> dict[str, Any]:
@@ -199,12 +190,14 @@ def wait_ready(sup: Running, timeout: float) -> dict[str, Any]:
     return result
 
 
-def serve_reload_stop(start: Start, rec: Recipe, flags: list[str], markers: Path) -> Outcome:
+def serve_reload_stop(
+    start: Start, rec: Recipe, flags: list[str], markers: Path, workers: int = 2
+) -> Outcome:
     """`portshard run -w 2`, load, 3 `reload --wait`s (one slot at a time, the default: while
     a slot's old worker runs its shutdown, steering sends new connections to the other slot),
     then `stop`."""
     env = {**rec.env, "PS_MARKERS": str(markers)}
-    args = ["-w", "2", "--listen", "tcp://127.0.0.1:0", *flags, "--", *rec.argv]
+    args = ["-w", str(workers), "--listen", "tcp://127.0.0.1:0", *flags, "--", *rec.argv]
     sup = start(*args, env=env, wait=False)
     port = wait_ready(sup, 40)["listen"][0]["port"]
     took: list[float] = []
@@ -220,14 +213,17 @@ def serve_reload_stop(start: Start, rec: Recipe, flags: list[str], markers: Path
     code = sup.wait_exit(60)
     log = sup.text()
     booted = [float(s) for s in re.findall(r"ready (?:\(notify\) )?after ([\d.]+)s", log)]
-    return Outcome(load, reloads, took, booted, code, log)
+    return Outcome(load, reloads, took, booted, code, log, workers)
 
 
-def check(name: str, hooks: dict[str, int], out: Outcome, markers: Path) -> None:
+def check(name: str, hooks: dict[str, int], out: Outcome, markers: Path, workers: int = 2) -> None:
+    held = re.findall(r"held off its slot for ([\d.]+s)", out.log)
     print(
         f"{name}: {out.load.count()} requests from {len(out.load.served_by())} pids; "
         f"3 reloads took {', '.join(f'{t:.1f}' for t in out.took)} s, of which handing over "
-        f"{', '.join(f'{t:.1f}' for t in out.handover())} s; failed {out.load.by_kind()}"
+        f"{', '.join(f'{t:.1f}' for t in out.handover())} s; failed {out.load.by_kind()}; "
+        f"{sum(r.latency >= 1 for r in out.load.results)} took 1 s or more; held off "
+        f"{', '.join(held) or 'never'}"
     )
     if os.environ.get("RECIPES_LOG"):
         print(out.log)
@@ -235,7 +231,7 @@ def check(name: str, hooks: dict[str, int], out: Outcome, markers: Path) -> None
     assert out.reloads == {"ok": 3, "failed": 0}, out.log
     assert not out.load.failed, out.load.by_kind()
     assert len(out.load.served_by()) >= 2
-    retired = 2 * 4  # 2 slots x (the first workers + 3 reloads), all stopped by now
+    retired = workers * 4  # slots x (the first workers + 3 reloads), all stopped by now
     seen = observed(markers, out.log)
     for event, each in hooks.items():
         assert seen.get(event, 0) >= each * retired, (event, seen, out.log)
@@ -262,18 +258,7 @@ def test_recipe(name: str, start: Start, short_tmp: Path, request: pytest.Fixtur
     check(name, rec.hooks, serve_reload_stop(start, rec, rec.flags, markers), markers)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "gunicorn",
-        "uvicorn",
-        pytest.param("hypercorn-prefork", marks=NEEDS_MASTER_SIGNAL),
-        pytest.param("aiohttp", marks=NEEDS_UNREAD),
-        "nginx",
-        "node",
-        "go",
-    ],
-)
+@pytest.mark.parametrize("name", ["gunicorn", "hypercorn-prefork", "nginx", "go"])
 def test_recipe_with_defaults(
     name: str, start: Start, short_tmp: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -281,9 +266,34 @@ def test_recipe_with_defaults(
     rec = recipe(name, request)
     markers = short_tmp / "m"
     markers.mkdir()
-    flags = [*rec.keep, "--ready-timeout", "10"]  # fail in 10 s, not 30, while xfail
-    hooks = rec.hooks if rec.default_hooks is None else rec.default_hooks
-    check(name, hooks, serve_reload_stop(start, rec, flags, markers), markers)
+    check(name, rec.hooks, serve_reload_stop(start, rec, rec.keep, markers), markers)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("uvicorn", "one slot"),
+        ("aiohttp", "one slot"),
+        ("node", "one slot"),
+        ("gunicorn", "one slot"),
+        ("uvicorn", "steering off"),
+        ("aiohttp", "steering off"),
+    ],
+)
+def test_recipe_without_steering_runs_the_shutdown_hook(
+    name: str, shape: str, start: Start, short_tmp: Path, request: pytest.FixtureRequest
+) -> None:
+    """One slot, or `--steering off`: nothing keeps new connections off the retiring worker's
+    slot, so its socket drops new SYNs (clients retry) while the signalled old worker stops
+    listening; its shutdown runs and nothing is lost."""
+    rec = recipe(name, request)
+    markers = short_tmp / "m"
+    markers.mkdir()
+    workers, flags = (1, []) if shape == "one slot" else (2, ["--steering", "off"])
+    flags += rec.keep
+    out = serve_reload_stop(start, rec, flags, markers, workers)
+    check(f"{name}, {shape}", rec.hooks, out, markers, workers)
+    assert "killing it frozen" not in out.log, out.log
 
 
 def test_gunicorn_bind_to_an_inherited_fd_is_refused_with_the_recipe(start: Start) -> None:

@@ -50,6 +50,9 @@ class FakeEffects:
         self.replies: list[tuple[Connection, bytes]] = []
         self.rescued: list[int] = []
         self.syns_dropped_at: float | None = None  # when the stop's SYN-drop filter went on
+        self.holdable = True  # hold() can keep new connections off a slot (sockets ours, TCP)
+        self.holds: list[tuple[int, bool, float]] = []  # (slot, on, when)
+        self.listening: set[int] = set()  # pids whose tree still has its slot's socket open
         self.clients = False  # a drain --wait client is still running
 
     def now(self) -> float:
@@ -93,6 +96,15 @@ class FakeEffects:
 
     def shielded(self, slot: Slot) -> bool:
         return slot.index not in self.unshielded
+
+    def can_hold(self, slot: Slot) -> bool:
+        return self.holdable
+
+    def hold(self, slot: Slot, on: bool) -> None:
+        self.holds.append((slot.index, on, self.clock))
+
+    def tree_listens(self, w: Worker) -> bool:
+        return w.pid in self.listening
 
     def drop_syns(self) -> list[socket.socket]:
         self.syns_dropped_at = self.clock
@@ -465,7 +477,8 @@ def test_a_reload_replaces_a_slot_that_is_backing_off_instead_of_a_second_respaw
 def test_an_idle_old_worker_gets_its_stop_signal_only_once_its_slot_queue_is_empty() -> None:
     # A server that handles its stop signal accepts what is queued on the shared socket before
     # it stops listening and may close it unread: it is signalled only with the queue empty,
-    # and killed (frozen, idle: nothing lost) if the slot keeps receiving connections.
+    # and killed (frozen, idle: nothing lost) if the slot keeps receiving connections even
+    # while new SYNs are dropped.
     world = World(1)
     world.boot()
     (old,) = world.pids()
@@ -478,9 +491,11 @@ def test_an_idle_old_worker_gets_its_stop_signal_only_once_its_slot_queue_is_emp
     world.turn()
     assert signal.SIGTERM not in world.fx.sent(old)  # queued connections: not yet
     world.turn(1.1)
-    world.turn()
+    for _ in range(30):
+        world.turn()
     assert world.fx.sent(old)[-1] == signal.SIGKILL  # the slot never emptied: killed idle
     assert signal.SIGTERM not in world.fx.sent(old)
+    assert [on for _, on, _ in world.fx.holds] == [True, False]  # the hold ended
 
 
 # ---- a host drain (portshard drain) ----------------------------------------------------------
@@ -620,16 +635,105 @@ def test_drain_request_checks_its_numbers() -> None:
         parse_request({"settle": -1})
 
 
-def test_an_idle_old_worker_whose_slot_still_gets_connections_is_killed_not_signalled() -> None:
-    # Steering off (or one slot): a server that handles its stop signal would accept what
-    # reaches the shared socket before it exits; killed frozen and idle, it loses nothing.
-    world = World(1)
+def _reload_one_slot_unshielded(world: World) -> tuple[int, int]:
     world.boot()
     (old,) = world.pids()
     world.fx.unshielded.add(0)
     world.fleet.reload(Outcome())
     world.turn()
+    new = world.fleet.slots[0].workers[-1].pid
+    world.fx.ready.add(new)
+    world.turn()
+    world.turn()
+    return old, new
+
+
+def test_an_idle_old_worker_of_an_unshielded_slot_is_signalled_while_new_syns_are_dropped() -> None:
+    # Steering off (or one slot): nothing keeps new connections off the slot's shared socket,
+    # so its SYNs are dropped (clients retry) until the signalled worker has closed it; a
+    # server that handles its stop signal then cannot accept anything on its way out.
+    world = World(1)
+    old, _ = _reload_one_slot_unshielded(world)
+    (slot, on, began), *rest = world.fx.holds
+    assert (slot, on) == (0, True) and not rest
+    assert world.fx.sent(old)[-1] == signal.SIGSTOP  # frozen while handshakes finish
+    world.fx.listening.add(old)
+    for _ in range(4):
+        world.turn()
+    assert world.fx.sent(old)[-2:] == [signal.SIGTERM, signal.SIGCONT]  # queued before thawing
+    assert len(world.fx.holds) == 1  # still listening: still held
+    world.fx.listening.discard(old)
+    world.turn()
+    (_, off, ended) = world.fx.holds[-1]
+    assert not off and ended - began <= procedures.HOLD_MAX
+    world.exit(old, exited(0))
+    world.turn()
+    assert signal.SIGKILL not in world.fx.sent(old)
+
+
+def test_a_hold_ends_within_its_bound_even_if_the_old_worker_keeps_its_socket() -> None:
+    # A client whose SYN was dropped retries after 1 s: the hold must end before that.
+    world = World(1)
+    old, _ = _reload_one_slot_unshielded(world)
+    world.fx.listening.add(old)
+    for _ in range(60):
+        world.turn()
+    (_, _, began), (_, off, ended) = world.fx.holds
+    assert not off and ended - began <= procedures.HOLD_MAX + 0.05
+    assert signal.SIGTERM in world.fx.sent(old) and signal.SIGKILL not in world.fx.sent(old)
+
+
+def test_an_idle_old_worker_whose_slot_cannot_be_held_is_killed_not_signalled() -> None:
+    # --via reuseport (the worker's own socket) or a UDP socket: killed frozen and idle, it
+    # loses nothing (its shutdown does not run).
+    world = World(1)
+    world.fx.holdable = False
+    old, _ = _reload_one_slot_unshielded(world)
+    assert world.fx.sent(old)[-1] == signal.SIGKILL and signal.SIGTERM not in world.fx.sent(old)
+    assert not world.fx.holds
+
+
+def test_a_reload_starts_the_next_slot_while_an_idle_old_worker_runs_its_shutdown() -> None:
+    # An old worker signalled idle holds nothing and gets no new connection: the next slot's
+    # replacement starts during its shutdown; the reload is done only once every old one exits.
+    world = World(2)
+    world.boot()
+    old = world.pids()
+    outcome = world.fleet.reload(Outcome())
+    world.turn()
     world.fx.ready.add(world.fleet.slots[0].workers[-1].pid)
     world.turn()
     world.turn()
-    assert world.fx.sent(old)[-1] == signal.SIGKILL and signal.SIGTERM not in world.fx.sent(old)
+    assert world.fx.sent(old[0])[-2:] == [signal.SIGTERM, signal.SIGCONT]
+    world.turn()
+    assert len(world.fleet.slots[1].workers) == 2  # started while old[0] still runs
+    world.fx.ready.add(world.fleet.slots[1].workers[-1].pid)
+    world.turn()
+    world.turn()
+    assert world.fx.sent(old[1])[-2:] == [signal.SIGTERM, signal.SIGCONT]
+    world.exit(old[1], exited(0))
+    world.turn()
+    assert not outcome.done  # old[0] is still running its shutdown
+    world.exit(old[0], exited(0))
+    world.turn()
+    assert outcome.done and outcome.ok and world.fleet.reloads["ok"] == 1
+
+
+def test_a_reload_waits_for_an_old_worker_that_was_signalled_holding_connections() -> None:
+    # --drain signal: the old worker may serve long-lived connections for --grace; the next
+    # slot waits for it (it may still be serving: as before).
+    world = World(2, drain="signal")
+    world.boot()
+    old = world.pids()
+    world.fleet.reload(Outcome())
+    world.turn()
+    world.fx.ready.add(world.fleet.slots[0].workers[-1].pid)
+    world.turn()
+    world.turn()
+    assert signal.SIGTERM in world.fx.sent(old[0])
+    for _ in range(3):
+        world.turn()
+    assert len(world.fleet.slots[1].workers) == 1
+    world.exit(old[0], exited(0))
+    world.turn()
+    assert len(world.fleet.slots[1].workers) == 2

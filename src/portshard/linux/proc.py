@@ -22,6 +22,7 @@ __all__ = [
     "ProcStat",
     "alive",
     "capabilities",
+    "catches",
     "cpu_seconds",
     "fd_cloexec",
     "netstat",
@@ -253,6 +254,16 @@ def tgid(tid: int) -> int:
     if value is None:
         raise OSError(errno.ESRCH, f"no Tgid for thread {tid}")
     return int(value)
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler of its own for signal ``sig`` (SigCgt in
+    /proc/PID/status: neither its default action nor ignored); False once it has gone."""
+    try:
+        value = _status_field(pid, b"SigCgt:")
+    except OSError:
+        return False
+    return value is not None and bool(int(value, 16) >> (sig - 1) & 1)
 
 
 def fd_cloexec(pid: int, fd: int) -> bool:

@@ -66,6 +66,19 @@ class Effects(Protocol):
         """Steering keeps new TCP connections off ``slot`` right now."""
         ...
 
+    def can_hold(self, slot: Slot) -> bool:
+        """``hold`` can keep every new connection off ``slot`` (its sockets are ours, TCP)."""
+        ...
+
+    def hold(self, slot: Slot, on: bool) -> None:
+        """Retirement with nothing to shield the slot: drop new SYNs on its TCP sockets (the
+        clients retry), or stop dropping them (unless the stop drops them anyway)."""
+        ...
+
+    def tree_listens(self, w: Worker) -> bool:
+        """A process of ``w``'s tree still has one of its slot's sockets open."""
+        ...
+
     def drop_syns(self) -> list[socket.socket]:
         """Stop: a SYN-drop filter on every TCP slot socket we close; returns them."""
         ...

@@ -315,6 +315,29 @@ class SystemEffects:
     def queue_empty(self, slot: Slot) -> bool:
         return not any(tcpinfo.queue_depth(sock).queued for sock in slot.queue_fds())
 
+    def can_hold(self, slot: Slot) -> bool:
+        if not self.owns_sockets or not slot.socks:
+            return False
+        return all(spec.address.proto is Proto.TCP for spec in self.cfg.listen)
+
+    def hold(self, slot: Slot, on: bool) -> None:
+        if not on and self.fleet.stopping:
+            return  # the stop's filter (the same program) stays
+        for sock in slot.queue_fds():
+            if on:
+                cbpf.drop_syns(sock)
+            else:
+                cbpf.undrop_syns(sock)
+
+    def tree_listens(self, w: Worker) -> bool:
+        inodes = tcpinfo.socket_inodes(w.slot.socks)
+        try:
+            members = w.cgroup.members() if w.cgroup is not None else None
+            pids = proc.process_tree(w.pid) if members is None else members
+            return any(not inodes.isdisjoint(proc.sockets_of(pid)) for pid in pids)
+        except (OSError, InspectError):
+            return True  # cannot tell: it may still accept
+
     def drop_syns(self) -> list[socket.socket]:
         closing = [
             sock

@@ -13,6 +13,7 @@ import signal
 import socket
 from typing import TYPE_CHECKING, Any
 
+from ..linux import proc
 from ..linux.cgroup import Cgroup
 from .state import SLOT_TABLE, Backoff, Lifecycle, Machine, SlotEvent, SlotState, State
 
@@ -79,13 +80,26 @@ class Worker:
         """Send ``sig`` to its process group (to the process alone if the group is not ours
         to signal, e.g. it changed user). With a cgroup, SIGKILL is also the group's kill and
         SIGSTOP/SIGCONT its freeze/thaw: the whole tree, children that called setsid()
-        included."""
+        included.
+
+        The stop signal (any other) goes to the main process alone when that process handles
+        it: a pre-fork master (gunicorn, nginx, hypercorn, uvicorn --workers) stops its
+        children its own way, and some children keep the signal's default action while they
+        wait for it (hypercorn's die with requests in hand). A main process that does not
+        handle it (a shell, a wrapper, a single process that dies on it) gets it with its
+        whole group, as before, so the program under a wrapper stops too."""
         if self.cgroup is not None and sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
             with contextlib.suppress(OSError):
                 if sig == signal.SIGKILL:
                     self.cgroup.kill()
                 else:
                     self.cgroup.freeze(sig == signal.SIGSTOP)
+        elif sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT) and proc.catches(
+            self.pid, sig
+        ):
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, sig)
+            return
         try:
             os.killpg(self.pid, sig)
         except ProcessLookupError:
