@@ -48,7 +48,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..linux import cgroup
-from ..linux.proc import stat
+from ..linux.proc import catches, stat
 from ..linux.syscalls import pidfd_open
 from .output import LineSplitter
 
@@ -205,6 +205,8 @@ class Warden:
                     yield w
 
     def _signal(self, w: dict[str, Any], sig: int) -> None:
+        """As ``Worker.signal``: the stop signal to a main process that handles it alone (a
+        pre-fork master stops its children its own way), else to the whole group."""
         home = self.manifest.get("trees", {}).get("home")
         if home and w.get("cgroup"):
             group = cgroup.Cgroup(os.path.join(home, w["cgroup"]))
@@ -213,6 +215,10 @@ class Warden:
                     group.kill()
                 elif sig == signal.SIGCONT:
                     group.freeze(False)
+        if sig not in (signal.SIGKILL, signal.SIGCONT) and catches(w["pid"], sig):
+            with contextlib.suppress(OSError):
+                os.kill(w["pid"], sig)
+            return
         try:
             os.killpg(w["pid"], sig)
         except ProcessLookupError:
