@@ -345,8 +345,19 @@ class SystemEffects:
             for sock, spec in zip(slot.socks, self.cfg.listen, strict=self.owns_sockets)
             if spec.address.proto is Proto.TCP and sock.fileno() not in self.held
         ]
+        refused: OSError | None = None
         for sock in closing:
-            cbpf.drop_syns(sock)
+            try:
+                cbpf.drop_syns(sock)
+            except OSError as exc:  # seen: EPERM for a user without root on this kernel
+                refused = exc
+        if refused is not None:
+            log.warning(
+                "stop: cannot make the sockets refuse new connections (SO_ATTACH_FILTER: %s); "
+                "the workers empty the queues and are retired, and a connection that arrives "
+                "after that is reset when the sockets close",
+                refused.strerror or refused,
+            )
         return closing
 
     def queues_empty(self, socks: list[socket.socket]) -> bool:
