@@ -100,8 +100,12 @@ def run_keepalive(config: str, kind: str) -> dict[str, Any]:
 
 def isolated(inner: list[str]) -> dict[str, Any]:
     cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    src = ROOT / "src"
+    if any(a.endswith("@old") for a in inner):  # A/B: the same config, portshard from --old
+        inner = [a.removesuffix("@old") for a in inner]
+        src = Path(os.environ["STEERING_OLD_SRC"])
     cmd += [sys.executable, str(Path(__file__).resolve()), *inner]
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+    env = dict(os.environ, PYTHONPATH=f"{src}:{ROOT}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode:
         raise RuntimeError(f"{inner} failed:\n{proc.stderr[-3000:]}")
@@ -217,6 +221,10 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--keepalive", action="store_true", help="also the long-lived spread")
     parser.add_argument("--keepalive-only", action="store_true")
+    parser.add_argument(
+        "--old",
+        help="a src/ directory of another portshard: configs ending in @old run it (A/B)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "steering_sweep.json"))
     parser.add_argument("--cell", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--held", nargs=2, help=argparse.SUPPRESS)
@@ -232,6 +240,8 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("steering_sweep: needs root (each run gets its own network namespace)")
     configs = args.configs.split(",")
+    if args.old:
+        os.environ["STEERING_OLD_SRC"] = str(Path(args.old).resolve())
     results: list[dict[str, Any]] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +260,7 @@ def main() -> None:
                     inner = ["--cell", str(w), str(c), kind, config, "--load", load]
                     inner += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
                     r = isolated(inner)
-                    r.update(round=rnd, load_average=load_average())
+                    r.update(config=config, round=rnd, load_average=load_average())
                     results.append(r)
                     print(
                         f"round {rnd} {cell_name(w, c, kind):14} {config:10} {r['rps']:8.0f} "

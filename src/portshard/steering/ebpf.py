@@ -293,10 +293,10 @@ class SteeringProgram:
         *,
         flow: bool,
         slots: int = 1024,
-        loads: tuple[int, int, int] = (-1, -1, -1),
+        loads: tuple[int, int, int, int] = (-1, -1, -1, -1),
         compare: bool = True,
     ) -> None:
-        """``loads``: the fds of the in-flight maps ``held``, ``fix`` and ``syn``
+        """``loads``: the fds of the in-flight maps ``held``, ``fix``, ``syn`` and ``cost``
         (inflight.py) a TCP program reads and writes."""
         if not flow and min(loads) < 0:
             raise ValueError("a TCP steering program needs the in-flight maps")

@@ -1,0 +1,96 @@
+"""How fast each slot serves, measured from the kernel's counts: the cost the TCP program weighs
+connections in flight by (issue 11). Pure: samples in, costs out.
+
+Two choices by connections in flight alone give a worker that is always 3x slower as many
+connections in flight as the others, each waiting 3x longer; nothing stalls and its queue stays
+short, so neither the stall rule nor the overload rule (policy.py) sees it, and long-lived
+connections opened at once spread evenly whatever their workers can do. Here each slot gets a
+service rate from what the kernel already counts at every sample (eBPF, SOCK_OPS):
+
+- ``completed = handed - handed' - (in_flight - in_flight')``: connections its worker let go
+  since the last look (handed: the steering program's per-slot counter; in flight: queued +
+  held, inflight.py);
+- ``busy``: the time between two looks that both found it holding at least one connection;
+- ``rate = sum(completed) / sum(busy)`` over the recent looks, each older look counting
+  ``DECAY`` as much as the next (a window of about ten looks, 0.2 s at 20 ms): completions per
+  second of work, that is what its worker can serve, not what it was given.
+
+A slot's cost is ``UNIT x fastest rate / its rate``: the program sends a new connection to the
+drawn slot with the smaller ``(in flight + 1) x cost``, the expected wait of that connection
+(join the shortest expected delay), so a slot 3x slower holds a third of the others' in flight.
+Slots within ``BAND`` of the fastest cost ``UNIT`` (equal workers on a busy machine measure
+10-30% apart; weighing that would trade their balance for noise). A slot with no busy
+interval for a while has no news: its cost drifts back to ``UNIT`` (half-way in ``FORGET``
+seconds), so a worker that recovered is tried again; a new worker starts at ``UNIT``. Found
+within two looks of the load starting (the first look that finds it busy gives a rate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["UNIT", "Speeds"]
+
+UNIT = 1024  # the cost of a full-speed slot (integers in the kernel)
+MAX_COST = 64 * UNIT  # 64x slower or worse: the same (it still gets a trickle)
+DECAY = 0.9  # per look: the weight of older looks in the rate
+BAND = 1.5  # a slot within this factor of the fastest is as fast
+FORGET = 2.0  # seconds without a busy interval for half of a slot's extra cost to go
+MIN_BUSY = 0.015  # seconds of work (decayed) a rate needs: about one look's worth
+
+
+@dataclass
+class _Slot:
+    handed: int
+    inflight: int
+    completed: float = 0.0  # decayed sums
+    busy: float = 0.0
+    cost: float = UNIT
+
+
+class Speeds:
+    """Per-slot service rates and the costs that follow; :meth:`observe` at every sample."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, _Slot] = {}
+        self._last = 0.0
+
+    def forget(self, slot: int) -> None:
+        """A new worker (or none): nothing known about it."""
+        self._slots.pop(slot, None)
+
+    def observe(self, now: float, counts: dict[int, tuple[int, int]]) -> dict[int, int]:
+        """``counts``: slot -> (handed so far, in flight now) of the slots serving; returns
+        every known slot's cost (``UNIT`` x how much slower than the fastest)."""
+        dt = now - self._last if self._last else 0.0
+        self._last = now
+        for slot in [s for s in self._slots if s not in counts]:
+            del self._slots[slot]
+        for slot, (handed, inflight) in counts.items():
+            s = self._slots.get(slot)
+            if s is None:
+                self._slots[slot] = _Slot(handed, inflight)
+                continue
+            completed = max(0, handed - s.handed - (inflight - s.inflight))
+            if 0.0 < dt < 1.0:
+                # The time it held a connection, from the two looks (trapezoid rule): unbiased
+                # over many looks, so a fast worker idle between requests is not undercounted.
+                busy = dt * ((s.inflight > 0) + (inflight > 0)) / 2
+                s.completed = DECAY * s.completed + completed
+                s.busy = DECAY * s.busy + busy
+            s.handed, s.inflight = handed, inflight
+        rates = {slot: rate for slot, rate in self.rates().items() if rate is not None}
+        fastest = max(rates.values(), default=0.0)
+        for slot, s in self._slots.items():
+            rate = rates.get(slot)
+            if rate is None or fastest <= 0:
+                s.cost = UNIT + (s.cost - UNIT) * 0.5 ** (dt / FORGET) if dt > 0 else s.cost
+                continue
+            slower = fastest / rate if rate > 0 else MAX_COST / UNIT
+            s.cost = min(MAX_COST, UNIT * slower) if slower >= BAND else UNIT
+        return {slot: round(s.cost) for slot, s in self._slots.items()}
+
+    def rates(self) -> dict[int, float | None]:
+        """Completions per second of work per slot (None: not measured yet)."""
+        slots = self._slots.items()
+        return {s: (t.completed / t.busy if t.busy >= MIN_BUSY else None) for s, t in slots}
