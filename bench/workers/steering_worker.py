@@ -9,11 +9,15 @@ own shared-queue and plain-reuseport set-ups). Its slot is $PORTSHARD_SLOT or $B
 - BENCH_SLOW=hog: that worker pins itself to CPU BENCH_HOG_CPU (1), where the benchmark runs a
   CPU hog beside it.
 - BENCH_BOOT=S: sleep S seconds before accepting (a slow boot: a respawn takes that long).
+- BENCH_HOLD=1 (steering_sweep.py --keepalive): a connection whose first message is not an
+  HTTP request is kept open and each message on it answered with the slot (a long-lived
+  connection, served from a selector between accepts); HTTP requests are served as above.
 """
 
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import time
 
@@ -35,11 +39,35 @@ def main() -> None:
     base = 0.0  # x3: the average time a request takes this worker, without the extra burn
     if slow and mode == "hog":
         os.sched_setaffinity(0, {int(os.environ.get("BENCH_HOG_CPU", "1"))})
+    hold = os.environ.get("BENCH_HOLD") == "1"
+    held = selectors.DefaultSelector()
+    if hold:
+        sock.setblocking(False)
+        held.register(sock, selectors.EVENT_READ)
     while True:
-        conn, _ = sock.accept()
+        if hold:
+            conn = None
+            for key, _ in held.select():
+                if key.fileobj is not sock:
+                    answer_held(held, key.fileobj, slot)  # type: ignore[arg-type]
+                    continue
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    continue
+            if conn is None:
+                continue
+            conn.setblocking(True)
+        else:
+            conn, _ = sock.accept()
         began, burnt = time.monotonic(), 0.0
         try:
-            conn.recv(4096)
+            first = conn.recv(4096)
+            if hold and not first.startswith(b"GET"):
+                conn.sendall(f"{slot}\n".encode())
+                held.register(conn, selectors.EVENT_READ)
+                conn = None
+                continue
             served += 1
             if slow and mode == "x3" and base:
                 burnt = 2 * base
@@ -57,9 +85,25 @@ def main() -> None:
         except OSError:
             pass
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
+        if conn is None:
+            continue
         took = time.monotonic() - began - burnt
         base = took if not base else 0.95 * base + 0.05 * took
+
+
+def answer_held(held: selectors.BaseSelector, conn: socket.socket, slot: str) -> None:
+    """A message on a long-lived connection: answer with the slot; EOF: let it go."""
+    try:
+        data = conn.recv(4096)
+        if data:
+            conn.sendall(f"{slot}\n".encode())
+            return
+    except OSError:
+        pass
+    held.unregister(conn)
+    conn.close()
 
 
 if __name__ == "__main__":
