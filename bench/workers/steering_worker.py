@@ -16,6 +16,7 @@ own shared-queue and plain-reuseport set-ups). Its slot is $PORTSHARD_SLOT or $B
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import socket
@@ -41,33 +42,39 @@ def main() -> None:
         os.sched_setaffinity(0, {int(os.environ.get("BENCH_HOG_CPU", "1"))})
     hold = os.environ.get("BENCH_HOLD") == "1"
     held = selectors.DefaultSelector()
+    kept: set[socket.socket] = set()  # hold: connections known to be long-lived
     if hold:
         sock.setblocking(False)
         held.register(sock, selectors.EVENT_READ)
     while True:
-        if hold:
+        if hold:  # one readable connection at a time, from the selector (never blocks)
             conn = None
             for key, _ in held.select():
-                if key.fileobj is not sock:
-                    answer_held(held, key.fileobj, slot)  # type: ignore[arg-type]
-                    continue
-                try:
-                    conn, _ = sock.accept()
-                except BlockingIOError:
-                    continue
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
+                if ready is sock:
+                    with contextlib.suppress(BlockingIOError):
+                        new, _ = sock.accept()
+                        held.register(new, selectors.EVENT_READ)
+                elif ready in kept:
+                    answer_held(held, kept, ready, slot)
+                elif conn is None:  # a new connection's first message (others: next turn)
+                    conn = ready
             if conn is None:
                 continue
+            first = conn.recv(4096)
+            if first and not first.startswith(b"GET"):
+                conn.sendall(f"{slot}\n".encode())
+                kept.add(conn)
+                continue
+            held.unregister(conn)
             conn.setblocking(True)
         else:
             conn, _ = sock.accept()
         began, burnt = time.monotonic(), 0.0
         try:
-            first = conn.recv(4096)
-            if hold and not first.startswith(b"GET"):
-                conn.sendall(f"{slot}\n".encode())
-                held.register(conn, selectors.EVENT_READ)
-                conn = None
-                continue
+            if not hold:
+                conn.recv(4096)
             served += 1
             if slow and mode == "x3" and base:
                 burnt = 2 * base
@@ -85,24 +92,25 @@ def main() -> None:
         except OSError:
             pass
         finally:
-            if conn is not None:
-                conn.close()
-        if conn is None:
-            continue
+            conn.close()
         took = time.monotonic() - began - burnt
         base = took if not base else 0.95 * base + 0.05 * took
 
 
-def answer_held(held: selectors.BaseSelector, conn: socket.socket, slot: str) -> None:
+def answer_held(
+    held: selectors.BaseSelector, kept: set[socket.socket], conn: socket.socket, slot: str
+) -> None:
     """A message on a long-lived connection: answer with the slot; EOF: let it go."""
     try:
         data = conn.recv(4096)
         if data:
             conn.sendall(f"{slot}\n".encode())
+            kept.add(conn)
             return
     except OSError:
         pass
     held.unregister(conn)
+    kept.discard(conn)
     conn.close()
 
 

@@ -33,8 +33,8 @@ __all__ = ["UNIT", "Speeds"]
 
 UNIT = 1024  # the cost of a full-speed slot (integers in the kernel)
 MAX_COST = 64 * UNIT  # 64x slower or worse: the same (it still gets a trickle)
-DECAY = 0.9  # per look: the weight of older looks in the rate
-BAND = 1.5  # a slot within this factor of the fastest is as fast
+DECAY = 0.95  # per look: the weight of older looks in the rate
+BAND = 2.0  # a slot within this factor of the fastest is as fast
 FORGET = 2.0  # seconds without a busy interval for half of a slot's extra cost to go
 MIN_BUSY = 0.015  # seconds of work (decayed) a rate needs: about one look's worth
 
