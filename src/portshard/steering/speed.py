@@ -33,10 +33,10 @@ __all__ = ["UNIT", "Speeds"]
 
 UNIT = 1024  # the cost of a full-speed slot (integers in the kernel)
 MAX_COST = 64 * UNIT  # 64x slower or worse: the same (it still gets a trickle)
-DECAY = 0.95  # per look: the weight of older looks in the rate
+DECAY = 0.98  # per look: the weight of older looks in the rate
 BAND = 2.0  # a slot within this factor of the fastest is as fast
 FORGET = 2.0  # seconds without a busy interval for half of a slot's extra cost to go
-MIN_BUSY = 0.015  # seconds of work (decayed) a rate needs: about one look's worth
+MIN_BUSY = 0.08  # seconds of work (decayed) a rate needs: four busy looks or more
 
 
 @dataclass
@@ -45,6 +45,7 @@ class _Slot:
     inflight: int
     completed: float = 0.0  # decayed sums
     busy: float = 0.0
+    elapsed: float = 0.0
     cost: float = UNIT
 
 
@@ -78,9 +79,14 @@ class Speeds:
                 busy = dt * ((s.inflight > 0) + (inflight > 0)) / 2
                 s.completed = DECAY * s.completed + completed
                 s.busy = DECAY * s.busy + busy
+                s.elapsed = DECAY * s.elapsed + dt
             s.handed, s.inflight = handed, inflight
         rates = {slot: rate for slot, rate in self.rates().items() if rate is not None}
-        fastest = max(rates.values(), default=0.0)
+        # The reference: the fastest measured rate, or what a slot served per second of
+        # the window (a floor of its rate: a fast worker at low load is mostly idle, too
+        # rarely found busy for its rate to count).
+        served = [s.completed / s.elapsed for s in self._slots.values() if s.elapsed > 0]
+        fastest = max([*rates.values(), *served], default=0.0)
         for slot, s in self._slots.items():
             rate = rates.get(slot)
             if rate is None or fastest <= 0:
