@@ -10,19 +10,31 @@ service rate from what the kernel already counts at every sample (eBPF, SOCK_OPS
 - ``completed = handed - handed' - (in_flight - in_flight')``: connections its worker let go
   since the last look (handed: the steering program's per-slot counter; in flight: queued +
   held, inflight.py);
-- ``busy``: the time between two looks that both found it holding at least one connection;
+- ``busy``: the time it held at least one connection, from the looks (the trapezoid rule
+  over each pair of looks: unbiased over many looks, so a fast worker idle between requests
+  is not undercounted);
 - ``rate = sum(completed) / sum(busy)`` over the recent looks, each older look counting
-  ``DECAY`` as much as the next (a window of about ten looks, 0.2 s at 20 ms): completions per
-  second of work, that is what its worker can serve, not what it was given.
+  ``DECAY`` as much as the next (a window of about 50 looks, 1 s at 20 ms): completions per
+  second of work, that is what its worker can serve, not what it was given. A rate counts
+  once the slot was found busy for ``MIN_BUSY`` (four busy looks, ~80 ms of load).
 
-A slot's cost is ``UNIT x fastest rate / its rate``: the program sends a new connection to the
-drawn slot with the smaller ``(in flight + 1) x cost``, the expected wait of that connection
-(join the shortest expected delay), so a slot 3x slower holds a third of the others' in flight.
-Slots within ``BAND`` of the fastest cost ``UNIT`` (equal workers on a busy machine measure
-10-30% apart; weighing that would trade their balance for noise). A slot with no busy
-interval for a while has no news: its cost drifts back to ``UNIT`` (half-way in ``FORGET``
-seconds), so a worker that recovered is tried again; a new worker starts at ``UNIT``. Found
-within two looks of the load starting (the first look that finds it busy gives a rate).
+A slot's cost is ``UNIT x reference / its rate``, the reference being the fastest counted
+rate or what any slot served per second of the window (a floor of its rate: a fast worker at
+low load is too rarely found busy for its own rate to count). The program sends a new
+connection to the drawn slot with the smaller ``(in flight + 1) x cost``, the expected wait
+of that connection (join the shortest expected delay), so a slot 3x slower holds a third of
+the others' in flight. Slots within ``BAND`` (2x) of the reference cost ``UNIT``: on this
+2-vCPU machine at load 10-14, equal workers measured up to 1.8x apart over 0.2 s windows and
+3.4x over 0.4 s (a worker descheduled for a while is slower while it lasts); weighing that
+would trade their balance for noise. A slot with no news (no busy look) keeps what was
+measured while the window fades (1 s), then its cost drifts back to ``UNIT`` (half-way in
+``FORGET`` seconds), so a worker that recovered is tried again; a new worker starts at
+``UNIT``.
+
+Limits: in flight is not busy for a worker that holds idle long-lived connections while it
+serves short ones (it looks slower than it is), and long-lived connections alone complete
+nothing, so they say nothing about speed: what was measured before they opened is what
+places them.
 """
 
 from __future__ import annotations
