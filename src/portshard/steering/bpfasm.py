@@ -16,6 +16,7 @@ BPF_PSEUDO_MAP_FD = 1
 # Opcodes (linux/bpf_common.h, linux/bpf.h): class | op | source.
 MOV64_IMM, MOV64_REG, MOV32_REG = 0xB7, 0xBF, 0xBC
 ADD64_IMM, ADD32_REG, MOD32_IMM, SUB64_REG, MUL64_REG = 0x07, 0x0C, 0x94, 0x1F, 0x2F
+ADD32_IMM, SUB32_REG = 0x04, 0x1C
 LSH32_IMM, RSH32_IMM, OR32_REG = 0x64, 0x74, 0x4C
 TO_BE = 0xDC  # BPF_ALU | BPF_END | BPF_TO_BE: imm = 16, 32 or 64
 LDX_W, LDX_DW, STX_W, STX_DW, ST_W = 0x61, 0x79, 0x63, 0x7B, 0x62

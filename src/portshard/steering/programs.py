@@ -177,7 +177,16 @@ def _compare(a: Asm, table_fd: int, buckets: int, loads: tuple[int, int, int, in
     for _ in range(_DRAWS - 1):
         _pick(a, table_fd, buckets, dst=9, fail="choose")
         a.jump(asm.JNE_REG, "compare", dst=9, src=8)
-    a.jump(asm.JA, "choose")  # the same slot every time: it is most of the table
+    # The same slot every time: the bucket half the table away from the first (the table is
+    # one run per slot: with 2 equal slots, the other one; 1 in 16 connections went to a
+    # slot 20x slower without a comparison, which was most of what it got).
+    a.op(asm.LDX_W, dst=2, src=10, off=-64).op(asm.SUB32_REG, dst=2, src=7)
+    a.op(asm.ADD32_IMM, dst=2, imm=buckets // 2).op(asm.MOD32_IMM, dst=2, imm=buckets)
+    a.op(asm.ADD32_REG, dst=2, src=7).op(asm.STX_W, dst=10, src=2, off=-4)
+    _lookup(a, table_fd, -4)
+    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
+    a.op(asm.LDX_W, dst=9, src=0)
+    a.jump(asm.JEQ_REG, "choose", dst=9, src=8)  # the table holds one slot
     a.label("compare")
     _load(a, loads, 8, -16)
     _load(a, loads, 9, -24)
@@ -203,10 +212,10 @@ def tcp_code(
     there: its connections in flight (handed and not yet let go by its worker; ``fix`` is what
     the supervisor found stale) plus this one, times how much slower than the fastest its
     worker serves (speed.py; ``UNIT`` for a full-speed one). Where the SOCK_OPS program cannot
-    run, the supervisor writes queue depths into ``held`` instead. The second draw is repeated while
-    it names the first's slot, up to ``_DRAWS - 1`` times (4 equal slots: 1 in 256
-    connections gets no choice); ties go to the first draw. ``compare=False``: the first draw
-    only (the benchmark's PORTSHARD_BALANCE=none).
+    run, the supervisor writes queue depths into ``held`` instead. The second draw is
+    repeated while it names the first's slot, up to ``_DRAWS - 1`` times, then the bucket half
+    the table away is taken (only a table of one slot leaves no choice); ties go to the first
+    draw. ``compare=False``: the first draw only (the benchmark's PORTSHARD_BALANCE=none).
 
     Then, for a new connection (not one migrated from a closing listener): ``counts[slot]``
     (u64) goes up by one (an atomic add: CPUs may run the program at once; the new
@@ -218,6 +227,7 @@ def tcp_code(
     a = Asm().op(asm.MOV64_REG, dst=6, src=1)
     _active_bucket(a, table_fd, buckets)
     _pick(a, table_fd, buckets, dst=8, fail="out")
+    a.op(asm.LDX_W, dst=1, src=10, off=-4).op(asm.STX_W, dst=10, src=1, off=-64)  # its bucket
     if compare:  # else (PORTSHARD_BALANCE=none) the first draw, as the classic program
         _compare(a, table_fd, buckets, loads)
     a.label("choose")
