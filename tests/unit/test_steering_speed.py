@@ -64,15 +64,15 @@ def test_slots_within_the_band_are_as_fast() -> None:
 
 
 def test_a_fast_worker_idle_between_requests_is_not_taken_for_a_slow_one() -> None:
-    # Low concurrency: slot 0 serves 20 a look but is found holding nothing at every other
-    # look (it works half the time); slot 1 is 3x slower than it and always busy.
+    # Slot 0 serves 20 a look but is found saturated at every other look only (it works
+    # half the time); slot 1 is 3x slower than it and always saturated.
     speeds, counts = Speeds(), Counts(2)
     t = 1.0
     costs: dict[int, int] = {}
     for i in range(40):
         t += LOOK
-        counts.step(0, 20, i % 2)
-        counts.step(1, 7, 1)
+        counts.step(0, 20, 2 * (i % 2))
+        counts.step(1, 7, 2)
         costs = speeds.observe(t, counts.view())
     assert costs[0] == UNIT
     assert costs[1] >= 1.5 * UNIT
@@ -107,16 +107,24 @@ def test_long_lived_connections_alone_say_nothing() -> None:
 
 
 def test_a_fast_worker_rarely_found_busy_still_shows_a_slow_one_slow() -> None:
-    # Low load: slot 0 is found holding a connection at one look in ten (too rarely for its
-    # own rate to count) but serves 250 a second; slot 1, always busy, serves 100.
+    # Low load: slot 0 is found saturated at one look in ten (too rarely for its own rate to
+    # count) but serves 300 a second; slot 1, always saturated, serves 100.
     speeds, counts = Speeds(), Counts(2)
     t = 1.0
     costs: dict[int, int] = {}
     for i in range(60):
         t += LOOK
-        counts.step(0, 5, 1 if i % 10 == 0 else 0)
-        counts.step(1, 2, 1)
+        counts.step(0, 6, 2 if i % 10 == 0 else 1)
+        counts.step(1, 2, 2)
         costs = speeds.observe(t, counts.view())
     assert speeds.rates()[0] is None
     assert costs[0] == UNIT
-    assert 2.3 * UNIT <= costs[1] <= 2.7 * UNIT
+    assert 2.7 * UNIT <= costs[1] <= 3.1 * UNIT
+
+
+def test_a_lightly_loaded_worker_does_not_look_slower_than_a_saturated_one() -> None:
+    # Equal workers: slot 1 holds one connection at a time (its client's time to send the
+    # request is in flight too), slot 0 keeps one waiting. Only saturated time measures speed.
+    speeds, counts = Speeds(), Counts(2)
+    costs, _ = run(speeds, counts, 50, [(30, 3), (15, 1)], 1.0)
+    assert costs == {0: UNIT, 1: UNIT}

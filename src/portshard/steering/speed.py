@@ -10,10 +10,12 @@ service rate from what the kernel already counts at every sample (eBPF, SOCK_OPS
 - ``completed = handed - handed' - (in_flight - in_flight')``: connections its worker let go
   since the last look (handed: the steering program's per-slot counter; in flight: queued +
   held, inflight.py);
-- ``busy``: the time it held at least one connection, from the looks (the trapezoid rule
-  over each pair of looks: unbiased over many looks, so a fast worker idle between requests
-  is not undercounted);
-- ``rate = sum(completed) / sum(busy)`` over the recent looks, each older look counting
+- ``busy``: the time it held at least ``SATURATED`` (2) connections, one served and one
+  waiting, from the looks (the trapezoid rule over each pair of looks: unbiased over many
+  looks). Saturated, a worker completes at its own speed; with one connection in flight
+  it also waits for its client, so a lightly loaded worker would look slower than a busy
+  one, get less for it and look slower still;
+- ``rate = sum(completed while saturated) / sum(busy)`` over the recent looks, each older look counting
   ``DECAY`` as much as the next (a window of about 50 looks, 1 s at 20 ms): completions per
   second of work, that is what its worker can serve, not what it was given. A rate counts
   once the slot was found busy for ``MIN_BUSY`` (four busy looks, ~80 ms of load).
@@ -46,8 +48,9 @@ __all__ = ["UNIT", "Speeds"]
 UNIT = 1024  # the cost of a full-speed slot (integers in the kernel)
 MAX_COST = 64 * UNIT  # 64x slower or worse: the same (it still gets a trickle)
 DECAY = 0.98  # per look: the weight of older looks in the rate
-BAND = 2.0  # a slot within this factor of the fastest is as fast
+BAND = 2.5  # a slot within this factor of the fastest is as fast
 FORGET = 2.0  # seconds without a busy interval for half of a slot's extra cost to go
+SATURATED = 2  # in flight: one being served, one waiting (its rate is its worker's speed)
 MIN_BUSY = 0.08  # seconds of work (decayed) a rate needs: four busy looks or more
 
 
@@ -55,8 +58,9 @@ MIN_BUSY = 0.08  # seconds of work (decayed) a rate needs: four busy looks or mo
 class _Slot:
     handed: int
     inflight: int
-    completed: float = 0.0  # decayed sums
+    completed: float = 0.0  # decayed sums: completed while saturated, and that time
     busy: float = 0.0
+    served: float = 0.0  # completed in all
     elapsed: float = 0.0
     cost: float = UNIT
 
@@ -86,10 +90,14 @@ class Speeds:
                 continue
             completed = max(0, handed - s.handed - (inflight - s.inflight))
             if 0.0 < dt < 1.0:
-                # The time it held a connection, from the two looks (trapezoid rule): unbiased
-                # over many looks, so a fast worker idle between requests is not undercounted.
-                busy = dt * ((s.inflight > 0) + (inflight > 0)) / 2
-                s.completed = DECAY * s.completed + completed
+                # The time it had a connection waiting behind the one it serves, from the two
+                # looks (trapezoid rule). Not "holds one": a connection is in flight from its
+                # SYN, so a lightly loaded worker also holds the client's time to send its
+                # request, and looked up to 2x slower than a busy one, got less for it, and
+                # looked slower still (equal workers: one of 2 got nothing at 4 in flight).
+                busy = dt * ((s.inflight >= SATURATED) + (inflight >= SATURATED)) / 2
+                s.completed = DECAY * s.completed + completed * busy / dt  # while saturated
+                s.served = DECAY * s.served + completed
                 s.busy = DECAY * s.busy + busy
                 s.elapsed = DECAY * s.elapsed + dt
             s.handed, s.inflight = handed, inflight
@@ -97,7 +105,7 @@ class Speeds:
         # The reference: the fastest measured rate, or what a slot served per second of
         # the window (a floor of its rate: a fast worker at low load is mostly idle, too
         # rarely found busy for its rate to count).
-        served = [s.completed / s.elapsed for s in self._slots.values() if s.elapsed > 0]
+        served = [s.served / s.elapsed for s in self._slots.values() if s.elapsed > 0]
         fastest = max([*rates.values(), *served], default=0.0)
         for slot, s in self._slots.items():
             rate = rates.get(slot)
