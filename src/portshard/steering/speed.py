@@ -15,8 +15,8 @@ service rate from what the kernel already counts at every sample (eBPF, SOCK_OPS
   looks). Saturated, a worker completes at its own speed; with one connection in flight
   it also waits for its client, so a lightly loaded worker would look slower than a busy
   one, get less for it and look slower still;
-- ``rate = sum(completed while saturated) / sum(busy)`` over the recent looks, each older look counting
-  ``DECAY`` as much as the next (a window of about 50 looks, 1 s at 20 ms): completions per
+- ``rate = sum(completed while saturated) / sum(busy)`` over the recent looks, each older
+  look counting ``DECAY`` as much as the next (a window of about 50 looks, 1 s at 20 ms): completions per
   second of work, that is what its worker can serve, not what it was given. A rate counts
   once the slot was found busy for ``MIN_BUSY`` (four busy looks, ~80 ms of load).
 
@@ -25,7 +25,7 @@ rate or what any slot served per second of the window (a floor of its rate: a fa
 low load is too rarely found busy for its own rate to count). The program sends a new
 connection to the drawn slot with the smaller ``(in flight + 1) x cost``, the expected wait
 of that connection (join the shortest expected delay), so a slot 3x slower holds a third of
-the others' in flight. Slots within ``BAND`` (2x) of the reference cost ``UNIT``: on this
+the others' in flight. Slots within ``BAND`` (2.5x) of the reference cost ``UNIT``: on this
 2-vCPU machine at load 10-14, equal workers measured up to 1.8x apart over 0.2 s windows and
 3.4x over 0.4 s (a worker descheduled for a while is slower while it lasts); weighing that
 would trade their balance for noise. A slot with no news (no busy look) keeps what was
