@@ -16,9 +16,9 @@ service rate from what the kernel already counts at every sample (eBPF, SOCK_OPS
   it also waits for its client, so a lightly loaded worker would look slower than a busy
   one, get less for it and look slower still;
 - ``rate = sum(completed while saturated) / sum(busy)`` over the recent looks, each older
-  look counting ``DECAY`` as much as the next (a window of about 50 looks, 1 s at 20 ms): completions per
-  second of work, that is what its worker can serve, not what it was given. A rate counts
-  once the slot was found busy for ``MIN_BUSY`` (four busy looks, ~80 ms of load).
+  look counting ``DECAY`` as much as the next (a window of about 50 looks, 1 s at 20 ms):
+  completions per second of work, that is what its worker can serve, not what it was given.
+  A rate counts once the slot was found saturated for ``MIN_BUSY`` (four looks, ~80 ms).
 
 A slot's cost is ``UNIT x reference / its rate``, the reference being the fastest counted
 rate or what any slot served per second of the window (a floor of its rate: a fast worker at
