@@ -29,9 +29,9 @@ the others' in flight. Slots within ``BAND`` (2.5x) of the reference cost ``UNIT
 2-vCPU machine at load 10-14, equal workers measured up to 1.8x apart over 0.2 s windows and
 3.4x over 0.4 s (a worker descheduled for a while is slower while it lasts); weighing that
 would trade their balance for noise. A slot with no news (no busy look) keeps what was
-measured while the window fades (1 s), then its cost drifts back to ``UNIT`` (half-way in
-``FORGET`` seconds), so a worker that recovered is tried again; a new worker starts at
-``UNIT``.
+measured while the window fades (``FADE`` per look: 0.5-1.2 s), then its cost drifts back
+to ``UNIT`` (half-way in ``FORGET`` seconds), so a worker that recovered is tried again; a
+new worker starts at ``UNIT``.
 
 Limits: in flight is not busy for a worker that holds idle long-lived connections while it
 serves short ones (it looks slower than it is), and long-lived connections alone complete
@@ -49,7 +49,8 @@ UNIT = 1024  # the cost of a full-speed slot (integers in the kernel)
 MAX_COST = 64 * UNIT  # 64x slower or worse: the same (it still gets a trickle)
 DECAY = 0.98  # per look: the weight of older looks in the rate
 BAND = 2.5  # a slot within this factor of the fastest is as fast
-FORGET = 2.0  # seconds without a busy interval for half of a slot's extra cost to go
+FADE = 0.9  # per look not saturated: the weight of what was measured (gone in ~25 looks)
+FORGET = 0.5  # seconds without a rate for half of a slot's extra cost to go
 SATURATED = 2  # in flight: one being served, one waiting (its rate is its worker's speed)
 MIN_BUSY = 0.08  # seconds of work (decayed) a rate needs: four busy looks or more
 
@@ -96,9 +97,12 @@ class Speeds:
                 # request, and looked up to 2x slower than a busy one, got less for it, and
                 # looked slower still (equal workers: one of 2 got nothing at 4 in flight).
                 busy = dt * ((s.inflight >= SATURATED) + (inflight >= SATURATED)) / 2
-                s.completed = DECAY * s.completed + completed * busy / dt  # while saturated
+                # Not saturated at all: no news of its speed, and what was measured fades
+                # faster (a worker stalled for seconds was otherwise kept out for 6-10 s after).
+                decay = DECAY if busy else FADE
+                s.completed = decay * s.completed + completed * busy / dt  # while saturated
                 s.served = DECAY * s.served + completed
-                s.busy = DECAY * s.busy + busy
+                s.busy = decay * s.busy + busy
                 s.elapsed = DECAY * s.elapsed + dt
             s.handed, s.inflight = handed, inflight
         rates = {slot: rate for slot, rate in self.rates().items() if rate is not None}
@@ -110,7 +114,10 @@ class Speeds:
         for slot, s in self._slots.items():
             rate = rates.get(slot)
             if rate is None or fastest <= 0:
-                s.cost = UNIT + (s.cost - UNIT) * 0.5 ** (dt / FORGET) if dt > 0 else s.cost
+                if dt > 0:
+                    s.cost = UNIT + (s.cost - UNIT) * 0.5 ** (dt / FORGET)
+                    if s.cost < BAND * UNIT:  # as fast as the rest (not 1025 forever: ties
+                        s.cost = UNIT  # go to the first draw, so it would get nothing)
                 continue
             slower = fastest / rate if rate > 0 else MAX_COST / UNIT
             s.cost = min(MAX_COST, UNIT * slower) if slower >= BAND else UNIT
