@@ -185,6 +185,17 @@ class Server:
             self.log.close()
 
 
+def _workers_cpu(pids: list[int]) -> float:
+    """CPU seconds of these processes so far (one that has exited counts 0: a crash run)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += _cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -221,13 +232,14 @@ def run_one(
     try:
         started = time.monotonic()
         timers = []
-        if server.supervisor is not None:
-            sup = server.supervisor
+        sup = server.supervisor
 
-            def mark(name: str) -> None:
+        def mark(name: str) -> None:
+            if sup is not None:
                 cpu[name] = _cpu_seconds(sup)
+            cpu[f"workers_{name}"] = _workers_cpu(server.pids)
 
-            timers.append(threading.Timer(warmup, mark, ("start",)))
+        timers.append(threading.Timer(warmup, mark, ("start",)))
         if scenario.get("crash"):
             victim = server.pids[1]
 
@@ -254,8 +266,7 @@ def run_one(
                 hog.wait()
         if proc.returncode:
             raise RuntimeError(f"load generator failed: {proc.stderr}")
-        if server.supervisor is not None:
-            cpu["end"] = _cpu_seconds(server.supervisor)
+        mark("end")
     finally:
         server.stop()
     data = out.read_bytes()
@@ -287,8 +298,15 @@ def run_one(
         ),
         "cold_rps": sum(1 for r in records if r[3] == 0 and r[0] + r[1] * 1000 < 2e9) / 2,
     }
+    sup_cpu = 0.0
     if "start" in cpu and "end" in cpu:
-        result["supervisor_cpu_pct"] = 100 * (cpu["end"] - cpu["start"]) / seconds
+        sup_cpu = cpu["end"] - cpu["start"]
+        result["supervisor_cpu_pct"] = 100 * sup_cpu / seconds
+    if "workers_start" in cpu and ok_done and not kill_at:
+        # The whole server's CPU per request (workers + supervisor): steadier than req/s on a
+        # shared machine, where the load and other sessions take the CPU it would use.
+        server_cpu = cpu["workers_end"] - cpu["workers_start"] + sup_cpu
+        result["cpu_us_per_request"] = 1e6 * server_cpu / len(ok_done)
     if kill_at:
         k = kill_at[0] * 1e9
         before = [r[1] / 1000 for r in records if w0 <= r[0] < k - 0.2e9 and r[3] == 0]

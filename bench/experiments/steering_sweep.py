@@ -55,7 +55,6 @@ KINDS = {
     "none": {"slow": ""},
 }
 CONFIGS = ["shared", "plain", "ebpf", "cbpf"]
-HOLDER = ROOT / "bench" / "workers" / "holder.py"
 
 
 def cell_name(workers: int, inflight: int, kind: str) -> str:
@@ -70,14 +69,21 @@ def run_cell(workers: int, inflight: int, kind: str, config: str, args: Any) -> 
     return result
 
 
-def run_keepalive(config: str, kind: str) -> dict[str, Any]:
-    """200 connections at once over 4 holders; who holds each (asked over the connection)."""
+def run_keepalive(config: str, kind: str, load: str, warm: float) -> dict[str, Any]:
+    """200 connections at once over 4 workers that hold them; who holds each (asked over the
+    connection). ``warm`` s of connection-per-request load (16 in flight) come first, so that
+    a slow worker has shown it is slow: with none, nothing tells it from the others when the
+    connections open."""
     scenario = {"workers": 4, "slow": "x3" if kind == "x3" else ""}
-    sb.WORKER = HOLDER
+    os.environ["BENCH_HOLD"] = "1"
     tmp = Path(tempfile.mkdtemp(prefix="ps-sweep-"))
     server = sb.Server(config, scenario, tmp)
     conns: list[socket.socket] = []
     try:
+        if warm:
+            out = tmp / "warm.bin"
+            cmd = [load, "127.0.0.1", str(server.port), "16", str(warm), str(out)]
+            subprocess.run(cmd, capture_output=True, check=True)
         for _ in range(200):
             conns.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
         for conn in conns:
@@ -92,6 +98,7 @@ def run_keepalive(config: str, kind: str) -> dict[str, Any]:
     return {
         "config": config,
         "kind": kind,
+        "warm": warm,
         "held": counts,
         "max_over_min": max(counts) / max(1, min(counts)),
         "slow_share_of_equal": counts[3] / (200 / 4),
@@ -100,8 +107,12 @@ def run_keepalive(config: str, kind: str) -> dict[str, Any]:
 
 def isolated(inner: list[str]) -> dict[str, Any]:
     cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    src = ROOT / "src"
+    if any(a.endswith("@old") for a in inner):  # A/B: the same config, portshard from --old
+        inner = [a.removesuffix("@old") for a in inner]
+        src = Path(os.environ["STEERING_OLD_SRC"])
     cmd += [sys.executable, str(Path(__file__).resolve()), *inner]
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+    env = dict(os.environ, PYTHONPATH=f"{src}:{ROOT}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode:
         raise RuntimeError(f"{inner} failed:\n{proc.stderr[-3000:]}")
@@ -217,9 +228,18 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--keepalive", action="store_true", help="also the long-lived spread")
     parser.add_argument("--keepalive-only", action="store_true")
+    parser.add_argument(
+        "--old",
+        help="a src/ directory of another portshard: configs ending in @old run it (A/B)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "steering_sweep.json"))
     parser.add_argument("--cell", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--held", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--held", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--warm",
+        default="0,1.5",
+        help="--keepalive: seconds of connection-per-request load before the connections open",
+    )
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
@@ -227,11 +247,14 @@ def main() -> None:
         print(json.dumps(run_cell(int(w), int(c), kind, config, args)))
         return
     if args.held:
-        print(json.dumps(run_keepalive(*args.held)))
+        config, kind, warm = args.held
+        print(json.dumps(run_keepalive(config, kind, args.load, float(warm))))
         return
     if os.geteuid() != 0:
         sys.exit("steering_sweep: needs root (each run gets its own network namespace)")
     configs = args.configs.split(",")
+    if args.old:
+        os.environ["STEERING_OLD_SRC"] = str(Path(args.old).resolve())
     results: list[dict[str, Any]] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,24 +273,31 @@ def main() -> None:
                     inner = ["--cell", str(w), str(c), kind, config, "--load", load]
                     inner += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
                     r = isolated(inner)
-                    r.update(round=rnd, load_average=load_average())
+                    r.update(config=config, round=rnd, load_average=load_average())
                     results.append(r)
                     print(
                         f"round {rnd} {cell_name(w, c, kind):14} {config:10} {r['rps']:8.0f} "
                         f"req/s p99 {r['p99_ms']:7.2f} ms cold p99 {r['cold_p99_ms']:7.2f} ms "
-                        f"jain {r['jain']:.3f} load {r['load_average']}",
+                        f"jain {r['jain']:.3f} cpu/req {r.get('cpu_us_per_request', 0):.0f} us "
+                        f"load {r['load_average']}",
                         flush=True,
                     )
                 out.write_text(json.dumps({"results": results}, indent=1))
     spread = []
     if args.keepalive or args.keepalive_only:
-        for rnd in range(args.rounds):
-            for kind in ("none", "x3"):
-                for config in [c for c in configs if c != "ebpf-none"]:
-                    r = isolated(["--held", config, kind])
-                    r.update(round=rnd, load_average=load_average())
-                    spread.append(r)
-                    print(f"keepalive {kind:4} {config:10} held {r['held']}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="ps-sweep-") as tmp:
+            load = sb.build_load(Path(tmp))
+            for rnd in range(args.rounds):
+                for warm in args.warm.split(","):
+                    for kind in ("none", "x3"):
+                        for config in [c for c in configs if c != "ebpf-none"]:
+                            r = isolated(["--held", config, kind, warm, "--load", load])
+                            r.update(config=config, round=rnd, load_average=load_average())
+                            spread.append(r)
+                            print(
+                                f"keepalive warm {warm}s {kind:4} {config:10} held {r['held']}",
+                                flush=True,
+                            )
     meta = {"kernel": os.uname().release, "cpus": os.cpu_count(), "seconds": args.seconds}
     if results:
         print(table(results, configs))

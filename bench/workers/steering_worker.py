@@ -9,11 +9,16 @@ own shared-queue and plain-reuseport set-ups). Its slot is $PORTSHARD_SLOT or $B
 - BENCH_SLOW=hog: that worker pins itself to CPU BENCH_HOG_CPU (1), where the benchmark runs a
   CPU hog beside it.
 - BENCH_BOOT=S: sleep S seconds before accepting (a slow boot: a respawn takes that long).
+- BENCH_HOLD=1 (steering_sweep.py --keepalive): a connection whose first message is not an
+  HTTP request is kept open and each message on it answered with the slot (a long-lived
+  connection, served from a selector between accepts); HTTP requests are served as above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import selectors
 import socket
 import time
 
@@ -35,11 +40,41 @@ def main() -> None:
     base = 0.0  # x3: the average time a request takes this worker, without the extra burn
     if slow and mode == "hog":
         os.sched_setaffinity(0, {int(os.environ.get("BENCH_HOG_CPU", "1"))})
+    hold = os.environ.get("BENCH_HOLD") == "1"
+    held = selectors.DefaultSelector()
+    kept: set[socket.socket] = set()  # hold: connections known to be long-lived
+    if hold:
+        sock.setblocking(False)
+        held.register(sock, selectors.EVENT_READ)
     while True:
-        conn, _ = sock.accept()
+        if hold:  # one readable connection at a time, from the selector (never blocks)
+            conn = None
+            for key, _ in held.select():
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
+                if ready is sock:
+                    with contextlib.suppress(BlockingIOError):
+                        new, _ = sock.accept()
+                        held.register(new, selectors.EVENT_READ)
+                elif ready in kept:
+                    answer_held(held, kept, ready, slot)
+                elif conn is None:  # a new connection's first message (others: next turn)
+                    conn = ready
+            if conn is None:
+                continue
+            first = conn.recv(4096)
+            if first and not first.startswith(b"GET"):
+                conn.sendall(f"{slot}\n".encode())
+                kept.add(conn)
+                continue
+            held.unregister(conn)
+            conn.setblocking(True)
+        else:
+            conn, _ = sock.accept()
         began, burnt = time.monotonic(), 0.0
         try:
-            conn.recv(4096)
+            if not hold:
+                conn.recv(4096)
             served += 1
             if slow and mode == "x3" and base:
                 burnt = 2 * base
@@ -60,6 +95,23 @@ def main() -> None:
             conn.close()
         took = time.monotonic() - began - burnt
         base = took if not base else 0.95 * base + 0.05 * took
+
+
+def answer_held(
+    held: selectors.BaseSelector, kept: set[socket.socket], conn: socket.socket, slot: str
+) -> None:
+    """A message on a long-lived connection: answer with the slot; EOF: let it go."""
+    try:
+        data = conn.recv(4096)
+        if data:
+            conn.sendall(f"{slot}\n".encode())
+            kept.add(conn)
+            return
+    except OSError:
+        pass
+    held.unregister(conn)
+    kept.discard(conn)
+    conn.close()
 
 
 if __name__ == "__main__":

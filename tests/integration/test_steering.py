@@ -441,3 +441,69 @@ def test_200_long_lived_connections_opened_at_once_spread_evenly_and_are_counted
     for conn in clients[100:]:  # the workers let go of what their clients closed: a quick stop
         conn.close()
     wait_until(lambda: sum(s["connections"] for s in sup.status()["slots"]) == 0, 5, "all closed")
+
+
+# Serves HTTP requests (one per connection) and holds any connection whose first message is
+# not one, answering each message with its slot; slot 3 takes 10 ms per HTTP request.
+SLOW_HOLDER = [
+    sys.executable,
+    "-c",
+    """
+import os, selectors, socket, time
+slot = os.environ["PORTSHARD_SLOT"]
+listener = socket.socket(fileno=3)
+listener.setblocking(False)
+sel = selectors.DefaultSelector()
+sel.register(listener, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        s = key.fileobj
+        if s is listener:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            sel.register(conn, selectors.EVENT_READ)
+            continue
+        data = s.recv(4096)
+        if data.startswith(b"GET"):
+            if slot == "3":
+                time.sleep(0.01)
+            s.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\n" + slot.encode())
+        elif data:
+            s.sendall(slot.encode())
+            continue
+        sel.unregister(s)
+        s.close()
+""",
+]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="eBPF steering needs root")
+def test_a_slow_worker_found_under_load_holds_fewer_long_lived_connections(
+    start: Start, clients: list[socket.socket]
+) -> None:
+    # Two choices by connections in flight alone spread long-lived connections evenly, a slow
+    # worker's too (issue 11). Once load has shown slot 3 slow (10 ms a request, the others
+    # well under 1), the program weighs its connections by how much slower it serves: of 100
+    # opened at once it gets at most half its equal share.
+    listen = ("--listen", "tcp://127.0.0.1:0")
+    sup = start("-w", "4", "--steering", "ebpf", *listen, "--", *SLOW_HOLDER)
+    port = sup.port  # (a status call each time)
+    driver = Driver(port, 8)
+
+    def found() -> bool:
+        driver.run(300, 10)  # long enough for slot 3 to be found busy for a while
+        return bool(slot_of(sup, 3)["steering"].get("slower", 1.0) >= 2.0)
+
+    try:
+        wait_until(found, 60, "slot 3 measured slower")
+    finally:
+        driver.close()
+    for _ in range(100):
+        clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+    for conn in clients:
+        conn.sendall(b"?")
+    held = Counter(conn.recv(16).decode() for conn in clients)
+    assert held["3"] <= 100 / 4 / 2, held
+    assert {"0", "1", "2"} <= set(held), held

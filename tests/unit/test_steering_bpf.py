@@ -36,7 +36,7 @@ def test_a_jump_to_a_label_never_placed_or_placed_twice_is_refused() -> None:
 
 
 def test_the_programs_assemble_and_end_with_exit() -> None:
-    for code in (tcp_code(3, 4, 5, (6, 7, 8), 1024), sock_ops_code(3, 4, 5)):
+    for code in (tcp_code(3, 4, 5, (6, 7, 8, 9), 1024), sock_ops_code(3, 4, 5)):
         assert len(code) % 8 == 0 and decode(code)[-1][0] == asm.EXIT
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.suite import servers
-from bench.suite.harness import Config, Metric, Scenario, ScenarioResult, Settings
-from bench.suite.httprun import Starter
-from bench.suite.scenarios.common import Env, expect, http_config
+from bench.suite.harness import Config, Measurement, Metric, Scenario, ScenarioResult, Settings
+from bench.suite.httprun import Starter, measure
+from bench.suite.scenarios.common import Env, expect
 
 EVERY, STALL_MS = 20, 50
 SETTLE = 2.0  # seconds of full load before each measured run (quick: 0.5)
+IN_FLIGHT = (8, 64)  # wrk's connections: issue 11's low concurrency, and a heavy load
 
 ABOUT = """\
 One of the workers (slot 0) stalls {ms} ms on every {every}th request it serves (a GC pause,
@@ -23,9 +26,12 @@ steering backend this portshard offers, which should keep the slow worker's shar
 it can serve. Connection per request; req/s from wrk, latencies from the raw timings of the
 Python probe, "slow share" = the fraction of responses the slow worker gave (wrk's count).
 Every configuration first runs {settle:g} s under the full load, unmeasured: the figures are
-the steady state. Steering learns a slow worker in about a second from a cold start (its weight
-falls by up to 8x per 0.3 s); measured from the first request, that second of stalls set p99
-anywhere between 1x and 30x the shared queue's.
+the steady state. Each group runs at {inflight} connections in flight (wrk's connections; 8 is
+issue 11's low concurrency, where the old overload rule never fired). "CPU/req" is the whole
+server's CPU (workers and supervisor) per request answered (wrk's and the probe's): steadier
+than req/s on a shared machine. The full sweep (2 and 4 workers x 4-256 in flight x a
+periodic stall, a 3x slower worker, a CPU hog, none; long-lived connections) is
+`bench/experiments/steering_sweep.py`, whose figures are in docs/ARCHITECTURE.md.
 """
 
 METRICS = [
@@ -36,15 +42,38 @@ METRICS = [
     Metric("slow_share", "slow share", "", "", 3),
     Metric("failed", "errors", "", "lower"),
     Metric("cpu_supervisor", "supervisor CPU", "", "", 3),
+    Metric("cpu_us", "CPU/req", "us", "lower", 0, ratio=True),
 ]
+
+
+def _run(start: Starter, inflight: int, settle: float) -> Callable[[Settings], Measurement]:
+    """One HTTP run at ``inflight`` wrk connections, with the whole server's CPU per request."""
+
+    def run(settings: Settings) -> Measurement:
+        at = dataclasses.replace(
+            settings, wrk_connections=inflight, wrk_threads=min(settings.wrk_threads, inflight)
+        )
+        m = measure(at, start, keepalive=False, slow_slot=0, settle=settle)
+        answered = m.metrics["rps"] + m.metrics.get("probe_n", 0.0) / settings.seconds
+        if answered > 0:
+            m.metrics["cpu_us"] = 1e6 * m.metrics["cpu_server"] / answered
+        return m
+
+    return run
 
 
 def scenario(settings: Settings, env: Env) -> Scenario:
     slow = ["--slow-slot", "0", "--slow-every", str(EVERY), "--slow-ms", str(STALL_MS)]
     settle = 0.5 if settings.quick else SETTLE
     configs: list[Config] = []
-    for n in (settings.workers,) if settings.quick else sorted({2, 4, settings.workers}):
-        group = f"{n} workers, one slow"
+    inflights = (8,) if settings.quick else IN_FLIGHT
+    for n, inflight in [
+        (n, c)
+        for n in ((settings.workers,) if settings.quick else sorted({2, 4, settings.workers}))
+        for c in inflights
+    ]:
+        group = f"{n} workers, one slow, {inflight} in flight"
+        prefix = f"{n}x{inflight}"
 
         def forked(n: int = n) -> Starter:
             return lambda a, log: servers.forked("epoll", n, [*a, *slow], log)
@@ -75,22 +104,24 @@ def scenario(settings: Settings, env: Env) -> Scenario:
             entries.append(("ps", "portshard (no steering yet)", portshard([]), 1.0))
         for key, label, start, startup in entries:
             configs.append(
-                http_config(
-                    f"{n}/{key}",
+                Config(
+                    f"{prefix}/{key}",
                     label,
-                    start,
-                    keepalive=False,
-                    baseline=f"{n}/shared",
+                    _run(start, inflight, settle),
                     group=group,
+                    baseline=f"{prefix}/shared",
                     expect_s=expect(settings, startup + settle),
-                    slow_slot=0,
-                    settle=settle,
                 )
             )
     return Scenario(
         "s5_slow",
         "5. One slow worker",
-        ABOUT.format(ms=STALL_MS, every=EVERY, settle=settle),
+        ABOUT.format(
+            ms=STALL_MS,
+            every=EVERY,
+            settle=settle,
+            inflight=" and ".join(str(c) for c in ((8,) if settings.quick else IN_FLIGHT)),
+        ),
         configs,
         METRICS,
         settings.rounds,

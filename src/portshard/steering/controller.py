@@ -39,6 +39,7 @@ from . import cbpf
 from .ebpf import BpfError, SteeringProgram
 from .inflight import InFlight
 from .policy import Change, ChangeKind, Health, Observation, Policy
+from .speed import UNIT, Speeds
 from .table import BUCKETS, Buckets, apportion, contiguous, runs
 
 __all__ = ["BACKENDS", "SAMPLE", "Health", "Steering", "migrate_req"]
@@ -153,6 +154,9 @@ class Steering:
         self._last_health: tuple[tuple[int, int | None, Health], ...] = ()
         self._handed: dict[int, int] = {}
         self._next_expire = 0.0
+        self.speeds = Speeds()
+        self._costs: dict[int, int] = {}  # what the kernel's cost map holds (else UNIT)
+        self._speed_pids: dict[int, int | None] = {}
         self.inflight: InFlight | None = None
         self.balance = "none"
         try:
@@ -356,6 +360,8 @@ class Steering:
         if sample:
             self.next_sample = now + (SAMPLE if busy else SAMPLE_IDLE)
             self._expire(now)
+            if handed is not None:
+                self._weigh_speeds(now, slots, handed)
         changes = self.policy.observe(observations)
         for change in changes:
             if change.moves:
@@ -368,6 +374,30 @@ class Steering:
             self._version = self.policy.version
             for group in self.groups:
                 self._install(group)
+
+    def _weigh_speeds(
+        self, now: float, slots: Sequence[tuple[int, int | None, Health]], handed: dict[int, int]
+    ) -> None:
+        """How fast each ready slot serves (speed.py), into the kernel's cost map; a slot not
+        ready (or with a new worker) starts again at a full speed."""
+        in_flight = self.in_flight()
+        if in_flight is None or self.inflight is None:
+            return
+        counts: dict[int, tuple[int, int]] = {}
+        for slot, pid, health in slots:
+            known = self._speed_pids.get(slot)
+            self._speed_pids[slot] = pid
+            if health is not Health.READY or slot not in handed or slot not in in_flight:
+                continue
+            if known is not None and known != pid:
+                self.speeds.forget(slot)
+            counts[slot] = (handed[slot], in_flight[slot])
+        costs = self.speeds.observe(now, counts)
+        for slot in set(self._costs) | set(costs):
+            cost = costs.get(slot, UNIT)
+            if self._costs.get(slot, UNIT) != cost:
+                self.inflight.set_cost(slot, cost)
+                self._costs[slot] = cost
 
     def _expire(self, now: float) -> None:
         """Once a second: handshakes that never completed stop counting (inflight.py)."""
@@ -490,6 +520,9 @@ class Steering:
             "weight": round(verdict.weight, 3),
             "share": round(self._shares.get(slot, 0.0), 4),
         }
+        if self.inflight is not None and self.inflight.kernel:
+            # How much slower than the fastest it serves (1.0: as fast; speed.py).
+            out["slower"] = round(self._costs.get(slot, UNIT) / UNIT, 2)
         if any(g.proto is Proto.UDP for g in self.groups):
             out["udp"] = verdict.udp_included
         return out

@@ -254,17 +254,27 @@ def load_program(
     code: bytes, attach_type: int, name: bytes, prog_type: int = BPF_PROG_TYPE_SK_REUSEPORT
 ) -> int:
     """Load a program (SK_REUSEPORT unless ``prog_type`` says otherwise); the verifier's last
-    line is in the error if it refuses."""
+    line is in the error if it refuses. Loaded without the verifier's log first: a log that
+    overflows its buffer fails the load (ENOSPC) even when the program is fine."""
     insns, license_ = ctypes.create_string_buffer(code, len(code)), ctypes.c_char_p(b"GPL")
-    log = ctypes.create_string_buffer(16384)
-    attr = struct.pack(
-        "=IIQQIIQII16sII",
-        prog_type, len(code) // 8, ctypes.addressof(insns),
-        ctypes.cast(license_, ctypes.c_void_p).value or 0, 1, len(log), ctypes.addressof(log),
-        0, 0, name, 0, attach_type,
-    )  # fmt: skip
+    log = ctypes.create_string_buffer(65536)
+
+    def attr(level: int) -> bytes:
+        return struct.pack(
+            "=IIQQIIQII16sII",
+            prog_type, len(code) // 8, ctypes.addressof(insns),
+            ctypes.cast(license_, ctypes.c_void_p).value or 0, level,
+            len(log) if level else 0, ctypes.addressof(log) if level else 0,
+            0, 0, name, 0, attach_type,
+        )  # fmt: skip
+
+    what = f"loading the program {name.decode()}"
     try:
-        return bpf(BPF_PROG_LOAD, attr, f"loading the program {name.decode()}")
+        return bpf(BPF_PROG_LOAD, attr(0), what)
+    except BpfError:
+        pass
+    try:
+        return bpf(BPF_PROG_LOAD, attr(1), what)
     except BpfError as exc:
         lines = log.value.decode(errors="replace").strip().splitlines()
         raise BpfError(f"{exc}; verifier: {lines[-1]}" if lines else str(exc)) from None
@@ -302,11 +312,11 @@ class SteeringProgram:
         *,
         flow: bool,
         slots: int = 1024,
-        loads: tuple[int, int, int] = (-1, -1, -1),
+        loads: tuple[int, int, int, int] = (-1, -1, -1, -1),
         compare: bool = True,
         socks_fd: int | None = None,
     ) -> None:
-        """``loads``: the fds of the in-flight maps ``held``, ``fix`` and ``syn``
+        """``loads``: the fds of the in-flight maps ``held``, ``fix``, ``syn`` and ``cost``
         (inflight.py) a TCP program reads and writes. ``socks_fd``: a predecessor's
         sockarray (issue 15): a socket can be in one sockarray only, and the group's sockets
         are in that one already."""

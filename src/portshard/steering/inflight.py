@@ -47,6 +47,7 @@ from . import bpfasm as asm
 from .bpfasm import Asm
 from .ebpf import BpfError, Map, bpf, load_program
 from .programs import BPF_FUNC_MAP_LOOKUP_ELEM, BPF_FUNC_MAP_UPDATE_ELEM
+from .speed import UNIT
 
 __all__ = ["InFlight", "cgroup_fd", "sock_ops_code", "tuple_key"]
 
@@ -203,12 +204,17 @@ class InFlight:
     def __init__(self, slots: int = 1024) -> None:
         self.held = Map.counters(slots, b"portshard_held", "the in-flight counts")
         self.fix: Map | None = None
+        self.cost: Map | None = None
         self.syn: Map | None = None
         self.conns: Map | None = None
         self.prog_fd = self.link_fd = -1
         self.why = ""
         try:
             self.fix = Map.counters(slots, b"portshard_fix", "the expired handshakes")
+            self.cost = Map.counters(slots, b"portshard_cost", "the per-slot costs")
+            assert self.cost.view is not None
+            for slot in range(slots):
+                self.cost.view[slot] = UNIT
             self.syn = Map(
                 BPF_MAP_TYPE_LRU_HASH, SYN_VALUE.size, SYN_ENTRIES, b"portshard_syn",
                 "the handshake map", key_size=KEY_SIZE,
@@ -254,10 +260,16 @@ class InFlight:
         return {slot: int(held[slot]) - int(fix[slot]) for slot in slots}
 
     @property
-    def loads(self) -> tuple[int, int, int]:
+    def loads(self) -> tuple[int, int, int, int]:
         """The fds a TCP steering program reads and writes (ebpf.tcp_code)."""
-        assert self.fix is not None and self.syn is not None
-        return self.held.fd, self.fix.fd, self.syn.fd
+        assert self.fix is not None and self.syn is not None and self.cost is not None
+        return self.held.fd, self.fix.fd, self.syn.fd, self.cost.fd
+
+    def set_cost(self, slot: int, cost: int) -> None:
+        """How much slower than the fastest ``slot`` serves, x ``UNIT`` (speed.py): what the
+        program multiplies its connections in flight by. A memory write."""
+        assert self.cost is not None and self.cost.view is not None
+        self.cost.view[slot] = max(1, cost)
 
     def expire(self, now_ns: int, older: float = EXPIRE) -> int:
         """Forget the handshakes started more than ``older`` s ago (they will not complete),
@@ -294,7 +306,7 @@ class InFlight:
 
     def close(self) -> None:
         self._close_program()
-        for m in (self.syn, self.fix):
+        for m in (self.syn, self.fix, self.cost):
             if m is not None:
                 m.close()
         self.held.close()

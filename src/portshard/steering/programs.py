@@ -108,8 +108,10 @@ def _record(a: Asm, held_fd: int, syn_fd: int) -> None:
     _add(a, held_fd, -8, 1)
 
 
-def _load(a: Asm, held_fd: int, fix_fd: int, slot_reg: int, to: int) -> None:
-    """*(s64 *)(fp + to) = held[slot] - fix[slot]; a failed lookup goes to ``choose``."""
+def _load(a: Asm, loads: tuple[int, int, int, int], slot_reg: int, to: int) -> None:
+    """*(s64 *)(fp + to) = (held[slot] - fix[slot] + 1) x cost[slot]: the expected wait of a
+    new connection there (speed.py); a failed lookup goes to ``choose``."""
+    held_fd, fix_fd, _, cost_fd = loads
     a.op(asm.STX_W, dst=10, src=slot_reg, off=-8)
     _lookup(a, held_fd, -8)
     a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
@@ -117,7 +119,12 @@ def _load(a: Asm, held_fd: int, fix_fd: int, slot_reg: int, to: int) -> None:
     _lookup(a, fix_fd, -8)
     a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
     a.op(asm.LDX_DW, dst=2, src=0).op(asm.LDX_DW, dst=1, src=10, off=to)
-    a.op(asm.SUB64_REG, dst=1, src=2).op(asm.STX_DW, dst=10, src=1, off=to)
+    a.op(asm.SUB64_REG, dst=1, src=2).op(asm.ADD64_IMM, dst=1, imm=1)
+    a.op(asm.STX_DW, dst=10, src=1, off=to)
+    _lookup(a, cost_fd, -8)
+    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
+    a.op(asm.LDX_DW, dst=2, src=0).op(asm.LDX_DW, dst=1, src=10, off=to)
+    a.op(asm.MUL64_REG, dst=1, src=2).op(asm.STX_DW, dst=10, src=1, off=to)
 
 
 def _load_net(a: Asm, offset: int, to: int, size: int) -> None:
@@ -165,16 +172,24 @@ def _select(a: Asm, sockarray_fd: int) -> None:
     a.op(asm.MOV64_IMM, dst=4, imm=0).call(BPF_FUNC_SK_SELECT_REUSEPORT)
 
 
-def _compare(a: Asm, table_fd: int, buckets: int, loads: tuple[int, int, int]) -> None:
+def _compare(a: Asm, table_fd: int, buckets: int, loads: tuple[int, int, int, int]) -> None:
     """w8 = the less loaded of w8 and a second draw (see :func:`tcp_code`)."""
-    held_fd, fix_fd, _ = loads
     for _ in range(_DRAWS - 1):
         _pick(a, table_fd, buckets, dst=9, fail="choose")
         a.jump(asm.JNE_REG, "compare", dst=9, src=8)
-    a.jump(asm.JA, "choose")  # the same slot every time: it is most of the table
+    # The same slot every time: the bucket half the table away from the first (the table is
+    # one run per slot: with 2 equal slots, the other one; 1 in 16 connections went to a
+    # slot 20x slower without a comparison, which was most of what it got).
+    a.op(asm.LDX_W, dst=2, src=10, off=-64).op(asm.SUB32_REG, dst=2, src=7)
+    a.op(asm.ADD32_IMM, dst=2, imm=buckets // 2).op(asm.MOD32_IMM, dst=2, imm=buckets)
+    a.op(asm.ADD32_REG, dst=2, src=7).op(asm.STX_W, dst=10, src=2, off=-4)
+    _lookup(a, table_fd, -4)
+    a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
+    a.op(asm.LDX_W, dst=9, src=0)
+    a.jump(asm.JEQ_REG, "choose", dst=9, src=8)  # the table holds one slot
     a.label("compare")
-    _load(a, held_fd, fix_fd, 8, -16)
-    _load(a, held_fd, fix_fd, 9, -24)
+    _load(a, loads, 8, -16)
+    _load(a, loads, 9, -24)
     a.op(asm.LDX_DW, dst=1, src=10, off=-24).op(asm.LDX_DW, dst=2, src=10, off=-16)
     a.jump(asm.JSGT_REG, "second", dst=2, src=1)  # load[first] > load[second]
     a.jump(asm.JA, "choose")
@@ -185,20 +200,22 @@ def tcp_code(
     table_fd: int,
     sockarray_fd: int,
     counts_fd: int,
-    loads: tuple[int, int, int],
+    loads: tuple[int, int, int, int],
     buckets: int,
     *,
     compare: bool = True,
 ) -> bytes:
     """A new TCP connection goes to the less loaded of two slots drawn from the bucket table
     (the power of two choices; the table carries weights and exclusions). ``loads`` are the
-    fds of ``held``, ``fix`` and ``syn`` (inflight.py): a slot's load is ``held[slot] -
-    fix[slot]``, its connections in flight (handed and not yet let go by its worker; ``fix``
-    is what the supervisor found stale); where the SOCK_OPS program cannot run, the
-    supervisor writes queue depths into ``held`` instead. The second draw is repeated while
-    it names the first's slot, up to ``_DRAWS - 1`` times (4 equal slots: 1 in 256
-    connections gets no choice); ties go to the first draw. ``compare=False``: the first draw
-    only (the benchmark's PORTSHARD_BALANCE=none).
+    fds of ``held``, ``fix``, ``syn`` and ``cost`` (inflight.py): a slot's load is
+    ``(held[slot] - fix[slot] + 1) x cost[slot]``, the expected wait of one more connection
+    there: its connections in flight (handed and not yet let go by its worker; ``fix`` is what
+    the supervisor found stale) plus this one, times how much slower than the fastest its
+    worker serves (speed.py; ``UNIT`` for a full-speed one). Where the SOCK_OPS program cannot
+    run, the supervisor writes queue depths into ``held`` instead. The second draw is
+    repeated while it names the first's slot, up to ``_DRAWS - 1`` times, then the bucket half
+    the table away is taken (only a table of one slot leaves no choice); ties go to the first
+    draw. ``compare=False``: the first draw only (the benchmark's PORTSHARD_BALANCE=none).
 
     Then, for a new connection (not one migrated from a closing listener): ``counts[slot]``
     (u64) goes up by one (an atomic add: CPUs may run the program at once; the new
@@ -206,10 +223,11 @@ def tcp_code(
     of the policy), and the slot's load goes up at once, before the handshake completes, so
     that a burst of SYNs (one RTT) does not all see the same counts (:func:`_record`).
     """
-    held_fd, _, syn_fd = loads
+    held_fd, _, syn_fd, _ = loads
     a = Asm().op(asm.MOV64_REG, dst=6, src=1)
     _active_bucket(a, table_fd, buckets)
     _pick(a, table_fd, buckets, dst=8, fail="out")
+    a.op(asm.LDX_W, dst=1, src=10, off=-4).op(asm.STX_W, dst=10, src=1, off=-64)  # its bucket
     if compare:  # else (PORTSHARD_BALANCE=none) the first draw, as the classic program
         _compare(a, table_fd, buckets, loads)
     a.label("choose")

@@ -1,0 +1,130 @@
+"""speed.py: service rates from the kernel's counts, and the costs the TCP program weighs by."""
+
+from __future__ import annotations
+
+from portshard.steering.speed import BAND, MAX_COST, UNIT, Speeds
+
+LOOK = 0.02  # s between samples under load
+
+
+class Counts:
+    """Simulated kernel counters: per slot, handed so far and in flight now."""
+
+    def __init__(self, slots: int) -> None:
+        self.handed = [0] * slots
+        self.inflight = [0] * slots
+
+    def step(self, slot: int, completed: int, inflight: int) -> None:
+        """Over one look: ``completed`` let go, ending with ``inflight`` in flight."""
+        completed = max(completed, self.inflight[slot] - inflight)  # 2 -> 0: 2 let go
+        self.handed[slot] += completed + inflight - self.inflight[slot]
+        self.inflight[slot] = inflight
+
+    def view(self) -> dict[int, tuple[int, int]]:
+        return {s: (self.handed[s], self.inflight[s]) for s in range(len(self.handed))}
+
+
+def run(
+    speeds: Speeds, counts: Counts, looks: int, per_look: list[tuple[int, int]], t: float
+) -> tuple[dict[int, int], float]:
+    """``looks`` samples, each slot doing ``per_look[slot]`` = (completed, in flight after)."""
+    costs: dict[int, int] = {}
+    for _ in range(looks):
+        t += LOOK
+        for slot, (completed, inflight) in enumerate(per_look):
+            counts.step(slot, completed, inflight)
+        costs = speeds.observe(t, counts.view())
+    return costs, t
+
+
+def test_equal_slots_cost_a_unit_each() -> None:
+    speeds, counts = Speeds(), Counts(4)
+    costs, _ = run(speeds, counts, 30, [(60, 2)] * 4, 1.0)
+    assert costs == dict.fromkeys(range(4), UNIT)
+
+
+def test_a_3x_slower_slot_costs_3_units_by_the_fifth_busy_look() -> None:
+    # 100 ms of load at a look every 20 ms: issue 11's "found within 100 ms".
+    speeds, counts = Speeds(), Counts(4)
+    speeds.observe(1.0, counts.view())
+    costs, t = run(speeds, counts, 4, [(60, 2), (60, 2), (60, 2), (20, 2)], 1.0)
+    assert costs[3] == UNIT  # four looks are not evidence enough (equal workers differ)
+    costs, _ = run(speeds, counts, 1, [(60, 2), (60, 2), (60, 2), (20, 2)], t)
+    assert costs[0] == costs[1] == costs[2] == UNIT
+    assert costs[3] == 3 * UNIT
+
+
+def test_slots_within_the_band_are_as_fast() -> None:
+    speeds, counts = Speeds(), Counts(2)
+    slower = int(60 / (BAND * 1.1)), int(60 / (BAND * 0.9))
+    costs, _ = run(speeds, counts, 10, [(60, 2), (slower[1], 2)], 1.0)
+    assert costs[1] == UNIT
+    costs, _ = run(Speeds(), Counts(2), 10, [(60, 2), (slower[0], 2)], 1.0)
+    assert costs[1] > UNIT
+
+
+def test_a_fast_worker_idle_between_requests_is_not_taken_for_a_slow_one() -> None:
+    # Slot 0 serves 20 a look but is found saturated at every other look only (it works
+    # half the time); slot 1 is 3x slower than it and always saturated.
+    speeds, counts = Speeds(), Counts(2)
+    t = 1.0
+    costs: dict[int, int] = {}
+    for i in range(40):
+        t += LOOK
+        counts.step(0, 20, 2 * (i % 2))
+        counts.step(1, 7, 2)
+        costs = speeds.observe(t, counts.view())
+    assert costs[0] == UNIT
+    assert costs[1] >= 1.5 * UNIT
+
+
+def test_a_stalled_slot_costs_the_most() -> None:
+    speeds, counts = Speeds(), Counts(2)
+    costs, _ = run(speeds, counts, 6, [(60, 2), (0, 3)], 1.0)
+    assert costs[1] == MAX_COST
+
+
+def test_with_no_news_a_slow_slots_cost_drifts_back_and_a_new_worker_starts_afresh() -> None:
+    speeds, counts = Speeds(), Counts(2)
+    costs, t = run(speeds, counts, 10, [(60, 2), (20, 2)], 1.0)
+    assert costs[1] == 3 * UNIT
+    costs, t = run(speeds, counts, 5, [(60, 2), (0, 0)], t)  # it gets nothing for a while
+    assert costs[1] >= 2.5 * UNIT  # what was measured holds for a moment (a burst just after)
+    costs, t = run(speeds, counts, 500, [(60, 2), (0, 0)], t)  # 10 s
+    assert costs[1] == UNIT
+    costs, t = run(speeds, counts, 10, [(60, 2), (20, 2)], t)
+    assert 2.7 * UNIT <= costs[1] <= 3 * UNIT  # measured again
+    speeds.forget(1)
+    costs = speeds.observe(t + LOOK, counts.view())
+    assert costs[1] == UNIT
+
+
+def test_long_lived_connections_alone_say_nothing() -> None:
+    # Every slot holds connections and none completes: no rate, no cost.
+    speeds, counts = Speeds(), Counts(3)
+    costs, _ = run(speeds, counts, 20, [(0, 50)] * 3, 1.0)
+    assert costs == dict.fromkeys(range(3), UNIT)
+
+
+def test_a_fast_worker_rarely_found_busy_still_shows_a_slow_one_slow() -> None:
+    # Low load: slot 0 is found saturated at one look in ten (too rarely for its own rate to
+    # count) but serves 300 a second; slot 1, always saturated, serves 100.
+    speeds, counts = Speeds(), Counts(2)
+    t = 1.0
+    costs: dict[int, int] = {}
+    for i in range(60):
+        t += LOOK
+        counts.step(0, 6, 2 if i % 10 == 0 else 1)
+        counts.step(1, 2, 2)
+        costs = speeds.observe(t, counts.view())
+    assert speeds.rates()[0] is None
+    assert costs[0] == UNIT
+    assert 2.7 * UNIT <= costs[1] <= 3.1 * UNIT
+
+
+def test_a_lightly_loaded_worker_does_not_look_slower_than_a_saturated_one() -> None:
+    # Equal workers: slot 1 holds one connection at a time (its client's time to send the
+    # request is in flight too), slot 0 keeps one waiting. Only saturated time measures speed.
+    speeds, counts = Speeds(), Counts(2)
+    costs, _ = run(speeds, counts, 50, [(30, 3), (15, 1)], 1.0)
+    assert costs == {0: UNIT, 1: UNIT}
