@@ -222,14 +222,21 @@ lsock.listen(512)
 resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 srv = Echo(lsock, sel, Limits(max_conns=1000, idle=2.0, fd_reserve=0, pause=0.2, backlog=512))
 print(lsock.getsockname()[1], flush=True)
+done = []
+sel.register(sys.stdin, selectors.EVENT_READ, lambda mask: done.append(1))  # EOF: the test is over
 end = time.monotonic() + float(sys.argv[1])
-while time.monotonic() < end:
+while not done and time.monotonic() < end:
     for key, mask in sel.select(0.05):
         key.data(mask)
     srv.expire(time.monotonic())
 print("shed", srv.shed, flush=True)
 """
-    proc = subprocess.Popen([sys.executable, "-c", script, "8"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "30"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     idle: list[socket.socket] = []
     try:
         assert proc.stdout is not None
@@ -254,7 +261,7 @@ print("shed", srv.shed, flush=True)
     finally:
         for s in idle:
             s.close()
-        out, _ = proc.communicate(timeout=20)
+        out, _ = proc.communicate(timeout=40)  # closes its stdin: it stops and says what it shed
     assert proc.returncode == 0
     assert int(out.split()[-1]) > 0, "nothing was shed: the limit was never reached"
 
