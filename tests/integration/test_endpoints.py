@@ -94,11 +94,10 @@ def test_a_flood_of_idle_metrics_connections_at_a_low_fd_limit_takes_nothing_dow
     assert sup.proc.poll() is None
 
 
-def test_the_web_endpoint_answers_only_its_own_names(start: Start) -> None:
+def test_the_web_endpoint_answers_only_its_own_names(shared_sup: Running) -> None:
     # issue 14 item 8: any Host was answered, so a page on evil.example whose name is
     # re-pointed at 127.0.0.1 (DNS rebinding) could read /api/status.
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--metrics", "127.0.0.1:0", "--",
-                *FDWORKER)  # fmt: skip
+    sup = shared_sup
     mport = metrics_port(sup.status())
     for host in ("evil.example", f"evil.example:{mport}", "10.1.2.3", "127.0.0.1.evil.example"):
         code, body = http(mport, "/api/status", host)
@@ -110,10 +109,10 @@ def test_the_web_endpoint_answers_only_its_own_names(start: Start) -> None:
         assert json.loads(body)["status"]["workers"] == 1
 
 
-def test_200_concurrent_status_calls_all_get_answers(start: Start) -> None:
+def test_200_concurrent_status_calls_all_get_answers(shared_sup: Running) -> None:
     # issue 14 item 8: the control backlog was 16 and the 17th caller got a BlockingIOError
     # traceback.
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    sup = shared_sup
     barrier = threading.Barrier(200)
     answers: list[object] = []
 

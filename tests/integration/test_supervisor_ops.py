@@ -22,7 +22,7 @@ from bench.load.loadgen import Load
 
 from tests.conftest import ROOT, needs_root, wait_until
 from tests.integration._util import write_config
-from tests.supervisor_fixture import FDWORKER, PORTSHARD, Start, no_process_left
+from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, Start, no_process_left
 
 
 def tag() -> str:
@@ -201,8 +201,8 @@ def raw_control(path: str, payload: bytes, *, wait: float = 0) -> bytes:
         return out
 
 
-def test_control_socket_rejects_garbage_and_keeps_serving(start: Start) -> None:
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+def test_control_socket_rejects_garbage_and_keeps_serving(shared_sup: Running) -> None:
+    sup = shared_sup
     assert stat.S_IMODE(os.stat(sup.control).st_mode) == 0o600
     assert b"not JSON" in raw_control(sup.control, b"garbage\n")
     assert b"larger than" in raw_control(sup.control, b"x" * 70_000)
@@ -225,8 +225,8 @@ def test_control_client_errors_are_clear(short_tmp: Path) -> None:
 
 
 @needs_root
-def test_other_users_cannot_use_the_control_socket(start: Start) -> None:
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+def test_other_users_cannot_use_the_control_socket(shared_sup: Running) -> None:
+    sup = shared_sup
     nobody = pwd.getpwnam("nobody").pw_uid
     probe = (
         "import socket, sys\n"
@@ -238,8 +238,8 @@ def test_other_users_cannot_use_the_control_socket(start: Start) -> None:
     assert sup.status()["slots"][0]["state"] == "ready"
 
 
-def test_run_refuses_a_second_supervisor_on_the_same_control_socket(start: Start) -> None:
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+def test_run_refuses_a_second_supervisor_on_the_same_control_socket(shared_sup: Running) -> None:
+    sup = shared_sup
     res = subprocess.run(
         [
             *PORTSHARD,
