@@ -56,6 +56,14 @@ class Control:
         except ControlError as exc:
             raise AssertionError(f"status failed: {exc}\n{self.text()}") from None
 
+    def reload(self) -> None:
+        """`portshard reload --wait`, asked in-process, for the tests that reload in a loop
+        (the CLI's own output is checked where it matters: test_supervisor_ops, test_faults)."""
+        try:
+            request(self.control, "reload", timeout=120, wait=True)
+        except ControlError as exc:
+            raise AssertionError(f"reload failed: {exc}\n{self.text()}") from None
+
     def wait_ready(self, timeout: float = 20) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:
             if self.proc is not None and self.proc.poll() is not None:

@@ -152,7 +152,7 @@ def test_unmodified_program_shares_reloads_and_survives_a_kill(
     with load:
         load.wait_for(60)
         for _ in range(RELOADS):
-            sup.ctl("reload", "--wait")
+            sup.reload()
         load.wait_for(load.count() + 30)
         reloaded = load.count()
         # Freeze one worker, count the connections it holds (it cannot take more while

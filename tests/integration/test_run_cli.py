@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.supervisor_fixture import FDWORKER, PORTSHARD, Start
+from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, Start
 
 
 def cmdline(pid: int) -> list[str]:
@@ -33,9 +33,9 @@ def test_the_programs_w_is_the_programs(start: Start) -> None:
     assert cmdline(st["slots"][0]["pid"])[-2:] == ["-w", "4"]
 
 
-def test_status_json_prints_what_the_control_socket_answers(start: Start) -> None:
+def test_status_json_prints_what_the_control_socket_answers(shared_sup: Running) -> None:
     # The fixture asks the control socket in-process (Running.status); this is the CLI's side.
-    sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    sup = shared_sup
     res = sup.ctl("status", "--json")
     printed, asked = json.loads(res.stdout), sup.status()
     assert res.returncode == 0 and "Traceback" not in res.stderr

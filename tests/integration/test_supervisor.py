@@ -48,7 +48,7 @@ def test_rolling_reloads_under_load_fail_nothing(start: Start) -> None:
     with Load("127.0.0.1", port, concurrency=16, max_seconds=90) as load:
         load.wait_for(200)
         for _ in range(5):
-            sup.ctl("reload", "--wait")
+            sup.reload()
         settle(0.3)
     st = sup.status()
     assert st["reloads"] == {"ok": 5, "failed": 0}
@@ -66,7 +66,7 @@ def test_sigkill_of_workers_fails_at_most_the_requests_in_hand(start: Start) -> 
     sup = start("-w", "4", "--listen", "tcp://127.0.0.1:0", "--", *worker, env={"WORK_MS": "2"})
     rng = random.Random(7)
     kills = 0
-    sup.ctl("reload", "--wait")  # workers started by a reload are respawned like any other
+    sup.reload()  # workers started by a reload are respawned like any other
     with Load("127.0.0.1", sup.port, concurrency=16, max_seconds=90) as load:
         load.wait_for(200)
         for _ in range(5):
@@ -132,7 +132,7 @@ def test_udp_flows_stay_on_their_slot_across_reloads(start: Start) -> None:
         assert len(set(first)) >= 3
         moved = 0
         for _ in range(2):  # a flow hashes to a slot, not a worker: the first reload moves it
-            sup.ctl("reload", "--wait")
+            sup.reload()
             now = udp_slots(port, clients)
             moved += sum(a != b for a, b in zip(first, now, strict=True))
         print(f"udp: 200 flows, 2 reloads, {moved} moved")

@@ -163,7 +163,7 @@ def test_worker_that_dies_on_sigterm_loses_nothing_in_a_reload(start: Start) -> 
     with Load("127.0.0.1", sup.port, concurrency=16, max_seconds=60) as load:
         load.wait_for(100)
         for _ in range(3):  # 6 workers that die at SIGTERM, each with requests in hand
-            sup.ctl("reload", "--wait")
+            sup.reload()
     print(f"die-on-term reloads: {load.count()} requests, {load.by_kind()}")
     assert not load.failed, load.by_kind()
 
