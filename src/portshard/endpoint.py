@@ -29,9 +29,11 @@ import socket
 import time
 from dataclasses import dataclass
 
+from .errors import SupervisorError
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Limits", "Peer", "StreamServer"]
+__all__ = ["Limits", "Peer", "StreamServer", "http_url", "listen_tcp"]
 
 _OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -283,3 +285,28 @@ class StreamServer:
 
     def _watch(self, peer: Peer, events: int) -> None:
         self.selector.modify(peer.sock, events, lambda m: self._on_peer(peer, m))
+
+
+def listen_tcp(address: tuple[str, int], backlog: int, option: str) -> socket.socket:
+    """A TCP listener on ``address`` (IPv6 if the host has a colon) for an HTTP endpoint that
+    ``option`` (``--health``, ``--metrics``) asked for; SupervisorError naming it if not."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise SupervisorError(
+            f"{option}: cannot listen on {address[0]}:{address[1]}: {exc.strerror}; "
+            f"pick a free port (0 = any)"
+        ) from None
+    return sock
+
+
+def http_url(sock: socket.socket) -> str:
+    """http://HOST:PORT of a TCP listener, an IPv6 host in brackets."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"

@@ -30,12 +30,10 @@ import enum
 import json
 import logging
 import selectors
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .endpoint import Limits, Peer, StreamServer
-from .errors import SupervisorError
+from .endpoint import Limits, Peer, StreamServer, http_url, listen_tcp
 
 log = logging.getLogger(__name__)
 
@@ -165,25 +163,11 @@ class HealthServer(StreamServer):
         limits: Limits = LIMITS,
     ) -> None:
         self.snapshot = snapshot
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(limits.backlog)
-        except OSError as exc:
-            sock.close()
-            raise SupervisorError(
-                f"--health: cannot listen on {address[0]}:{address[1]}: {exc.strerror}; "
-                f"pick a free port (0 = any)"
-            ) from None
-        super().__init__(sock, selector, limits)
+        super().__init__(listen_tcp(address, limits.backlog, "--health"), selector, limits)
 
     @property
     def url(self) -> str:
-        host, port = self.sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}"
+        return http_url(self.sock)
 
     def on_data(self, peer: Peer) -> None:
         line, newline, _ = peer.buf.partition(b"\n")

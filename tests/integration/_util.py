@@ -10,6 +10,7 @@ import struct
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +190,9 @@ def receive_with_pid(sock: socket.socket) -> tuple[bytes, int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
     )
     return data, pid
+
+
+def write_config(path: Path, command: list[str], workers: int) -> None:
+    """A portshard.toml running ``command`` with ``workers`` workers on a loopback port 0."""
+    quoted = ", ".join(f'"{arg}"' for arg in command)
+    path.write_text(f'command = [{quoted}]\nlisten = ["tcp://127.0.0.1:0"]\nworkers = {workers}\n')

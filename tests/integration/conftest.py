@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
-from tests.supervisor_fixture import start
+from tests.supervisor_fixture import FDWORKER, Running, start
 
 __all__ = ["need", "start"]  # `start`: the supervisor fixture, shared by the supervisor tests
 
@@ -27,6 +30,30 @@ def need(tool: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A TCP listener on loopback, port 0, backlog 16."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock
+
+
+@pytest.fixture(scope="session")
+def shared_sup() -> Iterator[Running]:
+    """One `portshard run -w 1 --metrics` for the whole session, for the tests that only look
+    at it or send it what it must refuse (each boot costs 1-3 s). A test that changes it
+    (reload, scale, drain, stop, signals, limits) starts its own with ``start``."""
+    with tempfile.TemporaryDirectory(prefix="ps-", dir="/tmp") as d:
+        args = ["-w", "1", "--metrics", "127.0.0.1:0", "--listen", "tcp://127.0.0.1:0"]
+        sup = Running([*args, "--", *FDWORKER], Path(d) / "shared.sock")
+        try:
+            sup.wait_ready()
+            yield sup
+        finally:
+            sup.close()
 
 
 @pytest.fixture(scope="session")

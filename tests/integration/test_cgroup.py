@@ -34,14 +34,6 @@ needs_cgroup2 = pytest.mark.skipif(
 
 
 @pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        yield sock
-
-
-@pytest.fixture
 def trees() -> Iterator[cgroup.Trees]:
     was_mounted = cgroup._is_cgroup2(cgroup.MOUNT_POINT)
     t = cgroup.Trees.open(f"test-{uuid.uuid4().hex[:8]}")

@@ -125,8 +125,8 @@ def test_drain_without_wait_returns_and_reload_is_refused_meanwhile(start: Start
     assert sup.wait_exit(20) == 0  # a stop skips the rest of the settle time
 
 
-def test_drain_cli_errors_are_one_line(start: Start) -> None:
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+def test_drain_cli_errors_are_one_line(shared_sup: Running) -> None:
+    sup = shared_sup
     bad = sup.ctl("drain", "--settle", "10", "--deadline", "5", check=False)
     assert bad.returncode == 2 and "longer than --deadline 5" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import pytest
 from portshard.control.client import request
 from portshard.endpoint import Limits, Peer, StreamServer
 from tests.conftest import wait_until
-from tests.supervisor_fixture import FDWORKER, PORTSHARD, Start
+from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, Start
 
 
 def http(port: int, path: str = "/", host: str | None = "127.0.0.1") -> tuple[int, bytes]:
@@ -44,6 +45,33 @@ def metrics_port(st: dict[str, object]) -> int:
     return int(str(st["metrics"]).rsplit(":", 1)[1].split("/")[0])
 
 
+@contextlib.contextmanager
+def idle_flood(sup: Running, port: int, target: int) -> Iterator[None]:
+    """400 idle connections to ``target`` (an endpoint of the supervisor, whose descriptor limit
+    the caller lowered to 256), held for three of its sampling rounds while ``port`` keeps
+    serving; the caller's block runs under the flood, then the descriptors are counted."""
+    assert sup.proc is not None
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(400):
+            s = socket.socket()
+            s.setblocking(False)
+            flood.append(s)
+            err = s.connect_ex(("127.0.0.1", target))
+            assert err in (0, errno.EINPROGRESS), os.strerror(err)
+        deadline = time.monotonic() + 3.0  # three sampling rounds of the supervisor
+        while time.monotonic() < deadline:
+            assert sup.proc.poll() is None, f"the supervisor died:\n{sup.text()}"
+            assert served(port).startswith(("0 ", "1 "))
+            time.sleep(0.2)
+        yield
+        fds = len(os.listdir(f"/proc/{sup.proc.pid}/fd"))
+        assert fds < 256 - 32, f"{fds} descriptors open: the caps do not hold"
+    finally:
+        for s in flood:
+            s.close()
+
+
 def test_a_flood_of_idle_metrics_connections_at_a_low_fd_limit_takes_nothing_down(
     start: Start,
 ) -> None:
@@ -56,38 +84,20 @@ def test_a_flood_of_idle_metrics_connections_at_a_low_fd_limit_takes_nothing_dow
     resource.prlimit(sup.proc.pid, resource.RLIMIT_NOFILE, (256, 256))
     st = sup.status()
     port, mport = sup.port, metrics_port(st)
-    flood: list[socket.socket] = []
-    try:
-        for _ in range(400):
-            s = socket.socket()
-            s.setblocking(False)
-            flood.append(s)
-            err = s.connect_ex(("127.0.0.1", mport))
-            assert err in (0, errno.EINPROGRESS), os.strerror(err)
-        deadline = time.monotonic() + 3.0  # three sampling rounds of the supervisor
-        while time.monotonic() < deadline:
-            assert sup.proc.poll() is None, f"the supervisor died:\n{sup.text()}"
-            assert served(port).startswith(("0 ", "1 "))
-            time.sleep(0.2)
+    with idle_flood(sup, port, mport):
         after = sup.status()
         assert [s["state"] for s in after["slots"]] == ["ready", "ready"]
         assert [s["pid"] for s in after["slots"]] == [s["pid"] for s in st["slots"]]
-        fds = len(os.listdir(f"/proc/{sup.proc.pid}/fd"))
-        assert fds < 256 - 32, f"{fds} descriptors open: the caps do not hold"
-    finally:
-        for s in flood:
-            s.close()
     # The flood gone, the endpoint answers again (its idle peers expired, its queue drained).
     code, body = wait_until(lambda: http(mport, "/metrics"), 20, "metrics answers again")
     assert code == 200 and b"portshard_workers 2.0" in body
     assert sup.proc.poll() is None
 
 
-def test_the_web_endpoint_answers_only_its_own_names(start: Start) -> None:
+def test_the_web_endpoint_answers_only_its_own_names(shared_sup: Running) -> None:
     # issue 14 item 8: any Host was answered, so a page on evil.example whose name is
     # re-pointed at 127.0.0.1 (DNS rebinding) could read /api/status.
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--metrics", "127.0.0.1:0", "--",
-                *FDWORKER)  # fmt: skip
+    sup = shared_sup
     mport = metrics_port(sup.status())
     for host in ("evil.example", f"evil.example:{mport}", "10.1.2.3", "127.0.0.1.evil.example"):
         code, body = http(mport, "/api/status", host)
@@ -99,10 +109,10 @@ def test_the_web_endpoint_answers_only_its_own_names(start: Start) -> None:
         assert json.loads(body)["status"]["workers"] == 1
 
 
-def test_200_concurrent_status_calls_all_get_answers(start: Start) -> None:
+def test_200_concurrent_status_calls_all_get_answers(shared_sup: Running) -> None:
     # issue 14 item 8: the control backlog was 16 and the 17th caller got a BlockingIOError
     # traceback.
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+    sup = shared_sup
     barrier = threading.Barrier(200)
     answers: list[object] = []
 
@@ -222,14 +232,21 @@ lsock.listen(512)
 resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 srv = Echo(lsock, sel, Limits(max_conns=1000, idle=2.0, fd_reserve=0, pause=0.2, backlog=512))
 print(lsock.getsockname()[1], flush=True)
+done = []
+sel.register(sys.stdin, selectors.EVENT_READ, lambda mask: done.append(1))  # EOF: the test is over
 end = time.monotonic() + float(sys.argv[1])
-while time.monotonic() < end:
+while not done and time.monotonic() < end:
     for key, mask in sel.select(0.05):
         key.data(mask)
     srv.expire(time.monotonic())
 print("shed", srv.shed, flush=True)
 """
-    proc = subprocess.Popen([sys.executable, "-c", script, "8"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "30"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     idle: list[socket.socket] = []
     try:
         assert proc.stdout is not None
@@ -254,7 +271,7 @@ print("shed", srv.shed, flush=True)
     finally:
         for s in idle:
             s.close()
-        out, _ = proc.communicate(timeout=20)
+        out, _ = proc.communicate(timeout=40)  # closes its stdin: it stops and says what it shed
     assert proc.returncode == 0
     assert int(out.split()[-1]) > 0, "nothing was shed: the limit was never reached"
 
@@ -312,24 +329,8 @@ def test_a_flood_of_idle_health_connections_at_a_low_fd_limit_takes_nothing_down
     resource.prlimit(sup.proc.pid, resource.RLIMIT_NOFILE, (256, 256))
     st = sup.status()
     port, hport = sup.port, int(str(st["health"]).rsplit(":", 1)[1])
-    flood: list[socket.socket] = []
-    try:
-        for _ in range(400):
-            s = socket.socket()
-            s.setblocking(False)
-            flood.append(s)
-            err = s.connect_ex(("127.0.0.1", hport))
-            assert err in (0, errno.EINPROGRESS), os.strerror(err)
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline:
-            assert sup.proc.poll() is None, f"the supervisor died:\n{sup.text()}"
-            assert served(port).startswith(("0 ", "1 "))
-            time.sleep(0.2)
-        fds = len(os.listdir(f"/proc/{sup.proc.pid}/fd"))
-        assert fds < 256 - 32, f"{fds} descriptors open: the caps do not hold"
-    finally:
-        for s in flood:
-            s.close()
+    with idle_flood(sup, port, hport):
+        pass
     code, body = wait_until(lambda: http(hport, "/healthz"), 20, "health answers again")
     assert code == 200 and json.loads(body)["ready"] == 2
     assert [s["pid"] for s in sup.status()["slots"]] == [s["pid"] for s in st["slots"]]

@@ -18,6 +18,7 @@ from pathlib import Path
 from bench.load.loadgen import Load
 
 from tests.conftest import wait_until
+from tests.integration._util import write_config
 from tests.supervisor_fixture import FDWORKER, Start
 
 
@@ -47,18 +48,13 @@ def test_scale_and_reload_reply_when_the_spawn_fails_at_once(start: Start, short
     assert not load.failed, load.by_kind()
 
 
-def write_config(path: Path, command: list[str]) -> None:
-    quoted = ", ".join(f'"{arg}"' for arg in command)
-    path.write_text(f'command = [{quoted}]\nlisten = ["tcp://127.0.0.1:0"]\nworkers = 1\n')
-
-
 def test_a_reload_that_times_out_says_timeout_not_exit(start: Start, short_tmp: Path) -> None:
     # The worker is killed at its ready timeout, so it has also exited (by SIGKILL) by the
     # time the reload decides; the message used to say "it exited (killed by SIGKILL)".
     conf = short_tmp / "ps.toml"
-    write_config(conf, FDWORKER)
+    write_config(conf, FDWORKER, 1)
     sup = start("-c", str(conf), "--ready-timeout", "3")
-    write_config(conf, [sys.executable, "-c", "import time; time.sleep(30)"])
+    write_config(conf, [sys.executable, "-c", "import time; time.sleep(30)"], 1)
     res = sup.ctl("reload", "--wait", check=False)
     assert res.returncode != 0
     assert "did not become ready: it was not ready within 3s" in res.stderr, res.stderr

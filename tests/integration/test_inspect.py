@@ -71,14 +71,6 @@ def wchan(pid: int) -> str:
 
 
 @pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        yield sock
-
-
-@pytest.fixture
 def other_listener() -> Iterator[socket.socket]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

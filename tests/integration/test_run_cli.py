@@ -3,12 +3,13 @@ and a port that something already serves is refused, naming it, unless --join-ex
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.supervisor_fixture import FDWORKER, PORTSHARD, Start
+from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, Start
 
 
 def cmdline(pid: int) -> list[str]:
@@ -30,6 +31,17 @@ def test_the_programs_w_is_the_programs(start: Start) -> None:
     st = sup.status()
     assert st["workers"] == 2 and len(st["slots"]) == 2
     assert cmdline(st["slots"][0]["pid"])[-2:] == ["-w", "4"]
+
+
+def test_status_json_prints_what_the_control_socket_answers(shared_sup: Running) -> None:
+    # The fixture asks the control socket in-process (Running.status); this is the CLI's side.
+    sup = shared_sup
+    res = sup.ctl("status", "--json")
+    printed, asked = json.loads(res.stdout), sup.status()
+    assert res.returncode == 0 and "Traceback" not in res.stderr
+    assert printed.keys() == asked.keys() and printed["ready"] is True
+    assert printed["listen"] == asked["listen"] and printed["pid"] == asked["pid"]
+    assert [s["pid"] for s in printed["slots"]] == [s["pid"] for s in asked["slots"]]
 
 
 def test_python_m_runs_as_written(start: Start) -> None:

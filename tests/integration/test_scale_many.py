@@ -1,8 +1,10 @@
-"""Many workers (issue 17): boot, reload under load and stop at 16, 32 and 64 workers, and 3
+"""Many workers (issue 17): boot, reload under load and stop at 16 and 64 workers, and 3
 listen addresses (TCP v4, TCP v6, UDP) x 16 workers.
 
 Before the fd placement fix, any worker count from 16 up failed to boot ("cannot run worker
-command: Invalid argument"). The worker is tests/workers/tinyworker.py (standard library only,
+command: Invalid argument"): 16 is the smallest count that failed and 64 the largest the issue
+asks for (32 ran here too, and checked nothing these two do not; test_spawn_fds.py places every
+fd layout without processes). The worker is tests/workers/tinyworker.py (standard library only,
 run with -I -S) so that 64 of them start quickly on 2 shared vCPUs. Every load is bounded in
 requests and seconds; reloads replace several slots at once (--surge) to keep this file short.
 """
@@ -43,7 +45,7 @@ def served_pids(results: list[str]) -> set[int]:
     return {int(body.split()[1]) for body in results if body}
 
 
-@pytest.mark.parametrize("workers", [16, 32, 64])
+@pytest.mark.parametrize("workers", [16, 64])
 def test_boot_reload_under_load_and_stop(start: Start, workers: int) -> None:
     sup, tag = boot(start, workers, "tcp://127.0.0.1:0", surge=workers // 8)
     st = sup.status()

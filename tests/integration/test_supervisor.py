@@ -39,18 +39,20 @@ def test_workers_share_one_port(start: Start) -> None:
     wait_until(lambda: no_process_left(tag), 5, "workers gone")
 
 
-def test_ten_rolling_reloads_under_load_fail_nothing(start: Start) -> None:
+def test_rolling_reloads_under_load_fail_nothing(start: Start) -> None:
+    # 5 reloads (20 handovers) under load; each handover is its own chance to lose a request,
+    # so a loss that is not rare shows here, and the rare ones are the soak's (make soak).
     worker, _ = tagged_worker()
     sup = start("-w", "4", "--listen", "tcp://127.0.0.1:0", "--", *worker, env={"WORK_MS": "1"})
     port = sup.port
     with Load("127.0.0.1", port, concurrency=16, max_seconds=90) as load:
         load.wait_for(200)
-        for _ in range(10):
-            sup.ctl("reload", "--wait")
+        for _ in range(5):
+            sup.reload()
         settle(0.3)
     st = sup.status()
-    assert st["reloads"] == {"ok": 10, "failed": 0}
-    assert all(s["generation"] == 11 for s in st["slots"])
+    assert st["reloads"] == {"ok": 5, "failed": 0}
+    assert all(s["generation"] == 6 for s in st["slots"])
     print(
         f"reloads: {load.count()} requests, {len(load.failed)} failed, by kind {load.by_kind()}, "
         f"max latency {max(r.latency for r in load.results) * 1000:.1f} ms"
@@ -64,10 +66,10 @@ def test_sigkill_of_workers_fails_at_most_the_requests_in_hand(start: Start) -> 
     sup = start("-w", "4", "--listen", "tcp://127.0.0.1:0", "--", *worker, env={"WORK_MS": "2"})
     rng = random.Random(7)
     kills = 0
-    sup.ctl("reload", "--wait")  # workers started by a reload are respawned like any other
+    sup.reload()  # workers started by a reload are respawned like any other
     with Load("127.0.0.1", sup.port, concurrency=16, max_seconds=90) as load:
         load.wait_for(200)
-        for _ in range(10):
+        for _ in range(5):
             slot = rng.randrange(4)
             pid = sup.status()["slots"][slot]["pid"]
             os.kill(pid, signal.SIGKILL)
@@ -129,11 +131,11 @@ def test_udp_flows_stay_on_their_slot_across_reloads(start: Start) -> None:
         first = udp_slots(port, clients)
         assert len(set(first)) >= 3
         moved = 0
-        for _ in range(5):
-            sup.ctl("reload", "--wait")
+        for _ in range(2):  # a flow hashes to a slot, not a worker: the first reload moves it
+            sup.reload()
             now = udp_slots(port, clients)
             moved += sum(a != b for a, b in zip(first, now, strict=True))
-        print(f"udp: 200 flows, 5 reloads, {moved} moved")
+        print(f"udp: 200 flows, 2 reloads, {moved} moved")
         assert moved == 0
     finally:
         for c in clients:

@@ -21,7 +21,8 @@ import pytest
 from bench.load.loadgen import Load
 
 from tests.conftest import ROOT, needs_root, wait_until
-from tests.supervisor_fixture import FDWORKER, PORTSHARD, Start, no_process_left
+from tests.integration._util import write_config
+from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, Start, no_process_left
 
 
 def tag() -> str:
@@ -91,17 +92,12 @@ def test_supervisor_killed_takes_its_workers_with_it(start: Start) -> None:
         assert state == "Z", f"worker {pid} still running"
 
 
-def write_config(path: Path, command: list[str]) -> None:
-    quoted = ", ".join(f'"{arg}"' for arg in command)
-    path.write_text(f'command = [{quoted}]\nlisten = ["tcp://127.0.0.1:0"]\nworkers = 2\n')
-
-
 def test_failed_reload_keeps_the_old_workers_and_says_why(start: Start, short_tmp: Path) -> None:
     conf = short_tmp / "ps.toml"
-    write_config(conf, FDWORKER)
+    write_config(conf, FDWORKER, 2)
     sup = start("-c", str(conf), "--ready-timeout", "1")
     old = sup.pids()
-    write_config(conf, [sys.executable, "-c", "import time; time.sleep(30)"])
+    write_config(conf, [sys.executable, "-c", "import time; time.sleep(30)"], 2)
     with Load("127.0.0.1", sup.port, concurrency=8, max_seconds=30) as load:
         load.wait_for(50)
         res = sup.ctl("reload", "--wait", check=False)
@@ -116,7 +112,7 @@ def test_failed_reload_keeps_the_old_workers_and_says_why(start: Start, short_tm
     conf.write_text("command = [")  # a broken file: the reload is refused, nothing changes
     res = sup.ctl("reload", "--wait", check=False)
     assert res.returncode != 0 and "not valid TOML" in res.stderr
-    write_config(conf, FDWORKER)
+    write_config(conf, FDWORKER, 2)
     sup.ctl("reload", "--wait")
     assert sup.status()["reloads"] == {"ok": 1, "failed": 1}
 
@@ -169,8 +165,8 @@ def test_worker_that_dies_on_sigterm_loses_nothing_in_a_reload(start: Start) -> 
     )
     with Load("127.0.0.1", sup.port, concurrency=16, max_seconds=60) as load:
         load.wait_for(100)
-        for _ in range(5):
-            sup.ctl("reload", "--wait")
+        for _ in range(3):  # 6 workers that die at SIGTERM, each with requests in hand
+            sup.reload()
     print(f"die-on-term reloads: {load.count()} requests, {load.by_kind()}")
     assert not load.failed, load.by_kind()
 
@@ -208,8 +204,8 @@ def raw_control(path: str, payload: bytes, *, wait: float = 0) -> bytes:
         return out
 
 
-def test_control_socket_rejects_garbage_and_keeps_serving(start: Start) -> None:
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+def test_control_socket_rejects_garbage_and_keeps_serving(shared_sup: Running) -> None:
+    sup = shared_sup
     assert stat.S_IMODE(os.stat(sup.control).st_mode) == 0o600
     assert b"not JSON" in raw_control(sup.control, b"garbage\n")
     assert b"larger than" in raw_control(sup.control, b"x" * 70_000)
@@ -232,8 +228,8 @@ def test_control_client_errors_are_clear(short_tmp: Path) -> None:
 
 
 @needs_root
-def test_other_users_cannot_use_the_control_socket(start: Start) -> None:
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+def test_other_users_cannot_use_the_control_socket(shared_sup: Running) -> None:
+    sup = shared_sup
     nobody = pwd.getpwnam("nobody").pw_uid
     probe = (
         "import socket, sys\n"
@@ -245,8 +241,8 @@ def test_other_users_cannot_use_the_control_socket(start: Start) -> None:
     assert sup.status()["slots"][0]["state"] == "ready"
 
 
-def test_run_refuses_a_second_supervisor_on_the_same_control_socket(start: Start) -> None:
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
+def test_run_refuses_a_second_supervisor_on_the_same_control_socket(shared_sup: Running) -> None:
+    sup = shared_sup
     res = subprocess.run(
         [
             *PORTSHARD,

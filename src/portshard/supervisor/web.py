@@ -19,8 +19,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..address import parse
-from ..endpoint import Limits, Peer, StreamServer
-from ..errors import ConfigError, SupervisorError
+from ..endpoint import Limits, Peer, StreamServer, http_url, listen_tcp
+from ..errors import ConfigError
 from .state import SHOWN_STATES
 from .status import Status, totals
 
@@ -235,18 +235,7 @@ class WebServer(StreamServer):
         self.registry = metrics_registry(status)
         self.status = status
         self.history = history
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(limits.backlog)
-        except OSError as exc:
-            sock.close()
-            raise SupervisorError(
-                f"--metrics: cannot listen on {address[0]}:{address[1]}: {exc.strerror}; "
-                f"pick a free port (0 = any)"
-            ) from None
+        sock = listen_tcp(address, limits.backlog, "--metrics")
         self._page = resources.files("portshard").joinpath("dashboard.html").read_bytes()
         super().__init__(sock, selector, limits)
 
@@ -256,9 +245,7 @@ class WebServer(StreamServer):
 
     @property
     def url(self) -> str:
-        host, port = self.sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}"
+        return http_url(self.sock)
 
     def on_data(self, peer: Peer) -> None:
         if b"\r\n\r\n" not in peer.buf and b"\n\n" not in peer.buf:
