@@ -62,16 +62,19 @@ def test_a_reload_that_times_out_says_timeout_not_exit(start: Start, short_tmp: 
 
 
 def test_usr1_usr2_alrm_do_not_kill_the_supervisor(start: Start) -> None:
-    # They used to kill it at once (exit 138/140/142): no drain, every worker killed.
+    # They used to kill it at once (exit 138/140/142): no drain, every worker killed. USR2 is
+    # now the upgrade (issue 15): the same process, the same workers.
     sup = start("-w", "2", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER)
     assert sup.proc is not None
     pids = sup.pids()
     for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGRTMIN):
         sup.proc.send_signal(sig)
     wait_until(lambda: "SIGALRM: ignored" in sup.text(), 10, "the SIGALRM log line")
+    wait_until(lambda: "upgraded to portshard" in sup.text(), 60, "the SIGUSR2 upgrade")
     assert sup.proc.poll() is None
     assert "SIGUSR1: reopened 0 log file(s)" in sup.text()
-    assert "SIGUSR2: ignored" in sup.text() and "SIGRTMIN: ignored" in sup.text()
+    assert "SIGUSR2: upgrading" in sup.text() and "SIGRTMIN: ignored" in sup.text()
+    assert sup.wait_ready()["supervisor"]["upgrades"] == 1
     assert sup.pids() == pids
     with Load("127.0.0.1", sup.port, concurrency=4, max_requests=40) as load:
         load.wait_for(40)

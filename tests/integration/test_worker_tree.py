@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -20,7 +21,7 @@ from bench.load.loadgen import Load
 
 from portshard.linux import cgroup, proc
 from tests.conftest import ROOT, wait_until
-from tests.supervisor_fixture import Start, no_process_left
+from tests.supervisor_fixture import Running, Start, no_process_left
 
 PREFORK = [sys.executable, str(ROOT / "tests" / "workers" / "prefork.py")]
 needs_cgroup2 = pytest.mark.skipif(
@@ -72,7 +73,9 @@ def test_setsid_children_go_with_their_worker_at_reload_and_stop(start: Start) -
     assert base is not None
     (home,) = [e for e in os.listdir(base) if e.startswith(f"{name}.")]
     members = cgroup.Cgroup(os.path.join(base, home)).members()
-    assert sorted(members) == sorted(sup.pids() + new_kids)
+    warden = cgroup.Cgroup(os.path.join(base, home, cgroup.WARDEN)).members()  # issue 15
+    assert len(warden) == 1
+    assert sorted(set(members) - set(warden)) == sorted(sup.pids() + new_kids)
     sup.ctl("stop")
     assert sup.wait_exit(30) == 0
     wait_until(lambda: no_process_left(tag), 10, "no process left, setsid children included")
@@ -83,9 +86,12 @@ def test_setsid_children_go_with_their_worker_at_reload_and_stop(start: Start) -
 def test_after_a_supervisor_sigkill_the_next_one_kills_the_old_trees(
     start: Start, short_tmp: Path
 ) -> None:
+    """--orphan-timeout 0 (no warden: the rule before issue 15): the workers die with their
+    supervisor, and the escaped children they leave are killed by the next start."""
     tag = f"--tag={uuid.uuid4().hex[:12]}"
     name = f"t{uuid.uuid4().hex[:8]}"
-    args = ["-w", "1", "--name", name, "--listen", "tcp://127.0.0.1:0", "--", *PREFORK, tag]
+    args = ["-w", "1", "--name", name, "--orphan-timeout", "0", "--listen", "tcp://127.0.0.1:0"]
+    args += ["--", *PREFORK, tag]
     first = start(*args, env={"SETSID": "1"})
     kids = wait_until(lambda: (k := children_of(first.pids())) and len(k) == 2 and escaped(k) and k)
     assert first.proc is not None
@@ -97,6 +103,39 @@ def test_after_a_supervisor_sigkill_the_next_one_kills_the_old_trees(
     wait_until(lambda: not any(proc.alive(k) for k in kids), 10, "... until the next start")
     second.close()
     wait_until(lambda: no_process_left(tag), 10, "no process left")
+
+
+@needs_cgroup2
+def test_after_a_supervisor_sigkill_the_next_one_adopts_the_whole_trees(
+    start: Start, short_tmp: Path
+) -> None:
+    """The default (issue 15): the next start adopts the worker with its escaped children, in
+    the same groups, and its stop takes them all."""
+    tag = f"--tag={uuid.uuid4().hex[:12]}"
+    name = f"t{uuid.uuid4().hex[:8]}"
+    control = short_tmp / "tree.sock"
+    args = ["-w", "1", "--name", name, "--listen", "tcp://127.0.0.1:0", "--", *PREFORK, tag]
+    first = Running(args, control, {"SETSID": "1"}, short_tmp / "t0.log")
+    second = None
+    try:
+        first.wait_ready()
+        (worker,) = first.pids()
+        kids = wait_until(lambda: (k := children_of([worker])) and len(k) == 2 and escaped(k) and k)
+        assert first.proc is not None
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.wait_exit(10)
+        second = Running(args, control, {"SETSID": "1"}, short_tmp / "t1.log")
+        second.wait_ready()
+        assert second.pids() == [worker] and all(proc.alive(k) for k in kids)
+        assert "left by supervisor pid" not in second.text()
+        second.ctl("stop")
+        assert second.wait_exit(30) == 0
+        wait_until(lambda: no_process_left(tag), 10, "no process left, setsid children included")
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        subprocess.run(["pkill", "-9", "-f", "--", tag], check=False)
 
 
 def test_without_cgroups_the_subreaper_collects_escaped_children_and_stop_kills_them(
