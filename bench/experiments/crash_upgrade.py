@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.experiments.common import summary, uptime  # noqa: E402
 from bench.load.loadgen import Load  # noqa: E402
 from portshard.control.client import request  # noqa: E402
 from portshard.errors import PortshardError  # noqa: E402
@@ -163,13 +163,6 @@ def one_round(event: str, workers: int, clients: int, gap: float) -> dict[str, A
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def summary(values: list[float], digits: int = 0) -> str:
-    med = statistics.median(values)
-    if len(values) == 1:
-        return f"{med:.{digits}f}"
-    return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def table(rows: dict[str, list[dict[str, Any]]]) -> str:
     out = [
         "| event | failed connections | requests meanwhile | until ready again, s |",
@@ -177,15 +170,11 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> str:
     ]
     for event, rounds in rows.items():
         out.append(
-            f"| {EVENTS[event]} | {summary([r['failed'] for r in rounds])} "
-            f"| {summary([r['requests'] for r in rounds])} "
+            f"| {EVENTS[event]} | {summary([r['failed'] for r in rounds], 0)} "
+            f"| {summary([r['requests'] for r in rounds], 0)} "
             f"| {summary([r['seconds'] for r in rounds], 2)} |"
         )
     return "\n".join(out)
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def main() -> int:

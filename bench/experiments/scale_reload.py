@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.experiments.common import summary, uptime  # noqa: E402
 from bench.load.loadgen import Load  # noqa: E402
 from portshard.control.client import request  # noqa: E402
 from portshard.errors import PortshardError  # noqa: E402
@@ -121,14 +121,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-def summary(values: list[float], digits: int = 1) -> str:
-    """``median (min-max)``."""
-    med = statistics.median(values)
-    if len(values) == 1:
-        return f"{med:.{digits}f}"
-    return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     out = [
         "| workers | surge | boot, s | reload --wait, s | failed per reload: max (total) "
@@ -144,10 +136,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {summary([r['requests'] for r in rounds], 0)} |"
         )
     return "\n".join(out)
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -9,6 +10,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from bench.load.loadgen import Load
@@ -107,6 +109,22 @@ def test_scale_down_and_up_under_load_fails_nothing(start: Start) -> None:
     assert not load.failed, load.by_kind()
 
 
+@contextlib.contextmanager
+def udp_clients(count: int = 200) -> Iterator[list[socket.socket]]:
+    """``count`` UDP flows: a socket each, bound to its own loopback port (closed after)."""
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind(("127.0.0.1", 0))
+            c.settimeout(5)
+            clients.append(c)
+        yield clients
+    finally:
+        for c in clients:
+            c.close()
+
+
 def udp_slots(port: int, clients: list[socket.socket]) -> list[str]:
     seen = []
     for c in clients:
@@ -121,13 +139,7 @@ def test_udp_flows_stay_on_their_slot_across_reloads(start: Start) -> None:
     worker, _ = tagged_worker()
     sup = start("-w", "4", "--listen", "udp://127.0.0.1:0", "--", *worker)
     port = sup.port
-    clients = []
-    try:
-        for _ in range(200):
-            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            c.bind(("127.0.0.1", 0))
-            c.settimeout(5)
-            clients.append(c)
+    with udp_clients(200) as clients:
         first = udp_slots(port, clients)
         assert len(set(first)) >= 3
         moved = 0
@@ -137,9 +149,6 @@ def test_udp_flows_stay_on_their_slot_across_reloads(start: Start) -> None:
             moved += sum(a != b for a, b in zip(first, now, strict=True))
         print(f"udp: 200 flows, 2 reloads, {moved} moved")
         assert moved == 0
-    finally:
-        for c in clients:
-            c.close()
 
 
 def test_stop_under_load_answers_every_accepted_connection(start: Start) -> None:

@@ -18,7 +18,7 @@ import pytest
 from bench.load.loadgen import Load
 
 from tests.conftest import wait_until
-from tests.integration.test_supervisor import udp_slots
+from tests.integration.test_supervisor import udp_clients, udp_slots
 from tests.supervisor_fixture import FDWORKER, Running, no_process_left, settle
 
 WORKER_ENV = {"WORK_MS": "1"}
@@ -178,28 +178,23 @@ def test_udp_flows_never_move_across_upgrades_and_a_crash(fleet: Fleet) -> None:
     args = ("-w", "4", "--listen", "udp://127.0.0.1:0")
     sup = fleet.run(*args)
     port = sup.port
-    clients = []
-    try:
-        for _ in range(200):
-            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            c.bind(("127.0.0.1", 0))
-            c.settimeout(5)
-            clients.append(c)
+    with udp_clients(200) as clients:
         first = udp_slots(port, clients)
         assert len(set(first)) >= 3
-        moved = 0
+
+        def moved() -> int:
+            return sum(a != b for a, b in zip(first, udp_slots(port, clients), strict=True))
+
+        total = 0
         for _ in range(3):
             sup.ctl("upgrade")
-            moved += sum(a != b for a, b in zip(first, udp_slots(port, clients), strict=True))
+            total += moved()
         kill9(sup)
-        moved += sum(a != b for a, b in zip(first, udp_slots(port, clients), strict=True))
+        total += moved()
         fleet.run(*args)
-        moved += sum(a != b for a, b in zip(first, udp_slots(port, clients), strict=True))
-        print(f"udp: 200 flows, 3 upgrades, 1 crash + adoption: {moved} moved")
-        assert moved == 0
-    finally:
-        for c in clients:
-            c.close()
+        total += moved()
+        print(f"udp: 200 flows, 3 upgrades, 1 crash + adoption: {total} moved")
+        assert total == 0
 
 
 def test_a_killed_warden_is_replaced_and_still_keeps_the_workers(fleet: Fleet) -> None:

@@ -58,8 +58,13 @@ def boot(fleet: Fleet) -> Task:
         yield Until(lambda: all(_serving_ready(s) for s in fleet.slots))
     except Cancelled:
         return
-    log.info("all %d workers ready", len(fleet.slots))
-    fleet.history.event("boot", f"{len(fleet.slots)} workers ready")
+    _booted(fleet, "boot")
+
+
+def _booted(fleet: Fleet, how: str) -> None:
+    """Every slot serves: say so, give systemd its copies, tell who waits (boot or resume)."""
+    log.info("all %d workers ready%s", len(fleet.slots), "" if how == "boot" else f" ({how}d)")
+    fleet.history.event(how, f"{len(fleet.slots)} workers ready")
     fleet.fx.store(fleet.slots)
     fleet.fire_supervisor(SupervisorEvent.BOOTED)
     if fleet.on_ready is not None:
@@ -88,12 +93,7 @@ def resume(fleet: Fleet, then_reload: bool = False) -> Task:
         for w in slot.live():
             if w is not serving and (w.resume_retiring or w.state is State.READY):
                 fleet.retire(w)
-    log.info("all %d workers ready (resumed)", len(fleet.slots))
-    fleet.history.event("resume", f"{len(fleet.slots)} workers ready")
-    fleet.fx.store(fleet.slots)
-    fleet.fire_supervisor(SupervisorEvent.BOOTED)
-    if fleet.on_ready is not None:
-        fleet.on_ready()
+    _booted(fleet, "resume")
     if then_reload:
         from .fleet import Outcome
 
