@@ -30,6 +30,7 @@ import enum
 import json
 import logging
 import selectors
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -161,9 +162,12 @@ class HealthServer(StreamServer):
         snapshot: Callable[[], Snapshot],
         *,
         limits: Limits = LIMITS,
+        inherited: socket.socket | None = None,
     ) -> None:
+        """``inherited``: the listener a predecessor had (issue 15: an upgrade, an adoption)."""
         self.snapshot = snapshot
-        super().__init__(listen_tcp(address, limits.backlog, "--health"), selector, limits)
+        sock = inherited or listen_tcp(address, limits.backlog, "--health")
+        super().__init__(sock, selector, limits)
 
     @property
     def url(self) -> str:

@@ -362,3 +362,29 @@ def test_an_upgrade_changes_listen_keeping_the_sockets_that_stay(
     assert st["listen"][0]["port"] == web
     assert not load.failed, load.by_kind()
     assert served(st["listen"][1]["port"])  # the new address serves (fdworker: every socket)
+
+
+def test_metrics_and_health_keep_their_port_across_an_upgrade_and_a_crash(fleet: Fleet) -> None:
+    """--metrics and --health on port 0: a balancer and Prometheus keep their address."""
+    import urllib.request
+
+    args = ("-w", "1", "--metrics", "127.0.0.1:0", "--health", "127.0.0.1:0")
+    args += ("--listen", "tcp://127.0.0.1:0")
+    sup = fleet.run(*args)
+    before = sup.status()
+    urls = (before["metrics"], before["health"])
+
+    def answered() -> None:
+        with urllib.request.urlopen(urls[0], timeout=5) as r:
+            assert b"portshard_" in r.read()
+        with urllib.request.urlopen(urls[1] + "/healthz", timeout=5) as r:
+            assert r.status == 200
+
+    answered()
+    sup.ctl("upgrade")
+    assert (sup.status()["metrics"], sup.status()["health"]) == urls
+    answered()
+    kill9(sup)
+    second = fleet.run(*args)
+    assert (second.status()["metrics"], second.status()["health"]) == urls
+    answered()

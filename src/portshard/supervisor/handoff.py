@@ -138,8 +138,17 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
         keys = listen_keys(cfg)
         for gi, fd in fx.steering.handoff_fds().items():
             fds[f"bpf:socks:{keys[gi]}"] = fd
+    endpoints = {}  # --metrics and --health: the same port after the handover (port 0 too)
+    for name, server, value in (
+        ("metrics", sup.web, cfg.metrics),
+        ("health", sup.health, cfg.health),
+    ):
+        if server is not None and value:
+            fds[f"endpoint:{name}"] = server.sock.fileno()
+            endpoints[name] = value
     manifest = {
         "version": VERSION,
+        "endpoints": endpoints,
         "name": cfg.name,
         "pid": os.getpid(),
         "lineage": sup.succession.lineage.to_json(),
@@ -180,6 +189,14 @@ def inherited_maps(resume: Resume, cfg: Config) -> dict[int, int]:
         if fd is not None:
             maps[gi] = fd
     return maps
+
+
+def endpoint(resume: Resume | None, name: str, value: str) -> socket.socket | None:
+    """The predecessor's --metrics or --health listener, if it was given the same value."""
+    if resume is None or resume.manifest.get("endpoints", {}).get(name) != value:
+        return None
+    fd = resume.take(f"endpoint:{name}")
+    return socket.socket(fileno=fd) if fd is not None else None
 
 
 def listen_keys(cfg: Config) -> list[str]:

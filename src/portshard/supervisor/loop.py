@@ -174,11 +174,17 @@ class Supervisor:
                 self.sel,
                 self.status,
                 fleet.history.to_json,
+                inherited=handoff.endpoint(resume, "metrics", self.cfg.metrics),
             )
             log.info("metrics on %s/metrics, dashboard on %s/", self.web.url, self.web.url)
         if self.cfg.health:
             address = parse_metrics_address(self.cfg.health, "--health")
-            self.health = HealthServer(address, self.sel, lambda: self.status().health_snapshot())
+            self.health = HealthServer(
+                address,
+                self.sel,
+                lambda: self.status().health_snapshot(),
+                inherited=handoff.endpoint(resume, "health", self.cfg.health),
+            )
             log.info("health on %s/healthz (and HAProxy's agent check)", self.health.url)
         fx.notify_name = (
             "\0" + resume.manifest["notify"]

@@ -227,7 +227,9 @@ class WebServer(StreamServer):
         history: Callable[[float], dict[str, Any]],
         *,
         limits: Limits = LIMITS,
+        inherited: socket.socket | None = None,
     ) -> None:
+        """``inherited``: the listener a predecessor had (issue 15: an upgrade, an adoption)."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         self._generate = generate_latest
@@ -235,7 +237,7 @@ class WebServer(StreamServer):
         self.registry = metrics_registry(status)
         self.status = status
         self.history = history
-        sock = listen_tcp(address, limits.backlog, "--metrics")
+        sock = inherited or listen_tcp(address, limits.backlog, "--metrics")
         self._page = resources.files("portshard").joinpath("dashboard.html").read_bytes()
         super().__init__(sock, selector, limits)
 
