@@ -388,3 +388,16 @@ def test_metrics_and_health_keep_their_port_across_an_upgrade_and_a_crash(fleet:
     second = fleet.run(*args)
     assert (second.status()["metrics"], second.status()["health"]) == urls
     answered()
+
+
+def test_signals_sent_while_the_new_image_starts_wait_for_it(fleet: Fleet) -> None:
+    """exec resets signal handlers: a SIGHUP or SIGTERM in the new image's first second would
+    kill it; they are blocked across the exec and handled once it runs."""
+    sup = fleet.run("-w", "1", "--listen", "tcp://127.0.0.1:0")
+    assert sup.proc is not None
+    sup.proc.send_signal(signal.SIGUSR2)
+    wait_until(lambda: "upgrade: exec" in sup.text(), 30, "the exec")
+    sup.proc.send_signal(signal.SIGHUP)  # now: while the new image imports
+    wait_until(lambda: "SIGHUP: reloading" in sup.text(), 30, "the reload it asked for")
+    assert sup.proc.poll() is None, sup.text()
+    assert sup.wait_ready()["supervisor"]["upgrades"] == 1

@@ -201,6 +201,8 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (*HANDLED, *IGNORED):
             self._old_handlers[sig] = signal.signal(sig, lambda _s, _f: None)
+        # An upgrade's exec left them blocked (upgrade.py): what arrived meanwhile comes now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals())
         self.succession.start_warden()
         log.info(
             "listening on %s with %d workers; control socket %s",
@@ -208,6 +210,11 @@ class Supervisor:
             len(fleet.slots),
             path,
         )
+
+    @staticmethod
+    def signals() -> set[int]:
+        """Every signal the loop handles or ignores with a log line."""
+        return {*HANDLED, *IGNORED}
 
     def _teardown(self) -> None:
         if not self.succession.abandoned:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -132,9 +133,14 @@ class Upgrade:
         for handler in logging.getLogger().handlers:
             with contextlib.suppress(Exception):
                 handler.flush()
+        # A signal that arrives while the new image starts must wait for its handlers (exec
+        # resets them to the defaults: a SIGHUP or SIGTERM would kill it): the mask survives
+        # exec, and the new supervisor unblocks once its handlers are in (loop._setup).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self.sup.signals())
         try:
             os.execve(self.argv[0], self.argv, env)
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(memfd)
             for fd in fds.values():
                 with contextlib.suppress(OSError):
