@@ -113,6 +113,11 @@ class Run:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(10)
         subprocess.run(["pkill", "-9", "-f", str(self.control)], check=False)  # a warden left
+        from portshard.linux import cgroup
+
+        base = cgroup.detect().base  # the old rule's crash leaves its groups to a next start
+        for home in Path(base).glob(f"{self.tmp.name}.*") if base else ():
+            cgroup.Cgroup(str(home)).remove(wait=2.0)
 
 
 def one_round(event: str, workers: int, clients: int, gap: float) -> dict[str, Any]:

@@ -58,6 +58,13 @@ class Fleet:
         for pid in self.warden_pids():
             os.kill(pid, signal.SIGKILL)
         subprocess.run(["pkill", "-9", "-f", "--", self.tag], check=False)
+        # A supervisor killed with no warden (--orphan-timeout 0) leaves its groups for the
+        # next start of its name to sweep; this test's name has no next start.
+        from portshard.linux import cgroup
+
+        base = cgroup.detect().base
+        for home in Path(base).glob(f"up-{self.tag[-12:]}.*") if base else ():
+            cgroup.Cgroup(str(home)).remove(wait=2.0)
 
 
 @pytest.fixture
