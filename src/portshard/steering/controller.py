@@ -67,7 +67,6 @@ class _Group:
         self.installed: object = None  # what the kernel has now (to skip identical updates)
         self.counts: dict[int, int] = {}  # the bucket counts last installed
         self.seeded_order: list[int] = []  # a predecessor's listen order (seed)
-        self.present = False  # its sockets are in the (inherited) sockarray already
 
     def export(self) -> dict[str, Any]:
         """What a supervisor's successor needs to go on where this one is (issue 15): the
@@ -89,10 +88,11 @@ class _Group:
         self.buckets.owner = list(saved["owner"])
         self.seeded_order = [int(s) for s in saved.get("order", ())]
 
-    def join(self, slot: int, sock: socket.socket) -> None:
+    def join(self, slot: int, sock: socket.socket, present: bool = False) -> None:
+        """``present``: the socket is in the (inherited) sockarray already (issue 15)."""
         self.socks[slot] = sock
         self.order.append(slot)
-        if self.program is not None and not self.present:
+        if self.program is not None and not present:
             self.program.set_socket(slot, sock)
 
     def leave(self, slot: int) -> None:
@@ -176,14 +176,12 @@ class Steering:
                         compare=self.balance != "none",
                         socks_fd=os.dup(inherited[gi]) if gi in inherited else None,
                     )
-                    group.present = gi in inherited
             for gi, group in enumerate(self.groups):
                 order = group.seeded_order
                 if sorted(order) != sorted(slots):
                     order = sorted(slots)
                 for slot in order:
-                    group.join(slot, slots[slot][gi])
-                group.present = False
+                    group.join(slot, slots[slot][gi], present=gi in inherited)
             self.policy.observe(Observation(s, None, Health.STARTING) for s in sorted(slots))
             for group in self.groups:
                 self._install(group)

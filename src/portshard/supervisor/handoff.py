@@ -343,8 +343,7 @@ def _restore_worker(
 ) -> Worker | None:
     fx = sup.fx
     pid = wd["pid"]
-    st = stat(pid)
-    if st is None or st.state in ("Z", "X") or (wd["start"] and st.start != wd["start"]):
+    if not wire.same_process(pid, wd["start"]):
         log.warning(
             "slot %d pid %d: gone while the supervisor was away; its slot starts a new one",
             slot.index,

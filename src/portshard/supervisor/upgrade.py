@@ -106,7 +106,6 @@ class Upgrade:
     def exec(self, refuse: Callable[[str], None]) -> None:
         sup = self.sup
         manifest, fds = handoff.export(sup)
-        manifest["lineage"] = sup.succession.lineage.to_json()
         if sup.fx.control is not None:
             fds["control"] = sup.fx.control.sock.fileno()
         if self.conn is not None:

@@ -48,9 +48,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..linux import cgroup
-from ..linux.proc import catches, stat
+from ..linux.proc import stat
 from ..linux.syscalls import pidfd_open
 from .output import LineSplitter
+from .worker import signal_tree
 
 __all__ = ["FDS_PER_MESSAGE", "address", "recv", "send", "send_fds"]
 
@@ -205,32 +206,14 @@ class Warden:
                     yield w
 
     def _signal(self, w: dict[str, Any], sig: int) -> None:
-        """As ``Worker.signal``: the stop signal to a main process that handles it alone (a
-        pre-fork master stops its children its own way), else to the whole group."""
+        """As ``Worker.signal`` (its tree, by its cgroup if it has one)."""
         home = self.manifest.get("trees", {}).get("home")
-        if home and w.get("cgroup"):
-            group = cgroup.Cgroup(os.path.join(home, w["cgroup"]))
-            with contextlib.suppress(OSError):
-                if sig == signal.SIGKILL:
-                    group.kill()
-                elif sig == signal.SIGCONT:
-                    group.freeze(False)
-        if sig not in (signal.SIGKILL, signal.SIGCONT) and catches(w["pid"], sig):
-            with contextlib.suppress(OSError):
-                os.kill(w["pid"], sig)
-            return
-        try:
-            os.killpg(w["pid"], sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            with contextlib.suppress(OSError):
-                os.kill(w["pid"], sig)
+        group = cgroup.Cgroup(os.path.join(home, w["cgroup"])) if home and w.get("cgroup") else None
+        signal_tree(w["pid"], group, sig)
 
     def stop_workers(self) -> None:
         """Nobody adopted them: refuse new connections, let the queues empty, then the stop
         signal, --grace, SIGKILL; remove the groups; close every fd."""
-        from ..linux.tcpinfo import queue_depth_fd
         from ..steering import cbpf
 
         stop = self.manifest.get("stop", {})
@@ -248,7 +231,7 @@ class Warden:
             finally:
                 sock.close()
         until = time.monotonic() + min(QUIET_WAIT, float(stop.get("grace", 30.0)))
-        while time.monotonic() < until and any(_queued(queue_depth_fd, fd) for fd in listening):
+        while time.monotonic() < until and any(_queued(fd) for fd in listening):
             time.sleep(0.01)
         workers = list(self._workers())
         pidfds = {}
@@ -371,9 +354,11 @@ class Warden:
                 return 0
 
 
-def _queued(depth: Any, fd: int) -> int:
+def _queued(fd: int) -> int:
+    from ..linux.tcpinfo import queue_depth_fd
+
     try:
-        return int(depth(fd).queued)
+        return queue_depth_fd(fd).queued
     except OSError:
         return 0
 

@@ -21,13 +21,44 @@ if TYPE_CHECKING:
     from ..interpose.seccomp import Trap
     from .config import Config
 
-__all__ = ["Slot", "Worker", "log_fields"]
+__all__ = ["Slot", "Worker", "log_fields", "signal_tree"]
 
 
 def log_fields(slot: int, pid: int | None = None) -> dict[str, Any]:
     """``extra=`` for a log record about a slot (and its worker): the JSON log has them as
     fields; the text still starts ``slot N pid P:``."""
     return {"slot": slot} if pid is None else {"slot": slot, "pid": pid}
+
+
+def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
+    """Send ``sig`` to a worker: ``pid``'s process group (the process alone if the group is
+    not ours to signal, e.g. it changed user). With a cgroup (``group``), SIGKILL is also the
+    group's kill and SIGSTOP/SIGCONT its freeze/thaw: the whole tree, children that called
+    setsid() included.
+
+    The stop signal (any other) goes to the main process alone when that process handles
+    it: a pre-fork master (gunicorn, nginx, hypercorn, uvicorn --workers) stops its
+    children its own way, and some children keep the signal's default action while they
+    wait for it (hypercorn's die with requests in hand). A main process that does not
+    handle it (a shell, a wrapper, a single process that dies on it) gets it with its
+    whole group, as before, so the program under a wrapper stops too."""
+    if group is not None and sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
+        with contextlib.suppress(OSError):
+            if sig == signal.SIGKILL:
+                group.kill()
+            else:
+                group.freeze(sig == signal.SIGSTOP)
+    elif sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT) and proc.catches(pid, sig):
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+        return
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
 
 
 class Worker:
@@ -77,36 +108,8 @@ class Worker:
     # ---- its process (only the effects layer calls these) ----------------------------------
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to its process group (to the process alone if the group is not ours
-        to signal, e.g. it changed user). With a cgroup, SIGKILL is also the group's kill and
-        SIGSTOP/SIGCONT its freeze/thaw: the whole tree, children that called setsid()
-        included.
-
-        The stop signal (any other) goes to the main process alone when that process handles
-        it: a pre-fork master (gunicorn, nginx, hypercorn, uvicorn --workers) stops its
-        children its own way, and some children keep the signal's default action while they
-        wait for it (hypercorn's die with requests in hand). A main process that does not
-        handle it (a shell, a wrapper, a single process that dies on it) gets it with its
-        whole group, as before, so the program under a wrapper stops too."""
-        if self.cgroup is not None and sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
-            with contextlib.suppress(OSError):
-                if sig == signal.SIGKILL:
-                    self.cgroup.kill()
-                else:
-                    self.cgroup.freeze(sig == signal.SIGSTOP)
-        elif sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT) and proc.catches(
-            self.pid, sig
-        ):
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, sig)
-            return
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, sig)
+        """:func:`signal_tree` to its process (and its cgroup, if any)."""
+        signal_tree(self.pid, self.cgroup, sig)
 
     def reap(self) -> None:
         """Collect its exit status and close its pidfd; then kill whatever it left in its
