@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,11 @@ for line in sys.stdin:
         for c in conns:
             c.close()
         conns = []
+    elif cmd[0] == "send":  # an answer (or a banner) on connection N
+        conns[int(cmd[1])].sendall(b"answer")
+    elif cmd[0] == "read":  # everything up to the client's FIN on connection N
+        while conns[int(cmd[1])].recv(4096):
+            pass
     print("done", flush=True)
 """
 
@@ -229,6 +235,53 @@ def test_connections_of_counts_held_connections(
         assert linux_proc.alive(proc.pid)
     finally:
         for c in clients:
+            c.close()
+
+
+def test_the_freeze_check_leaves_out_answered_keep_alive_leftovers(procs: Procs) -> None:
+    """A CLOSE_WAIT connection whose server answered after the last request (hypercorn keeps
+    these until its keep-alive timeout) is not held for the freeze-check; one whose client
+    half-closed and still waits for its answer is, before and after a banner."""
+    proc = talk(procs, PRELUDE + HOLD)
+    port = int(readline(proc))
+    assert readline(proc) == "ready"
+
+    def do(cmd: str) -> None:
+        command(proc, cmd)
+        assert readline(proc) == "done"
+
+    def held() -> tuple[int, int]:  # (every connection, what a retiring worker could lose)
+        return (
+            sockdiag.held_by_members([proc.pid], set(), {port}),
+            sockdiag.held_connections(proc.pid, set(), {port}),
+        )
+
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=5)  # nc -N
+    answered = socket.create_connection(("127.0.0.1", port), timeout=5)
+    banner = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        for _ in range(3):
+            do("accept")
+        for i, client in enumerate((waiting, answered)):
+            client.sendall(b"request")
+            client.shutdown(socket.SHUT_WR)
+            do(f"read {i}")
+        assert held() == (3, 3)  # connection 2 is ESTABLISHED: its client may still ask
+        do("send 1")
+        assert answered.recv(100) == b"answer"
+        assert held() == (3, 2)  # the answered leftover cannot lose anything
+        do("send 2")  # the server speaks first
+        assert banner.recv(100) == b"answer"
+        time.sleep(0.05)  # beyond the kernel's tick (4 ms at HZ=250)
+        banner.sendall(b"request")
+        banner.shutdown(socket.SHUT_WR)
+        do("read 2")
+        assert held() == (3, 2)  # received after it last sent: waits for its answer
+        do("send 2")
+        assert held() == (3, 1)
+        assert sockdiag.connections_of(proc.pid) == 3
+    finally:
+        for c in (waiting, answered, banner):
             c.close()
 
 

@@ -385,3 +385,49 @@ def test_surge_replaces_slots_in_pairs(start: Start) -> None:
     started = [line for line in sup.text().splitlines() if "started (reload" in line]
     assert len(started) == 4
     assert "4 slots, 2 at a time" in sup.text()
+
+
+# Answers each request line, then keeps the connection open whatever its client does (as
+# hypercorn keeps closed keep-alive connections in CLOSE_WAIT until its timeout); a request
+# "slow" (its client half-closed, as nc -N) is answered 1.5 s later. Dies on SIGTERM.
+KEEPER = """
+import os, socket, threading, time
+s = socket.socket(fileno=3)
+kept = []
+def serve(c):
+    line = c.makefile("rb").readline()
+    if line.startswith(b"slow"):
+        time.sleep(1.5)
+    c.sendall(b"%d\\n" % os.getpid())
+    while c.recv(4096):
+        pass
+    kept.append(c)  # never closed: CLOSE_WAIT until the process ends
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+
+def test_a_reload_does_not_wait_for_answered_connections_left_in_close_wait(
+    start: Start,
+) -> None:
+    sup = start(
+        "-w", "2", "--grace", "20", "--listen", "tcp://127.0.0.1:0", "--",
+        sys.executable, "-c", KEEPER,
+    )  # fmt: skip
+    olds = set(sup.pids())
+    for _ in range(40):  # answered, then closed by their clients: leftovers in each worker
+        with socket.create_connection(("127.0.0.1", sup.port), timeout=5) as c:
+            c.sendall(b"hello\n")
+            assert int(c.makefile("rb").readline()) in olds
+    waiting = socket.create_connection(("127.0.0.1", sup.port), timeout=10)
+    waiting.sendall(b"slow\n")
+    waiting.shutdown(socket.SHUT_WR)  # still waits for its answer
+    try:
+        res = sup.ctl("reload", "--timeout", "15", check=False)
+        assert res.returncode == 0, res.stderr + sup.text()
+        assert int(waiting.makefile("rb").readline()) in olds  # answered, not reset
+    finally:
+        waiting.close()
+    assert not olds & set(sup.pids())
+    text = sup.text()
+    assert "still holds connections" not in text, text

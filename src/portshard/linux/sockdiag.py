@@ -16,6 +16,19 @@ the other end: ESTABLISHED, SYN_RECV (a fast-open child), FIN_WAIT1, FIN_WAIT2, 
 counted: LISTEN, CLOSE (never connected, or reset), SYN_SENT (no peer yet). TIME_WAIT and
 NEW_SYN_RECV sockets are never in an fd table. A process this user may not look into raises
 :class:`~portshard.errors.NoAccess` rather than answering "no connections".
+
+:func:`held_connections` (the drain's freeze-check) leaves out one kind of CLOSE_WAIT: a
+keep-alive leftover, answered and then closed by its client, that the server keeps open until
+its own idle timeout (hypercorn holds every one for its 5 s keep-alive: ``ss`` showed 100+
+per worker under a curl loop, so a retiring worker never looked idle and each reload waited
+--grace). Its client closed its side, so no request can come; nothing is unread and nothing
+unsent; and the server sent data at or after the last data it received (tcp_info's
+``last_data_sent`` <= ``last_data_recv``, in ms ago at the kernel's tick: 4 ms at HZ=250).
+Stopping such a server loses nothing. A half-closed client still waiting for its answer (nc
+-N: request, FIN) has data received and none sent since, so it still counts; the one case this
+misjudges is a server that speaks first (a banner) and a request and FIN that arrive within the
+same tick as the banner left, answered later: the retiring worker then gets its stop signal
+(its shutdown answers it) and only a program that dies on that signal would drop it.
 """
 
 from __future__ import annotations
@@ -121,7 +134,7 @@ _NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 # struct inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed inet_diag_sockid
 _DIAG_REQ = struct.Struct("=BBBxI48x")
 # struct inet_diag_req (v1): family (0: both), src_len, dst_len, ext, sockid, states, dbs
-_DIAG_REQ_V1 = struct.Struct("=B3x48xI4x")
+_DIAG_REQ_V1 = struct.Struct("=BxxB48xI4x")
 # struct inet_diag_msg: family, state, timer, retrans, then the sockid (sport in network
 # order at 4), expires, rqueue, wqueue, uid, inode (at 68)
 _DIAG_MSG_MIN = 72
@@ -132,18 +145,28 @@ _TCPF_CONNECTED = sum(1 << int(st, 16) for st in _CONNECTED)
 _TCPF_CLOSE = 1 << 7  # an unconnected UDP socket
 
 _Row = tuple[int, int, int]  # state, local port, inode
+_CLOSE_WAIT = 8
+_TCPF_CLOSE_WAIT = 1 << _CLOSE_WAIT
+_INET_DIAG_INFO = 2  # the attribute holding struct tcp_info (ext bit 1 << (2 - 1))
+_DIAG_QUEUES = struct.Struct("=II")  # rqueue, wqueue, at 56 in inet_diag_msg
+_RTA = struct.Struct("=HH")  # rtattr: len, type
+# struct tcp_info: tcpi_last_data_sent at 44, tcpi_last_data_recv at 52 (ms ago);
+# tcpi_data_segs_out at 156 (Linux 4.6)
+_INFO_TIMES = struct.Struct("=I4xI")
+_INFO_SEGS_OUT = struct.Struct("=I")
+_INFO_MIN = 160
 
 
 class _NoDiag(Exception):
     """sock_diag is not usable here; read /proc instead."""
 
 
-def _diag_requests(proto: int, states: int) -> list[bytes]:
+def _diag_requests(proto: int, states: int, ext: int = 0) -> list[bytes]:
     if proto == socket.IPPROTO_TCP:
         # One walk of the connection hash for both families: the old TCPDIAG_GETSOCK request
         # dumps AF_INET and AF_INET6 together. A walk costs ~150 µs on an idle 2-core VM
         # (262,144 buckets) plus ~35 ns per TIME_WAIT socket, so walking once matters.
-        body = _DIAG_REQ_V1.pack(0, states)
+        body = _DIAG_REQ_V1.pack(0, ext, states)
         return [
             _NLMSG_HDR.pack(_NLMSG_HDR.size + len(body), _TCPDIAG_GETSOCK, _NLM_DUMP, 1, 0) + body
         ]
@@ -157,6 +180,50 @@ def _diag_requests(proto: int, states: int) -> list[bytes]:
 
 def _diag_dump(proto: int, states: int) -> Iterator[_Row]:
     """(state, local port, inode) of every socket of our namespace in ``states`` (a bitmask)."""
+    for data, msg in _diag_messages(proto, states):
+        state = data[msg + 1]
+        port = int.from_bytes(data[msg + 4 : msg + 6], "big")
+        (inode,) = _DIAG_INODE.unpack_from(data, msg + _DIAG_INODE_OFFSET)
+        yield state, port, inode
+
+
+def _answered_leftovers() -> set[int]:
+    """Inodes of the CLOSE_WAIT TCP sockets of our namespace that are answered keep-alive
+    leftovers (module doc): nothing unread or unsent, data sent at or after the last data
+    received."""
+    found = set()
+    for data, msg in _diag_messages(
+        socket.IPPROTO_TCP, _TCPF_CLOSE_WAIT, 1 << (_INET_DIAG_INFO - 1)
+    ):
+        rqueue, wqueue = _DIAG_QUEUES.unpack_from(data, msg + 56)
+        info = _attribute(data, msg, _INET_DIAG_INFO)
+        if rqueue or wqueue or info is None or info[1] < _INFO_MIN:
+            continue
+        at = info[0]
+        sent_ago, received_ago = _INFO_TIMES.unpack_from(data, at + 44)
+        (segs_out,) = _INFO_SEGS_OUT.unpack_from(data, at + 156)
+        if segs_out and sent_ago <= received_ago:
+            found.add(_DIAG_INODE.unpack_from(data, msg + _DIAG_INODE_OFFSET)[0])
+    return found
+
+
+def _attribute(data: bytes, msg: int, kind: int) -> tuple[int, int] | None:
+    """(offset, length) of the payload of attribute ``kind`` of the inet_diag_msg at ``msg``."""
+    end = msg - _NLMSG_HDR.size + _NLMSG_HDR.unpack_from(data, msg - _NLMSG_HDR.size)[0]
+    at = msg + _DIAG_MSG_MIN
+    while at + _RTA.size <= end:
+        length, rta_kind = _RTA.unpack_from(data, at)
+        if length < _RTA.size:
+            return None
+        if rta_kind == kind:
+            return at + _RTA.size, length - _RTA.size
+        at += (length + 3) & ~3
+    return None
+
+
+def _diag_messages(proto: int, states: int, ext: int = 0) -> Iterator[tuple[bytes, int]]:
+    """(reply, offset of an inet_diag_msg in it) for every socket of our namespace in
+    ``states`` (a bitmask), with the ``ext`` attributes asked for."""
     try:
         nl = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG
@@ -164,12 +231,12 @@ def _diag_dump(proto: int, states: int) -> Iterator[_Row]:
     except OSError as exc:
         raise _NoDiag from exc
     with nl:
-        for request in _diag_requests(proto, states):
+        for request in _diag_requests(proto, states, ext):
             nl.send(request)
             yield from _diag_replies(nl, _NLMSG_HDR.unpack_from(request)[1])
 
 
-def _diag_replies(nl: socket.socket, kind_wanted: int) -> Iterator[_Row]:
+def _diag_replies(nl: socket.socket, kind_wanted: int) -> Iterator[tuple[bytes, int]]:
     while True:
         data = nl.recv(1 << 16)
         at = 0
@@ -182,12 +249,8 @@ def _diag_replies(nl: socket.socket, kind_wanted: int) -> Iterator[_Row]:
             if kind == _NLMSG_ERROR:  # e.g. no udp_diag in this kernel
                 (code,) = struct.unpack_from("=i", data, at + _NLMSG_HDR.size)
                 raise _NoDiag(os.strerror(-code))
-            msg = at + _NLMSG_HDR.size
             if kind == kind_wanted and length >= _NLMSG_HDR.size + _DIAG_MSG_MIN:
-                state = data[msg + 1]
-                port = int.from_bytes(data[msg + 4 : msg + 6], "big")
-                (inode,) = _DIAG_INODE.unpack_from(data, msg + _DIAG_INODE_OFFSET)
-                yield state, port, inode
+                yield data, at + _NLMSG_HDR.size
             at += (length + 3) & ~3
         if not data:
             raise _NoDiag("netlink socket closed")
@@ -288,24 +351,40 @@ def held_connections(
     group: Cgroup | None = None,
 ) -> int:
     """Client connections (local port one of ``ports``) that the process tree holds (the
-    worker's ``group`` members if given: its escaped descendants included).
+    worker's ``group`` members if given: its escaped descendants included), less answered
+    keep-alive leftovers (module doc): what a retiring worker could still lose.
 
     First the tree's own fd tables (microseconds): no socket besides the listeners means
     nothing is held. Only otherwise walk the socket table (sock_diag, filtered by state in
-    the kernel) for live connections on our ports (a DB connection does not count).
+    the kernel) for live connections on our ports (a DB connection does not count), and
+    then, if any is in CLOSE_WAIT, the CLOSE_WAIT sockets with their tcp_info.
     """
     members = group.members() if group is not None else []
-    return held_by_members(members or process_tree(pid), listeners, ports)
+    return held_by_members(members or process_tree(pid), listeners, ports, leftovers=False)
 
 
 def held_by_members(
-    members: Iterable[int], listeners: AbstractSet[int], ports: AbstractSet[int]
+    members: Iterable[int],
+    listeners: AbstractSet[int],
+    ports: AbstractSet[int],
+    *,
+    leftovers: bool = True,
 ) -> int:
-    """:func:`held_connections` for a known set of processes (a cgroup's members)."""
-    members = list(members)
-    held: set[int] = set()
-    for member in members:
-        held.update(socket_fds(member).values())
-    if not held - listeners:
+    """:func:`held_connections` for a known set of processes (a cgroup's members), counting
+    answered keep-alive leftovers too unless ``leftovers`` is False."""
+    held = {member: set(socket_fds(member).values()) for member in members}
+    if not set().union(*held.values()) - listeners:
         return 0
-    return sum(connections_by_pid(members, ports=ports).values())
+    rows = [
+        (state, inode)
+        for found in _tables(held, socket.IPPROTO_TCP, _TCPF_CONNECTED).values()
+        for state, port, inode in found
+        if port in ports
+    ]
+    if not leftovers and any(state == _CLOSE_WAIT for state, _ in rows):
+        try:
+            answered = _answered_leftovers()
+        except _NoDiag:  # cannot tell: every one counts
+            answered = set()
+        rows = [(state, inode) for state, inode in rows if inode not in answered]
+    return len(rows)
