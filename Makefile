@@ -21,7 +21,7 @@ DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binut
 # default site on port 80; the bench never uses it: it runs its own nginx on loopback.)
 DEB_BENCH_PKGS := nginx haproxy wrk iproute2
 
-.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick bench-scale bench-crash deps-bench netbed soak
+.PHONY: demo test lint typecheck pytest deps-test install clean bench bench-quick bench-scale bench-crash bench-recipes deps-bench netbed soak
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,7 @@ bench: deps-bench
 	$(PY) -m bench
 	$(MAKE) bench-scale
 	$(MAKE) bench-crash
+	$(MAKE) bench-recipes
 
 # Issue 17's rows, after the suite: the supervisor's CPU against idle held connections (0, 1k,
 # 10k, 50k; eBPF and classic BPF steering) and boot / reload --wait time against workers (1, 4,
@@ -97,6 +98,13 @@ bench-scale: deps-bench
 # bench/results/crash_upgrade.json.
 bench-crash: deps-bench
 	$(PY) bench/experiments/crash_upgrade.py --rounds 3
+
+# Issue 12's row: reload --wait of the hypercorn and uvicorn recipes (2 slots, --surge 1 and
+# 2) under a curl-like load, against each server's own start-up measured in the same run,
+# 3 interleaved rounds (about 4 min). Writes bench/results/recipe_reload.json.
+bench-recipes: deps-bench
+	$(PIP) install -q -e '.[recipes]'
+	$(PY) bench/experiments/recipe_reload.py --rounds 3
 
 bench-quick: deps-bench
 	$(PY) -m bench --quick

@@ -6,6 +6,7 @@ Runs an asyncio loop in a thread until stopped, or until ``max_requests`` or ``m
 Every request is classified, so a test can tell a refused connect (never accepted) from a
 connection the kernel accepted and then lost (reset or empty reply).
 
+``close_first=True`` sends HTTP/1.1 and closes from the client's side once answered (curl).
 For the benchmarks: ``keepalive=True`` sends HTTP/1.1 requests on one connection per client
 (reconnecting when the server closes it), ``pause`` makes each client wait between requests
 (a latency probe at a bounded rate beside a throughput tool), and every result records when
@@ -40,6 +41,10 @@ class Load:
     timeout: float = 5.0
     keepalive: bool = False  # HTTP/1.1, one persistent connection per client
     pause: float = 0.0  # seconds each client waits after each request
+    # HTTP/1.1, one request per connection, closed by the client once it has the answer (as
+    # curl does): a server that keeps answered connections until its keep-alive timeout
+    # (hypercorn) holds them in CLOSE_WAIT meanwhile
+    close_first: bool = False
     results: list[Result] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -178,6 +183,11 @@ class Load:
             return Result(False, "connect_timeout", time.monotonic() - t0, "", t0)
         except OSError:
             return Result(False, "error", time.monotonic() - t0, "", t0)
+        if self.close_first:
+            try:
+                return (await self._one_keepalive(reader, writer, t0))[0]
+            finally:
+                writer.close()
         try:
             writer.write(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
             data = await asyncio.wait_for(reader.read(), self.timeout)
