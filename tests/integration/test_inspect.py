@@ -192,6 +192,8 @@ for line in sys.stdin:
         conns = []
     elif cmd[0] == "send":  # an answer (or a banner) on connection N
         conns[int(cmd[1])].sendall(b"answer")
+    elif cmd[0] == "recv":  # what has come on connection N (its FIN unread)
+        conns[int(cmd[1])].recv(4096)
     elif cmd[0] == "read":  # everything up to the client's FIN on connection N
         while conns[int(cmd[1])].recv(4096):
             pass
@@ -262,13 +264,17 @@ def test_the_freeze_check_leaves_out_answered_keep_alive_leftovers(procs: Procs)
     try:
         for _ in range(3):
             do("accept")
-        for i, client in enumerate((waiting, answered)):
-            client.sendall(b"request")
-            client.shutdown(socket.SHUT_WR)
-            do(f"read {i}")
+        waiting.sendall(b"request")
+        waiting.shutdown(socket.SHUT_WR)
+        do("read 0")
+        answered.sendall(b"request")
+        do("recv 1")
         assert held() == (3, 3)  # connection 2 is ESTABLISHED: its client may still ask
         do("send 1")
         assert answered.recv(100) == b"answer"
+        assert held() == (3, 3)  # answered, and its client may still ask again
+        answered.shutdown(socket.SHUT_WR)  # it will not: CLOSE_WAIT, its FIN not read
+        wait_until(lambda: _states_of(proc.pid).count(b"\x08") == 2, what="CLOSE_WAIT")
         assert held() == (3, 2)  # the answered leftover cannot lose anything
         do("send 2")  # the server speaks first
         assert banner.recv(100) == b"answer"

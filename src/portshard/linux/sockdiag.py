@@ -21,8 +21,8 @@ NEW_SYN_RECV sockets are never in an fd table. A process this user may not look 
 keep-alive leftover, answered and then closed by its client, that the server keeps open until
 its own idle timeout (hypercorn holds every one for its 5 s keep-alive: ``ss`` showed 100+
 per worker under a curl loop, so a retiring worker never looked idle and each reload waited
---grace). Its client closed its side, so no request can come; nothing is unread and nothing
-unsent; and the server sent data at or after the last data it received (tcp_info's
+--grace). Its client closed its side, so no request can come; nothing is unread (the FIN aside) and
+nothing unsent; and the server sent data at or after the last data it received (tcp_info's
 ``last_data_sent`` <= ``last_data_recv``, in ms ago at the kernel's tick: 4 ms at HZ=250).
 Stopping such a server loses nothing. A half-closed client still waiting for its answer (nc
 -N: request, FIN) has data received and none sent since, so it still counts; the one case this
@@ -190,14 +190,15 @@ def _diag_dump(proto: int, states: int) -> Iterator[_Row]:
 def _answered_leftovers() -> set[int]:
     """Inodes of the CLOSE_WAIT TCP sockets of our namespace that are answered keep-alive
     leftovers (module doc): nothing unread or unsent, data sent at or after the last data
-    received."""
+    received. The receive queue counts the FIN, last in sequence: 1 is the FIN alone (a frozen
+    worker has not read it yet), which closing does not turn into a reset."""
     found = set()
     for data, msg in _diag_messages(
         socket.IPPROTO_TCP, _TCPF_CLOSE_WAIT, 1 << (_INET_DIAG_INFO - 1)
     ):
         rqueue, wqueue = _DIAG_QUEUES.unpack_from(data, msg + 56)
         info = _attribute(data, msg, _INET_DIAG_INFO)
-        if rqueue or wqueue or info is None or info[1] < _INFO_MIN:
+        if rqueue > 1 or wqueue or info is None or info[1] < _INFO_MIN:
             continue
         at = info[0]
         sent_ago, received_ago = _INFO_TIMES.unpack_from(data, at + 44)
