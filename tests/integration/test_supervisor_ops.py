@@ -431,3 +431,68 @@ def test_a_reload_does_not_wait_for_answered_connections_left_in_close_wait(
     assert not olds & set(sup.pids())
     text = sup.text()
     assert "still holds connections" not in text, text
+
+
+# Serves from a second thread while the main thread waits on a lock (a native wait that only
+# a signal in the main thread interrupts); the SIGTERM handler, run by the main thread,
+# says so and exits 0. granian's master works this way.
+THREADED = """
+import os, signal, socket, sys, threading
+def stop(*_):
+    print("shutdown %d" % os.getpid(), flush=True)
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+def serve():
+    s = socket.socket(fileno=3)
+    while True:
+        c = s.accept()[0]
+        c.sendall(b"%d\\n" % os.getpid())
+        c.close()
+threading.Thread(target=serve, daemon=True).start()
+threading.Event().wait()
+"""
+
+
+# The same, but its signals are blocked in every thread and a third thread takes SIGTERM with
+# sigwait() (a handler is installed too, so that portshard sees it handled).
+SIGWAITER = """
+import os, signal, socket, sys, threading
+def stop(*_):
+    print("shutdown %d" % os.getpid(), flush=True)
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+def serve():
+    s = socket.socket(fileno=3)
+    while True:
+        c = s.accept()[0]
+        c.sendall(b"%d\\n" % os.getpid())
+        c.close()
+def waiter():
+    signal.sigwait({signal.SIGTERM})
+    stop()
+threading.Thread(target=serve, daemon=True).start()
+threading.Thread(target=waiter, daemon=True).start()
+threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("program", [THREADED, SIGWAITER], ids=["main-thread", "sigwait"])
+def test_the_stop_signal_reaches_a_program_whose_main_thread_waits_while_others_serve(
+    start: Start, program: str
+) -> None:
+    # Signalled while frozen, a process-wide signal goes to whichever thread leaves the
+    # freezer first: the serving thread half the time, where Python never runs the handler.
+    # A program that blocks it in its main thread takes it elsewhere (sigwait).
+    sup = start(
+        "-w", "2", "--grace", "8", "--listen", "tcp://127.0.0.1:0", "--",
+        sys.executable, "-c", program,
+    )  # fmt: skip
+    retired = []
+    for _ in range(3):
+        retired += sup.pids()
+        sup.reload()
+    text = sup.text()
+    assert "did not stop within the grace time" not in text, text
+    for pid in retired:
+        assert f"shutdown {pid}" in text and f"pid {pid}: retired (exit status 0)" in text, text

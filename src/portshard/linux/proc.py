@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # no runtime import: `import portshard` stays light
 __all__ = [
     "ProcStat",
     "alive",
+    "blocks",
     "capabilities",
     "catches",
     "cpu_seconds",
@@ -261,6 +262,17 @@ def catches(pid: int, sig: int) -> bool:
     /proc/PID/status: neither its default action nor ignored); False once it has gone."""
     try:
         value = _status_field(pid, b"SigCgt:")
+    except OSError:
+        return False
+    return value is not None and bool(int(value, 16) >> (sig - 1) & 1)
+
+
+def blocks(pid: int, sig: int) -> bool:
+    """Whether the main thread of ``pid`` blocks signal ``sig`` (SigBlk in /proc/PID/status:
+    a program that takes its signals in another thread with sigwait() blocks them in all);
+    False once it has gone."""
+    try:
+        value = _status_field(pid, b"SigBlk:")
     except OSError:
         return False
     return value is not None and bool(int(value, 16) >> (sig - 1) & 1)

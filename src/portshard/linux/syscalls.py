@@ -202,3 +202,11 @@ def pidfd_send_signal(pidfd: int, sig: int) -> None:
         signal.pidfd_send_signal(pidfd, sig)
         return
     syscall(NR_PIDFD_SEND_SIGNAL, pidfd, sig, 0, 0)
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to thread ``tid`` of process ``tgid`` alone (glibc >= 2.30, musl): a
+    thread-directed signal, which only that thread can take."""
+    fn = _libc().tgkill
+    fn.restype = ctypes.c_int
+    _check(int(fn(ctypes.c_int(tgid), ctypes.c_int(tid), ctypes.c_int(sig))), "tgkill")

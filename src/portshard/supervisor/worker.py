@@ -13,7 +13,7 @@ import signal
 import socket
 from typing import TYPE_CHECKING, Any
 
-from ..linux import proc
+from ..linux import proc, syscalls
 from ..linux.cgroup import Cgroup
 from .state import SLOT_TABLE, Backoff, Lifecycle, Machine, SlotEvent, SlotState, State
 
@@ -41,7 +41,15 @@ def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
     children its own way, and some children keep the signal's default action while they
     wait for it (hypercorn's die with requests in hand). A main process that does not
     handle it (a shell, a wrapper, a single process that dies on it) gets it with its
-    whole group, as before, so the program under a wrapper stops too."""
+    whole group, as before, so the program under a wrapper stops too.
+
+    That main process gets it in its main thread (tgkill) unless that thread blocks it: the
+    stop signal is sent while the tree is frozen, and at the thaw any thread may take a
+    process-wide signal (each leaves the freezer through the signal code). A Python program
+    whose main thread sleeps in a native call while other threads run (granian's master)
+    then never runs its handler: measured, 1 of 3 frozen SIGTERMs lost, and the old worker
+    waited --grace and a SIGKILL on every reload under load. Unfrozen, the kernel picks the
+    main thread itself."""
     if group is not None and sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
         with contextlib.suppress(OSError):
             if sig == signal.SIGKILL:
@@ -49,8 +57,14 @@ def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
             else:
                 group.freeze(sig == signal.SIGSTOP)
     elif sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT) and proc.catches(pid, sig):
-        with contextlib.suppress(OSError):
-            os.kill(pid, sig)
+        try:
+            if proc.blocks(pid, sig):
+                os.kill(pid, sig)
+            else:
+                syscalls.tgkill(pid, pid, sig)
+        except (OSError, AttributeError):  # gone, not ours, or a libc without tgkill
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
         return
     try:
         os.killpg(pid, sig)
