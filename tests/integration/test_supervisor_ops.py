@@ -95,9 +95,11 @@ def test_supervisor_killed_takes_its_workers_with_it(start: Start) -> None:
 def test_failed_reload_keeps_the_old_workers_and_says_why(start: Start, short_tmp: Path) -> None:
     conf = short_tmp / "ps.toml"
     write_config(conf, FDWORKER, 2)
-    sup = start("-c", str(conf), "--ready-timeout", "1")
+    sup = start("-c", str(conf))  # the default ready-timeout: a busy machine boots slowly
     old = sup.pids()
     write_config(conf, [sys.executable, "-c", "import time; time.sleep(30)"], 2)
+    with conf.open("a") as f:
+        f.write("ready-timeout = 1\n")  # the reload's workers never get ready: give up soon
     with Load("127.0.0.1", sup.port, concurrency=8, max_seconds=30) as load:
         load.wait_for(50)
         res = sup.ctl("reload", "--wait", check=False)

@@ -302,12 +302,23 @@ def test_a_supervisor_killed_during_a_reload_is_adopted_and_nothing_fails(fleet:
     wait_until(lambda: no_process_left(fleet.tag), 5, "workers gone")
 
 
+def _answers(address: str) -> bool:
+    """The warden's socket takes connections (its process exists a moment before it does)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+        try:
+            c.connect(address)
+        except OSError:
+            return False
+    return True
+
+
 def test_garbage_at_the_warden_is_refused_and_it_carries_on(fleet: Fleet) -> None:
     from portshard.supervisor import warden
 
     args = ("-w", "1", "--listen", "tcp://127.0.0.1:0")
     sup = fleet.run(*args)
     (pid,) = wait_until(fleet.warden_pids, 5, "the warden")
+    wait_until(lambda: _answers(warden.address(str(fleet.control))), 10, "the warden's socket")
     for junk in (b"", b"\x00" * 100, b"not zlib", warden.zlib.compress(b"[1, 2")):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
             c.connect(warden.address(str(fleet.control)))
