@@ -87,6 +87,12 @@ def recipe(name: str, request: pytest.FixtureRequest) -> Recipe:
         argv = [python_tool("hypercorn"), "--bind", "127.0.0.1:{port}", *workers]
         argv += ["--graceful-timeout", "5", "asgi_app:app"]
         return Recipe(argv, [], ASYNC_HOOK, env={"PYTHONPATH": str(APPS)})
+    if name == "granian":
+        # Binds its own address (interposed); its master handles SIGTERM in its main thread
+        # only, which waits in native code while the Rust runtime's threads run.
+        argv = [python_tool("granian"), "--interface", "asgi", "--host", "127.0.0.1"]
+        argv += ["--port", "{port}", "asgi_app:app"]
+        return Recipe(argv, [], ASYNC_HOOK, env={"PYTHONPATH": str(APPS)})
     if name == "aiohttp":
         # aiohttp's shutdown closes what it accepted and has not read: the default retirement
         # signals it only when nothing can reach its slot (was --drain freeze-kill, which
@@ -243,6 +249,7 @@ RECIPES = [
     "uvicorn",
     "hypercorn",
     "aiohttp",
+    "granian",
     "nginx",
     "nginx-fds",
     "node",
