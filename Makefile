@@ -99,7 +99,7 @@ bench-scale: deps-bench
 bench-crash: deps-bench
 	$(PY) bench/experiments/crash_upgrade.py --rounds 3
 
-# Issue 12's row: reload --wait of the hypercorn and uvicorn recipes (2 slots, --surge 1 and
+# Issue 12's row: reload --wait of the hypercorn, uvicorn and granian recipes (2 slots, --surge 1 and
 # 2) under a curl-like load, against each server's own start-up measured in the same run,
 # 3 interleaved rounds (about 4 min). Writes bench/results/recipe_reload.json.
 bench-recipes: deps-bench

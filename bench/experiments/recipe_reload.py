@@ -2,7 +2,7 @@
 start-up measured in the same run (issue 12: hypercorn's reload under load within 2 s).
 
     .venv/bin/python bench/experiments/recipe_reload.py [--rounds 3] [--reloads 3]
-        [--servers hypercorn,uvicorn] [--surges 1,2] [--clients 4]
+        [--servers hypercorn,uvicorn,granian] [--surges 1,2] [--clients 4]
 
 For each server (the README recipes, 2 slots) and each ``--surge``, interleaved round by
 round:
@@ -56,6 +56,10 @@ SERVERS = {  # the README recipes ({port}: the managed port)
     "uvicorn": [
         *[str(BIN / "uvicorn"), "--app-dir", str(APPS), "asgi_app:app"],
         *["--port", "{port}", "--no-access-log"],
+    ],
+    "granian": [
+        *[str(BIN / "granian"), "--interface", "asgi", "--host", "127.0.0.1"],
+        *["--port", "{port}", "asgi_app:app"],
     ],
 }
 ENV = {**os.environ, "PYTHONPATH": str(APPS)}
