@@ -196,6 +196,19 @@ def _workers_cpu(pids: list[int]) -> float:
     return total
 
 
+def _schedstat(pids: list[int]) -> list[tuple[int, int]]:
+    """(ns on a CPU, ns waiting for one) of each process so far; (0, 0) if it is gone."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                run, wait = f.read().split()[:2]
+            out.append((int(run), int(wait)))
+        except (OSError, ValueError):
+            out.append((0, 0))
+    return out
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -228,7 +241,11 @@ def run_one(
     out = tmp / "records.bin"
     total = warmup + seconds
     cpu: dict[str, float] = {}
+    sched: dict[str, list[tuple[int, int]]] = {}
     kill_at: list[float] = []
+    trace: list[tuple[float, list[float]]] = []
+    tracing = threading.Event()
+    looker = None
     try:
         started = time.monotonic()
         timers = []
@@ -238,6 +255,7 @@ def run_one(
             if sup is not None:
                 cpu[name] = _cpu_seconds(sup)
             cpu[f"workers_{name}"] = _workers_cpu(server.pids)
+            sched[name] = _schedstat(server.pids)
 
         timers.append(threading.Timer(warmup, mark, ("start",)))
         if scenario.get("crash"):
@@ -250,6 +268,18 @@ def run_one(
             timers.append(threading.Timer(warmup + seconds / 3, crash))
         for t in timers:
             t.start()
+        poll = float(os.environ.get("BENCH_TRACE", "0"))  # s between looks at `slower`
+        if poll and sup is not None:
+
+            def look() -> None:
+                while not tracing.wait(poll):
+                    st = server.status()
+                    if st:
+                        slower = [s.get("steering", {}).get("slower", 1.0) for s in st["slots"]]
+                        trace.append((time.monotonic() - started, slower))
+
+            looker = threading.Thread(target=look, daemon=True)
+            looker.start()
         hog = None
         if scenario["slow"] == "hog":  # a CPU hog on the CPU the slow worker pinned itself to
             spin = "import os; os.sched_setaffinity(0, {1})\nwhile True: pass"
@@ -268,6 +298,9 @@ def run_one(
             raise RuntimeError(f"load generator failed: {proc.stderr}")
         mark("end")
     finally:
+        tracing.set()
+        if looker is not None:
+            looker.join()
         server.stop()
     data = out.read_bytes()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -298,6 +331,23 @@ def run_one(
         ),
         "cold_rps": sum(1 for r in records if r[3] == 0 and r[0] + r[1] * 1000 < 2e9) / 2,
     }
+    if trace:  # BENCH_TRACE: the costs the supervisor gave each slot (slower than the fastest)
+        slow = scenario["workers"] - 1
+        first = [t for t, slower in trace if slower[slow] > 1.0]
+        steady = [slower for t, slower in trace if t >= warmup]
+        result.update(
+            first_slow_s=first[0] if first else None,  # from the load's start
+            weighted_share=sum(max(x) > 1.0 for x in steady) / max(1, len(steady)),
+            weighted_slots=[
+                sum(x[i] > 1.0 for x in steady) / max(1, len(steady))
+                for i in range(scenario["workers"])
+            ],
+        )
+    if "start" in sched and "end" in sched:  # per worker, steady state: CPU and run-queue wait
+        pairs = zip(sched["start"], sched["end"], strict=True)
+        result["worker_cpu_wait_ms"] = [
+            [(e[0] - b[0]) / 1e6, (e[1] - b[1]) / 1e6] for b, e in pairs
+        ]
     sup_cpu = 0.0
     if "start" in cpu and "end" in cpu:
         sup_cpu = cpu["end"] - cpu["start"]
