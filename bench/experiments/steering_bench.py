@@ -383,12 +383,16 @@ def build_load(tmp: Path) -> str:
 
 
 def run_isolated(scenario: str, config: str, args: argparse.Namespace, load: str) -> dict:
+    src = ROOT / "src"
+    plain, at, name = config.partition("@")  # A/B: the same config, another portshard (--src)
+    if at:
+        src = Path(dict(x.partition("=")[::2] for x in args.src or [])[name])
     inner = [
-        sys.executable, str(Path(__file__).resolve()), "--run", scenario, config,
+        sys.executable, str(Path(__file__).resolve()), "--run", scenario, plain,
         "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--load", load,
     ]  # fmt: skip
     cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner]
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+    env = dict(os.environ, PYTHONPATH=f"{src}:{ROOT}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode:
         raise RuntimeError(f"{scenario}/{config} failed:\n{proc.stderr[-3000:]}")
@@ -423,7 +427,7 @@ def summarize(results: list[dict]) -> tuple[str, dict[str, Any]]:
         if scenario.get("crash"):
             cols += ["crash added ms", "failed"]
         rows = [cols]
-        for config in scenario["configs"]:
+        for config in dict.fromkeys(r["config"] for r in mine):  # --configs: any
             rs = [r for r in mine if r["config"] == config]
             if not rs:
                 continue
@@ -450,7 +454,7 @@ def summarize(results: list[dict]) -> tuple[str, dict[str, Any]]:
         # Ratios within a round.
         base = "shared" if scenario["slow"] else "plain"
         ratios: dict[str, Any] = {}
-        for config in scenario["configs"]:
+        for config in dict.fromkeys(r["config"] for r in mine):  # --configs: any
             if config in (base, "shared", "plain") or scenario.get("crash"):
                 continue
             per_round = []
@@ -479,6 +483,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "steering.json"))
+    parser.add_argument("--configs", help="comma-separated, instead of each scenario's own")
+    parser.add_argument(
+        "--src",
+        action="append",
+        metavar="NAME=DIR",
+        help="another portshard's src/ directory: configs ending in @NAME run it (A/B)",
+    )
     parser.add_argument("--run", nargs=2, metavar=("SCENARIO", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -493,7 +504,7 @@ def main() -> None:
         load = build_load(Path(tmp))
         for rnd in range(args.rounds):
             for name in names:
-                configs = SCENARIOS[name]["configs"]
+                configs = args.configs.split(",") if args.configs else SCENARIOS[name]["configs"]
                 k = rnd % len(configs)
                 for config in configs[k:] + configs[:k]:  # rotate: no config always first
                     r = run_isolated(name, config, args, load)
