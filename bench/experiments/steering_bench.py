@@ -246,9 +246,9 @@ def run_one(
     trace: list[tuple[float, list[float]]] = []
     tracing = threading.Event()
     looker = None
+    timers: list[threading.Timer] = []
     try:
         started = time.monotonic()
-        timers = []
         sup = server.supervisor
 
         def mark(name: str) -> None:
@@ -268,7 +268,7 @@ def run_one(
             timers.append(threading.Timer(warmup + seconds / 3, crash))
         for t in timers:
             t.start()
-        poll = float(os.environ.get("BENCH_TRACE", "0"))  # s between looks at `slower`
+        poll = float(os.environ.get("BENCH_TRACE") or 0)  # s between looks at `slower`
         if poll and sup is not None:
 
             def look() -> None:
@@ -298,6 +298,8 @@ def run_one(
             raise RuntimeError(f"load generator failed: {proc.stderr}")
         mark("end")
     finally:
+        for timer in timers:  # a failed run: no mark or crash after the server is gone
+            timer.cancel()
         tracing.set()
         if looker is not None:
             looker.join()
