@@ -510,7 +510,7 @@ def main() -> None:
                 k = rnd % len(configs)
                 for config in configs[k:] + configs[:k]:  # rotate: no config always first
                     r = run_isolated(name, config, args, load)
-                    r["round"] = rnd
+                    r.update(round=rnd, config=config)  # with its @NAME
                     results.append(r)
                     print(
                         f"round {rnd} {name:6} {config:13} {r['rps']:8.0f} req/s  "
