@@ -143,3 +143,15 @@ def test_a_lightly_loaded_worker_does_not_look_slower_than_a_saturated_one() -> 
     speeds, counts = Speeds(), Counts(2)
     costs, _ = run(speeds, counts, 50, [(30, 3), (15, 1)], 1.0)
     assert costs == {0: UNIT, 1: UNIT}
+
+
+def test_a_worker_joining_under_load_needs_the_full_evidence() -> None:
+    # A respawn is cold: on two looks it would be weighted, serve less and warm up later.
+    speeds, counts = Speeds(), Counts(2)
+    costs, t = run(speeds, counts, 10, [(60, 2), (60, 2)], 1.0)
+    speeds.forget(1)
+    counts.inflight[1] = 0
+    costs, t = run(speeds, counts, 3, [(60, 2), (6, 2)], t)  # its first look only joins
+    assert costs[1] == UNIT  # 10x slower on two looks: not yet
+    costs, t = run(speeds, counts, 3, [(60, 2), (6, 2)], t)
+    assert costs[1] == 10 * UNIT

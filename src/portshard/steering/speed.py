@@ -66,6 +66,7 @@ class _Slot:
     served: float = 0.0  # completed in all
     elapsed: float = 0.0
     cost: float = UNIT
+    late: bool = False  # joined while the others served: its first rate needs MIN_BUSY
 
 
 class Speeds:
@@ -89,7 +90,11 @@ class Speeds:
         for slot, (handed, inflight) in counts.items():
             s = self._slots.get(slot)
             if s is None:
-                self._slots[slot] = _Slot(handed, inflight)
+                # A worker that joins under load (a respawn) is cold: weighted on 40 ms of
+                # evidence, it served less, warmed up later and left its survivors overloaded
+                # for longer (a SIGKILL with a 500 ms respawn: +166 ms max, against +90 ms).
+                late = any(t.served > 0 for t in self._slots.values())
+                self._slots[slot] = _Slot(handed, inflight, late=late)
                 continue
             completed = max(0, handed - s.handed - (inflight - s.inflight))
             if 0.0 < dt < 1.0:
@@ -105,6 +110,7 @@ class Speeds:
                 s.completed = decay * s.completed + completed * busy / dt  # while saturated
                 s.served = DECAY * s.served + completed
                 s.busy = decay * s.busy + busy
+                s.late = s.late and s.busy < MIN_BUSY
                 s.elapsed = DECAY * s.elapsed + dt
             s.handed, s.inflight = handed, inflight
         rates = {slot: rate for slot, rate in self.rates().items() if rate is not None}
@@ -132,4 +138,7 @@ class Speeds:
     def rates(self) -> dict[int, float | None]:
         """Completions per second of work per slot (None: not measured yet)."""
         slots = self._slots.items()
-        return {s: (t.completed / t.busy if t.busy >= EARLY_BUSY else None) for s, t in slots}
+        return {
+            s: (t.completed / t.busy if t.busy >= (MIN_BUSY if t.late else EARLY_BUSY) else None)
+            for s, t in slots
+        }
