@@ -315,18 +315,27 @@ def run_one(
     for r in ok_done:
         if 0 <= r[2] < len(counts):
             counts[r[2]] += 1
+    p99 = _percentile(lat, 0.99)
     result: dict[str, Any] = {
         "scenario": scenario_name,
         "config": config,
         "rps": len(ok_done) / seconds,
         "p50_ms": _percentile(lat, 0.50),
-        "p99_ms": _percentile(lat, 0.99),
+        "p99_ms": p99,
         "p999_ms": _percentile(lat, 0.999),
         "max_ms": max(lat, default=float("nan")),
         "errors": sum(1 for r in records if r[3] in (1, 2) and w0 <= r[0] < w1),
         "unfinished": sum(1 for r in records if r[3] == 3),
         "per_worker": counts,
         "jain": _jain(counts),
+        "p99_by_worker_ms": [  # where the tail is (a request that failed has no worker)
+            _percentile([r[1] / 1000 for r in window if r[2] == i and r[3] == 0], 0.99)
+            for i in range(scenario["workers"])
+        ],
+        "tail_by_worker": [  # requests slower than the p99: none (-1, failed), then each worker
+            sum(1 for r in window if r[2] == i and r[1] / 1000 > p99)
+            for i in range(-1, scenario["workers"])
+        ],
         "warmup_max_ms": max((r[1] / 1000 for r in records if r[0] < w0), default=0.0),
         "cold_p99_ms": _percentile(
             [r[1] / 1000 for r in records if r[0] < min(2e9, w1) and r[3] in (0, 3)], 0.99
