@@ -308,6 +308,16 @@ def test_garbage_at_the_warden_is_refused_and_it_carries_on(fleet: Fleet) -> Non
     args = ("-w", "1", "--listen", "tcp://127.0.0.1:0")
     sup = fleet.run(*args)
     (pid,) = wait_until(fleet.warden_pids, 5, "the warden")
+
+    def listening() -> bool:  # its process shows before it has bound its address
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+            try:
+                c.connect(warden.address(str(fleet.control)))
+            except ConnectionRefusedError:
+                return False
+            return True
+
+    wait_until(listening, 10, "the warden's address")
     for junk in (b"", b"\x00" * 100, b"not zlib", warden.zlib.compress(b"[1, 2")):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
             c.connect(warden.address(str(fleet.control)))
