@@ -109,8 +109,23 @@ def _bpf(cmd: int, attr: bytes) -> tuple[int, bytes]:
     return (ret if ret >= 0 else -ctypes.get_errno()), buf.raw
 
 
-def prog_stats(names: tuple[bytes, ...]) -> dict[str, tuple[int, int]]:
-    """name -> (run_time_ns, run_cnt), summed over the loaded programs of these names."""
+def owned_prog_ids(pid: int) -> set[int]:
+    """The ids of the BPF programs a process holds (a program fd or a link's), from fdinfo:
+    BPF_ENABLE_STATS counts every program of the host, other sessions' portshards too."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
+
+
+def prog_stats(names: tuple[bytes, ...], ids: set[int]) -> dict[str, tuple[int, int]]:
+    """name -> (run_time_ns, run_cnt), summed over the loaded programs of these names and ids."""
     out: dict[str, tuple[int, int]] = {}
     prog_id = 0
     while True:
@@ -118,6 +133,8 @@ def prog_stats(names: tuple[bytes, ...]) -> dict[str, tuple[int, int]]:
         if ret < 0:
             return out  # ENOENT: no more
         prog_id = struct.unpack_from("=II", raw)[1]
+        if prog_id not in ids:
+            continue
         fd, _ = _bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("=I", prog_id))
         if fd < 0:
             continue
@@ -145,12 +162,14 @@ def prog_cost(seconds: float, load: str) -> dict[str, Any]:
         server = sb.Server("ebpf", {"workers": 2, "slow": ""}, tmp)
         try:
             names = (b"portshard_steer", b"portshard_held")
-            before = prog_stats(names)
+            assert server.supervisor is not None
+            ids = owned_prog_ids(server.supervisor)
+            before = prog_stats(names, ids)
             out = tmp / "records.bin"
             subprocess.run(
                 [load, "127.0.0.1", str(server.port), "64", str(seconds), str(out)], check=True
             )
-            after = prog_stats(names)
+            after = prog_stats(names, ids)
             requests = out.stat().st_size // sb.RECORD.size
         finally:
             server.stop()
@@ -169,10 +188,10 @@ def prog_cost(seconds: float, load: str) -> dict[str, Any]:
     return cost
 
 
-def isolated(inner: list[str]) -> dict[str, Any]:
+def isolated(inner: list[str], src: Path = ROOT / "src") -> dict[str, Any]:
     cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
     cmd += [sys.executable, str(Path(__file__).resolve()), *inner]
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+    env = dict(os.environ, PYTHONPATH=f"{src}:{ROOT}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode:
         raise RuntimeError(f"{inner} failed:\n{proc.stderr[-3000:]}")
@@ -187,6 +206,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--prog-cost", action="store_true")
+    parser.add_argument("--cost-only", action="store_true", help="--prog-cost, no held points")
+    parser.add_argument(
+        "--src",
+        action="append",
+        metavar="NAME=DIR",
+        help="--prog-cost: also another portshard's src/ directory, interleaved (A/B)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "held_cpu.json"))
     parser.add_argument("--point", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--cost", help=argparse.SUPPRESS)
@@ -204,13 +230,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ps-held-") as tmp:
         client = str(Path(tmp) / "hold_client")
         subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", client, str(CLIENT_SRC)])
-        cost = None
-        if args.prog_cost:
+        cost: list[dict[str, Any]] = []
+        if args.prog_cost or args.cost_only:
             load = sb.build_load(Path(tmp))
-            cost = isolated(["--cost", load, "--seconds", "4"])
-            print("program cost:", json.dumps(cost), flush=True)
+            srcs = [("this", ROOT / "src")]
+            srcs += [(n, Path(d)) for n, _, d in (x.partition("=") for x in args.src or [])]
+            for rnd in range(args.rounds):
+                for name, src in srcs[rnd % len(srcs) :] + srcs[: rnd % len(srcs)]:
+                    c = isolated(["--cost", load, "--seconds", "4"], src)
+                    with open("/proc/loadavg") as f:
+                        c.update(src=name, round=rnd, load_average=" ".join(f.read().split()[:3]))
+                    cost.append(c)
+                    print("program cost:", json.dumps(c), flush=True)
         configs = args.configs.split(",")
-        for rnd in range(args.rounds):
+        for rnd in range(0 if args.cost_only else args.rounds):
             for count in args.counts.split(","):
                 k = rnd % len(configs)
                 for config in configs[k:] + configs[:k]:

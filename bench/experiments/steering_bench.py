@@ -196,6 +196,19 @@ def _workers_cpu(pids: list[int]) -> float:
     return total
 
 
+def _schedstat(pids: list[int]) -> list[tuple[int, int]]:
+    """(ns on a CPU, ns waiting for one) of each process so far; (0, 0) if it is gone."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                run, wait = f.read().split()[:2]
+            out.append((int(run), int(wait)))
+        except (OSError, ValueError):
+            out.append((0, 0))
+    return out
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -228,16 +241,21 @@ def run_one(
     out = tmp / "records.bin"
     total = warmup + seconds
     cpu: dict[str, float] = {}
+    sched: dict[str, list[tuple[int, int]]] = {}
     kill_at: list[float] = []
+    trace: list[tuple[float, list[float]]] = []
+    tracing = threading.Event()
+    looker = None
+    timers: list[threading.Timer] = []
     try:
         started = time.monotonic()
-        timers = []
         sup = server.supervisor
 
         def mark(name: str) -> None:
             if sup is not None:
                 cpu[name] = _cpu_seconds(sup)
             cpu[f"workers_{name}"] = _workers_cpu(server.pids)
+            sched[name] = _schedstat(server.pids)
 
         timers.append(threading.Timer(warmup, mark, ("start",)))
         if scenario.get("crash"):
@@ -250,6 +268,18 @@ def run_one(
             timers.append(threading.Timer(warmup + seconds / 3, crash))
         for t in timers:
             t.start()
+        poll = float(os.environ.get("BENCH_TRACE") or 0)  # s between looks at `slower`
+        if poll and sup is not None:
+
+            def look() -> None:
+                while not tracing.wait(poll):
+                    st = server.status()
+                    if st:
+                        slower = [s.get("steering", {}).get("slower", 1.0) for s in st["slots"]]
+                        trace.append((time.monotonic() - started, slower))
+
+            looker = threading.Thread(target=look, daemon=True)
+            looker.start()
         hog = None
         if scenario["slow"] == "hog":  # a CPU hog on the CPU the slow worker pinned itself to
             spin = "import os; os.sched_setaffinity(0, {1})\nwhile True: pass"
@@ -268,6 +298,11 @@ def run_one(
             raise RuntimeError(f"load generator failed: {proc.stderr}")
         mark("end")
     finally:
+        for timer in timers:  # a failed run: no mark or crash after the server is gone
+            timer.cancel()
+        tracing.set()
+        if looker is not None:
+            looker.join()
         server.stop()
     data = out.read_bytes()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -280,24 +315,50 @@ def run_one(
     for r in ok_done:
         if 0 <= r[2] < len(counts):
             counts[r[2]] += 1
+    p99 = _percentile(lat, 0.99)
     result: dict[str, Any] = {
         "scenario": scenario_name,
         "config": config,
         "rps": len(ok_done) / seconds,
         "p50_ms": _percentile(lat, 0.50),
-        "p99_ms": _percentile(lat, 0.99),
+        "p99_ms": p99,
         "p999_ms": _percentile(lat, 0.999),
         "max_ms": max(lat, default=float("nan")),
         "errors": sum(1 for r in records if r[3] in (1, 2) and w0 <= r[0] < w1),
         "unfinished": sum(1 for r in records if r[3] == 3),
         "per_worker": counts,
         "jain": _jain(counts),
+        "p99_by_worker_ms": [  # where the tail is (a request that failed has no worker)
+            _percentile([r[1] / 1000 for r in window if r[2] == i and r[3] == 0], 0.99)
+            for i in range(scenario["workers"])
+        ],
+        "tail_by_worker": [  # requests slower than the p99: none (-1, failed), then each worker
+            sum(1 for r in window if r[2] == i and r[1] / 1000 > p99)
+            for i in range(-1, scenario["workers"])
+        ],
         "warmup_max_ms": max((r[1] / 1000 for r in records if r[0] < w0), default=0.0),
         "cold_p99_ms": _percentile(
             [r[1] / 1000 for r in records if r[0] < min(2e9, w1) and r[3] in (0, 3)], 0.99
         ),
         "cold_rps": sum(1 for r in records if r[3] == 0 and r[0] + r[1] * 1000 < 2e9) / 2,
     }
+    if trace:  # BENCH_TRACE: the costs the supervisor gave each slot (slower than the fastest)
+        slow = scenario["workers"] - 1
+        first = [t for t, slower in trace if slower[slow] > 1.0]
+        steady = [slower for t, slower in trace if t >= warmup]
+        result.update(
+            first_slow_s=first[0] if first else None,  # from the load's start
+            weighted_share=sum(max(x) > 1.0 for x in steady) / max(1, len(steady)),
+            weighted_slots=[
+                sum(x[i] > 1.0 for x in steady) / max(1, len(steady))
+                for i in range(scenario["workers"])
+            ],
+        )
+    if "start" in sched and "end" in sched:  # per worker, steady state: CPU and run-queue wait
+        pairs = zip(sched["start"], sched["end"], strict=True)
+        result["worker_cpu_wait_ms"] = [
+            [(e[0] - b[0]) / 1e6, (e[1] - b[1]) / 1e6] for b, e in pairs
+        ]
     sup_cpu = 0.0
     if "start" in cpu and "end" in cpu:
         sup_cpu = cpu["end"] - cpu["start"]
@@ -333,12 +394,16 @@ def build_load(tmp: Path) -> str:
 
 
 def run_isolated(scenario: str, config: str, args: argparse.Namespace, load: str) -> dict:
+    src = ROOT / "src"
+    plain, at, name = config.partition("@")  # A/B: the same config, another portshard (--src)
+    if at:
+        src = Path(dict(x.partition("=")[::2] for x in args.src or [])[name])
     inner = [
-        sys.executable, str(Path(__file__).resolve()), "--run", scenario, config,
+        sys.executable, str(Path(__file__).resolve()), "--run", scenario, plain,
         "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--load", load,
     ]  # fmt: skip
     cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner]
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+    env = dict(os.environ, PYTHONPATH=f"{src}:{ROOT}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode:
         raise RuntimeError(f"{scenario}/{config} failed:\n{proc.stderr[-3000:]}")
@@ -373,7 +438,7 @@ def summarize(results: list[dict]) -> tuple[str, dict[str, Any]]:
         if scenario.get("crash"):
             cols += ["crash added ms", "failed"]
         rows = [cols]
-        for config in scenario["configs"]:
+        for config in dict.fromkeys(r["config"] for r in mine):  # --configs: any
             rs = [r for r in mine if r["config"] == config]
             if not rs:
                 continue
@@ -400,7 +465,7 @@ def summarize(results: list[dict]) -> tuple[str, dict[str, Any]]:
         # Ratios within a round.
         base = "shared" if scenario["slow"] else "plain"
         ratios: dict[str, Any] = {}
-        for config in scenario["configs"]:
+        for config in dict.fromkeys(r["config"] for r in mine):  # --configs: any
             if config in (base, "shared", "plain") or scenario.get("crash"):
                 continue
             per_round = []
@@ -429,6 +494,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "steering.json"))
+    parser.add_argument("--configs", help="comma-separated, instead of each scenario's own")
+    parser.add_argument(
+        "--src",
+        action="append",
+        metavar="NAME=DIR",
+        help="another portshard's src/ directory: configs ending in @NAME run it (A/B)",
+    )
     parser.add_argument("--run", nargs=2, metavar=("SCENARIO", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -443,11 +515,11 @@ def main() -> None:
         load = build_load(Path(tmp))
         for rnd in range(args.rounds):
             for name in names:
-                configs = SCENARIOS[name]["configs"]
+                configs = args.configs.split(",") if args.configs else SCENARIOS[name]["configs"]
                 k = rnd % len(configs)
                 for config in configs[k:] + configs[:k]:  # rotate: no config always first
                     r = run_isolated(name, config, args, load)
-                    r["round"] = rnd
+                    r.update(round=rnd, config=config)  # with its @NAME
                     results.append(r)
                     print(
                         f"round {rnd} {name:6} {config:13} {r['rps']:8.0f} req/s  "

@@ -108,9 +108,12 @@ def run_keepalive(config: str, kind: str, load: str, warm: float) -> dict[str, A
 def isolated(inner: list[str]) -> dict[str, Any]:
     cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
     src = ROOT / "src"
-    if any(a.endswith("@old") for a in inner):  # A/B: the same config, portshard from --old
-        inner = [a.removesuffix("@old") for a in inner]
-        src = Path(os.environ["STEERING_OLD_SRC"])
+    for i, arg in enumerate(inner):  # A/B: the same config, portshard from --old / --src
+        config, at, name = arg.partition("@")
+        if at:
+            inner = [*inner[:i], config, *inner[i + 1 :]]
+            src = Path(os.environ[f"STEERING_SRC_{name.upper()}"])
+            break
     cmd += [sys.executable, str(Path(__file__).resolve()), *inner]
     env = dict(os.environ, PYTHONPATH=f"{src}:{ROOT}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -232,6 +235,12 @@ def main() -> None:
         "--old",
         help="a src/ directory of another portshard: configs ending in @old run it (A/B)",
     )
+    parser.add_argument(
+        "--src",
+        action="append",
+        metavar="NAME=DIR",
+        help="another portshard's src/ directory: configs ending in @NAME run it (A/B)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "steering_sweep.json"))
     parser.add_argument("--cell", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--held", nargs=3, help=argparse.SUPPRESS)
@@ -254,7 +263,10 @@ def main() -> None:
         sys.exit("steering_sweep: needs root (each run gets its own network namespace)")
     configs = args.configs.split(",")
     if args.old:
-        os.environ["STEERING_OLD_SRC"] = str(Path(args.old).resolve())
+        os.environ["STEERING_SRC_OLD"] = str(Path(args.old).resolve())
+    for named in args.src or []:
+        name, _, path = named.partition("=")
+        os.environ[f"STEERING_SRC_{name.upper()}"] = str(Path(path).resolve())
     results: list[dict[str, Any]] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +291,17 @@ def main() -> None:
                         f"round {rnd} {cell_name(w, c, kind):14} {config:10} {r['rps']:8.0f} "
                         f"req/s p99 {r['p99_ms']:7.2f} ms cold p99 {r['cold_p99_ms']:7.2f} ms "
                         f"jain {r['jain']:.3f} cpu/req {r.get('cpu_us_per_request', 0):.0f} us "
-                        f"load {r['load_average']}",
+                        f"load {r['load_average']}"
+                        + (
+                            f" cpu/wait ms {r['worker_cpu_wait_ms']}"
+                            if "worker_cpu_wait_ms" in r
+                            else ""
+                        )
+                        + (
+                            f" first slow {r['first_slow_s']} weighted {r['weighted_slots']}"
+                            if "weighted_slots" in r
+                            else ""
+                        ),
                         flush=True,
                     )
                 out.write_text(json.dumps({"results": results}, indent=1))

@@ -43,15 +43,30 @@ def test_equal_slots_cost_a_unit_each() -> None:
     assert costs == dict.fromkeys(range(4), UNIT)
 
 
-def test_a_3x_slower_slot_costs_3_units_by_the_fifth_busy_look() -> None:
-    # 100 ms of load at a look every 20 ms: issue 11's "found within 100 ms".
+def test_a_3x_slower_slot_costs_3_units_by_the_fourth_busy_look() -> None:
+    # A look every 20 ms from the load's start: issue 11's "found within 100 ms".
     speeds, counts = Speeds(), Counts(4)
     speeds.observe(1.0, counts.view())
-    costs, t = run(speeds, counts, 4, [(60, 2), (60, 2), (60, 2), (20, 2)], 1.0)
-    assert costs[3] == UNIT  # four looks are not evidence enough (equal workers differ)
+    costs, t = run(speeds, counts, 3, [(60, 2), (60, 2), (60, 2), (20, 2)], 1.0)
+    assert costs[3] == UNIT  # 50 ms of work: the band is 4x (equal workers differ that much)
     costs, _ = run(speeds, counts, 1, [(60, 2), (60, 2), (60, 2), (20, 2)], t)
     assert costs[0] == costs[1] == costs[2] == UNIT
     assert costs[3] == 3 * UNIT
+
+
+def test_a_far_slower_slot_is_found_with_less_evidence_and_an_equal_one_is_not() -> None:
+    speeds, counts = Speeds(), Counts(2)
+    speeds.observe(1.0, counts.view())
+    costs, t = run(speeds, counts, 2, [(60, 2), (10, 2)], 1.0)
+    assert costs[1] == UNIT  # 30 ms of work: no rate yet
+    costs, _ = run(speeds, counts, 1, [(60, 2), (10, 2)], t)
+    assert costs[1] == 6 * UNIT  # 50 ms: a band of 4x, and it is 6x slower
+    # An equal worker that served nothing for one of its first three looks (descheduled).
+    speeds, counts = Speeds(), Counts(2)
+    speeds.observe(1.0, counts.view())
+    run(speeds, counts, 1, [(60, 2), (0, 2)], 1.0)
+    costs, _ = run(speeds, counts, 2, [(60, 2), (60, 2)], 1.0 + LOOK)
+    assert costs[1] == UNIT
 
 
 def test_slots_within_the_band_are_as_fast() -> None:
@@ -128,3 +143,15 @@ def test_a_lightly_loaded_worker_does_not_look_slower_than_a_saturated_one() -> 
     speeds, counts = Speeds(), Counts(2)
     costs, _ = run(speeds, counts, 50, [(30, 3), (15, 1)], 1.0)
     assert costs == {0: UNIT, 1: UNIT}
+
+
+def test_a_worker_joining_under_load_needs_the_full_evidence() -> None:
+    # A respawn is cold: on two looks it would be weighted, serve less and warm up later.
+    speeds, counts = Speeds(), Counts(2)
+    costs, t = run(speeds, counts, 10, [(60, 2), (60, 2)], 1.0)
+    speeds.forget(1)
+    counts.inflight[1] = 0
+    costs, t = run(speeds, counts, 3, [(60, 2), (6, 2)], t)  # its first look only joins
+    assert costs[1] == UNIT  # 10x slower on two looks: not yet
+    costs, t = run(speeds, counts, 3, [(60, 2), (6, 2)], t)
+    assert costs[1] == 10 * UNIT

@@ -18,7 +18,8 @@ service rate from what the kernel already counts at every sample (eBPF, SOCK_OPS
 - ``rate = sum(completed while saturated) / sum(busy)`` over the recent looks, each older
   look counting ``DECAY`` as much as the next (a window of about 50 looks, 1 s at 20 ms):
   completions per second of work, that is what its worker can serve, not what it was given.
-  A rate counts once the slot was found saturated for ``MIN_BUSY`` (four looks, ~80 ms).
+  A rate counts once the slot was found saturated for ``EARLY_BUSY`` (two looks, ~40 ms),
+  at first only for a slot far slower than the band (below).
 
 A slot's cost is ``UNIT x reference / its rate``, the reference being the fastest counted
 rate or what any slot served per second of the window (a floor of its rate: a fast worker at
@@ -52,7 +53,8 @@ BAND = 2.5  # a slot within this factor of the fastest is as fast
 FADE = 0.9  # per look not saturated: the weight of what was measured (gone in ~25 looks)
 FORGET = 0.5  # seconds without a rate for half of a slot's extra cost to go
 SATURATED = 2  # in flight: one being served, one waiting (its rate is its worker's speed)
-MIN_BUSY = 0.08  # seconds of work (decayed) a rate needs: four busy looks or more
+MIN_BUSY = 0.08  # seconds of work (decayed) for a rate to count at the full BAND: four looks
+EARLY_BUSY = 0.04  # ... and the least: two looks, where the band is BAND x MIN_BUSY / busy (5x)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class _Slot:
     served: float = 0.0  # completed in all
     elapsed: float = 0.0
     cost: float = UNIT
+    late: bool = False  # joined while the others served: its first rate needs MIN_BUSY
 
 
 class Speeds:
@@ -87,7 +90,11 @@ class Speeds:
         for slot, (handed, inflight) in counts.items():
             s = self._slots.get(slot)
             if s is None:
-                self._slots[slot] = _Slot(handed, inflight)
+                # A worker that joins under load (a respawn) is cold: weighted on 40 ms of
+                # evidence, it served less, warmed up later and left its survivors overloaded
+                # for longer (a SIGKILL with a 500 ms respawn: +166 ms max, against +90 ms).
+                late = any(t.served > 0 for t in self._slots.values())
+                self._slots[slot] = _Slot(handed, inflight, late=late)
                 continue
             completed = max(0, handed - s.handed - (inflight - s.inflight))
             if 0.0 < dt < 1.0:
@@ -103,6 +110,7 @@ class Speeds:
                 s.completed = decay * s.completed + completed * busy / dt  # while saturated
                 s.served = DECAY * s.served + completed
                 s.busy = decay * s.busy + busy
+                s.late = s.late and s.busy < MIN_BUSY
                 s.elapsed = DECAY * s.elapsed + dt
             s.handed, s.inflight = handed, inflight
         rates = {slot: rate for slot, rate in self.rates().items() if rate is not None}
@@ -120,10 +128,17 @@ class Speeds:
                         s.cost = UNIT  # go to the first draw, so it would get nothing)
                 continue
             slower = fastest / rate if rate > 0 else MAX_COST / UNIT
-            s.cost = min(MAX_COST, UNIT * slower) if slower >= BAND else UNIT
+            # Little evidence, a wider band: two looks catch a worker 5x slower or worse
+            # (issue 11: found within 100 ms of the load starting) and not an equal one
+            # descheduled for most of 40 ms; four looks catch one 2.5x slower.
+            band = BAND * max(1.0, MIN_BUSY / s.busy)
+            s.cost = min(MAX_COST, UNIT * slower) if slower >= band else UNIT
         return {slot: round(s.cost) for slot, s in self._slots.items()}
 
     def rates(self) -> dict[int, float | None]:
         """Completions per second of work per slot (None: not measured yet)."""
         slots = self._slots.items()
-        return {s: (t.completed / t.busy if t.busy >= MIN_BUSY else None) for s, t in slots}
+        return {
+            s: (t.completed / t.busy if t.busy >= (MIN_BUSY if t.late else EARLY_BUSY) else None)
+            for s, t in slots
+        }

@@ -69,6 +69,7 @@ class SystemEffects:
         self.trees: Trees | None = None  # a cgroup per worker, or the subreaper fallback
         self.notify_name = ""  # the abstract address of the workers' NOTIFY_SOCKET
         self.warden: WardenLink | None = None  # the process that outlives us (issue 15)
+        self.replaced = False  # a listener was replaced: the warden must let go of the old now
 
     @property
     def cfg(self) -> Config:
@@ -478,6 +479,7 @@ class SystemEffects:
                 continue
             if new is not None:
                 slot.socks[i] = new
+                self.replaced = True
 
     # ---- systemd and the control socket -----------------------------------------------------
 
