@@ -5,16 +5,18 @@ start-up measured in the same run (issue 12: hypercorn's reload under load withi
         [--servers hypercorn,uvicorn,granian] [--surges 1,2] [--clients 4]
 
 For each server (the README recipes, 2 slots) and each ``--surge``, interleaved round by
-round:
+round: ``portshard run -w 2 --surge S`` under a curl-like load (``--clients`` clients,
+HTTP/1.1, one request per connection, the client closes first: hypercorn keeps such
+connections in CLOSE_WAIT until its keep-alive timeout), ``--reloads`` reloads, and after
+each one the same server started alone beside it (same load, same machine):
 
-- ``start-up``: the server alone, from exec to its first answer (what any reload waits for
-  at least once per batch of ``--surge`` slots);
-- ``reload``: ``portshard run -w 2 --surge S`` under a curl-like load (``--clients`` clients,
-  HTTP/1.1, one request per connection, the client closes first: hypercorn keeps such
-  connections in CLOSE_WAIT until its keep-alive timeout), ``--reloads`` reloads each timed
-  from the request to the reply (in-process: no CLI start-up), with failed requests counted;
-- ``portshard's share``: reload time less the start-ups it had to wait for (2 / S of them,
-  each the round's median start-up).
+- ``reload --wait``: from the request to the reply (in-process: no CLI start-up), with failed
+  requests counted;
+- ``start-up alone``: that server by itself, from exec to its first answer;
+- ``ready after``: the new workers' start-up as the supervisor saw it (its log: exec to
+  ready by the --ready rule), the slowest of each batch of S;
+- ``the rest``: reload time less those batches' ``ready after``: handing over (freeze-check,
+  steering, the old workers' own shutdown until they exit).
 
 Medians and ranges over every reload; the load average before and after is printed and
 written with the table to bench/results/recipe_reload.json. Every process started is stopped.
@@ -25,10 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,7 +122,7 @@ def reloads(server: str, surge: int, count: int, clients: int) -> dict[str, Any]
             if sup.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"portshard run did not start: {(tmp / 'run.log').read_text()}")
             time.sleep(0.05)
-        took = []
+        took, alone = [], []
         with Load(
             "127.0.0.1", port, concurrency=clients, max_seconds=120, close_first=True
         ) as load:
@@ -130,12 +132,20 @@ def reloads(server: str, surge: int, count: int, clients: int) -> dict[str, Any]
                 t = time.monotonic()
                 request(str(control), "reload", timeout=120, wait=True)
                 took.append(time.monotonic() - t)
+                alone.append(start_up(server))
             time.sleep(0.5)
         text = (tmp / "run.log").read_text(errors="replace")
         if os.environ.get("KEEP_LOG"):
             Path(os.environ["KEEP_LOG"]).write_text(text)
+        ready = [float(x) for x in re.findall(r"ready (?:\(notify\) )?after ([\d.]+)s", text)][2:]
+        batches = [max(ready[i : i + surge]) for i in range(0, len(ready), surge)]
+        per = 2 // surge  # batches per reload
+        booted = [sum(batches[i * per : i * per + per]) for i in range(count)]
         return {
             "seconds": [round(x, 3) for x in took],
+            "alone": [round(x, 3) for x in alone],
+            "ready": [round(x, 3) for x in booted],
+            "rest": [round(t - b, 3) for t, b in zip(took, booted, strict=False)],
             "requests": len(load.results),
             "failed": len(load.failed),
             "waited_grace": text.count("still holds connections"),
@@ -161,15 +171,16 @@ def _ready(control: Path) -> bool:
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
     out = [
-        "| server | --surge | reload --wait, s | start-up alone, s | portshard's share, s "
-        "| failed / requests | waited --grace |",
-        "|---|---|---|---|---|---|---|",
+        "| server | --surge | reload --wait, s | start-up alone, s | ready after (per reload), s "
+        "| the rest, s | failed / requests | waited --grace |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, r in rows.items():
         server, surge = key.split("/")
         out.append(
-            f"| {server} | {surge} | {summary(r['seconds'], 2)} | {summary(r['startup'], 2)} "
-            f"| {summary(r['share'], 2)} | {r['failed']} / {r['requests']} | {r['grace']} |"
+            f"| {server} | {surge} | {summary(r['seconds'], 2)} | {summary(r['alone'], 2)} "
+            f"| {summary(r['ready'], 2)} | {summary(r['rest'], 2)} "
+            f"| {r['failed']} / {r['requests']} | {r['grace']} |"
         )
     return "\n".join(out)
 
@@ -197,21 +208,19 @@ def main() -> int:
     load_before = uptime()
     print(load_before, flush=True)
     rows: dict[str, dict[str, Any]] = {
-        f"{s}/{g}": {"seconds": [], "startup": [], "share": [], "failed": 0, "requests": 0}
-        | {"grace": 0}
+        f"{s}/{g}": {"seconds": [], "alone": [], "ready": [], "rest": [], "failed": 0}
+        | {"requests": 0, "grace": 0}
         for s in servers
         for g in surges
     }
     for i in range(a.rounds):  # interleaved: each round runs every configuration once
         for server in servers:
-            alone = statistics.median(start_up(server) for _ in range(3))
             for surge in surges:
                 r = reloads(server, surge, a.reloads, a.clients)
-                print(f"round {i + 1} {server} surge {surge}: start-up {alone:.2f} {r}", flush=True)
+                print(f"round {i + 1} {server} surge {surge}: {r}", flush=True)
                 row = rows[f"{server}/{surge}"]
-                row["seconds"] += r["seconds"]
-                row["startup"].append(alone)
-                row["share"] += [x - alone * 2 / surge for x in r["seconds"]]
+                for key in ("seconds", "alone", "ready", "rest"):
+                    row[key] += r[key]
                 row["failed"] += r["failed"]
                 row["requests"] += r["requests"]
                 row["grace"] += r["waited_grace"]

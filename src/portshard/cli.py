@@ -145,7 +145,6 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
     same command again (same --name/--control) within --orphan-timeout adopts them.
     """
     from .supervisor import handoff
-    from .supervisor.config import load
     from .supervisor.loop import Supervisor
     from .supervisor.preflight import refuse_served_ports
     from .supervisor.systemd import Activated
@@ -158,7 +157,7 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
     activated = None if resume is not None else Activated()  # systemd's sockets
     if activated and not cli_values["listen"] and not options.get("config"):
         cli_values["listen"] = tuple(activated.addresses()) or None
-    cfg = load(cli_values)
+    cfg = handoff.running_settings(cli_values, resume)
     if check:
         _check(cfg)
         return

@@ -4,10 +4,16 @@ over a real socketpair with real fds."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
 
-from portshard.supervisor import procedures, warden
+import pytest
+
+from portshard.errors import ConfigError
+from portshard.supervisor import handoff, procedures, warden
+from portshard.supervisor.config import load
 from portshard.supervisor.state import (
     SLOT_TABLE,
     Lifecycle,
@@ -134,3 +140,23 @@ def test_warden_address_is_by_control_path() -> None:
     assert warden.address("/run/x.sock") == warden.address("/run/../run/x.sock")
     assert warden.address("/run/x.sock") != warden.address("/run/y.sock")
     assert warden.address("/run/x.sock").startswith(b"\0portshard/warden/")
+
+
+def test_an_upgrade_whose_file_turned_invalid_keeps_the_values_it_ran_with(tmp_path: Path) -> None:
+    conf = tmp_path / "ps.toml"
+    conf.write_text('command = ["srv"]\nlisten = ["tcp://127.0.0.1:0"]\ngrace = 7\n')
+    cli = {"config": str(conf)}
+    ran = load(cli)
+    assert ran.grace == 7 and ran.file_data is not None
+    conf.write_text('grace = "soon"\n')  # edited between the upgrade's check and its exec
+    with pytest.raises(ConfigError, match="soon"):
+        handoff.running_settings(cli, None)  # a plain start: the error, as always
+    manifest = json.loads(json.dumps({"file": dict(ran.file_data)}))  # as the memfd has it
+    upgrade = handoff.Resume("upgrade", manifest, {})
+    assert handoff.running_settings(cli, upgrade).grace == 7
+    with pytest.raises(ConfigError):  # an adoption is a new `portshard run`: its file counts
+        handoff.running_settings(cli, handoff.Resume("adoption", manifest, {}))
+    with pytest.raises(ConfigError):  # an old image that handed no file values on
+        handoff.running_settings(cli, handoff.Resume("upgrade", {}, {}))
+    conf.write_text('command = ["srv"]\nlisten = ["tcp://127.0.0.1:0"]\ngrace = 9\n')
+    assert handoff.running_settings(cli, upgrade).grace == 9  # a valid file is read

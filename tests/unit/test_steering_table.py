@@ -260,6 +260,27 @@ def test_a_slot_handing_over_takes_no_new_tcp_but_keeps_its_udp_flows() -> None:
     assert set(p.tcp_weights()) == {0, 1}
 
 
+def test_every_slot_handing_over_at_once_keeps_one_in_and_the_others_take_turns() -> None:
+    # A reload with --surge covering every slot: the old workers hand over one after the
+    # other, never all at once (nobody shielded) and never all out (nobody to serve).
+    p = Policy()
+    step(p, {0: R, 1: R, 2: R})
+    H = Health.HANDOVER
+    assert step(p, {0: H, 1: H, 2: H}) == ["excluded: handing over"] * 2
+    assert set(p.tcp_weights()) == {2} and p.fallback == ""
+    assert set(p.udp_weights()) == {0, 1, 2}
+    assert step(p, {0: R, 1: H, 2: H}) == ["back in: handover done", "excluded: handing over"]
+    assert set(p.tcp_weights()) == {0}
+    assert step(p, {0: R, 1: R, 2: H}) == ["back in: handover done"]
+    assert set(p.tcp_weights()) == {0, 1}
+    # One went out first (its new worker was ready first): it stays out, the other stays in.
+    p = Policy()
+    step(p, {0: R, 1: R})
+    assert step(p, {0: H, 1: R}) == ["excluded: handing over"]
+    assert step(p, {0: H, 1: H}) == []
+    assert set(p.tcp_weights()) == {1}
+
+
 def test_a_single_slot_handing_over_stays_in_without_a_warning() -> None:
     p = Policy()
     step(p, {0: R})

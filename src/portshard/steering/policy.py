@@ -310,7 +310,15 @@ class Policy:
             tcp_in = set(ready)
             fallback = "every ready slot is overloaded: steering to all of them"
             fallback_kind = ChangeKind.OVERLOADED
-        if not tcp_in:
+        if not tcp_in and len(handover) > 1:
+            # Every slot hands over at once (a reload whose --surge covers them all): one
+            # stays in and takes the new connections while the others hand over, and goes out
+            # once one of them is back. All in, no old worker would be shielded: each waited
+            # the freeze-check's GRACEFUL_WAIT (1 s) and then dropped SYNs for up to 0.8 s
+            # (hypercorn, --surge 2 of 2: a reload's handover took 3 s, not 0.7 s).
+            was_in = [s for s in handover if (v := tracks[s].verdict) is not None and v.included]
+            tcp_in = {max(was_in or handover)}
+        elif not tcp_in:
             tcp_in = set(handover)  # one slot, reloading: normal, not worth a warning
         for health in _FALLBACK:
             if udp_in:

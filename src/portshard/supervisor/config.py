@@ -72,6 +72,8 @@ class Config:
     via: str = default("via")  # how a worker gets its sockets: see settings.VIA
     join_existing: bool = default("join_existing")  # share a port someone already serves
     file_workers: int | None = None  # `workers` as the file said it at this load (for reload)
+    # the file's values as loaded (an upgrade hands them on: handoff.export, running_settings)
+    file_data: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def credentials(self) -> Credentials | None:
         return resolve_user(self.user) if self.user else None
@@ -114,12 +116,13 @@ def _given(value: Any) -> bool:
     return value is not None and value != ()
 
 
-def load(cli: Mapping[str, Any]) -> Config:
-    """Build a Config from CLI values (None = not given) over the optional file's values.
+def load(cli: Mapping[str, Any], file_data: Mapping[str, Any] | None = None) -> Config:
+    """Build a Config from CLI values (None = not given) over the optional file's values
+    (``file_data``: those values as an earlier load read them, instead of reading the file).
 
     Every value the file gives is checked, also those the command line overrides."""
     path = cli.get("config")
-    data = read_file(path) if path else {}
+    data = dict(file_data) if file_data is not None else read_file(path) if path else {}
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         if setting.key in data:
@@ -144,6 +147,7 @@ def load(cli: Mapping[str, Any]) -> Config:
         **values,
         config_file=str(Path(path).resolve()) if path else None,
         file_workers=file_workers,
+        file_data=data if path else None,
     )
     if cfg.user:
         cfg.credentials()  # validate now, not at the first spawn

@@ -25,12 +25,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..address import Address, parse
-from ..errors import SupervisorError
+from ..errors import ConfigError, SupervisorError
 from ..linux.proc import stat
 from ..linux.syscalls import pidfd_open
 from ..sockets import listen
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .loop import Supervisor
 
-__all__ = ["RESUME_ENV", "Resume", "adopt", "export", "from_env", "restore"]
+__all__ = ["RESUME_ENV", "Resume", "adopt", "export", "from_env", "restore", "running_settings"]
 
 log = logging.getLogger("portshard.supervisor")
 
@@ -166,8 +166,31 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
         },
         "steering": fx.steering.export() if fx.steering is not None else None,
         "slots": slots,
+        "file": dict(cfg.file_data) if cfg.file_data is not None else None,
     }
     return manifest, fds
+
+
+def running_settings(cli: Mapping[str, Any], resume: Resume | None) -> Config:
+    """The settings of a supervisor starting: its command line over its --config file. The
+    new image of an upgrade whose file has turned invalid since the upgrade's check (an edit
+    between the check and the exec: the chaos soak found it, and the new image exited and left
+    the workers to the warden) keeps the file's values the old image ran with, and says so;
+    the next reload reads the file again."""
+    from .config import load
+
+    try:
+        return load(cli)
+    except ConfigError as exc:
+        kept = resume.manifest.get("file") if resume is not None else None
+        if resume is None or resume.how != "upgrade" or not isinstance(kept, dict):
+            raise
+        log.warning(
+            "upgrade: %s; keeping the settings the old supervisor ran with (fix the file, "
+            "then reload)",
+            exc,
+        )
+        return load(cli, file_data=kept)
 
 
 def steering_seed(resume: Resume, cfg: Config) -> list[dict[str, Any]]:
