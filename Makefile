@@ -53,14 +53,22 @@ lint: deps-test
 typecheck: deps-test
 	$(VENV)/bin/mypy --strict src
 
+# The suite in two passes (tests/conftest.py, SERIAL_FILES): the tests not marked `serial` on 2
+# pytest-xdist workers, then the `serial` ones alone; both always run, and the exit status is
+# the first failure's. A plain `.venv/bin/pytest -q` still runs everything, one test at a time.
+PYTEST_RUN = par=0; ser=0; \
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup -m "not serial" || par=$$?; \
+	$(VENV)/bin/pytest -q -m serial || ser=$$?; \
+	if [ $$par != 0 ]; then exit $$par; fi; exit $$ser
+
 pytest: deps-test
-	$(VENV)/bin/pytest -q
+	$(PYTEST_RUN)
 
 test: deps-test
 	$(VENV)/bin/ruff check src tests examples bench
 	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/mypy --strict src
-	$(VENV)/bin/pytest -q
+	$(PYTEST_RUN)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

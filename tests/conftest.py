@@ -80,3 +80,26 @@ def short_tmp() -> Iterator[Path]:
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runs a child as nobody)")
+
+# `make test` runs the suite in two passes (Makefile, target pytest): every test not marked
+# `serial` on 2 pytest-xdist workers (`-n 2 --dist loadgroup`), then the `serial` ones alone.
+# Serial: what measures a spread or a balance across workers, or saturates the machine for
+# long (the benchmarks, the chaos soak): next to another test they would measure that test, or
+# slow it into a timeout. Grouped: the files whose module-scoped fixture is expensive (a
+# supervisor, a compiled shim, a network test bed): one worker runs the whole file, so the
+# fixture is built once, as in a plain run. A plain `pytest` runs everything in one process.
+SERIAL_FILES = {
+    "test_steering.py": "balance and spread of new connections across slots",
+    "test_chaos.py": "35 s soak under load that counts failed requests",
+    "test_bench_quick.py": "the quick benchmark suite: saturates both CPUs for ~1 min",
+}
+GROUPED_FILES = {"test_dashboard.py", "test_netbed.py", "test_shim_fuzz.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        if name in SERIAL_FILES:
+            item.add_marker(pytest.mark.serial)
+        elif name in GROUPED_FILES:
+            item.add_marker(pytest.mark.xdist_group(name))

@@ -129,8 +129,12 @@ def test_a_pre_fork_server_is_waiting_for_work_as_a_tree(
     kids = read_pids(pids_to)
     inodes = {socket_inode(listener)}
     wait_until(lambda: waiting.tree_waiting_for_work(master.pid, inodes), 10, "tree waits")
+    # The tree waits once one child is in accept(); the other may still be on its way there
+    # (seen at load 10: the assertion ran before it arrived).
+    wait_until(
+        lambda: all(waiting.waiting_for_work(k, inodes) for k in kids), 10, "every child waits"
+    )
     assert not waiting.waiting_for_work(master.pid, inodes), "the master is in wait()"
-    assert all(waiting.waiting_for_work(k, inodes) for k in kids)
     assert sorted(proc.process_tree(master.pid)) == sorted([master.pid, *kids])
     # Members given (a cgroup's) are what is looked at, not the tree from the pid.
     assert waiting.tree_waiting_for_work(master.pid, inodes, members=kids)

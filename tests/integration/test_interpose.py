@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from bench.load.rawload import RawLoad, http_get
 
-from portshard.linux import sockdiag
+from portshard.linux import proc, sockdiag
 from tests.conftest import ROOT, wait_until
 from tests.integration.conftest import need
 from tests.supervisor_fixture import Start
@@ -159,6 +159,9 @@ def test_unmodified_program_shares_reloads_and_survives_a_kill(
         # stopped), then SIGKILL it: those are the exchanges in flight that may fail.
         victim = sup.status()["slots"][1]["pid"]
         os.kill(victim, signal.SIGSTOP)
+        # kill() returns before the victim has stopped: one running on the other CPU can
+        # still accept a connection, which the count below would miss.
+        wait_until(lambda: getattr(proc.stat(victim), "state", "T") == "T", 10, "stopped")
         held = sockdiag.connections_of(victim, ports={port})
         os.kill(victim, signal.SIGKILL)
         wait_until(
