@@ -6,7 +6,7 @@ import re
 import signal
 import subprocess
 
-from tests.conftest import PYTHON, ROOT, Procs, wait_until
+from tests.conftest import PYTHON, ROOT, Procs, default_signals, wait_until
 
 from ._util import process_gone, read_line
 
@@ -38,6 +38,7 @@ def test_demo_stops_every_worker_on_ctrl_c(procs: Procs) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         bufsize=0,
+        preexec_fn=default_signals,
     )
     while "READY=1" not in (line := read_line(demo, timeout=30)):
         pass

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from bench.load.loadgen import Load
 
-from tests.conftest import ROOT, needs_root, wait_until
+from tests.conftest import ROOT, default_signals, needs_root, wait_until
 from tests.integration._util import write_config
 from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, Start, no_process_left
 
@@ -272,6 +272,7 @@ def test_status_watch_refreshes_in_place_and_json_logs(start: Start) -> None:
         [*PORTSHARD, "status", "--watch", "0.2", "--control", sup.control],
         stdout=slave,
         stderr=subprocess.PIPE,
+        preexec_fn=default_signals,
     )
     os.close(slave)
     out = b""
