@@ -3,8 +3,11 @@ load average (printed with each table: the machine is shared)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
+from pathlib import Path
+from typing import Any
 
 
 def summary(values: list[float], digits: int = 1) -> str:
@@ -17,3 +20,13 @@ def summary(values: list[float], digits: int = 1) -> str:
 
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def report(results: Path, rows: Any, load_before: str, text: str) -> None:
+    """Print the table with the load average before and now, and write both with the rows."""
+    load_after = uptime()
+    print(f"\n{text}\n\nbefore: {load_before}\nafter:  {load_after}")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(
+        json.dumps({"rows": rows, "uptime": [load_before, load_after], "table": text}, indent=1)
+    )

@@ -23,7 +23,6 @@ bench/results/scale_reload.json. Every process started is stopped (SIGTERM, then
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -38,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.experiments.common import summary, uptime  # noqa: E402
+from bench.experiments.common import report, summary, uptime  # noqa: E402
 from bench.load.loadgen import Load  # noqa: E402
 from portshard.control.client import request  # noqa: E402
 from portshard.errors import PortshardError  # noqa: E402
@@ -158,13 +157,7 @@ def main() -> int:
             print(f"-w {workers} --surge {surge} round {i + 1}: {r}", flush=True)
             rounds.append(r)
         rows.append({"workers": workers, "surge": surge, "rounds": rounds})
-    load_after = uptime()
-    text = table(rows)
-    print(f"\n{text}\n\nbefore: {load_before}\nafter:  {load_after}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps({"rows": rows, "uptime": [load_before, load_after], "table": text}, indent=1)
-    )
+    report(RESULTS, rows, load_before, table(rows))
     return 0
 
 

@@ -439,7 +439,7 @@ def test_a_reload_does_not_wait_for_answered_connections_left_in_close_wait(
 # Serves from a second thread while the main thread waits on a lock (a native wait that only
 # a signal in the main thread interrupts); the SIGTERM handler, run by the main thread,
 # says so and exits 0. granian's master works this way.
-THREADED = """
+_SERVER = """
 import os, signal, socket, sys, threading
 def stop(*_):
     print("shutdown %d" % os.getpid(), flush=True)
@@ -451,26 +451,20 @@ def serve():
         c = s.accept()[0]
         c.sendall(b"%d\\n" % os.getpid())
         c.close()
+"""
+THREADED = (
+    _SERVER
+    + """
 threading.Thread(target=serve, daemon=True).start()
 threading.Event().wait()
 """
-
-
+)
 # The same, but its signals are blocked in every thread and a third thread takes SIGTERM with
 # sigwait() (a handler is installed too, so that portshard sees it handled).
-SIGWAITER = """
-import os, signal, socket, sys, threading
-def stop(*_):
-    print("shutdown %d" % os.getpid(), flush=True)
-    os._exit(0)
-signal.signal(signal.SIGTERM, stop)
+SIGWAITER = (
+    _SERVER
+    + """
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
-def serve():
-    s = socket.socket(fileno=3)
-    while True:
-        c = s.accept()[0]
-        c.sendall(b"%d\\n" % os.getpid())
-        c.close()
 def waiter():
     signal.sigwait({signal.SIGTERM})
     stop()
@@ -478,6 +472,7 @@ threading.Thread(target=serve, daemon=True).start()
 threading.Thread(target=waiter, daemon=True).start()
 threading.Event().wait()
 """
+)
 
 
 @pytest.mark.parametrize("program", [THREADED, SIGWAITER], ids=["main-thread", "sigwait"])
