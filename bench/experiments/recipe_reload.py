@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.experiments.common import report, summary, uptime  # noqa: E402
 from bench.load.loadgen import Load  # noqa: E402
+from bench.procs import free_port, http_ok  # noqa: E402
 from portshard.control.client import request  # noqa: E402
 from portshard.errors import PortshardError  # noqa: E402
 
@@ -64,22 +64,8 @@ SERVERS = {  # the README recipes ({port}: the managed port)
     ],
 }
 ENV = {**os.environ, "PYTHONPATH": str(APPS)}
-EXTRA = os.environ.get("PS_EXTRA", "").split()  # more `portshard run` options, to try some
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-            c.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-            return c.recv(16).startswith(b"HTTP/1.")
-    except OSError:
-        return False
+# to look closer: PS_EXTRA, more `portshard run` options; KEEP_LOG, a path for the last run's log
+EXTRA = os.environ.get("PS_EXTRA", "").split()
 
 
 def start_up(server: str) -> float:
@@ -89,7 +75,7 @@ def start_up(server: str) -> float:
     t = time.monotonic()
     proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not answers(port):
+        while http_ok(port) is None:
             if proc.poll() is not None or time.monotonic() - t > 60:
                 raise SystemExit(f"{server} did not start: {argv}")
             time.sleep(0.01)

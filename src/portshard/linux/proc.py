@@ -260,19 +260,20 @@ def tgid(tid: int) -> int:
 def catches(pid: int, sig: int) -> bool:
     """Whether ``pid`` has a handler of its own for signal ``sig`` (SigCgt in
     /proc/PID/status: neither its default action nor ignored); False once it has gone."""
-    try:
-        value = _status_field(pid, b"SigCgt:")
-    except OSError:
-        return False
-    return value is not None and bool(int(value, 16) >> (sig - 1) & 1)
+    return _signal_set_has(pid, b"SigCgt:", sig)
 
 
 def blocks(pid: int, sig: int) -> bool:
     """Whether the main thread of ``pid`` blocks signal ``sig`` (SigBlk in /proc/PID/status:
     a program that takes its signals in another thread with sigwait() blocks them in all);
     False once it has gone."""
+    return _signal_set_has(pid, b"SigBlk:", sig)
+
+
+def _signal_set_has(pid: int, name: bytes, sig: int) -> bool:
+    """Whether signal set ``name`` of /proc/PID/status (a hex mask) has ``sig``."""
     try:
-        value = _status_field(pid, b"SigBlk:")
+        value = _status_field(pid, name)
     except OSError:
         return False
     return value is not None and bool(int(value, 16) >> (sig - 1) & 1)

@@ -182,8 +182,10 @@ def running_settings(cli: Mapping[str, Any], resume: Resume | None) -> Config:
     try:
         return load(cli)
     except ConfigError as exc:
-        kept = resume.manifest.get("file") if resume is not None else None
-        if resume is None or resume.how != "upgrade" or not isinstance(kept, dict):
+        kept = (
+            resume.manifest.get("file") if resume is not None and resume.how == "upgrade" else None
+        )
+        if not isinstance(kept, dict):
             raise
         log.warning(
             "upgrade: %s; keeping the settings the old supervisor ran with (fix the file, "
