@@ -184,6 +184,7 @@ def prog_cost(seconds: float, load: str) -> dict[str, Any]:
             "runs": c,
             "ns_per_run": t / c if c else None,
             "ns_per_connection": t / requests if requests else None,
+            "runs_per_connection": c / requests if requests else None,
         }
     return cost
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from portshard.linux import cgroup, proc, waiting
+from portshard.linux.sockdiag import listener_cgroups
 from portshard.linux.tcpinfo import socket_inode
 from portshard.supervisor.spawn import SpawnSpec, spawn
 from tests.conftest import ROOT, Procs, wait_until
@@ -174,3 +175,25 @@ def test_detect_names_a_mechanism_and_why() -> None:
     if os.geteuid() == 0 and not cgroup._is_cgroup2("/sys/fs/cgroup"):
         assert found.mechanism is cgroup.Mechanism.MOUNTED
         assert found.base == os.path.join(cgroup.MOUNT_POINT, "portshard")
+
+
+@needs_cgroup2
+def test_a_listener_made_in_the_listen_group_belongs_to_it_and_we_come_back(
+    trees: cgroup.Trees,
+) -> None:
+    group = trees.listen_group()
+    assert group is not None
+    before = cgroup.own_cgroup2_path()
+    with cgroup.made_in(group):
+        made = socket.socket()
+    with made, socket.socket() as elsewhere:
+        assert cgroup.own_cgroup2_path() == before
+        assert not group.members(), "nothing stays in the listen group"
+        made.bind(("127.0.0.1", 0))
+        made.listen()
+        elsewhere.bind(("127.0.0.1", 0))
+        elsewhere.listen()
+        ids = listener_cgroups({socket_inode(made), socket_inode(elsewhere)})
+        assert ids[socket_inode(made)] == os.stat(group.path).st_ino
+        assert ids[socket_inode(elsewhere)] != ids[socket_inode(made)]
+    # the fixture checks that the home, listen group included, is removed at close

@@ -168,8 +168,8 @@ def _reuseport_ebpf() -> _Found:
 @_probe(
     "sock_ops_inflight",
     "eBPF steering sends each new connection to the less loaded of two slots by connections in "
-    "flight, counted in the kernel (SOCK_OPS on the supervisor's cgroup v2); held connections "
-    "cost the supervisor the same at 100 and 100,000",
+    "flight, counted in the kernel (SOCK_OPS on the cgroup v2 its listeners are made in); held "
+    "connections cost the supervisor the same at 100 and 100,000",
     "eBPF steering compares queue depths instead; held connections are counted one by one "
     "(less often as they grow)",
 )

@@ -52,6 +52,7 @@ __all__ = [
     "connections_by_pid",
     "connections_of",
     "held_connections",
+    "listener_cgroups",
     "listening_sockets_of",
     "port_holders",
 ]
@@ -155,6 +156,7 @@ _RTA = struct.Struct("=HH")  # rtattr: len, type
 _INFO_TIMES = struct.Struct("=I4xI")
 _INFO_SEGS_OUT = struct.Struct("=I")
 _INFO_MIN = 160
+_INET_DIAG_CGROUP_ID = 21  # u64, sent for every full socket (Linux 5.9; no ext bit)
 
 
 class _NoDiag(Exception):
@@ -389,3 +391,20 @@ def held_by_members(
             answered = set()
         rows = [(state, inode) for state, inode in rows if inode not in answered]
     return len(rows)
+
+
+def listener_cgroups(inodes: AbstractSet[int]) -> dict[int, int]:
+    """The cgroup v2 id (the inode of its directory) of each TCP listener of our namespace
+    whose inode is in ``inodes``: the cgroup the kernel fixed when it was created, whose
+    SOCK_OPS programs see its connections. Missing: not found, or a kernel that does not say.
+    Raises OSError if sock_diag is not usable here."""
+    found: dict[int, int] = {}
+    try:
+        for data, msg in _diag_messages(socket.IPPROTO_TCP, _TCPF_LISTEN):
+            (inode,) = _DIAG_INODE.unpack_from(data, msg + _DIAG_INODE_OFFSET)
+            attr = _attribute(data, msg, _INET_DIAG_CGROUP_ID) if inode in inodes else None
+            if attr is not None and attr[1] >= 8:
+                (found[inode],) = struct.unpack_from("=Q", data, attr[0])
+    except _NoDiag as exc:
+        raise OSError(f"sock_diag: {exc}") from None
+    return found

@@ -34,6 +34,7 @@ from typing import Any
 from ..address import Proto
 from ..errors import InspectError, SupervisorError
 from ..linux import sysctl, tcpinfo
+from ..linux.cgroup import Cgroup, made_in
 from ..linux.sysctl import migrate_req
 from . import cbpf
 from .ebpf import BpfError, SteeringProgram
@@ -129,9 +130,12 @@ class Steering:
         on_event: Callable[[str], None] | None = None,
         seed: Sequence[Mapping[str, Any]] | None = None,
         inherited: Mapping[int, int] | None = None,
+        listen_group: Cgroup | None = None,
     ) -> None:
         """``seed``: a predecessor's tables (``export``); ``inherited``: its sockarray fds by
-        group (``handoff_fds``), whose sockets are in them already (issue 15)."""
+        group (``handoff_fds``), whose sockets are in them already (issue 15);
+        ``listen_group``: the cgroup our listeners are created in (linux/cgroup.py
+        ``made_in``), where the SOCK_OPS program goes (inflight.py)."""
         inherited = inherited or {}
         if backend not in ("cbpf", "ebpf"):
             raise ValueError(f"steering backend {backend!r}: use cbpf or ebpf")
@@ -158,13 +162,17 @@ class Steering:
         self._costs: dict[int, int] = {}  # what the kernel's cost map holds (else UNIT)
         self._speed_pids: dict[int, int | None] = {}
         self.inflight: InFlight | None = None
+        self.listen_group = listen_group
         self.balance = "none"
         try:
             if backend == "ebpf":
                 self.inflight = InFlight()
                 self.balance = os.environ.get("PORTSHARD_BALANCE", "inflight")
                 if self.balance == "inflight":
-                    self.inflight.attach()
+                    self.inflight.attach(
+                        listen_group.path if listen_group is not None else None,
+                        [sock for socks in slots.values() for sock in socks],
+                    )
                 else:  # the benchmark's knob: "queue" depths, or "none" (random, as classic)
                     self.inflight.why = f"PORTSHARD_BALANCE={self.balance}"
                 loads = self.inflight.loads
@@ -198,6 +206,7 @@ class Steering:
         on_event: Callable[[str], None] | None = None,
         seed: Sequence[Mapping[str, Any]] | None = None,
         inherited: Mapping[int, int] | None = None,
+        listen_group: Cgroup | None = None,
     ) -> Steering | None:
         """Steering with the backend ``mode`` asks for (auto: eBPF if this process may load it,
         else classic BPF); None for ``off``. Raises SupervisorError if a forced backend fails."""
@@ -216,6 +225,7 @@ class Steering:
                     on_event,
                     seed,
                     inherited,
+                    listen_group,
                 )
             except (BpfError, OSError) as exc:
                 if mode == "ebpf":
@@ -259,8 +269,18 @@ class Steering:
         for group, sock in zip(self.groups, socks, strict=True):
             group.buckets.add_slot(slot)
             group.join(slot, sock)
+        self._cover(socks)
         if self._writes_queues():
             self._write_queued(slot, 0)  # a slot removed earlier may have left its last depth
+
+    def _cover(self, socks: Sequence[socket.socket]) -> None:
+        """The SOCK_OPS program sees these new listeners' connections (inflight.py)."""
+        if self.inflight is None or not self.inflight.kernel:
+            return
+        try:
+            self.inflight.cover(socks)
+        except (BpfError, OSError) as exc:
+            log.warning("connections of a new listener may not be counted: %s", exc)
 
     def remove_slot(self, slot: int) -> None:
         """A slot's sockets have closed (scale down); it was excluded before."""
@@ -292,7 +312,8 @@ class Steering:
         if not self.can_migrate() or slot in weights or not weights or slot not in group.socks:
             return None
         queued = tcpinfo.queue_depth(old).queued
-        new = socket.socket(old.family, old.type)
+        with made_in(self.listen_group):
+            new = socket.socket(old.family, old.type)
         try:
             new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -307,6 +328,7 @@ class Steering:
         group.leave(slot)
         new.listen(backlog)
         group.join(slot, new)
+        self._cover([new])
         self._install(group)
         pid = self._pids.get(slot)
         self._say(
@@ -559,7 +581,10 @@ class Steering:
         if self.inflight is None:
             return "none: classic BPF cannot read per-slot counts (random pick from the table)"
         if self.inflight.kernel:
-            return "connections in flight, counted by a SOCK_OPS program (two choices)"
+            return (
+                "connections in flight, counted by a SOCK_OPS program (two choices) on "
+                + self.inflight.reach
+            )
         if self.balance == "none":
             return "none (PORTSHARD_BALANCE=none): a random pick from the table"
         return f"queue depths written every sample (two choices); {self.inflight.why}"

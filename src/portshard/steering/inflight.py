@@ -23,10 +23,21 @@ that grows with connections (13.8% of a core at 10k idle ones); here two program
 
 Nothing is counted twice or left behind: a SYN seen again moves its count to the slot chosen
 now; ``conns`` full undoes the count; only a tuple the LRU evicted before its handshake
-completed stays in ``held`` (a flood larger than ``SYN_ENTRIES``). Accepted children
-belong to the listener's cgroup, that is the supervisor's, so workers in cgroups of their own
-change nothing. The attachment is a bpf link: it goes when the supervisor's fd closes, even if
-the supervisor is killed.
+completed stays in ``held`` (a flood larger than ``SYN_ENTRIES``). The attachment is a bpf
+link: it goes when the supervisor's fd closes, even if the supervisor is killed.
+
+Where it is attached: a cgroup's SOCK_OPS programs run for every TCP socket of the cgroup
+and its descendants, 13-26 times per connection of ours on loopback when that was the
+supervisor's cgroup (on a cgroup v1 host the root of the hierarchy: every client and every
+other program of the host). A socket's cgroup is fixed when it is created and accepted
+connections inherit their listener's, so the supervisor creates its listeners in a group of
+their own (linux/cgroup.py ``made_in``, the home's ``listen``) and the program is attached
+there: it runs for our slots' connections only. A listener made elsewhere (by a predecessor
+before this, by systemd's socket activation) is found by its cgroup id (sock_diag) and that
+cgroup is covered too (:meth:`InFlight.cover`); what cannot be placed falls back to this
+process's own cgroup, as before, and :attr:`InFlight.reach` says so. The programs are
+idempotent per connection (map moves keyed by the tuple), so a socket seen by two
+attachments (nested cgroups) is still counted once.
 
 Where SOCK_OPS cannot be attached (no cgroup v2, not root), :attr:`InFlight.kernel` is False
 and the supervisor writes each slot's queue depth into ``held`` at every sample instead, so
@@ -43,6 +54,7 @@ import struct
 import tempfile
 from collections.abc import Iterable
 
+from ..linux.sockdiag import listener_cgroups
 from . import bpfasm as asm
 from .bpfasm import Asm
 from .ebpf import BpfError, Map, bpf, load_program
@@ -177,6 +189,34 @@ def _own_cgroup() -> str:
     raise OSError("this kernel has no cgroup v2 hierarchy (no 0:: line in /proc/self/cgroup)")
 
 
+def _relative(path: str) -> str:
+    """``path`` (a directory of a mounted cgroup2) as a path in the hierarchy."""
+    real = os.path.realpath(path)
+    for mount in _cgroup2_mounts():
+        if real == mount or real.startswith(mount.rstrip("/") + "/"):
+            return "/" + real[len(mount) :].strip("/")
+    return real
+
+
+def _find_cgroups(mount: str, ids: set[int]) -> dict[int, str]:
+    """The paths in the hierarchy of the cgroups whose ids (directory inodes) are ``ids``:
+    a walk of the mount, stopped once all are found."""
+    found: dict[int, str] = {}
+    if os.stat(mount).st_ino in ids:
+        found[os.stat(mount).st_ino] = "/"
+    stack = [(mount, "")]
+    while stack and len(found) < len(ids):
+        directory, rel = stack.pop()
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    path = f"{rel}/{entry.name}"
+                    if entry.inode() in ids:
+                        found[entry.inode()] = path
+                    stack.append((entry.path, path))
+    return found
+
+
 def cgroup_fd() -> int:
     """An fd of this process's cgroup v2 directory: from a mounted cgroup2 if there is one,
     else from a private mount, detached at once (the fd keeps working; nothing is left)."""
@@ -207,7 +247,9 @@ class InFlight:
         self.cost: Map | None = None
         self.syn: Map | None = None
         self.conns: Map | None = None
-        self.prog_fd = self.link_fd = -1
+        self.prog_fd = self.link_fd = -1  # link_fd: the last attachment (>= 0: counting)
+        self._links: dict[int, tuple[str, int]] = {}  # cgroup id -> (path in the hierarchy, link)
+        self._broad = ""  # why the program reaches more than our listeners
         self.why = ""
         try:
             self.fix = Map.counters(slots, b"portshard_fix", "the expired handshakes")
@@ -228,10 +270,12 @@ class InFlight:
         """True while the SOCK_OPS program counts (else the supervisor writes queue depths)."""
         return self.link_fd >= 0
 
-    def attach(self) -> bool:
-        """Load and attach the SOCK_OPS program; False (and :attr:`why`) if it cannot be."""
+    def attach(self, group: str | None = None, listeners: Iterable[socket.socket] = ()) -> bool:
+        """Load the SOCK_OPS program and attach it to ``group`` (the cgroup directory our
+        listeners are created in) and to the cgroup of any of ``listeners`` made elsewhere;
+        without ``group``, to this process's own cgroup. False (and :attr:`why`) if it cannot
+        be attached anywhere."""
         assert self.syn is not None
-        cgroup = -1
         try:
             self.conns = Map(
                 BPF_MAP_TYPE_HASH, 4, CONN_ENTRIES, b"portshard_conns", "the connection map",
@@ -241,17 +285,94 @@ class InFlight:
             self.prog_fd = load_program(
                 code, BPF_CGROUP_SOCK_OPS, b"portshard_held", BPF_PROG_TYPE_SOCK_OPS
             )
-            cgroup = cgroup_fd()
-            attr = struct.pack("=IIII", self.prog_fd, cgroup, BPF_CGROUP_SOCK_OPS, 0)
-            self.link_fd = bpf(BPF_LINK_CREATE, attr, "attaching SOCK_OPS to the cgroup")
+            if group is not None:
+                self._link_path(group)
+            else:
+                self._link_own()
+            self.cover(listeners)
             return True
         except (BpfError, OSError) as exc:
             self.why = f"connections in flight are not counted by the kernel: {exc}"
             self._close_program()
             return False
+
+    def cover(self, listeners: Iterable[socket.socket]) -> None:
+        """Make sure the program sees the connections of these TCP ``listeners`` (new slots, a
+        rescued listener): attach it to the cgroup of each that no attachment covers yet (found
+        by its cgroup id), or, if that cannot be found, to this process's own cgroup. Other
+        sockets are ignored. Raises BpfError or OSError if an attachment fails."""
+        if self.prog_fd < 0:
+            return
+        tcp = {
+            os.fstat(sock.fileno()).st_ino: sock
+            for sock in listeners
+            if sock.fileno() >= 0 and sock.type == socket.SOCK_STREAM
+        }
+        if not tcp:
+            return
+        try:
+            ids = listener_cgroups(set(tcp))
+        except OSError as exc:
+            self._link_own(f"cannot see the listeners' cgroups ({exc})")
+            return
+        unknown = set(ids.values()) - set(self._links)
+        if len(ids) < len(tcp):
+            self._link_own("the kernel did not say a listener's cgroup")
+        if not unknown:
+            return
+        mount = next(iter(_cgroup2_mounts()), None)
+        paths = _find_cgroups(mount, unknown) if mount is not None else {}
+        for cid in sorted(unknown):
+            rel = paths.get(cid)
+            if rel is None:
+                self._link_own(f"a listener's cgroup (id {cid}) is not found")
+            elif not self._covers(rel):
+                assert mount is not None
+                self._link_path(os.path.join(mount, rel.lstrip("/")), rel)
+                self._broad = "listeners made elsewhere (by a predecessor, or systemd) are there"
+
+    @property
+    def reach(self) -> str:
+        """Where the program is attached, in words (status, doctor, the bench)."""
+        if not self._links:
+            return "nowhere"
+        where = ", ".join(sorted(rel for rel, _ in self._links.values()))
+        if self._broad:
+            return f"cgroup {where}: every TCP socket there ({self._broad})"
+        return f"cgroup {where}: our listeners' connections only"
+
+    def _covers(self, rel: str) -> bool:
+        return any(
+            have == "/" or rel == have or rel.startswith(have + "/")
+            for have, _ in self._links.values()
+        )
+
+    def _link_path(self, path: str, rel: str | None = None) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._attach_fd(fd, rel or _relative(path))
         finally:
-            if cgroup >= 0:
-                os.close(cgroup)
+            os.close(fd)
+
+    def _link_own(self, why: str = "") -> None:
+        """This process's own cgroup (the reach before the listen group, and its fallback)."""
+        rel = _own_cgroup()
+        self._broad = why or "no cgroup of our own for the listeners"
+        if self._covers(rel):
+            return
+        fd = cgroup_fd()
+        try:
+            self._attach_fd(fd, rel)
+        finally:
+            os.close(fd)
+
+    def _attach_fd(self, cgroup: int, rel: str) -> None:
+        cid = os.fstat(cgroup).st_ino
+        if cid in self._links:
+            return
+        attr = struct.pack("=IIII", self.prog_fd, cgroup, BPF_CGROUP_SOCK_OPS, 0)
+        self._links[cid] = (rel, bpf(BPF_LINK_CREATE, attr, "attaching SOCK_OPS to the cgroup"))
+        self.link_fd = self._links[cid][1]
 
     def counts(self, slots: Iterable[int]) -> dict[int, int]:
         """In flight per slot (queued + held), or the last queue depths the supervisor wrote."""
@@ -296,9 +417,12 @@ class InFlight:
         self.held.view[slot] = value
 
     def _close_program(self) -> None:
-        for fd in (self.link_fd, self.prog_fd):
-            if fd >= 0:
-                os.close(fd)
+        for _rel, fd in self._links.values():
+            os.close(fd)
+        self._links.clear()
+        self._broad = ""
+        if self.prog_fd >= 0:
+            os.close(self.prog_fd)
         self.link_fd = self.prog_fd = -1
         if self.conns is not None:
             self.conns.close()

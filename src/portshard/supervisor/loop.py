@@ -366,6 +366,7 @@ class Supervisor:
             on_event=lambda text: self.fleet.history.event("steering", text),
             seed=self.succession.steering_seed(),
             inherited=self.succession.inherited_maps(),
+            listen_group=self.fx.trees.listen_group() if self.fx.trees else None,
         )
         if steering is None and not self.fx.owns_sockets:
             log.warning(

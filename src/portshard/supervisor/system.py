@@ -20,7 +20,7 @@ from ..errors import InspectError, PortshardError, SupervisorError
 from ..interpose.plan import plan as interpose_plan
 from ..interpose.seccomp import Trap
 from ..linux import proc, sockdiag, tcpinfo
-from ..linux.cgroup import Trees
+from ..linux.cgroup import Trees, made_in
 from ..linux.proc import tree_stopped
 from ..linux.sockdiag import held_connections
 from ..linux.waiting import tree_waiting_for_work
@@ -284,8 +284,9 @@ class SystemEffects:
                     self.held.add(sock.fileno())
                     if i >= len(self.bound):  # the other slots copy its exact address
                         self.bound.append(parse(address_of(sock)))
-                else:
-                    sock = listen(addr, backlog=self.cfg.backlog)
+                else:  # made in our listen group: SOCK_OPS sees only these (inflight.py)
+                    with made_in(self.trees.listen_group() if self.trees else None):
+                        sock = listen(addr, backlog=self.cfg.backlog)
                 if i >= len(self.bound):
                     port = sock.getsockname()[1]
                     self.bound.append(Address(addr.proto, addr.host, port))
