@@ -53,6 +53,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+import cpu_account  # noqa: E402  (a sibling script)
+
 WORKER = ROOT / "bench" / "workers" / "steering_worker.py"
 LOAD_SRC = ROOT / "bench" / "load" / "steering_load.c"
 CONCURRENCY = 64
@@ -242,6 +246,8 @@ def run_one(
     total = warmup + seconds
     cpu: dict[str, float] = {}
     sched: dict[str, list[tuple[int, int]]] = {}
+    snaps: dict[str, dict[str, Any]] = {}
+    hogs: list[int] = []
     kill_at: list[float] = []
     trace: list[tuple[float, list[float]]] = []
     tracing = threading.Event()
@@ -256,6 +262,7 @@ def run_one(
                 cpu[name] = _cpu_seconds(sup)
             cpu[f"workers_{name}"] = _workers_cpu(server.pids)
             sched[name] = _schedstat(server.pids)
+            snaps[name] = cpu_account.snapshot()  # every process (BENCH_ACCOUNT)
 
         timers.append(threading.Timer(warmup, mark, ("start",)))
         if scenario.get("crash"):
@@ -284,6 +291,7 @@ def run_one(
         if scenario["slow"] == "hog":  # a CPU hog on the CPU the slow worker pinned itself to
             spin = "import os; os.sched_setaffinity(0, {1})\nwhile True: pass"
             hog = subprocess.Popen([sys.executable, "-c", spin])
+            hogs.append(hog.pid)
         try:
             proc = subprocess.run(
                 [load, "127.0.0.1", str(server.port), str(concurrency), str(total), str(out)],
@@ -359,6 +367,9 @@ def run_one(
         result["worker_cpu_wait_ms"] = [
             [(e[0] - b[0]) / 1e6, (e[1] - b[1]) / 1e6] for b, e in pairs
         ]
+    if "start" in snaps and "end" in snaps:  # where all the CPU went (cpu_account.py)
+        roles = {"workers": list(server.pids), "supervisor": [sup] if sup else [], "hog": hogs}
+        result["cpu_account"] = cpu_account.account(snaps["start"], snaps["end"], roles)
     sup_cpu = 0.0
     if "start" in cpu and "end" in cpu:
         sup_cpu = cpu["end"] - cpu["start"]
