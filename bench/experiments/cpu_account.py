@@ -17,7 +17,19 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _COLUMNS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-def _processes() -> dict[int, tuple[str, int, bool]]:
+def _slices(pid: str, here: bool) -> int:
+    """Times the process was put on a CPU (schedstat's third field): its wake-ups, roughly
+    (only for processes of our namespace)."""
+    if not here:
+        return 0
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[2])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _processes() -> dict[int, tuple[str, int, bool, int]]:
     """pid -> (command name, utime + stime in ticks, in our network namespace) of every
     process now (each run has a namespace of its own: the others are other sessions')."""
     try:
@@ -39,7 +51,7 @@ def _processes() -> dict[int, tuple[str, int, bool]]:
             here = os.stat(f"/proc/{entry}/ns/net").st_ino == ours
         except OSError:
             here = False
-        found[int(entry)] = (name, int(fields[11]) + int(fields[12]), here)
+        found[int(entry)] = (name, int(fields[11]) + int(fields[12]), here, _slices(entry, here))
     return found
 
 
@@ -66,7 +78,8 @@ def account(
     out: dict[str, float] = {role: 0.0 for role in roles}
     out.update(client=0.0, run=0.0, ksoftirqd=0.0, other=0.0)
     others: dict[str, float] = {}
-    for pid, (name, ticks, here) in after["procs"].items():
+    slices: dict[str, int] = {}
+    for pid, (name, ticks, here, ran) in after["procs"].items():
         was = before["procs"].get(pid)
         if was is None or was[0] != name:
             continue  # started in between: in "unaccounted"
@@ -77,6 +90,8 @@ def account(
             else ("ksoftirqd" if name.startswith("ksoftirqd") else "other")
         )
         out[role] += seconds
+        if here:
+            slices[role] = slices.get(role, 0) + ran - was[3]
         if role == "other" and seconds > 0:
             others[name] = others.get(name, 0.0) + seconds
     cpus = {
@@ -90,6 +105,7 @@ def account(
     top = sorted(others.items(), key=lambda kv: -kv[1])[:6]
     return {
         "seconds": {k: round(v, 3) for k, v in out.items()},
+        "slices": slices,  # times on a CPU, by role (our namespace only)
         "busy": round(busy, 3),
         "unaccounted": round(busy - sum(out.values()), 3),
         "cpus": {cpu: {k: round(v, 3) for k, v in cols.items()} for cpu, cols in cpus.items()},

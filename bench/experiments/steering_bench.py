@@ -136,6 +136,8 @@ class Server:
         args += ["--control", str(self.control), "--log-level", "warning"]
         if "migrate" in config:
             args.append("--migrate")
+        if "nocg" in config:  # workers without cgroups of their own (the subreaper)
+            env["PORTSHARD_CGROUP"] = "off"
         args += ["--via", "fds"]
         self.log = open(tmp / "supervisor.log", "wb")  # noqa: SIM115 - closed in stop()
         sup = subprocess.Popen([*args, "--", *worker], env=env, stdout=self.log, stderr=self.log)
@@ -262,9 +264,12 @@ def run_one(
                 cpu[name] = _cpu_seconds(sup)
             cpu[f"workers_{name}"] = _workers_cpu(server.pids)
             sched[name] = _schedstat(server.pids)
-            snaps[name] = cpu_account.snapshot()  # every process (BENCH_ACCOUNT)
 
         timers.append(threading.Timer(warmup, mark, ("start",)))
+        for at, name in ((warmup, "start"), (total - 0.1, "end")):  # the client and hog live
+            timers.append(
+                threading.Timer(at, lambda n=name: snaps.update({n: cpu_account.snapshot()}))
+            )
         if scenario.get("crash"):
             victim = server.pids[1]
 
