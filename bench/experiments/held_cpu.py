@@ -189,6 +189,45 @@ def prog_cost(seconds: float, load: str) -> dict[str, Any]:
     return cost
 
 
+def tax(seconds: float, load: str) -> dict[str, Any]:
+    """What an idle eBPF-steered supervisor costs connections that are not its own: its
+    programs' runs and time per connection of a plain reuseport server beside it (2 workers,
+    no portshard), 64 in flight."""
+    stats_fd, _ = _bpf(BPF_ENABLE_STATS, struct.pack("=I", 0))
+    if stats_fd < 0:
+        raise RuntimeError(f"BPF_ENABLE_STATS: {os.strerror(-stats_fd)}")
+    tmp = Path(tempfile.mkdtemp(prefix="ps-tax-"))
+    try:
+        server = sb.Server("ebpf", {"workers": 2, "slow": ""}, tmp)
+        plain = sb.Server("plain", {"workers": 2, "slow": ""}, tmp)
+        try:
+            names = (b"portshard_steer", b"portshard_held")
+            assert server.supervisor is not None
+            ids = owned_prog_ids(server.supervisor)
+            before = prog_stats(names, ids)
+            out = tmp / "records.bin"
+            subprocess.run(
+                [load, "127.0.0.1", str(plain.port), "64", str(seconds), str(out)], check=True
+            )
+            after = prog_stats(names, ids)
+            requests = out.stat().st_size // sb.RECORD.size
+        finally:
+            plain.stop()
+            server.stop()
+    finally:
+        os.close(stats_fd)
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    cost: dict[str, Any] = {"connections": requests}
+    for name in (n.decode() for n in names):
+        t = after.get(name, (0, 0))[0] - before.get(name, (0, 0))[0]
+        c = after.get(name, (0, 0))[1] - before.get(name, (0, 0))[1]
+        cost[name] = {
+            "runs_per_connection": c / requests,
+            "ns_per_connection": t / requests,
+        }
+    return cost
+
+
 def isolated(inner: list[str], src: Path = ROOT / "src") -> dict[str, Any]:
     cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
     cmd += [sys.executable, str(Path(__file__).resolve()), *inner]
@@ -217,6 +256,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "held_cpu.json"))
     parser.add_argument("--point", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--cost", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tax",
+        action="store_true",
+        help="--cost-only: what an idle supervisor's programs cost another server's connections",
+    )
+    parser.add_argument("--tax-point", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.point:
         config, count, client = args.point
@@ -224,6 +269,9 @@ def main() -> None:
         return
     if args.cost:
         print(json.dumps(prog_cost(args.seconds, args.cost)))
+        return
+    if args.tax_point:
+        print(json.dumps(tax(args.seconds, args.tax_point)))
         return
     if os.geteuid() != 0:
         sys.exit("held_cpu: needs root (network namespaces, eBPF)")
@@ -238,7 +286,8 @@ def main() -> None:
             srcs += [(n, Path(d)) for n, _, d in (x.partition("=") for x in args.src or [])]
             for rnd in range(args.rounds):
                 for name, src in srcs[rnd % len(srcs) :] + srcs[: rnd % len(srcs)]:
-                    c = isolated(["--cost", load, "--seconds", "4"], src)
+                    what = "--tax-point" if args.tax else "--cost"
+                    c = isolated([what, load, "--seconds", "4"], src)
                     with open("/proc/loadavg") as f:
                         c.update(src=name, round=rnd, load_average=" ".join(f.read().split()[:3]))
                     cost.append(c)
