@@ -309,6 +309,7 @@ class SystemEffects:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RD)
             sock.close()
+        self.replaced = True  # a UDP socket cannot be stopped: the warden lets go at once
         if self.steering is not None:
             self.steering.remove_slot(slot.index)
 
