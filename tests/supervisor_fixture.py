@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from tests.conftest import ROOT, wait_until
 
 PORTSHARD = [sys.executable, "-m", "portshard"]
 FDWORKER = [sys.executable, str(ROOT / "tests" / "workers" / "fdworker.py")]
+
+
+NOFILE = resource.RLIMIT_NOFILE
 
 
 class Control:
@@ -99,6 +103,7 @@ class Running(Control):
         control: Path,
         env: dict[str, str] | None = None,
         log: Path | None = None,
+        nofile: tuple[int, int] | None = None,
     ):
         log = log or control.with_suffix(".log")
         self._log = open(log, "wb")  # noqa: SIM115 - closed in close()
@@ -108,6 +113,7 @@ class Running(Control):
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(NOFILE, nofile),
         )
         super().__init__(control, proc, log)
 
@@ -150,8 +156,13 @@ def start(short_tmp: Path) -> Iterator[Start]:
     every supervisor started is stopped at teardown."""
     running: list[Running] = []
 
-    def _start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Running:
-        sup = Running(list(args), short_tmp / f"s{len(running)}.sock", env)
+    def _start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        nofile: tuple[int, int] | None = None,
+    ) -> Running:
+        sup = Running(list(args), short_tmp / f"s{len(running)}.sock", env, nofile=nofile)
         running.append(sup)
         if wait:
             sup.wait_ready()

@@ -158,6 +158,7 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
     if activated and not cli_values["listen"] and not options.get("config"):
         cli_values["listen"] = tuple(activated.addresses()) or None
     cfg = handoff.running_settings(cli_values, resume)
+    _fd_limit(cfg, captured=log_format == "json")
     if check:
         _check(cfg)
         return
@@ -180,6 +181,18 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
     ).run()
     if code:
         sys.exit(code)
+
+
+def _fd_limit(cfg: Any, *, captured: bool) -> None:
+    """Raise our soft RLIMIT_NOFILE to the hard one (the workers keep the operator's); refuse
+    --workers that still do not fit (linux/fdlimit.py)."""
+    from .errors import ConfigError
+    from .linux import fdlimit
+
+    fdlimit.raise_soft()
+    too_few = fdlimit.refusal(cfg.workers, len(cfg.listen), captured=captured)
+    if too_few is not None:
+        raise ConfigError(too_few)
 
 
 def _check(cfg: Any) -> None:

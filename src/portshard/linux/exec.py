@@ -25,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class ExecSpec:
     credentials: Credentials | None = None
     death_signal: int | None = signal.SIGKILL  # sent to the child when we die
     cwd: str | None = None
+    soft_nofile: int | None = None  # the soft RLIMIT_NOFILE it starts with (None: ours)
 
 
 class ChildError(OSError):
@@ -178,6 +180,9 @@ def _become(spec: ExecSpec, setup: Callable[[], None] | None, report: _Report) -
         (report.fd,) = place_fds(spec.fds, [report.fd])
     elif spec.fds:
         raise OSError(errno.EINVAL, "placing fds needs close_others")
+    if spec.soft_nofile is not None:  # after place_fds: it may need fds above this limit
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (spec.soft_nofile, hard))
     if spec.credentials is not None:
         creds = spec.credentials
         os.setgroups(list(creds.groups))

@@ -324,7 +324,12 @@ class Steering:
         except BaseException:
             new.close()
             raise
-        old.close()  # the kernel migrates its queue now
+        # Stop it listening: the kernel migrates its queue now (inet_csk_listen_stop), even
+        # while another process holds a copy of it (the warden, a child of the dead worker),
+        # where close() would wait for the last copy to go.
+        with contextlib.suppress(OSError):
+            old.shutdown(socket.SHUT_RD)
+        old.close()
         group.leave(slot)
         new.listen(backlog)
         group.join(slot, new)

@@ -34,7 +34,7 @@ from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
 from ..errors import ControlError, InspectError, PortshardError
 from ..health import HealthServer
-from ..linux import proc, sockdiag, tcpinfo
+from ..linux import fdlimit, proc, sockdiag, tcpinfo
 from ..linux.cgroup import Trees
 from ..linux.proc import cpu_seconds as worker_cpu
 from ..steering.controller import Steering, migrate_req
@@ -509,6 +509,11 @@ class Supervisor:
             count = request.get("workers")
             if isinstance(count, bool) or not isinstance(count, int):
                 raise ControlError(f"scale needs an integer 'workers', not {count!r}")
+            if count > len(self.fleet.slots):
+                captured = self.fx.output is not None
+                too_few = fdlimit.refusal(count, len(self.cfg.listen), captured=captured)
+                if too_few is not None:
+                    raise ControlError(f"scale {count}: {too_few}")
             self.fleet.scale(count, outcome)
         kept = {"kept": list(outcome.kept)}
         if not request.get("wait"):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import SupervisorError
 from ..interpose.seccomp import child_install, receive_listener
+from ..linux import fdlimit
 from ..linux.cgroup import Cgroup
 from ..linux.exec import ChildError, Credentials, ExecSpec, fork_exec
 from ..linux.syscalls import pidfd_open
@@ -65,6 +66,7 @@ def _exec_spec(spec: SpawnSpec) -> ExecSpec:
         credentials=spec.credentials,
         death_signal=None if spec.orphan else signal.SIGKILL,
         cwd=spec.cwd,
+        soft_nofile=fdlimit.original(),  # the operator's, not the supervisor's raised one
     )
 
 

@@ -6,6 +6,7 @@ Implements ``effects.Effects`` for the supervisor; the lifecycle (``fleet.py``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -300,8 +301,16 @@ class SystemEffects:
     def close_slot(self, slot: Slot) -> None:
         for spec, sock in zip(self.cfg.listen, slot.socks, strict=self.owns_sockets):
             self.systemd.unstore(store_name(spec.name, slot.index))
-            self.held.discard(sock.fileno())
+            if sock.fileno() in self.held:
+                self.held.discard(sock.fileno())
+            elif spec.address.proto is Proto.TCP:
+                # Stop it listening now: the warden's copy would keep it in the port's group,
+                # taking connections nobody accepts (reset when the copy goes, or migrated
+                # only then) until the warden's next sync.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
             sock.close()
+        self.replaced = True  # a UDP socket cannot be stopped: the warden lets go at once
         if self.steering is not None:
             self.steering.remove_slot(slot.index)
 
@@ -323,8 +332,8 @@ class SystemEffects:
         return all(spec.address.proto is Proto.TCP for spec in self.cfg.listen)
 
     def hold(self, slot: Slot, on: bool) -> None:
-        if not on and self.fleet.stopping:
-            return  # the stop's filter (the same program) stays
+        if not on and (self.fleet.stopping or slot.removing):
+            return  # the stop's filter (the same program) stays; a removed slot's until closed
         for sock in slot.queue_fds():
             if on:
                 cbpf.drop_syns(sock)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ..control import protocol
 from ..control.server import Connection
 from ..errors import ControlError
+from ..linux import fdlimit
 from . import handoff
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class Upgrade:
             os.set_inheritable(fd, True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
         env[handoff.RESUME_ENV] = str(memfd)
+        fdlimit.successor_env(env)  # it inherits our raised limit: the workers' goes with it
         log.info(
             "upgrade: exec %s (pid %d, supervisor generation %d -> %d)",
             " ".join(self.argv[:4]),
