@@ -215,6 +215,17 @@ def _schedstat(pids: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _caps(st: dict[str, Any]) -> list[int]:
+    """Each slot's in-flight cap in a status (0: none; speed.py, a worker caught stalling)."""
+    return [int(s.get("steering", {}).get("cap", 0)) for s in st["slots"]]
+
+
+def _capped_share(capped: list[tuple[float, list[int]]], warmup: float, n: int) -> dict:
+    """BENCH_TRACE: the share of the steady-state polls in which each slot was capped."""
+    steady = [caps for t, caps in capped if t >= warmup]
+    return {"capped_slots": [sum(c[i] > 0 for c in steady) / max(1, len(steady)) for i in range(n)]}
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -252,6 +263,7 @@ def run_one(
     hogs: list[int] = []
     kill_at: list[float] = []
     trace: list[tuple[float, list[float]]] = []
+    capped: list[tuple[float, list[int]]] = []  # BENCH_TRACE: each slot's in-flight cap
     tracing = threading.Event()
     looker = None
     timers: list[threading.Timer] = []
@@ -289,6 +301,7 @@ def run_one(
                     if st:
                         slower = [s.get("steering", {}).get("slower", 1.0) for s in st["slots"]]
                         trace.append((time.monotonic() - started, slower))
+                        capped.append((trace[-1][0], _caps(st)))
 
             looker = threading.Thread(target=look, daemon=True)
             looker.start()
@@ -367,6 +380,8 @@ def run_one(
                 for i in range(scenario["workers"])
             ],
         )
+    if capped:
+        result.update(_capped_share(capped, warmup, scenario["workers"]))
     if "start" in sched and "end" in sched:  # per worker, steady state: CPU and run-queue wait
         pairs = zip(sched["start"], sched["end"], strict=True)
         result["worker_cpu_wait_ms"] = [

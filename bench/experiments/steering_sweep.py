@@ -301,7 +301,9 @@ def main() -> None:
                             f" first slow {r['first_slow_s']} weighted {r['weighted_slots']}"
                             if "weighted_slots" in r
                             else ""
-                        ),
+                        )
+                        + (f" capped {r['capped_slots']}" if "capped_slots" in r else "")
+                        + f" tail {r.get('tail_by_worker')}",
                         flush=True,
                     )
                 out.write_text(json.dumps({"results": results}, indent=1))
