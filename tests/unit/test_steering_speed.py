@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from portshard.steering.speed import BAND, MAX_COST, UNIT, Speeds
+from portshard.steering.speed import (
+    BAND,
+    CAP,
+    CAP_HOLD,
+    CAP_MAX,
+    CAP_STEP,
+    MAX_COST,
+    SUSPECT,
+    UNIT,
+    Speeds,
+    cost_word,
+)
 
 LOOK = 0.02  # s between samples under load
 
@@ -155,3 +166,106 @@ def test_a_worker_joining_under_load_needs_the_full_evidence() -> None:
     assert costs[1] == UNIT  # 10x slower on two looks: not yet
     costs, t = run(speeds, counts, 3, [(60, 2), (6, 2)], t)
     assert costs[1] == 10 * UNIT
+
+
+def caught_twice(speeds: Speeds, slot: int, t: float) -> None:
+    """The policy caught ``slot`` stalling twice, the second time at ``t``."""
+    speeds.stalled(slot, t - 0.1)
+    speeds.stalled(slot, t)
+
+
+def test_a_slot_is_capped_when_caught_stalling_twice_within_a_second_not_once() -> None:
+    speeds, counts = Speeds(), Counts(2)
+    _, t = run(speeds, counts, 5, [(60, 4), (20, 4)], 1.0)
+    speeds.stalled(1, t)  # any hiccup of an equal worker
+    assert speeds.caps(t) == {0: 0, 1: 0}
+    speeds.stalled(1, t + SUSPECT + LOOK)  # and another, later
+    assert speeds.caps(t + SUSPECT + LOOK) == {0: 0, 1: 0}
+    speeds.stalled(1, t + SUSPECT + 2 * LOOK)
+    assert speeds.caps(t + SUSPECT + 2 * LOOK) == {0: 0, 1: CAP}
+
+
+def test_a_slot_caught_stalling_is_capped_while_it_holds_one_across_whole_looks() -> None:
+    # Issue 11: a worker that stalls 50 ms every 10th request. Capped at one in flight, a
+    # stall catches only the connection it serves (a shared queue's case), and its queue stays
+    # empty: a connection held for a whole look with nothing completed says it stalled again.
+    speeds, counts = Speeds(), Counts(2)
+    _, t = run(speeds, counts, 5, [(60, 4), (20, 4)], 1.0)
+    caught_twice(speeds, 1, t)
+    assert speeds.caps(t) == {0: 0, 1: CAP}
+    _, t = run(speeds, counts, 2, [(60, 4), (4, 1)], t)  # serves, then holds its one
+    caps = []
+    for _ in range(90):  # 9 s: a stall (2 looks held) every 0.1 s
+        _, t = run(speeds, counts, 2, [(60, 4), (0, 1)], t)
+        _, t = run(speeds, counts, 3, [(60, 4), (3, 1)], t)
+        caps.append(speeds.caps(t)[1])
+    assert all(caps[:75]), caps
+    assert caps[-1] == 0, f"above {CAP_MAX} after {CAP_STEP * 4} s: no cap"
+
+
+def test_a_cap_goes_when_no_stall_is_seen_for_a_while() -> None:
+    # An equal worker descheduled for a look: caught once, capped for CAP_HOLD.
+    speeds, counts = Speeds(), Counts(2)
+    _, t = run(speeds, counts, 5, [(60, 4), (60, 4)], 1.0)
+    caught_twice(speeds, 1, t)
+    _, t = run(speeds, counts, int(CAP_HOLD / LOOK) - 1, [(60, 4), (60, 1)], t)
+    assert speeds.caps(t)[1] == CAP
+    _, t = run(speeds, counts, 2, [(60, 4), (60, 1)], t)
+    assert speeds.caps(t) == {0: 0, 1: 0}
+
+
+def test_a_cap_doubles_with_time_since_the_policy_caught_the_slot() -> None:
+    speeds, counts = Speeds(), Counts(2)
+    _, t = run(speeds, counts, 5, [(60, 4), (20, 1)], 1.0)
+    caught = t
+    caught_twice(speeds, 1, caught)
+    seen = set()
+    while t < caught + 3 * CAP_STEP - LOOK:
+        _, t = run(speeds, counts, 1, [(60, 4), (0, 1)], t)  # holds one, completes none
+        seen.add(speeds.caps(t)[1])
+    assert seen == {CAP, 2 * CAP, 4 * CAP}
+    speeds.stalled(1, t)  # caught again (its queue held a second one): back to CAP
+    assert speeds.caps(t)[1] == CAP
+
+
+def test_a_slot_holding_more_than_its_cap_is_not_taken_for_stalled_again() -> None:
+    # Idle long-lived connections complete nothing either: a worker holding more than its cap
+    # is not renewed, so it is capped for CAP_HOLD after the policy caught it, no longer.
+    speeds, counts = Speeds(), Counts(2)
+    _, t = run(speeds, counts, 5, [(60, 4), (0, 50)], 1.0)
+    caught_twice(speeds, 1, t)
+    _, t = run(speeds, counts, int(CAP_HOLD / LOOK) + 1, [(60, 4), (0, 50)], t)
+    assert speeds.caps(t)[1] == 0
+
+
+def test_the_kernel_reads_the_cap_above_the_cost() -> None:
+    assert cost_word(3 * UNIT, 0) == 3 * UNIT
+    assert cost_word(UNIT, 2) == 2 << 32 | UNIT
+
+
+def test_a_capped_worker_waiting_for_a_cpu_is_not_taken_for_stalled_again() -> None:
+    # A busy machine: the worker was runnable but descheduled for most of the look. It holds
+    # its one connection and completes none, as a stalled one would; a cap would not help it.
+    speeds, counts = Speeds(), Counts(2)
+    _, t = run(speeds, counts, 5, [(60, 4), (20, 1)], 1.0)
+    caught_twice(speeds, 1, t)
+    for _ in range(int(CAP_HOLD / LOOK) + 1):
+        t += LOOK
+        counts.step(0, 60, 4)
+        counts.step(1, 0, 1)
+        speeds.observe(t, counts.view(), waited={1: 0.9})
+    assert speeds.caps(t)[1] == 0
+
+
+def test_the_time_a_worker_waited_for_a_cpu_is_not_counted_as_its_work() -> None:
+    # An equal worker the scheduler starves: saturated, it completes a third as many while
+    # it waits on a run queue. Counted, it would be weighted and starve more.
+    speeds, counts = Speeds(), Counts(2)
+    t = 1.0
+    costs: dict[int, int] = {}
+    for i in range(30):
+        t += LOOK
+        counts.step(0, 60, 2)
+        counts.step(1, 4 if i % 3 else 60, 2)  # two looks in three mostly on a run queue
+        costs = speeds.observe(t, counts.view(), waited={1: 0.9 if i % 3 else 0.0})
+    assert costs == {0: UNIT, 1: UNIT}

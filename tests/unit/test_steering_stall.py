@@ -95,3 +95,22 @@ def test_a_stall_never_hands_a_full_share_to_slots_cut_for_falling_behind() -> N
     look(p, {0: (5, 100), 1: (0, 100)})
     assert look(p, {0: (9, 104), 1: (0, 100)}) == []
     assert set(p.tcp_weights()) == {0, 1}
+
+
+def test_a_slot_the_kernel_holds_back_takes_no_one_elses_share() -> None:
+    # Slot 1 is capped (or weighted by its cost) in the kernel, so slot 0 holds all the rest
+    # of what is in flight: neither a long queue nor a look without an accept takes slot 0
+    # out, which would send every new connection to slot 1 (they took turns being out, and
+    # slot 1 got 15 at a time).
+    p = Policy()
+
+    def held_back(seen: dict[int, tuple[int, int]]) -> list[str]:
+        obs = [Observation(s, 100 + s, R, q, h, limited=s == 1) for s, (q, h) in seen.items()]
+        return [c.text for c in p.observe(obs)]
+
+    held_back({0: (0, 0), 1: (0, 0)})
+    assert held_back({0: (15, 100), 1: (0, 10)}) == []
+    assert held_back({0: (15, 100), 1: (0, 20)}) == []  # accepted none: no stall either
+    assert set(p.tcp_weights()) == {0, 1}
+    # Not held back any more: the same queues are an overload.
+    assert look(p, {0: (15, 150), 1: (0, 30)})[0].startswith("excluded: overloaded: 15 queued")

@@ -35,6 +35,7 @@ __all__ = [
     "read",
     "read_memory",
     "read_small",
+    "run_queue_wait",
     "socket_fds",
     "sockets_of",
     "stat",
@@ -68,6 +69,15 @@ def read_small(path: str) -> bytes:
         return os.read(fd, 4096)
     finally:
         os.close(fd)
+
+
+def run_queue_wait(pid: int) -> int | None:
+    """Nanoseconds ``pid``'s main thread has spent runnable but waiting for a CPU (the second
+    field of /proc/PID/schedstat); None if it is gone or the kernel keeps no schedstats."""
+    try:
+        return int(read_small(f"/proc/{pid}/schedstat").split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def read_memory(pid: int, addr: int, size: int) -> bytes:

@@ -33,14 +33,14 @@ from typing import Any
 
 from ..address import Proto
 from ..errors import InspectError, SupervisorError
-from ..linux import sysctl, tcpinfo
+from ..linux import proc, sysctl, tcpinfo
 from ..linux.cgroup import Cgroup, made_in
 from ..linux.sysctl import migrate_req
 from . import cbpf
 from .ebpf import BpfError, SteeringProgram
 from .inflight import InFlight
 from .policy import Change, ChangeKind, Health, Observation, Policy
-from .speed import UNIT, Speeds
+from .speed import UNIT, WAITED, Speeds, cost_word
 from .table import BUCKETS, Buckets, apportion, contiguous, runs
 
 __all__ = ["BACKENDS", "SAMPLE", "Health", "Steering", "migrate_req"]
@@ -161,6 +161,8 @@ class Steering:
         self.speeds = Speeds()
         self._costs: dict[int, int] = {}  # what the kernel's cost map holds (else UNIT)
         self._speed_pids: dict[int, int | None] = {}
+        self._waits: dict[int, tuple[int, int]] = {}  # slot -> (pid, run-queue wait so far)
+        self._last_wait_look = 0.0
         self.inflight: InFlight | None = None
         self.listen_group = listen_group
         self.balance = "none"
@@ -380,14 +382,15 @@ class Steering:
                 self._handed[slot] = count
             if sample and self._writes_queues():
                 self._write_queued(slot, queued)
-            observations.append(Observation(slot, pid, health, queued, count))
+            limited = self._costs.get(slot, UNIT) != UNIT  # the kernel holds it back
+            observations.append(Observation(slot, pid, health, queued, count, limited))
             self.seen_ready = self.seen_ready or health is Health.READY
         if sample:
             self.next_sample = now + (SAMPLE if busy else SAMPLE_IDLE)
             self._expire(now)
-            if handed is not None:
-                self._weigh_speeds(now, slots, handed)
         changes = self.policy.observe(observations)
+        if sample and handed is not None:
+            self._weigh_speeds(now, slots, handed)
         for change in changes:
             if change.moves:
                 self.changes += 1
@@ -403,8 +406,8 @@ class Steering:
     def _weigh_speeds(
         self, now: float, slots: Sequence[tuple[int, int | None, Health]], handed: dict[int, int]
     ) -> None:
-        """How fast each ready slot serves (speed.py), into the kernel's cost map; a slot not
-        ready (or with a new worker) starts again at a full speed."""
+        """How fast each ready slot serves and its in-flight cap (speed.py), into the kernel's
+        cost map; a slot not ready (or with a new worker) starts again at a full speed."""
         in_flight = self.in_flight()
         if in_flight is None or self.inflight is None:
             return
@@ -417,12 +420,40 @@ class Steering:
             if known is not None and known != pid:
                 self.speeds.forget(slot)
             counts[slot] = (handed[slot], in_flight[slot])
-        costs = self.speeds.observe(now, counts)
+        waited = self._waited(now, counts)
+        costs = self.speeds.observe(now, counts, waited)
+        for slot in self.policy.stalled():
+            if waited.get(slot, 0.0) < WAITED:  # else descheduled, not stalled
+                self.speeds.stalled(slot, now)
+        caps = self.speeds.caps(now)
         for slot in set(self._costs) | set(costs):
-            cost = costs.get(slot, UNIT)
-            if self._costs.get(slot, UNIT) != cost:
-                self.inflight.set_cost(slot, cost)
-                self._costs[slot] = cost
+            word = cost_word(costs.get(slot, UNIT), caps.get(slot, 0))
+            if self._costs.get(slot, UNIT) != word:
+                self.inflight.set_cost(slot, word)
+                self._costs[slot] = word
+
+    def _waited(self, now: float, counts: Mapping[int, tuple[int, int]]) -> dict[int, float]:
+        """The part of the time since the last look each slot's worker was runnable but
+        waiting for a CPU (speed.py): on a busy machine a worker descheduled for a look holds
+        its connection and completes none, as a slow or stalled one does, but it is as fast as
+        the rest once it runs. ~10 µs a slot, only while a slot holds a connection."""
+        waited: dict[int, float] = {}
+        if not any(inflight for _, inflight in counts.values()):
+            self._waits.clear()  # idle: nothing to judge, nothing read
+            return waited
+        last, self._last_wait_look = self._last_wait_look, now
+        for slot in counts:
+            pid = self._pids.get(slot)
+            wait = proc.run_queue_wait(pid) if pid is not None else None
+            before = self._waits.get(slot)
+            if wait is None or pid is None:
+                self._waits.pop(slot, None)
+                continue
+            self._waits[slot] = (pid, wait)
+            took = now - last
+            if before is not None and before[0] == pid and 0 < took < 1.0:
+                waited[slot] = min(1.0, max(0.0, (wait - before[1]) / 1e9 / took))
+        return waited
 
     def _expire(self, now: float) -> None:
         """Once a second: handshakes that never completed stop counting (inflight.py)."""
@@ -546,8 +577,11 @@ class Steering:
             "share": round(self._shares.get(slot, 0.0), 4),
         }
         if self.inflight is not None and self.inflight.kernel:
-            # How much slower than the fastest it serves (1.0: as fast; speed.py).
-            out["slower"] = round(self._costs.get(slot, UNIT) / UNIT, 2)
+            # How much slower than the fastest it serves (1.0: as fast; speed.py), and the
+            # connections in flight it may hold (0: no cap; a worker caught stalling).
+            word = self._costs.get(slot, UNIT)
+            out["slower"] = round((word & 0xFFFFFFFF) / UNIT, 2)
+            out["cap"] = word >> 32
         if any(g.proto is Proto.UDP for g in self.groups):
             out["udp"] = verdict.udp_included
         return out

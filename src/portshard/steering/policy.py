@@ -19,7 +19,9 @@ queues were sampled, the accept-queue depth of its TCP listeners.
   law; R, the arrival rate, is the same for all), so a slot whose queue is long both in absolute
   terms and per unit of its share compared with the rest (``q_i >= 8`` and
   ``q_i / s_i >= 4 x (Q_rest + 1) / S_rest``) is out at once; it is back when its queue has
-  drained (``q_i <= 1``): the gap between 8 and 1 is the hysteresis. This alone is a
+  drained (``q_i <= 1``): the gap between 8 and 1 is the hysteresis. Slots the kernel holds
+  back (an in-flight cap or a cost, speed.py) are not in "the rest": they cannot take more,
+  so the others hold all the rest of what is in flight. This alone is a
   join-the-shorter-queue: equal workers take turns, which shortens the tail and keeps the
   balance, so it does not touch weights.
 - Weights (TCP only) follow what a slot can serve, over epochs of ~0.3 s: a slot that was out
@@ -80,6 +82,7 @@ class Observation:
     health: Health
     queued: int | None = None  # TCP accept-queue depth now; None when not sampled
     handed: int | None = None  # new TCP connections handed to it so far (eBPF counts them)
+    limited: bool = False  # the kernel holds it back: an in-flight cap or a cost (speed.py)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ class _Track:
     queued: int = 0
     last: tuple[int, int | None] | None = None  # (queued, handed) at the last look
     stalled: bool = False  # out until its queue is empty
+    limited: bool = False  # held back by the kernel: it cannot take another's share
     samples: int = 0  # in this epoch, while ready
     out: int = 0  # ... of which overloaded
     verdict: Verdict | None = None
@@ -168,6 +172,7 @@ class Policy:
                 t.samples = t.out = 0  # an epoch counts only what a ready worker did
                 t.last = None  # "since the last look" starts again
             t.pid = o.pid
+            t.limited = o.limited
             if o.health is not t.health and o.health is Health.READY:
                 t.recovered = False
                 t.back_why = (
@@ -202,7 +207,12 @@ class Policy:
         ]
         for slot in list(serving):
             t = self._tracks[slot]
-            rest = [s for s in serving if s != slot]
+            # Not against slots the kernel holds back (a cap, a cost): they hold at most their
+            # cap, or a fraction of their share, so the others hold the rest of what is in
+            # flight; out, they would hand all of it to the one held back (2 workers, one
+            # capped: the two took turns being out, and the capped one, alone in the table,
+            # got 15 at a time).
+            rest = [s for s in serving if s != slot and not self._tracks[s].limited]
             share, rest_share = shares[slot], sum(shares[s] for s in rest)
             if not rest or rest_share <= 0:
                 continue  # never the last one out
@@ -235,13 +245,18 @@ class Policy:
         per unit of share, so that equal busy workers or a steady queue are not taken for a
         stall). Not when the slots left have less than ``stall_rest`` x its share between
         them: a healthy worker descheduled for a look (a busy machine) would hand its whole
-        share to a slow one whose weight was cut (measured: 0.44x of a shared queue)."""
+        share to a slow one whose weight was cut (measured: 0.44x of a shared queue), or
+        to ones the kernel holds back (a cap or a cost: they cannot take it)."""
         p = self.params
         for o in sampled:
             t = self._tracks[o.slot]
             if t.overloaded or t.last is None or not t.queued or o.slot not in shares:
                 continue
-            serving = [s for s in shares if s != o.slot and not self._tracks[s].overloaded]
+            serving = [
+                s
+                for s in shares
+                if s != o.slot and not self._tracks[s].overloaded and not self._tracks[s].limited
+            ]
             if sum(shares[s] for s in serving) < p.stall_rest * shares[o.slot]:
                 continue  # its share would go to slots cut for falling behind: worse
             was_queued, was_handed = t.last
@@ -363,6 +378,10 @@ class Policy:
     def fallback(self) -> str:
         """Why slots that should be out are in (every slot would be out), or ""."""
         return self._fallback
+
+    def stalled(self) -> set[int]:
+        """The slots out now as stalled (their queue holds connections they do not take)."""
+        return {s for s, t in self._tracks.items() if t.stalled and t.overloaded}
 
     def verdicts(self) -> dict[int, Verdict]:
         return {s: t.verdict for s, t in sorted(self._tracks.items()) if t.verdict is not None}

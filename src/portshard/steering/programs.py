@@ -29,6 +29,9 @@ _DRAWS = 5  # draws of a table bucket per TCP connection, at most (see tcp_code)
 _MD_ETH_PROTOCOL = 20  # offsetof(struct sk_reuseport_md, eth_protocol): network order
 _MD_HASH = 32  # offsetof(struct sk_reuseport_md, hash)
 _MD_MIGRATING_SK = 48  # offsetof(struct sk_reuseport_md, migrating_sk) (Linux 5.14+)
+# Added to the load of a slot at its cap: above any (in flight + 1) x cost (2^40 is a million
+# connections at the largest cost), so a slot at its cap is taken only if both draws are.
+OVER_CAP_SHIFT = 40
 
 
 def _active_bucket(a: Asm, table_fd: int, buckets: int) -> None:
@@ -110,7 +113,8 @@ def _record(a: Asm, held_fd: int, syn_fd: int) -> None:
 
 def _load(a: Asm, loads: tuple[int, int, int, int], slot_reg: int, to: int) -> None:
     """*(s64 *)(fp + to) = (held[slot] - fix[slot] + 1) x cost[slot]: the expected wait of a
-    new connection there (speed.py); a failed lookup goes to ``choose``."""
+    new connection there (speed.py), plus ``OVER_CAP`` if the slot holds its cap already
+    (the cost word's high half, 0: none); a failed lookup goes to ``choose``."""
     held_fd, fix_fd, _, cost_fd = loads
     a.op(asm.STX_W, dst=10, src=slot_reg, off=-8)
     _lookup(a, held_fd, -8)
@@ -123,8 +127,18 @@ def _load(a: Asm, loads: tuple[int, int, int, int], slot_reg: int, to: int) -> N
     a.op(asm.STX_DW, dst=10, src=1, off=to)
     _lookup(a, cost_fd, -8)
     a.jump(asm.JEQ_IMM, "choose", dst=0, imm=0)
-    a.op(asm.LDX_DW, dst=2, src=0).op(asm.LDX_DW, dst=1, src=10, off=to)
-    a.op(asm.MUL64_REG, dst=1, src=2).op(asm.STX_DW, dst=10, src=1, off=to)
+    a.op(asm.LDX_DW, dst=2, src=0).op(asm.MOV64_REG, dst=3, src=2)
+    a.op(asm.RSH64_IMM, dst=3, imm=32).op(asm.MOV32_REG, dst=2, src=2)  # w3 = cap, w2 = cost
+    a.op(asm.LDX_DW, dst=1, src=10, off=to).op(asm.MOV64_REG, dst=4, src=1)  # in flight + 1
+    a.op(asm.MUL64_REG, dst=1, src=2)
+    under = f"under{a.here()}"
+    a.jump(asm.JEQ_IMM, under, dst=3, imm=0)  # no cap
+    a.jump(asm.JSGT_REG, "over" + under, dst=4, src=3)  # in flight >= cap: one more is over
+    a.jump(asm.JA, under)
+    a.label("over" + under)
+    a.op(asm.MOV64_IMM, dst=2, imm=1).op(asm.LSH64_IMM, dst=2, imm=OVER_CAP_SHIFT)
+    a.op(asm.ADD64_REG, dst=1, src=2)
+    a.label(under).op(asm.STX_DW, dst=10, src=1, off=to)
 
 
 def _load_net(a: Asm, offset: int, to: int, size: int) -> None:
@@ -211,7 +225,10 @@ def tcp_code(
     ``(held[slot] - fix[slot] + 1) x cost[slot]``, the expected wait of one more connection
     there: its connections in flight (handed and not yet let go by its worker; ``fix`` is what
     the supervisor found stale) plus this one, times how much slower than the fastest its
-    worker serves (speed.py; ``UNIT`` for a full-speed one). Where the SOCK_OPS program cannot
+    worker serves (speed.py; ``UNIT`` for a full-speed one). The cost word's low half is that
+    cost, its high half the slot's in-flight cap (0: none; speed.py gives one to a worker
+    caught stalling): a slot already holding its cap gets ``2^OVER_CAP_SHIFT`` more, so it is
+    taken only when both draws are at theirs. Where the SOCK_OPS program cannot
     run, the supervisor writes queue depths into ``held`` instead. The second draw is
     repeated while it names the first's slot, up to ``_DRAWS - 1`` times, then the bucket half
     the table away is taken (only a table of one slot leaves no choice); ties go to the first

@@ -15,10 +15,13 @@ service rate from what the kernel already counts at every sample (eBPF, SOCK_OPS
   looks). Saturated, a worker completes at its own speed; with one connection in flight
   it also waits for its client, so a lightly loaded worker would look slower than a busy
   one, get less for it and look slower still;
-- ``rate = sum(completed while saturated) / sum(busy)`` over the recent looks, each older
+- ``running``: that time less the part its worker spent runnable but waiting for a CPU
+  (``waited``, its main thread's run-queue wait, read by the supervisor from
+  /proc/PID/schedstat; at most half of it): the machine's time, not its worker's speed;
+- ``rate = sum(completed while saturated) / sum(running)`` over the recent looks, each older
   look counting ``DECAY`` as much as the next (a window of about 50 looks, 1 s at 20 ms):
   completions per second of work, that is what its worker can serve, not what it was given.
-  A rate counts once the slot was found saturated for ``EARLY_BUSY`` (two looks, ~40 ms),
+  A rate counts once the slot was found saturated (``busy``) for ``EARLY_BUSY`` (two looks, ~40 ms),
   at first only for a slot far slower than the band (below).
 
 A slot's cost is ``UNIT x reference / its rate``, the reference being the fastest counted
@@ -34,6 +37,29 @@ measured while the window fades (``FADE`` per look: 0.5-1.2 s), then its cost dr
 to ``UNIT`` (half-way in ``FORGET`` seconds), so a worker that recovered is tried again; a
 new worker starts at ``UNIT``.
 
+A worker that is slow only sometimes (it stalls 50 ms every 10th request) is the case a rate
+cannot weigh: its rate is a mean over stalls and fast stretches; weighted down, it is rarely
+found saturated, what was measured fades, its cost drifts back and two choices give it 2-3
+connections again, and the next stall catches them all (issue 11: p99 2.6-7.2x a shared
+queue's at 2 workers / 16 in flight, the tail its own requests). A shared queue loses one
+request to such a stall, the one being served. So a slot the policy catches stalling (its
+queue holds connections and it accepted none since the last look) twice within ``SUSPECT``
+gets an in-flight cap of ``CAP`` (1) in the kernel program (programs.py: a slot at its cap
+is taken only when both draws are at theirs). Once is any hiccup of an equal worker, and
+capped for it, that worker lost a share it could serve.
+
+Capped, its queue stays empty and the policy's rule cannot see the next stall, so here a
+slot holding no more than its cap, with a connection in flight at two looks and nothing
+completed between them (held a whole look, ~20 ms, where a request takes < 1 ms), is
+stalled again, unless its worker waited for a CPU for a good part of that time (a busy
+machine's descheduling, ``waited``: the supervisor reads it from /proc, and then the
+policy's catch does not count either). That renews the cap for ``CAP_HOLD``; with no such
+look for that long the cap goes. The cap doubles every ``CAP_STEP`` since the policy last
+caught the slot, and goes above ``CAP_MAX``: a worker holding one idle long-lived connection
+looks stalled at every look, and a worker that still stalls is caught again by the policy as
+soon as its cap lets a second connection queue behind a stall (2 caught, not the 7-8 that a
+cap lifted at once let in).
+
 Limits: in flight is not busy for a worker that holds idle long-lived connections while it
 serves short ones (it looks slower than it is), and long-lived connections alone complete
 nothing, so they say nothing about speed: what was measured before they opened is what
@@ -42,9 +68,10 @@ places them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["UNIT", "Speeds"]
+__all__ = ["UNIT", "WAITED", "Speeds", "cost_word"]
 
 UNIT = 1024  # the cost of a full-speed slot (integers in the kernel)
 MAX_COST = 64 * UNIT  # 64x slower or worse: the same (it still gets a trickle)
@@ -55,6 +82,18 @@ FORGET = 0.5  # seconds without a rate for half of a slot's extra cost to go
 SATURATED = 2  # in flight: one being served, one waiting (its rate is its worker's speed)
 MIN_BUSY = 0.08  # seconds of work (decayed) for a rate to count at the full BAND: four looks
 EARLY_BUSY = 0.04  # ... and the least: two looks, where the band is BAND x MIN_BUSY / busy (5x)
+CAP = 1  # in flight, for a slot caught stalling: a stall catches the one it serves
+CAP_HOLD = 0.25  # seconds a cap stays after the last stall seen
+CAP_STEP = 2.0  # seconds after the policy caught it, the cap doubles ...
+CAP_MAX = 8  # ... and above this, goes
+SUSPECT = 1.0  # seconds: caught twice within this, a slot is capped (once is any hiccup)
+WAITED = 0.25  # a worker that waited for a CPU this part of a look was descheduled, not stalled
+
+
+def cost_word(cost: int, cap: int) -> int:
+    """What the kernel program reads for a slot (programs.py): the cap (0: none) above the
+    cost, in one u64, so that one memory write changes both."""
+    return cap << 32 | cost
 
 
 @dataclass
@@ -63,10 +102,14 @@ class _Slot:
     inflight: int
     completed: float = 0.0  # decayed sums: completed while saturated, and that time
     busy: float = 0.0
+    running: float = 0.0  # ... of which its worker was not waiting for a CPU
     served: float = 0.0  # completed in all
     elapsed: float = 0.0
     cost: float = UNIT
     late: bool = False  # joined while the others served: its first rate needs MIN_BUSY
+    capped_until: float = 0.0  # capped until then (renewed by each stall seen)
+    caught: float = 0.0  # when the policy last caught it stalling, capped
+    suspected: float = -SUSPECT  # ... or not yet (a first time)
 
 
 class Speeds:
@@ -80,9 +123,37 @@ class Speeds:
         """A new worker (or none): nothing known about it."""
         self._slots.pop(slot, None)
 
-    def observe(self, now: float, counts: dict[int, tuple[int, int]]) -> dict[int, int]:
-        """``counts``: slot -> (handed so far, in flight now) of the slots serving; returns
-        every known slot's cost (``UNIT`` x how much slower than the fastest)."""
+    def stalled(self, slot: int, now: float) -> None:
+        """The policy caught ``slot`` stalling: connections queued, none accepted. Capped if
+        it is already, or was caught once before in the last ``SUSPECT`` seconds."""
+        if (s := self._slots.get(slot)) is None:
+            return
+        if self._cap(s, now) or now - s.suspected <= SUSPECT:
+            s.caught, s.capped_until = now, now + CAP_HOLD
+        s.suspected = now
+
+    def caps(self, now: float) -> dict[int, int]:
+        """Each known slot's in-flight cap (0: none)."""
+        return {slot: self._cap(s, now) for slot, s in self._slots.items()}
+
+    @staticmethod
+    def _cap(s: _Slot, now: float) -> int:
+        if s.capped_until <= now:
+            return 0
+        cap = CAP << int((now - s.caught) / CAP_STEP)
+        return cap if cap <= CAP_MAX else 0
+
+    def observe(
+        self,
+        now: float,
+        counts: dict[int, tuple[int, int]],
+        waited: Mapping[int, float] | None = None,
+    ) -> dict[int, int]:
+        """``counts``: slot -> (handed so far, in flight now) of the slots serving; ``waited``:
+        the part of the time since the last look each one's worker was runnable but waiting
+        for a CPU (descheduled: not its speed). Returns every known slot's cost (``UNIT`` x
+        how much slower than the fastest)."""
+        waited = waited or {}
         dt = now - self._last if self._last else 0.0
         self._last = now
         for slot in [s for s in self._slots if s not in counts]:
@@ -97,6 +168,10 @@ class Speeds:
                 self._slots[slot] = _Slot(handed, inflight, late=late)
                 continue
             completed = max(0, handed - s.handed - (inflight - s.inflight))
+            cap = self._cap(s, now - dt)  # at the last look
+            held = 1 <= s.inflight <= cap and inflight >= 1 and completed == 0
+            if cap and held and waited.get(slot, 0.0) < WAITED:
+                s.capped_until = now + CAP_HOLD  # held one a whole look: stalled again
             if 0.0 < dt < 1.0:
                 # The time it had a connection waiting behind the one it serves, from the two
                 # looks (trapezoid rule). Not "holds one": a connection is in flight from its
@@ -107,9 +182,17 @@ class Speeds:
                 # Not saturated at all: no news of its speed, and what was measured fades
                 # faster (a worker stalled for seconds was otherwise kept out for 6-10 s after).
                 decay = DECAY if busy else FADE
+                # Its time on a run queue is the machine's, not its speed: counted, an equal
+                # worker the scheduler starved for a while measured slower, got less, woke up
+                # for each request (1.6-2x the CPU per request) and stayed weighted for whole
+                # runs (Jain 0.63-0.76). A worker slow on I/O or asleep is not runnable.
+                # At most half: a rate from a sliver of running time is mostly noise, and it
+                # could become the reference that every other slot is measured against.
+                running = max(0.5, 1.0 - waited.get(slot, 0.0))
                 s.completed = decay * s.completed + completed * busy / dt  # while saturated
                 s.served = DECAY * s.served + completed
-                s.busy = decay * s.busy + busy
+                s.busy = decay * s.busy + busy  # the evidence (wall time: found as soon)
+                s.running = decay * s.running + busy * running  # the rate's denominator
                 s.late = s.late and s.busy < MIN_BUSY
                 s.elapsed = DECAY * s.elapsed + dt
             s.handed, s.inflight = handed, inflight
@@ -139,6 +222,10 @@ class Speeds:
         """Completions per second of work per slot (None: not measured yet)."""
         slots = self._slots.items()
         return {
-            s: (t.completed / t.busy if t.busy >= (MIN_BUSY if t.late else EARLY_BUSY) else None)
+            s: (
+                t.completed / max(t.running, 1e-9)
+                if t.busy >= (MIN_BUSY if t.late else EARLY_BUSY)
+                else None
+            )
             for s, t in slots
         }
