@@ -269,3 +269,19 @@ def test_the_time_a_worker_waited_for_a_cpu_is_not_counted_as_its_work() -> None
         counts.step(1, 4 if i % 3 else 60, 2)  # two looks in three mostly on a run queue
         costs = speeds.observe(t, counts.view(), waited={1: 0.9 if i % 3 else 0.0})
     assert costs == {0: UNIT, 1: UNIT}
+
+
+def test_a_slot_is_never_capped_without_another_as_fast_to_take_the_rest() -> None:
+    # A fast worker caught twice beside a 3x slower one: capped, it would send the slow one
+    # every new connection. Two equal ones caught: one stays uncapped.
+    speeds, counts = Speeds(), Counts(2)
+    _, t = run(speeds, counts, 10, [(60, 4), (20, 4)], 1.0)
+    caught_twice(speeds, 0, t)
+    assert speeds.caps(t) == {0: 0, 1: 0}
+    caught_twice(speeds, 1, t)
+    assert speeds.caps(t) == {0: 0, 1: CAP}
+    speeds, counts = Speeds(), Counts(2)
+    _, t = run(speeds, counts, 10, [(60, 4), (60, 4)], 1.0)
+    caught_twice(speeds, 0, t)
+    caught_twice(speeds, 1, t)
+    assert sorted(speeds.caps(t).values()) == [0, CAP]
