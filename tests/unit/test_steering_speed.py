@@ -285,3 +285,32 @@ def test_a_slot_is_never_capped_without_another_as_fast_to_take_the_rest() -> No
     caught_twice(speeds, 0, t)
     caught_twice(speeds, 1, t)
     assert sorted(speeds.caps(t).values()) == [0, CAP]
+
+
+def test_opening_long_lived_connections_weighs_nobody_when_the_counts_are_read_apart() -> None:
+    # The supervisor reads what each slot was handed, then what it has in flight: a SYN in
+    # between shows one more in flight than handed, then not. Clamped, such a dip came back
+    # as a completion at the next look; every slot opening idle long-lived connections was
+    # then "saturated and completing nothing" beside one that "completed" one: 64x slower
+    # (3 of 4 equal workers, under CPU load: one got 64 of 200 connections).
+    speeds = Speeds()
+    handed = [0] * 4
+    costs: dict[int, int] = {}
+    for look in range(40):
+        view = {}
+        for slot in range(4):
+            handed[slot] += 5
+            skew = 1 if slot == 0 and look % 5 == 0 else 0  # a SYN between the two reads
+            view[slot] = (handed[slot], handed[slot] + skew)
+        costs = speeds.observe(1.0 + look * LOOK, view)
+    assert costs == dict.fromkeys(range(4), UNIT)
+
+
+def test_one_long_lived_connection_let_go_does_not_weigh_the_others() -> None:
+    # 4 workers hold 50 idle connections each; one client of slot 0 leaves. One completion
+    # against none is no evidence of speed: nobody is weighted.
+    speeds, counts = Speeds(), Counts(4)
+    costs, t = run(speeds, counts, 10, [(0, 50)] * 4, 1.0)
+    costs, t = run(speeds, counts, 1, [(1, 49), (0, 50), (0, 50), (0, 50)], t)
+    costs, t = run(speeds, counts, 20, [(0, 49), (0, 50), (0, 50), (0, 50)], t)
+    assert costs == dict.fromkeys(range(4), UNIT)

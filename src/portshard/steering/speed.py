@@ -96,10 +96,14 @@ def cost_word(cost: int, cap: int) -> int:
     return cap << 32 | cost
 
 
+DOUBT = 1.0  # completions a rate assumes at least: none in 40 ms says < 25/s, not 0
+
+
 @dataclass
 class _Slot:
     handed: int
     inflight: int
+    let_go: int  # the most handed - in flight seen: connections its worker let go
     completed: float = 0.0  # decayed sums: completed while saturated, and that time
     busy: float = 0.0
     running: float = 0.0  # ... of which its worker was not waiting for a CPU
@@ -174,9 +178,13 @@ class Speeds:
                 # evidence, it served less, warmed up later and left its survivors overloaded
                 # for longer (a SIGKILL with a 500 ms respawn: +166 ms max, against +90 ms).
                 late = any(t.served > 0 for t in self._slots.values())
-                self._slots[slot] = _Slot(handed, inflight, late=late)
+                self._slots[slot] = _Slot(handed, inflight, handed - inflight, late=late)
                 continue
-            completed = max(0, handed - s.handed - (inflight - s.inflight))
+            # Let go so far (handed - in flight) never goes back: a dip is a SYN that came
+            # between the two reads (handed first), not a completion to count when it ends.
+            let_go = max(s.let_go, handed - inflight)
+            completed = let_go - s.let_go
+            s.let_go = let_go
             cap = self._cap(s, now - dt)  # at the last look
             held = 1 <= s.inflight <= cap and inflight >= 1 and completed == 0
             if cap and held and waited.get(slot, 0.0) < WAITED:
@@ -232,7 +240,7 @@ class Speeds:
         slots = self._slots.items()
         return {
             s: (
-                t.completed / max(t.running, 1e-9)
+                max(t.completed, DOUBT) / max(t.running, 1e-9)
                 if t.busy >= (MIN_BUSY if t.late else EARLY_BUSY)
                 else None
             )
