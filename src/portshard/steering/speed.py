@@ -63,7 +63,10 @@ cap lifted at once let in).
 Limits: in flight is not busy for a worker that holds idle long-lived connections while it
 serves short ones (it looks slower than it is), and long-lived connections alone complete
 nothing, so they say nothing about speed: what was measured before they opened is what
-places them.
+places them. So that they say nothing wrong either: what a slot let go (handed - in flight)
+never goes back (the two are read one after the other, and a SYN between them is a dip, not
+a completion to count when it ends), and a rate assumes at least ``DOUBT`` completions (one
+client leaving made every other slot holding idle connections 64x slower).
 """
 
 from __future__ import annotations
