@@ -152,34 +152,46 @@ def prog_stats(names: tuple[bytes, ...], ids: set[int]) -> dict[str, tuple[int, 
             os.close(fd)
 
 
-def prog_cost(seconds: float, load: str) -> dict[str, Any]:
-    """ns per run and per connection of each program, 64 in flight over 2 workers."""
+def _counted(seconds: float, load: str, *, beside: bool) -> tuple[int, dict[str, Any]]:
+    """Our programs' (runs, ns) over a load of 64 in flight: to our supervisor's 2 workers, or
+    (``beside``) to a plain reuseport server next to it. Returns (connections, per program)."""
     stats_fd, _ = _bpf(BPF_ENABLE_STATS, struct.pack("=I", 0))  # BPF_STATS_RUN_TIME
     if stats_fd < 0:
         raise RuntimeError(f"BPF_ENABLE_STATS: {os.strerror(-stats_fd)}")
     tmp = Path(tempfile.mkdtemp(prefix="ps-cost-"))
     try:
         server = sb.Server("ebpf", {"workers": 2, "slow": ""}, tmp)
+        plain = sb.Server("plain", {"workers": 2, "slow": ""}, tmp) if beside else None
         try:
             names = (b"portshard_steer", b"portshard_held")
             assert server.supervisor is not None
             ids = owned_prog_ids(server.supervisor)
             before = prog_stats(names, ids)
             out = tmp / "records.bin"
-            subprocess.run(
-                [load, "127.0.0.1", str(server.port), "64", str(seconds), str(out)], check=True
-            )
+            port = (plain or server).port
+            subprocess.run([load, "127.0.0.1", str(port), "64", str(seconds), str(out)], check=True)
             after = prog_stats(names, ids)
             requests = out.stat().st_size // sb.RECORD.size
         finally:
+            if plain is not None:
+                plain.stop()
             server.stop()
     finally:
         os.close(stats_fd)  # stats stop with the last fd
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    counted = {}
+    for name in (n.decode() for n in names):
+        t = after.get(name, (0, 0))[0] - before.get(name, (0, 0))[0]
+        c = after.get(name, (0, 0))[1] - before.get(name, (0, 0))[1]
+        counted[name] = (c, t)
+    return requests, counted
+
+
+def prog_cost(seconds: float, load: str) -> dict[str, Any]:
+    """ns per run and per connection of each program, 64 in flight over 2 workers."""
+    requests, counted = _counted(seconds, load, beside=False)
     cost: dict[str, Any] = {"connections": requests}
-    for name in after:
-        t = after[name][0] - before.get(name, (0, 0))[0]
-        c = after[name][1] - before.get(name, (0, 0))[1]
+    for name, (c, t) in counted.items():
         cost[name] = {
             "runs": c,
             "ns_per_run": t / c if c else None,
@@ -193,38 +205,10 @@ def tax(seconds: float, load: str) -> dict[str, Any]:
     """What an idle eBPF-steered supervisor costs connections that are not its own: its
     programs' runs and time per connection of a plain reuseport server beside it (2 workers,
     no portshard), 64 in flight."""
-    stats_fd, _ = _bpf(BPF_ENABLE_STATS, struct.pack("=I", 0))
-    if stats_fd < 0:
-        raise RuntimeError(f"BPF_ENABLE_STATS: {os.strerror(-stats_fd)}")
-    tmp = Path(tempfile.mkdtemp(prefix="ps-tax-"))
-    try:
-        server = sb.Server("ebpf", {"workers": 2, "slow": ""}, tmp)
-        plain = sb.Server("plain", {"workers": 2, "slow": ""}, tmp)
-        try:
-            names = (b"portshard_steer", b"portshard_held")
-            assert server.supervisor is not None
-            ids = owned_prog_ids(server.supervisor)
-            before = prog_stats(names, ids)
-            out = tmp / "records.bin"
-            subprocess.run(
-                [load, "127.0.0.1", str(plain.port), "64", str(seconds), str(out)], check=True
-            )
-            after = prog_stats(names, ids)
-            requests = out.stat().st_size // sb.RECORD.size
-        finally:
-            plain.stop()
-            server.stop()
-    finally:
-        os.close(stats_fd)
-        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    requests, counted = _counted(seconds, load, beside=True)
     cost: dict[str, Any] = {"connections": requests}
-    for name in (n.decode() for n in names):
-        t = after.get(name, (0, 0))[0] - before.get(name, (0, 0))[0]
-        c = after.get(name, (0, 0))[1] - before.get(name, (0, 0))[1]
-        cost[name] = {
-            "runs_per_connection": c / requests,
-            "ns_per_connection": t / requests,
-        }
+    for name, (c, t) in counted.items():
+        cost[name] = {"runs_per_connection": c / requests, "ns_per_connection": t / requests}
     return cost
 
 

@@ -387,21 +387,19 @@ class Trees:
         subreaper mechanism, or if it cannot be created: logged once)."""
         if self.home is None or self._no_listen:
             return None
-        group = Cgroup(os.path.join(self.home, LISTEN))
-        try:
-            os.makedirs(group.path, exist_ok=True)
-        except OSError as exc:
-            log.warning("cannot create the cgroup %s: %s", group.path, exc.strerror or exc)
-            self._no_listen = True
-            return None
+        group = self._made(LISTEN)
+        self._no_listen = group is None
         return group
 
     def warden_group(self) -> Cgroup | None:
         """The group the warden (supervisor/warden.py) lives in: while a process is in it, no
         supervisor of the same name sweeps this home, even after our pid is gone."""
-        if self.home is None:
-            return None
-        group = Cgroup(os.path.join(self.home, WARDEN))
+        return None if self.home is None else self._made(WARDEN)
+
+    def _made(self, name: str) -> Cgroup | None:
+        """The home's group ``name``, created if need be (None, logged, if it cannot be)."""
+        assert self.home is not None
+        group = Cgroup(os.path.join(self.home, name))
         try:
             os.makedirs(group.path, exist_ok=True)
         except OSError as exc:
