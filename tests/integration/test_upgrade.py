@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from bench.load.loadgen import Load
 
+from portshard.linux import syscalls
+from portshard.steering import cbpf
 from tests.conftest import wait_until
 from tests.integration.test_supervisor import udp_clients, udp_slots
 from tests.supervisor_fixture import FDWORKER, Running, no_process_left, settle
@@ -159,6 +161,27 @@ def test_a_killed_supervisor_is_adopted_by_the_next_run_and_nothing_fails(fleet:
     second.close()
     wait_until(lambda: no_process_left(fleet.tag), 5, "workers gone")
     wait_until(lambda: not fleet.warden_pids(), 5, "wardens gone")
+
+
+def test_an_adopted_slot_sheds_the_syn_filter_a_dying_supervisor_left(fleet: Fleet) -> None:
+    # A supervisor killed while it held new connections off a slot (a reload's hold, with
+    # steering off) leaves the SYN-drop filter on that slot's socket. The next supervisor
+    # holds nothing off it: with the filter left, every connection the kernel hashed there
+    # timed out. The test puts that filter on slot 1's socket (through its worker's fd 3).
+    args = ("-w", "2", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args)
+    port, victim = first.port, first.pids()[1]
+    pidfd = os.pidfd_open(victim)
+    try:
+        with socket.socket(fileno=syscalls.pidfd_getfd(pidfd, 3)) as copy:
+            cbpf.drop_syns(copy)  # the socket's filter, whoever holds it
+    finally:
+        os.close(pidfd)
+    kill9(first)
+    second = fleet.run(*args)
+    assert second.pids() == first.pids()
+    answers = [served(port).split()[-3] for _ in range(40)]  # "slot pid gen"
+    assert set(answers) == {"0", "1"}, answers
 
 
 def test_workers_nobody_adopts_serve_for_the_bound_then_stop(fleet: Fleet) -> None:

@@ -34,6 +34,7 @@ from ..errors import ConfigError, SupervisorError
 from ..linux.proc import stat
 from ..linux.syscalls import pidfd_open
 from ..sockets import listen
+from ..steering import cbpf
 from . import warden as wire
 from .state import SLOT_TABLE, Lifecycle, Machine, SlotState, State
 from .worker import Slot, Worker
@@ -327,7 +328,12 @@ def restored_sockets(resume: Resume, sup: Supervisor) -> Iterator[tuple[int, lis
                 fd = resume.take(slot["socks"][old.index(keys[i])])
                 if fd is None:
                     raise SupervisorError(f"the manifest names no socket for slot {slot['index']}")
-                socks.append(socket.socket(fileno=fd))
+                sock = socket.socket(fileno=fd)
+                if sock.type == socket.SOCK_STREAM:
+                    # A predecessor that died holding new connections off this slot (a hold,
+                    # its stop) left its SYN-drop filter: nothing of ours holds it now.
+                    cbpf.undrop_syns(sock)
+                socks.append(sock)
                 continue
             addr = bound[i] or spec.address
             sock = listen(addr, backlog=cfg.backlog)
