@@ -13,6 +13,7 @@ from portshard.steering.speed import (
     UNIT,
     Speeds,
     cost_word,
+    split_word,
 )
 
 LOOK = 0.02  # s between samples under load
@@ -241,6 +242,7 @@ def test_a_slot_holding_more_than_its_cap_is_not_taken_for_stalled_again() -> No
 def test_the_kernel_reads_the_cap_above_the_cost() -> None:
     assert cost_word(3 * UNIT, 0) == 3 * UNIT
     assert cost_word(UNIT, 2) == 2 << 32 | UNIT
+    assert split_word(cost_word(5 * UNIT, 2)) == (5 * UNIT, 2)
 
 
 def test_a_capped_worker_waiting_for_a_cpu_is_not_taken_for_stalled_again() -> None:

@@ -40,7 +40,7 @@ from . import cbpf
 from .ebpf import BpfError, SteeringProgram
 from .inflight import InFlight
 from .policy import Change, ChangeKind, Health, Observation, Policy
-from .speed import UNIT, WAITED, Speeds, cost_word
+from .speed import UNIT, WAITED, Speeds, cost_word, split_word
 from .table import BUCKETS, Buckets, apportion, contiguous, runs
 
 __all__ = ["BACKENDS", "SAMPLE", "Health", "Steering", "migrate_req"]
@@ -579,9 +579,9 @@ class Steering:
         if self.inflight is not None and self.inflight.kernel:
             # How much slower than the fastest it serves (1.0: as fast; speed.py), and the
             # connections in flight it may hold (0: no cap; a worker caught stalling).
-            word = self._costs.get(slot, UNIT)
-            out["slower"] = round((word & 0xFFFFFFFF) / UNIT, 2)
-            out["cap"] = word >> 32
+            cost, cap = split_word(self._costs.get(slot, UNIT))
+            out["slower"] = round(cost / UNIT, 2)
+            out["cap"] = cap
         if any(g.proto is Proto.UDP for g in self.groups):
             out["udp"] = verdict.udp_included
         return out

@@ -7,9 +7,9 @@ short, so neither the stall rule nor the overload rule (policy.py) sees it, and 
 connections opened at once spread evenly whatever their workers can do. Here each slot gets a
 service rate from what the kernel already counts at every sample (eBPF, SOCK_OPS):
 
-- ``completed = handed - handed' - (in_flight - in_flight')``: connections its worker let go
-  since the last look (handed: the steering program's per-slot counter; in flight: queued +
-  held, inflight.py);
+- ``completed``: connections its worker let go since the last look, the growth of
+  ``handed - in_flight`` (handed: the steering program's per-slot counter; in flight: queued +
+  held, inflight.py), which never goes back (see Limits);
 - ``busy``: the time it held at least ``SATURATED`` (2) connections, one served and one
   waiting, from the looks (the trapezoid rule over each pair of looks: unbiased over many
   looks). Saturated, a worker completes at its own speed; with one connection in flight
@@ -74,7 +74,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["UNIT", "WAITED", "Speeds", "cost_word"]
+__all__ = ["UNIT", "WAITED", "Speeds", "cost_word", "split_word"]
 
 UNIT = 1024  # the cost of a full-speed slot (integers in the kernel)
 MAX_COST = 64 * UNIT  # 64x slower or worse: the same (it still gets a trickle)
@@ -93,18 +93,22 @@ SUSPECT = 1.0  # seconds: caught twice within this, a slot is capped (once is an
 WAITED = 0.25  # a worker that waited for a CPU this part of a look was descheduled, not stalled
 
 
+DOUBT = 1.0  # completions a rate assumes at least: none in 40 ms says < 25/s, not 0
+
+
 def cost_word(cost: int, cap: int) -> int:
     """What the kernel program reads for a slot (programs.py): the cap (0: none) above the
     cost, in one u64, so that one memory write changes both."""
     return cap << 32 | cost
 
 
-DOUBT = 1.0  # completions a rate assumes at least: none in 40 ms says < 25/s, not 0
+def split_word(word: int) -> tuple[int, int]:
+    """(cost, cap) of a :func:`cost_word`."""
+    return word & 0xFFFFFFFF, word >> 32
 
 
 @dataclass
 class _Slot:
-    handed: int
     inflight: int
     let_go: int  # the most handed - in flight seen: connections its worker let go
     completed: float = 0.0  # decayed sums: completed while saturated, and that time
@@ -181,7 +185,7 @@ class Speeds:
                 # evidence, it served less, warmed up later and left its survivors overloaded
                 # for longer (a SIGKILL with a 500 ms respawn: +166 ms max, against +90 ms).
                 late = any(t.served > 0 for t in self._slots.values())
-                self._slots[slot] = _Slot(handed, inflight, handed - inflight, late=late)
+                self._slots[slot] = _Slot(inflight, handed - inflight, late=late)
                 continue
             # Let go so far (handed - in flight) never goes back: a dip is a SYN that came
             # between the two reads (handed first), not a completion to count when it ends.
@@ -215,7 +219,7 @@ class Speeds:
                 s.running = decay * s.running + busy * running  # the rate's denominator
                 s.late = s.late and s.busy < MIN_BUSY
                 s.elapsed = DECAY * s.elapsed + dt
-            s.handed, s.inflight = handed, inflight
+            s.inflight = inflight
         rates = {slot: rate for slot, rate in self.rates().items() if rate is not None}
         # The reference: the fastest measured rate, or what a slot served per second of
         # the window (a floor of its rate: a fast worker at low load is mostly idle, too
