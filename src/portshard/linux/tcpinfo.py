@@ -1,4 +1,4 @@
-"""A listener's accept queue (getsockopt TCP_INFO) and socket inodes.
+"""A listener's accept queue (getsockopt TCP_INFO), stopping a listener, and socket inodes.
 
 Costs on Linux 6.18, a 2-core x86_64 VM: queue_depth ~1.6 µs, queue_depth_fd ~3.3 µs,
 socket_inode ~0.9 µs.
@@ -11,6 +11,7 @@ supervisor should hear about it, not read a quiet zero.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -30,6 +31,7 @@ __all__ = [
     "queue_depth_fd",
     "socket_inode",
     "socket_inodes",
+    "stop_listening",
 ]
 
 # include/net/tcp_states.h; /proc/net/tcp prints these as %02X.
@@ -160,3 +162,13 @@ def socket_inodes(socks: Iterable[int | socket.socket]) -> set[int]:
     """:func:`socket_inode` of each (a slot's listeners, as readiness and the freeze-check
     know them)."""
     return {socket_inode(sock) for sock in socks}
+
+
+def stop_listening(sock: socket.socket) -> None:
+    """Take a TCP listener out of its port's group now, whoever else holds a copy of it (the
+    warden holds one of every slot socket; a dead worker's child may hold another): close()
+    does that only with the last copy. ``shutdown(SHUT_RD)`` runs inet_csk_listen_stop: what
+    is queued migrates to the group's other listeners where the kernel can (SELECT_OR_MIGRATE,
+    tcp_migrate_req), else it is reset. Quiet if it is not listening."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)

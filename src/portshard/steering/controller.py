@@ -326,11 +326,7 @@ class Steering:
         except BaseException:
             new.close()
             raise
-        # Stop it listening: the kernel migrates its queue now (inet_csk_listen_stop), even
-        # while another process holds a copy of it (the warden, a child of the dead worker),
-        # where close() would wait for the last copy to go.
-        with contextlib.suppress(OSError):
-            old.shutdown(socket.SHUT_RD)
+        tcpinfo.stop_listening(old)  # its queue migrates now, even if the warden holds a copy
         old.close()
         group.leave(slot)
         new.listen(backlog)

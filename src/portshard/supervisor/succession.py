@@ -112,10 +112,9 @@ class Succession:
         """Give the warden the manifest when something it names changed."""
         sup = self.sup
         fx = sup.fx
-        # A rescued slot's old listener closes (and the kernel hands its queue to the other
-        # slots) only once the warden's copy goes too: at once, not up to SYNC_EVERY later
-        # (a SIGKILL with a 500 ms respawn: +60-130 ms max added latency with the warden,
-        # +15-35 ms before it).
+        # A slot socket we replaced (a rescue) or closed (a scale down) stays open in the
+        # warden until it syncs: let it go at once, not up to SYNC_EVERY later (a removed
+        # slot's UDP socket takes its flows' datagrams until then; a TCP one was stopped).
         urgent, fx.replaced = fx.replaced, False
         if (now < self._due and not urgent) or not self.keeps_orphans:
             return
