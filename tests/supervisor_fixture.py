@@ -137,6 +137,16 @@ class Running(Control):
         self._log.close()
 
 
+def warden_pids(control: Path) -> list[int]:
+    """The wardens (supervisor/warden.py) of the supervisors on ``control``."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [
+        int(line.split()[0])
+        for line in out.splitlines()
+        if "portshard.supervisor.warden" in line and str(control) in line
+    ]
+
+
 def no_process_left(marker: str) -> bool:
     out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     return not any(marker in line and "ps -eo" not in line for line in out.splitlines())

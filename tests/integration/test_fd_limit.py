@@ -9,18 +9,20 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import wait_until
-from tests.supervisor_fixture import FDWORKER, NOFILE, PORTSHARD, Start, no_process_left
+from tests.supervisor_fixture import (
+    FDWORKER,
+    NOFILE,
+    PORTSHARD,
+    Start,
+    no_process_left,
+    warden_pids,
+)
 
 LISTEN = ("--listen", "tcp://127.0.0.1:0")
 
 
 def soft(pid: int) -> int:
     return resource.prlimit(pid, NOFILE)[0]
-
-
-def warden_pid(control: Path) -> int:
-    out = subprocess.run(["pgrep", "-f", f"supervisor.warden {control}"], capture_output=True)
-    return int(out.stdout.split()[0])
 
 
 def test_workers_that_cannot_fit_under_the_hard_limit_are_refused_with_the_fix(
@@ -49,7 +51,8 @@ def test_the_supervisor_raises_its_own_limit_and_the_workers_keep_the_operators(
     sup = start("-w", "16", *LISTEN, "--", *FDWORKER, nofile=(40, 400))
     assert sup.proc is not None
     assert soft(sup.proc.pid) == 400  # 16 workers need ~171
-    assert soft(warden_pid(sup.control)) == 400  # it holds a copy of every fd
+    (warden,) = warden_pids(sup.control)
+    assert soft(warden) == 400  # it holds a copy of every fd
     assert {soft(pid) for pid in sup.pids()} == {40}
     # 200 do not fit under 400: refused before anything starts, the fix named.
     res = sup.ctl("scale", "200", check=False)

@@ -21,7 +21,7 @@ from portshard.linux import syscalls
 from portshard.steering import cbpf
 from tests.conftest import wait_until
 from tests.integration.test_supervisor import udp_clients, udp_slots
-from tests.supervisor_fixture import FDWORKER, Running, no_process_left, settle
+from tests.supervisor_fixture import FDWORKER, Running, no_process_left, settle, warden_pids
 
 WORKER_ENV = {"WORK_MS": "1"}
 
@@ -45,14 +45,7 @@ class Fleet:
         return sup
 
     def warden_pids(self) -> list[int]:
-        out = subprocess.run(
-            ["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True
-        ).stdout
-        return [
-            int(line.split()[0])
-            for line in out.splitlines()
-            if "portshard.supervisor.warden" in line and str(self.control) in line
-        ]
+        return warden_pids(self.control)
 
     def close(self) -> None:
         for sup in self.started:
