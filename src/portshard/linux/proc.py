@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # no runtime import: `import portshard` stays light
 
 __all__ = [
     "ProcStat",
+    "RunQueueWaits",
     "alive",
     "blocks",
     "capabilities",
@@ -78,6 +79,41 @@ def run_queue_wait(pid: int) -> int | None:
         return int(read_small(f"/proc/{pid}/schedstat").split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+class RunQueueWaits:
+    """:func:`run_queue_wait` of the same few pids at every look (steering): each
+    /proc/PID/schedstat stays open and is read again with pread (a seq_file makes its text
+    afresh at offset 0), 2-3 µs a read where open, read and close took ~11 µs idle and
+    40-90 µs under load. An fd names the process it was opened for: once that one has gone
+    the read fails (ESRCH), even if its pid was given to another."""
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+
+    def read(self, pid: int) -> int | None:
+        """Nanoseconds ``pid``'s main thread waited for a CPU; None if it is gone."""
+        fd = self._fds.get(pid)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{pid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            self._fds[pid] = fd
+        try:
+            return int(os.pread(fd, 128, 0).split()[1])
+        except (OSError, IndexError, ValueError):
+            self._fds.pop(pid)
+            os.close(fd)
+            return None
+
+    def keep(self, pids: set[int]) -> None:
+        """Close what is open for any other pid (a worker replaced or gone)."""
+        for pid in [p for p in self._fds if p not in pids]:
+            os.close(self._fds.pop(pid))
+
+    def close(self) -> None:
+        self.keep(set())
 
 
 def read_memory(pid: int, addr: int, size: int) -> bytes:

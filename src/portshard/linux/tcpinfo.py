@@ -106,14 +106,15 @@ def queue_depth(sock: socket.socket) -> QueueDepth:
 
     Raises :class:`NotListening` if ``sock`` is not a TCP socket in LISTEN state.
     """
-    what = f"socket fd {sock.fileno()}"
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_PREFIX)
     except OSError as exc:
         if exc.errno in _NOT_TCP_ERRNOS:
-            raise _not_tcp(what, exc) from exc
+            raise _not_tcp(f"socket fd {sock.fileno()}", exc) from exc
         raise
-    return _parse_tcp_info(raw, what)
+    if len(raw) >= _TCPI_PREFIX and raw[_TCPI_STATE_OFFSET] == TCP_STATE_LISTEN:
+        return QueueDepth(*_TCPI_QUEUE.unpack_from(raw, _TCPI_UNACKED_OFFSET))  # every look
+    return _parse_tcp_info(raw, f"socket fd {sock.fileno()}")
 
 
 @functools.cache

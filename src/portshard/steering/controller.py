@@ -52,6 +52,13 @@ SAMPLE = 0.02  # seconds between queue samples while any queue is not empty (10 
 # of a core on the benchmark, 20 ms 2.0%, with no difference measured in what steering achieved)
 SAMPLE_IDLE = 0.05  # ... and while nothing was queued or handed since the last sample (a
 # stall is seen at the second look, so within 70 ms of the load starting)
+SAMPLE_STEADY = 0.1  # ... and while busy but steady (eBPF with kernel counts): every slot
+# ready, in, at a full weight and speed, no cap, for STEADY_AFTER; between two such samples a
+# peek every SAMPLE at the kernel's counts (memory reads) looks for a slot that let nothing
+# go while holding connections (a stall beginning) and brings the samples back at once
+STEADY_AFTER = 1.0  # seconds of steady samples before the cadence slows
+STEADY_SPREAD = 2.0  # ... with no rate this many times slower than the fastest
+SUSPECT_FAST = 0.1  # seconds of SAMPLE cadence after a peek saw a slot let nothing go
 LOG_EVERY = 1.0  # overload and weight lines: at most one a second per slot
 MIGRATE_REQ = sysctl.path(sysctl.MIGRATE_REQ)
 
@@ -148,6 +155,7 @@ class Steering:
         self.on_event = on_event
         self.changes = 0
         self.updates = 0
+        self.exported = 0  # goes up when what export() returns may have changed (the warden)
         self.next_sample = 0.0
         self._version = -1  # the policy version the kernel has
         self.seen_ready = False
@@ -163,6 +171,14 @@ class Steering:
         self._speed_pids: dict[int, int | None] = {}
         self._waits: dict[int, tuple[int, int]] = {}  # slot -> (pid, run-queue wait so far)
         self._last_wait_look = 0.0
+        self._schedstat = proc.RunQueueWaits()
+        self.next_peek = 0.0
+        self.steady = False  # sampling at SAMPLE_STEADY, peeking at SAMPLE between
+        self._steady_since = 0.0  # the first of the steady samples since the last abnormal one
+        self._fast_until = 0.0
+        self._peeked: dict[int, tuple[int, int]] = {}  # slot -> (let go, in flight)
+        self._last_full = 0.0
+        self._unsettled = False  # a health change or a logged change since the last sample
         self.inflight: InFlight | None = None
         self.listen_group = listen_group
         self.balance = "none"
@@ -256,6 +272,7 @@ class Steering:
         }
 
     def close(self) -> None:
+        self._schedstat.close()
         for group in self.groups:
             if group.program is not None:
                 group.program.close()
@@ -268,6 +285,7 @@ class Steering:
 
     def add_slot(self, slot: int, socks: Sequence[socket.socket]) -> None:
         """A new slot (scale up): its sockets have just joined the groups (at the end)."""
+        self.exported += 1
         for group, sock in zip(self.groups, socks, strict=True):
             group.buckets.add_slot(slot)
             group.join(slot, sock)
@@ -286,6 +304,7 @@ class Steering:
 
     def remove_slot(self, slot: int) -> None:
         """A slot's sockets have closed (scale down); it was excluded before."""
+        self.exported += 1
         for group in self.groups:
             if slot in group.socks:
                 group.leave(slot)
@@ -329,6 +348,7 @@ class Steering:
         tcpinfo.stop_listening(old)  # its queue migrates now, even if the warden holds a copy
         old.close()
         group.leave(slot)
+        self.exported += 1
         new.listen(backlog)
         group.join(slot, new)
         self._cover([new])
@@ -349,15 +369,34 @@ class Steering:
     # ---- the loop's side --------------------------------------------------------------------
 
     def due(self, now: float) -> float:
-        """Seconds until the next queue sample."""
-        return max(0.0, self.next_sample - now)
+        """Seconds until the next queue sample (or, steady, the next peek)."""
+        return max(0.0, min(self.next_sample, self.next_peek) - now)
+
+    def peek(self, now: float) -> bool:
+        """Steady, between samples (the loop calls it when woken for nothing else): True if
+        :meth:`step` should run now, because a sample is due or a peek is and found a slot
+        that let nothing go since the last look (a stall beginning, or a worker descheduled:
+        then SAMPLE for SUSPECT_FAST, so that the policy sees it as before)."""
+        if now >= self.next_sample or not self.steady:
+            return True
+        if now < self.next_peek:
+            return False
+        self.next_peek = now + SAMPLE
+        if self._peek():
+            self.next_sample = now
+            self._fast_until = now + SUSPECT_FAST
+            return True
+        return False
 
     def step(self, now: float, slots: Sequence[tuple[int, int | None, Health]]) -> None:
         """The slots' health now; samples the queues when due, updates the kernel if needed."""
+        if self.steady and now >= self.next_peek and now < self.next_sample:
+            self.peek(now)
         sample = now >= self.next_sample
         seen = tuple(slots)
         if not sample and seen == self._last_health and not self._pending():
             return  # the common case between samples: nothing changed
+        changed = seen != self._last_health
         self._last_health = seen
         busy = False
         observations = []
@@ -382,11 +421,20 @@ class Steering:
             observations.append(Observation(slot, pid, health, queued, count, limited))
             self.seen_ready = self.seen_ready or health is Health.READY
         if sample:
-            self.next_sample = now + (SAMPLE if busy else SAMPLE_IDLE)
             self._expire(now)
         changes = self.policy.observe(observations)
+        looks = max(1.0, (now - self._last_full) / SAMPLE) if self.steady else 1.0
+        in_flight = None
         if sample and handed is not None:
-            self._weigh_speeds(now, slots, handed)
+            in_flight = self._weigh_speeds(now, slots, handed, looks)
+        # A worker came or went (an overload or a stall, frequent, is not: the rules below)
+        self._unsettled = self._unsettled or changed or any(not c.kind.frequent for c in changes)
+        if sample:
+            self._cadence(now, busy, self._unsettled, handed, in_flight)
+            self._unsettled = False
+        elif self.steady and self._unsettled:  # a worker came or went: look again soon
+            self.steady = False
+            self.next_sample = self.next_peek = min(self.next_sample, now + SAMPLE)
         for change in changes:
             if change.moves:
                 self.changes += 1
@@ -399,14 +447,75 @@ class Steering:
             for group in self.groups:
                 self._install(group)
 
-    def _weigh_speeds(
-        self, now: float, slots: Sequence[tuple[int, int | None, Health]], handed: dict[int, int]
+    def _cadence(
+        self,
+        now: float,
+        busy: bool,
+        changed: bool,
+        handed: dict[int, int] | None,
+        in_flight: dict[int, int] | None,
     ) -> None:
+        """When to sample next: every SAMPLE while busy, SAMPLE_IDLE while idle, and
+        SAMPLE_STEADY (peeking every SAMPLE) once busy, normal and even for STEADY_AFTER."""
+        self._last_full = now
+        # Settled: nothing learned or held back, for STEADY_AFTER. A slot out for a look or
+        # two (an equal worker descheduled: on this machine at 2 workers / 64 in flight, one
+        # was out every 0.5 s) does not reset it, but no slower look while one is out.
+        verdicts = self.policy.verdicts().values()
+        settled = (
+            busy
+            and not changed
+            and in_flight is not None
+            and handed is not None
+            and not self.policy.fallback
+            and all(h is Health.READY for _, _, h in self._last_health)
+            and all(v.weight >= 1.0 for v in verdicts)
+            and all(word == UNIT for word in self._costs.values())
+            and self.speeds.even(STEADY_SPREAD)
+        )
+        if not settled:
+            self._steady_since = 0.0
+        elif not self._steady_since:
+            self._steady_since = now
+        self.steady = settled and now - self._steady_since >= STEADY_AFTER
+        self.steady = self.steady and now >= self._fast_until and all(v.included for v in verdicts)
+        if self.steady and handed is not None and in_flight is not None:
+            self._peeked = {s: (handed[s] - n, n) for s, n in in_flight.items() if s in handed}
+            self.next_sample, self.next_peek = now + SAMPLE_STEADY, now + SAMPLE
+        else:
+            self.next_sample = self.next_peek = now + (SAMPLE if busy else SAMPLE_IDLE)
+
+    def _peek(self) -> bool:
+        """Did a slot holding connections at the last look and now let none go between (a
+        stall beginning, or a worker descheduled)? Memory reads, no syscall (~10 µs)."""
+        if self.inflight is None or not self.inflight.kernel:
+            return True
+        programs = [g.program for g in self.groups if g.proto is Proto.TCP and g.program]
+        suspect = False
+        for slot, (let_go, n) in self._peeked.items():
+            try:
+                handed = sum(program.handed(slot) for program in programs)
+                now_in = max(0, self.inflight.count(slot))
+            except (BpfError, IndexError):
+                return True
+            if n and now_in and handed - now_in <= let_go:
+                suspect = True
+            self._peeked[slot] = (max(let_go, handed - now_in), now_in)
+        return suspect
+
+    def _weigh_speeds(
+        self,
+        now: float,
+        slots: Sequence[tuple[int, int | None, Health]],
+        handed: dict[int, int],
+        looks: float,
+    ) -> dict[int, int] | None:
         """How fast each ready slot serves and its in-flight cap (speed.py), into the kernel's
-        cost map; a slot not ready (or with a new worker) starts again at a full speed."""
+        cost map; a slot not ready (or with a new worker) starts again at a full speed.
+        Returns the in-flight counts it read."""
         in_flight = self.in_flight()
         if in_flight is None or self.inflight is None:
-            return
+            return None
         counts: dict[int, tuple[int, int]] = {}
         for slot, pid, health in slots:
             known = self._speed_pids.get(slot)
@@ -417,7 +526,7 @@ class Steering:
                 self.speeds.forget(slot)
             counts[slot] = (handed[slot], in_flight[slot])
         waited = self._waited(now, counts)
-        costs = self.speeds.observe(now, counts, waited)
+        costs = self.speeds.observe(now, counts, waited, looks)
         for slot in self.policy.stalled():
             if waited.get(slot, 0.0) < WAITED:  # else descheduled, not stalled
                 self.speeds.stalled(slot, now)
@@ -427,6 +536,7 @@ class Steering:
             if self._costs.get(slot, UNIT) != word:
                 self.inflight.set_cost(slot, word)
                 self._costs[slot] = word
+        return in_flight
 
     def _waited(self, now: float, counts: Mapping[int, tuple[int, int]]) -> dict[int, float]:
         """The part of the time since the last look each slot's worker was runnable but
@@ -438,9 +548,10 @@ class Steering:
             self._waits.clear()  # idle: nothing to judge, nothing read
             return waited
         last, self._last_wait_look = self._last_wait_look, now
+        self._schedstat.keep({pid for slot in counts if (pid := self._pids.get(slot))})
         for slot in counts:
             pid = self._pids.get(slot)
-            wait = proc.run_queue_wait(pid) if pid is not None else None
+            wait = self._schedstat.read(pid) if pid is not None else None
             before = self._waits.get(slot)
             if wait is None or pid is None:
                 self._waits.pop(slot, None)
@@ -512,6 +623,7 @@ class Steering:
         if group.program is not None:
             if group.program.set_table(table):
                 self.updates += 1
+                self.exported += group.proto is Proto.UDP  # a TCP table is not exported
             if group.installed is None:
                 group.program.attach(group.anchor())
                 group.installed = True
@@ -524,6 +636,7 @@ class Steering:
         cbpf.attach(group.anchor(), program)
         group.installed = chain
         self.updates += 1
+        self.exported += 1  # the listen order may have changed
 
     # ---- what people see --------------------------------------------------------------------
 
@@ -630,7 +743,7 @@ class Steering:
             "why": self.why,
             "balance": self.in_flight_source(),
             "migrate": self.can_migrate(),
-            "sample_ms": SAMPLE * 1000,
+            "sample_ms": (SAMPLE_STEADY if self.steady else SAMPLE) * 1000,
             "changes": self.changes,
             "updates": self.updates,
             "fallback": self.policy.fallback or None,

@@ -380,6 +380,11 @@ class InFlight:
         assert held is not None and fix is not None
         return {slot: int(held[slot]) - int(fix[slot]) for slot in slots}
 
+    def count(self, slot: int) -> int:
+        """:meth:`counts` of one slot."""
+        assert self.held.view is not None and self.fix is not None and self.fix.view is not None
+        return int(self.held.view[slot]) - int(self.fix.view[slot])
+
     @property
     def loads(self) -> tuple[int, int, int, int]:
         """The fds a TCP steering program reads and writes (ebpf.tcp_code)."""

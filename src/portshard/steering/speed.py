@@ -168,11 +168,14 @@ class Speeds:
         now: float,
         counts: dict[int, tuple[int, int]],
         waited: Mapping[int, float] | None = None,
+        looks: float = 1.0,
     ) -> dict[int, int]:
         """``counts``: slot -> (handed so far, in flight now) of the slots serving; ``waited``:
         the part of the time since the last look each one's worker was runnable but waiting
-        for a CPU (descheduled: not its speed). Returns every known slot's cost (``UNIT`` x
-        how much slower than the fastest)."""
+        for a CPU (descheduled: not its speed); ``looks``: how many looks of the usual
+        cadence this one stands for (a steady supervisor looks less often: the window stays
+        ~1 s of time, not 50 looks). Returns every known slot's cost (``UNIT`` x how much
+        slower than the fastest)."""
         waited = waited or {}
         dt = now - self._last if self._last else 0.0
         self._last = now
@@ -205,7 +208,7 @@ class Speeds:
                 busy = dt * ((s.inflight >= SATURATED) + (inflight >= SATURATED)) / 2
                 # Not saturated at all: no news of its speed, and what was measured fades
                 # faster (a worker stalled for seconds was otherwise kept out for 6-10 s after).
-                decay = DECAY if busy else FADE
+                decay = (DECAY if busy else FADE) ** looks
                 # Its time on a run queue is the machine's, not its speed: counted, an equal
                 # worker the scheduler starved for a while measured slower, got less, woke up
                 # for each request (1.6-2x the CPU per request) and stayed weighted for whole
@@ -214,11 +217,11 @@ class Speeds:
                 # could become the reference that every other slot is measured against.
                 running = max(0.5, 1.0 - waited.get(slot, 0.0))
                 s.completed = decay * s.completed + completed * busy / dt  # while saturated
-                s.served = DECAY * s.served + completed
+                s.served = DECAY**looks * s.served + completed
                 s.busy = decay * s.busy + busy  # the evidence (wall time: found as soon)
                 s.running = decay * s.running + busy * running  # the rate's denominator
                 s.late = s.late and s.busy < MIN_BUSY
-                s.elapsed = DECAY * s.elapsed + dt
+                s.elapsed = DECAY**looks * s.elapsed + dt
             s.inflight = inflight
         rates = {slot: rate for slot, rate in self.rates().items() if rate is not None}
         # The reference: the fastest measured rate, or what a slot served per second of
@@ -241,6 +244,18 @@ class Speeds:
             band = BAND * max(1.0, MIN_BUSY / s.busy)
             s.cost = min(MAX_COST, UNIT * slower) if slower >= band else UNIT
         return {slot: round(s.cost) for slot, s in self._slots.items()}
+
+    def even(self, spread: float) -> bool:
+        """Every slot has a rate, none ``spread`` x slower than the fastest, none costs more
+        than ``UNIT`` nor is capped: nothing being learned or held back (the supervisor may
+        look less often)."""
+        rates = self.rates().values()
+        known = [r for r in rates if r is not None]
+        if len(known) < len(rates) or any(round(s.cost) != UNIT for s in self._slots.values()):
+            return False
+        if any(s.capped_until > self._last for s in self._slots.values()):
+            return False
+        return not known or max(known) <= spread * min(known)
 
     def rates(self) -> dict[int, float | None]:
         """Completions per second of work per slot (None: not measured yet)."""

@@ -131,7 +131,7 @@ class Succession:
                 for s in sup.fleet.slots
             ),
             len(fx.output.open) if fx.output is not None else 0,
-            fx.steering.updates if fx.steering is not None else 0,
+            fx.steering.exported if fx.steering is not None else 0,
             self.warden.alive,
         )
         if seen == self._seen and self.warden.alive:
