@@ -113,6 +113,7 @@ class Server:
             BENCH_SLOW_SLOT=str(n - 1),
             BENCH_SLOW_EVERY=str(scenario.get("every", 20)),
             BENCH_BOOT=str(scenario.get("boot", 0)),
+            BENCH_SLOW_AFTER=str(scenario.get("slow_after", 0)),
         )
         worker = [sys.executable, str(WORKER)]
         if config in ("shared", "plain"):
@@ -370,7 +371,9 @@ def run_one(
     }
     if trace:  # BENCH_TRACE: the costs the supervisor gave each slot (slower than the fastest)
         slow = scenario["workers"] - 1
-        first = [t for t, slower in trace if slower[slow] > 1.0]
+        # From the load's start, or from when the worker turned slow (mid-run kinds).
+        after = float(scenario.get("slow_after", 0))
+        first = [t - after for t, slower in trace if slower[slow] > 1.0 and t >= after]
         steady = [slower for t, slower in trace if t >= warmup]
         result.update(
             first_slow_s=first[0] if first else None,  # from the load's start

@@ -51,6 +51,10 @@ import steering_bench as sb  # noqa: E402  (a sibling script, not a package modu
 KINDS = {
     "stall": {"slow": "sleep", "every": 10},
     "x3": {"slow": "x3"},
+    # ... the same, from 3 s after the load started (its worker was as fast as the rest until
+    # then): how soon a supervisor that looks less often once steady finds it
+    "x3mid": {"slow": "x3", "slow_after": 3.0},
+    "stallmid": {"slow": "sleep", "every": 10, "slow_after": 3.0},
     "hog": {"slow": "hog"},
     "none": {"slow": ""},
 }

@@ -9,6 +9,8 @@ own shared-queue and plain-reuseport set-ups). Its slot is $PORTSHARD_SLOT or $B
 - BENCH_SLOW=hog: that worker pins itself to CPU BENCH_HOG_CPU (1), where the benchmark runs a
   CPU hog beside it.
 - BENCH_BOOT=S: sleep S seconds before accepting (a slow boot: a respawn takes that long).
+- BENCH_SLOW_AFTER=S: the slow worker is as fast as the others until S seconds after its first
+  request (a worker that turns slow mid-run).
 - BENCH_HOLD=1 (steering_sweep.py --keepalive): a connection whose first message is not an
   HTTP request is kept open and each message on it answered with the slot (a long-lived
   connection, served from a selector between accepts); HTTP requests are served as above.
@@ -30,6 +32,9 @@ def main() -> None:
     slow = bool(mode) and os.environ.get("BENCH_SLOW_SLOT") == slot
     every = int(os.environ.get("BENCH_SLOW_EVERY", "20"))
     pause = float(os.environ.get("BENCH_SLOW_MS", "50")) / 1000
+    after = float(os.environ.get("BENCH_SLOW_AFTER", "0"))
+    turn = 0.0  # when it turns slow (BENCH_SLOW_AFTER after its first request)
+    slow_kind = mode
     if boot:
         time.sleep(boot)
     sock = socket.socket(fileno=int(os.environ.get("BENCH_FD", "3")))
@@ -72,6 +77,9 @@ def main() -> None:
         else:
             conn, _ = sock.accept()
         began, burnt = time.monotonic(), 0.0
+        if after and slow:
+            turn = turn or began + after
+            mode = slow_kind if began >= turn else ""
         try:
             if not hold:
                 conn.recv(4096)
