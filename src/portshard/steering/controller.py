@@ -177,6 +177,7 @@ class Steering:
         self._steady_since = 0.0  # the first of the steady samples since the last abnormal one
         self._fast_until = 0.0
         self._peeked: dict[int, tuple[int, int]] = {}  # slot -> (let go, in flight)
+        self._tcp_programs: list[SteeringProgram] = []  # what a peek reads handed counts from
         self._last_full = 0.0
         self._unsettled = False  # a health change or a logged change since the last sample
         self.inflight: InFlight | None = None
@@ -481,26 +482,32 @@ class Steering:
         self.steady = self.steady and now >= self._fast_until and all(v.included for v in verdicts)
         if self.steady and handed is not None and in_flight is not None:
             self._peeked = {s: (handed[s] - n, n) for s, n in in_flight.items() if s in handed}
+            self._tcp_programs = [
+                g.program for g in self.groups if g.proto is Proto.TCP and g.program is not None
+            ]
             self.next_sample, self.next_peek = now + SAMPLE_STEADY, now + SAMPLE
         else:
             self.next_sample = self.next_peek = now + (SAMPLE if busy else SAMPLE_IDLE)
 
     def _peek(self) -> bool:
         """Did a slot holding connections at the last look and now let none go between (a
-        stall beginning, or a worker descheduled)? Memory reads, no syscall (~10 µs)."""
-        if self.inflight is None or not self.inflight.kernel:
+        stall beginning, or a worker descheduled)? Memory reads, no syscall."""
+        inflight = self.inflight
+        if inflight is None or not inflight.kernel:
             return True
-        programs = [g.program for g in self.groups if g.proto is Proto.TCP and g.program]
+        programs = self._tcp_programs
         suspect = False
-        for slot, (let_go, n) in self._peeked.items():
-            try:
-                handed = sum(program.handed(slot) for program in programs)
-                now_in = max(0, self.inflight.count(slot))
-            except (BpfError, IndexError):
-                return True
-            if n and now_in and handed - now_in <= let_go:
-                suspect = True
-            self._peeked[slot] = (max(let_go, handed - now_in), now_in)
+        try:
+            for slot, (let_go, n) in self._peeked.items():
+                handed = 0
+                for program in programs:
+                    handed += program.handed(slot)
+                now_in = max(0, inflight.count(slot))
+                if n and now_in and handed - now_in <= let_go:
+                    suspect = True
+                self._peeked[slot] = (max(let_go, handed - now_in), now_in)
+        except (BpfError, IndexError):
+            return True
         return suspect
 
     def _weigh_speeds(

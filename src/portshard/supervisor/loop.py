@@ -255,14 +255,16 @@ class Supervisor:
                 kept = handoff.listen_keys(self.cfg)
                 fleet.resume(then_reload=kept != self.resume.manifest["listen"])
                 self.resume = None
+            timeout = 0.0
             while fleet.exit_code is None:
-                events = self.sel.select(self._timeout())
+                events = self.sel.select(timeout)
                 for key, mask in events:
                     self._guard(f"handling fd {key.fd}", key.data, mask)
                 if events or time.monotonic() >= self._next_tick:
                     self._tick()
+                    timeout = self._timeout()
                 else:  # woken only for steering's next look: the rest is not due
-                    self._steer_tick()
+                    timeout = self._steer_tick()
         except BaseException as exc:
             if not self.succession.abandon(exc):
                 fleet.kill_everything()
@@ -297,16 +299,22 @@ class Supervisor:
             if endpoint is not None:
                 self._guard(f"expiring {endpoint.name} connections", endpoint.expire, now)
 
-    def _steer_tick(self) -> None:
+    def _steer_tick(self) -> float:
         """A wake-up for steering's next look (every 20-100 ms under load) and nothing else:
         no event came and no timer of the fleet is due, so checking the workers, the control
         connections and the endpoints can wait for the next whole tick (at most 1 s, or
-        TICK while something is in progress: as without steering). Half a tick's cost."""
+        TICK while something is in progress: as without steering). Returns the next timeout."""
         steering = self.fx.steering
-        if steering is not None and not steering.peek(time.monotonic()):
-            return  # a steady look at the kernel's counts found nothing to look closer at
-        self._guard("steering", self.fx.steer)
-        self._guard("updating the warden", self.succession.sync, time.monotonic())
+        if steering is None or steering.peek(time.monotonic()):
+            self._guard("steering", self.fx.steer)
+            self._guard("updating the warden", self.succession.sync, time.monotonic())
+        # Nothing of the fleet's changed (no event), so neither did its timers: the next
+        # whole tick stays where _timeout put it.
+        now = time.monotonic()
+        timeout = max(0.0, self._next_tick - now)
+        if steering is not None and not self.fleet.stopping:
+            timeout = min(timeout, steering.due(now))
+        return timeout
 
     def _guard(self, what: str, fn: Callable[..., object], *args: object) -> None:
         """Run one operation of the loop; an error in it is logged (at most once per
