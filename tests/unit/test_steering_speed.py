@@ -316,3 +316,36 @@ def test_one_long_lived_connection_let_go_does_not_weigh_the_others() -> None:
     costs, t = run(speeds, counts, 1, [(1, 49), (0, 50), (0, 50), (0, 50)], t)
     costs, t = run(speeds, counts, 20, [(0, 49), (0, 50), (0, 50), (0, 50)], t)
     assert costs == dict.fromkeys(range(4), UNIT)
+
+
+def test_a_steady_look_every_100_ms_keeps_the_rate_window_in_time() -> None:
+    # A steady supervisor looks every 100 ms (controller.SAMPLE_STEADY), each look standing for
+    # 5 of 20 ms: a slot that turns 3x slower is weighted as soon in time (within a look) as
+    # with a look every 20 ms, and to the same cost.
+    found, costs = {}, {}
+    for every in (1, 5):
+        speeds, counts = Speeds(), Counts(2)
+        t = 1.0
+        for i in range(0, 300, every):  # 6 s: 1.5 s equal, then slot 1 3x slower
+            t += LOOK * every
+            slow = i >= 75
+            counts.step(0, 60 * every, 4)
+            counts.step(1, (20 if slow else 60) * every, 4)
+            costs[every] = speeds.observe(t, counts.view(), looks=every)
+            if costs[every][1] > UNIT and every not in found:
+                found[every] = (i - 75) * LOOK
+        assert costs[every][0] == UNIT
+    assert set(found) == {1, 5}, found
+    assert abs(found[5] - found[1]) <= 5 * LOOK, found
+    assert abs(costs[5][1] - costs[1][1]) <= 0.1 * costs[1][1], costs
+
+
+def test_even_says_whether_anything_is_being_learned_or_held_back() -> None:
+    speeds, counts = Speeds(), Counts(2)
+    assert speeds.even(2.0)  # nothing known: nothing to learn
+    run(speeds, counts, 1, [(60, 4), (60, 4)], 1.0)
+    assert not speeds.even(2.0)  # no rate yet
+    _, t = run(speeds, counts, 10, [(60, 4), (60, 4)], 1.0)
+    assert speeds.even(2.0)
+    run(speeds, counts, 60, [(60, 4), (20, 4)], t)
+    assert not speeds.even(2.0)  # 3x apart (and weighted)
