@@ -305,7 +305,11 @@ class Supervisor:
         connections and the endpoints can wait for the next whole tick (at most 1 s, or
         TICK while something is in progress: as without steering). Returns the next timeout."""
         steering = self.fx.steering
-        if steering is None or steering.peek(time.monotonic()):
+        try:
+            look = steering is None or steering.peek(time.monotonic())
+        except Exception:  # a bug: the guarded step below runs instead, and logs it
+            look = True
+        if look:
             self._guard("steering", self.fx.steer)
             self._guard("updating the warden", self.succession.sync, time.monotonic())
         # Nothing of the fleet's changed (no event), so neither did its timers: the next
