@@ -156,6 +156,24 @@ def test_a_killed_supervisor_is_adopted_by_the_next_run_and_nothing_fails(fleet:
     wait_until(lambda: not fleet.warden_pids(), 5, "wardens gone")
 
 
+def test_a_rerun_naming_the_bound_port_keeps_the_sockets_it_adopts(fleet: Fleet) -> None:
+    # Started on port 0, run again on the port its log and status showed: the same socket.
+    # It was a new address: new sockets beside the adopted ones, every worker replaced by a
+    # reload, and the old sockets closed with their queues (a reset in each of 3 runs).
+    first = fleet.run("-w", "2", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+    port, pids = first.port, first.pids()
+    with Load("127.0.0.1", port, concurrency=8, max_seconds=120) as load:
+        load.wait_for(100)
+        kill9(first)
+        second = fleet.run("-w", "2", "--steering", "off", "--listen", f"tcp://127.0.0.1:{port}")
+        load.wait_for(load.count() + 300)
+        st = second.status()
+    assert not load.failed, load.by_kind()
+    assert st["listen"][0]["port"] == port
+    assert [s["pid"] for s in st["slots"]] == pids, second.text()
+    assert st["reloads"]["ok"] == 0 and "--listen changed" not in second.text()
+
+
 def test_an_adopted_slot_sheds_the_syn_filter_a_dying_supervisor_left(fleet: Fleet) -> None:
     # A supervisor killed while it held new connections off a slot (a reload's hold, with
     # steering off) leaves the SYN-drop filter on that slot's socket. The next supervisor

@@ -201,8 +201,8 @@ def steering_seed(resume: Resume, cfg: Config) -> list[dict[str, Any]]:
     new address: it starts afresh)."""
     old, saved = resume.manifest["listen"], resume.manifest.get("steering") or []
     return [
-        saved[old.index(key)] if key in old and old.index(key) < len(saved) else {}
-        for key in listen_keys(cfg)
+        saved[old.index(key)] if key is not None and old.index(key) < len(saved) else {}
+        for key in kept_keys(resume, cfg)
     ]
 
 
@@ -210,8 +210,8 @@ def inherited_maps(resume: Resume, cfg: Config) -> dict[int, int]:
     """The predecessor's eBPF sockarray fds by group: the sockets are in them already, and a
     socket can be in one sockarray only."""
     maps = {}
-    for gi, key in enumerate(listen_keys(cfg)):
-        fd = resume.fds.get(f"bpf:socks:{key}")
+    for gi, key in enumerate(kept_keys(resume, cfg)):
+        fd = resume.fds.get(f"bpf:socks:{key}") if key is not None else None
         if fd is not None:
             maps[gi] = fd
     return maps
@@ -229,6 +229,29 @@ def listen_keys(cfg: Config) -> list[str]:
     """What names a --listen address across a handover: its name and its address as given
     (port 0 included): the same key keeps its sockets, a new one gets new ones."""
     return [f"{spec.name}={spec.address}" for spec in cfg.listen]
+
+
+def kept_keys(resume: Resume, cfg: Config) -> list[str | None]:
+    """For each current --listen address, the predecessor's key whose sockets it keeps, or
+    None for a new address. The same key, or the same name given the address the predecessor
+    had bound: `tcp://127.0.0.1:0` run again as `tcp://127.0.0.1:43039` (the port its log and
+    status show) is the same socket. Before, that was a new address: new sockets beside the
+    adopted ones, a reload of every worker, and the old sockets closed with connections in
+    their queues (1 reset in each of 3 runs, steering off)."""
+    old: list[str] = resume.manifest["listen"]
+    bound: list[str] = resume.manifest.get("bound", [])
+    kept: list[str | None] = []
+    for key, spec in zip(listen_keys(cfg), cfg.listen, strict=True):
+        if key in old:
+            kept.append(key)
+            continue
+        same = [
+            k
+            for k, b in zip(old, bound, strict=False)
+            if k.partition("=")[0] == spec.name and b == str(spec.address)
+        ]
+        kept.append(same[0] if same else None)
+    return kept
 
 
 # ---- the two ways in ---------------------------------------------------------------------------
@@ -317,15 +340,16 @@ def restored_sockets(resume: Resume, sup: Supervisor) -> Iterator[tuple[int, lis
     --listen: then the workers get the new set by a reload, which ``Supervisor`` starts)."""
     old = resume.manifest["listen"]
     cfg, fx = sup.cfg, sup.fx
-    keys = listen_keys(cfg)
+    keys = kept_keys(resume, cfg)
     bound: list[Address | None] = [
-        parse(resume.manifest["bound"][old.index(key)]) if key in old else None for key in keys
+        parse(resume.manifest["bound"][old.index(key)]) if key is not None else None for key in keys
     ]
     for slot in resume.manifest["slots"]:
         socks = []
         for i, spec in enumerate(cfg.listen):
-            if keys[i] in old:
-                fd = resume.take(slot["socks"][old.index(keys[i])])
+            key = keys[i]
+            if key is not None:
+                fd = resume.take(slot["socks"][old.index(key)])
                 if fd is None:
                     raise SupervisorError(f"the manifest names no socket for slot {slot['index']}")
                 sock = socket.socket(fileno=fd)

@@ -251,7 +251,7 @@ class Supervisor:
             if self.resume is None:
                 fleet.boot()
             else:
-                kept = handoff.listen_keys(self.cfg)
+                kept = handoff.kept_keys(self.resume, self.cfg)
                 fleet.resume(then_reload=kept != self.resume.manifest["listen"])
                 self.resume = None
             while fleet.exit_code is None:
