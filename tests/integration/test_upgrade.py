@@ -213,6 +213,7 @@ def test_workers_nobody_adopts_serve_for_the_bound_then_stop(fleet: Fleet) -> No
     ours = f"up-{fleet.tag[-12:]}."
     left = [p for p in Path("/run/portshard/cgroup2/portshard").glob(ours + "*")]
     assert not left  # no group of ours left behind
+    assert not fleet.control.exists()  # nor the dead supervisor's control socket
 
 
 def test_udp_flows_never_move_across_upgrades_and_a_crash(fleet: Fleet) -> None:
