@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from bench.load.loadgen import Load
 
+from portshard.control.client import request
+from portshard.errors import ControlError
 from portshard.linux import syscalls
 from portshard.steering import cbpf
 from tests.conftest import wait_until
@@ -134,6 +136,8 @@ def test_a_killed_supervisor_is_adopted_by_the_next_run_and_nothing_fails(fleet:
         load.wait_for(200)
         kill9(first)
         during = load.count()
+        with pytest.raises(ControlError, match="its warden keeps its workers serving: run"):
+            request(str(fleet.control), "status", timeout=10)  # not "a stale socket"
         settle(2.0)  # nobody supervises: the workers serve on
         served_alone = load.count() - during
         second = fleet.run(*args)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..control.paths import warden_address
 from ..linux import cgroup
 from ..linux.proc import stat
 from ..linux.syscalls import pidfd_open
@@ -66,10 +66,8 @@ QUIET_WAIT = 2.0  # s at most for the queues to empty once new connections are r
 
 
 def address(control_path: str) -> bytes:
-    """The warden's abstract address, by the supervisor's control socket: one per supervisor
-    identity (two supervisors may share a --name with different --control paths)."""
-    digest = hashlib.sha256(os.path.abspath(control_path).encode()).hexdigest()[:24]
-    return b"\0portshard/warden/" + digest.encode()
+    """The warden's abstract address (control/paths.py: the client looks for it too)."""
+    return warden_address(control_path)
 
 
 def send(sock: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
