@@ -272,12 +272,17 @@ def from_env() -> Resume | None:
         return None
     try:
         fd = int(value)
+        if fd < 3:
+            raise ValueError("not the upgrade's memfd (fds 0-2 are stdin, stdout, stderr)")
         with os.fdopen(fd, "rb") as f:
             data = json.load(f)
-    except (ValueError, OSError) as exc:
-        raise SupervisorError(f"${RESUME_ENV}={value!r}: cannot read the manifest: {exc}") from None
-    manifest = data["manifest"]
-    fds = {key: int(n) for key, n in data["fds"].items()}
+        manifest = data["manifest"]
+        fds = {key: int(n) for key, n in data["fds"].items()}
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        raise SupervisorError(
+            f"${RESUME_ENV}={value!r}: cannot read the manifest ({exc!r}); only `portshard "
+            f"upgrade` sets it, for the new image it execs: unset it"
+        ) from None
     for n in fds.values():
         os.set_inheritable(n, False)
     channel = data.get("channel")
