@@ -197,3 +197,17 @@ def test_without_cgroups_the_subreaper_collects_escaped_children_and_stop_kills_
     assert sup.wait_exit(30) == 0
     assert not any(proc.alive(k) for k in kids)
     wait_until(lambda: no_process_left(tag), 10, "no process left")
+
+
+@needs_cgroup2
+def test_a_program_that_daemonizes_at_boot_is_named_so_and_nothing_is_left(start: Start) -> None:
+    # Run by hand it "works" (it forks into the background and returns 0), so "the program
+    # cannot start; run it by hand to see why" sent the user the wrong way.
+    tag = f"--tag={uuid.uuid4().hex[:12]}"
+    daemon = f"{sys.executable} {ROOT / 'tests' / 'workers' / 'fdworker.py'} {tag} &"
+    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "--", "sh", "-c", daemon, wait=False)
+    assert sup.wait_exit(30) == 1
+    text = sup.text()
+    assert "exited before it was ready (exit status 0): it left pid" in text, text
+    assert "daemonized); run it in the foreground" in text, text
+    wait_until(lambda: no_process_left(tag), 10, "the daemon killed")

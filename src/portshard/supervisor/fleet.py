@@ -287,9 +287,16 @@ class Fleet:
             return  # a replacement that never became ready: the reload reports it
         if w.role == "boot" and not w.ready:
             self.fire_slot(slot, SlotEvent.EMPTIED)
+            why = "the program cannot start; run it by hand to see why"
+            if w.left:  # by hand it "works": it forked into the background and returned
+                why = (
+                    f"it left pid {w.left[0]} running (killed now): the program put itself in "
+                    f"the background (daemonized); run it in the foreground (nginx: "
+                    f"'daemon off;'; many servers: a --foreground or --no-daemon option)"
+                )
             self.fail(
                 f"the worker for slot {slot.index} exited before it was ready "
-                f"({w.describe_exit()}): the program cannot start; run it by hand to see why"
+                f"({w.describe_exit()}): {why}"
             )
             return
         self._crashed(slot, w)
