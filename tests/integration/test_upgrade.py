@@ -458,3 +458,17 @@ def test_signals_sent_while_the_new_image_starts_wait_for_it(fleet: Fleet) -> No
     wait_until(lambda: "SIGHUP: reloading" in sup.text(), 30, "the reload it asked for")
     assert sup.proc.poll() is None, sup.text()
     assert sup.wait_ready()["supervisor"]["upgrades"] == 1
+
+
+def test_an_upgrade_whose_client_hung_up_still_happens(fleet: Fleet) -> None:
+    # Ctrl-C on `portshard upgrade` while the new portshard checks the settings: the server
+    # closed the connection, its fd was -1 at the exec, and the upgrade died of EBADF
+    # ("error while upgrading ... carrying on") with no word to anyone.
+    sup = fleet.run("-w", "1", "--listen", "tcp://127.0.0.1:0")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(str(fleet.control))
+        c.sendall(b'{"v": 1, "cmd": "upgrade"}\n')
+    wait_until(lambda: "upgrade: exec" in sup.text() or "Error" in sup.text(), 30, "the exec")
+    st = sup.wait_ready(30)
+    assert st["supervisor"]["upgrades"] == 1, sup.text()
+    assert "error while upgrading" not in sup.text()
