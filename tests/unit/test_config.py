@@ -41,6 +41,10 @@ def test_named_listen_addresses() -> None:
     [
         ({"command": None}, "no worker command"),
         ({"listen": None}, "no --listen address"),
+        (  # the options after the command are the program's
+            {"listen": None, "command": ("python3", "app.py", "--listen", "tcp://:8080")},
+            "no --listen address before the command: '--listen' comes after 'python3'",
+        ),
         ({"listen": ("tcp://:99999",)}, "port 99999 is out of range"),
         ({"listen": ("a=tcp://:0", "a=tcp://:0")}, "name 'a' is used twice"),
         ({"listen": ("tcp://[::1]:8080", "w=tcp://[::1]:8080")}, "tcp://[::1]:8080 is given twice"),

@@ -137,6 +137,15 @@ def load(cli: Mapping[str, Any], file_data: Mapping[str, Any] | None = None) -> 
             "tcp://:8080 python3 -m http.server --bind 127.0.0.1 8000"
         )
     if not values["listen"]:
+        command = list(values["command"])
+        late = next((a for a in command[1:] if a == "--listen" or a.startswith("--listen=")), None)
+        if late is not None:  # `run -w 2 python3 app.py --listen tcp://:8080`: the program's
+            raise ConfigError(
+                f"no --listen address before the command: {late!r} comes after "
+                f"{command[0]!r}, where portshard's options end, so it is the program's; "
+                f"put portshard's options first, e.g. portshard run --listen tcp://:8080 "
+                f"{command[0]} ..."
+            )
         raise ConfigError("no --listen address; e.g. --listen tcp://:8080 (repeat for more)")
     file_workers = (
         BY_FIELD["workers"].parse(data["workers"], Origin("workers", path))
