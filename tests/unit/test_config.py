@@ -41,6 +41,8 @@ def test_named_listen_addresses() -> None:
     [
         ({"command": None}, "no worker command"),
         ({"listen": None}, "no --listen address"),
+        ({"command": ("srv", "--fd", "{fd:web}")}, "'{fd:web}': {fd:web} names no --listen"),
+        ({"command": ("srv", "{port:tcp1}")}, "{port:tcp1} names no --listen address"),
         (  # the options after the command are the program's
             {"listen": None, "command": ("python3", "app.py", "--listen", "tcp://:8080")},
             "no --listen address before the command: '--listen' comes after 'python3'",
