@@ -148,7 +148,8 @@ class SystemEffects:
         self.watch_exit(w)
         if spawned.listener is not None:
             self._watch_trap(w, spawned.listener, via.reuseport)
-        log.info(
+        log.log(
+            logging.WARNING if via.warn else logging.INFO,
             "slot %d pid %d: started (%s, generation %d, via %s: %s)",
             slot.index,
             w.pid,
