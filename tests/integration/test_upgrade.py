@@ -199,6 +199,33 @@ def test_an_adopted_slot_sheds_the_syn_filter_a_dying_supervisor_left(fleet: Fle
     assert set(answers) == {"0", "1"}, answers
 
 
+def test_an_adoption_with_steering_off_drops_the_first_k_program_a_scale_down_left(
+    fleet: Fleet,
+) -> None:
+    # Killed in a scale down with steering off, a supervisor leaves its "first k sockets"
+    # program on the group; the adopter kept every slot (all "ready" in status), and those
+    # past k got no connection at all (seen: 400 requests, 2 of 4 workers). The test attaches
+    # that program as the scale down 4 -> 2 does (through slot 0's worker's fd 3).
+    args = ("-w", "4", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args)
+    port, pids = first.port, first.pids()
+    pidfd = os.pidfd_open(pids[0])
+    try:
+        with socket.socket(fileno=syscalls.pidfd_getfd(pidfd, 3)) as copy:
+            cbpf.attach_first_k(copy, 2)  # the group's program, whoever holds a socket
+    finally:
+        os.close(pidfd)
+    kill9(first)
+    second = fleet.run(*args)
+    assert second.pids() == pids
+    answers: set[str] = set()
+    for _ in range(400):  # plain hashing: each of 4 slots within 400 is all but certain
+        answers.add(served(port).split()[-3])  # "slot pid gen"
+        if len(answers) == 4:
+            break
+    assert answers == {"0", "1", "2", "3"}, answers
+
+
 def test_workers_nobody_adopts_serve_for_the_bound_then_stop(fleet: Fleet) -> None:
     sup = fleet.run("-w", "2", "--listen", "tcp://127.0.0.1:0", "--orphan-timeout", "2")
     port = sup.port

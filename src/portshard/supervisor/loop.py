@@ -379,6 +379,11 @@ class Supervisor:
             )
             return
         if steering is None:
+            if self.resume is not None:
+                # A predecessor killed in a scale down left its "first k sockets" program on
+                # the group (or ran a steering program: an upgrade may turn it off): the
+                # adopted slots past k got no connection at all while status said ready.
+                self.fx.all_slots()
             log.info("steering: off: the kernel hashes over every slot")
             return
         log.info(
