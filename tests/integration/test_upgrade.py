@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from bench.load.loadgen import Load
 
 from portshard.control.client import request
 from portshard.errors import ControlError
-from portshard.linux import syscalls
+from portshard.linux import cgroup, syscalls
 from portshard.steering import cbpf
 from tests.conftest import wait_until
 from tests.integration.test_supervisor import udp_clients, udp_slots
@@ -224,6 +225,52 @@ def test_an_adoption_with_steering_off_drops_the_first_k_program_a_scale_down_le
         if len(answers) == 4:
             break
     assert answers == {"0", "1", "2", "3"}, answers
+
+
+STRAY = """
+import socket, sys
+import portshard
+sock = portshard.listen(f"tcp://127.0.0.1:{sys.argv[1]}")
+print("listening", flush=True)
+while True:
+    conn, _ = sock.accept()
+    conn.recv(100)
+    conn.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nstray 0 0")
+    conn.close()
+"""
+
+
+@pytest.mark.skipif(
+    cgroup.detect().mechanism is not cgroup.Mechanism.MOUNTED, reason="worker groups to find"
+)
+def test_an_adopter_kills_a_worker_its_predecessor_had_not_recorded(fleet: Fleet) -> None:
+    # The warden gets the manifest at most every 0.1 s: a supervisor killed 0.6 s into a
+    # scale 2 -> 4 had started a worker its manifest did not name yet. The adopter did not
+    # know it: it served on (144 of 400 requests), in no status, past every reload. The test
+    # makes such a worker: a process in a new worker group of the home, on a socket of the
+    # port's group.
+    first = fleet.run("-w", "2", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+    port, pids = first.port, first.pids()
+    assert first.proc is not None
+    home = next(Path(cgroup.detect().base or "").glob(f"up-{fleet.tag[-12:]}.{first.proc.pid}"))
+    group = home / "slot2-99"
+    group.mkdir()
+    stray = subprocess.Popen(
+        [sys.executable, "-c", STRAY, str(port), fleet.tag], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert stray.stdout is not None and stray.stdout.readline().startswith("listening")
+        (group / "cgroup.procs").write_text(str(stray.pid))
+        kill9(first)
+        second = fleet.run("-w", "2", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+        assert second.pids() == pids
+        assert stray.wait(10) == -signal.SIGKILL, second.text()
+        assert "not yet recorded" in second.text()
+        answers = {served(port).split()[-2] for _ in range(40)}  # "slot pid gen"
+        assert answers == {str(p) for p in pids}, answers
+    finally:
+        stray.kill()
+        stray.wait()
 
 
 def test_workers_nobody_adopts_serve_for_the_bound_then_stop(fleet: Fleet) -> None:

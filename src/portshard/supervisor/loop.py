@@ -151,6 +151,8 @@ class Supervisor:
         if resume is not None:
             fx.trees = Trees.adopt(self.cfg.name, resume.manifest["trees"]["home"])
             fleet.slots.extend(handoff.restore(resume, self))
+            if resume.how == "adoption":
+                handoff.drop_unrecorded(resume)
         else:
             fx.trees = Trees.open(self.cfg.name)
             for i in range(self.cfg.workers):
