@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -524,3 +525,9 @@ def test_the_stop_signal_reaches_a_program_whose_main_thread_waits_while_others_
     assert "did not stop within the grace time" not in text, text
     for pid in retired:
         assert f"shutdown {pid}" in text and f"pid {pid}: retired (exit status 0)" in text, text
+        # and where its retirement went: the freeze-check, then its own shutdown
+        assert re.search(
+            rf"pid {pid}: retired \(exit status 0\); found idle [\d.]+s after its drain began, "
+            r"exited [\d.]+s after its stop signal",
+            text,
+        ), text
