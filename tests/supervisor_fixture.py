@@ -104,11 +104,12 @@ class Running(Control):
         env: dict[str, str] | None = None,
         log: Path | None = None,
         nofile: tuple[int, int] | None = None,
+        wrap: list[str] | None = None,
     ):
         log = log or control.with_suffix(".log")
         self._log = open(log, "wb")  # noqa: SIM115 - closed in close()
         proc = subprocess.Popen(
-            [*PORTSHARD, "run", "--control", str(control), *args],
+            [*(wrap or []), *PORTSHARD, "run", "--control", str(control), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -171,8 +172,12 @@ def start(short_tmp: Path) -> Iterator[Start]:
         env: dict[str, str] | None = None,
         wait: bool = True,
         nofile: tuple[int, int] | None = None,
+        wrap: list[str] | None = None,
     ) -> Running:
-        sup = Running(list(args), short_tmp / f"s{len(running)}.sock", env, nofile=nofile)
+        """``wrap``: a command that execs the rest (setpriv), so the pid is the supervisor's."""
+        sup = Running(
+            list(args), short_tmp / f"s{len(running)}.sock", env, nofile=nofile, wrap=wrap
+        )
         running.append(sup)
         if wait:
             sup.wait_ready()

@@ -3,6 +3,7 @@ start-up measured in the same run (issue 12: hypercorn's reload under load withi
 
     .venv/bin/python bench/experiments/recipe_reload.py [--rounds 3] [--reloads 3]
         [--servers hypercorn,uvicorn,granian] [--surges 1,2] [--clients 4]
+        [--src NAME=DIR ...]
 
 For each server (the README recipes, 2 slots) and each ``--surge``, interleaved round by
 round: ``portshard run -w 2 --surge S`` under a curl-like load (``--clients`` clients,
@@ -16,7 +17,13 @@ each one the same server started alone beside it (same load, same machine):
 - ``ready after``: the new workers' start-up as the supervisor saw it (its log: exec to
   ready by the --ready rule), the slowest of each batch of S;
 - ``the rest``: reload time less those batches' ``ready after``: handing over (freeze-check,
-  steering, the old workers' own shutdown until they exit).
+  steering, the old workers' own shutdown until they exit);
+- ``found idle``: of the rest, the freeze-checks (drain to signal, the sum over a reload's
+  batches, the slowest of each), and ``last exit``: the last batch's old workers' own shutdown
+  (signal to exit), which the reload waits for (the earlier batches' overlaps the next start).
+
+``--src NAME=DIR`` adds another portshard tree (its src/ directory) as a configuration of its
+own, run interleaved with this one (``this``) round by round: an A/B of the supervisor.
 
 Medians and ranges over every reload; the load average before and after is printed and
 written with the table to bench/results/recipe_reload.json. Every process started is stopped.
@@ -54,6 +61,12 @@ SERVERS = {  # the README recipes ({port}: the managed port)
     "hypercorn": [
         *[str(BIN / "hypercorn"), "--workers", "0", "--bind", "127.0.0.1:{port}", "asgi_app:app"]
     ],
+    # hypercorn keeps an answered connection its client closed until --keep-alive (5 s) runs
+    # out, and its shutdown closes and collects every one: fewer with a shorter keep-alive
+    "hypercorn-keepalive-1": [
+        *[str(BIN / "hypercorn"), "--workers", "0", "--bind", "127.0.0.1:{port}"],
+        *["--keep-alive", "1", "asgi_app:app"],
+    ],
     "uvicorn": [
         *[str(BIN / "uvicorn"), "--app-dir", str(APPS), "asgi_app:app"],
         *["--port", "{port}", "--no-access-log"],
@@ -85,7 +98,7 @@ def start_up(server: str) -> float:
         proc.wait(30)
 
 
-def reloads(server: str, surge: int, count: int, clients: int) -> dict[str, Any]:
+def reloads(server: str, surge: int, count: int, clients: int, src: Path) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="ps-recipe-"))
     control = tmp / "c.sock"
     port = free_port()
@@ -98,7 +111,7 @@ def reloads(server: str, surge: int, count: int, clients: int) -> dict[str, Any]
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=ENV,
+        env={**ENV, "PYTHONPATH": f"{src}:{APPS}"},
         start_new_session=True,
     )
     try:
@@ -126,11 +139,23 @@ def reloads(server: str, surge: int, count: int, clients: int) -> dict[str, Any]
         batches = [max(ready[i : i + surge]) for i in range(0, len(ready), surge)]
         per = 2 // surge  # batches per reload
         booted = [sum(batches[i * per : i * per + per]) for i in range(count)]
+        idle = [float(x) for x in re.findall(r"found idle ([\d.]+)s after its drain", text)]
+        gone = [float(x) for x in re.findall(r"exited ([\d.]+)s after its stop signal", text)]
+        idle_b = [max(idle[i : i + surge]) for i in range(0, len(idle), surge)]
+        gone_b = [max(gone[i : i + surge]) for i in range(0, len(gone), surge)]
         return {
             "seconds": [round(x, 3) for x in took],
             "alone": [round(x, 3) for x in alone],
             "ready": [round(x, 3) for x in booted],
             "rest": [round(t - b, 3) for t, b in zip(took, booted, strict=False)],
+            # the stop's retired lines come after: `count` reloads only (none: a tree that
+            # does not log them)
+            "idle": [round(sum(idle_b[i * per : i * per + per]), 3) for i in range(count)]
+            if len(idle_b) >= count * per
+            else [],
+            "last_exit": [round(gone_b[i * per + per - 1], 3) for i in range(count)]
+            if len(gone_b) >= count * per
+            else [],
             "requests": len(load.results),
             "failed": len(load.failed),
             "waited_grace": text.count("still holds connections"),
@@ -156,16 +181,19 @@ def _ready(control: Path) -> bool:
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
     out = [
-        "| server | --surge | reload --wait, s | start-up alone, s | ready after (per reload), s "
-        "| the rest, s | failed / requests | waited --grace |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server | --surge | tree | reload --wait, s | start-up alone, s "
+        "| ready after (per reload), s | the rest, s | of it: found idle, s | last exit, s "
+        "| failed / requests | waited --grace |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in rows.items():
-        server, surge = key.split("/")
+        server, surge, src = key.split("/")
+        idle = summary(r["idle"], 2) if r["idle"] else "-"  # a tree that does not log them
+        last = summary(r["last_exit"], 2) if r["last_exit"] else "-"
         out.append(
-            f"| {server} | {surge} | {summary(r['seconds'], 2)} | {summary(r['alone'], 2)} "
-            f"| {summary(r['ready'], 2)} | {summary(r['rest'], 2)} "
-            f"| {r['failed']} / {r['requests']} | {r['grace']} |"
+            f"| {server} | {surge} | {src} | {summary(r['seconds'], 2)} "
+            f"| {summary(r['alone'], 2)} | {summary(r['ready'], 2)} | {summary(r['rest'], 2)} "
+            f"| {idle} | {last} | {r['failed']} / {r['requests']} | {r['grace']} |"
         )
     return "\n".join(out)
 
@@ -177,7 +205,15 @@ def main() -> int:
     p.add_argument("--servers", default=",".join(SERVERS))
     p.add_argument("--surges", default="1,2")
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument(
+        "--src",
+        action="append",
+        metavar="NAME=DIR",
+        help="also another portshard's src/ directory, interleaved (A/B)",
+    )
     a = p.parse_args()
+    srcs = [("this", ROOT / "src")]
+    srcs += [(n, Path(d)) for n, _, d in (x.partition("=") for x in a.src or [])]
     servers = [s.strip() for s in a.servers.split(",") if s.strip()]
     for s in servers:
         if s not in SERVERS:
@@ -193,22 +229,25 @@ def main() -> int:
     load_before = uptime()
     print(load_before, flush=True)
     rows: dict[str, dict[str, Any]] = {
-        f"{s}/{g}": {"seconds": [], "alone": [], "ready": [], "rest": [], "failed": 0}
-        | {"requests": 0, "grace": 0}
+        f"{s}/{g}/{n}": {k: [] for k in ("seconds", "alone", "ready", "rest", "idle", "last_exit")}
+        | {"failed": 0, "requests": 0, "grace": 0}
         for s in servers
         for g in surges
+        for n, _ in srcs
     }
     for i in range(a.rounds):  # interleaved: each round runs every configuration once
+        turn = srcs[i % len(srcs) :] + srcs[: i % len(srcs)]  # which tree goes first rotates
         for server in servers:
             for surge in surges:
-                r = reloads(server, surge, a.reloads, a.clients)
-                print(f"round {i + 1} {server} surge {surge}: {r}", flush=True)
-                row = rows[f"{server}/{surge}"]
-                for key in ("seconds", "alone", "ready", "rest"):
-                    row[key] += r[key]
-                row["failed"] += r["failed"]
-                row["requests"] += r["requests"]
-                row["grace"] += r["waited_grace"]
+                for name, src in turn:
+                    r = reloads(server, surge, a.reloads, a.clients, src)
+                    print(f"round {i + 1} {server} surge {surge} {name}: {r}", flush=True)
+                    row = rows[f"{server}/{surge}/{name}"]
+                    for key in ("seconds", "alone", "ready", "rest", "idle", "last_exit"):
+                        row[key] += r[key]
+                    row["failed"] += r["failed"]
+                    row["requests"] += r["requests"]
+                    row["grace"] += r["waited_grace"]
     report(RESULTS, rows, load_before, table(rows))
     return 0
 

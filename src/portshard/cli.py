@@ -159,6 +159,10 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
         cli_values["listen"] = tuple(activated.addresses()) or None
     cfg = handoff.running_settings(cli_values, resume)
     _fd_limit(cfg, captured=log_format == "json")
+    if cfg.metrics:
+        from .supervisor.web import require_exposition
+
+        require_exposition()
     if check:
         _check(cfg)
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -27,6 +28,7 @@ KEYS = list(ORDER)
 ROOT_FEATURES = [
     "reuseport",
     "reuseport_cbpf",
+    "syn_hold",
     "reuseport_ebpf",
     "sock_ops_inflight",
     "seccomp_user_notif_addfd",
@@ -192,3 +194,30 @@ def test_after_a_uid_change_pidfd_getfd_says_why_it_is_denied() -> None:
     else:
         assert pidfd["ok"] is False and pidfd["value"] == "pidfd_open only"
         assert "not dumpable" in pidfd["detail"] and "EPERM" in pidfd["detail"]
+
+
+@linux_only
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv")
+def test_syn_hold_says_what_the_supervisor_will_find_without_cap_net_admin() -> None:
+    # This kernel refuses SO_ATTACH_FILTER without CAP_NET_ADMIN: a one-slot handover then
+    # kills the idle old worker instead of its graceful stop (test_faults.py). The doctor
+    # said nothing of it; its answer must match a real attempt under the same capabilities.
+    wrap = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
+    attempt = (
+        "import socket\nfrom portshard.steering import cbpf\n"
+        "try:\n    cbpf.drop_syns(socket.socket()); print('yes')\n"
+        "except PermissionError:\n    print('no')\n"
+    )
+    probe = subprocess.run([*wrap, PYTHON, "-c", attempt], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    report = subprocess.run(
+        [*wrap, PYTHON, "-m", "portshard", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    check = json.loads(report.stdout)["checks"]["syn_hold"]
+    assert check["ok"] is (probe.stdout.strip() == "yes"), check
+    if not check["ok"]:
+        assert "CAP_NET_ADMIN" in check["detail"]

@@ -190,3 +190,26 @@ def test_unmodified_program_shares_reloads_and_survives_a_kill(
     sup.close()
     assert sup.proc is not None and sup.proc.returncode == 0, sup.text()
     wait_until(lambda: none_left(prog.marker, port), 10, "every worker gone")
+
+
+def test_via_preload_on_a_static_program_says_why_it_cannot_work(
+    start: Start, static_server: str
+) -> None:
+    # The shim cannot reach a static program's bind(): it got EADDRINUSE and the boot said
+    # "run it by hand to see why", where it works. The spawn line now says so, as a warning.
+    sup = start(
+        "-w",
+        "1",
+        "--via",
+        "preload",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        static_server,
+        "{port}",
+        wait=False,
+    )
+    sup.wait_exit(30)
+    text = sup.text()
+    assert "WARNING" in text and "--via preload, but" in text, text
+    assert "use --via seccomp or auto" in text, text

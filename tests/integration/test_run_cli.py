@@ -93,3 +93,25 @@ def test_a_reload_says_which_file_changes_it_cannot_apply(start: Start, short_tm
     # the count: either the loop scales to it (plan_reload.scale_to) or the log says why not
     assert "scaling to it after the reload" in log and sup.status()["workers"] == 2
     assert sup.status()["listen"][0]["port"] != 1
+
+
+def test_metrics_without_its_package_is_refused_before_anything_opens(short_tmp: Path) -> None:
+    # pip install portshard (no `metrics` extra), then --metrics: a ModuleNotFoundError
+    # traceback once the sockets and steering were set up. The package is made absent in
+    # that interpreter only (a None entry in sys.modules makes its import fail).
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "from portshard.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    control = str(short_tmp / "m.sock")
+    args = ["run", "--control", control, "-w", "1", "--metrics", "127.0.0.1:0"]
+    args += ["--listen", "tcp://127.0.0.1:0", "--", *FDWORKER]
+    res = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert "pip install 'portshard[metrics]'" in res.stderr
+    assert "listening on" not in res.stderr  # refused before any socket
+    assert not Path(control).exists()

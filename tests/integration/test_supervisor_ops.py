@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -72,6 +73,36 @@ def test_workers_run_as_another_user_on_root_bound_sockets(
     assert not load.failed
     sup.ctl("reload", "--wait")
     assert all(uid_of(pid) == nobody.pw_uid for pid in sup.pids())
+
+
+@needs_root
+def test_a_user_who_cannot_reach_the_program_is_told_which_directory_is_closed(
+    start: Start, short_tmp: Path
+) -> None:
+    # `--user nobody` with a virtualenv's python (a link into /root, mode 700) was told to
+    # "chmod +x" a program that was executable; the closed directory was the reason.
+    closed = short_tmp / "closed"
+    closed.mkdir(mode=0o700)
+    (closed / "sleep").symlink_to(shutil.which("sleep") or "/bin/sleep")
+    short_tmp.chmod(0o755)
+    link = short_tmp / "prog"
+    link.symlink_to(closed / "sleep")
+    sup = start(
+        "-w",
+        "1",
+        "--user",
+        "nobody",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        str(link),
+        "9",
+        wait=False,
+    )
+    assert sup.wait_exit(30) != 0
+    text = sup.text()
+    assert f"{closed} is closed to other users (mode 700)" in text, text
+    assert "chmod +x" not in text
 
 
 def test_supervisor_killed_takes_its_workers_with_it(start: Start) -> None:
@@ -494,3 +525,9 @@ def test_the_stop_signal_reaches_a_program_whose_main_thread_waits_while_others_
     assert "did not stop within the grace time" not in text, text
     for pid in retired:
         assert f"shutdown {pid}" in text and f"pid {pid}: retired (exit status 0)" in text, text
+        # and where its retirement went: the freeze-check, then its own shutdown
+        assert re.search(
+            rf"pid {pid}: retired \(exit status 0\); found idle [\d.]+s after its drain began, "
+            r"exited [\d.]+s after its stop signal",
+            text,
+        ), text

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,9 @@ from pathlib import Path
 import pytest
 from bench.load.loadgen import Load
 
-from portshard.linux import syscalls
+from portshard.control.client import request
+from portshard.errors import ControlError
+from portshard.linux import cgroup, syscalls
 from portshard.steering import cbpf
 from tests.conftest import wait_until
 from tests.integration.test_supervisor import udp_clients, udp_slots
@@ -134,6 +137,8 @@ def test_a_killed_supervisor_is_adopted_by_the_next_run_and_nothing_fails(fleet:
         load.wait_for(200)
         kill9(first)
         during = load.count()
+        with pytest.raises(ControlError, match="its warden keeps its workers serving: run"):
+            request(str(fleet.control), "status", timeout=10)  # not "a stale socket"
         settle(2.0)  # nobody supervises: the workers serve on
         served_alone = load.count() - during
         second = fleet.run(*args)
@@ -154,6 +159,24 @@ def test_a_killed_supervisor_is_adopted_by_the_next_run_and_nothing_fails(fleet:
     second.close()
     wait_until(lambda: no_process_left(fleet.tag), 5, "workers gone")
     wait_until(lambda: not fleet.warden_pids(), 5, "wardens gone")
+
+
+def test_a_rerun_naming_the_bound_port_keeps_the_sockets_it_adopts(fleet: Fleet) -> None:
+    # Started on port 0, run again on the port its log and status showed: the same socket.
+    # It was a new address: new sockets beside the adopted ones, every worker replaced by a
+    # reload, and the old sockets closed with their queues (a reset in each of 3 runs).
+    first = fleet.run("-w", "2", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+    port, pids = first.port, first.pids()
+    with Load("127.0.0.1", port, concurrency=8, max_seconds=120) as load:
+        load.wait_for(100)
+        kill9(first)
+        second = fleet.run("-w", "2", "--steering", "off", "--listen", f"tcp://127.0.0.1:{port}")
+        load.wait_for(load.count() + 300)
+        st = second.status()
+    assert not load.failed, load.by_kind()
+    assert st["listen"][0]["port"] == port
+    assert [s["pid"] for s in st["slots"]] == pids, second.text()
+    assert st["reloads"]["ok"] == 0 and "--listen changed" not in second.text()
 
 
 def test_an_adopted_slot_sheds_the_syn_filter_a_dying_supervisor_left(fleet: Fleet) -> None:
@@ -177,6 +200,79 @@ def test_an_adopted_slot_sheds_the_syn_filter_a_dying_supervisor_left(fleet: Fle
     assert set(answers) == {"0", "1"}, answers
 
 
+def test_an_adoption_with_steering_off_drops_the_first_k_program_a_scale_down_left(
+    fleet: Fleet,
+) -> None:
+    # Killed in a scale down with steering off, a supervisor leaves its "first k sockets"
+    # program on the group; the adopter kept every slot (all "ready" in status), and those
+    # past k got no connection at all (seen: 400 requests, 2 of 4 workers). The test attaches
+    # that program as the scale down 4 -> 2 does (through slot 0's worker's fd 3).
+    args = ("-w", "4", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args)
+    port, pids = first.port, first.pids()
+    pidfd = os.pidfd_open(pids[0])
+    try:
+        with socket.socket(fileno=syscalls.pidfd_getfd(pidfd, 3)) as copy:
+            cbpf.attach_first_k(copy, 2)  # the group's program, whoever holds a socket
+    finally:
+        os.close(pidfd)
+    kill9(first)
+    second = fleet.run(*args)
+    assert second.pids() == pids
+    answers: set[str] = set()
+    for _ in range(400):  # plain hashing: each of 4 slots within 400 is all but certain
+        answers.add(served(port).split()[-3])  # "slot pid gen"
+        if len(answers) == 4:
+            break
+    assert answers == {"0", "1", "2", "3"}, answers
+
+
+STRAY = """
+import socket, sys
+import portshard
+sock = portshard.listen(f"tcp://127.0.0.1:{sys.argv[1]}")
+print("listening", flush=True)
+while True:
+    conn, _ = sock.accept()
+    conn.recv(100)
+    conn.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nstray 0 0")
+    conn.close()
+"""
+
+
+@pytest.mark.skipif(
+    cgroup.detect().mechanism is not cgroup.Mechanism.MOUNTED, reason="worker groups to find"
+)
+def test_an_adopter_kills_a_worker_its_predecessor_had_not_recorded(fleet: Fleet) -> None:
+    # The warden gets the manifest at most every 0.1 s: a supervisor killed 0.6 s into a
+    # scale 2 -> 4 had started a worker its manifest did not name yet. The adopter did not
+    # know it: it served on (144 of 400 requests), in no status, past every reload. The test
+    # makes such a worker: a process in a new worker group of the home, on a socket of the
+    # port's group.
+    first = fleet.run("-w", "2", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+    port, pids = first.port, first.pids()
+    assert first.proc is not None
+    home = next(Path(cgroup.detect().base or "").glob(f"up-{fleet.tag[-12:]}.{first.proc.pid}"))
+    group = home / "slot2-99"
+    group.mkdir()
+    stray = subprocess.Popen(
+        [sys.executable, "-c", STRAY, str(port), fleet.tag], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert stray.stdout is not None and stray.stdout.readline().startswith("listening")
+        (group / "cgroup.procs").write_text(str(stray.pid))
+        kill9(first)
+        second = fleet.run("-w", "2", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+        assert second.pids() == pids
+        assert stray.wait(10) == -signal.SIGKILL, second.text()
+        assert "not yet recorded" in second.text()
+        answers = {served(port).split()[-2] for _ in range(40)}  # "slot pid gen"
+        assert answers == {str(p) for p in pids}, answers
+    finally:
+        stray.kill()
+        stray.wait()
+
+
 def test_workers_nobody_adopts_serve_for_the_bound_then_stop(fleet: Fleet) -> None:
     sup = fleet.run("-w", "2", "--listen", "tcp://127.0.0.1:0", "--orphan-timeout", "2")
     port = sup.port
@@ -195,6 +291,7 @@ def test_workers_nobody_adopts_serve_for_the_bound_then_stop(fleet: Fleet) -> No
     ours = f"up-{fleet.tag[-12:]}."
     left = [p for p in Path("/run/portshard/cgroup2/portshard").glob(ours + "*")]
     assert not left  # no group of ours left behind
+    assert not fleet.control.exists()  # nor the dead supervisor's control socket
 
 
 def test_udp_flows_never_move_across_upgrades_and_a_crash(fleet: Fleet) -> None:
@@ -435,3 +532,17 @@ def test_signals_sent_while_the_new_image_starts_wait_for_it(fleet: Fleet) -> No
     wait_until(lambda: "SIGHUP: reloading" in sup.text(), 30, "the reload it asked for")
     assert sup.proc.poll() is None, sup.text()
     assert sup.wait_ready()["supervisor"]["upgrades"] == 1
+
+
+def test_an_upgrade_whose_client_hung_up_still_happens(fleet: Fleet) -> None:
+    # Ctrl-C on `portshard upgrade` while the new portshard checks the settings: the server
+    # closed the connection, its fd was -1 at the exec, and the upgrade died of EBADF
+    # ("error while upgrading ... carrying on") with no word to anyone.
+    sup = fleet.run("-w", "1", "--listen", "tcp://127.0.0.1:0")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(str(fleet.control))
+        c.sendall(b'{"v": 1, "cmd": "upgrade"}\n')
+    wait_until(lambda: "upgrade: exec" in sup.text() or "Error" in sup.text(), 30, "the exec")
+    st = sup.wait_ready(30)
+    assert st["supervisor"]["upgrades"] == 1, sup.text()
+    assert "error while upgrading" not in sup.text()

@@ -24,6 +24,13 @@ def test_defaults() -> None:
     assert cfg.drain == "freeze" and cfg.surge == 1
 
 
+def test_the_same_address_twice_is_refused_only_when_it_is_one_group() -> None:
+    # Port 0 twice is two ports; one port as TCP and UDP, or on two hosts, is two groups.
+    listen = ("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "udp://127.0.0.1:53", "tcp://:53")
+    cfg = load(dict(BASE, listen=(*listen, "tcp://127.0.0.1:53")))
+    assert len(cfg.listen) == 5
+
+
 def test_named_listen_addresses() -> None:
     cfg = load(dict(BASE, listen=("http=tcp://:0", "dns=udp://127.0.0.1:0")))
     assert [s.name for s in cfg.listen] == ["http", "dns"]
@@ -34,8 +41,15 @@ def test_named_listen_addresses() -> None:
     [
         ({"command": None}, "no worker command"),
         ({"listen": None}, "no --listen address"),
+        ({"command": ("srv", "--fd", "{fd:web}")}, "'{fd:web}': {fd:web} names no --listen"),
+        ({"command": ("srv", "{port:tcp1}")}, "{port:tcp1} names no --listen address"),
+        (  # the options after the command are the program's
+            {"listen": None, "command": ("python3", "app.py", "--listen", "tcp://:8080")},
+            "no --listen address before the command: '--listen' comes after 'python3'",
+        ),
         ({"listen": ("tcp://:99999",)}, "port 99999 is out of range"),
         ({"listen": ("a=tcp://:0", "a=tcp://:0")}, "name 'a' is used twice"),
+        ({"listen": ("tcp://[::1]:8080", "w=tcp://[::1]:8080")}, "tcp://[::1]:8080 is given twice"),
         ({"listen": ("bad name=tcp://:0",)}, "may use only letters"),
         ({"workers": 0}, "--workers 0: out of range"),
         ({"ready": "sometimes"}, "not a readiness mode"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from portshard.errors import ConfigError
+from portshard.errors import ConfigError, SupervisorError
 from portshard.supervisor import handoff, procedures, warden
 from portshard.supervisor.config import load
 from portshard.supervisor.state import (
@@ -160,3 +160,26 @@ def test_an_upgrade_whose_file_turned_invalid_keeps_the_values_it_ran_with(tmp_p
         handoff.running_settings(cli, handoff.Resume("upgrade", {}, {}))
     conf.write_text('command = ["srv"]\nlisten = ["tcp://127.0.0.1:0"]\ngrace = 9\n')
     assert handoff.running_settings(cli, upgrade).grace == 9  # a valid file is read
+
+
+@pytest.mark.parametrize("content", [b"{}", b"[1]", b'{"manifest": {}, "fds": 3}', b"nope"])
+def test_a_stray_resume_variable_is_refused_with_the_fix(
+    content: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A $PORTSHARD_RESUME left in an environment (a shell that copied an upgrade's, a test
+    # harness) naming an fd of JSON that is not a manifest raised KeyError out of `run`.
+    fd = os.memfd_create("stray", 0)
+    os.write(fd, content)
+    os.lseek(fd, 0, os.SEEK_SET)
+    monkeypatch.setenv(handoff.RESUME_ENV, str(fd))
+    with pytest.raises(SupervisorError, match="only `portshard upgrade` sets it"):
+        handoff.from_env()
+
+
+def test_a_resume_variable_naming_stdin_is_refused_and_stdin_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(handoff.RESUME_ENV, "0")
+    with pytest.raises(SupervisorError, match="unset it"):
+        handoff.from_env()
+    os.fstat(0)  # not closed

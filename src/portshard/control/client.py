@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ControlError
 from . import protocol
-from .paths import default_path
+from .paths import default_path, warden_waits
 
 __all__ = ["request", "resolve_path"]
 
@@ -49,6 +49,12 @@ def _connect_error(path: str, exc: OSError) -> str:
     where = "Give its --name or --control (or set PORTSHARD_CONTROL)"
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return f"no supervisor at {path!r}: is 'portshard run' running? {where}"
+    if exc.errno == errno.ECONNREFUSED and warden_waits(path):
+        return (
+            f"the supervisor of {path!r} is gone, but its warden keeps its workers serving: "
+            f"run the same 'portshard run' (same --name or --control) to adopt them before "
+            f"its --orphan-timeout stops them"
+        )
     if exc.errno == errno.ECONNREFUSED:
         return (
             f"no supervisor listening at {path!r} (a stale socket, or not a socket); is "

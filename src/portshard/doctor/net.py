@@ -141,6 +141,26 @@ def _reuseport_cbpf() -> _Found:
 
 
 @_probe(
+    "syn_hold",
+    "a handover with one slot or --steering off drops new SYNs for its old worker's graceful "
+    "stop, and a stop refuses new connections before the queues empty (SO_ATTACH_FILTER)",
+    "there, an idle old worker is killed frozen (nothing lost, its shutdown does not run), and "
+    "a connection arriving at the end of a stop is reset; CAP_NET_ADMIN allows it here",
+)
+def _syn_hold() -> _Found:
+    from ..steering import cbpf
+
+    with socket.socket() as sock:
+        try:
+            cbpf.drop_syns(sock)
+        except OSError as exc:
+            raise _Failed(
+                f"SO_ATTACH_FILTER refused: {_reason(exc)} (needs CAP_NET_ADMIN)"
+            ) from None
+    return True, True, "SO_ATTACH_FILTER accepted (the SYN-drop program)"
+
+
+@_probe(
     "reuseport_ebpf",
     "steering backend ebpf (what --steering auto picks here): stable slot keys, a map update "
     "instead of a re-attach, and a dead worker's queue handed to the other slots at once",

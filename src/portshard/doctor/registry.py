@@ -49,6 +49,7 @@ ORDER = (
     "reuseport",
     "reuseport_lb",
     "reuseport_cbpf",
+    "syn_hold",
     "reuseport_ebpf",
     "sock_ops_inflight",
     "tcp_migrate_req",

@@ -25,6 +25,7 @@ class Plan:
     mode: str  # what status shows: fds | preload | seccomp | reuseport+preload|seccomp
     seccomp: bool  # the child traps bind()
     why: str  # for the log
+    warn: bool = False  # ``why`` says the mode cannot work for this program (logged WARNING)
 
     @property
     def reuseport(self) -> bool:
@@ -58,6 +59,18 @@ def plan(
         program = elf.inspect_command(argv, env)
         mechanism = "preload" if program.libc_binds else "seccomp"
     why = program.why if program is not None else f"--via {via}"
+    warn = False
+    if via == "preload":
+        # Asked for by name for a static or Go program: its own bind() never goes through
+        # libc, so it got EADDRINUSE and the boot said "run it by hand", where it works.
+        found = elf.inspect_command(argv, env)
+        if not found.libc_binds:
+            warn = True
+            why = (
+                f"--via preload, but {found.why}: the shim cannot reach a bind() it makes "
+                f"itself (EADDRINUSE on the port); use --via seccomp or auto, unless it takes "
+                f"its sockets from LISTEN_FDS"
+            )
     if mechanism == "preload":
         try:
             path = shim.shim_for(uid)
@@ -72,7 +85,7 @@ def plan(
         else:
             env.update(shim.inherit_env(inodes))
     mode = f"reuseport+{mechanism}" if via == "reuseport" else mechanism
-    return Plan(mode, mechanism == "seccomp", why)
+    return Plan(mode, mechanism == "seccomp", why, warn)
 
 
 def _is_gunicorn(argv: Sequence[str]) -> bool:

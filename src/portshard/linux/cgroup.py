@@ -60,6 +60,7 @@ __all__ = [
     "Trees",
     "detect",
     "made_in",
+    "stale_members",
 ]
 
 log = logging.getLogger("portshard.cgroup")
@@ -359,7 +360,7 @@ class Trees:
     @classmethod
     def _open_cgroups(cls, name: str, found: Detected) -> Trees:
         assert found.base is not None
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "portshard"
+        safe = _safe(name)
         if found.mechanism is Mechanism.MOUNTED:
             with _locked():
                 _ensure_mounted()
@@ -495,8 +496,13 @@ def remove_home(home: str, wait: float = _KILL_WAIT) -> bool:
     return removed
 
 
-def _sweep_stale(base: str, safe: str) -> None:
-    """Groups of a supervisor of the same name that is gone: kill what they hold, remove."""
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "portshard"
+
+
+def _stale_groups(base: str, safe: str) -> Iterator[tuple[str, str, Cgroup]]:
+    """Groups of a supervisor of the same name that is gone and has no warden: (directory
+    name, the dead pid, the group)."""
     with contextlib.suppress(OSError):
         for entry in _subgroups(base):
             stem, _, pid_text = entry.rpartition(".")
@@ -505,6 +511,25 @@ def _sweep_stale(base: str, safe: str) -> None:
             stale = Cgroup(os.path.join(base, entry))
             if Cgroup(os.path.join(stale.path, WARDEN)).members():
                 continue  # a warden keeps its workers for the next supervisor to adopt
+            yield entry, pid_text, stale
+
+
+def stale_members(name: str) -> set[int]:
+    """The processes a start of supervisor ``name`` kills as left by one of that name that
+    died with its warden (the sweep in :meth:`Trees.open`): the preflight check must not
+    refuse the port they hold, or the start that would sweep them never comes."""
+    found = detect()
+    if found.mechanism is not Mechanism.MOUNTED or found.base is None:
+        return set()
+    return {
+        pid for _, _, group in _stale_groups(found.base, _safe(name)) for pid in group.members()
+    }
+
+
+def _sweep_stale(base: str, safe: str) -> None:
+    """Groups of a supervisor of the same name that is gone: kill what they hold, remove."""
+    with contextlib.suppress(OSError):
+        for entry, pid_text, stale in _stale_groups(base, safe):
             left = stale.members()
             if left:
                 log.warning(

@@ -9,6 +9,7 @@ over the file. ``reload`` re-reads the file and says which changes it cannot app
 from __future__ import annotations
 
 import logging
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -116,6 +117,23 @@ def _given(value: Any) -> bool:
     return value is not None and value != ()
 
 
+_PLACEHOLDER = re.compile(r"\{(fd|port):([^}]*)\}")
+
+
+def _check_placeholders(command: Any, names: list[str]) -> None:
+    """``{fd:NAME}`` and ``{port:NAME}`` must name a --listen address. Found only at the
+    first spawn before: after the sockets were open, and `run --check` (an upgrade's check)
+    passed a command whose next reload could not start a worker."""
+    for arg in command:
+        for kind, name in _PLACEHOLDER.findall(str(arg)):
+            if name not in names:
+                raise ConfigError(
+                    f"command argument {arg!r}: {{{kind}:{name}}} names no --listen address "
+                    f"(known: {', '.join(names)}); name the address (--listen "
+                    f"{name}=tcp://...) or use one of those"
+                )
+
+
 def load(cli: Mapping[str, Any], file_data: Mapping[str, Any] | None = None) -> Config:
     """Build a Config from CLI values (None = not given) over the optional file's values
     (``file_data``: those values as an earlier load read them, instead of reading the file).
@@ -137,7 +155,17 @@ def load(cli: Mapping[str, Any], file_data: Mapping[str, Any] | None = None) -> 
             "tcp://:8080 python3 -m http.server --bind 127.0.0.1 8000"
         )
     if not values["listen"]:
+        command = list(values["command"])
+        late = next((a for a in command[1:] if a == "--listen" or a.startswith("--listen=")), None)
+        if late is not None:  # `run -w 2 python3 app.py --listen tcp://:8080`: the program's
+            raise ConfigError(
+                f"no --listen address before the command: {late!r} comes after "
+                f"{command[0]!r}, where portshard's options end, so it is the program's; "
+                f"put portshard's options first, e.g. portshard run --listen tcp://:8080 "
+                f"{command[0]} ..."
+            )
         raise ConfigError("no --listen address; e.g. --listen tcp://:8080 (repeat for more)")
+    _check_placeholders(values["command"], [spec.name for spec in values["listen"]])
     file_workers = (
         BY_FIELD["workers"].parse(data["workers"], Origin("workers", path))
         if "workers" in data

@@ -29,6 +29,7 @@ from .state import (
     SUPERVISOR_TABLE,
     Action,
     Event,
+    Lifecycle,
     Machine,
     SlotEvent,
     State,
@@ -270,7 +271,12 @@ class Fleet:
         slot.workers.remove(w)
         if w.life.retiring:
             log.info(
-                "slot %d pid %d: retired (%s)", slot.index, w.pid, w.describe_exit(), extra=w.fields
+                "slot %d pid %d: retired (%s)%s",
+                slot.index,
+                w.pid,
+                w.describe_exit(),
+                _handover_times(w.life, self.fx.now()),
+                extra=w.fields,
             )
         else:
             log.warning(
@@ -287,9 +293,16 @@ class Fleet:
             return  # a replacement that never became ready: the reload reports it
         if w.role == "boot" and not w.ready:
             self.fire_slot(slot, SlotEvent.EMPTIED)
+            why = "the program cannot start; run it by hand to see why"
+            if w.left:  # by hand it "works": it forked into the background and returned
+                why = (
+                    f"it left pid {w.left[0]} running (killed now): the program put itself in "
+                    f"the background (daemonized); run it in the foreground (nginx: "
+                    f"'daemon off;'; many servers: a --foreground or --no-daemon option)"
+                )
             self.fail(
                 f"the worker for slot {slot.index} exited before it was ready "
-                f"({w.describe_exit()}): the program cannot start; run it by hand to see why"
+                f"({w.describe_exit()}): {why}"
             )
             return
         self._crashed(slot, w)
@@ -524,3 +537,14 @@ class Fleet:
 
     def with_workers(self, count: int) -> None:
         self.cfg = replace(self.cfg, workers=count)
+
+
+def _handover_times(life: Lifecycle, now: float) -> str:
+    """Where a drained worker's retirement went: finding it idle (the freeze-check), then its
+    own shutdown after its stop signal (issue 12: hypercorn's, ~1 s on a busy machine)."""
+    if life.idle_at is None or life.retired_at is None:
+        return ""
+    return (
+        f"; found idle {life.idle_at - life.retired_at:.2f}s after its drain began, "
+        f"exited {now - life.idle_at:.2f}s after its stop signal"
+    )

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..address import Address, parse
 from ..errors import ConfigError, SupervisorError
+from ..linux import tcpinfo
+from ..linux.cgroup import Cgroup
 from ..linux.proc import stat
 from ..linux.syscalls import pidfd_open
 from ..sockets import listen
@@ -201,8 +203,8 @@ def steering_seed(resume: Resume, cfg: Config) -> list[dict[str, Any]]:
     new address: it starts afresh)."""
     old, saved = resume.manifest["listen"], resume.manifest.get("steering") or []
     return [
-        saved[old.index(key)] if key in old and old.index(key) < len(saved) else {}
-        for key in listen_keys(cfg)
+        saved[old.index(key)] if key is not None and old.index(key) < len(saved) else {}
+        for key in kept_keys(resume, cfg)
     ]
 
 
@@ -210,8 +212,8 @@ def inherited_maps(resume: Resume, cfg: Config) -> dict[int, int]:
     """The predecessor's eBPF sockarray fds by group: the sockets are in them already, and a
     socket can be in one sockarray only."""
     maps = {}
-    for gi, key in enumerate(listen_keys(cfg)):
-        fd = resume.fds.get(f"bpf:socks:{key}")
+    for gi, key in enumerate(kept_keys(resume, cfg)):
+        fd = resume.fds.get(f"bpf:socks:{key}") if key is not None else None
         if fd is not None:
             maps[gi] = fd
     return maps
@@ -229,6 +231,29 @@ def listen_keys(cfg: Config) -> list[str]:
     """What names a --listen address across a handover: its name and its address as given
     (port 0 included): the same key keeps its sockets, a new one gets new ones."""
     return [f"{spec.name}={spec.address}" for spec in cfg.listen]
+
+
+def kept_keys(resume: Resume, cfg: Config) -> list[str | None]:
+    """For each current --listen address, the predecessor's key whose sockets it keeps, or
+    None for a new address. The same key, or the same name given the address the predecessor
+    had bound: `tcp://127.0.0.1:0` run again as `tcp://127.0.0.1:43039` (the port its log and
+    status show) is the same socket. Before, that was a new address: new sockets beside the
+    adopted ones, a reload of every worker, and the old sockets closed with connections in
+    their queues (1 reset in each of 3 runs, steering off)."""
+    old: list[str] = resume.manifest["listen"]
+    bound: list[str] = resume.manifest.get("bound", [])
+    kept: list[str | None] = []
+    for key, spec in zip(listen_keys(cfg), cfg.listen, strict=True):
+        if key in old:
+            kept.append(key)
+            continue
+        same = [
+            k
+            for k, b in zip(old, bound, strict=False)
+            if k.partition("=")[0] == spec.name and b == str(spec.address)
+        ]
+        kept.append(same[0] if same else None)
+    return kept
 
 
 # ---- the two ways in ---------------------------------------------------------------------------
@@ -249,12 +274,17 @@ def from_env() -> Resume | None:
         return None
     try:
         fd = int(value)
+        if fd < 3:
+            raise ValueError("not the upgrade's memfd (fds 0-2 are stdin, stdout, stderr)")
         with os.fdopen(fd, "rb") as f:
             data = json.load(f)
-    except (ValueError, OSError) as exc:
-        raise SupervisorError(f"${RESUME_ENV}={value!r}: cannot read the manifest: {exc}") from None
-    manifest = data["manifest"]
-    fds = {key: int(n) for key, n in data["fds"].items()}
+        manifest = data["manifest"]
+        fds = {key: int(n) for key, n in data["fds"].items()}
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        raise SupervisorError(
+            f"${RESUME_ENV}={value!r}: cannot read the manifest ({exc!r}); only `portshard "
+            f"upgrade` sets it, for the new image it execs: unset it"
+        ) from None
     for n in fds.values():
         os.set_inheritable(n, False)
     channel = data.get("channel")
@@ -317,15 +347,16 @@ def restored_sockets(resume: Resume, sup: Supervisor) -> Iterator[tuple[int, lis
     --listen: then the workers get the new set by a reload, which ``Supervisor`` starts)."""
     old = resume.manifest["listen"]
     cfg, fx = sup.cfg, sup.fx
-    keys = listen_keys(cfg)
+    keys = kept_keys(resume, cfg)
     bound: list[Address | None] = [
-        parse(resume.manifest["bound"][old.index(key)]) if key in old else None for key in keys
+        parse(resume.manifest["bound"][old.index(key)]) if key is not None else None for key in keys
     ]
     for slot in resume.manifest["slots"]:
         socks = []
         for i, spec in enumerate(cfg.listen):
-            if keys[i] in old:
-                fd = resume.take(slot["socks"][old.index(keys[i])])
+            key = keys[i]
+            if key is not None:
+                fd = resume.take(slot["socks"][old.index(key)])
                 if fd is None:
                     raise SupervisorError(f"the manifest names no socket for slot {slot['index']}")
                 sock = socket.socket(fileno=fd)
@@ -367,6 +398,45 @@ def restore(resume: Resume, sup: Supervisor) -> list[Slot]:
             slot.machine = Machine(SLOT_TABLE, SlotState.EMPTY)
         slots.append(slot)
     return slots
+
+
+def drop_unrecorded(resume: Resume) -> None:
+    """What the supervisor that died had started but not yet recorded (the warden gets the
+    manifest at most every 0.1 s: a scale up's new slot, a reload's new worker, in that
+    window): its slot sockets leave the port's group, and the processes of worker groups the
+    manifest does not name are killed. Before, such a worker served on, in no status, past
+    every reload (a kill 0.6 s into a scale 2 -> 4: 144 of 400 requests went to it); at the
+    stop it went with the home. Only the cgroup mechanism can find them."""
+    slots = {s["index"] for s in resume.manifest["slots"]}
+    for key in [k for k in resume.fds if k.startswith("sock:") and k not in resume.used]:
+        if int(key.split(":")[1]) in slots:
+            continue
+        fd = resume.take(key)
+        if fd is None:
+            continue
+        sock = socket.socket(fileno=fd)
+        if sock.type == socket.SOCK_STREAM:
+            tcpinfo.stop_listening(sock)  # out of the group for whoever holds a copy
+        sock.close()
+    home = resume.manifest.get("trees", {}).get("home")
+    if not home or not os.path.isdir(home):
+        return
+    known = {w.get("cgroup") for s in resume.manifest["slots"] for w in s["workers"]}
+    with os.scandir(home) as entries:
+        strays = [e.name for e in entries if e.is_dir() and e.name.startswith("slot")]
+    for name in strays:
+        if name in known:
+            continue
+        group = Cgroup(os.path.join(home, name))
+        pids = group.members()
+        if pids:
+            log.warning(
+                "killing pid(s) %s: a worker (%s) the supervisor that died had started and "
+                "not yet recorded (a scale or a reload under way)",
+                " ".join(map(str, pids)),
+                name,
+            )
+        group.remove(wait=2.0)
 
 
 def _restore_worker(

@@ -152,6 +152,8 @@ class Supervisor:
         if resume is not None:
             fx.trees = Trees.adopt(self.cfg.name, resume.manifest["trees"]["home"])
             fleet.slots.extend(handoff.restore(resume, self))
+            if resume.how == "adoption":
+                handoff.drop_unrecorded(resume)
         else:
             fx.trees = Trees.open(self.cfg.name)
             for i in range(self.cfg.workers):
@@ -252,7 +254,7 @@ class Supervisor:
             if self.resume is None:
                 fleet.boot()
             else:
-                kept = handoff.listen_keys(self.cfg)
+                kept = handoff.kept_keys(self.resume, self.cfg)
                 fleet.resume(then_reload=kept != self.resume.manifest["listen"])
                 self.resume = None
             timeout = 0.0
@@ -408,6 +410,11 @@ class Supervisor:
             )
             return
         if steering is None:
+            if self.resume is not None:
+                # A predecessor killed in a scale down left its "first k sockets" program on
+                # the group (or ran a steering program: an upgrade may turn it off): the
+                # adopted slots past k got no connection at all while status said ready.
+                self.fx.all_slots()
             log.info("steering: off: the kernel hashes over every slot")
             return
         log.info(

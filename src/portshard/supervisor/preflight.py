@@ -16,7 +16,7 @@ from collections.abc import Collection
 
 from ..address import Address
 from ..errors import PortInUse
-from ..linux import sockdiag
+from ..linux import cgroup, sockdiag
 from .config import Config
 
 __all__ = ["refuse_served_ports"]
@@ -75,6 +75,10 @@ def refuse_served_ports(cfg: Config, *, skip: Collection[Address] = ()) -> None:
     if cfg.join_existing:
         return
     me = os.getpid()
+    # What a supervisor of this name left when it died with its warden: this start kills it
+    # (the sweep). Refused, the start that sweeps them never came: `portshard run` on a fixed
+    # port after both died said the port was served, by the very workers it would kill.
+    swept: set[int] | None = None
     for spec in cfg.listen:
         addr = spec.address
         if addr.port == 0 or addr in skip:
@@ -84,6 +88,9 @@ def refuse_served_ports(cfg: Config, *, skip: Collection[Address] = ()) -> None:
             for h in sockdiag.port_holders(addr.proto, addr.port)
             if h.pid != me and _overlaps(addr.host, h.local)
         ]
+        if holders and swept is None:
+            swept = cgroup.stale_members(cfg.name)
+        holders = [h for h in holders if h.pid is None or h.pid not in (swept or ())]
         if not holders:
             continue
         seen: dict[int | None, sockdiag.Holder] = {}

@@ -136,7 +136,8 @@ def _freeze_check_kill(fleet: Fleet, w: Worker, deadline: float) -> Generator[Un
     cannot (steering off, a single slot, or no idle moment within GRACEFUL_WAIT s, when the
     slot is back in), the slot's socket drops new SYNs for the moment the old worker needs to
     stop listening (``_hold_and_signal``). Where it cannot do that either (``--via
-    reuseport``: the worker's own socket; a UDP socket), the idle frozen tree is killed:
+    reuseport``: the worker's own socket; a UDP socket; a kernel that refuses us a socket
+    filter), the idle frozen tree is killed:
     nothing lost, and its shutdown does not run."""
     fx = fleet.fx
     graceful_until = fx.now() + GRACEFUL_WAIT
@@ -160,8 +161,8 @@ def _freeze_check_kill(fleet: Fleet, w: Worker, deadline: float) -> Generator[Un
                     return
                 log.info(
                     "slot %d pid %d: idle, but nothing keeps new connections off its slot "
-                    "(--via reuseport, or a UDP socket); killing it frozen (nothing lost; its "
-                    "shutdown does not run)",
+                    "(--via reuseport, a UDP socket, or no socket filter allowed); killing it "
+                    "frozen (nothing lost; its shutdown does not run)",
                     w.slot.index,
                     w.pid,
                     extra=w.fields,

@@ -75,8 +75,43 @@ def _explain(argv0: str, exc: ChildError) -> SupervisorError:
     if exc.errno == errno.ENOENT:
         hint = "; check the path, or that it is on PATH"
     elif exc.errno == errno.EACCES:
-        hint = "; check that it is executable (chmod +x) by the worker's user"
+        closed = _closed_directory(argv0)
+        hint = (
+            f"; {closed} is closed to other users (mode {os.stat(closed).st_mode & 0o777:o}): "
+            f"the worker's user cannot reach the program there (a virtualenv's python may "
+            f"link into it); install it where that user can, or run without --user"
+            if closed is not None
+            else "; check that it is executable (chmod +x) by the worker's user"
+        )
     return SupervisorError(f"cannot run worker command {argv0!r}: {exc.strerror}{hint}")
+
+
+def _closed_directory(argv0: str) -> str | None:
+    """The first directory on the way to the program, its links followed one by one, that
+    other users cannot search: `--user nobody` with a virtualenv whose python links under
+    /root (0700) was told to chmod +x a program that was executable."""
+    import shutil
+
+    found = argv0 if os.sep in argv0 else shutil.which(argv0)
+    if found is None:
+        return None
+    path = os.path.abspath(found)
+    for _ in range(40):  # the kernel's own limit on links followed
+        chain = []
+        directory = os.path.dirname(path)
+        while directory not in chain:
+            chain.append(directory)
+            directory = os.path.dirname(directory)
+        for directory in reversed(chain):
+            try:
+                if not os.stat(directory).st_mode & 0o001:
+                    return directory
+            except OSError:
+                return None
+        if not os.path.islink(path):
+            return None
+        path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    return None
 
 
 def spawn(spec: SpawnSpec) -> Spawned:

@@ -274,6 +274,7 @@ class Lifecycle(Machine[State, Event]):
         self.kill_at: float | None = None  # its kill timer (armed by ARM_KILL_TIMER)
         self.timed_out = False  # killed for not being ready in time (its exit says SIGKILL)
         self.shutting_down = False  # found idle and given its stop signal: its shutdown runs
+        self.idle_at: float | None = None  # when it was found idle and signalled
 
     def fire(self, event: Event, now: float = 0.0) -> tuple[Action, ...]:
         before = self.state
@@ -284,6 +285,7 @@ class Lifecycle(Machine[State, Event]):
             self.timed_out = True
         if event is Event.IDLE:
             self.shutting_down = True
+            self.idle_at = now
         if event in RETIRING_EVENTS and self.retired_at is None:
             self.retired_at = now
         return actions

@@ -70,6 +70,7 @@ class SystemEffects:
         self.notify_name = ""  # the abstract address of the workers' NOTIFY_SOCKET
         self.warden: WardenLink | None = None  # the process that outlives us (issue 15)
         self.replaced = False  # a slot socket was replaced or closed: the warden lets go now
+        self.filter_refused: str | None = None  # why the kernel refuses a socket filter ("": not)
 
     @property
     def cfg(self) -> Config:
@@ -147,7 +148,8 @@ class SystemEffects:
         self.watch_exit(w)
         if spawned.listener is not None:
             self._watch_trap(w, spawned.listener, via.reuseport)
-        log.info(
+        log.log(
+            logging.WARNING if via.warn else logging.INFO,
             "slot %d pid %d: started (%s, generation %d, via %s: %s)",
             slot.index,
             w.pid,
@@ -327,7 +329,33 @@ class SystemEffects:
     def can_hold(self, slot: Slot) -> bool:
         if not self.owns_sockets or not slot.socks:
             return False
-        return all(spec.address.proto is Proto.TCP for spec in self.cfg.listen)
+        if not all(spec.address.proto is Proto.TCP for spec in self.cfg.listen):
+            return False
+        return self._filter_allowed()
+
+    def _filter_allowed(self) -> bool:
+        """The kernel lets us attach a socket filter (a hold's SYN drop). This one refuses it
+        (EPERM) to a process without CAP_NET_ADMIN, root without it too, and the hold raised
+        out of every handover at one slot or with steering off: a traceback per reload and the
+        old worker killed as an internal error. Probed once, on a socket of no group."""
+        if self.filter_refused is None:
+            probe = socket.socket()
+            try:
+                cbpf.drop_syns(probe)
+                self.filter_refused = ""
+            except OSError as exc:
+                self.filter_refused = exc.strerror or str(exc)
+                log.warning(
+                    "cannot hold new connections off a slot while its old worker stops "
+                    "(SO_ATTACH_FILTER: %s; this kernel wants CAP_NET_ADMIN): with one slot or "
+                    "--steering off, an idle old worker is killed frozen at a handover instead "
+                    "(nothing lost; its shutdown does not run); for its graceful stop give "
+                    "portshard CAP_NET_ADMIN (systemd: AmbientCapabilities=CAP_NET_ADMIN)",
+                    self.filter_refused,
+                )
+            finally:
+                probe.close()
+        return not self.filter_refused
 
     def hold(self, slot: Slot, on: bool) -> None:
         if not on and self.fleet.stopping:
@@ -369,7 +397,8 @@ class SystemEffects:
             log.warning(
                 "stop: cannot make the sockets refuse new connections (SO_ATTACH_FILTER: %s); "
                 "the workers empty the queues and are retired, and a connection that arrives "
-                "after that is reset when the sockets close",
+                "after that is reset when the sockets close (CAP_NET_ADMIN lets portshard "
+                "refuse them)",
                 refused.strerror or refused,
             )
         return closing

@@ -109,8 +109,8 @@ class Upgrade:
         manifest, fds = handoff.export(sup)
         if sup.fx.control is not None:
             fds["control"] = sup.fx.control.sock.fileno()
-        if self.conn is not None:
-            fds["client"] = self.conn.sock.fileno()
+        if self.conn is not None and self.conn.open:  # it may have hung up (Ctrl-C) meanwhile:
+            fds["client"] = self.conn.sock.fileno()  # its fd was -1, and the upgrade raised
         channel = sup.succession.warden.inherit()
         data: dict[str, Any] = {
             "manifest": manifest,

@@ -320,6 +320,18 @@ def parse_listen(values: Any, origin: Origin | None = None) -> tuple[ListenSpec,
             )
         if any(s.name == name for s in specs):
             raise origin.error(value, f"the name {name!r} is used twice", "name each address")
+        twin = next((s for s in specs if address.port and s.address == address), None)
+        if twin is not None:
+            # One group in the kernel, two sockets a slot: new connections went to whichever
+            # socket the last steering program picked, and a program serving fd 3 only
+            # (most do) never accepted them: every request timed out, and nothing said why.
+            raise origin.error(
+                value,
+                f"{address} is given twice (as {twin.name} and {name}): both would be one "
+                f"port group, and a worker serving one of its sockets would not get the "
+                f"other's connections",
+                "give each address once",
+            )
         specs.append(ListenSpec(name, address))
     return tuple(specs)
 

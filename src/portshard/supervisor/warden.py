@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..control.paths import warden_address
 from ..linux import cgroup
 from ..linux.proc import stat
 from ..linux.syscalls import pidfd_open
@@ -66,10 +66,8 @@ QUIET_WAIT = 2.0  # s at most for the queues to empty once new connections are r
 
 
 def address(control_path: str) -> bytes:
-    """The warden's abstract address, by the supervisor's control socket: one per supervisor
-    identity (two supervisors may share a --name with different --control paths)."""
-    digest = hashlib.sha256(os.path.abspath(control_path).encode()).hexdigest()[:24]
-    return b"\0portshard/warden/" + digest.encode()
+    """The warden's abstract address (control/paths.py: the client looks for it too)."""
+    return warden_address(control_path)
 
 
 def send(sock: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -109,10 +107,14 @@ def same_process(pid: int, start: int) -> bool:
 
 
 class Warden:
-    def __init__(self, channel: socket.socket, listener: socket.socket, supervisor: int) -> None:
+    def __init__(
+        self, channel: socket.socket, listener: socket.socket, supervisor: int, control: str = ""
+    ) -> None:
         self.channel: socket.socket | None = channel
         self.listener = listener
         self.supervisor = supervisor
+        self.control = control  # the dead supervisor's control socket path
+        self.control_id: tuple[int, int] | None = None  # its (dev, inode) when it died
         self.fds: dict[str, int] = {}
         self.manifest: dict[str, Any] = {}
         self.orphaned_at: float | None = None
@@ -154,6 +156,9 @@ class Warden:
 
     def orphan(self) -> None:
         self.orphaned_at = time.monotonic()
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.control)
+            self.control_id = (st.st_dev, st.st_ino)
         workers = list(self._workers())
         timeout = self._timeout()
         log.error(
@@ -266,6 +271,28 @@ class Warden:
             len(killed),
         )
         self.close_all()
+        self.remove_control()
+
+    def remove_control(self) -> None:
+        """The dead supervisor's control socket, once nobody will adopt: it was left behind
+        (`status` then said "a stale socket"). Only the very file it died with (a supervisor
+        starting since replaced it: another inode), and only if nobody listens on it."""
+        try:
+            st = os.lstat(self.control)
+        except OSError:
+            return
+        if self.control_id != (st.st_dev, st.st_ino):
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.control)
+        except ConnectionRefusedError:
+            with contextlib.suppress(OSError):
+                os.unlink(self.control)
+        except OSError:
+            pass
+        finally:
+            probe.close()
 
     def _drain_all(self) -> None:
         for key in [k for k in self.fds if k.startswith("out:")]:
@@ -387,7 +414,7 @@ def main(argv: Sequence[str]) -> int:
                 return 1
             time.sleep(0.02)
     listener.listen(4)
-    return Warden(channel, listener, supervisor).run()
+    return Warden(channel, listener, supervisor, control).run()
 
 
 if __name__ == "__main__":

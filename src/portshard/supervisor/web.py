@@ -46,6 +46,19 @@ def parse_metrics_address(text: str, option: str = "--metrics") -> tuple[str, in
     return (addr.host or "127.0.0.1", addr.port)
 
 
+def require_exposition() -> None:
+    """--metrics needs prometheus_client (the `metrics` extra): said before anything opens.
+    Without it, `portshard run --metrics` raised ModuleNotFoundError with a traceback once its
+    sockets and steering were set up."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--metrics needs the prometheus_client package, which is not installed: "
+            "pip install 'portshard[metrics]', or run without --metrics"
+        ) from None
+
+
 def metrics_registry(snapshot: Callable[[], Status]) -> Any:
     """A prometheus_client registry whose one collector reads the supervisor's status."""
     try:
@@ -230,6 +243,7 @@ class WebServer(StreamServer):
         inherited: socket.socket | None = None,
     ) -> None:
         """``inherited``: the listener a predecessor had (issue 15: an upgrade, an adoption)."""
+        require_exposition()
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         self._generate = generate_latest

@@ -96,6 +96,7 @@ class Worker:
         self.child = True  # our child (False: adopted from a supervisor that died)
         self.adopted: float | None = None  # when (wall clock) it was adopted (issue 15)
         self.resume_retiring = False  # it was being retired when its supervisor went
+        self.left: list[int] = []  # processes of its tree still running when it was reaped
 
     def __repr__(self) -> str:
         return f"<Worker slot {self.slot.index} pid {self.pid} {self.state.value}>"
@@ -136,6 +137,9 @@ class Worker:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+        if self.cgroup is not None:  # what it left: a program that daemonized (at boot: why)
+            with contextlib.suppress(OSError):
+                self.left = [pid for pid in self.cgroup.members() if pid != self.pid]
         self.signal(signal.SIGKILL)
 
     def describe_exit(self) -> str:
