@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 from portshard.linux import proc
 
@@ -14,12 +15,17 @@ def test_reads_what_run_queue_wait_reads_and_forgets_a_process_that_is_gone() ->
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         first = waits.read(child.pid)
-        assert first is not None and first >= 0
+        assert first is not None and first.waited >= 0
         again = waits.read(child.pid)  # the same fd, read at offset 0 again
-        assert again is not None and again >= first
+        assert again is not None and again.waited >= first.waited and again.ran >= first.ran
+        deadline = time.monotonic() + 10  # it starts Python first, then sleeps
+        while (now := waits.read(child.pid)) is not None and now.runnable:
+            assert time.monotonic() < deadline, "the child never went to sleep"
+            time.sleep(0.01)
         mine = waits.read(os.getpid())
         direct = proc.run_queue_wait(os.getpid())
-        assert mine is not None and direct is not None and mine <= direct
+        assert mine is not None and direct is not None and mine.waited <= direct
+        assert mine.runnable, "this process is running"
     finally:
         child.kill()
         child.wait()

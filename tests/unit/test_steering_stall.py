@@ -31,6 +31,24 @@ def test_a_slot_with_queued_connections_and_no_accept_since_the_last_look_is_out
     ]
 
 
+def test_a_worker_waiting_for_a_cpu_is_descheduled_not_stalled() -> None:
+    p = Policy()
+    look(p, {0: (0, 0), 1: (0, 0), 2: (0, 0), 3: (0, 0)})
+    # Slot 3 accepted none of its 2, but its worker waited for a CPU for 40% of the look:
+    # the machine's; the kernel's two choices already send new connections elsewhere.
+    seen = {0: (0, 50), 1: (0, 50), 2: (0, 50), 3: (2, 2)}
+    obs = [
+        Observation(s, 100 + s, R, q, h, waited=0.4 if s == 3 else 0.0)
+        for s, (q, h) in seen.items()
+    ]
+    assert [c.text for c in p.observe(obs)] == []
+    assert set(p.tcp_weights()) == {0, 1, 2, 3}
+    # The next look it still took none and ran as much as it wanted: stalled.
+    assert look(p, {0: (0, 90), 1: (0, 90), 2: (0, 90), 3: (2, 2)}) == [
+        "excluded: stalled: 2 queued and none accepted since the last look"
+    ]
+
+
 def test_a_busy_slot_that_accepts_is_not_stalled_however_long_its_queue() -> None:
     p = Policy()
     look(p, {0: (5, 0), 1: (6, 0)})

@@ -67,6 +67,8 @@ class Params:
     recover_queue: int = 1  # an overloaded slot is back once its queue is down to this
     stall_ratio: float = 3.0  # without handed counts: a stall needs this x the rest's queue
     stall_rest: float = 0.5  # ... and the slots left must have this x its share between them
+    stall_waited: float = 0.25  # out for a stall or an overload only if its worker waited for
+    # a CPU less than this part of the look (speed.WAITED): more is the machine's descheduling
     epoch: int = 15  # samples (of 20 ms) between weight decisions
     cut_out: float = 0.3  # weights are cut for a slot out at least this part of the epoch
     cut_rest: float = 3.0  # ... and this many times the rest's part (+ margin)
@@ -83,6 +85,8 @@ class Observation:
     queued: int | None = None  # TCP accept-queue depth now; None when not sampled
     handed: int | None = None  # new TCP connections handed to it so far (eBPF counts them)
     limited: bool = False  # the kernel holds it back: an in-flight cap or a cost (speed.py)
+    waited: float = 0.0  # the part of the time since the last look its worker was runnable but
+    # waiting for a CPU (/proc schedstat; read with eBPF counts, while it holds a connection)
 
 
 @dataclass(frozen=True)
@@ -205,8 +209,11 @@ class Policy:
         serving = [
             o.slot for o in sampled if o.slot in shares and not self._tracks[o.slot].overloaded
         ]
+        waited = {o.slot: o.waited for o in sampled}
         for slot in list(serving):
             t = self._tracks[slot]
+            if waited[slot] >= p.stall_waited:
+                continue  # descheduled for the look: the machine's (the stall rule, below)
             # Not against slots the kernel holds back (a cap, a cost): they hold at most their
             # cap, or a fraction of their share, so the others hold the rest of what is in
             # flight; out, they would hand all of it to the one held back (2 workers, one
@@ -271,6 +278,11 @@ class Policy:
                     continue
                 if t.queued / shares[o.slot] < p.stall_ratio * (rest_queue + 1) / rest_share:
                     continue
+            if o.waited >= p.stall_waited:
+                continue  # descheduled: the machine's, and two choices already send new
+                # connections to the slots with fewer in flight (out, an equal worker the
+                # scheduler starved for 0.1 s kept none of 200 long-lived connections opened
+                # then, and 2 or 3 of 4 did at load 4-7: 186, 5, 4, 5)
             if not self._others_serve(o.slot):
                 continue  # never the last one out
             t.overloaded = t.stalled = True
