@@ -426,19 +426,20 @@ def _answers(address: str) -> bool:
 
 
 def test_garbage_at_the_warden_is_refused_and_it_carries_on(fleet: Fleet) -> None:
+    from portshard.control.paths import warden_address
     from portshard.supervisor import warden
 
     args = ("-w", "1", "--listen", "tcp://127.0.0.1:0")
     sup = fleet.run(*args)
     (pid,) = wait_until(fleet.warden_pids, 5, "the warden")
-    wait_until(lambda: _answers(warden.address(str(fleet.control))), 10, "the warden's socket")
+    wait_until(lambda: _answers(warden_address(str(fleet.control))), 10, "the warden's socket")
     for junk in (b"", b"\x00" * 100, b"not zlib", warden.zlib.compress(b"[1, 2")):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
-            c.connect(warden.address(str(fleet.control)))
+            c.connect(warden_address(str(fleet.control)))
             if junk:
                 c.send(junk)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:  # a real ask: refused
-        c.connect(warden.address(str(fleet.control)))
+        c.connect(warden_address(str(fleet.control)))
         c.settimeout(5)
         warden.send(c, {"op": "adopt"})
         msg, _ = warden.recv(c)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from portshard.control.paths import warden_address
 from portshard.errors import ConfigError, SupervisorError
 from portshard.supervisor import handoff, procedures, warden
 from portshard.supervisor.config import load
@@ -137,9 +138,9 @@ def test_the_wire_carries_messages_and_fds_in_batches() -> None:
 
 
 def test_warden_address_is_by_control_path() -> None:
-    assert warden.address("/run/x.sock") == warden.address("/run/../run/x.sock")
-    assert warden.address("/run/x.sock") != warden.address("/run/y.sock")
-    assert warden.address("/run/x.sock").startswith(b"\0portshard/warden/")
+    assert warden_address("/run/x.sock") == warden_address("/run/../run/x.sock")
+    assert warden_address("/run/x.sock") != warden_address("/run/y.sock")
+    assert warden_address("/run/x.sock").startswith(b"\0portshard/warden/")
 
 
 def test_an_upgrade_whose_file_turned_invalid_keeps_the_values_it_ran_with(tmp_path: Path) -> None:

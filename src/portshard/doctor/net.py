@@ -150,13 +150,9 @@ def _reuseport_cbpf() -> _Found:
 def _syn_hold() -> _Found:
     from ..steering import cbpf
 
-    with socket.socket() as sock:
-        try:
-            cbpf.drop_syns(sock)
-        except OSError as exc:
-            raise _Failed(
-                f"SO_ATTACH_FILTER refused: {_reason(exc)} (needs CAP_NET_ADMIN)"
-            ) from None
+    refused = cbpf.drop_syns_refused()
+    if refused is not None:
+        raise _Failed(f"SO_ATTACH_FILTER refused: {_reason(refused)} (needs CAP_NET_ADMIN)")
     return True, True, "SO_ATTACH_FILTER accepted (the SYN-drop program)"
 
 

@@ -160,6 +160,18 @@ def drop_syns(sock: socket.socket) -> None:
     _setsockopt_prog(sock, SO_ATTACH_FILTER, DROP_SYNS)
 
 
+def drop_syns_refused() -> OSError | None:
+    """Why this process may not attach the SYN-drop filter, or None if it may: this kernel
+    refuses SO_ATTACH_FILTER on a TCP socket without CAP_NET_ADMIN (EPERM), root without it
+    too. Probed on a socket of no group (the supervisor's holds, doctor's syn_hold)."""
+    with socket.socket() as probe:
+        try:
+            drop_syns(probe)
+        except OSError as exc:
+            return exc
+    return None
+
+
 def undrop_syns(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..address import Address, parse
+from ..control.paths import warden_address
 from ..errors import ConfigError, SupervisorError
 from ..linux import tcpinfo
 from ..linux.cgroup import Cgroup
@@ -298,7 +299,7 @@ def adopt(control_path: str) -> Resume | None:
     None if there is no warden. Raises SupervisorError if it refuses (its supervisor runs)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(wire.address(control_path))
+        sock.connect(warden_address(control_path))
     except (ConnectionRefusedError, FileNotFoundError):
         sock.close()
         return None

@@ -339,12 +339,9 @@ class SystemEffects:
         out of every handover at one slot or with steering off: a traceback per reload and the
         old worker killed as an internal error. Probed once, on a socket of no group."""
         if self.filter_refused is None:
-            probe = socket.socket()
-            try:
-                cbpf.drop_syns(probe)
-                self.filter_refused = ""
-            except OSError as exc:
-                self.filter_refused = exc.strerror or str(exc)
+            refused = cbpf.drop_syns_refused()
+            self.filter_refused = "" if refused is None else refused.strerror or str(refused)
+            if refused is not None:
                 log.warning(
                     "cannot hold new connections off a slot while its old worker stops "
                     "(SO_ATTACH_FILTER: %s; this kernel wants CAP_NET_ADMIN): with one slot or "
@@ -353,8 +350,6 @@ class SystemEffects:
                     "portshard CAP_NET_ADMIN (systemd: AmbientCapabilities=CAP_NET_ADMIN)",
                     self.filter_refused,
                 )
-            finally:
-                probe.close()
         return not self.filter_refused
 
     def hold(self, slot: Slot, on: bool) -> None:

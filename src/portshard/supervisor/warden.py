@@ -53,7 +53,7 @@ from ..linux.syscalls import pidfd_open
 from .output import LineSplitter
 from .worker import signal_tree
 
-__all__ = ["FDS_PER_MESSAGE", "address", "recv", "send", "send_fds"]
+__all__ = ["FDS_PER_MESSAGE", "recv", "send", "send_fds"]
 
 log = logging.getLogger("portshard.warden")
 
@@ -63,11 +63,6 @@ MAX_MESSAGE = 1 << 22
 ADOPT_TIMEOUT = 10.0  # s an adopter has to say "adopted" once it has the fds
 BIND_WAIT = 5.0  # s to wait for the previous warden's address (it exits after an adoption)
 QUIET_WAIT = 2.0  # s at most for the queues to empty once new connections are refused
-
-
-def address(control_path: str) -> bytes:
-    """The warden's abstract address (control/paths.py: the client looks for it too)."""
-    return warden_address(control_path)
 
 
 def send(sock: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -406,7 +401,7 @@ def main(argv: Sequence[str]) -> int:
     deadline = time.monotonic() + BIND_WAIT
     while True:  # after an adoption the old warden is on its way out
         try:
-            listener.bind(address(control))
+            listener.bind(warden_address(control))
             break
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
