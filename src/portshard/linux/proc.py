@@ -37,7 +37,6 @@ __all__ = [
     "read",
     "read_memory",
     "read_small",
-    "run_queue_wait",
     "socket_fds",
     "sockets_of",
     "stat",
@@ -73,15 +72,6 @@ def read_small(path: str) -> bytes:
         os.close(fd)
 
 
-def run_queue_wait(pid: int) -> int | None:
-    """Nanoseconds ``pid``'s main thread has spent runnable but waiting for a CPU (the second
-    field of /proc/PID/schedstat); None if it is gone or the kernel keeps no schedstats."""
-    try:
-        return int(read_small(f"/proc/{pid}/schedstat").split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 class Sched(NamedTuple):
     """One read of a process's main thread for the steering's looks (:class:`RunQueueWaits`)."""
 
@@ -91,8 +81,9 @@ class Sched(NamedTuple):
 
 
 class RunQueueWaits:
-    """:func:`run_queue_wait` of the same few pids at every look (steering): each
-    /proc/PID/schedstat (and /proc/PID/stat, for the state) stays open and is read again with
+    """How long the same few pids' main threads ran and waited for a CPU (the first two fields
+    of /proc/PID/schedstat), read at every look (steering): each /proc/PID/schedstat (and
+    /proc/PID/stat, for the state) stays open and is read again with
     pread (a seq_file makes its text afresh at offset 0), 2-3 µs a read where open, read and
     close took ~11 µs idle and 40-90 µs under load. An fd names the process it was opened
     for: once that one has gone the read fails (ESRCH), even if its pid was given to another.

@@ -44,6 +44,8 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .speed import WAITED
+
 __all__ = ["Change", "Health", "Observation", "Params", "Policy", "Verdict"]
 
 
@@ -67,8 +69,8 @@ class Params:
     recover_queue: int = 1  # an overloaded slot is back once its queue is down to this
     stall_ratio: float = 3.0  # without handed counts: a stall needs this x the rest's queue
     stall_rest: float = 0.5  # ... and the slots left must have this x its share between them
-    stall_waited: float = 0.25  # out for a stall or an overload only if its worker waited for
-    # a CPU less than this part of the look (speed.WAITED): more is the machine's descheduling
+    stall_waited: float = WAITED  # out for a stall or an overload only if its worker waited
+    # for a CPU less than this part of the look: more is the machine's descheduling
     epoch: int = 15  # samples (of 20 ms) between weight decisions
     cut_out: float = 0.3  # weights are cut for a slot out at least this part of the epoch
     cut_rest: float = 3.0  # ... and this many times the rest's part (+ margin)
@@ -86,7 +88,8 @@ class Observation:
     handed: int | None = None  # new TCP connections handed to it so far (eBPF counts them)
     limited: bool = False  # the kernel holds it back: an in-flight cap or a cost (speed.py)
     waited: float = 0.0  # the part of the time since the last look its worker was runnable but
-    # waiting for a CPU (/proc schedstat; read with eBPF counts, while it holds a connection)
+    # waiting for a CPU (/proc schedstat, or all of it if runnable now and it hardly ran; read
+    # with eBPF counts)
 
 
 @dataclass(frozen=True)

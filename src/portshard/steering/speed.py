@@ -17,7 +17,8 @@ service rate from what the kernel already counts at every sample (eBPF, SOCK_OPS
   one, get less for it and look slower still;
 - ``running``: that time less the part its worker spent runnable but waiting for a CPU
   (``waited``, its main thread's run-queue wait, read by the supervisor from
-  /proc/PID/schedstat; at most half of it): the machine's time, not its worker's speed;
+  /proc/PID/schedstat, or the whole look while it is runnable and hardly ran; at most half of
+  it): the machine's time, not its worker's speed;
 - ``rate = sum(completed while saturated) / sum(running)`` over the recent looks, each older
   look counting ``DECAY`` as much as the next (a window of about 50 looks, 1 s at 20 ms):
   completions per second of work, that is what its worker can serve, not what it was given.
@@ -91,8 +92,6 @@ CAP_STEP = 2.0  # seconds after the policy caught it, the cap doubles ...
 CAP_MAX = 8  # ... and above this, goes
 SUSPECT = 1.0  # seconds: caught twice within this, a slot is capped (once is any hiccup)
 WAITED = 0.25  # a worker that waited for a CPU this part of a look was descheduled, not stalled
-
-
 DOUBT = 1.0  # completions a rate assumes at least: none in 40 ms says < 25/s, not 0
 
 
