@@ -111,9 +111,12 @@ def recipe(name: str, request: pytest.FixtureRequest) -> Recipe:
     # QUIT is nginx's graceful stop (TERM is its fast one); its workers get it too and finish,
     # closing only keep-alive connections between requests, never a new one.
     # nginx-fds: no interposition; nginx's own inherited-socket variable (its binary upgrade)
-    # names fd 3, and its `listen` matches the socket's address, so it binds nothing.
+    # names fd 3, and its `listen` matches the socket's address, so it binds nothing. nginx
+    # takes an inherited socket to be non-blocking: without --nonblocking a worker that lost
+    # the race for a connection blocked in accept() (2 timeouts and a SIGKILL, 1-2 runs in 6).
     nginx = need("nginx")
-    inherit, via = ('NGINX="3;" ', ["--via", "fds"]) if name == "nginx-fds" else ("", [])
+    fds = ["--via", "fds", "--nonblocking"]
+    inherit, via = ('NGINX="3;" ', fds) if name == "nginx-fds" else ("", [])
     script = (
         f'sed "s/PORT/127.0.0.1:$1/" {APPS / "nginx.conf"} >"$PS_MARKERS/nginx.$$.conf" && '
         f'{inherit}exec {nginx} -p "$PS_MARKERS" -c "$PS_MARKERS/nginx.$$.conf" -e stderr '

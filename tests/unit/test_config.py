@@ -98,6 +98,13 @@ def test_reuseport_mode_turns_steering_off_and_cannot_be_switched_by_a_reload(
         reloaded(mode, cli)
 
 
+def test_nonblocking_is_refused_where_portshard_hands_over_no_socket() -> None:
+    base = dict(BASE, listen=("tcp://127.0.0.1:8080",), nonblocking=True)
+    assert load(dict(base, via="fds")).nonblocking
+    with pytest.raises(ConfigError, match=r"--nonblocking .* --via reuseport it hands over none"):
+        load(dict(base, via="reuseport"))
+
+
 @pytest.mark.parametrize(
     "text,message",
     [

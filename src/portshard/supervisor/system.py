@@ -116,6 +116,9 @@ class SystemEffects:
             raise SupervisorError(str(exc)) from None
         group = self.trees.create(f"slot{slot.index}") if self.trees else None
         fds = [s.fileno() for s in slot.socks]
+        if cfg.nonblocking:  # on the shared file description: what the worker inherits
+            for fd in fds:
+                os.set_blocking(fd, False)
         pipes = Pipes.create() if self.output is not None else None
         stdio = (pipes.stdout_w, pipes.stderr_w) if pipes is not None else None
         try:
