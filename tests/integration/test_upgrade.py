@@ -38,10 +38,11 @@ class Fleet:
         self.tag = f"--tag={uuid.uuid4().hex[:12]}"
         self.started: list[Running] = []
 
-    def run(self, *args: str, wait: bool = True) -> Running:
+    def run(self, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Running:
         log = self.control.with_name(f"up{len(self.started)}.log")
         name = ("--name", f"up-{self.tag[-12:]}")  # its own cgroup home, whoever else runs
-        sup = Running([*name, *args, "--", *FDWORKER, self.tag], self.control, WORKER_ENV, log)
+        env = {**WORKER_ENV, **(env or {})}
+        sup = Running([*name, *args, "--", *FDWORKER, self.tag], self.control, env, log)
         self.started.append(sup)
         if wait:
             sup.wait_ready()
@@ -76,6 +77,15 @@ def kill9(sup: Running) -> None:
     assert sup.proc is not None
     sup.proc.kill()
     sup.wait_exit(5)
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (its parent, now init or a subreaper, has not reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def served(port: int) -> str:
@@ -271,6 +281,33 @@ def test_an_adopter_kills_a_worker_its_predecessor_had_not_recorded(fleet: Fleet
     finally:
         stray.kill()
         stray.wait()
+
+
+def test_a_reloads_old_worker_that_exits_while_nobody_supervises_is_not_called_lost(
+    fleet: Fleet,
+) -> None:
+    # Killed while a reload's old worker was stopping (its replacement ready in the same
+    # slot), the rerun found the old one gone and said "its slot starts a new one": the slot
+    # kept, and served with, the replacement; nothing was started.
+    args = ("-w", "2", "--drain", "signal", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args, env={"STOP_DELAY": "1.5"})
+    old = first.pids()
+
+    def stopping() -> int | None:
+        workers = [w for s in first.status()["slots"] for w in s["workers"]]
+        return next((w["pid"] for w in workers if w["state"] == "stopping"), None)
+
+    first.ctl("reload", "--no-wait")
+    retiring = wait_until(stopping, 20, "an old worker stopping")
+    settle(0.3)  # the warden's manifest (at most every 0.1 s) names it
+    kill9(first)
+    wait_until(lambda: exited(retiring), 10, "the old worker's exit")
+    second = fleet.run(*args)
+    pids = second.pids()
+    log = second.text()
+    assert retiring in old and retiring not in pids, log
+    assert f"pid {retiring}: exited while the supervisor was away (it was stopping)" in log
+    assert "starts a new one" not in log and "started (" not in log, log
 
 
 def test_workers_nobody_adopts_serve_for_the_bound_then_stop(fleet: Fleet) -> None:

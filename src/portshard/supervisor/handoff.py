@@ -391,10 +391,15 @@ def restore(resume: Resume, sup: Supervisor) -> list[Slot]:
         slot.generation = data["generation"]
         slot.restarts = data["restarts"]
         slot.machine = Machine(SLOT_TABLE, SlotState.SERVING)
+        gone = []
         for wd in data["workers"]:
+            if not wire.same_process(wd["pid"], wd["start"]):
+                gone.append(wd)
+                continue
             w = _restore_worker(resume, sup, slot, wd, now, wall)
             if w is not None:
                 slot.workers.append(w)
+        _log_gone(slot, gone)
         if not slot.live():
             slot.machine = Machine(SLOT_TABLE, SlotState.EMPTY)
         slots.append(slot)
@@ -440,19 +445,39 @@ def drop_unrecorded(resume: Resume) -> None:
         group.remove(wait=2.0)
 
 
+def _log_gone(slot: Slot, gone: list[dict[str, Any]]) -> None:
+    """The workers of ``slot`` that exited while no supervisor ran. Only a slot left with no
+    worker starts a new one; one that kept a worker (a reload's old worker whose stop was
+    under way, or ended, when the supervisor died) lost nothing. Said otherwise before: "its
+    slot starts a new one" for a retired worker whose replacement was adopted and served."""
+    kept = [w.pid for w in slot.workers]
+    for wd in gone:
+        pid = wd["pid"]
+        extra = {"slot": slot.index, "pid": pid}
+        if not kept:
+            log.warning(
+                "slot %d pid %d: gone while the supervisor was away; its slot starts a new one",
+                slot.index,
+                pid,
+                extra=extra,
+            )
+        else:
+            log.info(
+                "slot %d pid %d: exited while the supervisor was away (it was %s); the slot "
+                "keeps pid %s",
+                slot.index,
+                pid,
+                wd["state"],
+                " ".join(map(str, kept)),
+                extra=extra,
+            )
+
+
 def _restore_worker(
     resume: Resume, sup: Supervisor, slot: Slot, wd: dict[str, Any], now: float, wall: float
 ) -> Worker | None:
     fx = sup.fx
     pid = wd["pid"]
-    if not wire.same_process(pid, wd["start"]):
-        log.warning(
-            "slot %d pid %d: gone while the supervisor was away; its slot starts a new one",
-            slot.index,
-            pid,
-            extra={"slot": slot.index, "pid": pid},
-        )
-        return None
     try:
         pidfd = pidfd_open(pid)
     except OSError:
