@@ -310,6 +310,35 @@ def test_a_reloads_old_worker_that_exits_while_nobody_supervises_is_not_called_l
     assert "starts a new one" not in log and "started (" not in log, log
 
 
+def test_an_adopter_carries_on_the_drain_its_predecessor_had_begun(fleet: Fleet) -> None:
+    # Killed during a drain's settle time, the rerun served as if no drain had been asked:
+    # health said serving again and the leaving host took new connections until whatever
+    # stops it killed it. Now it drains on for what was left of the settle time, then stops.
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args)
+    port = first.port
+    first.ctl("drain", "--settle", "4")
+    wait_until(lambda: first.status()["state"] == "draining", 5, "draining")
+    settle(0.3)  # the warden's manifest says so
+    kill9(first)
+    began = time.monotonic()
+    second = fleet.run(*args, wait=False)
+
+    def state() -> str | None:
+        try:
+            return str(request(second.control, "status", timeout=10)["state"])
+        except ControlError:
+            return None  # not listening yet
+
+    assert wait_until(state, 20, "the adopter up") == "draining", second.text()
+    if time.monotonic() - began < 2.5:  # what is left of the settle time: still served
+        assert served(port)
+    assert second.wait_exit(30) == 0, second.text()
+    assert "was draining: carrying on" in second.text()
+    wait_until(lambda: no_process_left(fleet.tag), 10, "every worker gone")
+    assert not fleet.warden_pids()
+
+
 def test_workers_nobody_adopts_serve_for_the_bound_then_stop(fleet: Fleet) -> None:
     sup = fleet.run("-w", "2", "--listen", "tcp://127.0.0.1:0", "--orphan-timeout", "2")
     port = sup.port

@@ -39,6 +39,7 @@ from ..linux.syscalls import pidfd_open
 from ..sockets import listen
 from ..steering import cbpf
 from . import warden as wire
+from .drain import DrainRequest
 from .state import SLOT_TABLE, Lifecycle, Machine, SlotState, State
 from .worker import Slot, Worker
 
@@ -171,8 +172,23 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
         "steering": fx.steering.export() if fx.steering is not None else None,
         "slots": slots,
         "file": dict(cfg.file_data) if cfg.file_data is not None else None,
+        "drain": fleet.draining.export(now) if fleet.draining is not None else None,
     }
     return manifest, fds
+
+
+def unfinished_drain(resume: Resume) -> DrainRequest | None:
+    """The drain the supervisor that died had under way (what was left of its settle time
+    and deadline), for its adopter to carry on: before, the adopter served as if none had
+    been asked, its health said serving again, and the balancers sent the leaving host new
+    connections until whatever stops it (a preStop, ExecStop) killed it."""
+    left = resume.manifest.get("drain")
+    if resume.how != "adoption" or not isinstance(left, dict):
+        return None
+    settle, deadline = left.get("settle"), left.get("deadline")
+    if not isinstance(settle, (int, float)) or not isinstance(deadline, (int, float, type(None))):
+        return None
+    return DrainRequest(max(0.0, float(settle)), deadline)
 
 
 def running_settings(cli: Mapping[str, Any], resume: Resume | None) -> Config:

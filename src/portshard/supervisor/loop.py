@@ -256,6 +256,9 @@ class Supervisor:
             else:
                 kept = handoff.kept_keys(self.resume, self.cfg)
                 fleet.resume(then_reload=kept != self.resume.manifest["listen"])
+                if (drain := handoff.unfinished_drain(self.resume)) is not None:
+                    log.warning("the supervisor that died was draining: carrying on")
+                    fleet.drain(drain)
                 self.resume = None
             timeout = 0.0
             while fleet.exit_code is None:
