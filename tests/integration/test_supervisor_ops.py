@@ -547,3 +547,20 @@ def test_the_stop_signal_reaches_a_program_whose_main_thread_waits_while_others_
             r"exited [\d.]+s after its stop signal",
             text,
         ), text
+
+
+def test_a_stop_signal_delivered_twice_at_once_still_stops_gracefully(start: Start) -> None:
+    # GNU `timeout` sends SIGTERM to the program and then to its own process group: the
+    # supervisor got it twice at once and took the second as "kill every worker now".
+    sup = start(
+        "-w", "2", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER, tag(),
+        env={"STOP_DELAY": "0.5"},
+    )  # fmt: skip
+    assert sup.proc is not None
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    time.sleep(0.02)  # delivered apart (two pending SIGTERMs would be one), well within 0.1 s
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    assert sup.wait_exit(30) == 0
+    text = sup.text()
+    assert "killing every worker now" not in text, text
+    assert "SIGTERM again" in text and text.count("retired (exit status 0)") == 2, text
