@@ -364,6 +364,11 @@ def restored_sockets(resume: Resume, sup: Supervisor) -> Iterator[tuple[int, lis
     --listen: then the workers get the new set by a reload, which ``Supervisor`` starts)."""
     old = resume.manifest["listen"]
     cfg, fx = sup.cfg, sup.fx
+    if not fx.owns_sockets:  # --via reuseport: each worker binds its own; the slots hold none
+        for slot in resume.manifest["slots"]:
+            yield slot["index"], []
+        fx.bound = [spec.address for spec in cfg.listen]
+        return
     keys = kept_keys(resume, cfg)
     bound: list[Address | None] = [
         parse(resume.manifest["bound"][old.index(key)]) if key is not None else None for key in keys
@@ -372,6 +377,8 @@ def restored_sockets(resume: Resume, sup: Supervisor) -> Iterator[tuple[int, lis
         socks = []
         for i, spec in enumerate(cfg.listen):
             key = keys[i]
+            if key is not None and old.index(key) >= len(slot["socks"]):
+                key = None  # a predecessor under --via reuseport held no socket: a new one
             if key is not None:
                 fd = resume.take(slot["socks"][old.index(key)])
                 if fd is None:
