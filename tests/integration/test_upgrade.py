@@ -339,6 +339,38 @@ def test_an_adopter_carries_on_the_drain_its_predecessor_had_begun(fleet: Fleet)
     assert not fleet.warden_pids()
 
 
+def test_without_cgroups_an_adopter_kills_a_worker_its_predecessor_had_not_recorded(
+    fleet: Fleet,
+) -> None:
+    # The same under the subreaper mechanism (no cgroup names a tree): the adopter found
+    # nothing, and the unrecorded worker served on. Workers carry $PORTSHARD_TREE there; the
+    # test's stray carries one of the lineage that the manifest does not name.
+    args = ("-w", "2", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+    env = {"PORTSHARD_CGROUP": "off"}
+    first = fleet.run(*args, env=env)
+    port, pids = first.port, first.pids()
+    assert "child subreaper" in first.text()
+    with open(f"/proc/{pids[0]}/environ", "rb") as f:
+        tree = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    lineage = tree[b"PORTSHARD_TREE"].decode().partition("#")[0]
+    stray = subprocess.Popen(
+        [sys.executable, "-c", STRAY, str(port), fleet.tag],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PORTSHARD_TREE": f"{lineage}#2.unrecorded"},
+    )
+    try:
+        assert stray.stdout is not None and stray.stdout.readline().startswith("listening")
+        kill9(first)
+        second = fleet.run(*args, env=env)
+        assert sorted(second.pids()) == sorted(pids)
+        assert stray.wait(10) == -signal.SIGKILL, second.text()
+        assert f"killing pid(s) {stray.pid}: a worker the supervisor that died" in second.text()
+    finally:
+        stray.kill()
+        stray.wait()
+
+
 def test_workers_nobody_adopts_serve_for_the_bound_then_stop(fleet: Fleet) -> None:
     sup = fleet.run("-w", "2", "--listen", "tcp://127.0.0.1:0", "--orphan-timeout", "2")
     port = sup.port

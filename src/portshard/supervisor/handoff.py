@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -34,14 +35,14 @@ from ..control.paths import warden_address
 from ..errors import ConfigError, SupervisorError
 from ..linux import tcpinfo
 from ..linux.cgroup import Cgroup
-from ..linux.proc import stat
+from ..linux.proc import env_values, stat
 from ..linux.syscalls import pidfd_open
 from ..sockets import listen
 from ..steering import cbpf
 from . import warden as wire
 from .drain import DrainRequest
 from .state import SLOT_TABLE, Lifecycle, Machine, SlotState, State
-from .worker import Slot, Worker
+from .worker import TREE_ENV, Slot, Worker
 
 if TYPE_CHECKING:
     from .config import Config
@@ -126,6 +127,7 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
                     "ready_age": None if w.life.ready_at is None else now - w.life.ready_at,
                     "mode": w.mode,
                     "cgroup": os.path.basename(w.cgroup.path) if w.cgroup and home else None,
+                    "token": w.token,
                     "adopted": w.adopted,
                 }
             )
@@ -435,7 +437,8 @@ def drop_unrecorded(resume: Resume) -> None:
     window): its slot sockets leave the port's group, and the processes of worker groups the
     manifest does not name are killed. Before, such a worker served on, in no status, past
     every reload (a kill 0.6 s into a scale 2 -> 4: 144 of 400 requests went to it); at the
-    stop it went with the home. Only the cgroup mechanism can find them."""
+    stop it went with the home. The cgroup mechanism finds them by their worker groups, the
+    subreaper one by their $PORTSHARD_TREE (before, nothing found them there)."""
     slots = {s["index"] for s in resume.manifest["slots"]}
     for key in [k for k in resume.fds if k.startswith("sock:") and k not in resume.used]:
         if int(key.split(":")[1]) in slots:
@@ -448,7 +451,10 @@ def drop_unrecorded(resume: Resume) -> None:
             tcpinfo.stop_listening(sock)  # out of the group for whoever holds a copy
         sock.close()
     home = resume.manifest.get("trees", {}).get("home")
-    if not home or not os.path.isdir(home):
+    if not home:
+        _kill_untokened(resume)
+        return
+    if not os.path.isdir(home):
         return
     known = {w.get("cgroup") for s in resume.manifest["slots"] for w in s["workers"]}
     with os.scandir(home) as entries:
@@ -466,6 +472,27 @@ def drop_unrecorded(resume: Resume) -> None:
                 name,
             )
         group.remove(wait=2.0)
+
+
+def _kill_untokened(resume: Resume) -> None:
+    """drop_unrecorded without cgroups: the processes whose $PORTSHARD_TREE is of this
+    lineage but names no worker of the manifest (before, nothing found them here)."""
+    lineage = resume.manifest.get("notify")
+    if not isinstance(lineage, str) or not lineage:
+        return
+    known = {w.get("token") for s in resume.manifest["slots"] for w in s["workers"]}
+    found = env_values(TREE_ENV, f"{lineage}#")
+    strays = sorted(pid for pid, token in found.items() if token not in known)
+    if not strays:
+        return
+    log.warning(
+        "killing pid(s) %s: a worker the supervisor that died had started and not yet "
+        "recorded (a scale or a reload under way)",
+        " ".join(map(str, strays)),
+    )
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _log_gone(slot: Slot, gone: list[dict[str, Any]]) -> None:
@@ -512,6 +539,7 @@ def _restore_worker(
     if wd.get("ready_age") is not None and state is State.READY:
         w.life.ready_at = now - wd["ready_age"]
     w.adopted = wd.get("adopted")
+    w.token = wd.get("token")
     if resume.how == "adoption":
         w.adopted = wall
         w.child = False
