@@ -259,10 +259,12 @@ class Fleet:
                 "delay": "raise --ready-timeout",
             }[cfg.ready.kind]
         )
+        if w.role == "boot":  # the boot fails with it: fail() logs the reason, once
+            self.fire(w, Event.READY_TIMEOUT)
+            self.fail(reason)
+            return
         log.error("%s; killing it", reason, extra=w.fields)
         self.fire(w, Event.READY_TIMEOUT)
-        if w.role == "boot":
-            self.fail(reason)
 
     def on_exit(self, w: Worker) -> None:
         """``w``'s pidfd is readable: reap it, then respawn its slot, back off or give up."""
