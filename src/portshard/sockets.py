@@ -179,11 +179,60 @@ def listen(
                 # Rare but real: another socket bound with SO_REUSEADDR started listening
                 # between our bind() and listen().
                 raise _bind_error(target, exc, reuseport=option is not None) from None
+        if option is not None and addr.port != 0 and sys.platform.startswith("linux"):
+            _check_one_group(sock, target)
         sock.set_inheritable(inheritable)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _covers(mine: Resolved, theirs: str) -> bool:
+    """Whether a socket on ``theirs`` ("1.2.3.4:P", "[::1]:P") takes some of the traffic
+    ``mine`` would get, from another port-sharing group.
+
+    Linux groups SO_REUSEPORT sockets by exact bound address, and a connection goes to the
+    most specific group: 127.0.0.1:P beside 0.0.0.0:P takes every loopback connection, and
+    0.0.0.0:P beside a dual-stack [::]:P every IPv4 one. A foreign [::]:P may be IPv6-only
+    (/proc does not say), so it is left out for an IPv4 socket.
+    """
+    host = theirs.rsplit(":", 1)[0]
+    my_host = str(mine.sockaddr[0])
+    if host.startswith("["):
+        if mine.family != socket.AF_INET6:
+            return False
+        host = host[1:-1]
+        return host != my_host and "::" in (host, my_host)
+    if mine.family == socket.AF_INET6:
+        return mine.dualstack
+    return host != my_host and "0.0.0.0" in (host, my_host)
+
+
+def _check_one_group(sock: socket.socket, target: Resolved) -> None:
+    """Refuse a socket that joins no group of its port's other sockets but splits it.
+
+    A process calling listen("tcp://:P") to join one bound by listen("tcp://0.0.0.0:P")
+    otherwise gets no IPv4 connection at all, and nothing says why.
+    """
+    me = os.geteuid()
+    mine = os.fstat(sock.fileno()).st_ino
+    port = target.address.port
+    proto = target.address.proto
+    for inode, uid, local in sockdiag.port_sockets(proto, port):
+        if inode == mine or uid != me or not _covers(target, local):
+            continue
+        holder = next((h for h in sockdiag.port_holders(proto, port) if h.inode == inode), None)
+        who = holder.describe() if holder is not None else f"a socket on {local}"
+        theirs = local.rsplit(":", 1)[0]
+        raise PortInUse(
+            errno.EADDRINUSE,
+            f"cannot share {target.address}: {who} shares port {port} on another address, and "
+            f"Linux balances only sockets bound to the same address: {theirs} and "
+            f"{target.sockaddr[0]} would be two groups, the more specific one taking every "
+            f"connection both could get; listen on {proto.value}://{theirs}:{port} as it does, "
+            f"to join it, or use another port",
+        )
 
 
 def _unprivileged_port_start() -> int:

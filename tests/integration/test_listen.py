@@ -227,6 +227,32 @@ def test_port_held_without_reuseport_names_pid_and_program(procs: Procs, kind: s
     assert "stop it or let it set SO_REUSEPORT" in message
 
 
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("0.0.0.0", ""), ("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "0.0.0.0")],
+)
+def test_the_same_port_on_an_overlapping_address_is_refused_not_split(
+    procs: Procs, kind: str, first: str, second: str
+) -> None:
+    # Linux groups reuseport sockets by exact address: tcp://:P beside tcp://0.0.0.0:P would
+    # get no IPv4 connection, tcp://127.0.0.1:P every loopback one. Refused, naming the form
+    # that joins.
+    code = TCP_MEMBER if kind == "tcp" else UDP_MEMBER
+    member = procs.python(code, f"{kind}://{first}:0", stdout=subprocess.PIPE, bufsize=0)
+    port = int(read_line(member))
+    with pytest.raises(PortInUse) as info:
+        portshard.listen(f"{kind}://{second}:{port}")
+    message = str(info.value)
+    assert f"pid {member.pid} ({comm(member.pid)}) on {first}:{port}" in message, message
+    assert "balances only sockets bound to the same address" in message
+    assert f"listen on {kind}://{first}:{port} as it does" in message
+    with portshard.listen(f"{kind}://{first}:{port}"):  # the form it names joins
+        pass
+    with portshard.listen(f"{kind}://[::1]:{port}"):  # IPv6-only overlaps nothing IPv4
+        pass
+
+
 def test_sharing_refused_when_asked_not_to_share() -> None:
     with portshard.listen("tcp://127.0.0.1:0") as group:
         port = group.getsockname()[1]
