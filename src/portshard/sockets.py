@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from .address import Address, Proto, Resolved, parse, resolve
-from .errors import BindError, ConfigError, PortInUse, ReuseportUnsupported
+from .errors import AddressError, BindError, ConfigError, PortInUse, ReuseportUnsupported
 from .linux import sockdiag, sysctl
 
 __all__ = [
@@ -144,9 +144,11 @@ def listen(
             Protocol, sock=portshard.listen("udp://:8080")
         )
     """
-    addr = parse(address) if isinstance(address, str) else address
+    addr = _checked(address) if isinstance(address, Address) else parse(address)
     if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
         raise ConfigError(f"backlog must be a whole number >= 1, not {backlog!r}")
+    # listen() takes a C int; the kernel clamps any backlog to net.core.somaxconn anyway.
+    backlog = min(backlog, _MAX_BACKLOG)
     option = decide(balance=balance) if reuseport else None
     target = resolve(addr)
     try:
@@ -233,6 +235,24 @@ def _check_one_group(sock: socket.socket, target: Resolved) -> None:
             f"connection both could get; listen on {proto.value}://{theirs}:{port} as it does, "
             f"to join it, or use another port",
         )
+
+
+_MAX_BACKLOG = 2**31 - 1
+
+
+def _checked(address: Address) -> Address:
+    """An Address built by hand: getaddrinfo would take port 70000 as 4464 and bind that."""
+    port = address.port
+    if not isinstance(address.proto, Proto) or not isinstance(address.host, str):
+        raise AddressError(
+            f"{address!r}: proto must be portshard.Proto.TCP or .UDP and host a string; "
+            f"or pass the address as a string such as 'tcp://127.0.0.1:8080'"
+        )
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise AddressError(
+            f"{address!r}: port {port!r} is out of range; use 0-65535 (0 = any free port)"
+        )
+    return address
 
 
 def _unprivileged_port_start() -> int:

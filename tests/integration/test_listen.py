@@ -183,6 +183,29 @@ def test_bad_backlog(backlog: object) -> None:
         portshard.listen("tcp://127.0.0.1:0", backlog=backlog)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("backlog", [2**31, 2**64])
+def test_a_backlog_above_a_c_int_is_clamped_as_the_kernel_clamps_it(backlog: int) -> None:
+    with portshard.listen("tcp://127.0.0.1:0", backlog=backlog) as sock:
+        assert sock.getsockname()[1] > 0
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        (portshard.Address(portshard.Proto.TCP, "127.0.0.1", 70000), "port 70000 is out of range"),
+        (portshard.Address(portshard.Proto.UDP, "127.0.0.1", -1), "port -1 is out of range"),
+        (portshard.Address("tcp", "127.0.0.1", 0), "proto must be portshard.Proto.TCP"),  # type: ignore[arg-type]
+        (b"tcp://127.0.0.1:0", "must be a string, not b'tcp"),
+        (None, "must be a string, not None"),
+    ],
+)
+def test_a_hand_made_or_mistyped_address_is_refused_not_wrapped(address: object, says: str) -> None:
+    # Before: Address(TCP, host, 70000) bound port 4464 (getaddrinfo wraps it), the others
+    # raised AttributeError.
+    with pytest.raises(AddressError, match=re.escape(says)):
+        portshard.listen(address)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------- real errors
 
 
