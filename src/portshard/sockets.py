@@ -211,18 +211,36 @@ def _covers(mine: Resolved, theirs: str) -> bool:
     return host != my_host and "0.0.0.0" in (host, my_host)
 
 
+def _own_socket_inodes() -> set[int]:
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    return inodes
+
+
 def _check_one_group(sock: socket.socket, target: Resolved) -> None:
     """Refuse a socket that joins no group of its port's other sockets but splits it.
 
     A process calling listen("tcp://:P") to join one bound by listen("tcp://0.0.0.0:P")
-    otherwise gets no IPv4 connection at all, and nothing says why.
+    otherwise gets no IPv4 connection at all, and nothing says why. A socket this process holds
+    itself is no such split: it serves both groups (a supervisor with tcp://:P and
+    tcp://127.0.0.1:P gives every worker both).
     """
     me = os.geteuid()
     mine = os.fstat(sock.fileno()).st_ino
     port = target.address.port
     proto = target.address.proto
+    own: set[int] | None = None
     for inode, uid, local in sockdiag.port_sockets(proto, port):
         if inode == mine or uid != me or not _covers(target, local):
+            continue
+        own = _own_socket_inodes() if own is None else own
+        if inode in own:  # this process serves both groups (two --listen of one supervisor)
             continue
         holder = next((h for h in sockdiag.port_holders(proto, port) if h.inode == inode), None)
         who = holder.describe() if holder is not None else f"a socket on {local}"

@@ -276,6 +276,14 @@ def test_the_same_port_on_an_overlapping_address_is_refused_not_split(
         pass
 
 
+def test_one_process_may_hold_overlapping_addresses_it_serves_itself() -> None:
+    # A supervisor with --listen tcp://:P --listen tcp://127.0.0.1:P gives every worker both.
+    with portshard.listen("tcp://127.0.0.1:0") as first:
+        port = first.getsockname()[1]
+        with portshard.listen(f"tcp://:{port}"), portshard.listen(f"tcp://:{port}"):
+            pass
+
+
 def test_sharing_refused_when_asked_not_to_share() -> None:
     with portshard.listen("tcp://127.0.0.1:0") as group:
         port = group.getsockname()[1]
