@@ -6,9 +6,11 @@ under the other.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
+import weakref
 from collections.abc import Mapping, MutableMapping
 
 from .errors import ActivationError
@@ -17,7 +19,13 @@ __all__ = ["LISTEN_FDS_START", "inherited", "notify", "notify_ready"]
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 _ENV_KEYS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+_SUN_PATH_MAX = 108  # sockaddr_un.sun_path; Linux takes a path that fills it without a NUL
 _MAX_FDS = 4096  # far above any real use; catches garbage before fstat()ing thousands of fds
+
+# fd -> (socket inode, the socket object inherited() returned for it). A second call hands back
+# the same object: two objects on one fd would each close it, the second closing whatever the
+# process opened on that number in between. Weak: the caller owns the socket.
+_TAKEN: dict[int, tuple[int, weakref.ref[socket.socket]]] = {}
 
 
 def _env_int(env: Mapping[str, str], key: str) -> int:
@@ -50,6 +58,15 @@ def _check_fds(count: int) -> list[int]:
         try:
             mode = os.fstat(fd).st_mode
         except OSError:
+            mode = None
+        if fd in _TAKEN and (mode is None or not stat.S_ISSOCK(mode)):
+            raise ActivationError(
+                f"fd {fd} of LISTEN_FDS was taken by an earlier inherited() call in this "
+                f"process, and its socket has since been closed (by close(), a 'with' block, "
+                f"or garbage collection when nothing kept a reference); keep the sockets the "
+                f"first call returned instead of calling inherited() again"
+            )
+        if mode is None:
             raise ActivationError(
                 f"LISTEN_FDS={count} but fd {fd} is not open; the parent did not pass it "
                 f"(check that it was not opened close-on-exec, and that LISTEN_FDS counts "
@@ -62,6 +79,19 @@ def _check_fds(count: int) -> list[int]:
                 f"{LISTEN_FDS_START + count - 1} (fix the parent, or unset LISTEN_FDS)"
             )
     return fds
+
+
+def _wrap(fd: int) -> socket.socket:
+    """The socket object for inherited ``fd``: the one an earlier call returned, if still open."""
+    inode = os.fstat(fd).st_ino
+    taken = _TAKEN.get(fd)
+    if taken is not None and taken[0] == inode:
+        sock = taken[1]()
+        if sock is not None and sock.fileno() == fd:
+            return sock
+    sock = socket.socket(fileno=fd)
+    _TAKEN[fd] = (inode, weakref.ref(sock))
+    return sock
 
 
 def inherited(
@@ -79,9 +109,10 @@ def inherited(
     so a program this process runs does not hold them.
 
     The variables are removed from the environment by default, so children don't see them;
-    to pick several names one call at a time, pass ``unset_environment=False`` (and call each
-    name once: every call wraps the fds in new socket objects). Raises ActivationError if the
-    variables are malformed or name an fd that is not an open socket; then no fd is touched.
+    to pick several names one call at a time, pass ``unset_environment=False``: a later call
+    returns the same socket objects for the fds an earlier one returned. Raises ActivationError
+    if the variables are malformed or name an fd that is not an open socket; then no fd is
+    touched.
     """
     env = os.environ if environ is None else environ
     if "LISTEN_FDS" not in env:
@@ -105,9 +136,7 @@ def inherited(
     for fd in fds:
         os.set_inheritable(fd, False)
     socks = [
-        socket.socket(fileno=fd)
-        for fd, fd_name in zip(fds, names, strict=True)
-        if name is None or fd_name == name
+        _wrap(fd) for fd, fd_name in zip(fds, names, strict=True) if name is None or fd_name == name
     ]
     if unset_environment:
         for key in _ENV_KEYS:
@@ -121,20 +150,43 @@ def notify(state: str, *, environ: Mapping[str, str] | None = None) -> bool:
     path = env.get("NOTIFY_SOCKET")
     if not path:
         return False
+    if path.startswith("vsock:"):
+        raise ActivationError(
+            f"NOTIFY_SOCKET={path!r} is a VSOCK address (systemd notifying from outside a VM), "
+            f"which portshard does not speak; unset NOTIFY_SOCKET, or give it a path"
+        )
     if path[0] not in "/@":
         raise ActivationError(
             f"NOTIFY_SOCKET={path!r} is neither a path nor an abstract name (@...); "
             f"whoever started this process set it wrong"
         )
     target = "\0" + path[1:] if path[0] == "@" else path
+    size = len(os.fsencode(target))
+    if size > _SUN_PATH_MAX:
+        raise ActivationError(
+            f"NOTIFY_SOCKET={path!r} is {size} bytes, longer than the {_SUN_PATH_MAX} an "
+            f"AF_UNIX address holds; whoever started this process must use a shorter path"
+        )
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
             sock.sendto(state.encode(), target)
         except OSError as exc:
-            raise ActivationError(
-                f"cannot notify {path!r}: {exc.strerror}; is the supervisor still running?"
-            ) from None
+            raise ActivationError(f"cannot notify {path!r}: {_notify_why(exc)}") from None
     return True
+
+
+def _notify_why(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"{exc.strerror}: user {os.geteuid()} may not write to it or search a directory "
+            f"on its path; the supervisor must make it reachable by the user the worker runs "
+            f"as (portshard run --user does)"
+        )
+    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        return f"{exc.strerror}; is the supervisor still running?"
+    if exc.errno == errno.EPROTOTYPE:
+        return f"{exc.strerror}: it is not a datagram socket; NOTIFY_SOCKET must name one"
+    return f"{exc.strerror or exc}"
 
 
 def notify_ready(*, environ: Mapping[str, str] | None = None) -> bool:

@@ -102,6 +102,7 @@ def parse(text: str) -> Address:
             )
         host, port_text = rest[1:end], rest[end + 2 :]
         _check_ipv6(text, host)
+        _check_scope(text, proto, host, port_text)
     else:
         if ":" not in rest:
             if rest and all(c.isdigit() or c in "+-_" for c in rest):
@@ -120,6 +121,11 @@ def parse(text: str) -> Address:
             )
     if "/" in port_text or "/" in host:
         raise AddressError(f"listen address {text!r} has a path; {_HINT}")
+    if any(c.isspace() for c in host):
+        raise AddressError(
+            f"listen address {text!r}: host {host!r} holds whitespace; remove it, "
+            f"as in {proto.value}://{''.join(host.split())}:{port_text or 'PORT'}"
+        )
     if host == "*":
         host = ""
     return Address(proto, host, _parse_port(text, port_text))
@@ -144,6 +150,37 @@ def _check_ipv6(text: str, host: str) -> None:
             f"listen address {text!r}: {host!r} in brackets is not an IPv6 address; "
             f"put only IPv6 literals in brackets, as in tcp://[::1]:8080, and write IPv4 "
             f"addresses and names without them"
+        )
+
+
+def _check_scope(text: str, proto: Proto, host: str, port_text: str) -> None:
+    """Refuse IPv6 literals the kernel would refuse with a bare EINVAL at bind().
+
+    An IPv4-mapped address (::ffff:a.b.c.d) cannot be bound by an IPv6-only socket, and a
+    link-local one (fe80::/10, ff02::/16) means nothing without the interface it is on.
+    """
+    addr_text, percent, zone = host.partition("%")
+    if not host or not _is_ipv6(host):
+        return
+    addr = ipaddress.IPv6Address(addr_text)
+    port = port_text or "PORT"
+    if addr.ipv4_mapped is not None:
+        raise AddressError(
+            f"listen address {text!r}: {addr_text} is an IPv4-mapped IPv6 address, which "
+            f"an IPv6 socket cannot bind; write the IPv4 address, as in "
+            f"{proto.value}://{addr.ipv4_mapped}:{port}"
+        )
+    link_local = addr.is_link_local or (addr.is_multicast and addr.packed[1] & 0x0F == 2)
+    if link_local and not zone:
+        raise AddressError(
+            f"listen address {text!r}: {addr_text} is link-local, so it needs the interface "
+            f"it is on after a '%', as in {proto.value}://[{addr_text}%eth0]:{port} "
+            f"(see 'ip -6 addr')"
+        )
+    if percent and not link_local:
+        raise AddressError(
+            f"listen address {text!r}: a zone ('%{zone}') only goes with a link-local address "
+            f"(fe80::/10); remove it, as in {proto.value}://[{addr_text}]:{port}"
         )
 
 
@@ -174,6 +211,20 @@ def has_ipv6() -> bool:
     return True
 
 
+def _check_zone(address: Address) -> None:
+    """An IPv6 zone must name an interface of this machine (or be its index)."""
+    _, percent, zone = address.host.partition("%")
+    if not percent or (zone.isascii() and zone.isdigit()):
+        return
+    try:
+        socket.if_nametoindex(zone)
+    except OSError:
+        raise AddressError(
+            f"cannot listen on {address}: there is no network interface {zone!r} here; "
+            f"name one shown by 'ip link', as in %lo or %eth0"
+        ) from None
+
+
 def resolve(address: Address) -> Resolved:
     """Resolve ``address`` to one concrete socket address.
 
@@ -184,6 +235,7 @@ def resolve(address: Address) -> Resolved:
         if has_ipv6():
             return Resolved(address, socket.AF_INET6, ("::", address.port, 0, 0), True)
         return Resolved(address, socket.AF_INET, ("0.0.0.0", address.port), False)
+    _check_zone(address)
     try:
         infos = socket.getaddrinfo(
             address.host,
@@ -195,6 +247,12 @@ def resolve(address: Address) -> Resolved:
         raise AddressError(
             f"cannot listen on {address}: host {address.host!r} does not resolve "
             f"({exc.strerror}); use an IP address, or fix the name in DNS or /etc/hosts"
+        ) from None
+    except UnicodeError as exc:
+        # The IDNA codec refuses a name with an empty label ("a..b") or one over 63 characters.
+        raise AddressError(
+            f"cannot listen on {address}: {address.host!r} is not a valid host name ({exc}); "
+            f"use an IP address or a name whose dot-separated parts are 1-63 characters"
         ) from None
     for family, _type, _proto, _canon, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6):

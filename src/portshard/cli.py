@@ -226,6 +226,12 @@ def _client(name: str, control: str | None) -> str:
     return resolve_path(control, name)
 
 
+# --watch: below 0.1 s it asks the supervisor for its status without pause (each answer costs
+# it a /proc read of every worker); time.sleep() refuses NaN and overflows on inf.
+_WATCH_MIN = 0.1
+_WATCH_MAX = 86400.0
+
+
 @cli.command()
 @control_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (for scripts).")
@@ -238,7 +244,7 @@ def _client(name: str, control: str | None) -> str:
     is_flag=False,
     flag_value=1.0,
     metavar="[SECONDS]",
-    help="Refresh in place every SECONDS (default 1) until Ctrl-C.",
+    help="Refresh in place every SECONDS (default 1) until Ctrl-C; with --json, one object a line.",
 )
 @click.option(
     "--compact",
@@ -270,22 +276,33 @@ def status(
     from .render import compact_rows, render_status
 
     path = _client(name, control)
-    if watch is not None and watch <= 0:
-        raise click.BadParameter(f"{watch:g} must be more than 0 seconds", param_hint="--watch")
+    if watch is not None and not _WATCH_MIN <= watch < _WATCH_MAX:
+        raise click.BadParameter(
+            f"{watch:g} is not a refresh interval: give {_WATCH_MIN:g} to {_WATCH_MAX:g} seconds",
+            param_hint="--watch",
+        )
+    tty = sys.stdout.isatty()
     try:
         while True:
             result = request(path, "status")
             if as_json:
-                text = json.dumps(result, indent=2)
+                # Under --watch, one object a line (JSON Lines), so a script can read each.
+                text = json.dumps(result, indent=None if watch else 2)
             else:
                 lines = shutil.get_terminal_size().lines  # $LINES, else 24 off a terminal
                 rows = compact_rows(len(result.get("slots", ())), lines, layout)
-                text = render_status(result, colour=sys.stdout.isatty(), rows=rows)
+                text = render_status(result, colour=tty, rows=rows)
             if watch is None:
                 click.echo(text)
                 return
-            stamp = time.strftime("%H:%M:%S")
-            click.echo(f"\x1b[H\x1b[2J{text}\n\n{stamp}, every {watch:g}s; Ctrl-C to quit")
+            if as_json:
+                click.echo(text)
+            elif tty:
+                stamp = time.strftime("%H:%M:%S")
+                click.echo(f"\x1b[H\x1b[2J{text}\n\n{stamp}, every {watch:g}s; Ctrl-C to quit")
+            else:  # a file or a pipe: no screen to clear
+                click.echo(f"{time.strftime('%H:%M:%S')}\n{text}\n")
+            sys.stdout.flush()
             time.sleep(watch)
     except KeyboardInterrupt:
         click.echo()

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from .address import Address, Proto, Resolved, parse, resolve
-from .errors import BindError, ConfigError, PortInUse, ReuseportUnsupported
+from .errors import AddressError, BindError, ConfigError, PortInUse, ReuseportUnsupported
 from .linux import sockdiag, sysctl
 
 __all__ = [
@@ -144,9 +144,11 @@ def listen(
             Protocol, sock=portshard.listen("udp://:8080")
         )
     """
-    addr = parse(address) if isinstance(address, str) else address
+    addr = _checked(address) if isinstance(address, Address) else parse(address)
     if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
         raise ConfigError(f"backlog must be a whole number >= 1, not {backlog!r}")
+    # listen() takes a C int; the kernel clamps any backlog to net.core.somaxconn anyway.
+    backlog = min(backlog, _MAX_BACKLOG)
     option = decide(balance=balance) if reuseport else None
     target = resolve(addr)
     try:
@@ -179,11 +181,96 @@ def listen(
                 # Rare but real: another socket bound with SO_REUSEADDR started listening
                 # between our bind() and listen().
                 raise _bind_error(target, exc, reuseport=option is not None) from None
+        if option is not None and addr.port != 0 and sys.platform.startswith("linux"):
+            _check_one_group(sock, target)
         sock.set_inheritable(inheritable)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _covers(mine: Resolved, theirs: str) -> bool:
+    """Whether a socket on ``theirs`` ("1.2.3.4:P", "[::1]:P") takes some of the traffic
+    ``mine`` would get, from another port-sharing group.
+
+    Linux groups SO_REUSEPORT sockets by exact bound address, and a connection goes to the
+    most specific group: 127.0.0.1:P beside 0.0.0.0:P takes every loopback connection, and
+    0.0.0.0:P beside a dual-stack [::]:P every IPv4 one. A foreign [::]:P may be IPv6-only
+    (/proc does not say), so it is left out for an IPv4 socket.
+    """
+    host = theirs.rsplit(":", 1)[0]
+    my_host = str(mine.sockaddr[0])
+    if host.startswith("["):
+        if mine.family != socket.AF_INET6:
+            return False
+        host = host[1:-1]
+        return host != my_host and "::" in (host, my_host)
+    if mine.family == socket.AF_INET6:
+        return mine.dualstack
+    return host != my_host and "0.0.0.0" in (host, my_host)
+
+
+def _own_socket_inodes() -> set[int]:
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def _check_one_group(sock: socket.socket, target: Resolved) -> None:
+    """Refuse a socket that joins no group of its port's other sockets but splits it.
+
+    A process calling listen("tcp://:P") to join one bound by listen("tcp://0.0.0.0:P")
+    otherwise gets no IPv4 connection at all, and nothing says why. A socket this process holds
+    itself is no such split: it serves both groups (a supervisor with tcp://:P and
+    tcp://127.0.0.1:P gives every worker both).
+    """
+    me = os.geteuid()
+    mine = os.fstat(sock.fileno()).st_ino
+    port = target.address.port
+    proto = target.address.proto
+    own: set[int] | None = None
+    for inode, uid, local in sockdiag.port_sockets(proto, port):
+        if inode == mine or uid != me or not _covers(target, local):
+            continue
+        own = _own_socket_inodes() if own is None else own
+        if inode in own:  # this process serves both groups (two --listen of one supervisor)
+            continue
+        holder = next((h for h in sockdiag.port_holders(proto, port) if h.inode == inode), None)
+        who = holder.describe() if holder is not None else f"a socket on {local}"
+        theirs = local.rsplit(":", 1)[0]
+        raise PortInUse(
+            errno.EADDRINUSE,
+            f"cannot share {target.address}: {who} shares port {port} on another address, and "
+            f"Linux balances only sockets bound to the same address: {theirs} and "
+            f"{target.sockaddr[0]} would be two groups, the more specific one taking every "
+            f"connection both could get; listen on {proto.value}://{theirs}:{port} as it does, "
+            f"to join it, or use another port",
+        )
+
+
+_MAX_BACKLOG = 2**31 - 1
+
+
+def _checked(address: Address) -> Address:
+    """An Address built by hand: getaddrinfo would take port 70000 as 4464 and bind that."""
+    port = address.port
+    if not isinstance(address.proto, Proto) or not isinstance(address.host, str):
+        raise AddressError(
+            f"{address!r}: proto must be portshard.Proto.TCP or .UDP and host a string; "
+            f"or pass the address as a string such as 'tcp://127.0.0.1:8080'"
+        )
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise AddressError(
+            f"{address!r}: port {port!r} is out of range; use 0-65535 (0 = any free port)"
+        )
+    return address
 
 
 def _unprivileged_port_start() -> int:

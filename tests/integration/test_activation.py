@@ -15,9 +15,16 @@ import pytest
 
 import portshard
 from portshard import ActivationError
-from tests.conftest import Procs
+from tests.conftest import Procs, needs_root
 
-from ._util import launch_with_fds, notify_receiver, read_line, receive_with_pid
+from ._util import (
+    AS_NOBODY,
+    launch_with_fds,
+    nobody_uid,
+    notify_receiver,
+    read_line,
+    receive_with_pid,
+)
 
 # Print what inherited() returned, what is left of the environment, and the state of fds 3, 4.
 REPORT = """
@@ -256,3 +263,77 @@ def test_notify_socket_with_nobody_listening(short_tmp: Path) -> None:
     assert f"cannot notify {path!r}" in message
     assert "No such file or directory" in message
     assert "is the supervisor still running?" in message
+
+
+TWICE = """
+import json, portshard
+first = portshard.inherited(unset_environment=False)
+again = portshard.inherited(unset_environment=False)
+same = [a is b for a, b in zip(first, again)]
+first[0].close()  # one close: two objects on fd 3 would close it twice
+del first, again
+try:
+    portshard.inherited(unset_environment=False)
+    error = None
+except portshard.ActivationError as exc:
+    error = str(exc)
+print(json.dumps({"same": same, "error": error}), flush=True)
+"""
+
+
+def test_inherited_twice_returns_the_same_sockets_and_a_closed_one_is_named(
+    procs: Procs, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    tcp, udp = pair
+    env = {"LISTEN_FDS": "2", "LISTEN_FDNAMES": "web:dns"}
+    child = launch_with_fds(procs, [tcp.fileno(), udp.fileno()], TWICE, env)
+    result = json.loads(read_line(child))
+    assert child.wait(timeout=10) == 0
+    assert result["same"] == [True, True]
+    assert "fd 3 of LISTEN_FDS was taken by an earlier inherited() call" in result["error"]
+    assert "keep the sockets the first call returned" in result["error"]
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("/" + "x" * 120, ["121 bytes, longer than the 108 an AF_UNIX address holds"]),
+        ("vsock:2:1234", ["is a VSOCK address", "unset NOTIFY_SOCKET"]),
+    ],
+)
+def test_notify_socket_that_cannot_be_an_address_says_why(value: str, says: list[str]) -> None:
+    with pytest.raises(ActivationError) as info:
+        portshard.notify_ready(environ={"NOTIFY_SOCKET": value})
+    for part in says:
+        assert part in str(info.value), str(info.value)
+
+
+def test_notify_socket_that_is_a_stream_socket_says_so(short_tmp: Path) -> None:
+    path = str(short_tmp / "stream")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stream:
+        stream.bind(path)
+        stream.listen()
+        with pytest.raises(ActivationError, match="not a datagram socket"):
+            portshard.notify_ready(environ={"NOTIFY_SOCKET": path})
+
+
+@needs_root
+def test_notify_socket_another_user_cannot_write_says_who_must_fix_it(
+    procs: Procs, short_tmp: Path
+) -> None:
+    nobody_uid()
+    path = str(short_tmp / "notify")
+    with notify_receiver(path):
+        os.chmod(path, 0o600)  # the supervisor's, not the worker's user
+        code = AS_NOBODY + (
+            "try:\n"
+            f"    portshard.notify_ready(environ={{'NOTIFY_SOCKET': {path!r}}})\n"
+            "except portshard.ActivationError as exc:\n"
+            "    print(exc, flush=True)\n"
+        )
+        child = procs.python(code, stdout=subprocess.PIPE, bufsize=0)
+        line = read_line(child)
+        assert child.wait(timeout=10) == 0
+    assert "Permission denied" in line, line
+    assert "may not write to it" in line
+    assert "--user" in line

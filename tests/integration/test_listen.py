@@ -183,6 +183,29 @@ def test_bad_backlog(backlog: object) -> None:
         portshard.listen("tcp://127.0.0.1:0", backlog=backlog)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("backlog", [2**31, 2**64])
+def test_a_backlog_above_a_c_int_is_clamped_as_the_kernel_clamps_it(backlog: int) -> None:
+    with portshard.listen("tcp://127.0.0.1:0", backlog=backlog) as sock:
+        assert sock.getsockname()[1] > 0
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        (portshard.Address(portshard.Proto.TCP, "127.0.0.1", 70000), "port 70000 is out of range"),
+        (portshard.Address(portshard.Proto.UDP, "127.0.0.1", -1), "port -1 is out of range"),
+        (portshard.Address("tcp", "127.0.0.1", 0), "proto must be portshard.Proto.TCP"),  # type: ignore[arg-type]
+        (b"tcp://127.0.0.1:0", "must be a string, not b'tcp"),
+        (None, "must be a string, not None"),
+    ],
+)
+def test_a_hand_made_or_mistyped_address_is_refused_not_wrapped(address: object, says: str) -> None:
+    # Before: Address(TCP, host, 70000) bound port 4464 (getaddrinfo wraps it), the others
+    # raised AttributeError.
+    with pytest.raises(AddressError, match=re.escape(says)):
+        portshard.listen(address)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------- real errors
 
 
@@ -225,6 +248,40 @@ def test_port_held_without_reuseport_names_pid_and_program(procs: Procs, kind: s
     assert f"pid {holder.pid} ({comm(holder.pid)})" in message
     assert "without SO_REUSEPORT" in message
     assert "stop it or let it set SO_REUSEPORT" in message
+
+
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("0.0.0.0", ""), ("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "0.0.0.0")],
+)
+def test_the_same_port_on_an_overlapping_address_is_refused_not_split(
+    procs: Procs, kind: str, first: str, second: str
+) -> None:
+    # Linux groups reuseport sockets by exact address: tcp://:P beside tcp://0.0.0.0:P would
+    # get no IPv4 connection, tcp://127.0.0.1:P every loopback one. Refused, naming the form
+    # that joins.
+    code = TCP_MEMBER if kind == "tcp" else UDP_MEMBER
+    member = procs.python(code, f"{kind}://{first}:0", stdout=subprocess.PIPE, bufsize=0)
+    port = int(read_line(member))
+    with pytest.raises(PortInUse) as info:
+        portshard.listen(f"{kind}://{second}:{port}")
+    message = str(info.value)
+    assert f"pid {member.pid} ({comm(member.pid)}) on {first}:{port}" in message, message
+    assert "balances only sockets bound to the same address" in message
+    assert f"listen on {kind}://{first}:{port} as it does" in message
+    with portshard.listen(f"{kind}://{first}:{port}"):  # the form it names joins
+        pass
+    with portshard.listen(f"{kind}://[::1]:{port}"):  # IPv6-only overlaps nothing IPv4
+        pass
+
+
+def test_one_process_may_hold_overlapping_addresses_it_serves_itself() -> None:
+    # A supervisor with --listen tcp://:P --listen tcp://127.0.0.1:P gives every worker both.
+    with portshard.listen("tcp://127.0.0.1:0") as first:
+        port = first.getsockname()[1]
+        with portshard.listen(f"tcp://:{port}"), portshard.listen(f"tcp://:{port}"):
+            pass
 
 
 def test_sharing_refused_when_asked_not_to_share() -> None:

@@ -341,7 +341,53 @@ def test_status_watch_refreshes_in_place_and_json_logs(start: Start) -> None:
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 2 and "must be more than 0" in bad.stderr
+    assert bad.returncode == 2 and "0 is not a refresh interval" in bad.stderr
+
+
+def _watch_piped(sup: Running, *args: str) -> str:
+    proc = subprocess.Popen(
+        [*PORTSHARD, "status", "--watch", "0.2", *args, "--control", sup.control],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=default_signals,
+    )
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    out = b""
+    deadline = time.monotonic() + 15
+    mark = b"\n" if "--json" in args else b"SLOT"
+    while out.count(mark) < 3:
+        assert time.monotonic() < deadline, out[:500]
+        select.select([proc.stdout], [], [], 0.5)
+        out += proc.stdout.read() or b""
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and b"Traceback" not in err, err
+    return (out + rest).decode()
+
+
+def test_status_watch_piped_is_json_lines_or_plain_snapshots(shared_sup: Running) -> None:
+    # Before: --watch --json wrote pretty JSON between screen-clearing escapes and a
+    # "every 1s; Ctrl-C to quit" footer, which no JSON reader takes; piped text had escapes.
+    lines = [line for line in _watch_piped(shared_sup, "--json").splitlines() if line]
+    assert len(lines) >= 3
+    assert all(json.loads(line)["state"] == "running" for line in lines)
+    text = _watch_piped(shared_sup)
+    assert "\x1b" not in text and "SLOT" in text
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e-9"])
+def test_status_watch_refuses_intervals_it_cannot_sleep(shared_sup: Running, value: str) -> None:
+    # Before: nan raised ValueError and inf OverflowError out of time.sleep(), 1e-9 spun.
+    bad = subprocess.run(
+        [*PORTSHARD, "status", f"--watch={value}", "--control", shared_sup.control],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert "is not a refresh interval: give 0.1 to 86400 seconds" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_completion_script() -> None:

@@ -88,6 +88,17 @@ def test_canonical_form_brackets_ipv6_and_names_the_scheme() -> None:
         ("tcp://[::1]80", ["'80' after ']' is not ':PORT'"]),
         ("tcp://[localhost]:80", ["'localhost' in brackets is not an IPv6 address"]),
         ("tcp://[127.0.0.1]:80", ["'127.0.0.1' in brackets is not an IPv6 address"]),
+        # IPv6 literals the kernel refuses with a bare EINVAL at bind()
+        (
+            "tcp://[::ffff:127.0.0.1]:80",
+            ["::ffff:127.0.0.1 is an IPv4-mapped", "tcp://127.0.0.1:80"],
+        ),
+        ("udp://[fe80::1]:53", ["fe80::1 is link-local", "udp://[fe80::1%eth0]:53"]),
+        ("udp://[ff02::1]:53", ["ff02::1 is link-local", "[ff02::1%eth0]:53"]),
+        ("tcp://[::1%lo]:80", ["a zone ('%lo') only goes with a link-local", "tcp://[::1]:80"]),
+        # whitespace inside (outside is stripped)
+        ("tcp://127.0.0.1 :80", ["host '127.0.0.1 ' holds whitespace", "tcp://127.0.0.1:80"]),
+        ("tcp://\t127.0.0.1:80", ["holds whitespace"]),
         # empty
         ("", ["empty listen address", "tcp://HOST:PORT"]),
         ("   ", ["empty listen address"]),
@@ -139,3 +150,26 @@ def test_resolve_literals() -> None:
     six = resolve(parse("tcp://[::1]:80"))
     assert six.family == socket.AF_INET6
     assert six.sockaddr[:2] == ("::1", 80)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("tcp://..:80", ["'..' is not a valid host name", "1-63 characters"]),
+        ("tcp://" + "a" * 64 + ".example:80", ["is not a valid host name"]),
+        ("tcp://[fe80::1%no-such-if]:80", ["no network interface 'no-such-if'", "ip link"]),
+    ],
+)
+def test_resolve_refuses_bad_names_and_zones_without_a_traceback(
+    text: str, says: list[str]
+) -> None:
+    with pytest.raises(AddressError) as info:
+        resolve(parse(text))
+    for part in says:
+        assert part in str(info.value), f"{part!r} not in {info.value}"
+
+
+def test_resolve_keeps_a_link_local_zone_that_names_an_interface() -> None:
+    target = resolve(parse("tcp://[fe80::1%lo]:80"))
+    assert target.family == socket.AF_INET6
+    assert target.sockaddr[3] == socket.if_nametoindex("lo")

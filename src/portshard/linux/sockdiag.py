@@ -55,6 +55,7 @@ __all__ = [
     "listener_cgroups",
     "listening_sockets_of",
     "port_holders",
+    "port_sockets",
 ]
 
 _TCP_LISTEN = "0A"
@@ -107,8 +108,9 @@ def _proc_net_rows(proto: Proto) -> Iterator[list[str]]:
             continue
 
 
-def port_holders(proto: Proto, port: int) -> list[Holder]:
-    """Sockets bound to ``port`` (TCP: listening; UDP: unconnected), with their owner pids."""
+def port_sockets(proto: Proto, port: int) -> list[tuple[int, int, str]]:
+    """(inode, uid, local address) of each socket bound to ``port`` (TCP: listening; UDP:
+    unconnected), without looking for their pids (that scans every process)."""
     rows: list[tuple[int, int, str]] = []
     state = _TCP_LISTEN if proto is Proto.TCP else _UDP_UNCONNECTED
     for cols in _proc_net_rows(proto):
@@ -117,6 +119,12 @@ def port_holders(proto: Proto, port: int) -> list[Holder]:
         if int(cols[1].rsplit(":", 1)[1], 16) != port:
             continue
         rows.append((int(cols[9]), int(cols[7]), _decode_addr(cols[1])))
+    return rows
+
+
+def port_holders(proto: Proto, port: int) -> list[Holder]:
+    """Sockets bound to ``port`` (TCP: listening; UDP: unconnected), with their owner pids."""
+    rows = port_sockets(proto, port)
     pids = pids_by_inode({inode for inode, _, _ in rows})
     holders = []
     for inode, uid, local in rows:

@@ -361,7 +361,8 @@ def parse_listen(values: Any, origin: Origin | None = None) -> tuple[ListenSpec,
     return tuple(specs)
 
 
-def resolve_user(user: str) -> Credentials:
+def resolve_user(user: str) -> Credentials | None:
+    """The credentials workers switch to; None when portshard already runs as that user."""
     from .spawn import Credentials
 
     name, _, group = user.partition(":")
@@ -381,5 +382,14 @@ def resolve_user(user: str) -> Credentials:
             raise ConfigError(f"--user {user!r}: no such group {group!r}; pick one from /etc/group")
     if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
         raise ConfigError(f"--user {user!r} needs root: run portshard as root to drop to it")
+    if os.geteuid() != 0:
+        # Already this user: nothing to drop, and setgroups() would fail with EPERM at
+        # every spawn ("cannot run worker command: Operation not permitted").
+        if gid != os.getegid():
+            raise ConfigError(
+                f"--user {user!r}: changing the group to {gid} needs root (portshard runs as "
+                f"uid {os.geteuid()}, gid {os.getegid()}); drop the group, or run as root"
+            )
+        return None
     groups = tuple(sorted({gid, *os.getgrouplist(pw.pw_name, gid)}))
     return Credentials(pw.pw_uid, gid, groups)

@@ -1,0 +1,121 @@
+"""`portshard run` by a user without root, as a stranger runs it: setpriv to nobody, the
+system's Python (a pyenv or /root venv is not readable by nobody), this tree on PYTHONPATH."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import pytest
+
+from tests.conftest import ROOT, Procs, needs_root
+
+from ._util import nobody_uid
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+APP = """
+import portshard
+sock = portshard.inherited()[0]
+while True:
+    conn, _ = sock.accept()
+    conn.close()
+"""
+
+
+def _as_nobody(procs: Procs, home: Path, *args: str) -> subprocess.Popen[bytes]:
+    if shutil.which("setpriv") is None:
+        pytest.skip("no setpriv")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"no {SYSTEM_PYTHON}")
+    version = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        pytest.skip(f"{SYSTEM_PYTHON} is {version}, not this venv's Python (click from it)")
+    uid = nobody_uid()
+    os.chown(home, uid, -1)
+    click_dir = str(Path(click.__file__).parent.parent)  # pure Python: any 3.x of this minor
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": f"{ROOT / 'src'}:{click_dir}",
+        "XDG_RUNTIME_DIR": str(home),
+    }
+    wrap = ["setpriv", "--reuid", str(uid), "--regid", "nogroup", "--clear-groups"]
+    return procs.start(
+        [*wrap, SYSTEM_PYTHON, "-m", "portshard", *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+
+
+def _lines_until(proc: subprocess.Popen[bytes], wanted: str, deadline: float) -> list[str]:
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), False)
+    seen = b""
+    while time.monotonic() < deadline:
+        chunk = proc.stderr.read() or b""
+        seen += chunk
+        if wanted.encode() in seen or (not chunk and proc.poll() is not None):
+            break
+        time.sleep(0.05)
+    return seen.decode(errors="replace").splitlines()
+
+
+@needs_root
+def test_user_naming_the_user_portshard_runs_as_is_no_change(procs: Procs, short_tmp: Path) -> None:
+    # Before: config accepted it, then every spawn failed at setgroups() with "cannot run
+    # worker command '/usr/bin/python3': Operation not permitted".
+    sup = _as_nobody(
+        procs,
+        short_tmp,
+        "run",
+        "--user",
+        "nobody",
+        "-w",
+        "1",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        SYSTEM_PYTHON,
+        "-c",
+        APP,
+    )
+    lines = _lines_until(sup, "ready after", time.monotonic() + 30)
+    text = "\n".join(lines)
+    assert "ready after" in text, text
+    assert "Operation not permitted" not in text
+    sup.terminate()
+    assert sup.wait(timeout=30) == 0
+
+
+@needs_root
+def test_user_with_another_group_when_not_root_is_refused_at_once(
+    procs: Procs, short_tmp: Path
+) -> None:
+    sup = _as_nobody(
+        procs,
+        short_tmp,
+        "run",
+        "--user",
+        "nobody:root",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        SYSTEM_PYTHON,
+        "-c",
+        APP,
+    )
+    assert sup.wait(timeout=30) != 0
+    assert sup.stderr is not None
+    text = sup.stderr.read().decode()
+    assert "--user 'nobody:root': changing the group to 0 needs root" in text, text
+    assert "Traceback" not in text
