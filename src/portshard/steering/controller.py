@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,8 +62,10 @@ SAMPLE_STEADY = 0.1  # ... and while busy but steady (eBPF with kernel counts): 
 STEADY_AFTER = 1.0  # seconds of steady samples before the cadence slows
 STEADY_SPREAD = 2.0  # ... with no rate this many times slower than the fastest
 SUSPECT_FAST = 0.1  # seconds of SAMPLE cadence after a peek saw a slot let nothing go
-SAMPLE_QUIET = 1.0  # ... and while idle and steady, with a peek every SAMPLE_IDLE for any new
+SAMPLE_QUIET = 1.0  # ... and while idle and steady, with a peek every PEEK_QUIET for any new
 # connection (an idle look found nothing to do: 1.3% of a core at 20 a second, load 4-6)
+PEEK_QUIET = 0.25  # idle, the first connection wakes the supervisor (a listener becomes
+# readable: :meth:`Steering.woken`); the peek is for one it missed (its worker took it first)
 LOG_EVERY = 1.0  # overload and weight lines: at most one a second per slot
 MIGRATE_REQ = sysctl.path(sysctl.MIGRATE_REQ)
 
@@ -185,6 +188,14 @@ class Steering:
         self._unsettled = False  # a health change or a logged change since the last sample
         self._was_busy = False
         self.quiet = False  # steady while idle: a peek is for any new connection
+        # Idle, the TCP listeners are watched (level, one-shot) in an epoll of our own that the
+        # loop's selector watches: the first connection queued wakes the supervisor at once
+        # instead of at the next idle look (up to SAMPLE_IDLE, or a quiet peek, later).
+        self.wake = select.epoll()
+        self._watched: list[int] = []
+        self._fresh = False  # woken: the next look starts the speeds' window (speed.py)
+        self._woke = -SAMPLE_IDLE  # when (one wake per SAMPLE_IDLE at most: under a light
+        # load a look may find nothing queued, and each connection would bring one)
         self.interval = SAMPLE_IDLE  # between the last sample and the next one (status)
         self.inflight: InFlight | None = None
         self.listen_group = listen_group
@@ -280,6 +291,7 @@ class Steering:
 
     def close(self) -> None:
         self._schedstat.close()
+        self.wake.close()
         for group in self.groups:
             if group.program is not None:
                 group.program.close()
@@ -352,6 +364,7 @@ class Steering:
         except BaseException:
             new.close()
             raise
+        self.unwatch()  # a closed socket stays in an epoll while another process holds it
         tcpinfo.stop_listening(old)  # its queue migrates now, even if the warden holds a copy
         old.close()
         group.leave(slot)
@@ -379,6 +392,40 @@ class Steering:
         """Seconds until the next queue sample (or, steady, the next peek)."""
         return max(0.0, min(self.next_sample, self.next_peek) - now)
 
+    def woken(self, now: float) -> None:
+        """The loop saw :attr:`wake` readable: idle, a connection was queued on one of the
+        TCP listeners. Sample now (the load starts), and start the speeds' window here: the
+        trapezoid over the idle interval before would count up to half of it as work."""
+        with contextlib.suppress(OSError):
+            self.wake.poll(0)
+        self.unwatch()
+        self.next_sample = self.next_peek = now
+        self._fresh = True
+        self._woke = now
+
+    def _watch(self) -> None:
+        """Idle: the TCP listeners wake the supervisor (:meth:`woken`) at their first
+        connection. One-shot: a socket closed while watched (another process may hold it, so
+        the epoll keeps it) wakes it once at most."""
+        if self._watched:
+            return
+        for group in self.groups:
+            if group.proto is not Proto.TCP:
+                continue
+            for sock in group.socks.values():
+                try:
+                    self.wake.register(sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+                except OSError:
+                    continue
+                self._watched.append(sock.fileno())
+
+    def unwatch(self) -> None:
+        """Busy (or a listener is about to close): the listeners are not watched."""
+        for fd in self._watched:
+            with contextlib.suppress(OSError):
+                self.wake.unregister(fd)
+        self._watched = []
+
     def peek(self, now: float) -> bool:
         """Steady, between samples (the loop calls it when woken for nothing else): True if
         :meth:`step` should run now, because a sample is due or a peek is and found a slot
@@ -388,7 +435,7 @@ class Steering:
             return True
         if now < self.next_peek:
             return False
-        self.next_peek = now + SAMPLE
+        self.next_peek = now + (PEEK_QUIET if self.quiet else SAMPLE)
         if self._peek():
             self.next_sample = now
             self._fast_until = now + SUSPECT_FAST
@@ -440,7 +487,10 @@ class Steering:
         changes = self.policy.observe(observations)
         looks = max(1.0, (now - self._last_full) / SAMPLE) if self.steady else 1.0
         if counts is not None:
+            if self._fresh:
+                self.speeds.restart()
             self._weigh_speeds(now, counts, waited, looks)
+        self._fresh = self._fresh and not sample
         # A worker came or went (an overload or a stall, frequent, is not: the rules below)
         self._unsettled = self._unsettled or changed or any(not c.kind.frequent for c in changes)
         if sample:
@@ -507,10 +557,14 @@ class Steering:
             self.quiet = not busy
             self.interval = SAMPLE_STEADY if busy else SAMPLE_QUIET
             self.next_sample = now + self.interval
-            self.next_peek = now + (SAMPLE if busy else SAMPLE_IDLE)
+            self.next_peek = now + (SAMPLE if busy else PEEK_QUIET)
         else:
             self.interval = SAMPLE if busy else SAMPLE_IDLE
             self.next_sample = self.next_peek = now + self.interval
+        if busy:
+            self.unwatch()
+        elif now - self._woke >= SAMPLE_IDLE:
+            self._watch()
 
     def _peek(self) -> bool:
         """Did a slot holding connections at the last look and now let none go between (a

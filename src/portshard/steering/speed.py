@@ -129,6 +129,12 @@ class Speeds:
         self._slots: dict[int, _Slot] = {}
         self._last = 0.0
 
+    def restart(self) -> None:
+        """The load starts now (the supervisor was woken by its first connection): the next
+        look is where the window starts, not the end of an idle interval that the trapezoid
+        rule would count up to half of as work."""
+        self._last = 0.0
+
     def forget(self, slot: int) -> None:
         """A new worker (or none): nothing known about it."""
         self._slots.pop(slot, None)
