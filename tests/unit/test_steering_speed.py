@@ -349,3 +349,71 @@ def test_even_says_whether_anything_is_being_learned_or_held_back() -> None:
     assert speeds.even(2.0)
     run(speeds, counts, 60, [(60, 4), (20, 4)], t)
     assert not speeds.even(2.0)  # 3x apart (and weighted)
+
+
+def test_the_look_after_a_restart_starts_the_window() -> None:
+    # Woken by the load's first connection (controller.woken), the look then is where the
+    # window starts: the idle time before it is no work, though both ends of the trapezoid
+    # would say so if the previous look found the slot busy.
+    speeds, counts = Speeds(), Counts(2)
+    counts.step(0, 0, 4)
+    counts.step(1, 0, 4)
+    speeds.observe(1.0, counts.view())  # held four idle connections, say
+    speeds.restart()
+    speeds.observe(1.5, counts.view())  # woken: nothing counted for the 0.5 s before
+    assert speeds.rates() == {0: None, 1: None}
+    _, t = run(speeds, counts, 1, [(60, 4), (60, 4)], 1.5)
+    assert speeds.rates() == {0: None, 1: None}  # 20 ms of evidence, not 520
+    run(speeds, counts, 2, [(60, 4), (60, 4)], t)  # 60 ms (40 decayed a little)
+    assert all(rate is not None for rate in speeds.rates().values())
+
+
+def _turns_slower(speeds: Speeds, every: int, slow: int) -> float | None:
+    """Slots 0 and 1 serve 60 a 20 ms look, 4 in flight; from 1.5 s on slot 1 serves ``slow``:
+    seconds from then until it costs more than UNIT (looks every ``every`` x 20 ms)."""
+    counts = Counts(2)
+    t = 1.0
+    for i in range(0, 200, every):  # 4 s
+        t += LOOK * every
+        counts.step(0, 60 * every, 4)
+        counts.step(1, (slow if i >= 75 else 60) * every, 4)
+        costs = speeds.observe(t, counts.view(), looks=every)
+        if costs[1] > UNIT:
+            return (i - 75) * LOOK
+    return None
+
+
+def test_a_worker_that_turns_3x_slower_is_weighted_within_a_few_tenths_of_a_second() -> None:
+    # The ~1 s window alone needed it to forget most of the fast past (issue 11: 0.35-2.4 s
+    # on the benchmark): the last ~0.1 s, slower than the window by CHANGE, starts it again.
+    for every in (1, 5):  # busy (20 ms looks) and steady (100 ms)
+        found = _turns_slower(Speeds(), every, 20)
+        assert found is not None and found <= 0.3, (every, found)
+
+
+def test_an_equal_worker_slower_for_a_look_or_two_is_not_weighted() -> None:
+    # Half as fast for two looks (40 ms) then as before, again and again: the recent rate
+    # never has the evidence of its own to start the window again, nor is it 2.5x behind.
+    speeds, counts = Speeds(), Counts(2)
+    t = 1.0
+    costs: dict[int, int] = {}
+    for i in range(200):
+        t += LOOK
+        counts.step(0, 60, 4)
+        counts.step(1, 30 if i % 10 < 2 else 60, 4)
+        costs = speeds.observe(t, counts.view())
+        assert costs[1] == UNIT, i
+
+
+def test_looks_a_worker_spent_waiting_for_a_cpu_do_not_start_the_window_again() -> None:
+    # Descheduled for 0.2 s it completes nothing: that is the machine's, not a change in it.
+    speeds, counts = Speeds(), Counts(2)
+    t = 1.0
+    costs: dict[int, int] = {}
+    for i in range(100):
+        t += LOOK
+        counts.step(0, 60, 4)
+        counts.step(1, 0 if 50 <= i < 60 else 60, 4)
+        waited = {1: 1.0} if 50 <= i < 60 else {}
+        costs = speeds.observe(t, counts.view(), waited)
+    assert costs[1] == UNIT

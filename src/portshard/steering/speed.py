@@ -38,6 +38,12 @@ measured while the window fades (``FADE`` per look: 0.5-1.2 s), then its cost dr
 to ``UNIT`` (half-way in ``FORGET`` seconds), so a worker that recovered is tried again; a
 new worker starts at ``UNIT``.
 
+A worker that turns slower mid-run would wait for the window to forget its fast past (one
+turning 3x slower: weighted 0.35-2.4 s after, issue 11). So each slot also keeps the last
+~0.1 s (``RECENT`` per look, the looks its worker was descheduled for left out); when that
+has ``MIN_BUSY`` of evidence and is ``CHANGE`` x slower than the window and ``BAND`` x
+slower than the fastest, the window starts again from it (:meth:`Speeds._changed`).
+
 A worker that is slow only sometimes (it stalls 50 ms every 10th request) is the case a rate
 cannot weigh: its rate is a mean over stalls and fast stretches; weighted down, it is rarely
 found saturated, what was measured fades, its cost drifts back and two choices give it 2-3
@@ -93,6 +99,8 @@ CAP_MAX = 8  # ... and above this, goes
 SUSPECT = 1.0  # seconds: caught twice within this, a slot is capped (once is any hiccup)
 WAITED = 0.25  # a worker that waited for a CPU this part of a look was descheduled, not stalled
 DOUBT = 1.0  # completions a rate assumes at least: none in 40 ms says < 25/s, not 0
+RECENT = 0.8  # per look: the weight of older looks in the recent rate (~5 looks, 0.1 s)
+CHANGE = 2.0  # the recent rate this many times below the window's: the worker changed
 
 
 def cost_word(cost: int, cap: int) -> int:
@@ -117,6 +125,7 @@ class _Slot:
     elapsed: float = 0.0
     cost: float = UNIT
     late: bool = False  # joined while the others served: its first rate needs MIN_BUSY
+    recent: tuple[float, float, float] = (0.0, 0.0, 0.0)  # completed, busy, running: ~0.1 s
     capped_until: float = 0.0  # capped until then (renewed by each stall seen)
     caught: float = 0.0  # when the policy last caught it stalling, capped
     suspected: float = -SUSPECT  # ... or not yet (a first time)
@@ -227,6 +236,13 @@ class Speeds:
                 s.running = decay * s.running + busy * running  # the rate's denominator
                 s.late = s.late and s.busy < MIN_BUSY
                 s.elapsed = DECAY**looks * s.elapsed + dt
+                # The recent looks, but for one its worker was descheduled for (it completed
+                # next to nothing, and the window would start again from that).
+                r = RECENT**looks
+                c, b, n = (r * x for x in s.recent)
+                if waited.get(slot, 0.0) < WAITED:
+                    c, b, n = c + completed * busy / dt, b + busy, n + busy * running
+                s.recent = (c, b, n)
             s.inflight = inflight
         rates = {slot: rate for slot, rate in self.rates().items() if rate is not None}
         # The reference: the fastest measured rate, or what a slot served per second of
@@ -235,6 +251,8 @@ class Speeds:
         served = [s.served / s.elapsed for s in self._slots.values() if s.elapsed > 0]
         fastest = max([*rates.values(), *served], default=0.0)
         for slot, s in self._slots.items():
+            if slot in rates and self._changed(s, fastest):
+                rates[slot] = max(s.completed, DOUBT) / max(s.running, 1e-9)
             rate = rates.get(slot)
             if rate is None or fastest <= 0:
                 if dt > 0:
@@ -249,6 +267,27 @@ class Speeds:
             band = BAND * max(1.0, MIN_BUSY / s.busy)
             s.cost = min(MAX_COST, UNIT * slower) if slower >= band else UNIT
         return {slot: round(s.cost) for slot, s in self._slots.items()}
+
+    @staticmethod
+    def _changed(s: _Slot, fastest: float) -> bool:
+        """A worker that turns slower mid-run: the window (~1 s) must forget the fast past
+        before its rate is ``BAND`` behind, which took 0.35-2.4 s (median 0.77) for one
+        turning 3x slower. So when the last ~0.1 s, with ``MIN_BUSY`` of evidence of its own
+        (looks it was descheduled for left out), is ``CHANGE`` x slower than the window and
+        ``BAND`` x slower than the fastest, the window starts again from it. Only slower, and
+        only to be weighed: a window started again is short and changes fast while it
+        grows; one that starts faster could raise the reference that equal slots are
+        measured against. A worker that recovered comes back as before (no news: it fades).
+        Returns whether it started again."""
+        completed, busy, running = s.recent
+        if busy < MIN_BUSY or s.busy <= busy:
+            return False
+        recent = max(completed, DOUBT) / max(running, 1e-9)
+        window = max(s.completed, DOUBT) / max(s.running, 1e-9)
+        if recent * CHANGE >= window or recent * BAND > fastest:
+            return False
+        s.completed, s.busy, s.running = s.recent
+        return True
 
     def even(self, spread: float) -> bool:
         """Every slot has a rate, none ``spread`` x slower than the fastest, none costs more
