@@ -178,6 +178,7 @@ class Steering:
         self._speed_pids: dict[int, int | None] = {}
         self._waits: dict[int, tuple[int, proc.Sched, float]] = {}  # slot -> (pid, read, when)
         self._schedstat = proc.RunQueueWaits()
+        self._cpu: dict[int, float] = {}  # slot -> its worker's CPU seconds since the last sample
         self.next_peek = 0.0
         self.steady = False  # sampling at SAMPLE_STEADY, peeking at SAMPLE between
         self._steady_since = 0.0  # the first of the steady samples since the last abnormal one
@@ -620,7 +621,8 @@ class Steering:
         """How fast each ready slot serves and its in-flight cap (speed.py), into the kernel's
         cost map."""
         assert self.inflight is not None
-        costs = self.speeds.observe(now, counts, waited, looks)
+        costs = self.speeds.observe(now, counts, waited, looks, self._cpu)
+        self._cpu = {}
         for slot in self.policy.stalled():
             if waited.get(slot, 0.0) < WAITED:  # else descheduled, not stalled
                 self.speeds.stalled(slot, now)
@@ -648,11 +650,14 @@ class Steering:
             before = self._waits.get(slot)
             if now_sched is None or pid is None:
                 self._waits.pop(slot, None)
+                self._cpu.pop(slot, None)
                 continue
             self._waits[slot] = (pid, now_sched, now)
             took = now - before[2] if before is not None else 0.0
             if before is None or before[0] != pid or not 0 < took <= 1.0:
                 continue
+            # CPU time since the last sample, across steady peeks (speed.py: CPU a completion)
+            self._cpu[slot] = self._cpu.get(slot, 0.0) + (now_sched.ran - before[1].ran) / 1e9
             ran = (now_sched.ran - before[1].ran) / 1e9 / took
             part = (now_sched.waited - before[1].waited) / 1e9 / took
             if now_sched.runnable and ran < WAITED:
