@@ -393,6 +393,16 @@ def run_one(
                 for i in range(scenario["workers"])
             ],
         )
+        if after:  # mid-run kinds: each slot's share of the polls weighted, before and after
+            n = scenario["workers"]
+
+            def share(polls: list[list[float]]) -> list[float]:
+                return [sum(x[i] > 1.0 for x in polls) / max(1, len(polls)) for i in range(n)]
+
+            result.update(
+                weighted_before=share([x for t, x in trace if warmup <= t < after]),
+                weighted_after=share([x for t, x in trace if t >= after]),
+            )
     if capped:
         result.update(_capped_share(capped, warmup, scenario["workers"]))
     if "start" in sched and "end" in sched:  # per worker, steady state: CPU and run-queue wait
