@@ -4,9 +4,10 @@ The supervisor says, at every turn of its loop, which slots have a ready worker
 (:meth:`Steering.step`); every ``SAMPLE`` seconds the controller also reads each slot's
 accept-queue depth (TCP_INFO, ~1.5 µs a socket), and every ``SAMPLE_STEADY`` seconds once
 everything has been steady for a while, with a :meth:`Steering.peek` at the kernel's counts
-between (docs/ARCHITECTURE.md, "What a look costs"). The policy (``policy.py``) turns that into
-verdicts and weights, the table (``table.py``) into buckets, and a backend puts them in the
-kernel, per reuseport group (one per ``--listen`` address):
+between (docs/ARCHITECTURE.md, "What a look costs"); idle, the first connection queued on a
+TCP listener wakes the loop (:attr:`Steering.wake`, :meth:`Steering.woken`). The policy
+(``policy.py``) turns that into verdicts and weights, the table (``table.py``) into buckets,
+and a backend puts them in the kernel, per reuseport group (one per ``--listen`` address):
 
 - ``ebpf``: one SK_REUSEPORT program per group with a REUSEPORT_SOCKARRAY keyed by slot and a
   double-buffered array of bucket -> slot; a change is one batch write and a flip. Needs
