@@ -12,8 +12,10 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # the example units (tests/integration/test_systemd.py).
 # nftables (nft): the multi-host test bed's kube-proxy-style balancer (tests/integration/
 # test_netbed.py, bench/netbed/; HAProxy, its other balancer, comes with DEB_BENCH_PKGS).
+# uwsgi-core + uwsgi-plugin-python3: the uWSGI recipe (its pre-fork master, its own protocol
+# for inherited sockets, SIGTERM as a reload); Debian's build runs the system python3.
 DEB_TEST_PKGS := netcat-openbsd wrk iproute2 procps chromium gcc libc6-dev binutils golang-go nodejs ruby \
-	systemd nftables
+	systemd nftables uwsgi-core uwsgi-plugin-python3
 # Debian packages the benchmarks drive (bench/): nginx and HAProxy are the alternatives portshard
 # is compared with, wrk the HTTP load, iproute2 brings up loopback in the reload scenario's
 # network namespace. `make test` installs them too: tests/integration/test_bench_quick.py runs

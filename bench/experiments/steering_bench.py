@@ -138,6 +138,8 @@ class Server:
         if "migrate" in config:
             args.append("--migrate")
         nice = "nice" in config  # the supervisor alone at nice -10 (its looks on time)
+        if "frozen" in config:  # the programs, no sampling: equal tables, no cost or cap
+            env["PORTSHARD_POLICY"] = "frozen"
         if "nocg" in config:  # workers without cgroups of their own (the subreaper)
             env["PORTSHARD_CGROUP"] = "off"
         args += ["--via", "fds"]
@@ -269,6 +271,8 @@ def run_one(
     trace: list[tuple[float, list[float]]] = []
     load_at = 0.0  # when the load client started connecting, from ``started``
     capped: list[tuple[float, list[int]]] = []  # BENCH_TRACE: each slot's in-flight cap
+    excluded: list[tuple[float, list[int]]] = []  # BENCH_TRACE: each slot out (1) or in
+    sample_ms: list[tuple[float, int]] = []  # BENCH_TRACE: the supervisor's sample interval
     tracing = threading.Event()
     looker = None
     timers: list[threading.Timer] = []
@@ -307,6 +311,11 @@ def run_one(
                         slower = [s.get("steering", {}).get("slower", 1.0) for s in st["slots"]]
                         trace.append((time.monotonic() - started, slower))
                         capped.append((trace[-1][0], _caps(st)))
+                        out = [
+                            int(s.get("steering", {}).get("excluded", False)) for s in st["slots"]
+                        ]
+                        excluded.append((trace[-1][0], out))
+                        sample_ms.append((trace[-1][0], st.get("steering", {}).get("sample_ms", 0)))
 
             looker = threading.Thread(target=look, daemon=True)
             looker.start()
@@ -405,6 +414,15 @@ def run_one(
             )
     if capped:
         result.update(_capped_share(capped, warmup, scenario["workers"]))
+    if sample_ms:  # the share of the steady-state polls the supervisor was steady (100 ms)
+        steady_ms = [m for t, m in sample_ms if t >= warmup]
+        result["steady_share"] = sum(m >= 100 for m in steady_ms) / max(1, len(steady_ms))
+    if excluded:  # the share of the steady-state polls in which each slot was out
+        steady_out = [o for t, o in excluded if t >= warmup]
+        result["excluded_slots"] = [
+            sum(o[i] for o in steady_out) / max(1, len(steady_out))
+            for i in range(scenario["workers"])
+        ]
     if "start" in sched and "end" in sched:  # per worker, steady state: CPU and run-queue wait
         pairs = zip(sched["start"], sched["end"], strict=True)
         result["worker_cpu_wait_ms"] = [

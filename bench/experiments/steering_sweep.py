@@ -13,7 +13,10 @@ Cells: workers (2, 4) x connections in flight (4, 8, 16, 64, 256) x slow kind:
 
 Configurations: the shared accept queue, plain reuseport, and ``portshard run`` with each
 steering backend (``ebpf``; ``ebpf-queue`` and ``ebpf-none`` compare supervisor-written queue
-depths or nothing instead of the kernel's in-flight counts, to measure those options; ``cbpf``).
+depths or nothing instead of the kernel's in-flight counts, to measure those options;
+``ebpf+frozen``: the programs with a supervisor that never samples, equal tables, no cost or
+cap; ``cbpf``). ``BENCH_TRACE=S`` polls ``status`` every S seconds: the share of the run each
+slot was weighted, capped or out, and the supervisor steady.
 Each run is steering_bench.py's (its own network namespace, the C closed-loop client
 load/steering_load.c, a new connection per request, raw per-request timings): the first
 ``--warmup`` seconds (2) are the cold start, reported apart (``cold_p99_ms``, from the
@@ -308,6 +311,8 @@ def main() -> None:
                             else ""
                         )
                         + (f" capped {r['capped_slots']}" if "capped_slots" in r else "")
+                        + (f" out {r['excluded_slots']}" if "excluded_slots" in r else "")
+                        + (f" steady {r['steady_share']:.2f}" if "steady_share" in r else "")
                         + f" tail {r.get('tail_by_worker')}",
                         flush=True,
                     )

@@ -206,6 +206,30 @@ def test_fds_mode_sets_no_preload(start: Start) -> None:
     assert b"LD_PRELOAD=" not in env and b"PORTSHARD_SHIM" not in env
 
 
+@pytest.mark.parametrize("nonblocking", [False, True])
+def test_nonblocking_hands_the_sockets_over_non_blocking(
+    start: Start, short_tmp: Path, nonblocking: bool
+) -> None:
+    """--nonblocking (systemd's NonBlocking=): nginx under --via fds takes its inherited
+    socket to be non-blocking, and a worker that lost the race for a connection hung in
+    accept(). Each worker's first process records the flags of the fds it got, before the
+    test worker makes them non-blocking itself."""
+    marker = short_tmp / "flags"
+    record = 'for fd in 3 4; do grep ^flags: /proc/self/fdinfo/$fd >>"$0"; done; exec "$@"'
+    wanted = ["--nonblocking"] if nonblocking else []
+    sup = start(
+        "-w", "2", "--via", "fds", *wanted,
+        "--listen", "tcp://127.0.0.1:0", "--listen", "udp://127.0.0.1:0",
+        "--", "sh", "-c", record, str(marker), *FDWORKER,
+    )  # fmt: skip
+    wait_until(lambda: marker.exists() and len(marker.read_text().splitlines()) == 4, what="4 fds")
+    flags = [int(line.split()[1], 8) for line in marker.read_text().splitlines()]
+    assert [bool(f & os.O_NONBLOCK) for f in flags] == [nonblocking] * 4
+    with Load("127.0.0.1", sup.port, concurrency=4, max_requests=100) as load:
+        load.wait_for(100)
+    assert not load.failed and len(load.served_by()) == 2
+
+
 def test_seccomp_workers_die_with_the_supervisor(start: Start, probes: dict[str, str]) -> None:
     """The kernel fails a trapped bind() with ENOSYS once the listener is gone, which
     happens only when the supervisor is gone: its workers have been killed by then."""

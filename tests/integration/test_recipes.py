@@ -106,14 +106,45 @@ def recipe(name: str, request: pytest.FixtureRequest) -> Recipe:
         binary = request.getfixturevalue("go_recipe_server")
         # Go's Shutdown() waits for connections that have not sent a request yet (up to 5 s).
         return Recipe([binary, "{port}"], GRACEFUL_STOP, {"shutdown": 1})
+    if name == "waitress":
+        # Binds its own address (interposed); dies on SIGTERM, having served what it read.
+        argv = [python_tool("waitress-serve"), "--host", "127.0.0.1", "--port", "{port}"]
+        return Recipe([*argv, "wsgi_app:app"], [], {}, env={"PYTHONPATH": str(APPS)})
+    if name == "twisted":
+        # Twisted's own systemd endpoint takes fd 3 (LISTEN_FDS index 0): no interposition.
+        argv = [python_tool("twistd"), "-n", "--pidfile=", "web", "--wsgi", "wsgi_app.app"]
+        argv += ["--listen", "systemd:domain=INET:index=0"]
+        return Recipe(argv, ["--via", "fds"], {}, keep=["--via", "fds"],
+                      env={"PYTHONPATH": str(APPS)})  # fmt: skip
+    if name == "uwsgi":
+        # uWSGI serves the LISTEN_FDS socket in its default protocol: --protocol http (its
+        # --http-socket would serve the same socket a second time: refused, test below).
+        # SIGTERM is uWSGI 2.0's "brutal reload" (the master never exits; SIGKILL at
+        # --grace): the hook makes it the graceful stop.
+        argv = [need("uwsgi"), "--plugin", "python3", "--protocol", "http", "--master"]
+        argv += ["--processes", "2", "--module", "wsgi_app:app", "--chdir", str(APPS)]
+        argv += ["--hook-master-start", "unix_signal:15 gracefully_kill_them_all"]
+        return Recipe(argv, ["--via", "fds"], {"clean exit": 1}, keep=["--via", "fds"])
+    if name == "haproxy":
+        # haproxy as the backend server (it answers "pid N" itself); SIGUSR1 is its soft stop
+        # (TERM its hard one).
+        script = (
+            f'sed "s/BIND/127.0.0.1:$1/" {APPS / "haproxy.cfg"} >"$PS_MARKERS/h.$$.cfg" && '
+            f'exec {need("haproxy")} -db -f "$PS_MARKERS/h.$$.cfg"'
+        )
+        flags = ["--stop-signal", "USR1"]
+        return Recipe(["sh", "-c", script, "sh", "{port}"], flags, {"clean exit": 1}, keep=flags)
     assert name in ("nginx", "nginx-fds")
     # nginx needs its port in its configuration: written from the template with {port}.
     # QUIT is nginx's graceful stop (TERM is its fast one); its workers get it too and finish,
     # closing only keep-alive connections between requests, never a new one.
     # nginx-fds: no interposition; nginx's own inherited-socket variable (its binary upgrade)
-    # names fd 3, and its `listen` matches the socket's address, so it binds nothing.
+    # names fd 3, and its `listen` matches the socket's address, so it binds nothing. nginx
+    # takes an inherited socket to be non-blocking: without --nonblocking a worker that lost
+    # the race for a connection blocked in accept() (2 timeouts and a SIGKILL, 1-2 runs in 6).
     nginx = need("nginx")
-    inherit, via = ('NGINX="3;" ', ["--via", "fds"]) if name == "nginx-fds" else ("", [])
+    fds = ["--via", "fds", "--nonblocking"]
+    inherit, via = ('NGINX="3;" ', fds) if name == "nginx-fds" else ("", [])
     script = (
         f'sed "s/PORT/127.0.0.1:$1/" {APPS / "nginx.conf"} >"$PS_MARKERS/nginx.$$.conf" && '
         f'{inherit}exec {nginx} -p "$PS_MARKERS" -c "$PS_MARKERS/nginx.$$.conf" -e stderr '
@@ -254,6 +285,10 @@ RECIPES = [
     "nginx-fds",
     "node",
     "go",
+    "waitress",
+    "twisted",
+    "uwsgi",
+    "haproxy",
 ]
 
 
@@ -317,3 +352,21 @@ def test_gunicorn_bind_to_an_inherited_fd_is_refused_with_the_recipe(start: Star
     assert "gunicorn --bind fd://3" in log and "EBADF" in log, log
     assert "Drop --bind fd://3" in log and "-- gunicorn app:app" in log
     assert "Traceback" not in log and "started" not in log
+
+
+def test_uwsgi_http_socket_beside_the_inherited_socket_is_refused_with_the_recipe(
+    start: Start,
+) -> None:
+    """uWSGI serves LISTEN_FDS's socket in its default (binary uwsgi) protocol *and* binds
+    --http-socket, which is the same slot socket again: every answer after the first reload
+    was empty. Refused before any worker starts, naming the form that works."""
+    sup = start(
+        "-w", "1", "--listen", "tcp://127.0.0.1:0", "--",
+        need("uwsgi"), "--plugin", "python3", "--http-socket", "127.0.0.1:{port}",
+        "--module", "wsgi_app:app", "--chdir", str(APPS),
+        wait=False,
+    )  # fmt: skip
+    assert sup.wait_exit(30) != 0
+    log = sup.text()
+    assert "uwsgi --http-socket: uWSGI serves the slot's socket from LISTEN_FDS" in log, log
+    assert "add --protocol http" in log and "Traceback" not in log and "started" not in log

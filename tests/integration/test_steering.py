@@ -422,7 +422,14 @@ def test_equal_workers_at_low_concurrency_are_none_starved(start: Start, backend
     per_slot = Counter(served)
     assert set(per_slot) == {"0", "1", "2", "3"}
     assert min(per_slot.values()) >= 400 / 4 / 3, per_slot
-    assert not any(s["steering"]["excluded"] for s in sup.status()["slots"])
+    # A worker the scheduler kept off the CPU for a look at the end (2 vCPUs shared) can be
+    # out as stalled when the load stops (cbpf sees queue depths only: 1 run in 10): it is
+    # back at the next look that finds its queue empty, not left out.
+    wait_until(
+        lambda: not any(s["steering"]["excluded"] for s in sup.status()["slots"]),
+        2,
+        "every slot in once the load stopped",
+    )
 
 
 HOLDER = [

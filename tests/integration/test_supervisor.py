@@ -217,6 +217,8 @@ def test_bad_worker_commands_stop_with_a_clear_error(
     text = sup.text()
     assert code != 0
     assert expect in text, text
+    said = [line.split(" ", 2)[-1].split(expect)[0] for line in text.splitlines() if expect in line]
+    assert len(said) == len(set(said)), f"the reason is logged more than once: {said}"
     assert "Traceback" not in text
     assert time.monotonic() - t0 < 10
     assert no_process_left(tag)

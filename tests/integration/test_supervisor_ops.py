@@ -105,6 +105,22 @@ def test_a_user_who_cannot_reach_the_program_is_told_which_directory_is_closed(
     assert "chmod +x" not in text
 
 
+def test_a_command_and_environment_over_the_kernels_limit_are_named_so(
+    start: Start, short_tmp: Path
+) -> None:
+    # Each value under the kernel's 128 KiB per string (config.load refuses longer ones),
+    # together 7 MB, over the kernel's total (a quarter of the stack limit, at most 6 MB): the
+    # spawn failed with "Argument list too long" and nothing said which list or limit.
+    config = short_tmp / "big.toml"
+    big = "".join(f'V{i} = "{"x" * 100_000}"\n' for i in range(70))
+    config.write_text(f'command = ["sleep", "9"]\n[env]\n{big}')
+    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "-c", str(config), wait=False)
+    assert sup.wait_exit(30) != 0
+    text = sup.text()
+    assert "Argument list too long; its arguments and environment" in text, text
+    assert "ulimit -s" in text and "Traceback" not in text
+
+
 def test_supervisor_killed_takes_its_workers_with_it(start: Start) -> None:
     """--orphan-timeout 0: no warden keeps them (the default keeps them: test_upgrade.py)."""
     t = tag()
@@ -531,3 +547,20 @@ def test_the_stop_signal_reaches_a_program_whose_main_thread_waits_while_others_
             r"exited [\d.]+s after its stop signal",
             text,
         ), text
+
+
+def test_a_stop_signal_delivered_twice_at_once_still_stops_gracefully(start: Start) -> None:
+    # GNU `timeout` sends SIGTERM to the program and then to its own process group: the
+    # supervisor got it twice at once and took the second as "kill every worker now".
+    sup = start(
+        "-w", "2", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER, tag(),
+        env={"STOP_DELAY": "0.5"},
+    )  # fmt: skip
+    assert sup.proc is not None
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    time.sleep(0.02)  # delivered apart (two pending SIGTERMs would be one), well within 0.1 s
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    assert sup.wait_exit(30) == 0
+    text = sup.text()
+    assert "killing every worker now" not in text, text
+    assert "SIGTERM again" in text and text.count("retired (exit status 0)") == 2, text

@@ -38,10 +38,11 @@ class Fleet:
         self.tag = f"--tag={uuid.uuid4().hex[:12]}"
         self.started: list[Running] = []
 
-    def run(self, *args: str, wait: bool = True) -> Running:
+    def run(self, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Running:
         log = self.control.with_name(f"up{len(self.started)}.log")
         name = ("--name", f"up-{self.tag[-12:]}")  # its own cgroup home, whoever else runs
-        sup = Running([*name, *args, "--", *FDWORKER, self.tag], self.control, WORKER_ENV, log)
+        env = {**WORKER_ENV, **(env or {})}
+        sup = Running([*name, *args, "--", *FDWORKER, self.tag], self.control, env, log)
         self.started.append(sup)
         if wait:
             sup.wait_ready()
@@ -76,6 +77,15 @@ def kill9(sup: Running) -> None:
     assert sup.proc is not None
     sup.proc.kill()
     sup.wait_exit(5)
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (its parent, now init or a subreaper, has not reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def served(port: int) -> str:
@@ -268,6 +278,94 @@ def test_an_adopter_kills_a_worker_its_predecessor_had_not_recorded(fleet: Fleet
         assert "not yet recorded" in second.text()
         answers = {served(port).split()[-2] for _ in range(40)}  # "slot pid gen"
         assert answers == {str(p) for p in pids}, answers
+    finally:
+        stray.kill()
+        stray.wait()
+
+
+def test_a_reloads_old_worker_that_exits_while_nobody_supervises_is_not_called_lost(
+    fleet: Fleet,
+) -> None:
+    # Killed while a reload's old worker was stopping (its replacement ready in the same
+    # slot), the rerun found the old one gone and said "its slot starts a new one": the slot
+    # kept, and served with, the replacement; nothing was started.
+    args = ("-w", "2", "--drain", "signal", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args, env={"STOP_DELAY": "1.5"})
+    old = first.pids()
+
+    def stopping() -> int | None:
+        workers = [w for s in first.status()["slots"] for w in s["workers"]]
+        return next((w["pid"] for w in workers if w["state"] == "stopping"), None)
+
+    first.ctl("reload", "--no-wait")
+    retiring = wait_until(stopping, 20, "an old worker stopping")
+    settle(0.3)  # the warden's manifest (at most every 0.1 s) names it
+    kill9(first)
+    wait_until(lambda: exited(retiring), 10, "the old worker's exit")
+    second = fleet.run(*args)
+    pids = second.pids()
+    log = second.text()
+    assert retiring in old and retiring not in pids, log
+    assert f"pid {retiring}: exited while the supervisor was away (it was stopping)" in log
+    assert "starts a new one" not in log and "started (" not in log, log
+
+
+def test_an_adopter_carries_on_the_drain_its_predecessor_had_begun(fleet: Fleet) -> None:
+    # Killed during a drain's settle time, the rerun served as if no drain had been asked:
+    # health said serving again and the leaving host took new connections until whatever
+    # stops it killed it. Now it drains on for what was left of the settle time, then stops.
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args)
+    port = first.port
+    first.ctl("drain", "--settle", "4")
+    wait_until(lambda: first.status()["state"] == "draining", 5, "draining")
+    settle(0.3)  # the warden's manifest says so
+    kill9(first)
+    began = time.monotonic()
+    second = fleet.run(*args, wait=False)
+
+    def state() -> str | None:
+        try:
+            return str(request(second.control, "status", timeout=10)["state"])
+        except ControlError:
+            return None  # not listening yet
+
+    assert wait_until(state, 20, "the adopter up") == "draining", second.text()
+    if time.monotonic() - began < 2.5:  # what is left of the settle time: still served
+        assert served(port)
+    assert second.wait_exit(30) == 0, second.text()
+    assert "was draining: carrying on" in second.text()
+    wait_until(lambda: no_process_left(fleet.tag), 10, "every worker gone")
+    assert not fleet.warden_pids()
+
+
+def test_without_cgroups_an_adopter_kills_a_worker_its_predecessor_had_not_recorded(
+    fleet: Fleet,
+) -> None:
+    # The same under the subreaper mechanism (no cgroup names a tree): the adopter found
+    # nothing, and the unrecorded worker served on. Workers carry $PORTSHARD_TREE there; the
+    # test's stray carries one of the lineage that the manifest does not name.
+    args = ("-w", "2", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
+    env = {"PORTSHARD_CGROUP": "off"}
+    first = fleet.run(*args, env=env)
+    port, pids = first.port, first.pids()
+    assert "child subreaper" in first.text()
+    with open(f"/proc/{pids[0]}/environ", "rb") as f:
+        tree = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    lineage = tree[b"PORTSHARD_TREE"].decode().partition("#")[0]
+    stray = subprocess.Popen(
+        [sys.executable, "-c", STRAY, str(port), fleet.tag],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PORTSHARD_TREE": f"{lineage}#2.unrecorded"},
+    )
+    try:
+        assert stray.stdout is not None and stray.stdout.readline().startswith("listening")
+        kill9(first)
+        second = fleet.run(*args, env=env)
+        assert sorted(second.pids()) == sorted(pids)
+        assert stray.wait(10) == -signal.SIGKILL, second.text()
+        assert f"killing pid(s) {stray.pid}: a worker the supervisor that died" in second.text()
     finally:
         stray.kill()
         stray.wait()

@@ -8,10 +8,12 @@ EADDRINUSE, so every answer from a second pid shows that portshard set SO_REUSEP
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import pytest
 
 from portshard.linux import sockdiag
 from tests.conftest import ROOT
-from tests.supervisor_fixture import PORTSHARD, Running, Start
+from tests.supervisor_fixture import PORTSHARD, Running, Start, warden_pids
 
 SELF_BINDING = """
 import os, socket, sys
@@ -226,3 +228,31 @@ def test_reloads_lose_nothing_where_the_kernel_migrates_closing_listeners(
     print(f"--via reuseport, 3 reloads with tcp_migrate_req=1: {out['kinds']}")
     assert out["kinds"].get("ok", 0) >= 400 and set(out["kinds"]) == {"ok"}, out["kinds"]
     assert "hands what was queued on it to the others" in out["log"]
+
+
+def test_a_killed_supervisor_of_reuseport_copies_is_adopted(start: Start) -> None:
+    # The slots hold no socket under --via reuseport, but the adopter looked one up for each
+    # kept --listen address: IndexError, the rerun died ("the supervisor failed") and the
+    # copies were left to the warden (found with dnsmasq, kill -9 and the same run again).
+    sup, port = run_tcp(start, 2, sys.executable, "-c", SELF_BINDING, "{port}")
+    pids = sup.pids()
+    assert sup.proc is not None
+    sup.proc.kill()
+    sup.wait_exit(5)
+    args = ["-w", "2", "--via", "reuseport", "--listen", f"tcp://127.0.0.1:{port}", "--"]
+    again = Running([*args, sys.executable, "-c", SELF_BINDING, "{port}"], Path(sup.control))
+    adopted = False
+    try:
+        st = again.wait_ready(30)
+        adopted = True
+        assert sorted(s["pid"] for s in st["slots"]) == sorted(pids), again.text()
+        assert st["supervisor"]["adoptions"] == 1
+        assert {answer(port) for _ in range(40)} <= {str(p) for p in pids}
+        again.ctl("reload", "--wait")
+        assert not set(again.pids()) & set(pids)
+    finally:
+        again.close()
+        if not adopted:  # the dead supervisor's warden and its copies: nobody else stops them
+            for pid in [*warden_pids(Path(sup.control)), *pids]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

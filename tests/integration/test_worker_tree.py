@@ -217,3 +217,29 @@ def test_a_program_that_daemonizes_at_boot_is_named_so_and_nothing_is_left(start
     assert "exited before it was ready (exit status 0): it left pid" in text, text
     assert "daemonized); run it in the foreground" in text, text
     wait_until(lambda: no_process_left(tag), 10, "the daemon killed")
+
+
+# Forks a server that waits on fd 3 (in its own session, as a daemon does), then returns 0.
+DAEMONIZE = """
+import os, socket, sys, time
+if os.fork() == 0:
+    os.setsid()
+    sock = socket.socket(fileno=3)
+    while True:
+        sock.accept()[0].close()
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def test_a_worker_that_daemonizes_once_ready_is_named_so_at_each_exit(start: Start) -> None:
+    # Ready (its daemon waits on the socket), then its main process returns 0: every such
+    # exit respawns the slot and kills the daemon, and the log said only "exited (exit status
+    # 0)". Now it names what was left running and why.
+    tag = f"--tag={uuid.uuid4().hex[:12]}"
+    argv = [sys.executable, "-c", DAEMONIZE, "2", tag]
+    sup = start("-w", "1", "--via", "fds", "--listen", "tcp://127.0.0.1:0", "--", *argv)
+    first = sup.pids()[0]
+    wait_until(lambda: sup.pids()[0] != first, 20, "the slot respawned")
+    text = sup.text()
+    assert f"pid {first}: exited (exit status 0); it left pid" in text, text
+    assert "daemonized); run it in the foreground" in text

@@ -98,6 +98,13 @@ def test_reuseport_mode_turns_steering_off_and_cannot_be_switched_by_a_reload(
         reloaded(mode, cli)
 
 
+def test_nonblocking_is_refused_where_portshard_hands_over_no_socket() -> None:
+    base = dict(BASE, listen=("tcp://127.0.0.1:8080",), nonblocking=True)
+    assert load(dict(base, via="fds")).nonblocking
+    with pytest.raises(ConfigError, match=r"--nonblocking .* --via reuseport it hands over none"):
+        load(dict(base, via="reuseport"))
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
@@ -163,6 +170,12 @@ def _file(tmp_path: Path, text: str) -> dict[str, Any]:
         ("stop-signal = true", r"stop-signal = true in .*: expected a signal name or number"),
         ("env = 5", r"env = 5 in .*: expected a table"),
         ("env = { A = [1] }", r"env A is a list"),
+        ('env = { A = "x\\u0000y" }', r"env A holds a NUL byte; no program can receive one"),
+        ('env = { A = "' + "x" * 200_000 + '" }',
+         r"env A is 200,002 bytes with its name; the kernel passes no variable of [\d,]+ or "
+         r"more to a program \(MAX_ARG_STRLEN"),
+        ('command = ["srv", "' + "x" * 200_000 + '"]',
+         r"argument 1 is 200,000 bytes; the kernel passes no argument of [\d,]+ or more"),
         ('steering = "fast"', r'steering = "fast" in .*: not a known choice; use one of: auto'),
         ("ready = 3", r"ready = 3 in .*: expected a string"),
     ],

@@ -132,3 +132,29 @@ def test_a_slot_the_kernel_holds_back_takes_no_one_elses_share() -> None:
     assert set(p.tcp_weights()) == {0, 1}
     # Not held back any more: the same queues are an overload.
     assert look(p, {0: (15, 150), 1: (0, 30)})[0].startswith("excluded: overloaded: 15 queued")
+
+
+def test_a_queue_that_sat_while_nobody_got_through_is_no_stall() -> None:
+    # Every slot holds queued connections and none accepted any: the client (or the machine)
+    # paused, each worker blocked reading a request that did not come. Out, equal workers
+    # took turns being out and were capped (4 workers / 64 in flight, load ~10).
+    p = Policy()
+    look(p, {0: (10, 100), 1: (12, 100), 2: (9, 100), 3: (11, 100)})
+    assert look(p, {0: (15, 105), 1: (12, 100), 2: (14, 105), 3: (11, 101)}) == []
+    assert set(p.tcp_weights()) == {0, 1, 2, 3}
+    # A few got through elsewhere, fewer than slot 0 holds: still the pause.
+    assert look(p, {0: (15, 105), 1: (11, 102), 2: (14, 106), 3: (11, 102)}) == []
+    assert set(p.tcp_weights()) == {0, 1, 2, 3}
+    # The others serve again while slot 0's queue sits: a stall.
+    assert look(p, {0: (15, 105), 1: (10, 140), 2: (13, 146), 3: (12, 140)}) == [
+        "excluded: stalled: 15 queued and none accepted since the last look"
+    ]
+
+
+def test_every_client_stuck_on_one_slot_is_a_stall() -> None:
+    # The other slots hold nothing and were handed nothing: every client waits on slot 1.
+    p = Policy()
+    look(p, {0: (0, 40), 1: (0, 40)})
+    assert look(p, {0: (0, 40), 1: (3, 43)}) == [
+        "excluded: stalled: 3 queued and none accepted since the last look"
+    ]

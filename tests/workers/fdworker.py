@@ -2,7 +2,8 @@
 
 Stops gracefully on SIGTERM (flag + wakeup fd + select before accept: never loses a
 connection accept() returned). Optional env: WORK_MS (sleep per request), DIE_ON_TERM
-(keep SIGTERM's default action), EXIT_AFTER (seconds, then exit 7). Sends READY=1 when
+(keep SIGTERM's default action), EXIT_AFTER (seconds, then exit 7), STOP_DELAY (seconds
+between the stop signal and the exit: a slow shutdown). Sends READY=1 when
 NOTIFY_SOCKET is set.
 UDP sockets answer each datagram with "slot pid".
 """
@@ -79,6 +80,7 @@ def main() -> None:
                     )
                 except OSError:
                     pass
+    time.sleep(float(os.environ.get("STOP_DELAY", "0")))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ __all__ = [
     "capabilities",
     "catches",
     "cpu_seconds",
+    "env_values",
     "fd_cloexec",
     "netstat",
     "no_access",
@@ -211,6 +212,25 @@ def cpu_seconds(pid: int) -> float | None:
     """CPU seconds (user + system) the process has used; None once it has gone."""
     st = stat(pid)
     return st.cpu_seconds if st is not None else None
+
+
+def env_values(name: str, prefix: str) -> dict[int, str]:
+    """pid -> the value of ``name`` in its environment, for every process we may read whose
+    value starts with ``prefix`` (/proc/PID/environ: the environment it was started with)."""
+    want = f"{name}={prefix}".encode()
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = read(f"/proc/{entry}/environ")
+        except OSError:  # gone, a kernel thread, or another user's
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(want):
+                found[int(entry)] = item[len(name) + 1 :].decode(errors="replace")
+                break
+    return found
 
 
 def _children(pid: int) -> Iterator[int]:

@@ -202,6 +202,10 @@ class Steering:
         self.inflight: InFlight | None = None
         self.listen_group = listen_group
         self.balance = "none"
+        # The benchmark's knob (not an option): PORTSHARD_POLICY=frozen never samples, so the
+        # tables stay at equal weights and no cost or cap is written; what the programs alone
+        # cost against the policy's decisions (steering_sweep's ebpf+frozen).
+        self.frozen = os.environ.get("PORTSHARD_POLICY") == "frozen"
         try:
             if backend == "ebpf":
                 self.inflight = InFlight()
@@ -450,6 +454,9 @@ class Steering:
         if self.steady and now >= self.next_peek and now < self.next_sample:
             self.peek(now)
         sample = now >= self.next_sample
+        if self.frozen and sample:  # the benchmark's frozen policy: health only
+            sample = False
+            self.next_sample = self.next_peek = now + SAMPLE_QUIET
         seen = tuple(slots)
         if not sample and seen == self._last_health and not self._pending():
             return  # the common case between samples: nothing changed

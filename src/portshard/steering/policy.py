@@ -253,10 +253,11 @@ class Policy:
         last look (with handed counts: ``handed - handed' - (queued - queued')`` is what it
         accepted; without, a queue that grew to 2 or more and is ``stall_ratio`` x the rest's
         per unit of share, so that equal busy workers or a steady queue are not taken for a
-        stall). Not when the slots left have less than ``stall_rest`` x its share between
-        them: a healthy worker descheduled for a look (a busy machine) would hand its whole
-        share to a slow one whose weight was cut (measured: 0.44x of a shared queue), or
-        to ones the kernel holds back (a cap or a cost: they cannot take it)."""
+        stall; with, not in a pause that stopped every slot: :meth:`_paused`). Not when the
+        slots left have less than ``stall_rest`` x its share between them: a healthy worker
+        descheduled for a look (a busy machine) would hand its whole share to a slow one whose
+        weight was cut (measured: 0.44x of a shared queue), or to ones the kernel holds back
+        (a cap or a cost: they cannot take it)."""
         p = self.params
         for o in sampled:
             t = self._tracks[o.slot]
@@ -273,6 +274,8 @@ class Policy:
             if o.handed is not None and was_handed is not None:
                 if o.handed - was_handed - (t.queued - was_queued) > 0:
                     continue  # it accepted some
+                if self._paused(o.slot, sampled):
+                    continue  # nobody got through: the load's pause or the machine's
             else:
                 rest = [s for s in shares if s != o.slot and s in self._tracks]
                 rest_share = sum(shares[s] for s in rest)
@@ -294,6 +297,29 @@ class Policy:
                 if o.handed is not None
                 else f"stalled: its queue grew from {was_queued} to {t.queued}, the rest shorter"
             )
+
+    def _paused(self, slot: int, sampled: Sequence[Observation]) -> bool:
+        """With handed counts: did the other slots, holding connections too, accept fewer
+        between the two looks than ``slot`` holds queued? Then its queue sat untouched in a
+        pause that stopped everyone, not a stall of its own. Equal workers blocked reading
+        requests from a client that was descheduled (4 workers / 64 in flight, load ~10) all
+        held 8-20 queued and accepted none: two slots at a time were out 2-5 times a second
+        each, and those caught twice were capped at 1 in flight (3 of 4 slots for 17% of a
+        run). A stalled worker's queue sits while the rest serve: they accept hundreds in
+        that time (a look is 20 ms; a request a fraction of a millisecond). If no other slot
+        holds or was handed any, every client is stuck on this one: a stall."""
+        accepted, holding = 0, False
+        for o in sampled:
+            t = self._tracks[o.slot]
+            if o.slot == slot or t.last is None or o.handed is None:
+                continue
+            was_queued, was_handed = t.last
+            if was_handed is None:
+                continue
+            handed = o.handed - was_handed
+            accepted += max(0, handed - (t.queued - was_queued))
+            holding = holding or bool(t.queued or was_queued or handed)
+        return holding and accepted < self._tracks[slot].queued
 
     def _others_serve(self, slot: int) -> bool:
         return any(

@@ -72,6 +72,7 @@ class Config:
     env: tuple[tuple[str, str], ...] = field(default=())
     via: str = default("via")  # how a worker gets its sockets: see settings.VIA
     join_existing: bool = default("join_existing")  # share a port someone already serves
+    nonblocking: bool = default("nonblocking")  # O_NONBLOCK on the sockets handed over
     file_workers: int | None = None  # `workers` as the file said it at this load (for reload)
     # the file's values as loaded (an upgrade hands them on: handoff.export, running_settings)
     file_data: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
@@ -199,6 +200,12 @@ def _reuseport_mode(cfg: Config) -> Config:
                 f"argument {arg!r}: with --via reuseport the workers get no socket from "
                 f"portshard (each binds its own), so there is no {{fd}}; use {{port}}"
             )
+    if cfg.nonblocking:
+        raise ConfigError(
+            "--nonblocking sets a flag on the sockets portshard hands over, and with --via "
+            "reuseport it hands over none (each copy binds its own); drop --nonblocking, or "
+            "use --via fds"
+        )
     if cfg.steering in ("cbpf", "ebpf"):
         raise ConfigError(
             f"--steering {cfg.steering} needs the supervisor's sockets, and with --via "

@@ -89,6 +89,11 @@ class Drain:
         if waiter is not None:
             self.waiters.append(waiter)
 
+    def export(self, now: float) -> dict[str, float | None]:
+        """What is left of it, for the manifest: an adopter carries on from there."""
+        left = None if self.deadline_at is None else round(max(0.0, self.deadline_at - now), 3)
+        return {"settle": round(max(0.0, self.started + self.settle - now), 3), "deadline": left}
+
     def expired(self, live: int) -> str:
         """The deadline passed with ``live`` workers running: the error, recorded."""
         self.error = (

@@ -259,10 +259,12 @@ class Fleet:
                 "delay": "raise --ready-timeout",
             }[cfg.ready.kind]
         )
+        if w.role == "boot":  # the boot fails with it: fail() logs the reason, once
+            self.fire(w, Event.READY_TIMEOUT)
+            self.fail(reason)
+            return
         log.error("%s; killing it", reason, extra=w.fields)
         self.fire(w, Event.READY_TIMEOUT)
-        if w.role == "boot":
-            self.fail(reason)
 
     def on_exit(self, w: Worker) -> None:
         """``w``'s pidfd is readable: reap it, then respawn its slot, back off or give up."""
@@ -280,7 +282,12 @@ class Fleet:
             )
         else:
             log.warning(
-                "slot %d pid %d: exited (%s)", slot.index, w.pid, w.describe_exit(), extra=w.fields
+                "slot %d pid %d: exited (%s)%s",
+                slot.index,
+                w.pid,
+                w.describe_exit(),
+                _left_behind(w) if w.ready else "",
+                extra=w.fields,
             )
         if slot.live():
             return
@@ -295,11 +302,7 @@ class Fleet:
             self.fire_slot(slot, SlotEvent.EMPTIED)
             why = "the program cannot start; run it by hand to see why"
             if w.left:  # by hand it "works": it forked into the background and returned
-                why = (
-                    f"it left pid {w.left[0]} running (killed now): the program put itself in "
-                    f"the background (daemonized); run it in the foreground (nginx: "
-                    f"'daemon off;'; many servers: a --foreground or --no-daemon option)"
-                )
+                why = _left_behind(w)[2:]
             self.fail(
                 f"the worker for slot {slot.index} exited before it was ready "
                 f"({w.describe_exit()}): {why}"
@@ -537,6 +540,20 @@ class Fleet:
 
     def with_workers(self, count: int) -> None:
         self.cfg = replace(self.cfg, workers=count)
+
+
+def _left_behind(w: Worker) -> str:
+    """What a worker that exited after it was ready left running in its tree: a program that
+    put a server in the background and returned. Every such exit respawns the slot and kills
+    the server it left (a worker is its whole tree), and the log said only "exited (exit
+    status 0)", every time."""
+    if not w.left:
+        return ""
+    return (
+        f"; it left pid {' '.join(map(str, w.left))} running (killed now): the program put "
+        f"itself in the background (daemonized); run it in the foreground (nginx: "
+        f"'daemon off;'; many servers: a --foreground or --no-daemon option)"
+    )
 
 
 def _handover_times(life: Lifecycle, now: float) -> str:

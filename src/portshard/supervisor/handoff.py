@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -34,13 +35,14 @@ from ..control.paths import warden_address
 from ..errors import ConfigError, SupervisorError
 from ..linux import tcpinfo
 from ..linux.cgroup import Cgroup
-from ..linux.proc import stat
+from ..linux.proc import env_values, stat
 from ..linux.syscalls import pidfd_open
 from ..sockets import listen
 from ..steering import cbpf
 from . import warden as wire
+from .drain import DrainRequest
 from .state import SLOT_TABLE, Lifecycle, Machine, SlotState, State
-from .worker import Slot, Worker
+from .worker import TREE_ENV, Slot, Worker
 
 if TYPE_CHECKING:
     from .config import Config
@@ -125,6 +127,7 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
                     "ready_age": None if w.life.ready_at is None else now - w.life.ready_at,
                     "mode": w.mode,
                     "cgroup": os.path.basename(w.cgroup.path) if w.cgroup and home else None,
+                    "token": w.token,
                     "adopted": w.adopted,
                 }
             )
@@ -171,8 +174,23 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
         "steering": fx.steering.export() if fx.steering is not None else None,
         "slots": slots,
         "file": dict(cfg.file_data) if cfg.file_data is not None else None,
+        "drain": fleet.draining.export(now) if fleet.draining is not None else None,
     }
     return manifest, fds
+
+
+def unfinished_drain(resume: Resume) -> DrainRequest | None:
+    """The drain the supervisor that died had under way (what was left of its settle time
+    and deadline), for its adopter to carry on: before, the adopter served as if none had
+    been asked, its health said serving again, and the balancers sent the leaving host new
+    connections until whatever stops it (a preStop, ExecStop) killed it."""
+    left = resume.manifest.get("drain")
+    if resume.how != "adoption" or not isinstance(left, dict):
+        return None
+    settle, deadline = left.get("settle"), left.get("deadline")
+    if not isinstance(settle, (int, float)) or not isinstance(deadline, (int, float, type(None))):
+        return None
+    return DrainRequest(max(0.0, float(settle)), deadline)
 
 
 def running_settings(cli: Mapping[str, Any], resume: Resume | None) -> Config:
@@ -348,6 +366,11 @@ def restored_sockets(resume: Resume, sup: Supervisor) -> Iterator[tuple[int, lis
     --listen: then the workers get the new set by a reload, which ``Supervisor`` starts)."""
     old = resume.manifest["listen"]
     cfg, fx = sup.cfg, sup.fx
+    if not fx.owns_sockets:  # --via reuseport: each worker binds its own; the slots hold none
+        for slot in resume.manifest["slots"]:
+            yield slot["index"], []
+        fx.bound = [spec.address for spec in cfg.listen]
+        return
     keys = kept_keys(resume, cfg)
     bound: list[Address | None] = [
         parse(resume.manifest["bound"][old.index(key)]) if key is not None else None for key in keys
@@ -356,6 +379,8 @@ def restored_sockets(resume: Resume, sup: Supervisor) -> Iterator[tuple[int, lis
         socks = []
         for i, spec in enumerate(cfg.listen):
             key = keys[i]
+            if key is not None and old.index(key) >= len(slot["socks"]):
+                key = None  # a predecessor under --via reuseport held no socket: a new one
             if key is not None:
                 fd = resume.take(slot["socks"][old.index(key)])
                 if fd is None:
@@ -391,10 +416,15 @@ def restore(resume: Resume, sup: Supervisor) -> list[Slot]:
         slot.generation = data["generation"]
         slot.restarts = data["restarts"]
         slot.machine = Machine(SLOT_TABLE, SlotState.SERVING)
+        gone = []
         for wd in data["workers"]:
+            if not wire.same_process(wd["pid"], wd["start"]):
+                gone.append(wd)
+                continue
             w = _restore_worker(resume, sup, slot, wd, now, wall)
             if w is not None:
                 slot.workers.append(w)
+        _log_gone(slot, gone)
         if not slot.live():
             slot.machine = Machine(SLOT_TABLE, SlotState.EMPTY)
         slots.append(slot)
@@ -407,7 +437,8 @@ def drop_unrecorded(resume: Resume) -> None:
     window): its slot sockets leave the port's group, and the processes of worker groups the
     manifest does not name are killed. Before, such a worker served on, in no status, past
     every reload (a kill 0.6 s into a scale 2 -> 4: 144 of 400 requests went to it); at the
-    stop it went with the home. Only the cgroup mechanism can find them."""
+    stop it went with the home. The cgroup mechanism finds them by their worker groups, the
+    subreaper one by their $PORTSHARD_TREE (before, nothing found them there)."""
     slots = {s["index"] for s in resume.manifest["slots"]}
     for key in [k for k in resume.fds if k.startswith("sock:") and k not in resume.used]:
         if int(key.split(":")[1]) in slots:
@@ -420,7 +451,10 @@ def drop_unrecorded(resume: Resume) -> None:
             tcpinfo.stop_listening(sock)  # out of the group for whoever holds a copy
         sock.close()
     home = resume.manifest.get("trees", {}).get("home")
-    if not home or not os.path.isdir(home):
+    if not home:
+        _kill_untokened(resume)
+        return
+    if not os.path.isdir(home):
         return
     known = {w.get("cgroup") for s in resume.manifest["slots"] for w in s["workers"]}
     with os.scandir(home) as entries:
@@ -440,19 +474,60 @@ def drop_unrecorded(resume: Resume) -> None:
         group.remove(wait=2.0)
 
 
+def _kill_untokened(resume: Resume) -> None:
+    """drop_unrecorded without cgroups: the processes whose $PORTSHARD_TREE is of this
+    lineage but names no worker of the manifest (before, nothing found them here)."""
+    lineage = resume.manifest.get("notify")
+    if not isinstance(lineage, str) or not lineage:
+        return
+    known = {w.get("token") for s in resume.manifest["slots"] for w in s["workers"]}
+    found = env_values(TREE_ENV, f"{lineage}#")
+    strays = sorted(pid for pid, token in found.items() if token not in known)
+    if not strays:
+        return
+    log.warning(
+        "killing pid(s) %s: a worker the supervisor that died had started and not yet "
+        "recorded (a scale or a reload under way)",
+        " ".join(map(str, strays)),
+    )
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _log_gone(slot: Slot, gone: list[dict[str, Any]]) -> None:
+    """The workers of ``slot`` that exited while no supervisor ran. Only a slot left with no
+    worker starts a new one; one that kept a worker (a reload's old worker whose stop was
+    under way, or ended, when the supervisor died) lost nothing. Said otherwise before: "its
+    slot starts a new one" for a retired worker whose replacement was adopted and served."""
+    kept = [w.pid for w in slot.workers]
+    for wd in gone:
+        pid = wd["pid"]
+        extra = {"slot": slot.index, "pid": pid}
+        if not kept:
+            log.warning(
+                "slot %d pid %d: gone while the supervisor was away; its slot starts a new one",
+                slot.index,
+                pid,
+                extra=extra,
+            )
+        else:
+            log.info(
+                "slot %d pid %d: exited while the supervisor was away (it was %s); the slot "
+                "keeps pid %s",
+                slot.index,
+                pid,
+                wd["state"],
+                " ".join(map(str, kept)),
+                extra=extra,
+            )
+
+
 def _restore_worker(
     resume: Resume, sup: Supervisor, slot: Slot, wd: dict[str, Any], now: float, wall: float
 ) -> Worker | None:
     fx = sup.fx
     pid = wd["pid"]
-    if not wire.same_process(pid, wd["start"]):
-        log.warning(
-            "slot %d pid %d: gone while the supervisor was away; its slot starts a new one",
-            slot.index,
-            pid,
-            extra={"slot": slot.index, "pid": pid},
-        )
-        return None
     try:
         pidfd = pidfd_open(pid)
     except OSError:
@@ -464,6 +539,7 @@ def _restore_worker(
     if wd.get("ready_age") is not None and state is State.READY:
         w.life.ready_at = now - wd["ready_age"]
     w.adopted = wd.get("adopted")
+    w.token = wd.get("token")
     if resume.how == "adoption":
         w.adopted = wall
         w.child = False

@@ -61,6 +61,11 @@ __all__ = ["Supervisor", "expand_placeholders"]
 TICK = 0.02  # how often conditions are re-checked while something is in progress
 SAMPLE_EVERY = 1.0
 GUARD_LOG_EVERY = 10.0  # s between log lines about the same failing loop operation
+# A second SIGTERM/SIGINT kills every worker, but one this soon after the first is the same
+# request delivered twice: GNU `timeout` signals the program and then its own process group
+# (the supervisor again), at once. `timeout 60 portshard run ...` killed every worker instead
+# of stopping gracefully. A person sending it again is slower than this.
+SAME_SIGNAL = 0.1
 
 # Every signal whose default would kill the supervisor (and with it every worker) has a
 # meaning or is ignored with a log line. TERM/INT: graceful stop (twice: kill now); QUIT: kill
@@ -134,6 +139,7 @@ class Supervisor:
         self._new_per_s: dict[int, float] = {}  # slot -> new connections/s, last second
         self._guard_log: dict[str, tuple[float, int]] = {}  # operation -> last log, held
         self._wake_r, self._wake_w = socket.socketpair()
+        self._stop_signalled = -SAME_SIGNAL  # when SIGTERM/SIGINT began the graceful stop
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._old_handlers: dict[int, Any] = {}
         self.resume = resume
@@ -259,6 +265,9 @@ class Supervisor:
             else:
                 kept = handoff.kept_keys(self.resume, self.cfg)
                 fleet.resume(then_reload=kept != self.resume.manifest["listen"])
+                if (drain := handoff.unfinished_drain(self.resume)) is not None:
+                    log.warning("the supervisor that died was draining: carrying on")
+                    fleet.drain(drain)
                 self.resume = None
             timeout = 0.0
             while fleet.exit_code is None:
@@ -362,11 +371,20 @@ class Supervisor:
         for signum in array.array("B", data):
             name = _signal_name(signum)
             if signum in (signal.SIGTERM, signal.SIGINT):
-                if self.fleet.stopping:
+                now = time.monotonic()
+                if self.fleet.stopping and now - self._stop_signalled < SAME_SIGNAL:
+                    log.info(
+                        "%s again %.0f ms after the first: the same request (`timeout` sends it "
+                        "twice); send it again to kill every worker now",
+                        name,
+                        (now - self._stop_signalled) * 1000,
+                    )
+                elif self.fleet.stopping:
                     log.warning("second %s: killing every worker now", name)
                     self.fleet.quit()
                 else:
                     log.info("%s: stopping gracefully", name)
+                    self._stop_signalled = now
                     self.fleet.stop()
             elif signum == signal.SIGQUIT:
                 log.warning("SIGQUIT: killing every worker now")

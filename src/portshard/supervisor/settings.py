@@ -228,6 +228,23 @@ SETTINGS: tuple[Setting, ...] = (
         example='"auto"',
     ),
     Setting(
+        "nonblocking",
+        "Set O_NONBLOCK on the sockets handed to the workers (fd 3, 4, ...), as systemd's "
+        "NonBlocking=. For servers whose processes share an inherited socket and take it to "
+        'be non-blocking: nginx told about fd 3 with NGINX="3;" needs it, or a worker '
+        "that loses the race for a connection blocks in accept() and serves nothing. Off: "
+        "the sockets are blocking, as systemd passes them. The flag belongs to the socket, so "
+        "every process holding it sees it; the preload shim and the seccomp trap give a "
+        "program that binds the address the flags it asked for.",
+        v.flag,
+        False,
+        "off",
+        reloadable=False,
+        fixed_because="it is a flag of the open sockets, shared by every worker holding them",
+        flag=True,
+        example="false",
+    ),
+    Setting(
         "metrics",
         "Serve Prometheus metrics (/metrics) and a live dashboard (/) on this address. "
         "Loopback (127.0.0.1) unless a host is given; port 0 picks a free one (see status "

@@ -74,6 +74,12 @@ def _explain(argv0: str, exc: ChildError) -> SupervisorError:
     hint = ""
     if exc.errno == errno.ENOENT:
         hint = "; check the path, or that it is on PATH"
+    elif exc.errno == errno.E2BIG:  # each string is checked by config.load: all of them
+        hint = (
+            "; its arguments and environment (portshard's own, [env] and LISTEN_*) are "
+            "more than the kernel takes together (a quarter of the stack size limit, "
+            "`ulimit -s`): pass large values in a file"
+        )
     elif exc.errno == errno.EACCES:
         closed = _closed_directory(argv0)
         hint = (

@@ -133,6 +133,7 @@ class Succession:
             len(fx.output.open) if fx.output is not None else 0,
             fx.steering.exported if fx.steering is not None else 0,
             self.warden.alive,
+            id(sup.fleet.draining),  # a drain begun: an adopter carries it on
         )
         if seen == self._seen and self.warden.alive:
             return

@@ -32,7 +32,7 @@ from .output import Pipes, WorkerOutput
 from .spawn import SpawnSpec, spawn
 from .state import State
 from .systemd import Activated, Notifier, address_of, store_name
-from .worker import Slot, Worker
+from .worker import TREE_ENV, Slot, Worker, tree_token
 
 if TYPE_CHECKING:
     from .fleet import Fleet
@@ -115,7 +115,13 @@ class SystemEffects:
         except PortshardError as exc:
             raise SupervisorError(str(exc)) from None
         group = self.trees.create(f"slot{slot.index}") if self.trees else None
+        token = None
+        if group is None:  # no cgroup names its tree: its environment does (an adopter's)
+            token = env[TREE_ENV] = tree_token(self.notify_name, slot.index)
         fds = [s.fileno() for s in slot.socks]
+        if cfg.nonblocking:  # on the shared file description: what the worker inherits
+            for fd in fds:
+                os.set_blocking(fd, False)
         pipes = Pipes.create() if self.output is not None else None
         stdio = (pipes.stdout_w, pipes.stderr_w) if pipes is not None else None
         try:
@@ -145,6 +151,7 @@ class SystemEffects:
         w = Worker(slot, spawned.pid, spawned.pidfd, generation, role, self.now())
         w.mode = via.mode
         w.cgroup = group
+        w.token = token
         self.watch_exit(w)
         if spawned.listener is not None:
             self._watch_trap(w, spawned.listener, via.reuseport)

@@ -36,6 +36,10 @@ __all__ = [
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 Parser = Callable[[Any, "Origin"], Any]
+# The longest string the kernel passes to a program, NUL included (execve(2): 32 pages): a
+# longer argument or NAME=value failed every spawn with E2BIG, "Argument list too long",
+# found only once the sockets were open, and `run --check` said the settings were fine.
+MAX_ARG_STRLEN = 32 * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,15 @@ def parse_command(value: Any, origin: Origin) -> tuple[str, ...]:
         raise origin.wrong_type(value, "a list of strings", "['./server', '-v']")
     if any("\0" in arg for arg in value):
         raise origin.error(value, "an argument holds a NUL byte", "no program can receive one")
+    for i, arg in enumerate(value):
+        if (size := len(arg.encode(errors="surrogateescape"))) >= MAX_ARG_STRLEN:
+            raise origin.error(
+                value,
+                f"argument {i} is {size:,} bytes; the kernel passes no argument of "
+                f"{MAX_ARG_STRLEN:,} or more to a program (MAX_ARG_STRLEN: exec fails with "
+                f"E2BIG)",
+                "pass it in a file",
+            )
     return tuple(value)
 
 
@@ -210,8 +223,20 @@ def parse_env(value: Any, origin: Origin) -> tuple[tuple[str, str], ...]:
             raise origin.error(
                 value, f"env {name} is {_kind(item)}", f'write it as a string, {name} = "..."'
             )
-        if not name or "=" in name or "\0" in name or "\0" in str(item):
+        if not name or "=" in name or "\0" in name:
             raise origin.error(value, f"{name!r} is not an environment variable name", "rename it")
+        if "\0" in str(item):  # was "not an environment variable name", naming the name
+            raise origin.error(
+                value, f"env {name} holds a NUL byte", "no program can receive one: remove it"
+            )
+        if (size := len(f"{name}={item}".encode(errors="surrogateescape"))) >= MAX_ARG_STRLEN:
+            raise origin.error(
+                value,
+                f"env {name} is {size:,} bytes with its name; the kernel passes no variable "
+                f"of {MAX_ARG_STRLEN:,} or more to a program (MAX_ARG_STRLEN: exec fails "
+                f"with E2BIG)",
+                "pass it in a file",
+            )
         env[name] = str(item)
     return tuple(sorted(env.items()))
 

@@ -75,6 +75,18 @@ def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
             os.kill(pid, sig)
 
 
+# Under the subreaper mechanism no cgroup names a worker's tree: this variable does, in every
+# process of it (inherited, daemons too). An adopter finds by it the workers the supervisor
+# that died had started and not yet recorded (handoff.drop_unrecorded).
+TREE_ENV = "PORTSHARD_TREE"
+
+
+def tree_token(lineage: str, slot: int) -> str:
+    """A worker's $PORTSHARD_TREE: its lineage (the supervisor's notify address, which
+    upgrades and adoptions keep), then its own random part."""
+    return f"{lineage.lstrip(chr(0))}#{slot}.{os.urandom(6).hex()}"
+
+
 class Worker:
     """One process of a slot. It owns its process: :meth:`signal` reaches its process group,
     :meth:`reap` collects its exit status and closes its pidfd."""
@@ -97,6 +109,7 @@ class Worker:
         self.adopted: float | None = None  # when (wall clock) it was adopted (issue 15)
         self.resume_retiring = False  # it was being retired when its supervisor went
         self.left: list[int] = []  # processes of its tree still running when it was reaped
+        self.token: str | None = None  # its $PORTSHARD_TREE, without cgroups (handoff.py)
 
     def __repr__(self) -> str:
         return f"<Worker slot {self.slot.index} pid {self.pid} {self.state.value}>"
