@@ -305,7 +305,8 @@ def main() -> None:
                             else ""
                         )
                         + (
-                            f" first slow {r['first_slow_s']} weighted {r['weighted_slots']}"
+                            f" first slow {r['first_slow_s']} from load "
+                            f"{r.get('first_slow_load_s')} weighted {r['weighted_slots']}"
                             if "weighted_slots" in r
                             else ""
                         )

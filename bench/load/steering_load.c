@@ -130,6 +130,8 @@ int main(int argc, char **argv) {
         return 1;
     }
     t0 = now_ns();
+    printf("t0 %llu\n", (unsigned long long)t0); /* CLOCK_MONOTONIC: the bench's clock */
+    fflush(stdout);
     uint64_t end = t0 + (uint64_t)(seconds * 1e9);
     for (int i = 0; i < n; i++) {
         int rc;

@@ -4,9 +4,10 @@ The supervisor says, at every turn of its loop, which slots have a ready worker
 (:meth:`Steering.step`); every ``SAMPLE`` seconds the controller also reads each slot's
 accept-queue depth (TCP_INFO, ~1.5 µs a socket), and every ``SAMPLE_STEADY`` seconds once
 everything has been steady for a while, with a :meth:`Steering.peek` at the kernel's counts
-between (docs/ARCHITECTURE.md, "What a look costs"). The policy (``policy.py``) turns that into
-verdicts and weights, the table (``table.py``) into buckets, and a backend puts them in the
-kernel, per reuseport group (one per ``--listen`` address):
+between (docs/ARCHITECTURE.md, "What a look costs"); idle, the first connection queued on a
+TCP listener wakes the loop (:attr:`Steering.wake`, :meth:`Steering.woken`). The policy
+(``policy.py``) turns that into verdicts and weights, the table (``table.py``) into buckets,
+and a backend puts them in the kernel, per reuseport group (one per ``--listen`` address):
 
 - ``ebpf``: one SK_REUSEPORT program per group with a REUSEPORT_SOCKARRAY keyed by slot and a
   double-buffered array of bucket -> slot; a change is one batch write and a flip. Needs
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,8 +63,10 @@ SAMPLE_STEADY = 0.1  # ... and while busy but steady (eBPF with kernel counts): 
 STEADY_AFTER = 1.0  # seconds of steady samples before the cadence slows
 STEADY_SPREAD = 2.0  # ... with no rate this many times slower than the fastest
 SUSPECT_FAST = 0.1  # seconds of SAMPLE cadence after a peek saw a slot let nothing go
-SAMPLE_QUIET = 1.0  # ... and while idle and steady, with a peek every SAMPLE_IDLE for any new
+SAMPLE_QUIET = 1.0  # ... and while idle and steady, with a peek every PEEK_QUIET for any new
 # connection (an idle look found nothing to do: 1.3% of a core at 20 a second, load 4-6)
+PEEK_QUIET = 0.25  # idle, the first connection wakes the supervisor (a listener becomes
+# readable: :meth:`Steering.woken`); the peek is for one it missed (its worker took it first)
 LOG_EVERY = 1.0  # overload and weight lines: at most one a second per slot
 MIGRATE_REQ = sysctl.path(sysctl.MIGRATE_REQ)
 
@@ -175,6 +179,7 @@ class Steering:
         self._speed_pids: dict[int, int | None] = {}
         self._waits: dict[int, tuple[int, proc.Sched, float]] = {}  # slot -> (pid, read, when)
         self._schedstat = proc.RunQueueWaits()
+        self._cpu: dict[int, float] = {}  # slot -> its worker's CPU seconds since the last sample
         self.next_peek = 0.0
         self.steady = False  # sampling at SAMPLE_STEADY, peeking at SAMPLE between
         self._steady_since = 0.0  # the first of the steady samples since the last abnormal one
@@ -185,6 +190,14 @@ class Steering:
         self._unsettled = False  # a health change or a logged change since the last sample
         self._was_busy = False
         self.quiet = False  # steady while idle: a peek is for any new connection
+        # Idle, the TCP listeners are watched (level, one-shot) in an epoll of our own that the
+        # loop's selector watches: the first connection queued wakes the supervisor at once
+        # instead of at the next idle look (up to SAMPLE_IDLE, or a quiet peek, later).
+        self.wake = select.epoll()
+        self._watched: list[int] = []
+        self._fresh = False  # woken: the next look starts the speeds' window (speed.py)
+        self._woke = -SAMPLE_IDLE  # when (one wake per SAMPLE_IDLE at most: under a light
+        # load a look may find nothing queued, and each connection would bring one)
         self.interval = SAMPLE_IDLE  # between the last sample and the next one (status)
         self.inflight: InFlight | None = None
         self.listen_group = listen_group
@@ -284,6 +297,7 @@ class Steering:
 
     def close(self) -> None:
         self._schedstat.close()
+        self.wake.close()
         for group in self.groups:
             if group.program is not None:
                 group.program.close()
@@ -356,6 +370,7 @@ class Steering:
         except BaseException:
             new.close()
             raise
+        self.unwatch()  # a closed socket stays in an epoll while another process holds it
         tcpinfo.stop_listening(old)  # its queue migrates now, even if the warden holds a copy
         old.close()
         group.leave(slot)
@@ -383,6 +398,40 @@ class Steering:
         """Seconds until the next queue sample (or, steady, the next peek)."""
         return max(0.0, min(self.next_sample, self.next_peek) - now)
 
+    def woken(self, now: float) -> None:
+        """The loop saw :attr:`wake` readable: idle, a connection was queued on one of the
+        TCP listeners. Sample now (the load starts), and start the speeds' window here: the
+        trapezoid over the idle interval before would count up to half of it as work."""
+        with contextlib.suppress(OSError):
+            self.wake.poll(0)
+        self.unwatch()
+        self.next_sample = self.next_peek = now
+        self._fresh = True
+        self._woke = now
+
+    def _watch(self) -> None:
+        """Idle: the TCP listeners wake the supervisor (:meth:`woken`) at their first
+        connection. One-shot: a socket closed while watched (another process may hold it, so
+        the epoll keeps it) wakes it once at most."""
+        if self._watched:
+            return
+        for group in self.groups:
+            if group.proto is not Proto.TCP:
+                continue
+            for sock in group.socks.values():
+                try:
+                    self.wake.register(sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+                except OSError:
+                    continue
+                self._watched.append(sock.fileno())
+
+    def unwatch(self) -> None:
+        """Busy (or a listener is about to close): the listeners are not watched."""
+        for fd in self._watched:
+            with contextlib.suppress(OSError):
+                self.wake.unregister(fd)
+        self._watched = []
+
     def peek(self, now: float) -> bool:
         """Steady, between samples (the loop calls it when woken for nothing else): True if
         :meth:`step` should run now, because a sample is due or a peek is and found a slot
@@ -392,7 +441,7 @@ class Steering:
             return True
         if now < self.next_peek:
             return False
-        self.next_peek = now + SAMPLE
+        self.next_peek = now + (PEEK_QUIET if self.quiet else SAMPLE)
         if self._peek():
             self.next_sample = now
             self._fast_until = now + SUSPECT_FAST
@@ -447,7 +496,10 @@ class Steering:
         changes = self.policy.observe(observations)
         looks = max(1.0, (now - self._last_full) / SAMPLE) if self.steady else 1.0
         if counts is not None:
+            if self._fresh:
+                self.speeds.restart()
             self._weigh_speeds(now, counts, waited, looks)
+        self._fresh = self._fresh and not sample
         # A worker came or went (an overload or a stall, frequent, is not: the rules below)
         self._unsettled = self._unsettled or changed or any(not c.kind.frequent for c in changes)
         if sample:
@@ -514,10 +566,14 @@ class Steering:
             self.quiet = not busy
             self.interval = SAMPLE_STEADY if busy else SAMPLE_QUIET
             self.next_sample = now + self.interval
-            self.next_peek = now + (SAMPLE if busy else SAMPLE_IDLE)
+            self.next_peek = now + (SAMPLE if busy else PEEK_QUIET)
         else:
             self.interval = SAMPLE if busy else SAMPLE_IDLE
             self.next_sample = self.next_peek = now + self.interval
+        if busy:
+            self.unwatch()
+        elif now - self._woke >= SAMPLE_IDLE:
+            self._watch()
 
     def _peek(self) -> bool:
         """Did a slot holding connections at the last look and now let none go between (a
@@ -573,7 +629,8 @@ class Steering:
         """How fast each ready slot serves and its in-flight cap (speed.py), into the kernel's
         cost map."""
         assert self.inflight is not None
-        costs = self.speeds.observe(now, counts, waited, looks)
+        costs = self.speeds.observe(now, counts, waited, looks, self._cpu)
+        self._cpu = {}
         for slot in self.policy.stalled():
             if waited.get(slot, 0.0) < WAITED:  # else descheduled, not stalled
                 self.speeds.stalled(slot, now)
@@ -601,11 +658,14 @@ class Steering:
             before = self._waits.get(slot)
             if now_sched is None or pid is None:
                 self._waits.pop(slot, None)
+                self._cpu.pop(slot, None)
                 continue
             self._waits[slot] = (pid, now_sched, now)
             took = now - before[2] if before is not None else 0.0
             if before is None or before[0] != pid or not 0 < took <= 1.0:
                 continue
+            # CPU time since the last sample, across steady peeks (speed.py: CPU a completion)
+            self._cpu[slot] = self._cpu.get(slot, 0.0) + (now_sched.ran - before[1].ran) / 1e9
             ran = (now_sched.ran - before[1].ran) / 1e9 / took
             part = (now_sched.waited - before[1].waited) / 1e9 / took
             if now_sched.runnable and ran < WAITED:

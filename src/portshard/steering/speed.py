@@ -38,6 +38,15 @@ measured while the window fades (``FADE`` per look: 0.5-1.2 s), then its cost dr
 to ``UNIT`` (half-way in ``FORGET`` seconds), so a worker that recovered is tried again; a
 new worker starts at ``UNIT``.
 
+A worker that turns slower mid-run would wait for the window to forget its fast past (one
+turning 3x slower: weighted 0.35-2.4 s after, issue 11). So each slot also keeps the last
+~0.1 s (``RECENT`` per look) of the same sums and of its worker's CPU time (its main thread's,
+from the supervisor's run-queue reads) against completions; when its worker burned
+``CHANGE`` x the CPU a completion of the window, and the recent rate, with ``MIN_BUSY`` of
+evidence, is ``CHANGE`` x slower than the window and ``BAND`` x slower than the fastest, the
+window starts again from the recent looks (:meth:`Speeds._changed`). A worker that turns
+slower without burning more (waiting on its own I/O) is found by the window, as before.
+
 A worker that is slow only sometimes (it stalls 50 ms every 10th request) is the case a rate
 cannot weigh: its rate is a mean over stalls and fast stretches; weighted down, it is rarely
 found saturated, what was measured fades, its cost drifts back and two choices give it 2-3
@@ -93,6 +102,9 @@ CAP_MAX = 8  # ... and above this, goes
 SUSPECT = 1.0  # seconds: caught twice within this, a slot is capped (once is any hiccup)
 WAITED = 0.25  # a worker that waited for a CPU this part of a look was descheduled, not stalled
 DOUBT = 1.0  # completions a rate assumes at least: none in 40 ms says < 25/s, not 0
+RECENT = 0.8  # per look: the weight of older looks in the recent rate (~5 looks, 0.1 s)
+CHANGE = 2.0  # the recent CPU a completion this many times the window's: the worker changed
+MIN_DONE = 10  # completions for the recent CPU a completion to count
 
 
 def cost_word(cost: int, cap: int) -> int:
@@ -117,6 +129,9 @@ class _Slot:
     elapsed: float = 0.0
     cost: float = UNIT
     late: bool = False  # joined while the others served: its first rate needs MIN_BUSY
+    recent: tuple[float, float, float] = (0.0, 0.0, 0.0)  # completed, busy, running: ~0.1 s
+    cpu: tuple[float, float] = (0.0, 0.0)  # its worker's CPU seconds and completions: ~1 s
+    cpu_recent: tuple[float, float] = (0.0, 0.0)  # ... ~0.1 s
     capped_until: float = 0.0  # capped until then (renewed by each stall seen)
     caught: float = 0.0  # when the policy last caught it stalling, capped
     suspected: float = -SUSPECT  # ... or not yet (a first time)
@@ -127,6 +142,12 @@ class Speeds:
 
     def __init__(self) -> None:
         self._slots: dict[int, _Slot] = {}
+        self._last = 0.0
+
+    def restart(self) -> None:
+        """The load starts now (the supervisor was woken by its first connection): the next
+        look is where the window starts, not the end of an idle interval that the trapezoid
+        rule would count up to half of as work."""
         self._last = 0.0
 
     def forget(self, slot: int) -> None:
@@ -168,6 +189,7 @@ class Speeds:
         counts: dict[int, tuple[int, int]],
         waited: Mapping[int, float] | None = None,
         looks: float = 1.0,
+        cpu: Mapping[int, float] | None = None,
     ) -> dict[int, int]:
         """``counts``: slot -> (handed so far, in flight now) of the slots serving; ``waited``:
         the part of the time since the last look each one's worker was runnable but waiting
@@ -221,6 +243,22 @@ class Speeds:
                 s.running = decay * s.running + busy * running  # the rate's denominator
                 s.late = s.late and s.busy < MIN_BUSY
                 s.elapsed = DECAY**looks * s.elapsed + dt
+                # The recent looks, but for one its worker was descheduled for (it completed
+                # next to nothing, and the window would start again from that).
+                r = RECENT**looks
+                new = (completed * busy / dt, busy, busy * running)
+                s.recent = (
+                    r * s.recent[0] + new[0],
+                    r * s.recent[1] + new[1],
+                    r * s.recent[2] + new[2],
+                )
+                if cpu is not None and slot in cpu:  # CPU a completion, whatever it waited
+                    d = DECAY**looks
+                    s.cpu = (d * s.cpu[0] + cpu[slot], d * s.cpu[1] + completed)
+                    s.cpu_recent = (
+                        r * s.cpu_recent[0] + cpu[slot],
+                        r * s.cpu_recent[1] + completed,
+                    )
             s.inflight = inflight
         rates = {slot: rate for slot, rate in self.rates().items() if rate is not None}
         # The reference: the fastest measured rate, or what a slot served per second of
@@ -229,6 +267,8 @@ class Speeds:
         served = [s.served / s.elapsed for s in self._slots.values() if s.elapsed > 0]
         fastest = max([*rates.values(), *served], default=0.0)
         for slot, s in self._slots.items():
+            if slot in rates and self._changed(s, fastest):
+                rates[slot] = max(s.completed, DOUBT) / max(s.running, 1e-9)
             rate = rates.get(slot)
             if rate is None or fastest <= 0:
                 if dt > 0:
@@ -243,6 +283,39 @@ class Speeds:
             band = BAND * max(1.0, MIN_BUSY / s.busy)
             s.cost = min(MAX_COST, UNIT * slower) if slower >= band else UNIT
         return {slot: round(s.cost) for slot, s in self._slots.items()}
+
+    @staticmethod
+    def _changed(s: _Slot, fastest: float) -> bool:
+        """A worker that turns slower mid-run: the window (~1 s) must forget the fast past
+        before its rate is ``BAND`` behind, which took 0.35-2.4 s (median 0.77) for one
+        turning 3x slower. So when over the last ~0.1 s its worker burned ``CHANGE`` x the
+        CPU a completion of the window (it changed, whatever the machine did: a worker
+        descheduled takes longer, not more CPU, a request), and its rate then, with
+        ``MIN_BUSY`` of evidence, is ``CHANGE`` x slower than the window and ``BAND`` x
+        slower than the fastest, the window starts again from the last ~0.1 s. Returns
+        whether it did.
+
+        Not the rate alone: on a busy machine an equal worker's rate over 0.1 s is 3x off
+        its window now and then (its clients starved of a CPU send their requests late;
+        tried: equal workers weighted in 5 of 8 runs). Only slower, and only to be weighed:
+        a window started again is short and changes fast while it grows, and one started
+        faster could raise the reference the others are measured against. A worker that
+        recovered comes back as before (no news: it fades)."""
+        completed, busy, running = s.recent
+        if busy < MIN_BUSY or s.busy <= busy:
+            return False
+        recent = max(completed, DOUBT) / max(running, 1e-9)
+        window = max(s.completed, DOUBT) / max(s.running, 1e-9)
+        if recent * CHANGE >= window or recent * BAND > fastest:
+            return False
+        cpu, done = s.cpu_recent
+        window_cpu, window_done = s.cpu
+        if done < MIN_DONE or window_done < 2 * done or window_cpu <= 0:
+            return False
+        if cpu / done < CHANGE * window_cpu / window_done:
+            return False
+        s.completed, s.busy, s.running = s.recent
+        return True
 
     def even(self, spread: float) -> bool:
         """Every slot has a rate, none ``spread`` x slower than the fastest, none costs more

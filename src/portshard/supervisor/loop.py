@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import array
+import contextlib
 import logging
 import os
 import selectors
@@ -238,6 +239,8 @@ class Supervisor:
         if self.health is not None:
             self.health.close_all()
         if self.fx.steering is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.fx.steering.wake)
             self.fx.steering.close()
         if self.fx.trees is not None and not self.succession.abandoned:
             self.fx.trees.close()  # (abandoned: the warden keeps them)
@@ -435,6 +438,9 @@ class Supervisor:
                 self.fx.all_slots()
             log.info("steering: off: the kernel hashes over every slot")
             return
+        # Idle, the first connection queued on a listener wakes the loop (a steering look
+        # at once, not up to an idle interval later: issue 11's "found within 100 ms").
+        self.sel.register(steering.wake, selectors.EVENT_READ, self._on_steering_wake)
         log.info(
             "steering: %s (%s); a dead worker's queue %s",
             steering.backend,
@@ -443,6 +449,10 @@ class Supervisor:
             if steering.can_migrate()
             else "waits for its replacement (tcp_migrate_req=0; --migrate sets it)",
         )
+
+    def _on_steering_wake(self, _mask: int) -> None:
+        if self.fx.steering is not None:
+            self.fx.steering.woken(time.monotonic())
 
     def _set_migrate_req(self) -> None:
         """--migrate: net.ipv4.tcp_migrate_req=1 in this network namespace (root only)."""

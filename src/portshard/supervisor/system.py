@@ -310,6 +310,8 @@ class SystemEffects:
         # Its TCP sockets leave the port's group now, not when the warden's copy goes: still
         # in it, they took connections nobody would accept (16 in ~1,000 requests of a 4 -> 2
         # scale with steering off). Only now: a stopped listener has no queue to read.
+        if self.steering is not None:
+            self.steering.unwatch()  # an epoll keeps a closed socket another process holds
         for sock in slot.queue_fds():
             if sock.fileno() not in self.held:  # systemd's: it keeps listening on them
                 tcpinfo.stop_listening(sock)
