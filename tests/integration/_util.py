@@ -196,3 +196,15 @@ def write_config(path: Path, command: list[str], workers: int) -> None:
     """A portshard.toml running ``command`` with ``workers`` workers on a loopback port 0."""
     quoted = ", ".join(f'"{arg}"' for arg in command)
     path.write_text(f'command = [{quoted}]\nlisten = ["tcp://127.0.0.1:0"]\nworkers = {workers}\n')
+
+
+def reuseport_listeners(n: int, socks: list[socket.socket]) -> list[socket.socket]:
+    """``n`` TCP listeners of one reuseport group on a free loopback port, appended to
+    ``socks`` as they are made (the caller closes them, also when this raises)."""
+    for _ in range(n):
+        sock = socket.socket()
+        socks.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", socks[0].getsockname()[1] if len(socks) > 1 else 0))
+        sock.listen(64)
+    return socks

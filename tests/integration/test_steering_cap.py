@@ -13,6 +13,7 @@ from portshard.steering.ebpf import SteeringProgram
 from portshard.steering.inflight import InFlight
 from portshard.steering.speed import UNIT, cost_word
 from portshard.steering.table import BUCKETS, apportion, contiguous
+from tests.integration._util import reuseport_listeners
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF steering needs root")
 
@@ -26,12 +27,7 @@ def group() -> Iterator[tuple[InFlight, list[socket.socket]]]:
     inflight = InFlight()
     program = None
     try:
-        for _ in range(2):
-            sock = socket.socket()
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(("127.0.0.1", socks[0].getsockname()[1] if len(socks) > 1 else 0))
-            sock.listen(64)
+        for sock in reuseport_listeners(2, socks):
             sock.setblocking(False)
         program = SteeringProgram(BUCKETS, flow=False, loads=inflight.loads)
         for slot, sock in enumerate(socks):

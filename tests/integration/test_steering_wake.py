@@ -15,6 +15,7 @@ import pytest
 from portshard.address import Proto
 from portshard.steering.controller import Steering
 from portshard.steering.policy import Health
+from tests.integration._util import reuseport_listeners
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="steering programs need root")
 
@@ -25,12 +26,7 @@ def steering(request: pytest.FixtureRequest) -> Iterator[tuple[Steering, int]]:
     socks: list[socket.socket] = []
     steer = None
     try:
-        for _ in range(2):
-            sock = socket.socket()
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(("127.0.0.1", socks[0].getsockname()[1] if len(socks) > 1 else 0))
-            sock.listen(64)
+        reuseport_listeners(2, socks)
         slots = {slot: [sock] for slot, sock in enumerate(socks)}
         steer = Steering(request.param, "test", [Proto.TCP], slots)
         yield steer, socks[0].getsockname()[1]
