@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .address import Address, Proto, Resolved, parse, resolve
 from .errors import AddressError, BindError, ConfigError, PortInUse, ReuseportUnsupported
-from .linux import sockdiag, sysctl
+from .linux import proc, sockdiag, sysctl
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -211,18 +211,6 @@ def _covers(mine: Resolved, theirs: str) -> bool:
     return host != my_host and "0.0.0.0" in (host, my_host)
 
 
-def _own_socket_inodes() -> set[int]:
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(int(link[8:-1]))
-    return inodes
-
-
 def _check_one_group(sock: socket.socket, target: Resolved) -> None:
     """Refuse a socket that joins no group of its port's other sockets but splits it.
 
@@ -239,7 +227,7 @@ def _check_one_group(sock: socket.socket, target: Resolved) -> None:
     for inode, uid, local in sockdiag.port_sockets(proto, port):
         if inode == mine or uid != me or not _covers(target, local):
             continue
-        own = _own_socket_inodes() if own is None else own
+        own = proc.sockets_of(os.getpid()) if own is None else own
         if inode in own:  # this process serves both groups (two --listen of one supervisor)
             continue
         holder = next((h for h in sockdiag.port_holders(proto, port) if h.inode == inode), None)
