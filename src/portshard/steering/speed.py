@@ -268,7 +268,7 @@ class Speeds:
         fastest = max([*rates.values(), *served], default=0.0)
         for slot, s in self._slots.items():
             if slot in rates and self._changed(s, fastest):
-                rates[slot] = max(s.completed, DOUBT) / max(s.running, 1e-9)
+                rates[slot] = _rate(s.completed, s.running)
             rate = rates.get(slot)
             if rate is None or fastest <= 0:
                 if dt > 0:
@@ -304,8 +304,8 @@ class Speeds:
         completed, busy, running = s.recent
         if busy < MIN_BUSY or s.busy <= busy:
             return False
-        recent = max(completed, DOUBT) / max(running, 1e-9)
-        window = max(s.completed, DOUBT) / max(s.running, 1e-9)
+        recent = _rate(completed, running)
+        window = _rate(s.completed, s.running)
         if recent * CHANGE >= window or recent * BAND > fastest:
             return False
         cpu, done = s.cpu_recent
@@ -334,9 +334,15 @@ class Speeds:
         slots = self._slots.items()
         return {
             s: (
-                max(t.completed, DOUBT) / max(t.running, 1e-9)
+                _rate(t.completed, t.running)
                 if t.busy >= (MIN_BUSY if t.late else EARLY_BUSY)
                 else None
             )
             for s, t in slots
         }
+
+
+def _rate(completed: float, running: float) -> float:
+    """Completions per second of running time; a slot that completed less than ``DOUBT`` in
+    it counts as ``DOUBT`` (none in 40 ms says < 25/s, not 0)."""
+    return max(completed, DOUBT) / max(running, 1e-9)
