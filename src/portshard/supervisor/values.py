@@ -203,15 +203,21 @@ def parse_command(value: Any, origin: Origin) -> tuple[str, ...]:
     if any("\0" in arg for arg in value):
         raise origin.error(value, "an argument holds a NUL byte", "no program can receive one")
     for i, arg in enumerate(value):
-        if (size := len(arg.encode(errors="surrogateescape"))) >= MAX_ARG_STRLEN:
-            raise origin.error(
-                value,
-                f"argument {i} is {size:,} bytes; the kernel passes no argument of "
-                f"{MAX_ARG_STRLEN:,} or more to a program (MAX_ARG_STRLEN: exec fails with "
-                f"E2BIG)",
-                "pass it in a file",
-            )
+        _fits_exec(value, origin, arg, f"argument {i}", "argument")
     return tuple(value)
+
+
+def _fits_exec(
+    value: Any, origin: Origin, string: str, label: str, kind: str, of: str = ""
+) -> None:
+    """Refuse a string exec would refuse (E2BIG): ``label`` names it, ``of`` what it counts."""
+    if (size := len(string.encode(errors="surrogateescape"))) >= MAX_ARG_STRLEN:
+        raise origin.error(
+            value,
+            f"{label} is {size:,} bytes{of}; the kernel passes no {kind} of {MAX_ARG_STRLEN:,} or "
+            f"more to a program (MAX_ARG_STRLEN: exec fails with E2BIG)",
+            "pass it in a file",
+        )
 
 
 def parse_env(value: Any, origin: Origin) -> tuple[tuple[str, str], ...]:
@@ -229,14 +235,7 @@ def parse_env(value: Any, origin: Origin) -> tuple[tuple[str, str], ...]:
             raise origin.error(
                 value, f"env {name} holds a NUL byte", "no program can receive one: remove it"
             )
-        if (size := len(f"{name}={item}".encode(errors="surrogateescape"))) >= MAX_ARG_STRLEN:
-            raise origin.error(
-                value,
-                f"env {name} is {size:,} bytes with its name; the kernel passes no variable "
-                f"of {MAX_ARG_STRLEN:,} or more to a program (MAX_ARG_STRLEN: exec fails "
-                f"with E2BIG)",
-                "pass it in a file",
-            )
+        _fits_exec(value, origin, f"{name}={item}", f"env {name}", "variable", " with its name")
         env[name] = str(item)
     return tuple(sorted(env.items()))
 
