@@ -270,9 +270,10 @@ class Policy:
             ]
             if sum(shares[s] for s in serving) < p.stall_rest * shares[o.slot]:
                 continue  # its share would go to slots cut for falling behind: worse
-            was_queued, was_handed = t.last
-            if o.handed is not None and was_handed is not None:
-                if o.handed - was_handed - (t.queued - was_queued) > 0:
+            was_queued, _ = t.last
+            accepted = self._accepted(o)
+            if accepted is not None:
+                if accepted > 0:
                     continue  # it accepted some
                 if self._paused(o.slot, sampled):
                     continue  # nobody got through: the load's pause or the machine's
@@ -310,16 +311,26 @@ class Policy:
         holds or was handed any, every client is stuck on this one: a stall."""
         accepted, holding = 0, False
         for o in sampled:
+            got = self._accepted(o) if o.slot != slot else None
+            if got is None:
+                continue
             t = self._tracks[o.slot]
-            if o.slot == slot or t.last is None or o.handed is None:
-                continue
-            was_queued, was_handed = t.last
-            if was_handed is None:
-                continue
-            handed = o.handed - was_handed
-            accepted += max(0, handed - (t.queued - was_queued))
-            holding = holding or bool(t.queued or was_queued or handed)
+            was_queued = t.last[0] if t.last is not None else 0
+            accepted += max(0, got)
+            # with both queues empty, what it accepted is what it was handed
+            holding = holding or bool(t.queued or was_queued or got)
         return holding and accepted < self._tracks[slot].queued
+
+    def _accepted(self, o: Observation) -> int | None:
+        """What ``o``'s slot accepted since the last look: handed less the growth of its queue
+        (exact but for handshakes in flight); None without handed counts."""
+        t = self._tracks[o.slot]
+        if t.last is None or o.handed is None:
+            return None
+        was_queued, was_handed = t.last
+        if was_handed is None:
+            return None
+        return o.handed - was_handed - (t.queued - was_queued)
 
     def _others_serve(self, slot: int) -> bool:
         return any(
