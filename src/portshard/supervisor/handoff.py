@@ -431,17 +431,23 @@ def restore(resume: Resume, sup: Supervisor) -> list[Slot]:
     return slots
 
 
-def drop_unrecorded(resume: Resume) -> None:
-    """What the supervisor that died had started but not yet recorded (the warden gets the
-    manifest at most every 0.1 s: a scale up's new slot, a reload's new worker, in that
-    window): its slot sockets leave the port's group, and the processes of worker groups the
-    manifest does not name are killed. Before, such a worker served on, in no status, past
-    every reload (a kill 0.6 s into a scale 2 -> 4: 144 of 400 requests went to it); at the
-    stop it went with the home. The cgroup mechanism finds them by their worker groups, the
-    subreaper one by their $PORTSHARD_TREE (before, nothing found them there)."""
-    slots = {s["index"] for s in resume.manifest["slots"]}
+def adopt_unrecorded(resume: Resume, sup: Supervisor, slots: list[Slot]) -> None:
+    """What the supervisor that died had started but not yet recorded (it tells the warden at
+    once after a spawn, at most every 0.1 s otherwise: a kill in that window).
+
+    A new worker of a slot the manifest names (a reload's, a respawn's) shares that slot's
+    socket and may have accepted connections on it: it is adopted as a worker the reload was
+    retiring, and drained like one once every slot serves. Before, it was killed, and the
+    connections it held were lost (1 reset or empty answer in ~6,000 requests, in 1 run of 20
+    of test_upgrade's kill during a reload at load 4).
+
+    A new slot (a scale up's) leaves the port's group, and its worker is killed: the manifest
+    has no place for it. Before, such a worker served on, in no status, past every reload (a
+    kill 0.6 s into a scale 2 -> 4: 144 of 400 requests went to it). The cgroup mechanism
+    finds the workers by their groups, the subreaper one by their $PORTSHARD_TREE."""
+    named = {s.index: s for s in slots}
     for key in [k for k in resume.fds if k.startswith("sock:") and k not in resume.used]:
-        if int(key.split(":")[1]) in slots:
+        if int(key.split(":")[1]) in named:
             continue
         fd = resume.take(key)
         if fd is None:
@@ -450,49 +456,99 @@ def drop_unrecorded(resume: Resume) -> None:
         if sock.type == socket.SOCK_STREAM:
             tcpinfo.stop_listening(sock)  # out of the group for whoever holds a copy
         sock.close()
-    home = resume.manifest.get("trees", {}).get("home")
-    if not home:
-        _kill_untokened(resume)
-        return
-    if not os.path.isdir(home):
-        return
-    known = {w.get("cgroup") for s in resume.manifest["slots"] for w in s["workers"]}
-    with os.scandir(home) as entries:
-        strays = [e.name for e in entries if e.is_dir() and e.name.startswith("slot")]
-    for name in strays:
-        if name in known:
-            continue
-        group = Cgroup(os.path.join(home, name))
-        pids = group.members()
-        if pids:
+    for index, pids, group, token in _unrecorded_trees(resume):
+        slot = named.get(index)
+        w = _adopt_tree(resume, sup, slot, pids, group, token) if slot is not None else None
+        if w is not None:
             log.warning(
-                "killing pid(s) %s: a worker (%s) the supervisor that died had started and "
-                "not yet recorded (a scale or a reload under way)",
-                " ".join(map(str, pids)),
-                name,
+                "slot %d pid %d: a worker the supervisor that died had started and not yet "
+                "recorded (a reload or a respawn under way); %s",
+                w.slot.index,
+                w.pid,
+                "retiring it once every slot serves" if w.resume_retiring else "adopted",
+                extra=w.fields,
             )
-        group.remove(wait=2.0)
+            continue
+        log.warning(
+            "killing pid(s) %s: a worker of slot %d, which the supervisor that died had "
+            "started and not yet recorded (a scale up under way)",
+            " ".join(map(str, pids)),
+            index,
+        )
+        if group is not None:
+            group.remove(wait=2.0)
+        else:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
-def _kill_untokened(resume: Resume) -> None:
-    """drop_unrecorded without cgroups: the processes whose $PORTSHARD_TREE is of this
-    lineage but names no worker of the manifest (before, nothing found them here)."""
-    lineage = resume.manifest.get("notify")
+def _unrecorded_trees(resume: Resume) -> list[tuple[int, list[int], Cgroup | None, str | None]]:
+    """(slot index, pids, its cgroup or None, its $PORTSHARD_TREE or None) of each worker tree
+    of this lineage the manifest does not name."""
+    m = resume.manifest
+    home = m.get("trees", {}).get("home")
+    trees: list[tuple[int, list[int], Cgroup | None, str | None]] = []
+    if home:
+        known = {w.get("cgroup") for s in m["slots"] for w in s["workers"]}
+        if not os.path.isdir(home):
+            return []
+        with os.scandir(home) as entries:
+            names = [e.name for e in entries if e.is_dir() and e.name.startswith("slot")]
+        for name in names:
+            index = name[4:].partition("-")[0]
+            group = Cgroup(os.path.join(home, name))
+            if name not in known and index.isdigit():
+                trees.append((int(index), group.members(), group, None))
+        return trees
+    lineage = m.get("notify")
     if not isinstance(lineage, str) or not lineage:
-        return
-    known = {w.get("token") for s in resume.manifest["slots"] for w in s["workers"]}
-    found = env_values(TREE_ENV, f"{lineage}#")
-    strays = sorted(pid for pid, token in found.items() if token not in known)
-    if not strays:
-        return
-    log.warning(
-        "killing pid(s) %s: a worker the supervisor that died had started and not yet "
-        "recorded (a scale or a reload under way)",
-        " ".join(map(str, strays)),
-    )
-    for pid in strays:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        return []
+    known = {w.get("token") for s in m["slots"] for w in s["workers"]}
+    by_token: dict[str, list[int]] = {}
+    for pid, token in env_values(TREE_ENV, f"{lineage}#").items():
+        if token not in known:
+            by_token.setdefault(token, []).append(pid)
+    for token, pids in sorted(by_token.items()):
+        index = token.rpartition("#")[2].partition(".")[0]
+        trees.append((int(index) if index.isdigit() else -1, sorted(pids), None, token))
+    return trees
+
+
+def _adopt_tree(
+    resume: Resume,
+    sup: Supervisor,
+    slot: Slot,
+    pids: list[int],
+    group: Cgroup | None,
+    token: str | None,
+) -> Worker | None:
+    """The worker of an unrecorded tree of ``slot``, adopted as one being retired; None if
+    its tree is empty or its root is gone. The root is the tree's first process (its
+    children, and their forks, started after it)."""
+    started = {pid: st.start for pid in pids if (st := stat(pid)) is not None}
+    if not started:
+        return None
+    pid = min(started, key=lambda p: (started[p], p))
+    try:
+        pidfd = pidfd_open(pid)
+    except OSError:
+        return None
+    alone = not slot.live()  # a respawn's: it is the slot's worker
+    role = "respawn" if alone else "reload"
+    w = Worker(slot, pid, pidfd, resume.manifest["generation"], role, time.monotonic())
+    w.life = Lifecycle(State.READY)  # it serves, or will: the slot's own worker is preferred
+    w.mode = next((x.mode for x in slot.workers), sup.cfg.via)
+    w.child = False
+    w.adopted = time.time()
+    w.cgroup = group
+    w.token = token
+    w.resume_retiring = not alone
+    sup.fx.watch_exit(w)
+    slot.workers.insert(0, w)  # older than the recorded ones: Slot.serving() takes those
+    if alone:
+        slot.machine = Machine(SLOT_TABLE, SlotState.SERVING)
+    return w
 
 
 def _log_gone(slot: Slot, gone: list[dict[str, Any]]) -> None:

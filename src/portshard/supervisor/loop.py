@@ -160,7 +160,7 @@ class Supervisor:
             fx.trees = Trees.adopt(self.cfg.name, resume.manifest["trees"]["home"])
             fleet.slots.extend(handoff.restore(resume, self))
             if resume.how == "adoption":
-                handoff.drop_unrecorded(resume)
+                handoff.adopt_unrecorded(resume, self, fleet.slots)
         else:
             fx.trees = Trees.open(self.cfg.name)
             for i in range(self.cfg.workers):

@@ -112,10 +112,11 @@ class Succession:
         """Give the warden the manifest when something it names changed."""
         sup = self.sup
         fx = sup.fx
-        # A slot socket we replaced (a rescue) or closed (a scale down) stays open in the
-        # warden until it syncs: let it go at once, not up to SYNC_EVERY later (a removed
-        # slot's UDP socket takes its flows' datagrams until then; a TCP one was stopped).
-        urgent, fx.replaced = fx.replaced, False
+        # At once, not up to SYNC_EVERY later: a slot socket we replaced (a rescue) or closed
+        # (a scale down) stays open in the warden until it syncs (a removed slot's UDP socket
+        # takes its flows' datagrams until then; a TCP one was stopped); a worker spawned is
+        # one an adopter must know (it may accept on its slot's socket within milliseconds).
+        urgent, fx.sync_now = fx.sync_now, False
         if (now < self._due and not urgent) or not self.keeps_orphans:
             return
         self._due = now + SYNC_EVERY

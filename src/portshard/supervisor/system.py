@@ -69,7 +69,10 @@ class SystemEffects:
         self.trees: Trees | None = None  # a cgroup per worker, or the subreaper fallback
         self.notify_name = ""  # the abstract address of the workers' NOTIFY_SOCKET
         self.warden: WardenLink | None = None  # the process that outlives us (issue 15)
-        self.replaced = False  # a slot socket was replaced or closed: the warden lets go now
+        # The warden gets the manifest at this turn's end, not up to SYNC_EVERY later: a slot
+        # socket was replaced or closed (it lets go of its copy), or a worker was spawned (an
+        # adopter must know it: handoff.adopt_unrecorded).
+        self.sync_now = False
         self.filter_refused: str | None = None  # why the kernel refuses a socket filter ("": not)
 
     @property
@@ -153,6 +156,7 @@ class SystemEffects:
         w.cgroup = group
         w.token = token
         self.watch_exit(w)
+        self.sync_now = True
         if spawned.listener is not None:
             self._watch_trap(w, spawned.listener, via.reuseport)
         log.log(
@@ -319,7 +323,7 @@ class SystemEffects:
             self.systemd.unstore(store_name(spec.name, slot.index))
             self.held.discard(sock.fileno())
             sock.close()
-        self.replaced = True  # a UDP socket cannot be stopped: the warden lets go at once
+        self.sync_now = True  # a UDP socket cannot be stopped: the warden lets go at once
         if self.steering is not None:
             self.steering.remove_slot(slot.index)
 
@@ -525,7 +529,7 @@ class SystemEffects:
                 continue
             if new is not None:
                 slot.socks[i] = new
-                self.replaced = True
+                self.sync_now = True
 
     # ---- systemd and the control socket -----------------------------------------------------
 

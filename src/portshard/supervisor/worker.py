@@ -77,7 +77,7 @@ def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
 
 # Under the subreaper mechanism no cgroup names a worker's tree: this variable does, in every
 # process of it (inherited, daemons too). An adopter finds by it the workers the supervisor
-# that died had started and not yet recorded (handoff.drop_unrecorded).
+# that died had started and not yet recorded (handoff.adopt_unrecorded).
 TREE_ENV = "PORTSHARD_TREE"
 
 
