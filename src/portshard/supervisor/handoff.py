@@ -469,12 +469,13 @@ def adopt_unrecorded(resume: Resume, sup: Supervisor, slots: list[Slot]) -> None
                 extra=w.fields,
             )
             continue
-        log.warning(
-            "killing pid(s) %s: a worker of slot %d, which the supervisor that died had "
-            "started and not yet recorded (a scale up under way)",
-            " ".join(map(str, pids)),
-            index,
-        )
+        if pids:  # (an empty group: its worker exited meanwhile)
+            log.warning(
+                "killing pid(s) %s: a worker of slot %d, which the supervisor that died had "
+                "started and not yet recorded (a scale up under way)",
+                " ".join(map(str, pids)),
+                index,
+            )
         if group is not None:
             group.remove(wait=2.0)
         else:
