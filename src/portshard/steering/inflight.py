@@ -95,7 +95,7 @@ SYN_VALUE = struct.Struct("=IxxxxQ")  # slot, when the SYN was steered (CLOCK_MO
 EXPIRE = 10.0  # seconds: a handshake not completed by then is forgotten
 # Connections counted at once (more are not counted). Preallocated: an element is taken from
 # and given back to a per-CPU free list, where a map allocating at each insert cost 0.5 µs
-# more a connection (held_cpu.py --cost-only); ~10 MB of kernel memory.
+# more a connection (held_cpu.py --cost-only); 12.6 MB of kernel memory (memlock in fdinfo).
 CONN_ENTRIES = 1 << 17
 CGROUP2_MAGIC = 0x63677270
 
