@@ -30,10 +30,11 @@ for ever; the LRU's bookkeeping also cost more at each SYN.)
 What it costs each connection (``bench/experiments/held_cpu.py --cost-only``: the programs'
 run time from BPF_ENABLE_STATS; 2 workers, 64 in flight, on loopback, where nearly all of it
 runs in the client's context): the steering program ~1.0 µs, of which the ``syn`` insert is
-~0.4, the key 0.1 and the clock 0.1; the SOCK_OPS program ~1.75 µs over 6 runs: 4 that every
-attached program gets (``TIMEOUT_INIT``, ``RWND_INIT``, ``NEEDS_ECN``, and the
-``ESTABLISHED`` state change that follows the callback turning states on), ~70 ns each, then
-the handshake's move and the let-go. Both maps are preallocated: a map that allocates at each
+~0.4, the key 0.1 and the clock 0.1; the SOCK_OPS program ~1.75 µs over 6 runs: 3 that every
+attached program gets and that return at once (``TIMEOUT_INIT``, ``RWND_INIT``,
+``NEEDS_ECN``) and the ``ESTABLISHED`` state change that follows the state callback's turning
+on, ~70 ns each; the handshake (``PASSIVE_ESTABLISHED``, ~0.5 with the move) and the let-go
+do the work, ``conns`` ~1.0 of it. Both maps are preallocated: a map that allocates at each
 insert cost ~0.5 µs more a connection. The attachment is a bpf link: it goes when the
 supervisor's fd closes, even if the supervisor is killed.
 
