@@ -140,3 +140,35 @@ def test_without_a_cgroup_of_its_own_it_counts_on_the_supervisors_cgroup_and_say
     with socket.create_connection(("127.0.0.1", port), timeout=10):
         wait_until(lambda: sum(s["connections"] for s in sup.status()["slots"]) == 1, 5, "1 held")
     wait_until(lambda: sum(s["connections"] for s in sup.status()["slots"]) == 0, 5, "0 held")
+
+
+def test_a_syn_that_finds_the_handshake_map_full_is_not_counted_and_forgets_no_other(
+    sup: Running,
+) -> None:
+    # An LRU map made room by forgetting a handshake in progress: that one's count then stayed
+    # in held for ever. A full map now refuses the new SYN, which is simply not counted.
+    port = sup.status()["listen"][0]["port"]
+    assert sup.proc is not None
+    syn = supervisor_map(sup.proc.pid, b"portshard_syn", SYN_VALUE.size, SYN_ENTRIES)
+    held = supervisor_map(sup.proc.pid, b"portshard_held", 8, 1024)
+
+    def counted() -> int:  # the steering program counts at the SYN, before connect() returns
+        return held.lookup_u64(0) + held.lookup_u64(1)
+
+    planted = [
+        tuple_key(f"127.1.{n >> 8 & 255}.{n & 255}", 1024 + (n >> 16), 9)
+        for n in range(SYN_ENTRIES)
+    ]
+    with closing(syn), closing(held):
+        for key in planted:
+            plant(syn, key, 0)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10):
+                assert counted() == 0
+            assert all(syn.lookup_bytes(key) is not None for key in planted), "one was forgotten"
+        finally:
+            for key in planted:
+                syn.delete_bytes(key)
+        with socket.create_connection(("127.0.0.1", port), timeout=10):  # room again: counted
+            assert counted() == 1
+        wait_until(lambda: counted() == 0, 5, "let go")

@@ -7,11 +7,11 @@ that grows with connections (13.8% of a core at 10k idle ones); here two program
 
 - the steering program (ebpf.py, ``tcp_code``), for each new connection (its SYN), adds one
   to ``held[slot]`` and records ``syn[client port, local port, client address] = (slot,
-  time)`` in an LRU hash (only handshakes in progress live there): counting at the SYN means
+  time)`` in a hash (only handshakes in progress live there): counting at the SYN means
   that a burst of SYNs within one round trip already sees its own earlier members;
 - a ``SOCK_OPS`` program on the supervisor's cgroup (cgroup v2; a private mount of the
   hierarchy when none is mounted) sees the handshake complete (``PASSIVE_ESTABLISHED``): it
-  moves the tuple from ``syn`` to ``conns`` (a hash, no preallocation) and asks for the
+  moves the tuple from ``syn`` to ``conns`` and asks for the
   connection's state changes; the first change that means the worker let go (``FIN_WAIT1``:
   it closed first; ``LAST_ACK``: it closed after the client; ``CLOSE``: a reset, or a
   connection never accepted) subtracts one, forgets the tuple and stops the callbacks;
@@ -22,9 +22,21 @@ that grows with connections (13.8% of a core at 10k idle ones); here two program
   ``held`` atomically itself).
 
 Nothing is counted twice or left behind: a SYN seen again moves its count to the slot chosen
-now; ``conns`` full undoes the count; only a tuple the LRU evicted before its handshake
-completed stays in ``held`` (a flood larger than ``SYN_ENTRIES``). The attachment is a bpf
-link: it goes when the supervisor's fd closes, even if the supervisor is killed.
+now; a SYN that finds ``syn`` full (a flood of more than ``SYN_ENTRIES`` handshakes within
+``EXPIRE``) is not counted, and ``conns`` full undoes the count. (``syn`` was an LRU hash,
+which made room by forgetting a handshake in progress, whose count then stayed in ``held``
+for ever; the LRU's bookkeeping also cost more at each SYN.)
+
+What it costs each connection (``bench/experiments/held_cpu.py --cost-only``: the programs'
+run time from BPF_ENABLE_STATS; 2 workers, 64 in flight, on loopback, where nearly all of it
+runs in the client's context): the steering program ~1.0 µs, of which the ``syn`` insert is
+~0.4, the key 0.1 and the clock 0.1; the SOCK_OPS program ~1.75 µs over 6 runs: 3 that every
+attached program gets and that return at once (``TIMEOUT_INIT``, ``RWND_INIT``,
+``NEEDS_ECN``) and the ``ESTABLISHED`` state change that follows the state callback's turning
+on, ~70 ns each; the handshake (``PASSIVE_ESTABLISHED``, ~0.5 with the move) and the let-go
+do the work, ``conns`` ~1.0 of it. Both maps are preallocated: a map that allocates at each
+insert cost ~0.5 µs more a connection. The attachment is a bpf link: it goes when the
+supervisor's fd closes, even if the supervisor is killed.
 
 Where it is attached: a cgroup's SOCK_OPS programs run for every TCP socket of the cgroup
 and its descendants, 13-26 times per connection of ours on loopback when that was the
@@ -63,8 +75,7 @@ from .speed import UNIT
 
 __all__ = ["InFlight", "cgroup_fd", "sock_ops_code", "tuple_key"]
 
-BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH = 1, 9
-BPF_F_NO_PREALLOC = 1
+BPF_MAP_TYPE_HASH = 1
 BPF_NOEXIST = 1
 BPF_PROG_TYPE_SOCK_OPS = 13
 BPF_CGROUP_SOCK_OPS = 3
@@ -83,7 +94,10 @@ KEY_SIZE = 20
 SYN_ENTRIES = 16384  # handshakes in progress at once
 SYN_VALUE = struct.Struct("=IxxxxQ")  # slot, when the SYN was steered (CLOCK_MONOTONIC ns)
 EXPIRE = 10.0  # seconds: a handshake not completed by then is forgotten
-CONN_ENTRIES = 1 << 20  # connections counted at once (more are not counted)
+# Connections counted at once (more are not counted). Preallocated: an element is taken from
+# and given back to a per-CPU free list, where a map allocating at each insert cost 0.5 µs
+# more a connection (held_cpu.py --cost-only); 12.6 MB of kernel memory (memlock in fdinfo).
+CONN_ENTRIES = 1 << 17
 CGROUP2_MAGIC = 0x63677270
 
 
@@ -258,7 +272,7 @@ class InFlight:
             for slot in range(slots):
                 self.cost.view[slot] = UNIT
             self.syn = Map(
-                BPF_MAP_TYPE_LRU_HASH, SYN_VALUE.size, SYN_ENTRIES, b"portshard_syn",
+                BPF_MAP_TYPE_HASH, SYN_VALUE.size, SYN_ENTRIES, b"portshard_syn",
                 "the handshake map", key_size=KEY_SIZE,
             )  # fmt: skip
         except BaseException:
@@ -279,7 +293,7 @@ class InFlight:
         try:
             self.conns = Map(
                 BPF_MAP_TYPE_HASH, 4, CONN_ENTRIES, b"portshard_conns", "the connection map",
-                key_size=KEY_SIZE, flags=BPF_F_NO_PREALLOC,
+                key_size=KEY_SIZE,
             )  # fmt: skip
             code = sock_ops_code(self.syn.fd, self.conns.fd, self.held.fd)
             self.prog_fd = load_program(

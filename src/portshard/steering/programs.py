@@ -6,6 +6,7 @@ two slots drawn from the table). Built with :mod:`bpfasm`; every map is passed i
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -25,6 +26,7 @@ _BPF_HDR_START_NET = 1
 _ETH_P_IPV6_BE = socket.htons(0x86DD)  # ctx->eth_protocol of an IPv6 packet
 _V4_MAPPED_WORD = struct.unpack("=i", b"\0\0\xff\xff")[0]  # word 2 of ::ffff:a.b.c.d
 SK_PASS = 1
+BPF_ANY, BPF_NOEXIST = 0, 1
 _DRAWS = 5  # draws of a table bucket per TCP connection, at most (see tcp_code)
 _MD_ETH_PROTOCOL = 20  # offsetof(struct sk_reuseport_md, eth_protocol): network order
 _MD_HASH = 32  # offsetof(struct sk_reuseport_md, hash)
@@ -91,24 +93,31 @@ def _record(a: Asm, held_fd: int, syn_fd: int) -> None:
     again (retransmitted, or a request migrated from a closing listener) moves its count to
     the slot chosen now; an established connection migrating is not this map's."""
     _tuple_key(a)
+    a.op(asm.LDX_W, dst=1, src=10, off=-8).op(asm.STX_W, dst=10, src=1, off=-56)
+    a.op(asm.ST_W, dst=10, off=-52, imm=0)
+    a.call(BPF_FUNC_KTIME_GET_NS).op(asm.STX_DW, dst=10, src=0, off=-48)
+    a.jump(asm.JNE_IMM, "again", dst=7, imm=0)  # r7: migrating_sk: only a SYN seen before
+    _put(a, syn_fd, BPF_NOEXIST)  # the common case: a new tuple, one map call
+    a.jump(asm.JEQ_IMM, "count", dst=0, imm=0)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=-errno.EEXIST)  # not recorded (full): not counted
+    a.label("again")
     _lookup(a, syn_fd, -40)
-    a.jump(asm.JEQ_IMM, "fresh", dst=0, imm=0)
+    a.jump(asm.JEQ_IMM, "out", dst=0, imm=0)  # a migration of a request not recorded
     a.op(asm.LDX_W, dst=1, src=0).op(asm.LDX_W, dst=2, src=10, off=-8)
     a.jump(asm.JEQ_REG, "out", dst=1, src=2)  # the same slot again
     a.op(asm.STX_W, dst=10, src=1, off=-60)
     _add(a, held_fd, -60, -1)
-    a.jump(asm.JA, "put")
-    a.label("fresh")
-    a.jump(asm.JNE_IMM, "out", dst=7, imm=0)  # r7: migrating_sk
-    a.label("put")
-    a.op(asm.LDX_W, dst=1, src=10, off=-8).op(asm.STX_W, dst=10, src=1, off=-56)
-    a.op(asm.ST_W, dst=10, off=-52, imm=0)
-    a.call(BPF_FUNC_KTIME_GET_NS).op(asm.STX_DW, dst=10, src=0, off=-48)
+    _put(a, syn_fd, BPF_ANY)
+    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # not recorded: not counted
+    a.label("count")
+    _add(a, held_fd, -8, 1)
+
+
+def _put(a: Asm, syn_fd: int, flags: int) -> None:
+    """r0 = bpf_map_update_elem(syn, fp - 40, fp - 56, flags)."""
     a.map_fd(1, syn_fd).op(asm.MOV64_REG, dst=2, src=10).op(asm.ADD64_IMM, dst=2, imm=-40)
     a.op(asm.MOV64_REG, dst=3, src=10).op(asm.ADD64_IMM, dst=3, imm=-56)
-    a.op(asm.MOV64_IMM, dst=4, imm=0).call(BPF_FUNC_MAP_UPDATE_ELEM)
-    a.jump(asm.JNE_IMM, "out", dst=0, imm=0)  # not recorded: not counted
-    _add(a, held_fd, -8, 1)
+    a.op(asm.MOV64_IMM, dst=4, imm=flags).call(BPF_FUNC_MAP_UPDATE_ELEM)
 
 
 def _load(a: Asm, loads: tuple[int, int, int, int], slot_reg: int, to: int) -> None:
