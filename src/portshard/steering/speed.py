@@ -70,6 +70,12 @@ looks stalled at every look, and a worker that still stalls is caught again by t
 soon as its cap lets a second connection queue behind a stall (2 caught, not the 7-8 that a
 cap lifted at once let in).
 
+A slot caught stalling but not twice within ``SUSPECT`` is not capped; its cost fades and two
+choices give it one connection at a time, never saturated and with an empty queue, so neither
+the rate nor the policy sees its next stall. So within ``STALL_MEMORY`` of being seen stalling,
+a look it held a connection through and completed none, while another slot got through, gives
+it the cost of a stall at once (:meth:`Speeds._again`).
+
 Limits: in flight is not busy for a worker that holds idle long-lived connections while it
 serves short ones (it looks slower than it is), and long-lived connections alone complete
 nothing, so they say nothing about speed: what was measured before they opened is what
