@@ -9,6 +9,7 @@ from portshard.steering.speed import (
     CAP_MAX,
     CAP_STEP,
     MAX_COST,
+    STALL_MEMORY,
     SUSPECT,
     UNIT,
     Speeds,
@@ -202,6 +203,67 @@ def test_a_slot_caught_stalling_is_capped_while_it_holds_one_across_whole_looks(
         caps.append(speeds.caps(t)[1])
     assert all(caps[:75]), caps
     assert caps[-1] == 0, f"above {CAP_MAX} after {CAP_STEP * 4} s: no cap"
+
+
+def caught_then_faded(speeds: Speeds, counts: Counts) -> float:
+    """Slot 1 stalls with 3 queued, the policy catches it, it serves them, and then gets
+    nothing for 2 s: its cost fades to where two choices give it one again."""
+    _, t = run(speeds, counts, 10, [(60, 7), (0, 3)], 1.0)
+    speeds.stalled(1, t)
+    _, t = run(speeds, counts, 3, [(60, 8), (3, 0)], t)
+    costs, t = run(speeds, counts, 100, [(60, 8), (0, 0)], t)
+    assert costs[1] < 8 * UNIT
+    return t
+
+
+def test_a_slot_seen_stalling_lately_costs_the_most_once_stuck_on_one_again() -> None:
+    # Issue 11: a worker that stalls 50 ms every 10th request. Given one connection at a time
+    # it is never saturated (no rate) and its queue stays empty (the policy sees nothing): it
+    # served on, each tenth request caught by a stall. Held through a look with nothing
+    # completed while the other slot got through, it stalls again.
+    speeds, counts = Speeds(), Counts(2)
+    t = caught_then_faded(speeds, counts)
+    costs, t = run(speeds, counts, 2, [(60, 7), (1, 1)], t)  # one at a time, served
+    assert costs[1] < 8 * UNIT
+    costs, t = run(speeds, counts, 1, [(60, 7), (0, 1)], t)  # stuck on the tenth
+    assert costs[1] == MAX_COST
+    # Remembered afresh: 3.4 s on, 5.5 s after the catch (it faded, then took one at a
+    # time again), stuck again: at once.
+    costs, t = run(speeds, counts, 100, [(60, 8), (0, 0)], t)
+    costs, t = run(speeds, counts, 70, [(60, 7), (1, 1)], t)
+    assert costs[1] < 8 * UNIT
+    costs, t = run(speeds, counts, 1, [(60, 7), (0, 1)], t)
+    assert costs[1] == MAX_COST
+
+
+def test_stuck_on_one_is_no_stall_unless_seen_lately_nor_while_everyone_pauses() -> None:
+    # Never caught: one held through a look is its client's time (or a long-lived one).
+    speeds, counts = Speeds(), Counts(2)
+    run(speeds, counts, 10, [(60, 4), (60, 4)], 1.0)
+    costs, _ = run(speeds, counts, 3, [(60, 4), (0, 1)], 1.2)
+    assert costs[1] == UNIT
+    # Caught, but the other slot completed none either: a pause of everyone's.
+    speeds, counts = Speeds(), Counts(2)
+    t = caught_then_faded(speeds, counts)
+    costs, t = run(speeds, counts, 1, [(60, 7), (1, 1)], t)
+    costs, t = run(speeds, counts, 1, [(0, 7), (0, 1)], t)
+    assert costs[1] < 8 * UNIT
+    # Caught longer than STALL_MEMORY ago.
+    speeds, counts = Speeds(), Counts(2)
+    t = caught_then_faded(speeds, counts)
+    costs, t = run(speeds, counts, int(STALL_MEMORY / LOOK), [(60, 7), (1, 1)], t)
+    costs, t = run(speeds, counts, 1, [(60, 7), (0, 1)], t)
+    assert costs[1] == UNIT
+    # Stuck look after look (an idle long-lived connection): held back STALL_MEMORY at most.
+    speeds, counts = Speeds(), Counts(2)
+    t = caught_then_faded(speeds, counts)
+    costs, t = run(speeds, counts, 1, [(60, 7), (1, 1)], t)
+    seen = []
+    for _ in range(int(2 * STALL_MEMORY / LOOK)):
+        costs, t = run(speeds, counts, 1, [(60, 7), (0, 1)], t)
+        seen.append(costs[1])
+    assert seen[0] == MAX_COST
+    assert seen[-1] == UNIT
 
 
 def test_a_cap_goes_when_no_stall_is_seen_for_a_while() -> None:

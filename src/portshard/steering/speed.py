@@ -70,6 +70,12 @@ looks stalled at every look, and a worker that still stalls is caught again by t
 soon as its cap lets a second connection queue behind a stall (2 caught, not the 7-8 that a
 cap lifted at once let in).
 
+A slot caught stalling but not twice within ``SUSPECT`` is not capped; its cost fades and two
+choices give it one connection at a time, never saturated and with an empty queue, so neither
+the rate nor the policy sees its next stall. So within ``STALL_MEMORY`` of being seen stalling,
+a look it held a connection through and completed none, while another slot got through, gives
+it the cost of a stall at once (:meth:`Speeds._again`).
+
 Limits: in flight is not busy for a worker that holds idle long-lived connections while it
 serves short ones (it looks slower than it is), and long-lived connections alone complete
 nothing, so they say nothing about speed: what was measured before they opened is what
@@ -81,6 +87,7 @@ client leaving made every other slot holding idle connections 64x slower).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -100,6 +107,7 @@ CAP_HOLD = 0.25  # seconds a cap stays after the last stall seen
 CAP_STEP = 2.0  # seconds after the policy caught it, the cap doubles ...
 CAP_MAX = 8  # ... and above this, goes
 SUSPECT = 1.0  # seconds: caught twice within this, a slot is capped (once is any hiccup)
+STALL_MEMORY = 4.0  # seconds after a slot was last seen stalling: stuck again, it costs the most
 WAITED = 0.25  # a worker that waited for a CPU this part of a look was descheduled, not stalled
 DOUBT = 1.0  # completions a rate assumes at least: none in 40 ms says < 25/s, not 0
 RECENT = 0.8  # per look: the weight of older looks in the recent rate (~5 looks, 0.1 s)
@@ -135,6 +143,8 @@ class _Slot:
     capped_until: float = 0.0  # capped until then (renewed by each stall seen)
     caught: float = 0.0  # when the policy last caught it stalling, capped
     suspected: float = -SUSPECT  # ... or not yet (a first time)
+    stalling: float = -math.inf  # last seen stalling: caught by the policy, or stuck again
+    stuck: bool = False  # at the last look: held what it held through a look, completed none
 
 
 class Speeds:
@@ -161,7 +171,7 @@ class Speeds:
             return
         if self._cap(s, now) or now - s.suspected <= SUSPECT:
             s.caught, s.capped_until = now, now + CAP_HOLD
-        s.suspected = now
+        s.suspected = s.stalling = now
 
     def caps(self, now: float) -> dict[int, int]:
         """Each known slot's in-flight cap (0: none). Never a slot without another, not
@@ -202,6 +212,12 @@ class Speeds:
         self._last = now
         for slot in [s for s in self._slots if s not in counts]:
             del self._slots[slot]
+        again: set[int] = set()  # stalling again (:meth:`_again`)
+        done = {  # completed since the last look, per known slot
+            slot: max(0, handed - inflight - s.let_go)
+            for slot, (handed, inflight) in counts.items()
+            if (s := self._slots.get(slot)) is not None
+        }
         for slot, (handed, inflight) in counts.items():
             s = self._slots.get(slot)
             if s is None:
@@ -217,9 +233,18 @@ class Speeds:
             completed = let_go - s.let_go
             s.let_go = let_go
             cap = self._cap(s, now - dt)  # at the last look
-            held = 1 <= s.inflight <= cap and inflight >= 1 and completed == 0
-            if cap and held and waited.get(slot, 0.0) < WAITED:
+            # Held what it holds through the look and completed none (a request takes < 1
+            # ms), its worker not waiting for a CPU: stalled again, or an idle long-lived
+            # connection (so both uses below are bounded in time).
+            stuck = s.inflight >= 1 and inflight >= 1 and completed == 0
+            stuck = stuck and waited.get(slot, 0.0) < WAITED
+            if cap and stuck and s.inflight <= cap:
                 s.capped_until = now + CAP_HOLD  # held one a whole look: stalled again
+            # ... while the others got through: not a pause of everyone's (a client
+            # descheduled before it sent its request holds every worker it talks to)
+            others = any(n for o, n in done.items() if o != slot)
+            if self._again(s, now, stuck and others):
+                again.add(slot)
             if 0.0 < dt < 1.0:
                 # The time it had a connection waiting behind the one it serves, from the two
                 # looks (trapezoid rule). Not "holds one": a connection is in flight from its
@@ -270,6 +295,9 @@ class Speeds:
             if slot in rates and self._changed(s, fastest):
                 rates[slot] = _rate(s.completed, s.running)
             rate = rates.get(slot)
+            if slot in again:
+                s.cost = MAX_COST  # what a stall measures: nothing completed
+                continue
             if rate is None or fastest <= 0:
                 if dt > 0:
                     s.cost = UNIT + (s.cost - UNIT) * 0.5 ** (dt / FORGET)
@@ -283,6 +311,24 @@ class Speeds:
             band = BAND * max(1.0, MIN_BUSY / s.busy)
             s.cost = min(MAX_COST, UNIT * slower) if slower >= band else UNIT
         return {slot: round(s.cost) for slot, s in self._slots.items()}
+
+    @staticmethod
+    def _again(s: _Slot, now: float, stuck: bool) -> bool:
+        """A slot seen stalling within ``STALL_MEMORY`` and stuck now: it stalls again. A
+        rate cannot say so (one connection in flight is not saturated), nor the policy (its
+        queue is empty): a worker that stalls 50 ms every 10th request, caught when a second
+        connection queued behind a stall, had its cost fade in ~2 s to where two choices gave
+        it one at a time, and served on, each tenth request caught by a stall (14 stalls in
+        0.75 s, until a second one queued again; 4.5 a second in all, 0.25 of the 8 clients
+        stuck on it, issue 11). Stuck again after it completed some (a new stall, not the same
+        one) renews what is remembered; one stuck look after another does not: a worker
+        holding an idle long-lived connection, caught once, is held back ``STALL_MEMORY``
+        at most."""
+        again = stuck and now - s.stalling <= STALL_MEMORY
+        if again and not s.stuck:
+            s.stalling = now
+        s.stuck = stuck
+        return again
 
     @staticmethod
     def _changed(s: _Slot, fastest: float) -> bool:
