@@ -502,6 +502,45 @@ def test_a_killed_warden_is_replaced_and_still_keeps_the_workers(fleet: Fleet) -
     wait_until(lambda: replaced[0] not in fleet.warden_pids(), 10, "the old warden to go")
 
 
+def test_a_worker_spawned_while_the_warden_is_replaced_outlives_the_supervisor(
+    fleet: Fleet,
+) -> None:
+    # A worker spawned after the warden died and before the supervisor started another (the
+    # next sync, up to 0.1 s later: a reload's next slot, a respawn) got the parent-death
+    # signal, kept it with the new warden running, and died with a supervisor killed any
+    # time later: 3 keep-alive requests failed in a fault campaign, a UDP slot went silent.
+    # The test makes the respawn happen in the very turn that sees the warden gone: the
+    # supervisor is frozen while the warden and a worker are killed.
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    sup = fleet.run(*args)
+    assert sup.proc is not None
+    pids = sup.pids()
+    (warden,) = wait_until(fleet.warden_pids, 5, "the warden")
+    settle(2.0)  # a worker that ran 2 s is respawned at once, not after a backoff
+    os.kill(sup.proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(warden, signal.SIGKILL)
+        os.kill(pids[1], signal.SIGKILL)
+        wait_until(lambda: exited(warden) and exited(pids[1]), 5, "both gone")
+    finally:
+        os.kill(sup.proc.pid, signal.SIGCONT)
+
+    def respawned() -> int | None:
+        (slot,) = [s for s in sup.status()["slots"] if s["slot"] == 1]
+        ready = [w["pid"] for w in slot["workers"] if w["state"] == "ready"]
+        return ready[0] if ready and ready[0] != pids[1] else None
+
+    new = wait_until(respawned, 20, "slot 1 respawned")
+    wait_until(lambda: [p for p in fleet.warden_pids() if p != warden], 10, "another warden")
+    settle(0.3)  # the warden's manifest names it
+    kill9(sup)
+    settle(0.5)  # a parent-death signal is sent as the parent exits
+    assert not exited(new), sup.text()
+    second = fleet.run(*args)
+    assert second.pids() == [pids[0], new], second.text()
+    assert "gone while the supervisor was away" not in second.text()
+
+
 def test_orphan_timeout_zero_keeps_the_old_rule_workers_die_with_it(fleet: Fleet) -> None:
     sup = fleet.run("-w", "2", "--listen", "tcp://127.0.0.1:0", "--orphan-timeout", "0")
     assert not fleet.warden_pids()

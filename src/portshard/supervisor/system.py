@@ -194,8 +194,11 @@ class SystemEffects:
 
     def orphans_kept(self, cfg: Config) -> bool:
         """Workers outlive a supervisor that dies (no parent-death signal): only while a
-        warden holds what they and a successor need, and --orphan-timeout is not 0."""
-        return cfg.orphan_timeout > 0 and self.warden is not None and self.warden.alive
+        warden holds what they and a successor need, and --orphan-timeout is not 0. A warden
+        lost since the last turn is started again first (``WardenLink.revive``)."""
+        if cfg.orphan_timeout <= 0 or self.warden is None:
+            return False
+        return self.warden.alive or self.warden.revive(self.now())
 
     def signal(self, w: Worker, sig: int) -> None:
         w.signal(sig)

@@ -18,6 +18,7 @@ import selectors
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..linux.cgroup import Cgroup
@@ -32,11 +33,17 @@ log = logging.getLogger("portshard.supervisor")
 RESTART_EVERY = 1.0
 
 
+Snapshot = Callable[[], tuple[dict[str, Any], dict[str, int]]]
+
+
 class WardenLink:
-    def __init__(self, sel: selectors.BaseSelector, control: str, log_format: str) -> None:
+    def __init__(
+        self, sel: selectors.BaseSelector, control: str, log_format: str, snapshot: Snapshot
+    ) -> None:
         self.sel = sel
         self.control = control
         self.log_format = log_format
+        self.snapshot = snapshot  # the manifest and its fds now (handoff.export)
         self.channel: socket.socket | None = None
         self.pid = 0
         self.pidfd = -1
@@ -51,7 +58,11 @@ class WardenLink:
         return self.channel is not None
 
     def start(self, now: float) -> bool:
-        """Start a warden; False (logged) if it cannot be."""
+        """Start a warden and give it everything at once; False (logged) if it cannot be.
+
+        At once, not at the loop turn's end: a warden with no manifest whose supervisor dies
+        knows no worker, no socket and no --orphan-timeout (it took 0 and exited), and the
+        workers started meanwhile outlive everyone (no parent-death signal: a warden ran)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [
             sys.executable,
@@ -92,8 +103,21 @@ class WardenLink:
         ours.setblocking(False)
         self.channel, self.pid, self.pidfd = ours, pid, pidfd
         self.sent, self.manifest = {}, ""
+        self.restart_at = now + RESTART_EVERY
         self.sel.register(pidfd, selectors.EVENT_READ, lambda _m: self._exited())
-        return True
+        self._send(now, *self.snapshot())
+        return self.alive
+
+    def revive(self, now: float) -> bool:
+        """Before a spawn decides whether its worker outlives us: a warden lost since the
+        last turn is started again now (at most once a second), so that the worker gets no
+        parent-death signal. Before, a worker spawned between the loss and the next sync (a
+        reload's next slot, a respawn) kept its death signal for good, and died with a
+        supervisor killed any time later, failing what it held (3 keep-alive requests in a
+        fault campaign; a UDP slot answered nothing until the rerun respawned it)."""
+        if self.channel is None and now >= self.restart_at:
+            self.start(now)
+        return self.alive
 
     def attach(self, channel: int, pid: int) -> None:
         """The warden of the supervisor we replace by exec (an upgrade): the same one."""
@@ -121,7 +145,11 @@ class WardenLink:
         """Give the warden what changed (restarting it first if it is gone)."""
         if self.channel is None and (now < self.restart_at or not self.start(now)):
             return
-        assert self.channel is not None
+        self._send(now, manifest, fds)
+
+    def _send(self, now: float, manifest: dict[str, Any], fds: dict[str, int]) -> None:
+        if self.channel is None:
+            return
         current = {}
         for key, fd in fds.items():
             with contextlib.suppress(OSError):
