@@ -6,6 +6,7 @@ run` with the same control socket adopts them; nobody adopting them stops them a
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -281,6 +282,55 @@ def test_an_adopter_kills_a_worker_its_predecessor_had_not_recorded(fleet: Fleet
     finally:
         stray.kill()
         stray.wait()
+
+
+@pytest.mark.skipif(
+    cgroup.detect().mechanism is not cgroup.Mechanism.MOUNTED or not shutil.which("strace"),
+    reason="worker groups to find, and strace to hold a worker before its exec",
+)
+def test_a_scale_ups_new_slot_is_known_to_the_warden_before_its_worker_runs(
+    fleet: Fleet,
+) -> None:
+    # Killed between a scale up's spawn and its next sync, a supervisor left a worker of a
+    # slot its warden had never heard of: the adopter stopped that slot and killed the
+    # worker (whatever it had accepted was lost). The warden now gets a new slot's sockets
+    # before its worker is forked. The test holds the supervisor in that window: strace
+    # delays the new worker's execve, which the supervisor waits for (the worker has joined
+    # its group by then).
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args)
+    assert first.proc is not None
+    pids = first.pids()
+    base = Path(cgroup.detect().base or "")
+    home = next(base.glob(f"up-{fleet.tag[-12:]}.{first.proc.pid}"))
+    delay = ["-e", "trace=execve", "-e", "inject=execve:delay_enter=3000000"]  # 3 s
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", *delay, "-p", str(first.proc.pid)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        status = Path(f"/proc/{first.proc.pid}/status")
+        wait_until(lambda: "TracerPid:\t0\n" not in status.read_text(), 10, "strace attached")
+        with pytest.raises(ControlError):  # no answer: it waits for the exec
+            request(str(fleet.control), "scale", timeout=1, workers=3, wait=False)
+
+        def new_worker() -> int | None:
+            for group in home.glob("slot2-*"):
+                members = (group / "cgroup.procs").read_text().split()
+                if members:
+                    return int(members[0])
+            return None
+
+        pid = wait_until(new_worker, 10, "slot 2's worker, before its exec")
+        kill9(first)
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+    second = fleet.run(*args)
+    log = second.text()
+    assert "killing pid(s)" not in log, log
+    assert second.pids() == [*pids, pid], log
+    assert not exited(pid)
 
 
 AS_FD3 = """

@@ -18,7 +18,7 @@ import selectors
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..linux.cgroup import Cgroup
@@ -108,15 +108,22 @@ class WardenLink:
         self._send(now, *self.snapshot())
         return self.alive
 
-    def revive(self, now: float) -> bool:
+    def revive(self, now: float, keys: Sequence[str] = ()) -> bool:
         """Before a spawn decides whether its worker outlives us: a warden lost since the
         last turn is started again now (at most once a second), so that the worker gets no
         parent-death signal. Before, a worker spawned between the loss and the next sync (a
         reload's next slot, a respawn) kept its death signal for good, and died with a
         supervisor killed any time later, failing what it held (3 keep-alive requests in a
-        fault campaign; a UDP slot answered nothing until the rerun respawned it)."""
-        if self.channel is None and now >= self.restart_at:
-            self.start(now)
+        fault campaign; a UDP slot answered nothing until the rerun respawned it).
+
+        ``keys``: the fds of the worker's slot; a slot the warden has not been given (a scale
+        up's) is given now, before its worker runs, so that an adopter knows the slot it
+        serves in (before, it stopped that slot and killed its worker)."""
+        if self.channel is None:
+            if now >= self.restart_at:
+                self.start(now)
+        elif any(k not in self.sent for k in keys):
+            self._send(now, *self.snapshot())
         return self.alive
 
     def attach(self, channel: int, pid: int) -> None:
