@@ -622,6 +622,35 @@ def test_a_worker_spawned_while_the_warden_is_replaced_outlives_the_supervisor(
     assert "gone while the supervisor was away" not in second.text()
 
 
+def test_a_warden_found_dead_by_its_channel_is_started_again_before_the_next_spawn(
+    short_tmp: Path,
+) -> None:
+    # Found dead by a failed send (a broken pipe: it died after the loop's select) rather
+    # than by its pidfd, the warden was started again only a second later: the workers
+    # spawned meanwhile got the parent-death signal (7 keep-alive requests lost with a
+    # supervisor killed later, in a fault campaign). The link alone, with a real warden.
+    import selectors
+
+    from portshard.supervisor.wardenlink import WardenLink
+
+    sel = selectors.DefaultSelector()
+    link = WardenLink(sel, str(short_tmp / "w.sock"), "text", lambda: ({"slots": []}, {}))
+    try:
+        assert link.start(time.monotonic())
+        first = link.pid
+        # it ran longer than the restart limit (once a second), as a warden does
+        wait_until(lambda: time.monotonic() >= link.restart_at, 5, "a second of life")
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: exited(first), 5, "the warden gone")
+        link.sync(time.monotonic(), {"slots": [], "changed": 1}, {})  # the pipe is broken
+        assert not link.alive
+        assert link.revive(time.monotonic()), "not started again before the next spawn"
+        assert link.pid != first
+    finally:
+        link.bye()
+        sel.close()
+
+
 def test_orphan_timeout_zero_keeps_the_old_rule_workers_die_with_it(fleet: Fleet) -> None:
     sup = fleet.run("-w", "2", "--listen", "tcp://127.0.0.1:0", "--orphan-timeout", "0")
     assert not fleet.warden_pids()

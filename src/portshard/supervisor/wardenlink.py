@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import selectors
+import signal
 import socket
 import sys
 import time
@@ -145,8 +146,14 @@ class WardenLink:
 
     def _lost(self, why: str) -> None:
         log.warning("the warden (pid %d) is lost (%s); starting another", self.pid, why)
+        if self.pidfd >= 0:  # one that cannot keep up (its channel full) still runs: it
+            # would take our closing the channel for our death, and stop the workers
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        pid = self.pid
         self.close()
         self.restarts += 1
+        _reap(pid)
 
     def sync(self, now: float, manifest: dict[str, Any], fds: dict[str, int]) -> None:
         """Give the warden what changed (restarting it first if it is gone)."""
@@ -171,8 +178,11 @@ class WardenLink:
             if text != self.manifest:
                 wire.send(self.channel, {"op": "manifest", "manifest": manifest})
         except (BlockingIOError, ConnectionError, OSError) as exc:
+            # No later restart than start() set (a second after the last one): a warden
+            # that died was often seen here first (a broken pipe), and the workers spawned
+            # until another started got the parent-death signal (a keep-alive load lost 7
+            # requests in a fault campaign).
             self._lost(f"its channel: {exc}")
-            self.restart_at = now + RESTART_EVERY
             return
         self.sent, self.manifest = current, text
 
@@ -192,13 +202,7 @@ class WardenLink:
                 wire.send(self.channel, {"op": "bye"})
         pid = self.pid
         self.close()
-        for _ in range(100):  # it exits at once; reap it
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:
-                return
-            time.sleep(0.01)
+        _reap(pid)
 
     def close(self) -> None:
         if self.pidfd >= 0:
@@ -209,3 +213,14 @@ class WardenLink:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+
+
+def _reap(pid: int) -> None:
+    """Wait (at most a second) for a warden that is exiting (it was told bye, or killed)."""
+    for _ in range(100):
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.01)
