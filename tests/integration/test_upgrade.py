@@ -39,11 +39,18 @@ class Fleet:
         self.tag = f"--tag={uuid.uuid4().hex[:12]}"
         self.started: list[Running] = []
 
-    def run(self, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Running:
+    def run(
+        self,
+        *args: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> Running:
         log = self.control.with_name(f"up{len(self.started)}.log")
         name = ("--name", f"up-{self.tag[-12:]}")  # its own cgroup home, whoever else runs
         env = {**WORKER_ENV, **(env or {})}
-        sup = Running([*name, *args, "--", *FDWORKER, self.tag], self.control, env, log)
+        command = command or [*FDWORKER, self.tag]
+        sup = Running([*name, *args, "--", *command], self.control, env, log)
         self.started.append(sup)
         if wait:
             sup.wait_ready()
@@ -649,6 +656,51 @@ def test_a_warden_found_dead_by_its_channel_is_started_again_before_the_next_spa
     finally:
         link.bye()
         sel.close()
+
+
+def test_a_ready_sent_while_no_supervisor_listens_reaches_the_adopter(
+    fleet: Fleet, short_tmp: Path
+) -> None:
+    # --ready notify: a reload's replacement said READY=1 after its supervisor was killed and
+    # before the next one bound the notify address. It was lost: the adopter waited
+    # --ready-timeout, then killed the replacement, which had been serving all along
+    # (gunicorn in a fault campaign: every such adopter took 30 s to be ready), or, a
+    # Python worker using portshard.notify_ready(), the send raised and the worker died.
+    # The notify socket itself is handed over now (the warden holds it meanwhile), with
+    # what waits in it.
+    slow = short_tmp / "slow"
+    command = ["sh", "-c", f'[ -e {slow} ] && sleep 2; exec "$@"', "sh", *FDWORKER, fleet.tag]
+    args = ("-w", "1", "--ready", "notify", "--ready-timeout", "8")
+    args += ("--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args, command=command)
+    (old,) = first.pids()
+    slow.touch()
+    first.ctl("reload", "--no-wait")
+
+    def replacement() -> int | None:
+        (slot,) = first.status()["slots"]
+        return next((w["pid"] for w in slot["workers"] if w["pid"] != old), None)
+
+    new = wait_until(replacement, 20, "the replacement starting")
+    kill9(first)
+    # fdworker says READY=1, then waits in epoll for its sockets. With nobody bound to the
+    # notify address, portshard.notify_ready() raised (ECONNREFUSED) and the worker died.
+    wchan = Path(f"/proc/{new}/wchan")
+    wait_until(lambda: exited(new) or "epoll" in wchan.read_text(), 20, "the replacement serving")
+    assert not exited(new), "the replacement died: its READY=1 had nowhere to go"
+    slow.unlink()
+    second = fleet.run(*args, command=command)
+
+    def replaced() -> bool:
+        (slot,) = second.status()["slots"]
+        return [(w["pid"], w["state"]) for w in slot["workers"]] == [(new, "ready")]
+
+    try:
+        wait_until(replaced, 20, "the replacement ready, the old worker retired")
+    except AssertionError:
+        raise AssertionError(second.text()) from None
+    assert "not ready within" not in second.text()
+    assert exited(old)
 
 
 def test_orphan_timeout_zero_keeps_the_old_rule_workers_die_with_it(fleet: Fleet) -> None:

@@ -145,6 +145,12 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
         keys = listen_keys(cfg)
         for gi, fd in fx.steering.handoff_fds().items():
             fds[f"bpf:socks:{keys[gi]}"] = fd
+    # The workers' NOTIFY_SOCKET itself, not only its address: a READY=1 sent while no
+    # supervisor listened (after a SIGKILL, during an upgrade's exec) waits in it for the
+    # next one. Before, it was lost; the adopter waited --ready-timeout for a worker that
+    # had said it was ready, then killed it, serving (a reload's gunicorn replacement:
+    # adopters took 30 s to be ready in a fault campaign).
+    fds["notify"] = sup.notify_socket.fileno()
     endpoints = {}  # --metrics and --health: the same port after the handover (port 0 too)
     for name, server, value in (
         ("metrics", sup.web, cfg.metrics),
