@@ -161,3 +161,34 @@ def test_a_supervisor_refused_socket_filters_hands_one_slot_over_without_an_inte
     assert "internal error" not in text and "Traceback" not in text, text
     assert text.count("this kernel wants CAP_NET_ADMIN") == 1, text
     assert text.count("killing it frozen") == 2, text
+
+
+def test_a_slot_whose_replacement_dies_while_the_old_worker_stops_gets_a_worker(
+    start: Start,
+) -> None:
+    # A reload's replacement SIGKILLed after it was judged ready, while the old worker was
+    # being retired: its exit started nothing (the slot still had the old one), and the old
+    # one's exit, expected, started nothing either. The slot stayed empty for good, and
+    # status showed it so (a fault campaign; 40 s until it gave up waiting). The old worker
+    # takes 1.5 s to stop here, so the replacement is killed in that time.
+    sup = start("-w", "1", "--drain", "signal", "--listen", "tcp://127.0.0.1:0", "--",
+                *FDWORKER, env={"STOP_DELAY": "1.5"})  # fmt: skip
+    (old,) = sup.pids()
+    sup.ctl("reload", "--no-wait")
+
+    def stopping() -> int | None:
+        (slot,) = sup.status()["slots"]
+        states = {w["pid"]: w["state"] for w in slot["workers"]}
+        new = [p for p in states if p != old]
+        return new[0] if states.get(old) == "stopping" and new else None
+
+    replacement = wait_until(stopping, 20, "the old worker stopping, the replacement in")
+    os.kill(replacement, signal.SIGKILL)
+
+    def serving() -> bool:
+        (slot,) = sup.status()["slots"]
+        ready = [w["pid"] for w in slot["workers"] if w["state"] == "ready"]
+        return bool(ready) and ready[0] not in (old, replacement)
+
+    wait_until(serving, 20, "a new worker in the slot")
+    assert "its replacement is gone too" in sup.text()

@@ -6,6 +6,7 @@ run` with the same control socket adopts them; nobody adopting them stops them a
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,11 +39,18 @@ class Fleet:
         self.tag = f"--tag={uuid.uuid4().hex[:12]}"
         self.started: list[Running] = []
 
-    def run(self, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Running:
+    def run(
+        self,
+        *args: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> Running:
         log = self.control.with_name(f"up{len(self.started)}.log")
         name = ("--name", f"up-{self.tag[-12:]}")  # its own cgroup home, whoever else runs
         env = {**WORKER_ENV, **(env or {})}
-        sup = Running([*name, *args, "--", *FDWORKER, self.tag], self.control, env, log)
+        command = command or [*FDWORKER, self.tag]
+        sup = Running([*name, *args, "--", *command], self.control, env, log)
         self.started.append(sup)
         if wait:
             sup.wait_ready()
@@ -283,6 +291,55 @@ def test_an_adopter_kills_a_worker_its_predecessor_had_not_recorded(fleet: Fleet
         stray.wait()
 
 
+@pytest.mark.skipif(
+    cgroup.detect().mechanism is not cgroup.Mechanism.MOUNTED or not shutil.which("strace"),
+    reason="worker groups to find, and strace to hold a worker before its exec",
+)
+def test_a_scale_ups_new_slot_is_known_to_the_warden_before_its_worker_runs(
+    fleet: Fleet,
+) -> None:
+    # Killed between a scale up's spawn and its next sync, a supervisor left a worker of a
+    # slot its warden had never heard of: the adopter stopped that slot and killed the
+    # worker (whatever it had accepted was lost). The warden now gets a new slot's sockets
+    # before its worker is forked. The test holds the supervisor in that window: strace
+    # delays the new worker's execve, which the supervisor waits for (the worker has joined
+    # its group by then).
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args)
+    assert first.proc is not None
+    pids = first.pids()
+    base = Path(cgroup.detect().base or "")
+    home = next(base.glob(f"up-{fleet.tag[-12:]}.{first.proc.pid}"))
+    delay = ["-e", "trace=execve", "-e", "inject=execve:delay_enter=3000000"]  # 3 s
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", *delay, "-p", str(first.proc.pid)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        status = Path(f"/proc/{first.proc.pid}/status")
+        wait_until(lambda: "TracerPid:\t0\n" not in status.read_text(), 10, "strace attached")
+        with pytest.raises(ControlError):  # no answer: it waits for the exec
+            request(str(fleet.control), "scale", timeout=1, workers=3, wait=False)
+
+        def new_worker() -> int | None:
+            for group in home.glob("slot2-*"):
+                members = (group / "cgroup.procs").read_text().split()
+                if members:
+                    return int(members[0])
+            return None
+
+        pid = wait_until(new_worker, 10, "slot 2's worker, before its exec")
+        kill9(first)
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+    second = fleet.run(*args)
+    log = second.text()
+    assert "killing pid(s)" not in log, log
+    assert second.pids() == [*pids, pid], log
+    assert not exited(pid)
+
+
 AS_FD3 = """
 import os, sys
 os.dup2(int(sys.argv[1]), 3)
@@ -487,6 +544,37 @@ def test_udp_flows_never_move_across_upgrades_and_a_crash(fleet: Fleet) -> None:
         assert total == 0
 
 
+def test_udp_flows_stay_when_a_worker_dies_with_its_supervisor(fleet: Fleet) -> None:
+    # The supervisor killed just after a reload (its warden's table from the last handover,
+    # one slot's buckets still lent) together with slot 1's worker: the adopter put the
+    # handed-over slot back in and slot 1 out in one assignment, and once slot 1 was
+    # respawned two healthy slots had swapped a third of their flows for good (2 runs in 4;
+    # the deterministic case is test_steering_table's). Every flow must end where it was.
+    args = ("-w", "4", "--listen", "udp://127.0.0.1:0")
+    sup = fleet.run(*args)
+    assert sup.proc is not None
+    port = sup.port
+    with udp_clients(200) as clients:
+        first = udp_slots(port, clients)
+        sup.reload()
+        pids = sup.pids()
+        os.kill(sup.proc.pid, signal.SIGSTOP)
+        os.kill(pids[1], signal.SIGKILL)
+        kill9(sup)
+        second = fleet.run(*args)
+        wait_until(
+            lambda: all(
+                [w["state"] for w in s["workers"]] == ["ready"] for s in second.status()["slots"]
+            ),
+            20,
+            "every slot serving",
+        )
+        after = udp_slots(port, clients)
+        moved = [f"{a}>{b}" for a, b in zip(first, after, strict=True) if a != b]
+        print(f"udp: 200 flows, a worker and its supervisor killed: {len(moved)} moved")
+        assert not moved, (sorted(set(moved)), second.text())
+
+
 def test_a_killed_warden_is_replaced_and_still_keeps_the_workers(fleet: Fleet) -> None:
     args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
     sup = fleet.run(*args)
@@ -500,6 +588,119 @@ def test_a_killed_warden_is_replaced_and_still_keeps_the_workers(fleet: Fleet) -
     second = fleet.run(*args)
     assert second.pids() == pids
     wait_until(lambda: replaced[0] not in fleet.warden_pids(), 10, "the old warden to go")
+
+
+def test_a_worker_spawned_while_the_warden_is_replaced_outlives_the_supervisor(
+    fleet: Fleet,
+) -> None:
+    # A worker spawned after the warden died and before the supervisor started another (the
+    # next sync, up to 0.1 s later: a reload's next slot, a respawn) got the parent-death
+    # signal, kept it with the new warden running, and died with a supervisor killed any
+    # time later: 3 keep-alive requests failed in a fault campaign, a UDP slot went silent.
+    # The test makes the respawn happen in the very turn that sees the warden gone: the
+    # supervisor is frozen while the warden and a worker are killed.
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    sup = fleet.run(*args)
+    assert sup.proc is not None
+    pids = sup.pids()
+    (warden,) = wait_until(fleet.warden_pids, 5, "the warden")
+    settle(2.0)  # a worker that ran 2 s is respawned at once, not after a backoff
+    os.kill(sup.proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(warden, signal.SIGKILL)
+        os.kill(pids[1], signal.SIGKILL)
+        wait_until(lambda: exited(warden) and exited(pids[1]), 5, "both gone")
+    finally:
+        os.kill(sup.proc.pid, signal.SIGCONT)
+
+    def respawned() -> int | None:
+        (slot,) = [s for s in sup.status()["slots"] if s["slot"] == 1]
+        ready = [w["pid"] for w in slot["workers"] if w["state"] == "ready"]
+        return ready[0] if ready and ready[0] != pids[1] else None
+
+    new = wait_until(respawned, 20, "slot 1 respawned")
+    wait_until(lambda: [p for p in fleet.warden_pids() if p != warden], 10, "another warden")
+    settle(0.3)  # the warden's manifest names it
+    kill9(sup)
+    settle(0.5)  # a parent-death signal is sent as the parent exits
+    assert not exited(new), sup.text()
+    second = fleet.run(*args)
+    assert second.pids() == [pids[0], new], second.text()
+    assert "gone while the supervisor was away" not in second.text()
+
+
+def test_a_warden_found_dead_by_its_channel_is_started_again_before_the_next_spawn(
+    short_tmp: Path,
+) -> None:
+    # Found dead by a failed send (a broken pipe: it died after the loop's select) rather
+    # than by its pidfd, the warden was started again only a second later: the workers
+    # spawned meanwhile got the parent-death signal (7 keep-alive requests lost with a
+    # supervisor killed later, in a fault campaign). The link alone, with a real warden.
+    import selectors
+
+    from portshard.supervisor.wardenlink import WardenLink
+
+    sel = selectors.DefaultSelector()
+    link = WardenLink(sel, str(short_tmp / "w.sock"), "text", lambda: ({"slots": []}, {}))
+    try:
+        assert link.start(time.monotonic())
+        first = link.pid
+        # it ran longer than the restart limit (once a second), as a warden does
+        wait_until(lambda: time.monotonic() >= link.restart_at, 5, "a second of life")
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: exited(first), 5, "the warden gone")
+        link.sync(time.monotonic(), {"slots": [], "changed": 1}, {})  # the pipe is broken
+        assert not link.alive
+        assert link.revive(time.monotonic()), "not started again before the next spawn"
+        assert link.pid != first
+    finally:
+        link.bye()
+        sel.close()
+
+
+def test_a_ready_sent_while_no_supervisor_listens_reaches_the_adopter(
+    fleet: Fleet, short_tmp: Path
+) -> None:
+    # --ready notify: a reload's replacement said READY=1 after its supervisor was killed and
+    # before the next one bound the notify address. It was lost: the adopter waited
+    # --ready-timeout, then killed the replacement, which had been serving all along
+    # (gunicorn in a fault campaign: every such adopter took 30 s to be ready), or, a
+    # Python worker using portshard.notify_ready(), the send raised and the worker died.
+    # The notify socket itself is handed over now (the warden holds it meanwhile), with
+    # what waits in it.
+    slow = short_tmp / "slow"
+    command = ["sh", "-c", f'[ -e {slow} ] && sleep 2; exec "$@"', "sh", *FDWORKER, fleet.tag]
+    args = ("-w", "1", "--ready", "notify", "--ready-timeout", "8")
+    args += ("--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args, command=command)
+    (old,) = first.pids()
+    slow.touch()
+    first.ctl("reload", "--no-wait")
+
+    def replacement() -> int | None:
+        (slot,) = first.status()["slots"]
+        return next((w["pid"] for w in slot["workers"] if w["pid"] != old), None)
+
+    new = wait_until(replacement, 20, "the replacement starting")
+    kill9(first)
+    # fdworker says READY=1, then waits in epoll for its sockets. With nobody bound to the
+    # notify address, portshard.notify_ready() raised (ECONNREFUSED) and the worker died.
+    wchan = Path(f"/proc/{new}/wchan")
+    wait_until(lambda: exited(new) or "epoll" in wchan.read_text(), 20, "the replacement serving")
+    assert not exited(new), "the replacement died: its READY=1 had nowhere to go"
+    slow.unlink()
+    second = fleet.run(*args, command=command)
+
+    def replaced() -> bool:
+        (slot,) = second.status()["slots"]
+        return [(w["pid"], w["state"]) for w in slot["workers"]] == [(new, "ready")]
+
+    try:
+        wait_until(replaced, 20, "the replacement ready, the old worker retired")
+    except AssertionError:
+        raise AssertionError(second.text()) from None
+    assert "not ready within" not in second.text()
+    assert exited(old)
 
 
 def test_orphan_timeout_zero_keeps_the_old_rule_workers_die_with_it(fleet: Fleet) -> None:

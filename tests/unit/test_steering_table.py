@@ -287,3 +287,17 @@ def test_a_single_slot_handing_over_stays_in_without_a_warning() -> None:
     assert step(p, {0: Health.HANDOVER}) == []
     assert p.tcp_weights() == {0: 1.0} and p.fallback == ""
     assert p.verdicts()[0].reason is None
+
+
+def test_a_slot_back_in_as_another_goes_out_takes_its_own_buckets_and_both_end_at_home() -> None:
+    # An adopter seeded with a table from mid-handover (slot 3's buckets lent out) that finds
+    # slot 1 with no worker assigns "3 in, 1 out" at once. Slot 3 took slot 1's buckets and
+    # left its own lent; with both back in, slots 1 and 3 had swapped 342 buckets for good
+    # (the fault campaign: a third of two healthy UDP slots' flows moved after an adoption).
+    b = Buckets(range(4))
+    b.assign(equal([0, 1, 2]))  # slot 3 handing over
+    b.assign(equal([0, 2, 3]))  # the adopter: slot 3 back, slot 1 empty
+    lent = [i for i in range(BUCKETS) if b.home[i] == 1]
+    assert all(b.owner[i] != 1 for i in lent)  # only the empty slot's flows are away
+    b.assign(equal([0, 1, 2, 3]))  # slot 1 respawned
+    assert b.owner == b.home

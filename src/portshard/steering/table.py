@@ -10,7 +10,8 @@ possible. Each bucket has a *home* slot (its owner when every slot is in). :meth
 moves a bucket only if its owner has more buckets than it should:
 
 - a slot excluded: only its buckets move, spread over the others; no other flow moves;
-- the slot back: the others give back first the buckets whose home it is, so its flows return;
+- the slot back: the others give back first the buckets whose home it is, so its flows return
+  (even if another slot goes out at the same time: those who held them get that one's);
 - a slot removed (scale down): its home buckets get new homes where they are now, so nothing
   moves when it goes; a slot added takes a fair part of every other slot's home buckets.
 
@@ -162,6 +163,25 @@ class Buckets:
                 self._move(bucket, home, moved)
             else:
                 rest.append(bucket)
+        # A slot that still needs buckets takes back its home buckets from a slot whose own
+        # home buckets are free now: a swap, each back home. Without it, a slot back in as
+        # another went out in the same assignment (an adopter seeded mid-handover, finding a
+        # slot with no worker) kept the outgoing slot's buckets and left its own lent; once
+        # both were in, they had swapped a third of their buckets for good (the flows of two
+        # healthy slots moved).
+        spare: dict[int, list[int]] = {}
+        for bucket in rest:
+            spare.setdefault(self.home[bucket], []).append(bucket)
+        swapped: set[int] = set()
+        for bucket, home in enumerate(self.home):
+            holder = self.owner[bucket]
+            if need.get(home, 0) > 0 and holder != home and spare.get(holder):
+                need[home] -= 1
+                self._move(bucket, home, moved)
+                back = spare[holder].pop()
+                self._move(back, holder, moved)
+                swapped.add(back)
+        rest = [b for b in rest if b not in swapped]
         # The rest in contiguous runs, to the slots that still need buckets, lowest slot first.
         takers = iter(sorted((s, n) for s, n in need.items() if n > 0))
         slot, n = next(takers, (-1, 0))

@@ -12,6 +12,7 @@ here touches a process or a socket itself, so the whole lifecycle runs against a
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -290,6 +291,20 @@ class Fleet:
                 extra=w.fields,
             )
         if slot.live():
+            return
+        if w.life.retiring and not (self.stopping or slot.removing):
+            # Retired for a replacement that is gone too: it died after it was judged ready,
+            # while this one was being retired (its exit, the slot not empty yet, started
+            # nothing). Before, the slot stayed empty for good, the reload said done, and
+            # status showed a slot with no worker (a fault campaign's worker SIGKILL).
+            log.warning(
+                "slot %d pid %d: its replacement is gone too; the slot starts a new one",
+                slot.index,
+                w.pid,
+                extra=w.fields,
+            )
+            self.fx.rescue(slot, w.pid)
+            self._back_off(slot, math.inf, own=False, last="its replacement exited")
             return
         if w.life.retiring or self.stopping or slot.removing:
             self.fire_slot(slot, SlotEvent.EMPTIED)

@@ -145,6 +145,12 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
         keys = listen_keys(cfg)
         for gi, fd in fx.steering.handoff_fds().items():
             fds[f"bpf:socks:{keys[gi]}"] = fd
+    # The workers' NOTIFY_SOCKET itself, not only its address: a READY=1 sent while no
+    # supervisor listened (after a SIGKILL, during an upgrade's exec) waits in it for the
+    # next one. Before, it was lost; the adopter waited --ready-timeout for a worker that
+    # had said it was ready, then killed it, serving (a reload's gunicorn replacement:
+    # adopters took 30 s to be ready in a fault campaign).
+    fds["notify"] = sup.notify_socket.fileno()
     endpoints = {}  # --metrics and --health: the same port after the handover (port 0 too)
     for name, server, value in (
         ("metrics", sup.web, cfg.metrics),
@@ -441,10 +447,12 @@ def adopt_unrecorded(resume: Resume, sup: Supervisor, slots: list[Slot]) -> None
     connections it held were lost (1 reset or empty answer in ~6,000 requests, in 1 run of 20
     of test_upgrade's kill during a reload at load 4).
 
-    A new slot (a scale up's) leaves the port's group, and its worker is killed: the manifest
-    has no place for it. Before, such a worker served on, in no status, past every reload (a
-    kill 0.6 s into a scale 2 -> 4: 144 of 400 requests went to it). The cgroup mechanism
-    finds the workers by their groups, the subreaper one by their $PORTSHARD_TREE."""
+    A scale up's new slot is in the manifest before its worker is forked (``WardenLink.
+    revive``), so its worker is the slot's, as a respawn's. A slot the manifest does not name
+    (the warden could not be given it) leaves the port's group, and its worker is killed.
+    Before, such a worker served on, in no status, past every reload (a kill 0.6 s into a
+    scale 2 -> 4: 144 of 400 requests went to it). The cgroup mechanism finds the workers by
+    their groups, the subreaper one by their $PORTSHARD_TREE."""
     named = {s.index: s for s in slots}
     for key in [k for k in resume.fds if k.startswith("sock:") and k not in resume.used]:
         if int(key.split(":")[1]) in named:

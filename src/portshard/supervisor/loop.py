@@ -151,6 +151,11 @@ class Supervisor:
     def cfg(self) -> Config:
         return self.fleet.cfg
 
+    @property
+    def notify_socket(self) -> socket.socket:
+        """The workers' NOTIFY_SOCKET (handed over with the manifest, issue 15)."""
+        return self._notify
+
     # ---- set-up and tear-down -------------------------------------------------------------
 
     def _setup(self) -> None:
@@ -201,7 +206,12 @@ class Supervisor:
             if resume is not None
             else f"\0portshard/{os.getpid()}/{os.urandom(6).hex()}"
         )
-        self._notify.bind(fx.notify_name)
+        notify = resume.take("notify") if resume is not None else None
+        if notify is not None:  # the predecessor's, with what was sent while none read it
+            self._notify.close()
+            self._notify = socket.socket(fileno=notify)
+        else:
+            self._notify.bind(fx.notify_name)
         self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._notify.setblocking(False)
         self.sel.register(self._notify, selectors.EVENT_READ, self._on_notify)

@@ -44,7 +44,9 @@ class Succession:
             if resume is not None
             else Lineage(since=now, first=now, version=__version__)
         )
-        self.warden = WardenLink(sup.sel, sup.control_path, log_format)
+        self.warden = WardenLink(
+            sup.sel, sup.control_path, log_format, lambda: handoff.export(self.sup)
+        )
         self.upgrade: Upgrade | None = None
         self.abandoned = False  # the loop died of a bug and left the workers to the warden
         self._due = 0.0

@@ -139,7 +139,7 @@ class SystemEffects:
                     cgroup=group,
                     stdio=stdio,
                     # With a warden, a worker outlives a supervisor that dies (issue 15)
-                    orphan=self.orphans_kept(cfg),
+                    orphan=self.orphans_kept(cfg, slot),
                 )
             )
         except SupervisorError:
@@ -192,10 +192,15 @@ class SystemEffects:
 
         self.sel.register(listener, selectors.EVENT_READ, on_trap)
 
-    def orphans_kept(self, cfg: Config) -> bool:
+    def orphans_kept(self, cfg: Config, slot: Slot) -> bool:
         """Workers outlive a supervisor that dies (no parent-death signal): only while a
-        warden holds what they and a successor need, and --orphan-timeout is not 0."""
-        return cfg.orphan_timeout > 0 and self.warden is not None and self.warden.alive
+        warden holds what they and a successor need, and --orphan-timeout is not 0. A warden
+        lost since the last turn is started again first, and one that does not hold
+        ``slot``'s sockets yet (a scale up's) gets them now (``WardenLink.revive``)."""
+        if cfg.orphan_timeout <= 0 or self.warden is None:
+            return False
+        keys = [f"sock:{slot.index}:{i}" for i in range(len(slot.socks))]
+        return self.warden.revive(self.now(), keys)
 
     def signal(self, w: Worker, sig: int) -> None:
         w.signal(sig)

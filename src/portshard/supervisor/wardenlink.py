@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import selectors
+import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..linux.cgroup import Cgroup
@@ -32,11 +34,17 @@ log = logging.getLogger("portshard.supervisor")
 RESTART_EVERY = 1.0
 
 
+Snapshot = Callable[[], tuple[dict[str, Any], dict[str, int]]]
+
+
 class WardenLink:
-    def __init__(self, sel: selectors.BaseSelector, control: str, log_format: str) -> None:
+    def __init__(
+        self, sel: selectors.BaseSelector, control: str, log_format: str, snapshot: Snapshot
+    ) -> None:
         self.sel = sel
         self.control = control
         self.log_format = log_format
+        self.snapshot = snapshot  # the manifest and its fds now (handoff.export)
         self.channel: socket.socket | None = None
         self.pid = 0
         self.pidfd = -1
@@ -51,7 +59,11 @@ class WardenLink:
         return self.channel is not None
 
     def start(self, now: float) -> bool:
-        """Start a warden; False (logged) if it cannot be."""
+        """Start a warden and give it everything at once; False (logged) if it cannot be.
+
+        At once, not at the loop turn's end: a warden with no manifest whose supervisor dies
+        knows no worker, no socket and no --orphan-timeout (it took 0 and exited), and the
+        workers started meanwhile outlive everyone (no parent-death signal: a warden ran)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [
             sys.executable,
@@ -92,8 +104,28 @@ class WardenLink:
         ours.setblocking(False)
         self.channel, self.pid, self.pidfd = ours, pid, pidfd
         self.sent, self.manifest = {}, ""
+        self.restart_at = now + RESTART_EVERY
         self.sel.register(pidfd, selectors.EVENT_READ, lambda _m: self._exited())
-        return True
+        self._send(now, *self.snapshot())
+        return self.alive
+
+    def revive(self, now: float, keys: Sequence[str] = ()) -> bool:
+        """Before a spawn decides whether its worker outlives us: a warden lost since the
+        last turn is started again now (at most once a second), so that the worker gets no
+        parent-death signal. Before, a worker spawned between the loss and the next sync (a
+        reload's next slot, a respawn) kept its death signal for good, and died with a
+        supervisor killed any time later, failing what it held (3 keep-alive requests in a
+        fault campaign; a UDP slot answered nothing until the rerun respawned it).
+
+        ``keys``: the fds of the worker's slot; a slot the warden has not been given (a scale
+        up's) is given now, before its worker runs, so that an adopter knows the slot it
+        serves in (before, it stopped that slot and killed its worker)."""
+        if self.channel is None:
+            if now >= self.restart_at:
+                self.start(now)
+        elif any(k not in self.sent for k in keys):
+            self._send(now, *self.snapshot())
+        return self.alive
 
     def attach(self, channel: int, pid: int) -> None:
         """The warden of the supervisor we replace by exec (an upgrade): the same one."""
@@ -114,14 +146,24 @@ class WardenLink:
 
     def _lost(self, why: str) -> None:
         log.warning("the warden (pid %d) is lost (%s); starting another", self.pid, why)
+        if self.pidfd >= 0:  # one that cannot keep up (its channel full) still runs: it
+            # would take our closing the channel for our death, and stop the workers
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        pid = self.pid
         self.close()
         self.restarts += 1
+        _reap(pid)
 
     def sync(self, now: float, manifest: dict[str, Any], fds: dict[str, int]) -> None:
         """Give the warden what changed (restarting it first if it is gone)."""
         if self.channel is None and (now < self.restart_at or not self.start(now)):
             return
-        assert self.channel is not None
+        self._send(now, manifest, fds)
+
+    def _send(self, now: float, manifest: dict[str, Any], fds: dict[str, int]) -> None:
+        if self.channel is None:
+            return
         current = {}
         for key, fd in fds.items():
             with contextlib.suppress(OSError):
@@ -136,8 +178,11 @@ class WardenLink:
             if text != self.manifest:
                 wire.send(self.channel, {"op": "manifest", "manifest": manifest})
         except (BlockingIOError, ConnectionError, OSError) as exc:
+            # No later restart than start() set (a second after the last one): a warden
+            # that died was often seen here first (a broken pipe), and the workers spawned
+            # until another started got the parent-death signal (a keep-alive load lost 7
+            # requests in a fault campaign).
             self._lost(f"its channel: {exc}")
-            self.restart_at = now + RESTART_EVERY
             return
         self.sent, self.manifest = current, text
 
@@ -157,13 +202,7 @@ class WardenLink:
                 wire.send(self.channel, {"op": "bye"})
         pid = self.pid
         self.close()
-        for _ in range(100):  # it exits at once; reap it
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:
-                return
-            time.sleep(0.01)
+        _reap(pid)
 
     def close(self) -> None:
         if self.pidfd >= 0:
@@ -174,3 +213,14 @@ class WardenLink:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+
+
+def _reap(pid: int) -> None:
+    """Wait (at most a second) for a warden that is exiting (it was told bye, or killed)."""
+    for _ in range(100):
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.01)
