@@ -136,7 +136,15 @@ def _checkpoint(
     seen: list[tuple[float, set[int]]],
 ) -> None:
     """After an operation, with no flood open: the worker count, their cgroups, the fds."""
+    # The control server answers "try again" to a client beyond its fd reserve, and a
+    # flood's closes reach the supervisor a moment after the flood operation returns (at
+    # load 8, a checkpoint right after one found status "did not answer"): retry as an
+    # operator would, for up to 3 s; never answering is the failure.
+    deadline = time.monotonic() + 3.0
     st = st or target.status()
+    while st is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        st = target.status()
     if st is None:
         problems.append(f"t={time.monotonic() - sampler.t0:.1f}s: status did not answer")
         return
