@@ -125,11 +125,12 @@ def _resources(res: dict[str, Any]) -> list[str]:
         "",
         "fds at quiet checkpoints (after an operation, no flood open), by worker count:",
         "",
-        "| workers | checkpoints | first third min | last third min | max |",
+        "| workers | checkpoints | first third median | last third median | max |",
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {c} | {g['samples']} | {g['first_third_min']} | {g['last_third_min']} | {g['max']} |"
+        f"| {c} | {g['samples']} | {g['first_third_median']} | {g['last_third_median']} "
+        f"| {g['max']} |"
         for c, g in res["checkpoint_fds"].items()
     ]
     return lines

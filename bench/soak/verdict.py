@@ -113,8 +113,13 @@ def resource_trend(background: list[Sample], checkpoints: list[Sample]) -> dict[
             late = [s.fds for s in group if s.t >= cut2]
             trend["checkpoint_fds"][str(count)] = {
                 "samples": len(group),
-                "first_third_min": min(early) if early else None,
-                "last_third_min": min(late) if late else None,
+                # Medians: a checkpoint may catch a respawn between a killed worker's fds
+                # closing and the new one's opening (3 workers: 39, 36, 39, 36, 40...), and
+                # min() of a third with more checkpoints found such a dip more often (the
+                # soak failed "36 -> 39" with one checkpoint in the last third). A leak moves
+                # the median.
+                "first_third_median": statistics.median(early) if early else None,
+                "last_third_median": statistics.median(late) if late else None,
                 "max": max(s.fds for s in group),
             }
     return trend
@@ -180,14 +185,14 @@ def _resource_checks(trend: dict[str, Any], fd_tol: int, rss_tol_kb: int) -> lis
     grew = {
         count: g
         for count, g in trend["checkpoint_fds"].items()
-        if g["first_third_min"] is not None
-        and g["last_third_min"] is not None
-        and g["last_third_min"] > g["first_third_min"] + fd_tol
+        if g["first_third_median"] is not None
+        and g["last_third_median"] is not None
+        and g["last_third_median"] > g["first_third_median"] + fd_tol
     }
     fd_detail = ", ".join(
-        f"{c} workers: {g['first_third_min']} -> {g['last_third_min']}"
+        f"{c} workers: {g['first_third_median']:g} -> {g['last_third_median']:g}"
         for c, g in trend["checkpoint_fds"].items()
-        if g["first_third_min"] is not None and g["last_third_min"] is not None
+        if g["first_third_median"] is not None and g["last_third_median"] is not None
     )
     rss = trend["rss_kb"]
     rss_growth = rss["last_third_median"] - rss["first_third_median"]

@@ -93,3 +93,17 @@ def test_a_tree_serving_after_its_worker_left_is_found() -> None:
     assert served_after_retired(last, seen) == []
     last[2] = 15.0  # 5 s after it left status: an escaped child serves old code
     assert served_after_retired(last, seen) == [(2, 5.0)]
+
+
+def test_a_respawns_dip_in_the_fd_count_is_not_a_leak() -> None:
+    # Seen at load 5 (seed 3743386852): 3-worker checkpoints 39, 39, 40, 36, 39, 39, 36...
+    # (a checkpoint between a killed worker's fds closing and its successor's opening) and
+    # one in the last third, 39: min() against min() read "36 -> 39" as a leak.
+    early = [39, 39, 40, 36, 39, 39, 39, 36, 40, 36]
+    points = [Sample(t, fds, 30_000, workers=3) for t, fds in enumerate(early)]
+    points.append(Sample(30, 39, 30_000, workers=3))
+    trend = resource_trend([Sample(t, 39, 30_000) for t in range(31)], points)
+    assert _judge(trend=trend)["fd count flat (quiet checkpoints, same worker count)"]
+    grown = [*points[:-1], *(Sample(t, 45, 30_000, workers=3) for t in range(25, 31))]
+    trend = resource_trend([Sample(t, 39, 30_000) for t in range(31)], grown)
+    assert not _judge(trend=trend)["fd count flat (quiet checkpoints, same worker count)"]
