@@ -35,6 +35,9 @@ def failure_message(report: dict[str, Any]) -> str:
     lines += [f"  VIOLATED {c['name']}: {c['detail']}" for c in bad]
     lines.append(f"  operations: {report['operations']}")
     lines.append(f"  requests: {report['requests']}")
+    if report.get("supervisor_log_lost"):
+        lines += ["  supervisor log, the lines naming a process that held a lost request:"]
+        lines += [f"    {x}" for x in report["supervisor_log_lost"][-30:]]
     lines += ["  supervisor log (tail):"] + [
         f"    {x}" for x in report["supervisor_log_tail"][-15:]
     ]

@@ -62,7 +62,12 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         finally:
             target.close()
             kill_marked(marker)
-        report["supervisor_log_tail"] = target.log().splitlines()[-40:]
+        lines = target.log().splitlines()
+        report["supervisor_log_tail"] = lines[-40:]
+        # Every line naming a process that held a lost request: its whole story (a failed
+        # run's 15-line tail once ended before it, and the seed did not fail again).
+        held = {str(p) for f in report["lost"] for p in (f["pid"], f["worker"]) if p}
+        report["supervisor_log_lost"] = [x for x in lines if held & set(_pids_in(x))]
     report["uptime_before"] = before
     report["uptime_after"] = _loadavg()
     return report
@@ -274,6 +279,12 @@ def _waits(waits: list[tuple[str, float]]) -> dict[str, dict[str, float]]:
             "max": round(got[-1], 2),
         }
     return out
+
+
+def _pids_in(line: str) -> list[str]:
+    """The numbers after "pid" in a log line (pid 123, pid(s) 1 2)."""
+    words = line.replace(":", " ").replace(",", " ").split()
+    return [w for i, w in enumerate(words) if i and words[i - 1].startswith("pid") and w.isdigit()]
 
 
 def _loadavg() -> str:
