@@ -165,7 +165,10 @@ def test_after_a_supervisor_sigkill_the_next_one_adopts_the_whole_trees(
         first.wait_exit(10)
         second = Running(args, control, {"SETSID": "1"}, short_tmp / "t1.log")
         second.wait_ready()
-        assert second.pids() == [worker] and all(proc.alive(k) for k in kids)
+        pids = second.pids()
+        assert pids == [worker] and all(proc.alive(k) for k in kids), (
+            f"worker {worker}, children {kids}: adopted {pids}\n{first.text()}{second.text()}"
+        )
         assert "left by supervisor pid" not in second.text()
         second.ctl("stop")
         assert second.wait_exit(30) == 0
