@@ -925,3 +925,32 @@ def test_an_upgrade_whose_client_hung_up_still_happens(fleet: Fleet) -> None:
     st = sup.wait_ready(30)
     assert st["supervisor"]["upgrades"] == 1, sup.text()
     assert "error while upgrading" not in sup.text()
+
+
+SLOW_WARDEN = """
+import time
+with open("/proc/self/cmdline", "rb") as f:
+    if b"portshard.supervisor.warden" in f.read().split(b"\\0"):
+        time.sleep(4)  # an interpreter that takes long to start (a busy machine)
+"""
+
+
+def test_an_adopter_waits_for_a_warden_still_starting(fleet: Fleet, short_tmp: Path) -> None:
+    # A supervisor killed before its warden's interpreter was up (0.2 s idle, seconds under
+    # load): the next start found no warden answering, booted anew beside the workers it
+    # should have adopted, and served with new ones (seen once in a fresh clone's make test,
+    # test_worker_tree's adoption). The test makes the warden slow to start with a
+    # sitecustomize that only the warden's command line trips.
+    from portshard.control.paths import warden_address
+
+    site = short_tmp / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_WARDEN)
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args, env={"PYTHONPATH": str(site)})
+    pids = first.pids()
+    assert fleet.warden_pids() and not _answers(warden_address(str(fleet.control)))
+    kill9(first)
+    second = fleet.run(*args)
+    assert second.pids() == pids, second.text()
+    assert "adopted 2 running worker(s)" in second.text(), second.text()

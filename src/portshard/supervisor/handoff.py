@@ -35,7 +35,7 @@ from ..control.paths import warden_address
 from ..errors import ConfigError, SupervisorError
 from ..linux import tcpinfo
 from ..linux.cgroup import Cgroup
-from ..linux.proc import env_values, stat
+from ..linux.proc import env_values, read, stat
 from ..linux.syscalls import pidfd_open
 from ..sockets import listen
 from ..steering import cbpf
@@ -322,11 +322,21 @@ def adopt(control_path: str) -> Resume | None:
     """Ask a warden for the workers of a supervisor with this control socket that is gone;
     None if there is no warden. Raises SupervisorError if it refuses (its supervisor runs)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(warden_address(control_path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        sock.close()
-        return None
+    deadline = time.monotonic() + ADOPT_WAIT
+    while True:
+        try:
+            sock.connect(warden_address(control_path))
+            break
+        except (ConnectionRefusedError, FileNotFoundError):
+            # A warden that has not bound its address yet (a supervisor killed within a
+            # moment of starting it, before its interpreter was up: 0.2 s idle, seconds
+            # under load) is waited for. Before, the next start found nobody, booted anew
+            # beside the workers it should have adopted (which the late warden then kept
+            # until --orphan-timeout), and served with new ones.
+            if time.monotonic() >= deadline or not _warden_starting(control_path):
+                sock.close()
+                return None
+            time.sleep(0.05)
     sock.settimeout(ADOPT_WAIT)
     fds: dict[str, int] = {}
     manifest: dict[str, Any] | None = None
@@ -361,6 +371,22 @@ def adopt(control_path: str) -> Resume | None:
             "it stops its workers after --orphan-timeout"
         )
     return Resume("adoption", manifest, fds, warden=sock)
+
+
+def _warden_starting(control_path: str) -> bool:
+    """A warden process of this control socket runs (supervisor/wardenlink.py starts it as
+    ``python -m portshard.supervisor.warden CONTROL ...``)."""
+    want = [b"portshard.supervisor.warden", os.fsencode(control_path)]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = read(f"/proc/{entry}/cmdline").split(b"\0")
+        except OSError:
+            continue
+        if all(w in argv for w in want):
+            return True
+    return False
 
 
 # ---- restoring -------------------------------------------------------------------------------
