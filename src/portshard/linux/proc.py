@@ -214,23 +214,34 @@ def cpu_seconds(pid: int) -> float | None:
     return st.cpu_seconds if st is not None else None
 
 
+def _each(name: str) -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, its /proc/PID/``name`` split at NULs) for every process we may read it of."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            yield int(entry), read(f"/proc/{entry}/{name}").split(b"\0")
+        except OSError:  # gone, a kernel thread, or another user's
+            continue
+
+
 def env_values(name: str, prefix: str) -> dict[int, str]:
     """pid -> the value of ``name`` in its environment, for every process we may read whose
     value starts with ``prefix`` (/proc/PID/environ: the environment it was started with)."""
     want = f"{name}={prefix}".encode()
     found: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            environ = read(f"/proc/{entry}/environ")
-        except OSError:  # gone, a kernel thread, or another user's
-            continue
-        for item in environ.split(b"\0"):
+    for pid, environ in _each("environ"):
+        for item in environ:
             if item.startswith(want):
-                found[int(entry)] = item[len(name) + 1 :].decode(errors="replace")
+                found[pid] = item[len(name) + 1 :].decode(errors="replace")
                 break
     return found
+
+
+def running_with_args(*args: str) -> bool:
+    """A process runs whose command line holds every one of ``args`` (as whole arguments)."""
+    want = [os.fsencode(a) for a in args]
+    return any(all(w in argv for w in want) for _pid, argv in _each("cmdline"))
 
 
 def _children(pid: int) -> Iterator[int]:

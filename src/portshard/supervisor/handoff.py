@@ -35,7 +35,7 @@ from ..control.paths import warden_address
 from ..errors import ConfigError, SupervisorError
 from ..linux import tcpinfo
 from ..linux.cgroup import Cgroup
-from ..linux.proc import env_values, read, stat
+from ..linux.proc import env_values, running_with_args, stat
 from ..linux.syscalls import pidfd_open
 from ..sockets import listen
 from ..steering import cbpf
@@ -99,6 +99,11 @@ def _start_ticks(pid: int) -> int:
     return st.start if st is not None else 0
 
 
+def slot_keys(slot: Slot) -> list[str]:
+    """The keys of ``slot``'s sockets in the manifest, one per --listen address."""
+    return [f"sock:{slot.index}:{i}" for i in range(len(slot.socks))]
+
+
 def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
     """The manifest of ``sup`` now, and the fds it names."""
     fleet, fx, cfg = sup.fleet, sup.fx, sup.cfg
@@ -108,10 +113,8 @@ def export(sup: Supervisor) -> tuple[dict[str, Any], dict[str, int]]:
     home = fx.trees.home if fx.trees is not None else None
     slots = []
     for slot in fleet.slots:
-        keys = []
-        for i, sock in enumerate(slot.socks):
-            keys.append(f"sock:{slot.index}:{i}")
-            fds[keys[-1]] = sock.fileno()
+        keys = slot_keys(slot)
+        fds.update({key: sock.fileno() for key, sock in zip(keys, slot.socks, strict=True)})
         workers = []
         for w in slot.live():
             streams = [k for k in (f"out:{w.pid}:stdout", f"out:{w.pid}:stderr") if k in out]
@@ -376,17 +379,7 @@ def adopt(control_path: str) -> Resume | None:
 def _warden_starting(control_path: str) -> bool:
     """A warden process of this control socket runs (supervisor/wardenlink.py starts it as
     ``python -m portshard.supervisor.warden CONTROL ...``)."""
-    want = [b"portshard.supervisor.warden", os.fsencode(control_path)]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = read(f"/proc/{entry}/cmdline").split(b"\0")
-        except OSError:
-            continue
-        if all(w in argv for w in want):
-            return True
-    return False
+    return running_with_args("portshard.supervisor.warden", control_path)
 
 
 # ---- restoring -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ..sockets import listen
 from ..steering import cbpf
 from ..steering.controller import Health, Steering
 from .config import Config
+from .handoff import slot_keys
 from .output import Pipes, WorkerOutput
 from .spawn import SpawnSpec, spawn
 from .state import State
@@ -199,8 +200,7 @@ class SystemEffects:
         ``slot``'s sockets yet (a scale up's) gets them now (``WardenLink.revive``)."""
         if cfg.orphan_timeout <= 0 or self.warden is None:
             return False
-        keys = [f"sock:{slot.index}:{i}" for i in range(len(slot.socks))]
-        return self.warden.revive(self.now(), keys)
+        return self.warden.revive(self.now(), slot_keys(slot))
 
     def signal(self, w: Worker, sig: int) -> None:
         w.signal(sig)
