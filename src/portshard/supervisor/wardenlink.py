@@ -156,8 +156,9 @@ class WardenLink:
         _reap(pid)
 
     def sync(self, now: float, manifest: dict[str, Any], fds: dict[str, int]) -> None:
-        """Give the warden what changed (restarting it first if it is gone)."""
-        if self.channel is None and (now < self.restart_at or not self.start(now)):
+        """Give the warden what changed (restarting it if it is gone: start() gives it all)."""
+        if self.channel is None:
+            self.revive(now)
             return
         self._send(now, manifest, fds)
 
