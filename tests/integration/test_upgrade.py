@@ -59,6 +59,12 @@ class Fleet:
     def warden_pids(self) -> list[int]:
         return warden_pids(self.control)
 
+    def home(self, sup: Running) -> Path:
+        """``sup``'s cgroup home (the cgroup mechanism's)."""
+        assert sup.proc is not None
+        base = Path(cgroup.detect().base or "")
+        return next(base.glob(f"up-{self.tag[-12:]}.{sup.proc.pid}"))
+
     def close(self) -> None:
         for sup in self.started:
             sup.close()
@@ -270,7 +276,7 @@ def test_an_adopter_kills_a_worker_its_predecessor_had_not_recorded(fleet: Fleet
     first = fleet.run("-w", "2", "--steering", "off", "--listen", "tcp://127.0.0.1:0")
     port, pids = first.port, first.pids()
     assert first.proc is not None
-    home = next(Path(cgroup.detect().base or "").glob(f"up-{fleet.tag[-12:]}.{first.proc.pid}"))
+    home = fleet.home(first)
     group = home / "slot2-99"
     group.mkdir()
     stray = subprocess.Popen(
@@ -308,8 +314,7 @@ def test_a_scale_ups_new_slot_is_known_to_the_warden_before_its_worker_runs(
     first = fleet.run(*args)
     assert first.proc is not None
     pids = first.pids()
-    base = Path(cgroup.detect().base or "")
-    home = next(base.glob(f"up-{fleet.tag[-12:]}.{first.proc.pid}"))
+    home = fleet.home(first)
     delay = ["-e", "trace=execve", "-e", "inject=execve:delay_enter=3000000"]  # 3 s
     tracer = subprocess.Popen(
         ["strace", "-f", "-qq", "-o", "/dev/null", *delay, "-p", str(first.proc.pid)],
@@ -387,8 +392,7 @@ def test_an_unrecorded_worker_of_a_slot_is_drained_not_killed(fleet: Fleet, mech
     os.close(fd)
     try:
         if mechanism == "cgroup":
-            base = Path(cgroup.detect().base or "")
-            home = next(base.glob(f"up-{fleet.tag[-12:]}.{first.proc.pid}"))
+            home = fleet.home(first)
             (home / "slot1-99").mkdir()
             (home / "slot1-99" / "cgroup.procs").write_text(str(stray.pid))
         with Load("127.0.0.1", port, concurrency=8, max_seconds=120) as load:
