@@ -114,6 +114,7 @@ class Server:
             BENCH_SLOW_EVERY=str(scenario.get("every", 20)),
             BENCH_BOOT=str(scenario.get("boot", 0)),
             BENCH_SLOW_AFTER=str(scenario.get("slow_after", 0)),
+            BENCH_WORK_US=str(scenario.get("work_us", 0)),
         )
         worker = [sys.executable, str(WORKER)]
         if config in ("shared", "plain"):

@@ -11,6 +11,8 @@ own shared-queue and plain-reuseport set-ups). Its slot is $PORTSHARD_SLOT or $B
 - BENCH_BOOT=S: sleep S seconds before accepting (a slow boot: a respawn takes that long).
 - BENCH_SLOW_AFTER=S: the slow worker is as fast as the others until S seconds after its first
   request (a worker that turns slow mid-run).
+- BENCH_WORK_US=N: every worker burns N µs of its own CPU on each request (a request that
+  does some work, so a fixed cost a connection weighs what it would in a real service).
 - BENCH_HOLD=1 (steering_sweep.py --keepalive): a connection whose first message is not an
   HTTP request is kept open and each message on it answered with the slot (a long-lived
   connection, served from a selector between accepts); HTTP requests are served as above.
@@ -33,6 +35,7 @@ def main() -> None:
     every = int(os.environ.get("BENCH_SLOW_EVERY", "20"))
     pause = float(os.environ.get("BENCH_SLOW_MS", "50")) / 1000
     after = float(os.environ.get("BENCH_SLOW_AFTER", "0"))
+    work = float(os.environ.get("BENCH_WORK_US", "0")) / 1e6
     turn = 0.0  # when it turns slow (BENCH_SLOW_AFTER after its first request)
     slow_kind = mode
     if boot:
@@ -84,6 +87,10 @@ def main() -> None:
             if not hold:
                 conn.recv(4096)
             served += 1
+            if work:  # thread CPU, so time spent waiting for a CPU is not counted as work
+                until = time.thread_time() + work
+                while time.thread_time() < until:
+                    pass
             if slow and mode == "x3" and base:
                 burnt = 2 * base
                 until = time.monotonic() + burnt
