@@ -237,15 +237,29 @@ def heat_map(results: list[dict[str, Any]], configs: list[str], path: Path) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--workers", default="2,4")
-    parser.add_argument("--inflight", default="4,8,16,64,256")
-    parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds; configurations rotate within each"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="measured seconds a run (after --warmup)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of load before measuring"
+    )
+    parser.add_argument("--workers", default="2,4", help="worker counts, comma-separated")
+    parser.add_argument(
+        "--inflight", default="4,8,16,64,256", help="connections in flight, comma-separated"
+    )
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"slow kinds of: {', '.join(KINDS)}"
+    )
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="shared (one accept queue), plain (reuseport), ebpf, cbpf, off, ebpf+frozen, X@NAME",
+    )
     parser.add_argument("--keepalive", action="store_true", help="also the long-lived spread")
-    parser.add_argument("--keepalive-only", action="store_true")
+    parser.add_argument("--keepalive-only", action="store_true", help="only the long-lived spread")
     parser.add_argument(
         "--old",
         help="a src/ directory of another portshard: configs ending in @old run it (A/B)",
