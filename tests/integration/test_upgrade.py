@@ -763,6 +763,48 @@ def test_orphan_timeout_zero_keeps_the_old_rule_workers_die_with_it(fleet: Fleet
     wait_until(lambda: no_process_left(fleet.tag), 5, "workers to die with their supervisor")
 
 
+NOTIFY_AFTER = """
+import os, sys, time, portshard
+go, out = sys.argv[1], sys.argv[2]
+portshard.notify_ready()  # the supervisor listens: this worker is ready
+if os.fork():  # a pre-fork server: the parent-death signal is the parent's only
+    time.sleep(60)
+    sys.exit(0)
+deadline = time.monotonic() + 30
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.02)
+try:
+    said = [portshard.notify_ready(), portshard.notify("STATUS=still here")]
+except Exception as exc:
+    said = [type(exc).__name__]
+with open(out, "w") as f:
+    f.write(repr(said))
+"""
+
+
+def test_notify_with_no_supervisor_and_no_warden_does_not_crash_the_worker(
+    fleet: Fleet, short_tmp: Path
+) -> None:
+    # --orphan-timeout 0: no warden holds the notify socket, so once the supervisor is gone
+    # nobody is bound to its address. A worker's process that outlives it (a pre-fork
+    # server's child: the parent-death signal is its parent's) calling
+    # portshard.notify_ready() got an ActivationError (ECONNREFUSED) and, like most programs,
+    # died of it. Now: False, and one warning naming the address, why and what to do.
+    go, out = short_tmp / "go", short_tmp / "said"
+    script = short_tmp / "late.py"
+    script.write_text(NOTIFY_AFTER)
+    command = [sys.executable, str(script), str(go), str(out), fleet.tag]
+    args = ("-w", "1", "--ready", "notify", "--orphan-timeout", "0")
+    sup = fleet.run(*args, "--listen", "tcp://127.0.0.1:0", command=command)
+    kill9(sup)
+    go.touch()
+    said = wait_until(lambda: out.exists() and out.read_text(), 10, "the worker's answer")
+    assert said == "[False, False]", said
+    warnings = [x for x in sup.text().splitlines() if "nobody listens" in x]
+    assert len(warnings) == 1, sup.text()
+    assert "@portshard/" in warnings[0] and "--orphan-timeout" in warnings[0], warnings
+
+
 def test_a_second_supervisor_on_a_live_one_is_refused(fleet: Fleet) -> None:
     fleet.run("-w", "1", "--listen", "tcp://127.0.0.1:0")
     second = fleet.run("-w", "1", "--listen", "tcp://127.0.0.1:0", wait=False)
