@@ -756,6 +756,56 @@ def test_a_ready_sent_while_no_supervisor_listens_reaches_the_adopter(
     assert exited(old)
 
 
+def test_an_older_adopter_finds_the_notify_address_free(fleet: Fleet) -> None:
+    # A downgrade across a crash: a portshard from before the warden held the workers'
+    # notify socket sends a bare "adopt", ignores the "notify" fd and binds the manifest's
+    # notify address itself. It exited with EADDRINUSE (every run of
+    # bench/experiments/downgrade.py against 21804bb^), leaving the workers to
+    # --orphan-timeout. The older adopter is played here by its wire exchange and its bind.
+    from portshard.control.paths import warden_address
+    from portshard.supervisor import warden
+
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    first = fleet.run(*args)
+    pids = first.pids()
+    wait_until(lambda: _answers(warden_address(str(fleet.control))), 10, "the warden's socket")
+    kill9(first)
+    fds: dict[str, int] = {}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+        c.settimeout(10)
+        c.connect(warden_address(str(fleet.control)))
+        warden.send(c, {"op": "adopt"})
+        manifest: dict[str, object] = {}
+        while True:
+            msg, got = warden.recv(c)
+            assert msg is not None, first.text()
+            if msg["op"] == "manifest":
+                manifest = msg["manifest"]
+            elif msg["op"] == "put":
+                fds.update(zip(msg["keys"], got, strict=True))
+            elif msg["op"] == "end":
+                break
+        try:
+            assert "notify" not in fds, sorted(fds)
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            notify.bind("\0" + str(manifest["notify"]))  # what it does next
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+    # It hung up without "adopted" (as if it failed later): the warden waits on. An adopter
+    # of this portshard that finds the address held (here: by the older one, still bound)
+    # says so and leaves the workers serving; once it is free, one adopts them.
+    assert "letting go of it" in first.text(), first.text()
+    with notify:
+        refused = fleet.run(*args, wait=False)
+        assert refused.wait_exit(30) != 0
+    text = refused.text()
+    assert "cannot bind the workers' notify address @portshard/" in text, text
+    assert "a downgrade across a crash" in text and "Traceback" not in text, text
+    second = fleet.run(*args)
+    assert second.pids() == pids, second.text()
+
+
 def test_orphan_timeout_zero_keeps_the_old_rule_workers_die_with_it(fleet: Fleet) -> None:
     sup = fleet.run("-w", "2", "--listen", "tcp://127.0.0.1:0", "--orphan-timeout", "0")
     assert not fleet.warden_pids()

@@ -344,7 +344,9 @@ def adopt(control_path: str) -> Resume | None:
     fds: dict[str, int] = {}
     manifest: dict[str, Any] | None = None
     try:
-        wire.send(sock, {"op": "adopt"})
+        # "takes": what an older warden does not expect us to (a newer one lets go of the
+        # notify socket for an adopter that does not say it takes it: warden.py)
+        wire.send(sock, {"op": "adopt", "takes": ["notify"]})
         while True:
             msg, got = wire.recv(sock)
             if msg is None:
