@@ -5,6 +5,7 @@ run` with the same control socket adopts them; nobody adopting them stops them a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -682,6 +683,65 @@ def test_a_warden_killed_just_after_its_start_is_replaced_at_once(fleet: Fleet) 
     assert not exited(new), f"the respawned worker died with its supervisor\n{sup.text()}"
     second_sup = fleet.run(*args)
     assert second_sup.pids() == [pids[0], new], second_sup.text()
+
+
+def _warden_channel(sup_pid: int) -> socket.socket:
+    """A copy of the supervisor's end of its warden's channel (its one AF_UNIX SEQPACKET
+    socket: a supervisor that did not adopt holds no other), by pidfd_getfd."""
+    pidfd = syscalls.pidfd_open(sup_pid)
+    try:
+        for name in os.listdir(f"/proc/{sup_pid}/fd"):
+            with contextlib.suppress(OSError):
+                if not os.readlink(f"/proc/{sup_pid}/fd/{name}").startswith("socket:"):
+                    continue
+                s = socket.socket(fileno=syscalls.pidfd_getfd(pidfd, int(name)))
+                if s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET:
+                    return s
+                s.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError(f"pid {sup_pid} holds no warden channel")
+
+
+def test_a_warden_whose_channel_is_full_is_killed_and_replaced(fleet: Fleet) -> None:
+    # A live warden that does not read (stopped here; a starved one on a busy machine) fills
+    # its channel. Left running, it would take our closing the channel for its supervisor's
+    # death and stop the workers at --orphan-timeout: it is killed, and another started and
+    # given everything. The test fills the channel itself (through a copy of the
+    # supervisor's fd) and then scales up: the new slot's sockets go to the warden before
+    # its worker is forked, and that send is the one that finds the channel full. Before,
+    # the warden was replaced only at the next sync, and the new worker got the
+    # parent-death signal (it died with its supervisor, killed later).
+    args = ("-w", "2", "--listen", "tcp://127.0.0.1:0")
+    sup = fleet.run(*args)
+    assert sup.proc is not None
+    (stuck,) = wait_until(fleet.warden_pids, 5, "the warden")
+    settle(0.5)  # the warden has been given the last change: the scale's send comes next
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        with _warden_channel(sup.proc.pid) as channel:
+            channel.setblocking(False)
+            for _ in range(10_000):
+                try:
+                    channel.send(b"x" * 4096)
+                except BlockingIOError:
+                    break
+            else:
+                raise AssertionError("the channel never filled")
+        sup.ctl("scale", "3")
+        wait_until(lambda: exited(stuck), 5, "the stuck warden killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGCONT)
+    assert "is lost (its channel" in sup.text(), sup.text()
+    wait_until(lambda: [p for p in fleet.warden_pids() if p != stuck], 10, "another warden")
+    pids = sup.pids()
+    settle(0.3)
+    kill9(sup)
+    settle(0.5)  # a parent-death signal is sent as the parent exits
+    assert not any(exited(p) for p in pids), (pids, sup.text())
+    second = fleet.run(*args)
+    assert second.pids() == pids, second.text()
 
 
 def test_a_warden_found_dead_by_its_channel_is_started_again_before_the_next_spawn(

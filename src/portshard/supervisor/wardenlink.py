@@ -129,11 +129,10 @@ class WardenLink:
         ``keys``: the fds of the worker's slot; a slot the warden has not been given (a scale
         up's) is given now, before its worker runs, so that an adopter knows the slot it
         serves in (before, it stopped that slot and killed its worker)."""
-        if self.channel is None:
-            if now >= self.restart_at:
-                self.start(now)
-        elif any(k not in self.sent for k in keys):
-            self._send(now, *self.snapshot())
+        if self.channel is not None and any(k not in self.sent for k in keys):
+            self._send(now, *self.snapshot())  # a full channel: that warden is replaced
+        if self.channel is None and now >= self.restart_at:
+            self.start(now)
         return self.alive
 
     def attach(self, channel: int, pid: int) -> None:
