@@ -861,9 +861,42 @@ def test_an_older_adopter_finds_the_notify_address_free(fleet: Fleet) -> None:
         assert refused.wait_exit(30) != 0
     text = refused.text()
     assert "cannot bind the workers' notify address @portshard/" in text, text
-    assert "a downgrade across a crash" in text and "Traceback" not in text, text
+    assert "(a downgrade)" in text and "Traceback" not in text, text
     second = fleet.run(*args)
     assert second.pids() == pids, second.text()
+
+
+OLDER = """
+import os, sys
+if os.path.exists({mark!r}) and sys.orig_argv[1:3] == ["-m", "portshard"]:
+    from portshard.supervisor import handoff  # as before the notify socket was handed over
+    handoff.TAKES = ()
+    take = handoff.Resume.take
+    handoff.Resume.take = lambda self, key: None if key == "notify" else take(self, key)
+"""
+
+
+def test_an_upgrade_to_an_older_portshard_lets_go_of_the_notify_address(
+    fleet: Fleet, short_tmp: Path
+) -> None:
+    # `portshard upgrade` with an older portshard on disk (one that binds the notify
+    # address itself: 21804bb^, measured by hand) died of EADDRINUSE in its set-up after the
+    # exec, and killed every worker. The older image is played by a sitecustomize that,
+    # once the mark exists, makes `portshard run` take no notify socket and say so in its
+    # check. --ready notify: the reload after it needs the older image's own notify socket.
+    site, mark = short_tmp / "site", short_tmp / "older"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(OLDER.format(mark=str(mark)))
+    args = ("-w", "2", "--ready", "notify", "--listen", "tcp://127.0.0.1:0")
+    sup = fleet.run(*args, env={"PYTHONPATH": str(site)})
+    pids = sup.pids()
+    mark.touch()
+    res = sup.ctl("upgrade", check=False, timeout=60)
+    assert "upgraded" in res.stdout, sup.text()
+    assert "does not take the workers' notify socket" in sup.text()
+    assert sup.pids() == pids
+    sup.reload()
+    assert set(sup.pids()).isdisjoint(pids), sup.text()
 
 
 def test_orphan_timeout_zero_keeps_the_old_rule_workers_die_with_it(fleet: Fleet) -> None:

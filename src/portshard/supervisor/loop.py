@@ -238,13 +238,13 @@ class Supervisor:
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE or self.resume is None:
                 raise
-            # An adoption whose warden did not hand the socket over and still holds it: a
-            # newer portshard's that does not know us (a downgrade across a crash).
+            # A predecessor (or its warden) that did not hand the socket over and still holds
+            # it: a newer portshard's that does not know us (a downgrade).
             raise SupervisorError(
                 f"cannot bind the workers' notify address @{name[1:]}: another process holds "
                 f"it ({exc.strerror}), most likely the warden of a newer portshard that did "
-                f"not hand it over (a downgrade across a crash); its workers serve on: adopt "
-                f"them with that portshard (or a newer one), or stop them and start afresh"
+                f"not hand it over (a downgrade); its workers serve on: adopt them with that "
+                f"portshard (or a newer one), or stop them and start afresh"
             ) from None
 
     @staticmethod
