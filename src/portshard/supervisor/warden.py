@@ -24,7 +24,9 @@ it everything again.
 Adoption: the next ``portshard run`` with the same control socket connects to the warden's
 abstract address (by the control socket's path), sends ``adopt``, gets the manifest and the
 fds, and answers ``adopted``; then the warden exits. Only the same user (or root) may adopt
-(SO_PEERCRED). While its supervisor lives, the warden refuses (a second supervisor).
+(SO_PEERCRED). While its supervisor lives, the warden refuses (a second supervisor). An
+adopter whose ``adopt`` does not list ``notify`` in ``takes`` (an older portshard) binds the
+workers' notify address itself: the warden closes its copy instead of handing it over.
 
 The wire: SOCK_SEQPACKET (a message is a message), zlib'd JSON, at most ``FDS_PER_MESSAGE``
 fds a message (the kernel's SCM_MAX_FD is 253).
