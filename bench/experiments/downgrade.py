@@ -33,6 +33,7 @@ from bench.experiments.fault_campaign import TAG_ENV, tagged  # noqa: E402
 from bench.load.loadgen import Load  # noqa: E402
 from portshard.control.client import request  # noqa: E402
 from portshard.errors import PortshardError  # noqa: E402
+from portshard.linux import cgroup  # noqa: E402
 
 FDWORKER = [sys.executable, str(ROOT / "tests" / "workers" / "fdworker.py")]
 
@@ -119,6 +120,9 @@ def one(new: Path, old: Path, ready_kind: str, tmp: Path) -> dict[str, Any]:
                 p.wait(10)
         for pid in tagged(tag):  # a failed run's warden and workers, by pid
             os.kill(pid, signal.SIGKILL)
+        base = cgroup.detect().base  # and the cgroup home its killed warden kept
+        for home in Path(base).glob(f"dg-{tag}.*") if base else ():
+            cgroup.Cgroup(str(home)).remove(wait=2.0)
     return res
 
 
