@@ -176,7 +176,7 @@ class WardenLink:
         parent-death signal (1 request lost in 10 warden runs of the fault campaign, whose
         boot warden is often under a second old when the fault comes). Once a second: a
         warden that exited by itself that soon (it cannot bind its address, its interpreter
-        cannot import us), or the ``QUICK_DEATHS``-th killed that soon in a row (an OOM
+        cannot import us), or one more than ``QUICK_DEATHS`` killed that soon in a row (an OOM
         killer that picks it at every start), so that it costs no loop of interpreters."""
         quick = now - self.started < RESTART_EVERY
         self.quick = self.quick + 1 if quick else 0
