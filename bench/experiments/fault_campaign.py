@@ -14,7 +14,8 @@ uniform 0-1.5 s into an operation:
   SIGKILLed that long after asking; boot: that long after `portshard run` started; warden: the
   warden SIGKILLed that long into a reload, the supervisor 1.5 s later; worker: a worker
   frozen, its connections counted, SIGKILLed that long into a reload (no supervisor kill);
-  supworker: the supervisor and a worker together, that long into a reload.
+  supworker: the supervisor and a worker together, that long into a reload; warden2: as
+  warden, and its replacement SIGKILLed as soon as it shows (a warden under a second old).
 
 Then the same command again (it adopts), a coherent status awaited (every slot one ready
 worker, no worker process outside status), `reload --wait`, 100 more requests, a check,
@@ -62,7 +63,7 @@ APPS = ROOT / "tests" / "workers" / "recipes"
 GUNICORN = [str(Path(PY).parent / "gunicorn"), "-c", str(APPS / "gunicorn_conf.py")]
 GUNICORN += ["--no-control-socket", "--chdir", str(APPS), "-w", "1", "wsgi_app:app"]
 SCENARIOS = ["reload", "scaleup", "scaledown", "upgrade", "drain", "boot", "warden", "worker"]
-SCENARIOS += ["supworker"]
+SCENARIOS += ["supworker", "warden2"]
 PROTOS = ["tcp", "tcp-off", "tcp-ka", "udp", "gunicorn"]
 MECHS = ["cgroup", "subreaper"]
 CGROUP_BASE = Path("/run/portshard/cgroup2/portshard")
@@ -300,7 +301,7 @@ class Run:
     # -- the scenario --
     def fault(self, first: subprocess.Popen[bytes]) -> None:
         s, d = self.scenario, self.delay
-        if s in ("reload", "warden", "worker", "supworker"):
+        if s in ("reload", "warden", "warden2", "worker", "supworker"):
             request(self.control, "reload", timeout=30, wait=False)
             self.ev("reload asked")
         elif s == "scaleup":
@@ -321,11 +322,18 @@ class Run:
             threading.Thread(target=up, daemon=True).start()
             self.ev("upgrade asked")
         time.sleep(d)
-        if s == "warden":
+        if s in ("warden", "warden2"):
             ws = self.wardens()
             for w in ws:
                 os.kill(w, signal.SIGKILL)
             self.ev(f"SIGKILL warden {ws}")
+            if s == "warden2":  # its replacement, as soon as it shows
+                again = wait_until(
+                    lambda: [p for p in self.wardens() if p not in ws], 5, "another warden", 0.01
+                )
+                for w in again:
+                    os.kill(w, signal.SIGKILL)
+                self.ev(f"SIGKILL warden {again}")
             time.sleep(1.5)
             self.kill_sup(first)
         elif s == "worker":

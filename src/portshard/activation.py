@@ -7,6 +7,7 @@ under the other.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -26,6 +27,9 @@ _MAX_FDS = 4096  # far above any real use; catches garbage before fstat()ing tho
 # the same object: two objects on one fd would each close it, the second closing whatever the
 # process opened on that number in between. Weak: the caller owns the socket.
 _TAKEN: dict[int, tuple[int, weakref.ref[socket.socket]]] = {}
+
+log = logging.getLogger("portshard")
+_GONE: set[str] = set()  # NOTIFY_SOCKET values already warned about: nobody listened
 
 
 def _env_int(env: Mapping[str, str], key: str) -> int:
@@ -145,7 +149,15 @@ def inherited(
 
 
 def notify(state: str, *, environ: Mapping[str, str] | None = None) -> bool:
-    """Send ``state`` (e.g. ``"READY=1"``) to NOTIFY_SOCKET. Return False if there is none."""
+    """Send ``state`` (e.g. ``"READY=1"``) to NOTIFY_SOCKET. Return False if there is none,
+    or nobody listens there any more (one warning a process and address).
+
+    Nobody listening is not an error the worker can act on: its supervisor is gone (a
+    `portshard run --orphan-timeout 0` killed: no warden keeps the socket for the next one;
+    systemd restarting). It raised, and a worker that outlived its supervisor (a pre-fork
+    server's child, which the parent-death signal does not reach) died of it, as libsystemd's
+    ``sd_notify`` callers, which ignore its error, do not. What the caller can fix still
+    raises: an address that cannot be one, a stream socket, a permission."""
     env = os.environ if environ is None else environ
     path = env.get("NOTIFY_SOCKET")
     if not path:
@@ -171,8 +183,26 @@ def notify(state: str, *, environ: Mapping[str, str] | None = None) -> bool:
         try:
             sock.sendto(state.encode(), target)
         except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                _nobody_listens(path, exc)
+                return False
             raise ActivationError(f"cannot notify {path!r}: {_notify_why(exc)}") from None
     return True
+
+
+def _nobody_listens(path: str, exc: OSError) -> None:
+    if path in _GONE:
+        return
+    _GONE.add(path)
+    log.warning(
+        "pid %d: nobody listens on NOTIFY_SOCKET=%r (%s): the supervisor that set it is gone "
+        "(`portshard run --orphan-timeout 0` leaves no warden to keep it for the next one); "
+        "this process goes on, and its notifications are dropped while nobody listens (said "
+        "once)",
+        os.getpid(),
+        path,
+        exc.strerror,
+    )
 
 
 def _notify_why(exc: OSError) -> str:
@@ -182,8 +212,6 @@ def _notify_why(exc: OSError) -> str:
             f"on its path; the supervisor must make it reachable by the user the worker runs "
             f"as (portshard run --user does)"
         )
-    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-        return f"{exc.strerror}; is the supervisor still running?"
     if exc.errno == errno.EPROTOTYPE:
         return f"{exc.strerror}: it is not a datagram socket; NOTIFY_SOCKET must name one"
     return f"{exc.strerror or exc}"

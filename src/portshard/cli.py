@@ -218,6 +218,9 @@ def _check(cfg: Any) -> None:
         f"portshard {__version__}: the settings are fine: {cfg.workers} workers of "
         f"{' '.join(cfg.command)!r} on {', '.join(str(s.address) for s in cfg.listen)}"
     )
+    from .supervisor.handoff import TAKES, TAKES_LINE
+
+    click.echo(TAKES_LINE + " ".join(TAKES))  # for `portshard upgrade`: what it hands over
 
 
 def _client(name: str, control: str | None) -> str:

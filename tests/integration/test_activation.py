@@ -255,14 +255,27 @@ def test_notify_socket_neither_path_nor_abstract() -> None:
         portshard.notify_ready(environ={"NOTIFY_SOCKET": "run/notify"})
 
 
-def test_notify_socket_with_nobody_listening(short_tmp: Path) -> None:
-    path = str(short_tmp / "gone")
-    with pytest.raises(ActivationError) as info:
-        portshard.notify_ready(environ={"NOTIFY_SOCKET": path})
-    message = str(info.value)
-    assert f"cannot notify {path!r}" in message
-    assert "No such file or directory" in message
-    assert "is the supervisor still running?" in message
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+def test_notify_socket_with_nobody_listening_is_dropped_with_one_warning(
+    short_tmp: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The supervisor is gone (an address it bound, then closed): the worker goes on.
+    if kind == "path":
+        bound = value = str(short_tmp / "gone")
+    else:
+        name = f"portshard-test-{uuid.uuid4().hex}"
+        bound, value = "\0" + name, "@" + name
+    with notify_receiver(bound):
+        assert portshard.notify_ready(environ={"NOTIFY_SOCKET": value})
+    if kind == "path":
+        os.unlink(bound)
+    with caplog.at_level("WARNING", logger="portshard"):
+        assert portshard.notify_ready(environ={"NOTIFY_SOCKET": value}) is False
+        assert portshard.notify("STATUS=x", environ={"NOTIFY_SOCKET": value}) is False
+    (record,) = caplog.records
+    why = "No such file or directory" if kind == "path" else "Connection refused"
+    assert f"nobody listens on NOTIFY_SOCKET={value!r} ({why})" in record.getMessage()
+    assert "--orphan-timeout 0" in record.getMessage()
 
 
 TWICE = """

@@ -53,6 +53,11 @@ __all__ = ["RESUME_ENV", "Resume", "adopt", "export", "from_env", "restore", "ru
 log = logging.getLogger("portshard.supervisor")
 
 RESUME_ENV = "PORTSHARD_RESUME"  # the upgrade's memfd: "FD"
+# The fds a successor takes that an older portshard did not: an adopter says so in "adopt",
+# the upgrade's check (`run --check`) in a line of its output. Without it, the notify socket
+# is not handed over (an older one binds its address itself, and found it held: EADDRINUSE).
+TAKES = ("notify",)
+TAKES_LINE = "resume takes: "
 VERSION = 1
 ADOPT_WAIT = 10.0  # s to wait for a warden's answer
 
@@ -321,6 +326,14 @@ def from_env() -> Resume | None:
     return Resume("upgrade", manifest, fds, channel=channel, warden_pid=data.get("warden_pid") or 0)
 
 
+def takes(check_output: str) -> set[str]:
+    """What the portshard that printed ``check_output`` (``run --check``) takes."""
+    for line in check_output.splitlines():
+        if line.startswith(TAKES_LINE):
+            return set(line[len(TAKES_LINE) :].split())
+    return set()
+
+
 def adopt(control_path: str) -> Resume | None:
     """Ask a warden for the workers of a supervisor with this control socket that is gone;
     None if there is no warden. Raises SupervisorError if it refuses (its supervisor runs)."""
@@ -344,7 +357,9 @@ def adopt(control_path: str) -> Resume | None:
     fds: dict[str, int] = {}
     manifest: dict[str, Any] | None = None
     try:
-        wire.send(sock, {"op": "adopt"})
+        # "takes": what an older warden does not expect us to (a newer one lets go of the
+        # notify socket for an adopter that does not say it takes it: warden.py)
+        wire.send(sock, {"op": "adopt", "takes": list(TAKES)})
         while True:
             msg, got = wire.recv(sock)
             if msg is None:

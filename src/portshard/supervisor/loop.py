@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import logging
 import os
 import selectors
@@ -33,7 +34,7 @@ from typing import Any
 from ..address import Proto
 from ..control import protocol
 from ..control.server import Connection, ControlServer, default_path
-from ..errors import ControlError, InspectError, PortshardError
+from ..errors import ControlError, InspectError, PortshardError, SupervisorError
 from ..health import HealthServer
 from ..linux import fdlimit, proc, sockdiag, tcpinfo
 from ..linux.cgroup import Trees
@@ -211,7 +212,7 @@ class Supervisor:
             self._notify.close()
             self._notify = socket.socket(fileno=notify)
         else:
-            self._notify.bind(fx.notify_name)
+            self._bind_notify(fx.notify_name)
         self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._notify.setblocking(False)
         self.sel.register(self._notify, selectors.EVENT_READ, self._on_notify)
@@ -230,6 +231,21 @@ class Supervisor:
             len(fleet.slots),
             path,
         )
+
+    def _bind_notify(self, name: str) -> None:
+        try:
+            self._notify.bind(name)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or self.resume is None:
+                raise
+            # A predecessor (or its warden) that did not hand the socket over and still holds
+            # it: a newer portshard's that does not know us (a downgrade).
+            raise SupervisorError(
+                f"cannot bind the workers' notify address @{name[1:]}: another process holds "
+                f"it ({exc.strerror}), most likely the warden of a newer portshard that did "
+                f"not hand it over (a downgrade); its workers serve on: adopt them with that "
+                f"portshard (or a newer one), or stop them and start afresh"
+            ) from None
 
     @staticmethod
     def signals() -> set[int]:

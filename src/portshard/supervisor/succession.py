@@ -119,6 +119,7 @@ class Succession:
         # takes its flows' datagrams until then; a TCP one was stopped); a worker spawned is
         # one an adopter must know (it may accept on its slot's socket within milliseconds).
         urgent, fx.sync_now = fx.sync_now, False
+        urgent = urgent or self.warden.due(now)  # one lost: the next starts this turn
         if (now < self._due and not urgent) or not self.keeps_orphans:
             return
         self._due = now + SYNC_EVERY

@@ -101,12 +101,14 @@ class Upgrade:
                 + "; the running one goes on"
             )
             return True
-        self.exec(refuse)
+        self.exec(refuse, handoff.takes(output))
         return True
 
-    def exec(self, refuse: Callable[[str], None]) -> None:
+    def exec(self, refuse: Callable[[str], None], takes: set[str]) -> None:
         sup = self.sup
         manifest, fds = handoff.export(sup)
+        if "notify" not in takes:
+            self._let_go_of_notify(manifest, fds)
         if sup.fx.control is not None:
             fds["control"] = sup.fx.control.sock.fileno()
         if self.conn is not None and self.conn.open:  # it may have hung up (Ctrl-C) meanwhile:
@@ -149,6 +151,20 @@ class Upgrade:
             if channel is not None:
                 os.set_inheritable(channel[0], False)
             refuse(f"cannot exec {self.argv[0]!r}: {exc.strerror}; the running supervisor goes on")
+
+    def _let_go_of_notify(self, manifest: dict[str, Any], fds: dict[str, int]) -> None:
+        """An older portshard on disk (a downgrade) binds the workers' notify address
+        itself: our socket is not handed over (it closes at the exec) and the warden lets go
+        of its copy first. Before, the new image found the address held, died of EADDRINUSE
+        in its set-up and killed every worker. A READY=1 sent until it binds is lost."""
+        log.warning(
+            "upgrade: the portshard on disk does not take the workers' notify socket (an "
+            "older one): it binds the address itself (a READY=1 sent meanwhile is lost)"
+        )
+        fds.pop("notify", None)
+        warden = self.sup.succession.warden
+        if warden.alive:
+            warden.sync(self.sup.fx.now(), manifest, fds)
 
 
 def answer(fd: int, result: dict[str, Any]) -> None:

@@ -24,7 +24,9 @@ it everything again.
 Adoption: the next ``portshard run`` with the same control socket connects to the warden's
 abstract address (by the control socket's path), sends ``adopt``, gets the manifest and the
 fds, and answers ``adopted``; then the warden exits. Only the same user (or root) may adopt
-(SO_PEERCRED). While its supervisor lives, the warden refuses (a second supervisor).
+(SO_PEERCRED). While its supervisor lives, the warden refuses (a second supervisor). An
+adopter whose ``adopt`` does not list ``notify`` in ``takes`` (an older portshard) binds the
+workers' notify address itself: the warden closes its copy instead of handing it over.
 
 The wire: SOCK_SEQPACKET (a message is a message), zlib'd JSON, at most ``FDS_PER_MESSAGE``
 fds a message (the kernel's SCM_MAX_FD is 253).
@@ -335,6 +337,8 @@ class Warden:
             ready, _, _ = select.select([self.fds[key]], [], [], 0)
             if ready:
                 self.drain_output(key)
+        if "notify" not in msg.get("takes", ()) and "notify" in self.fds:
+            self._let_go_of_notify(pid)
         send(conn, {"op": "manifest", "manifest": self.manifest})
         send_fds(conn, self.fds.items())
         send(conn, {"op": "end"})
@@ -346,6 +350,18 @@ class Warden:
         log.info("pid %d adopted the workers of supervisor pid %d", pid, self.supervisor)
         self.close_all()
         return True
+
+    def _let_go_of_notify(self, pid: int) -> None:
+        """An adopter that does not take the workers' notify socket (an older portshard: a
+        downgrade across a crash) binds its address itself: we close ours first, or it
+        exits with EADDRINUSE (measured: every such adopter, the workers left to
+        --orphan-timeout). A READY=1 sent until it binds is lost, as it was then."""
+        log.warning(
+            "pid %d adopts with an older portshard that binds the workers' notify address "
+            "itself: letting go of it (a READY=1 sent until it binds is lost)",
+            pid,
+        )
+        os.close(self.fds.pop("notify"))
 
     # ---- the loop ---------------------------------------------------------------------------
 

@@ -3,9 +3,10 @@
 The warden gets every fd a successor needs (slot sockets, the read ends of the workers'
 output pipes) once, by key, and the manifest (``handoff.py``) whenever it changed; the loop
 calls :meth:`sync` at most every ``SYNC_EVERY`` s and only if something changed. A warden
-that dies is started again (at most once a second) and given everything again. A warden
-that cannot keep up (its channel is full) is replaced the same way. At a clean stop it is
-told ``bye``; an upgrade's exec keeps its channel (inheritable) and the warden never knows.
+that dies is started again at once and given everything again (only one that keeps failing
+waits: ``RESTART_EVERY``). A warden that cannot keep up (its channel is full) is replaced the
+same way. At a clean stop it is told ``bye``; an upgrade's exec keeps its channel
+(inheritable) and the warden never knows.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ __all__ = ["WardenLink"]
 
 log = logging.getLogger("portshard.supervisor")
 
-RESTART_EVERY = 1.0
+RESTART_EVERY = 1.0  # s from a failing warden's start to the next (see _next_start)
+QUICK_DEATHS = 3  # wardens killed in a row within RESTART_EVERY of their start, then it applies
 
 
 Snapshot = Callable[[], tuple[dict[str, Any], dict[str, int]]]
@@ -50,13 +52,19 @@ class WardenLink:
         self.pidfd = -1
         self.sent: dict[str, tuple[int, int]] = {}  # key -> (fd, inode) the warden has
         self.manifest = ""
-        self.restart_at = 0.0
+        self.restart_at = 0.0  # no start before (a warden that keeps failing: _next_start)
+        self.started = 0.0  # when the current (or last) warden was started
+        self.quick = 0  # wardens in a row that died within RESTART_EVERY of their start
         self.restarts = 0
         self.group: Cgroup | None = None  # its cgroup (in our home: keeps sweeps away)
 
     @property
     def alive(self) -> bool:
         return self.channel is not None
+
+    def due(self, now: float) -> bool:
+        """Lost, and another may start now."""
+        return self.channel is None and now >= self.restart_at
 
     def start(self, now: float) -> bool:
         """Start a warden and give it everything at once; False (logged) if it cannot be.
@@ -104,27 +112,27 @@ class WardenLink:
         ours.setblocking(False)
         self.channel, self.pid, self.pidfd = ours, pid, pidfd
         self.sent, self.manifest = {}, ""
-        self.restart_at = now + RESTART_EVERY
+        self.started = now
         self.sel.register(pidfd, selectors.EVENT_READ, lambda _m: self._exited())
         self._send(now, *self.snapshot())
         return self.alive
 
     def revive(self, now: float, keys: Sequence[str] = ()) -> bool:
         """Before a spawn decides whether its worker outlives us: a warden lost since the
-        last turn is started again now (at most once a second), so that the worker gets no
-        parent-death signal. Before, a worker spawned between the loss and the next sync (a
-        reload's next slot, a respawn) kept its death signal for good, and died with a
-        supervisor killed any time later, failing what it held (3 keep-alive requests in a
-        fault campaign; a UDP slot answered nothing until the rerun respawned it).
+        last turn is started again now (unless wardens keep failing: ``_next_start``), so
+        that the worker gets no parent-death signal. Before, a worker spawned between the
+        loss and the next sync (a reload's next slot, a respawn) kept its death signal for
+        good, and died with a supervisor killed any time later, failing what it held (3
+        keep-alive requests in a fault campaign; a UDP slot answered nothing until the
+        rerun respawned it).
 
         ``keys``: the fds of the worker's slot; a slot the warden has not been given (a scale
         up's) is given now, before its worker runs, so that an adopter knows the slot it
         serves in (before, it stopped that slot and killed its worker)."""
-        if self.channel is None:
-            if now >= self.restart_at:
-                self.start(now)
-        elif any(k not in self.sent for k in keys):
-            self._send(now, *self.snapshot())
+        if self.channel is not None and any(k not in self.sent for k in keys):
+            self._send(now, *self.snapshot())  # a full channel: that warden is replaced
+        if self.channel is None and now >= self.restart_at:
+            self.start(now)
         return self.alive
 
     def attach(self, channel: int, pid: int) -> None:
@@ -140,20 +148,42 @@ class WardenLink:
         self.sel.register(self.pidfd, selectors.EVENT_READ, lambda _m: self._exited())
 
     def _exited(self) -> None:
+        status = None
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, os.WNOHANG)
-        self._lost("it exited")
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            status = status if pid == self.pid else None
+        self._lost("it exited", status)
 
-    def _lost(self, why: str) -> None:
+    def _lost(self, why: str, status: int | None = None) -> None:
         log.warning("the warden (pid %d) is lost (%s); starting another", self.pid, why)
-        if self.pidfd >= 0:  # one that cannot keep up (its channel full) still runs: it
-            # would take our closing the channel for our death, and stop the workers
+        if self.pidfd >= 0 and status is None:  # one that cannot keep up (its channel
+            # full) still runs: it would take our closing the channel for our death, and
+            # stop the workers
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         pid = self.pid
         self.close()
         self.restarts += 1
-        _reap(pid)
+        if status is None:
+            status = _reap(pid)
+        self.restart_at = self._next_start(time.monotonic(), status)
+
+    def _next_start(self, now: float, status: int | None) -> float:
+        """When the next warden may start: at once, unless wardens keep failing.
+
+        At once: before, a warden killed within a second of its own start was started again
+        only a second after that start, and the workers spawned meanwhile got the
+        parent-death signal (1 request lost in 10 warden runs of the fault campaign, whose
+        boot warden is often under a second old when the fault comes). Once a second: a
+        warden that exited by itself that soon (it cannot bind its address, its interpreter
+        cannot import us), or one more than ``QUICK_DEATHS`` killed that soon in a row (an OOM
+        killer that picks it at every start), so that it costs no loop of interpreters."""
+        quick = now - self.started < RESTART_EVERY
+        self.quick = self.quick + 1 if quick else 0
+        by_itself = status is not None and os.WIFEXITED(status)
+        if quick and (by_itself or self.quick > QUICK_DEATHS):
+            return self.started + RESTART_EVERY
+        return 0.0
 
     def sync(self, now: float, manifest: dict[str, Any], fds: dict[str, int]) -> None:
         """Give the warden what changed (restarting it if it is gone: start() gives it all)."""
@@ -161,6 +191,8 @@ class WardenLink:
             self.revive(now)
             return
         self._send(now, manifest, fds)
+        if self.channel is None:  # found dead or full: the next one now, not next turn
+            self.revive(now)
 
     def _send(self, now: float, manifest: dict[str, Any], fds: dict[str, int]) -> None:
         if self.channel is None:
@@ -216,12 +248,15 @@ class WardenLink:
             self.channel = None
 
 
-def _reap(pid: int) -> None:
-    """Wait (at most a second) for a warden that is exiting (it was told bye, or killed)."""
+def _reap(pid: int) -> int | None:
+    """Wait (at most a second) for a warden that is exiting (it was told bye, or killed);
+    its wait status, None if it is not our child or still runs."""
     for _ in range(100):
         try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
+            got, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
+            return None
+        if got == pid:
+            return status
         time.sleep(0.01)
+    return None
