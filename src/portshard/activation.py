@@ -30,6 +30,8 @@ _TAKEN: dict[int, tuple[int, weakref.ref[socket.socket]]] = {}
 
 log = logging.getLogger("portshard")
 _GONE: set[str] = set()  # NOTIFY_SOCKET values already warned about: nobody listened
+_FULL: set[str] = set()  # NOTIFY_SOCKET values whose queue stayed full for NOTIFY_WAIT
+NOTIFY_WAIT = 5.0  # s a notification other than READY=1 waits for room in a full queue
 
 
 def _env_int(env: Mapping[str, str], key: str) -> int:
@@ -179,15 +181,43 @@ def notify(state: str, *, environ: Mapping[str, str] | None = None) -> bool:
             f"NOTIFY_SOCKET={path!r} is {size} bytes, longer than the {_SUN_PATH_MAX} an "
             f"AF_UNIX address holds; whoever started this process must use a shorter path"
         )
+    # Connected, so that a full queue makes the send wait (the peer's queue counts only for a
+    # connected datagram socket) and the wait can be bounded: nobody reads while a warden keeps
+    # the socket for an adopter, and a `STATUS=` a second from a serving loop blocked it at the
+    # 12th (`net.unix.max_dgram_qlen`, 10). READY=1 waits as long as it takes: the adopter reads
+    # the queue and needs it. Anything else waits NOTIFY_WAIT once, then is dropped at once
+    # while the queue stays full.
+    ready = "READY=1" in state.splitlines()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
-            sock.sendto(state.encode(), target)
+            sock.connect(target)
+            sock.settimeout(None if ready else 0.0 if path in _FULL else NOTIFY_WAIT)
+            sock.send(state.encode())
+        except (TimeoutError, BlockingIOError):
+            _nobody_reads(path)
+            return False
         except OSError as exc:
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
                 _nobody_listens(path, exc)
                 return False
             raise ActivationError(f"cannot notify {path!r}: {_notify_why(exc)}") from None
+    _FULL.discard(path)
     return True
+
+
+def _nobody_reads(path: str) -> None:
+    if path in _FULL:
+        return
+    _FULL.add(path)
+    log.warning(
+        "pid %d: NOTIFY_SOCKET=%r has been full for %g s: nobody reads it (its supervisor is "
+        "gone and the next one has not come, or it is stopped); this process goes on, and its "
+        "notifications other than READY=1 are dropped while the queue stays full (said once "
+        "a spell)",
+        os.getpid(),
+        path,
+        NOTIFY_WAIT,
+    )
 
 
 def _nobody_listens(path: str, exc: OSError) -> None:

@@ -278,6 +278,52 @@ def test_notify_socket_with_nobody_listening_is_dropped_with_one_warning(
     assert "--orphan-timeout 0" in record.getMessage()
 
 
+def test_a_full_notify_queue_drops_status_after_a_wait_and_keeps_ready(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nobody reads (a warden keeps the socket for the next supervisor): a `STATUS=` a second
+    # from a serving loop blocked at the 12th send, for as long as nobody came.
+    import threading
+    import time
+
+    from portshard import activation
+
+    monkeypatch.setattr(activation, "NOTIFY_WAIT", 0.3)
+    env = {"NOTIFY_SOCKET": str(short_tmp / "notify")}
+    with notify_receiver(env["NOTIFY_SOCKET"]) as receiver, caplog.at_level("WARNING"):
+        sent = 0
+        while sent < 1000:  # the queue holds net.unix.max_dgram_qlen (10 here) at most
+            began = time.monotonic()
+            if not portshard.notify(f"STATUS={sent}", environ=env):
+                break
+            sent += 1
+        waited = time.monotonic() - began
+        assert 0 < sent < 1000, sent
+        assert 0.25 <= waited < 3, waited  # it waited its NOTIFY_WAIT, then gave up
+        began = time.monotonic()
+        assert portshard.notify("STATUS=again", environ=env) is False
+        assert time.monotonic() - began < 0.2  # still full: dropped at once
+        assert [r.getMessage() for r in caplog.records if "full" in r.getMessage()] == [
+            f"pid {os.getpid()}: NOTIFY_SOCKET={env['NOTIFY_SOCKET']!r} has been full for 0.3 s: "
+            "nobody reads it (its supervisor is gone and the next one has not come, or it is "
+            "stopped); this process goes on, and its notifications other than READY=1 are "
+            "dropped while the queue stays full (said once a spell)"
+        ]
+        ready: list[bool] = []
+        sender = threading.Thread(target=lambda: ready.append(portshard.notify_ready(environ=env)))
+        sender.start()
+        sender.join(1.0)
+        assert sender.is_alive() and not ready  # READY=1 waits for room: the adopter needs it
+        assert receiver.recv(64) == b"STATUS=0"  # one read makes room
+        sender.join(5)
+        assert ready == [True]
+        received = [receiver.recv(64) for _ in range(sent)]
+        assert received[-1] == b"READY=1"
+        assert portshard.notify("STATUS=read", environ=env) is True  # read again: sent
+        assert receiver.recv(64) == b"STATUS=read"
+    assert env["NOTIFY_SOCKET"] not in activation._FULL
+
+
 TWICE = """
 import json, portshard
 first = portshard.inherited(unset_environment=False)
