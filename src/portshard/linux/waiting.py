@@ -190,6 +190,9 @@ class _Looker:
         except (FileNotFoundError, ProcessLookupError):  # thread gone
             return False
         except PermissionError as exc:
+            st = stat(self.pid, int(tid))
+            if st is None or st.state in "ZX":
+                return False  # a zombie's files are root's (proc.socket_fds)
             raise no_access(self.pid, task + "syscall", exc) from exc
         if len(fields) < 7 or fields[0] == b"running":
             return False
