@@ -74,6 +74,7 @@ class SystemEffects:
         # socket was replaced or closed (it lets go of its copy), or a worker was spawned (an
         # adopter must know it: handoff.adopt_unrecorded).
         self.sync_now = False
+        self.blind: set[int] = set()  # workers whose tree we could not look into, said once
         self.filter_refused: str | None = None  # why the kernel refuses a socket filter ("": not)
 
     @property
@@ -206,6 +207,7 @@ class SystemEffects:
         w.signal(sig)
 
     def reap(self, w: Worker) -> None:
+        self.blind.discard(w.pid)
         if w.pidfd >= 0:
             self.sel.unregister(w.pidfd)
         w.reap()
@@ -272,13 +274,16 @@ class SystemEffects:
             held = held_connections(w.pid, self.listeners_of(w), self.tcp_ports(), w.cgroup)
             return held > 0
         except (OSError, InspectError) as exc:
-            log.warning(
-                "slot %d pid %d: cannot see what it holds (%s); assuming it holds a connection",
-                w.slot.index,
-                w.pid,
-                exc,
-                extra=w.fields,
-            )
+            if w.pid not in self.blind:  # once: a freeze-check looks every 20 ms until --grace
+                self.blind.add(w.pid)
+                log.warning(
+                    "slot %d pid %d: cannot see what it holds (%s); assuming it holds a "
+                    "connection (until --grace at most)",
+                    w.slot.index,
+                    w.pid,
+                    exc,
+                    extra=w.fields,
+                )
             return True
 
     # ---- sockets ----------------------------------------------------------------------------
