@@ -614,3 +614,36 @@ def test_a_process_we_may_not_look_into_raises_instead_of_lying(
     first, second = readline(nosy), readline(nosy)
     assert first.startswith("refused:") and "ptrace" in first, first
     assert second.startswith("refused:") and "ptrace" in second, second
+
+
+ZOMBIE_AS_NOBODY = """
+import os, pwd, sys, time
+from portshard.linux import proc, sockdiag, waiting  # import first: nobody may not read the venv
+nobody = pwd.getpwnam("nobody")
+os.setgroups([])
+os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
+os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+deadline = time.monotonic() + 10  # never reaped: a zombie of nobody's under nobody
+while proc.alive(pid) and time.monotonic() < deadline:
+    time.sleep(0.01)
+inode = int(sys.argv[1])
+print(os.access(f"/proc/{pid}/fd", os.R_OK), proc.socket_fds(pid),
+      waiting.waiting_for_work(pid, {inode}),
+      sockdiag.held_connections(os.getpid(), {inode}, {1}), flush=True)
+sys.stdin.readline()
+"""
+
+
+@needs_root
+def test_a_zombie_holds_nothing_for_a_user_without_root(
+    procs: Procs, listener: socket.socket
+) -> None:
+    """A zombie's /proc fd/ and syscall files are root's, so its own user gets EACCES there:
+    it holds nothing and waits for nothing all the same. Before, a non-root supervisor took
+    it as "cannot see what it holds; assuming it holds a connection", and every retirement
+    of a tree with an unreaped child (`sh -c 'helper & exec server'`) waited --grace."""
+    nosy = talk(procs, ZOMBIE_AS_NOBODY, str(tcpinfo.socket_inode(listener)))
+    assert readline(nosy) == "False {} False 0"

@@ -230,6 +230,38 @@ def test_nonblocking_hands_the_sockets_over_non_blocking(
     assert not load.failed and len(load.served_by()) == 2
 
 
+EPOLL_LOOP = """
+import selectors, socket
+sock = socket.socket(fileno=3)  # as it is: blocking unless --nonblocking
+sel = selectors.EpollSelector()
+sel.register(sock, selectors.EVENT_READ)
+while True:
+    sel.select()
+    try:
+        sock.accept()[0].close()
+    except BlockingIOError:
+        pass
+"""
+
+
+@pytest.mark.parametrize("nonblocking", [False, True])
+def test_an_event_loop_on_a_blocking_socket_is_warned_about(
+    start: Start, nonblocking: bool
+) -> None:
+    """tornado or gevent given fd 3 as it is wait in epoll, then accept until EAGAIN, which a
+    blocking socket never says: after 16 requests over 4 workers none answered again, while
+    each counted as ready. The supervisor sees the epoll wait on a blocking socket when the
+    worker becomes ready and says so once, with the fix; not with --nonblocking."""
+    wanted = ["--nonblocking"] if nonblocking else []
+    sup = start(
+        "-w", "2", "--via", "fds", *wanted, "--listen", "tcp://127.0.0.1:0",
+        "--", sys.executable, "-c", EPOLL_LOOP,
+    )  # fmt: skip
+    said = sup.text().count("waits for its socket with epoll (an event loop), but the socket")
+    assert said == (0 if nonblocking else 1), sup.text()
+    assert nonblocking or "use --nonblocking" in sup.text()
+
+
 def test_seccomp_workers_die_with_the_supervisor(start: Start, probes: dict[str, str]) -> None:
     """The kernel fails a trapped bind() with ENOSYS once the listener is gone, which
     happens only when the supervisor is gone: its workers have been killed by then."""

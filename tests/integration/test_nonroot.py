@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import pytest
 
+from portshard.control.client import request
 from tests.conftest import ROOT, Procs, needs_root
 
 from ._util import nobody_uid
@@ -119,3 +120,79 @@ def test_user_with_another_group_when_not_root_is_refused_at_once(
     text = sup.stderr.read().decode()
     assert "--user 'nobody:root': changing the group to 0 needs root" in text, text
     assert "Traceback" not in text
+
+
+@needs_root
+def test_an_unreaped_child_does_not_hold_up_a_retirement(procs: Procs, short_tmp: Path) -> None:
+    """`sh -c 'helper & exec server'` leaves the helper a zombie the server never reaps; its
+    /proc files are root's, so a non-root supervisor once took it as "cannot see what it
+    holds; assuming it holds a connection", and every retirement waited --grace."""
+    control = short_tmp / "c.sock"
+    sup = _as_nobody(
+        procs,
+        short_tmp,
+        "run",
+        "--control",
+        str(control),
+        "--grace",
+        "5",
+        "-w",
+        "1",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        "sh",
+        "-c",
+        'true & exec "$0" -c "$1"',
+        SYSTEM_PYTHON,
+        APP,
+    )
+    lines = _lines_until(sup, "ready after", time.monotonic() + 30)
+    assert "ready after" in "\n".join(lines), lines
+    request(str(control), "reload", timeout=60, wait=True)
+    lines += _lines_until(sup, "retired", time.monotonic() + 30)
+    text = "\n".join(lines)
+    assert "pid" in text and " idle" in text, text  # one slot, no CAP_NET_ADMIN: killed frozen
+    assert "cannot see what it holds" not in text and "still holds" not in text, text
+    sup.terminate()
+    assert sup.wait(timeout=30) == 0
+
+
+HIDDEN_HELPER = "import ctypes, time; ctypes.CDLL(None).prctl(4, 0); time.sleep(600)"
+
+
+@needs_root
+def test_a_helper_we_cannot_look_into_is_said_once(procs: Procs, short_tmp: Path) -> None:
+    """A helper that made itself non-dumpable (PR_SET_DUMPABLE 0, as sshd or gpg-agent do) has
+    /proc files that only root may read: the retirement assumes it holds a connection until
+    --grace, and says so once, not at each of the freeze-check's looks (hundreds before)."""
+    control = short_tmp / "c.sock"
+    sup = _as_nobody(
+        procs,
+        short_tmp,
+        "run",
+        "--control",
+        str(control),
+        "--grace",
+        "2",
+        "-w",
+        "1",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--",
+        "sh",
+        "-c",
+        '"$0" -c "$2" & exec "$0" -c "$1"',
+        SYSTEM_PYTHON,
+        APP,
+        HIDDEN_HELPER,
+    )
+    lines = _lines_until(sup, "ready after", time.monotonic() + 30)
+    assert "ready after" in "\n".join(lines), lines
+    request(str(control), "reload", timeout=60, wait=True)
+    lines += _lines_until(sup, "retired", time.monotonic() + 30)
+    text = "\n".join(lines)
+    assert "still holds connections after 2s" in text, text
+    assert text.count("cannot see what it holds") == 1, text
+    sup.terminate()
+    assert sup.wait(timeout=30) == 0

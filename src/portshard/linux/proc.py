@@ -291,6 +291,13 @@ def socket_fds(pid: int) -> dict[int, int]:
     except (FileNotFoundError, ProcessLookupError):
         return {}
     except PermissionError as exc:
+        # A zombie's fd/ and syscall files are root's (its memory is gone, the kernel hands
+        # them to root), so another user gets EACCES there; it holds no fd. Before, a zombie
+        # left by a server that never reaps a helper (`sh -c 'helper & exec server'`) made
+        # every retirement by a non-root supervisor "assume it holds a connection" until
+        # --grace, a warning a look.
+        if not alive(pid):
+            return {}
         raise no_access(pid, base.rstrip("/"), exc) from exc
     found: dict[int, int] = {}
     for name in names:

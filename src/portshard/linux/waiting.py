@@ -19,7 +19,7 @@ from .proc import SOCKET_LINK, no_access, process_tree, read, read_small, socket
 from .sockdiag import held_by_members
 from .syscalls import Waits, native_arch
 
-__all__ = ["tree_waiting_for_work", "waiting_for_work"]
+__all__ = ["tree_waiting_for_work", "tree_waits_in_epoll", "waiting_for_work"]
 
 # Is the process waiting for work? Read from /proc/PID/task/TID/syscall, no cooperation needed.
 #
@@ -183,17 +183,22 @@ class _Looker:
             fd += 1
         return False
 
-    def thread_waits(self, table: Waits, tid: str) -> bool:
+    def thread_waits(self, table: Waits, tid: str, *, only: frozenset[int] | None = None) -> bool:
         task = f"/proc/{self.pid}/task/{tid}/"
         try:
             fields = read_small(task + "syscall").split()
         except (FileNotFoundError, ProcessLookupError):  # thread gone
             return False
         except PermissionError as exc:
+            st = stat(self.pid, int(tid))
+            if st is None or st.state in "ZX":
+                return False  # a zombie's files are root's (proc.socket_fds)
             raise no_access(self.pid, task + "syscall", exc) from exc
         if len(fields) < 7 or fields[0] == b"running":
             return False
         nr = int(fields[0])
+        if only is not None and nr not in only:
+            return False
         args = [int(a, 16) for a in fields[1:7]]
         if nr in table.on_fd:
             found = self.ours(args[0])
@@ -270,3 +275,30 @@ def tree_waiting_for_work(
             # A descendant that changed uid (an nginx worker as www-data under a root
             # master run by an unprivileged supervisor): its siblings may still answer.
     return bool(ports) and held_by_members(tree, inodes, ports) > 0
+
+
+def tree_waits_in_epoll(
+    pid: int, inodes: AbstractSet[int], *, members: Iterable[int] | None = None
+) -> bool:
+    """True when a thread of the worker's tree waits in epoll_wait (& co.) on one of these
+    sockets: an event loop, which accepts (or reads) until EAGAIN. On a blocking socket the
+    call that should say EAGAIN blocks instead, and the loop stops (tornado or gevent given
+    fd 3 as it is: 16 requests over 4 workers, then none). Processes this user may not look
+    into are skipped."""
+    if not inodes:
+        return False
+    table = _waits()
+    for member in list(members) if members is not None else process_tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{member}/task")
+        except OSError:
+            continue
+        looker = _Looker(member, inodes)
+        try:
+            if any(looker.thread_waits(table, tid, only=table.epoll) for tid in tids):
+                return True
+        except NoAccess:
+            continue
+        finally:
+            looker.close()
+    return False

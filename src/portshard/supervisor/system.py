@@ -23,7 +23,7 @@ from ..linux import proc, sockdiag, tcpinfo
 from ..linux.cgroup import Trees, made_in
 from ..linux.proc import tree_stopped
 from ..linux.sockdiag import held_connections
-from ..linux.waiting import tree_waiting_for_work
+from ..linux.waiting import tree_waiting_for_work, tree_waits_in_epoll
 from ..sockets import listen
 from ..steering import cbpf
 from ..steering.controller import Health, Steering
@@ -74,6 +74,8 @@ class SystemEffects:
         # socket was replaced or closed (it lets go of its copy), or a worker was spawned (an
         # adopter must know it: handoff.adopt_unrecorded).
         self.sync_now = False
+        self.blocking_loop_said = False  # _warn_blocking_loop, once
+        self.blind: set[int] = set()  # workers whose tree we could not look into, said once
         self.filter_refused: str | None = None  # why the kernel refuses a socket filter ("": not)
 
     @property
@@ -206,6 +208,7 @@ class SystemEffects:
         w.signal(sig)
 
     def reap(self, w: Worker) -> None:
+        self.blind.discard(w.pid)
         if w.pidfd >= 0:
             self.sel.unregister(w.pidfd)
         w.reap()
@@ -230,8 +233,10 @@ class SystemEffects:
         return False  # notify: an event from the notify socket
 
     def became_ready(self, w: Worker) -> None:
-        """A program under --via seccomp called listen() on the slot's socket for real (only
-        bind() is trapped), which set its own backlog (e.g. 128); put ours back."""
+        """Says once if the worker's event loop waits on a blocking socket (below); and a
+        program under --via seccomp called listen() on the slot's socket for real (only
+        bind() is trapped), which set its own backlog (e.g. 128): put ours back."""
+        self._warn_blocking_loop(w)
         if w.trap is None:
             return
         for sock in w.slot.queue_fds():
@@ -244,6 +249,31 @@ class SystemEffects:
                     exc,
                     extra={"slot": w.slot.index},
                 )
+
+    def _warn_blocking_loop(self, w: Worker) -> None:
+        """An event loop (epoll) waiting on a slot's socket that is blocking (as --via fds
+        hands it over, systemd's way) accepts until EAGAIN and blocks in accept() instead: it
+        stops answering while it counts as ready. Said once per supervisor, with the fix."""
+        if self.blocking_loop_said or not self.owns_sockets:
+            return
+        blocking = {s for s in w.slot.socks if os.get_blocking(s.fileno())}
+        try:
+            members = w.cgroup.members() if w.cgroup is not None else None
+            found = tree_waits_in_epoll(w.pid, tcpinfo.socket_inodes(blocking), members=members)
+        except (OSError, InspectError):
+            return
+        if found:
+            self.blocking_loop_said = True
+            log.warning(
+                "slot %d pid %d: waits for its socket with epoll (an event loop), but the "
+                "socket is blocking, as systemd hands sockets over: a loop that accepts until "
+                "EAGAIN (tornado, gevent, nginx) blocks in accept() and stops answering; use "
+                "--nonblocking, or make the socket non-blocking in the program "
+                "(sock.setblocking(False))",
+                w.slot.index,
+                w.pid,
+                extra=w.fields,
+            )
 
     def listeners_of(self, w: Worker) -> set[int]:
         """Inodes of the listening sockets ``w`` serves: its slot's, or (--via reuseport) the
@@ -272,13 +302,16 @@ class SystemEffects:
             held = held_connections(w.pid, self.listeners_of(w), self.tcp_ports(), w.cgroup)
             return held > 0
         except (OSError, InspectError) as exc:
-            log.warning(
-                "slot %d pid %d: cannot see what it holds (%s); assuming it holds a connection",
-                w.slot.index,
-                w.pid,
-                exc,
-                extra=w.fields,
-            )
+            if w.pid not in self.blind:  # once: a freeze-check looks every 20 ms until --grace
+                self.blind.add(w.pid)
+                log.warning(
+                    "slot %d pid %d: cannot see what it holds (%s); assuming it holds a "
+                    "connection (until --grace at most)",
+                    w.slot.index,
+                    w.pid,
+                    exc,
+                    extra=w.fields,
+                )
             return True
 
     # ---- sockets ----------------------------------------------------------------------------
