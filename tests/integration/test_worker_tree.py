@@ -285,3 +285,41 @@ def test_a_retired_worker_loses_nothing_in_a_child_that_left_its_process_group(
     assert f"pid {old}: retired (exit status 0)" in text, text
     assert f"pid {old_kid} of its tree still ran" not in text, text
     wait_until(lambda: not proc.alive(old_kid), 10, "the old child gone")
+
+
+def test_a_handing_over_slot_back_in_loses_nothing_in_a_child_that_left_its_process_group(
+    start: Start, short_tmp: Path
+) -> None:
+    """The same child, reached through steering: two slots, a reload's handover on slot 0
+    (its old worker signalled, its main process exiting 3 s later), and slot 1's worker is
+    SIGKILLed while slot 1's replacement is not ready (the soak's kill midway through a
+    reload): no other slot is ready, so the handing-over slot takes new connections. Before,
+    the old worker's setsid child took one and was killed holding it (each request takes
+    3 s here: it is still in hand when the main process exits)."""
+    tag = f"--tag={uuid.uuid4().hex[:12]}"
+    flag = short_tmp / "slot1-waits"
+    sup = start(
+        "-w", "2", "--grace", "8", "--listen", "tcp://127.0.0.1:0", "--", *SLOWSTOP, tag,
+        env={"SERVICE_MS": "3000", "WAIT_WHILE": str(flag)},
+    )  # fmt: skip
+    if not any(f"steering: {kind} " in sup.text() for kind in ("ebpf", "cbpf")):
+        pytest.skip("no steering here: the hold keeps the slot, as tested above")
+    slots = {s["slot"]: s["pid"] for s in sup.status()["slots"]}
+    flag.touch()  # slot 1's replacement will not be ready
+    sup.ctl("reload", "--no-wait")
+
+    def signalled() -> bool:
+        workers = [w for s in sup.status()["slots"] for w in s["workers"]]
+        return any(w["pid"] == slots[0] and w["state"] == "stopping" for w in workers)
+
+    try:
+        wait_until(signalled, 30, "slot 0's old worker found idle and signalled")
+        os.kill(slots[1], signal.SIGKILL)
+        wait_until(lambda: "no other slot is ready" in sup.text(), 10, "slot 0 back in")
+        with Load("127.0.0.1", sup.port, concurrency=2, max_seconds=4, timeout=10) as load:
+            wait_until(lambda: not proc.alive(slots[0]), 10, "the old worker's main process gone")
+            load.wait_for(2, timeout=15)
+    finally:
+        flag.unlink()
+    assert load.count("ok") >= 2 and not load.failed, (load.by_kind(), sup.text())
+    assert "of its tree still ran" not in sup.text(), sup.text()

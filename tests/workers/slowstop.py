@@ -7,6 +7,9 @@ main process serves nothing: it takes SIGTERM with sigwait() (blocked, no handle
 sees a program that does not handle it, as one that reads a signalfd), then takes STOP_DELAY
 s (default 3) to exit. Its child keeps SIGTERM's default action.
 
+WAIT_WHILE=path: a worker of slot WAIT_SLOT (default 1; $PORTSHARD_SLOT) that starts while
+that file exists waits (up to 60 s) for it to go before it serves: not ready meanwhile.
+
 This is the chaos soak's setsid child (tests/workers/chaosworker.py) with the window around
 its worker's stop widened: a signal to the main's process group never reaches the child,
 which runs on after the thaw until the main's exit, when portshard kills what is left of the
@@ -40,6 +43,11 @@ def serve(sock: socket.socket) -> None:
 def main() -> None:
     if os.environ.get("LISTEN_PID") != str(os.getpid()) or not os.environ.get("LISTEN_FDS"):
         sys.exit("slowstop: no inherited socket (run under portshard run)")
+    hold = os.environ.get("WAIT_WHILE")
+    if hold and os.environ.get("PORTSHARD_SLOT") == os.environ.get("WAIT_SLOT", "1"):
+        deadline = time.monotonic() + 60
+        while os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.01)
     sock = socket.socket(fileno=3)
     sock.setblocking(True)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
