@@ -177,7 +177,8 @@ class Worker:
             self.pidfd = -1
         if self.cgroup is not None:  # what it left: a program that daemonized (at boot: why)
             with contextlib.suppress(OSError):
-                self.left = [pid for pid in self.cgroup.members() if pid != self.pid]
+                members = self.cgroup.members()
+                self.left = [p for p in members if p != self.pid and not proc.dying(p)]
         self.signal(signal.SIGKILL)
 
     def describe_exit(self) -> str:
