@@ -32,7 +32,8 @@ def log_fields(slot: int, pid: int | None = None) -> dict[str, Any]:
 
 def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
     """Send ``sig`` to a worker: ``pid``'s process group (the process alone if the group is
-    not ours to signal, e.g. it changed user). With a cgroup (``group``), SIGKILL is also the
+    not ours to signal, e.g. it changed user, or if it leads none: a process adopted as a
+    worker, whose SIGSTOP went nowhere and whose tree never looked stopped). With a cgroup (``group``), SIGKILL is also the
     group's kill and SIGSTOP/SIGCONT its freeze/thaw: the whole tree, children that called
     setsid() included.
 
@@ -77,10 +78,8 @@ def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
         return
     try:
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        with contextlib.suppress(OSError):
+    except (ProcessLookupError, PermissionError):  # not a group leader (a process adopted
+        with contextlib.suppress(OSError):  # as a worker), or not ours to signal: itself
             os.kill(pid, sig)
     if group is None or sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
         _signal_escaped(pid, group, sig)
