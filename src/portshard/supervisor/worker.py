@@ -33,9 +33,9 @@ def log_fields(slot: int, pid: int | None = None) -> dict[str, Any]:
 def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
     """Send ``sig`` to a worker: ``pid``'s process group (the process alone if the group is
     not ours to signal, e.g. it changed user, or if it leads none: a process adopted as a
-    worker, whose SIGSTOP went nowhere and whose tree never looked stopped). With a cgroup (``group``), SIGKILL is also the
-    group's kill and SIGSTOP/SIGCONT its freeze/thaw: the whole tree, children that called
-    setsid() included.
+    worker, whose SIGSTOP went nowhere and whose tree never looked stopped). With a cgroup
+    (``group``), SIGKILL is also the group's kill and SIGSTOP/SIGCONT its freeze/thaw: the
+    whole tree, children that called setsid() included.
 
     The stop signal (any other) goes to the main process alone when that process handles
     it: a pre-fork master (gunicorn, nginx, hypercorn, uvicorn --workers) stops its
