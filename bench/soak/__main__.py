@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             workers=args.workers,
             concurrency=args.concurrency,
+            keep=args.out,
         )
     )
     js, md = write(report, args.out)

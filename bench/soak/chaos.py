@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .client import served_by
 from .target import Target, good_config
 
-__all__ = ["BAD_CONFIGS", "Chaos", "Kill", "Op"]
+__all__ = ["BAD_CONFIGS", "Chaos", "Fork", "Kill", "Op"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,18 @@ class Kill:
     t: float  # time.monotonic() of the SIGKILL
     pid: int
     slot: int
+
+
+@dataclass(frozen=True)
+class Fork:
+    """A child a chaos worker forked on demand: whose tree it joined, and how. A lost request
+    in its hands is traced back to its worker through this."""
+
+    t: float  # time.monotonic() of the answer
+    child: int
+    mode: str  # serve | setsid | daemon
+    parent: int | None  # the process that forked it (its X-Served), if it said
+    worker: int | None  # ... and that process's worker
 
 
 # Config files a reload must refuse with a one-line error, the service untouched. The last
@@ -71,7 +84,7 @@ class Chaos:
     midway_kill_chance: float = 0.3  # a reload or scale also meets a worker SIGKILL
     ops: list[Op] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
-    forked: list[int] = field(default_factory=list)
+    forked: list[Fork] = field(default_factory=list)
     workers: int = 0  # the count last asked for
     probe_waits: list[tuple[str, float]] = field(default_factory=list)  # flood, s a real one waited
     opening: list[str] | None = None  # the kinds still to do once before chance decides
@@ -192,7 +205,10 @@ class Chaos:
             return Op("fork", t0, time.monotonic() - t0, "refused", f"{mode}: {exc}")
         body = data.partition(b"\r\n\r\n")[2].decode(errors="replace").strip()
         if body.startswith("forked "):
-            self.forked.append(int(body.split()[1]))
+            parent, worker = served_by(data)
+            child = int(body.split()[1])
+            self.forked.append(Fork(time.monotonic(), child, mode, parent, worker))
+            body += f" (by pid {parent}, worker {worker})"
         return Op("fork", t0, time.monotonic() - t0, "ok", f"{mode}: {body}")
 
     def signal(self) -> Op:

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["Failure", "Load"]
+__all__ = ["Failure", "Load", "served_by"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Load:
             kind = f"error: {exc}"
         finally:
             writer.close()
-        pid, worker = _served(data)
+        pid, worker = served_by(data)
         head, _, body = data.partition(b"\r\n\r\n")
         if not kind and head.startswith(b"HTTP/1.0 200") and body.endswith(b"\n"):
             self.ok += 1
@@ -115,7 +115,8 @@ class Load:
         return Failure(t0, time.monotonic(), kind or "short", pid, worker, repr(data[:80]))
 
 
-def _served(data: bytes) -> tuple[int | None, int | None]:
+def served_by(data: bytes) -> tuple[int | None, int | None]:
+    """(pid, worker) from an answer's ``X-Served`` line, if it has one."""
     for line in data.split(b"\r\n"):
         if line.startswith(b"X-Served: "):
             parts = line[len(b"X-Served: ") :].split()

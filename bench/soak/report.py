@@ -35,12 +35,20 @@ def failure_message(report: dict[str, Any]) -> str:
     lines += [f"  VIOLATED {c['name']}: {c['detail']}" for c in bad]
     lines.append(f"  operations: {report['operations']}")
     lines.append(f"  requests: {report['requests']}")
+    if report.get("lost_traces"):
+        lines += ["  lost requests, whose hands (times in s from the start):"]
+        lines += [f"    {x}" for x in report["lost_traces"]]
     if report.get("supervisor_log_lost"):
-        lines += ["  supervisor log, the lines naming a process that held a lost request:"]
-        lines += [f"    {x}" for x in report["supervisor_log_lost"][-30:]]
+        lines += [
+            "  supervisor log, the lines naming a process that held a lost request (or its "
+            "worker, or what forked it) and those of the seconds around it:"
+        ]
+        lines += [f"    {x}" for x in report["supervisor_log_lost"][-80:]]
     lines += ["  supervisor log (tail):"] + [
         f"    {x}" for x in report["supervisor_log_tail"][-15:]
     ]
+    if report.get("supervisor_log_file"):
+        lines.append(f"  the whole supervisor log: {report['supervisor_log_file']}")
     return "\n".join(lines)
 
 
@@ -69,6 +77,9 @@ def markdown(r: dict[str, Any]) -> str:
     if r["lost"]:
         lines += ["", "## Lost requests (first 50)", ""]
         lines += [f"- {f}" for f in r["lost"]]
+        lines += ["", "Whose hands:", ""] + [f"- {x}" for x in r.get("lost_traces", [])]
+        lines += ["", "The supervisor's lines about them, and around them:", "", "```"]
+        lines += [*r.get("supervisor_log_lost", []), "```"]
     lines += ["", "## Supervisor log (tail)", "", "```"] + r["supervisor_log_tail"] + ["```", ""]
     return "\n".join(lines)
 

@@ -32,6 +32,9 @@ __all__ = ["SoakConfig", "run_soak"]
 
 log = logging.getLogger("soak")
 
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "soak"
+AROUND = 2  # s of the supervisor's log before and after a lost request that a report shows
+
 
 @dataclass(frozen=True)
 class SoakConfig:
@@ -46,6 +49,7 @@ class SoakConfig:
     fd_tolerance: int = 2  # fds more at the end than at the start, same worker count
     rss_tolerance_kb: int = 16 * 1024
     workdir: Path | None = None  # None: a temporary directory
+    keep: Path = RESULTS  # where a failed run's whole supervisor log is kept
 
 
 def run_soak(cfg: SoakConfig) -> dict[str, Any]:
@@ -64,10 +68,19 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
             kill_marked(marker)
         lines = target.log().splitlines()
         report["supervisor_log_tail"] = lines[-40:]
-        # Every line naming a process that held a lost request: its whole story (a failed
-        # run's 15-line tail once ended before it, and the seed did not fail again).
-        held = {str(p) for f in report["lost"] for p in (f["pid"], f["worker"]) if p}
-        report["supervisor_log_lost"] = [x for x in lines if held & set(_pids_in(x))]
+        # Every line naming a process that held a lost request, or its worker, or what forked
+        # it, and every line of the seconds around it: its whole story (a failed run's 15-line
+        # tail once ended before it, and the seed did not fail again).
+        held = {str(p) for pids in report["lost_hands"] for p in pids if p}
+        around = [_clock(report["t0_wall"] + f["start"]) for f in report["lost"][:5]]
+        report["supervisor_log_lost"] = [
+            x for x in lines if held & set(_pids_in(x)) or _near(x, around)
+        ]
+        if not report["passed"]:  # the whole log, where a fresh clone's `make test` keeps it
+            cfg.keep.mkdir(parents=True, exist_ok=True)
+            kept = cfg.keep / f"soak-{seed}.supervisor.log"
+            kept.write_text("\n".join(lines) + "\n")
+            report["supervisor_log_file"] = str(kept)
     report["uptime_before"] = before
     report["uptime_after"] = _loadavg()
     return report
@@ -204,6 +217,7 @@ def _report(
         return dataclasses.replace(f, start=f.start - t0, end=f.end - t0)
 
     kills = [dataclasses.replace(k, t=k.t - t0) for k in chaos.kills]
+    forks = [dataclasses.replace(f, t=f.t - t0) for f in chaos.forked]
     failures = [rel(f) for f in load.failures]
     split = verdict.attribute(failures, kills)
     stale = verdict.served_after_retired(load.last_served, seen)
@@ -235,7 +249,13 @@ def _report(
         "flood_probe_wait_s": _waits(chaos.probe_waits),
         "kills": [dataclasses.asdict(k) for k in kills],
         "forked": len(chaos.forked),
+        "forks": [dataclasses.asdict(f) for f in forks],
+        "t0_wall": time.time() - (time.monotonic() - t0),  # the log's clock at t=0
         "lost": [dataclasses.asdict(f) for f in split["lost"][:50]],
+        "lost_traces": [verdict.trace(f, forks, kills) for f in split["lost"][:5]],
+        "lost_hands": [
+            [*verdict.lineage(f.pid, forks), f.worker] for f in split["lost"][:5] if f.pid
+        ],
         "failures": {k: [dataclasses.asdict(f) for f in v[:50]] for k, v in split.items()},
         "resources": trend,
         "samples": [[round(x.t, 2), x.fds, x.rss_kb] for x in sampler.samples],  # t, fds, KiB
@@ -285,6 +305,21 @@ def _pids_in(line: str) -> list[str]:
     """The numbers after "pid" in a log line (pid 123, pid(s) 1 2)."""
     words = line.replace(":", " ").replace(",", " ").split()
     return [w for i, w in enumerate(words) if i and words[i - 1].startswith("pid") and w.isdigit()]
+
+
+def _clock(wall: float) -> int:
+    """Seconds of the day, as the supervisor's log stamps its lines (HH:MM:SS, local)."""
+    t = time.localtime(wall)
+    return t.tm_hour * 3600 + t.tm_min * 60 + t.tm_sec
+
+
+def _near(line: str, moments: list[int]) -> bool:
+    """The line's stamp is within AROUND s of one of ``moments`` (seconds of the day)."""
+    stamp = line[:8].split(":")
+    if len(stamp) != 3 or not all(x.isdigit() for x in stamp):
+        return False
+    sec = int(stamp[0]) * 3600 + int(stamp[1]) * 60 + int(stamp[2])
+    return any(min(abs(sec - m), 86400 - abs(sec - m)) <= AROUND for m in moments)
 
 
 def _loadavg() -> str:

@@ -7,11 +7,11 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from .chaos import Kill, Op
+from .chaos import Fork, Kill, Op
 from .client import Failure
 from .watch import Sample, slope
 
-__all__ = ["Check", "attribute", "resource_trend", "served_after_retired"]
+__all__ = ["Check", "attribute", "lineage", "resource_trend", "served_after_retired", "trace"]
 
 # A connection in a killed worker's hands fails when the kernel resets it (at once) or when the
 # supervisor kills the rest of the worker's tree (its forked children) a moment later.
@@ -52,6 +52,35 @@ def attribute(failures: list[Failure], kills: list[Kill]) -> dict[str, list[Fail
             continue
         out["lost"].append(f)
     return out
+
+
+def lineage(pid: int | None, forks: list[Fork]) -> list[int]:
+    """``pid`` and the processes that forked it on demand, up to its worker (the tree's root)."""
+    parent = {f.child: f.parent for f in forks if f.parent is not None}
+    chain: list[int] = []
+    while pid is not None and pid not in chain:
+        chain.append(pid)
+        pid = parent.get(pid)
+    return chain
+
+
+def trace(f: Failure, forks: list[Fork], kills: list[Kill]) -> str:
+    """What the soak knows of a lost request's hands: the process, how it joined its worker's
+    tree (forked on demand: by whom, how, when) and what the soak SIGKILLed of that tree."""
+    if f.pid is None:
+        return f"{f.kind} at {f.start:.3f}-{f.end:.3f}: nobody named itself {f.detail}"
+    parts = [f"{f.kind} at {f.start:.3f}-{f.end:.3f} in pid {f.pid} (worker {f.worker})"]
+    by_child = {fork.child: fork for fork in forks}
+    for pid in lineage(f.pid, forks):
+        fork = by_child.get(pid)
+        if fork is not None:
+            parts.append(f"pid {pid}: forked ({fork.mode}) by pid {fork.parent} at {fork.t:.3f}")
+        elif pid == f.worker:
+            parts.append(f"pid {pid}: the worker portshard started")
+    tree = set(lineage(f.pid, forks)) | {f.worker}
+    killed = [f"pid {k.pid} at {k.t:.3f}" for k in kills if k.pid in tree]
+    parts.append(f"the soak SIGKILLed {', '.join(killed) if killed else 'nothing of this tree'}")
+    return "; ".join(parts)
 
 
 RETIRED_MARGIN = 2.0  # s: status may lag a retirement by a loop turn and a checkpoint

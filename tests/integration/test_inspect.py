@@ -331,6 +331,17 @@ def test_an_exited_process_holds_nothing_and_is_not_alive(
         client.close()
 
 
+def test_a_process_is_dying_once_killed_even_before_it_is_reaped(procs: Procs) -> None:
+    # A retired worker's reap names what of its tree still ran: not what is already going.
+    proc = procs.python("import sys; sys.stdin.readline()", stdin=subprocess.PIPE)
+    wait_until(lambda: linux_proc.stat(proc.pid) is not None, what="the child")
+    assert not linux_proc.dying(proc.pid)
+    proc.kill()
+    wait_until(lambda: linux_proc.dying(proc.pid), what="the child dying")  # a zombie now
+    proc.wait(timeout=10)
+    assert linux_proc.dying(proc.pid)  # gone
+
+
 # --- waiting_for_work ---------------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ class FakeEffects:
         self.signals: list[tuple[int, int]] = []  # (pid, signal)
         self.ready: set[int] = set()  # pids that look ready
         self.holding: set[int] = set()  # pids whose tree holds a client connection
+        self.unstoppable: set[int] = set()  # pids whose tree does not stop when frozen
         self.spawn_error: dict[int, str] = {}  # slot -> the error its next spawn raises
         self.closed: list[int] = []
         self.notes: list[tuple[str, str]] = []
@@ -77,7 +78,7 @@ class FakeEffects:
         pass
 
     def tree_stopped(self, w: Worker, spin: float) -> bool:
-        return True
+        return w.pid not in self.unstoppable
 
     def holds_connections(self, w: Worker) -> bool:
         return w.pid in self.holding
@@ -216,6 +217,28 @@ def test_reload_replaces_each_slot_only_after_its_new_worker_is_ready() -> None:
     assert world.serving() == [new0, new1] and world.fleet.reloads == {"ok": 1, "failed": 0}
     assert world.fleet.state is SupervisorState.RUNNING
     assert all(s.generation == 2 for s in world.fleet.slots)
+
+
+def test_a_tree_that_did_not_stop_when_frozen_is_not_judged_idle() -> None:
+    # A tree still running may accept between the look at what it holds and its stop
+    # signal, then die on the signal with that request. Before, the look went ahead once
+    # the wait for the freeze (1 s) was over, and the worker was signalled as idle.
+    world = World(2)
+    world.boot()
+    old = world.pids()
+    world.fx.unstoppable.add(old[0])
+    world.fleet.reload(Outcome())
+    world.turn()
+    world.fx.ready.add(world.fleet.slots[0].workers[-1].pid)
+    for _ in range(4):  # ready, frozen, the wait for the freeze over, frozen again
+        world.turn(procedures.FREEZE_WAIT / 2)
+    sent = world.fx.sent(old[0])
+    assert signal.SIGTERM not in sent and signal.SIGKILL not in sent
+    assert sent[:3] == [signal.SIGSTOP, signal.SIGCONT, signal.SIGSTOP]  # thawed, then again
+    world.fx.unstoppable.discard(old[0])
+    world.turn()
+    world.turn()
+    assert world.fx.sent(old[0])[-2:] == [signal.SIGTERM, signal.SIGCONT]  # stopped: idle
 
 
 def test_reload_whose_new_worker_exits_keeps_the_old_and_reports_why() -> None:

@@ -3,9 +3,16 @@ and a failure is blamed on a SIGKILL only when the connection was in the killed 
 
 from __future__ import annotations
 
-from bench.soak.chaos import Kill, Op
+from bench.soak.chaos import Fork, Kill, Op
 from bench.soak.client import Failure
-from bench.soak.verdict import attribute, checks, resource_trend, served_after_retired
+from bench.soak.verdict import (
+    attribute,
+    checks,
+    lineage,
+    resource_trend,
+    served_after_retired,
+    trace,
+)
 from bench.soak.watch import Sample, slope
 
 KILL = Kill(t=10.0, pid=100, slot=1)
@@ -107,3 +114,19 @@ def test_a_respawns_dip_in_the_fd_count_is_not_a_leak() -> None:
     grown = [*points[:-1], *(Sample(t, 45, 30_000, workers=3) for t in range(25, 31))]
     trend = resource_trend([Sample(t, 39, 30_000) for t in range(31)], grown)
     assert not _judge(trend=trend)["fd count flat (quiet checkpoints, same worker count)"]
+
+
+def test_a_lost_request_is_traced_to_its_worker_through_the_forks() -> None:
+    # A request lost in a setsid child's hands: the report names who forked it, how and when,
+    # up to the worker portshard started, and whether the soak killed any of that tree.
+    forks = [Fork(3.0, 20, "serve", 10, 10), Fork(5.0, 30, "setsid", 20, 10)]
+    lost = Failure(9.0, 9.1, "short", 30, 10, "b'HTTP/1.0 200 OK'")
+    assert lineage(30, forks) == [30, 20, 10]
+    text = trace(lost, forks, [Kill(1.0, 99, 0)])
+    assert "in pid 30 (worker 10)" in text
+    assert "pid 30: forked (setsid) by pid 20 at 5.000" in text
+    assert "pid 20: forked (serve) by pid 10 at 3.000" in text
+    assert "pid 10: the worker portshard started" in text
+    assert "SIGKILLed nothing of this tree" in text
+    assert "SIGKILLed pid 20 at 2.000" in trace(lost, forks, [Kill(2.0, 20, -1)])
+    assert "nobody named itself" in trace(Failure(1.0, 1.1, "reset", None, None), forks, [])

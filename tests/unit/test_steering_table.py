@@ -281,6 +281,25 @@ def test_every_slot_handing_over_at_once_keeps_one_in_and_the_others_take_turns(
     assert set(p.tcp_weights()) == {1}
 
 
+def test_a_slot_handing_over_back_in_because_no_other_is_ready_says_so() -> None:
+    # Two slots, a reload's handover, and the other slot's worker dies: the handing-over slot
+    # takes new connections (its new worker is ready) while its old worker may still be
+    # shutting down on the same socket. A lost request must be traceable to this moment: it
+    # read "back in: its worker is ready (was starting)" before.
+    p = Policy()
+    step(p, {0: R, 1: R})
+    assert step(p, {0: Health.HANDOVER, 1: R}) == ["excluded: handing over"]
+    fallback = "no other slot is ready: the handing-over slot takes new connections"
+    assert step(p, {0: Health.HANDOVER, 1: Health.DOWN}) == [fallback, "excluded: no worker"]
+    assert set(p.tcp_weights()) == {0} and p.fallback == fallback
+    assert p.verdicts()[0].reason == f"handing over; in anyway: {fallback}"
+    assert step(p, {0: Health.HANDOVER, 1: R}) == [
+        "excluded: handing over",
+        "back in: its worker is ready (was no worker)",
+    ]
+    assert set(p.tcp_weights()) == {1} and p.fallback == ""
+
+
 def test_a_single_slot_handing_over_stays_in_without_a_warning() -> None:
     p = Policy()
     step(p, {0: R})

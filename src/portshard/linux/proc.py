@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -27,6 +28,7 @@ __all__ = [
     "capabilities",
     "catches",
     "cpu_seconds",
+    "dying",
     "env_values",
     "fd_cloexec",
     "netstat",
@@ -48,6 +50,7 @@ __all__ = [
 SOCKET_LINK = "socket:["
 _TICKS = os.sysconf("SC_CLK_TCK")
 _O_CLOEXEC = 0o2000000
+_PF_EXITING = 0x4  # a task flag: do_exit() has begun
 # State letters of a process that is not running code: stopped, traced, zombie, dead.
 _HALTED = frozenset("TtZX")
 
@@ -169,6 +172,7 @@ class ProcStat:
     utime: int  # clock ticks
     stime: int
     start: int = 0  # clock ticks after boot it started: with the pid, it names one process
+    flags: int = 0  # the kernel's PF_* task flags
 
     @property
     def cpu_seconds(self) -> float:
@@ -190,6 +194,7 @@ def parse_stat(raw: bytes) -> ProcStat | None:
         utime=int(fields[11]),
         stime=int(fields[12]),
         start=int(fields[19]) if len(fields) > 19 else 0,
+        flags=int(fields[6]),
     )
 
 
@@ -361,6 +366,15 @@ def catches(pid: int, sig: int) -> bool:
     """Whether ``pid`` has a handler of its own for signal ``sig`` (SigCgt in
     /proc/PID/status: neither its default action nor ignored); False once it has gone."""
     return _signal_set_has(pid, b"SigCgt:", sig)
+
+
+def dying(pid: int) -> bool:
+    """Whether ``pid`` is on its way out (or gone): exiting, a zombie, or SIGKILL pending (a
+    signal whose default action kills, sent while frozen, is one until the task runs)."""
+    st = stat(pid)
+    if st is None or st.state in ("Z", "X") or st.flags & _PF_EXITING:
+        return True
+    return _signal_set_has(pid, b"SigPnd:", signal.SIGKILL)
 
 
 def blocks(pid: int, sig: int) -> bool:

@@ -387,6 +387,11 @@ class Policy:
             tcp_in = {max(was_in or handover)}
         elif not tcp_in:
             tcp_in = set(handover)  # one slot, reloading: normal, not worth a warning
+            if len(tracks) > 1 and handover:
+                # Its old worker may still be shutting down on the shared socket (one that
+                # handles its stop signal can accept there): said, so that a lost request
+                # can be traced to it. It read "back in: its worker is ready" before.
+                fallback = "no other slot is ready: the handing-over slot takes new connections"
         for health in _FALLBACK:
             if udp_in:
                 break

@@ -274,11 +274,12 @@ class Fleet:
         slot.workers.remove(w)
         if w.life.retiring:
             log.info(
-                "slot %d pid %d: retired (%s)%s",
+                "slot %d pid %d: retired (%s)%s%s",
                 slot.index,
                 w.pid,
                 w.describe_exit(),
                 _handover_times(w.life, self.fx.now()),
+                _killed_with_it(w),
                 extra=w.fields,
             )
         else:
@@ -569,6 +570,14 @@ def _left_behind(w: Worker) -> str:
         f"itself in the background (daemonized); run it in the foreground (nginx: "
         f"'daemon off;'; many servers: a --foreground or --no-daemon option)"
     )
+
+
+def _killed_with_it(w: Worker) -> str:
+    """The processes of a retired worker's tree still running when its main process exited:
+    killed then, with whatever they held (named, so that a lost request can be traced)."""
+    if not w.left:
+        return ""
+    return f"; {', '.join(f'pid {p}' for p in w.left)} of its tree still ran: killed"
 
 
 def _handover_times(life: Lifecycle, now: float) -> str:

@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 FREEZE_SPIN = 0.005  # s to wait inline for a tree to stop (usually microseconds)
+FREEZE_WAIT = 1.0  # s to wait for it at most; a tree not stopped by then is not looked at
 GRACEFUL_WAIT = 1.0  # s of handover in which an idle frozen worker may get its stop signal
 HOLD_SETTLE = 0.05  # s a hold waits for handshakes under way before it looks at the queue
 HOLD_MAX = 0.8  # s a hold lasts at most: less than a SYN's first retransmission timeout (1 s)
@@ -141,13 +142,28 @@ def _freeze_check_kill(fleet: Fleet, w: Worker, deadline: float) -> Generator[Un
     nothing lost, and its shutdown does not run."""
     fx = fleet.fx
     graceful_until = fx.now() + GRACEFUL_WAIT
+    stopped = True
     while w.state is State.DRAINING and fx.now() < deadline:
         fleet.fire(w, Event.FREEZE)
-        if not fx.tree_stopped(w, FREEZE_SPIN):
-            yield Until(lambda: not w.life.alive or fx.tree_stopped(w, 0.0), fx.now() + 1.0)
+        stopped = fx.tree_stopped(w, FREEZE_SPIN)
+        if not stopped:
+            stopped = yield Until(
+                lambda: not w.life.alive or fx.tree_stopped(w, 0.0), fx.now() + FREEZE_WAIT
+            )
         if w.state is not State.DRAINING:
             return  # exited or killed meanwhile
-        if not fx.holds_connections(w):
+        if not stopped:
+            # A tree that still runs may accept between the look and its stop signal, and
+            # die on it with that request: before, the look went ahead after this wait.
+            log.warning(
+                "slot %d pid %d: its tree did not stop within %gs of being frozen; letting it "
+                "run and looking again",
+                w.slot.index,
+                w.pid,
+                FREEZE_WAIT,
+                extra=w.fields,
+            )
+        elif not fx.holds_connections(w):
             if w.slot.cfg.drain == "freeze-kill":
                 fleet.fire(w, Event.IDLE_KILL)
                 return
@@ -174,9 +190,10 @@ def _freeze_check_kill(fleet: Fleet, w: Worker, deadline: float) -> Generator[Un
     if w.state is State.DRAINING:
         cfg = w.slot.cfg
         log.warning(
-            "slot %d pid %d: still holds connections after %gs; sending %s",
+            "slot %d pid %d: %s after %gs; sending %s",
             w.slot.index,
             w.pid,
+            "still holds connections" if stopped else "its tree still did not stop when frozen",
             cfg.grace,
             signal.Signals(cfg.stop_signal).name,
             extra=w.fields,

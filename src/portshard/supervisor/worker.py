@@ -32,9 +32,10 @@ def log_fields(slot: int, pid: int | None = None) -> dict[str, Any]:
 
 def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
     """Send ``sig`` to a worker: ``pid``'s process group (the process alone if the group is
-    not ours to signal, e.g. it changed user). With a cgroup (``group``), SIGKILL is also the
-    group's kill and SIGSTOP/SIGCONT its freeze/thaw: the whole tree, children that called
-    setsid() included.
+    not ours to signal, e.g. it changed user, or if it leads none: a process adopted as a
+    worker, whose SIGSTOP went nowhere and whose tree never looked stopped). With a cgroup
+    (``group``), SIGKILL is also the group's kill and SIGSTOP/SIGCONT its freeze/thaw: the
+    whole tree, children that called setsid() included.
 
     The stop signal (any other) goes to the main process alone when that process handles
     it: a pre-fork master (gunicorn, nginx, hypercorn, uvicorn --workers) stops its
@@ -49,7 +50,16 @@ def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
     whose main thread sleeps in a native call while other threads run (granian's master)
     then never runs its handler: measured, 1 of 3 frozen SIGTERMs lost, and the old worker
     waited --grace and a SIGKILL on every reload under load. Unfrozen, the kernel picks the
-    main thread itself."""
+    main thread itself.
+
+    A main process that does not handle it: its group gets it, and so does every process of
+    its tree that left the group (setsid(): a daemonizing child; the cgroup's members, else
+    the process tree). Such a process got nothing before: sent while the tree was frozen and
+    idle, the signal kills what dies on it before the thaw, but it ran on after the thaw and
+    was killed when the main process exited, with whatever it had accepted meanwhile (the
+    chaos soak: a setsid child's request, 1 in 28,696; tests/workers/slowstop.py). Without a
+    cgroup the same goes for SIGSTOP, SIGCONT and SIGKILL: a freeze that missed such a child
+    never saw the tree stopped."""
     if group is not None and sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
         with contextlib.suppress(OSError):
             if sig == signal.SIGKILL:
@@ -68,11 +78,25 @@ def signal_tree(pid: int, group: Cgroup | None, sig: int) -> None:
         return
     try:
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        with contextlib.suppress(OSError):
+    except (ProcessLookupError, PermissionError):  # not a group leader (a process adopted
+        with contextlib.suppress(OSError):  # as a worker), or not ours to signal: itself
             os.kill(pid, sig)
+    if group is None or sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
+        _signal_escaped(pid, group, sig)
+
+
+def _signal_escaped(pid: int, group: Cgroup | None, sig: int) -> None:
+    """``sig`` to each process of ``pid``'s tree outside its process group (which killpg()
+    reached). Frozen, the tree cannot fork meanwhile: the list is whole."""
+    try:
+        members = group.members() if group is not None else proc.process_tree(pid)
+    except OSError:
+        return
+    for member in members:
+        st = proc.stat(member)
+        if member != pid and st is not None and st.pgrp != pid:
+            with contextlib.suppress(OSError):
+                os.kill(member, sig)
 
 
 # Under the subreaper mechanism no cgroup names a worker's tree: this variable does, in every
@@ -152,7 +176,8 @@ class Worker:
             self.pidfd = -1
         if self.cgroup is not None:  # what it left: a program that daemonized (at boot: why)
             with contextlib.suppress(OSError):
-                self.left = [pid for pid in self.cgroup.members() if pid != self.pid]
+                members = self.cgroup.members()
+                self.left = [p for p in members if p != self.pid and not proc.dying(p)]
         self.signal(signal.SIGKILL)
 
     def describe_exit(self) -> str:
