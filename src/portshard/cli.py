@@ -15,6 +15,34 @@ from .errors import PortshardError
 log = logging.getLogger("portshard")
 
 
+class Seconds(click.ParamType[float]):
+    """A number of seconds in [low, high] (above ``low`` if ``above``). click's FloatRange
+    lets nan through (every comparison with it is false), and `--timeout nan`, `inf` or
+    `1e309` reached socket.settimeout(): a ValueError or OverflowError traceback."""
+
+    name = "seconds"
+
+    def __init__(self, low: float, high: float, *, above: bool = False) -> None:
+        self.low, self.high, self.above = low, high, above
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds; e.g. 30", param, ctx)
+        low_ok = seconds > self.low if self.above else seconds >= self.low
+        if not (low_ok and seconds <= self.high):  # also false for nan
+            bound = "more than " if self.above else ""
+            self.fail(
+                f"{value} is out of range: give {bound}{self.low:g} to {self.high:g} seconds",
+                param,
+                ctx,
+            )
+        return seconds
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="portshard")
 def cli() -> None:
@@ -64,8 +92,21 @@ def control_options(f: Any) -> Any:
         "--name",
         default=name.default,
         show_default=True,
+        callback=_check_name,
         help="The supervisor's name (its --name; picks its control socket).",
     )(f)
+
+
+def _check_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The rule `run --name` applies: `status --name ../../x` asked /run/x.sock."""
+    from .supervisor.values import NAME_RE
+
+    if not NAME_RE.match(value):
+        raise click.BadParameter(
+            f"{value!r} is not a supervisor name: a name uses only letters, digits, '_', '.' "
+            f"and '-' (1-64 of them); give its --name, or its socket with --control"
+        )
+    return value
 
 
 def _setting_options(f: Any) -> Any:
@@ -320,7 +361,7 @@ _wait_options = [
     ),
     click.option(
         "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
+        type=Seconds(0, 86400, above=True),
         default=600,
         show_default=True,
         help="With --wait: give up waiting after this many seconds.",
@@ -375,7 +416,7 @@ def scale(name: str, control: str | None, workers: int, wait: bool, timeout: flo
 @control_options
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(0, 86400, above=True),
     default=120,
     show_default=True,
     help="Give up waiting for the new supervisor's answer after this many seconds.",
@@ -419,7 +460,7 @@ def stop(name: str, control: str | None) -> None:
 )
 @click.option(
     "--deadline",
-    type=click.FloatRange(min=0.1, max=86400),
+    type=Seconds(0.1, 86400),
     default=None,
     metavar="SECONDS",
     help="Kill what is left this long after the drain began; the supervisor then exits 1.  "
@@ -427,7 +468,7 @@ def stop(name: str, control: str | None) -> None:
 )
 @click.option(
     "--settle",
-    type=click.FloatRange(min=0, max=86400),
+    type=Seconds(0, 86400),
     default=None,
     metavar="SECONDS",
     help="How long new connections are still taken after health turns to draining, for "
