@@ -242,19 +242,12 @@ def _fd_limit(cfg: Any, *, captured: bool) -> None:
 
 def _check(cfg: Any) -> None:
     """run --check: what a start would refuse before it opens anything."""
-    import os
-    import shutil
-
     from .errors import ConfigError
+    from .supervisor.spawn import program_problem
 
-    program = cfg.command[0]
-    found = shutil.which(program) if os.sep not in program else program
-    if found is None or not os.access(found, os.X_OK):
-        raise ConfigError(
-            f"the command {program!r} is not an executable file"
-            + ("" if os.sep in program else " on PATH")
-            + "; check the path"
-        )
+    problem = program_problem(cfg.command[0], dict(cfg.env).get("PATH"))
+    if problem is not None:
+        raise ConfigError(problem)
     click.echo(
         f"portshard {__version__}: the settings are fine: {cfg.workers} workers of "
         f"{' '.join(cfg.command)!r} on {', '.join(str(s.address) for s in cfg.listen)}"

@@ -115,3 +115,29 @@ def test_metrics_without_its_package_is_refused_before_anything_opens(short_tmp:
     assert "pip install 'portshard[metrics]'" in res.stderr
     assert "listening on" not in res.stderr  # refused before any socket
     assert not Path(control).exists()
+
+
+def test_a_script_whose_interpreter_is_missing_is_named_and_nothing_stays(
+    short_tmp: Path,
+) -> None:
+    # exec's ENOENT said "check the path, or that it is on PATH" of a script that was there;
+    # what is missing is its '#!' interpreter. A script with no '#!' line (ENOEXEC) said
+    # only "Exec format error".
+    control = short_tmp / "i.sock"
+    for text, says in (
+        ("#!/nonexistent/interp\n", "(the interpreter '/nonexistent/interp' of its '#!' line)"),
+        ("echo hi\n", "Exec format error; it is not a program this machine can run"),
+    ):
+        script = short_tmp / "srv"
+        script.write_text(text)
+        script.chmod(0o755)
+        res = subprocess.run(
+            [*PORTSHARD, "run", "--control", str(control), "-w", "2", "--listen",
+             "tcp://127.0.0.1:0", str(script)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 1, res.stderr
+        assert "Traceback" not in res.stderr
+        errors = [line for line in res.stderr.splitlines() if "ERROR" in line]
+        assert len(errors) == 1 and says in errors[0], res.stderr
+        assert not control.exists()  # stopped, its socket removed

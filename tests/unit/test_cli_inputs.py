@@ -4,6 +4,8 @@ traceback, before anything is opened or asked of a supervisor."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from portshard.cli import main
@@ -61,3 +63,42 @@ def test_good_seconds_still_parse() -> None:
     assert ctx.params["timeout"] == 0.5
     ctx = cli.commands["drain"].make_context("drain", ["--deadline", "30", "--settle", "0"])
     assert (ctx.params["deadline"], ctx.params["settle"]) == (30.0, 0.0)
+
+
+def _program(tmp_path: Path, name: str, text: str, mode: int = 0o755) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_run_check_names_what_exec_would_refuse(tmp_path: Path) -> None:
+    # `run --check` (and so `portshard upgrade`) said "the settings are fine" for a directory
+    # and for a script whose '#!' interpreter does not exist; the start then failed.
+    from portshard.supervisor.spawn import program_problem
+
+    cases = {
+        str(tmp_path): "is a directory, not a program; give the program's path",
+        _program(tmp_path, "plain", "#!/bin/sh\n", 0o644): "is not executable; chmod +x it",
+        _program(tmp_path, "lost", "#!/nonexistent/bin/python3 -u\n"): (
+            "is a script for '/nonexistent/bin/python3' (its '#!' line), which does not exist"
+        ),
+        str(tmp_path / "absent"): "is not an executable file; check the path",
+        "no-such-program-anywhere": "is not an executable file on PATH; check the path",
+        "": "is not an executable file on PATH",
+    }
+    for program, says in cases.items():
+        problem = program_problem(program)
+        assert problem is not None and says in problem, (program, problem)
+    assert program_problem(_program(tmp_path, "fine", "#!/bin/sh\nexit 0\n")) is None
+    assert program_problem("sh") is None
+    assert program_problem("sh", path=str(tmp_path)) is not None  # the workers' own PATH
+
+
+def test_run_check_refuses_a_script_with_a_missing_interpreter(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    script = _program(tmp_path, "srv", "#!/nonexistent/interp\n")
+    code, err = run_cli(capsys, "run", "--check", "--listen", "tcp://127.0.0.1:0", script)
+    line = error_line(err)
+    assert code == 2 and "'/nonexistent/interp' (its '#!' line), which does not exist" in line
