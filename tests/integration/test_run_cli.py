@@ -4,6 +4,7 @@ and a port that something already serves is refused, naming it, unless --join-ex
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -93,6 +94,33 @@ def test_a_reload_says_which_file_changes_it_cannot_apply(start: Start, short_tm
     # the count: either the loop scales to it (plan_reload.scale_to) or the log says why not
     assert "scaling to it after the reload" in log and sup.status()["workers"] == 2
     assert sup.status()["listen"][0]["port"] != 1
+
+
+def test_a_port_that_cannot_be_shared_says_why_not_join_existing(short_tmp: Path) -> None:
+    # A holder without SO_REUSEPORT: the refusal said "starting would share the port with it
+    # ... pass --join-existing to share it on purpose", and --join-existing then failed
+    # with the real reason. Now the first answer is the real reason.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        control = short_tmp / "n.sock"
+        for address in (f"tcp://127.0.0.1:{port}", f"tcp://:{port}"):
+            res = subprocess.run(
+                [*PORTSHARD, "run", "--control", str(control), "-w", "1", "--listen", address,
+                 "--", *FDWORKER],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1, lines
+            assert f"pid {os.getpid()}" in lines[0] and "without SO_REUSEPORT" in lines[0]
+            assert "--join-existing" not in lines[0] and "would share" not in lines[0]
+            assert not control.exists()
+        # the holder was not disturbed: it still gets every connection
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            conn, _ = held.accept()
+            conn.close()
 
 
 def test_metrics_without_its_package_is_refused_before_anything_opens(short_tmp: Path) -> None:

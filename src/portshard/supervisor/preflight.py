@@ -17,6 +17,7 @@ from collections.abc import Collection
 from ..address import Address
 from ..errors import PortInUse
 from ..linux import cgroup, sockdiag
+from ..sockets import join_refusal
 from .config import Config
 
 __all__ = ["refuse_served_ports"]
@@ -96,6 +97,12 @@ def refuse_served_ports(cfg: Config, *, skip: Collection[Address] = ()) -> None:
         seen: dict[int | None, sockdiag.Holder] = {}
         for h in holders:
             seen.setdefault(h.pid, h)
+        refusal = join_refusal(addr)
+        if refusal is not None:
+            # Nothing could be shared (a holder without SO_REUSEPORT, another user's): the
+            # bind's own reason, not "starting would share ... pass --join-existing", which
+            # then failed with that reason.
+            raise refusal
         named = "; ".join(_who(h) for h in list(seen.values())[:3])
         more = f" and {len(seen) - 3} more" if len(seen) > 3 else ""
         raise PortInUse(
