@@ -185,9 +185,11 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
     If the supervisor dies (SIGKILL, the OOM killer), its workers keep serving; running the
     same command again (same --name/--control) within --orphan-timeout adopts them.
     """
+    from dataclasses import replace
+
     from .supervisor import handoff
     from .supervisor.loop import Supervisor
-    from .supervisor.preflight import refuse_served_ports
+    from .supervisor.preflight import PortLocks, refuse_served_ports
     from .supervisor.systemd import Activated
 
     _setup_logging(log_level, log_format)
@@ -213,17 +215,22 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
             for sock in activated.socks:
                 sock.close()
             activated = None
-    if not activated and resume is None:  # systemd's sockets are held by systemd
-        refuse_served_ports(cfg)  # another server on a --listen port: say who (--join-existing)
-    # JSON logs: the workers' stdout/stderr lines come back as JSON records too
-    code = Supervisor(
-        cfg,
-        cli_values,
-        activated,
-        capture_output=log_format == "json",
-        resume=resume,
-        log_format=log_format,
-    ).run()
+    locks = PortLocks(cfg if not activated and resume is None else replace(cfg, listen=()))
+    try:
+        if not activated and resume is None:  # systemd's sockets are held by systemd
+            refuse_served_ports(cfg)  # another server on a --listen port: say who
+        # JSON logs: the workers' stdout/stderr lines come back as JSON records too
+        code = Supervisor(
+            cfg,
+            cli_values,
+            activated,
+            capture_output=log_format == "json",
+            resume=resume,
+            log_format=log_format,
+            on_bound=locks.release,
+        ).run()
+    finally:
+        locks.release()
     if code:
         sys.exit(code)
 

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.supervisor_fixture import FDWORKER, PORTSHARD, Running, Start
@@ -94,6 +95,26 @@ def test_a_reload_says_which_file_changes_it_cannot_apply(start: Start, short_tm
     # the count: either the loop scales to it (plan_reload.scale_to) or the log says why not
     assert "scaling to it after the reload" in log and sup.status()["workers"] == 2
     assert sup.status()["listen"][0]["port"] != 1
+
+
+def test_two_supervisors_started_together_on_one_port_leave_one(start: Start) -> None:
+    # Both passed the "already served" check before either bound, and both ran: the kernel
+    # split the port's connections between them (by hand 1 of 1 time, here 1 run of 3).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free now; nobody else binds a fixed port here
+    args = ["-w", "1", "--listen", f"tcp://127.0.0.1:{port}", "--", *FDWORKER]
+    both = [start(*args, wait=False), start(*args, wait=False)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and all(s.proc and s.proc.poll() is None for s in both):
+        time.sleep(0.1)
+    refused = [s for s in both if s.proc and s.proc.poll() is not None]
+    assert len(refused) == 1, [s.text()[-500:] for s in both]
+    (kept,) = [s for s in both if s is not refused[0]]
+    assert refused[0].wait_exit() == 1
+    assert f"tcp://127.0.0.1:{port} is already served by pid " in refused[0].text()
+    assert "Traceback" not in refused[0].text()
+    assert kept.wait_ready()["ready"] and get(port).startswith(b"HTTP/1.0 200")
 
 
 def test_a_port_that_cannot_be_shared_says_why_not_join_existing(short_tmp: Path) -> None:
