@@ -114,6 +114,11 @@ def inherited(
     if the variables are malformed or name an fd that is not an open socket; then no fd is
     touched.
     """
+    if name is not None and not isinstance(name, str):
+        # inherited(5) returned [] as if nothing had been passed
+        raise ActivationError(
+            f"inherited() takes a LISTEN_FDNAMES name (a string, e.g. 'web'), not {name!r}"
+        )
     env = os.environ if environ is None else environ
     if "LISTEN_FDS" not in env:
         return []
@@ -146,6 +151,12 @@ def inherited(
 
 def notify(state: str, *, environ: Mapping[str, str] | None = None) -> bool:
     """Send ``state`` (e.g. ``"READY=1"``) to NOTIFY_SOCKET. Return False if there is none."""
+    if not isinstance(state, str):
+        # notify(None) was an AttributeError under a supervisor and False without one
+        raise ActivationError(
+            f"notify() takes the state as a string, e.g. 'READY=1' or 'STATUS=warming up', "
+            f"not {state!r}"
+        )
     env = os.environ if environ is None else environ
     path = env.get("NOTIFY_SOCKET")
     if not path:
@@ -186,6 +197,8 @@ def _notify_why(exc: OSError) -> str:
         return f"{exc.strerror}; is the supervisor still running?"
     if exc.errno == errno.EPROTOTYPE:
         return f"{exc.strerror}: it is not a datagram socket; NOTIFY_SOCKET must name one"
+    if exc.errno == errno.EMSGSIZE:
+        return f"{exc.strerror}: send a shorter state (it must fit in one datagram)"
     return f"{exc.strerror or exc}"
 
 
