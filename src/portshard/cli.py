@@ -249,12 +249,15 @@ def _fd_limit(cfg: Any, *, captured: bool) -> None:
 
 def _check(cfg: Any) -> None:
     """run --check: what a start would refuse before it opens anything."""
+    from .address import resolve
     from .errors import ConfigError
     from .supervisor.spawn import program_problem
 
     problem = program_problem(cfg.command[0], dict(cfg.env).get("PATH"))
     if problem is not None:
         raise ConfigError(problem)
+    for spec in cfg.listen:  # a name that does not resolve passed; the start refused it
+        resolve(spec.address)
     click.echo(
         f"portshard {__version__}: the settings are fine: {cfg.workers} workers of "
         f"{' '.join(cfg.command)!r} on {', '.join(str(s.address) for s in cfg.listen)}"

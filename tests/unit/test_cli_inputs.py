@@ -102,3 +102,16 @@ def test_run_check_refuses_a_script_with_a_missing_interpreter(
     code, err = run_cli(capsys, "run", "--check", "--listen", "tcp://127.0.0.1:0", script)
     line = error_line(err)
     assert code == 2 and "'/nonexistent/interp' (its '#!' line), which does not exist" in line
+
+
+def test_run_check_resolves_the_listen_hosts(capsys: pytest.CaptureFixture[str]) -> None:
+    # `run --check` said "the settings are fine" for hosts the start then could not resolve.
+    for host, says in (
+        ("256.1.1.1", "host '256.1.1.1' does not resolve"),
+        ("no-such-host.invalid", "host 'no-such-host.invalid' does not resolve"),
+        ("[fe80::1%99999]", "no network interface '99999'"),
+    ):
+        code, err = run_cli(capsys, "run", "--check", "--listen", f"tcp://{host}:0", "sh")
+        assert code == 2 and says in error_line(err), err
+    code, err = run_cli(capsys, "run", "--check", "--listen", "tcp://localhost:0", "sh")
+    assert code == 0, err
