@@ -210,7 +210,12 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
         _check(cfg)
         return
     if resume is None:  # the workers of a supervisor of ours that died: adopt them
-        resume = handoff.adopt(cfg.control or _client(cfg.name, None))
+        # The socket this supervisor binds (loop.py): $PORTSHARD_CONTROL is the client
+        # commands'. Set in the shell, it made `run --name api` adopt the workers of the dead
+        # supervisor it named, or refuse to start beside that one while it lived.
+        from .control.paths import default_path
+
+        resume = handoff.adopt(cfg.control or default_path(cfg.name))
         if resume is not None and activated:  # systemd's fd store has copies: ours win
             for sock in activated.socks:
                 sock.close()

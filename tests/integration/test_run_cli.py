@@ -117,6 +117,62 @@ def test_two_supervisors_started_together_on_one_port_leave_one(start: Start) ->
     assert kept.wait_ready()["ready"] and get(port).startswith(b"HTTP/1.0 200")
 
 
+def _by_name(name: str, env: dict[str, str], *args: str) -> dict[str, object]:
+    """`portshard run --name NAME` without --control (its socket by name), with ``env``: its
+    status once ready, then it is stopped."""
+    proc = subprocess.Popen(
+        [*PORTSHARD, "run", "--name", name, *args], env={**os.environ, **env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            res = subprocess.run(
+                [*PORTSHARD, "status", "--json", "--name", name],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            if res.returncode == 0 and json.loads(res.stdout)["ready"]:
+                return {"status": json.loads(res.stdout)}
+            time.sleep(0.2)
+        proc.terminate()
+        return {"exited": proc.wait(15), "stderr": proc.communicate(timeout=15)[1]}
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(15)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_portshard_control_in_the_environment_is_not_the_run_s_own_socket(
+    start: Start,
+) -> None:
+    # $PORTSHARD_CONTROL is for the client commands. Exported in the shell, `run --name hb`
+    # looked for adoption at it: it refused to start while the supervisor it named lived
+    # ("already running"), and adopted that one's 2 workers (and port) once it died.
+    args = ["-w", "2", "--orphan-timeout", "60", "--listen", "tcp://127.0.0.1:0", *FDWORKER]
+    first = start(*args)
+    env = {"PORTSHARD_CONTROL": first.control}
+    name = f"hb-test-{os.getpid()}"
+    other = ["-w", "1", "--listen", "tcp://127.0.0.1:0", "--", *FDWORKER]
+    beside = _by_name(name, env, *other)
+    assert "status" in beside, beside
+    orphans = first.pids()
+    assert first.proc is not None
+    first.proc.kill()  # its warden keeps the 2 workers for the next start of *its* socket
+    first.proc.wait(10)
+    after = _by_name(name, env, *other)
+    assert "status" in after, after
+    st = after["status"]
+    assert isinstance(st, dict) and st["workers"] == 1
+    assert not {s["pid"] for s in st["slots"]} & set(orphans)
+    heir = Running(args, Path(first.control))  # the right heir adopts them, and stops them
+    try:
+        assert sorted(s["pid"] for s in heir.wait_ready()["slots"]) == sorted(orphans)
+    finally:
+        heir.close()
+
+
 def test_a_port_that_cannot_be_shared_says_why_not_join_existing(short_tmp: Path) -> None:
     # A holder without SO_REUSEPORT: the refusal said "starting would share the port with it
     # ... pass --join-existing to share it on purpose", and --join-existing then failed
