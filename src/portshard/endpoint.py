@@ -322,9 +322,13 @@ def listen_tcp(address: tuple[str, int], backlog: int, option: str) -> socket.so
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
+        fix = (
+            "use an address of this machine ('ip addr'), e.g. 127.0.0.1"
+            if exc.errno == errno.EADDRNOTAVAIL
+            else "pick a free port (0 = any)"
+        )
         raise SupervisorError(
-            f"{option}: cannot listen on {address[0]}:{address[1]}: {exc.strerror}; "
-            f"pick a free port (0 = any)"
+            f"{option}: cannot listen on {address[0]}:{address[1]}: {exc.strerror}; {fix}"
         ) from None
     return sock
 
