@@ -120,6 +120,11 @@ def inherited(
     if the variables are malformed or name an fd that is not an open socket; then no fd is
     touched.
     """
+    if name is not None and not isinstance(name, str):
+        # inherited(5) returned [] as if nothing had been passed
+        raise ActivationError(
+            f"inherited() takes a LISTEN_FDNAMES name (a string, e.g. 'web'), not {name!r}"
+        )
     env = os.environ if environ is None else environ
     if "LISTEN_FDS" not in env:
         return []
@@ -160,6 +165,12 @@ def notify(state: str, *, environ: Mapping[str, str] | None = None) -> bool:
     server's child, which the parent-death signal does not reach) died of it, as libsystemd's
     ``sd_notify`` callers, which ignore its error, do not. What the caller can fix still
     raises: an address that cannot be one, a stream socket, a permission."""
+    if not isinstance(state, str):
+        # notify(None) was an AttributeError under a supervisor and False without one
+        raise ActivationError(
+            f"notify() takes the state as a string, e.g. 'READY=1' or 'STATUS=warming up', "
+            f"not {state!r}"
+        )
     env = os.environ if environ is None else environ
     path = env.get("NOTIFY_SOCKET")
     if not path:
@@ -244,6 +255,8 @@ def _notify_why(exc: OSError) -> str:
         )
     if exc.errno == errno.EPROTOTYPE:
         return f"{exc.strerror}: it is not a datagram socket; NOTIFY_SOCKET must name one"
+    if exc.errno == errno.EMSGSIZE:
+        return f"{exc.strerror}: send a shorter state (it must fit in one datagram)"
     return f"{exc.strerror or exc}"
 
 

@@ -62,6 +62,10 @@ def format_address(proto: Proto, host: str, port: int) -> str:
 
 
 _HINT = "write it as tcp://HOST:PORT, udp://HOST:PORT, tcp://[::1]:PORT or tcp://:PORT"
+# The longest address that can mean something: a DNS name is at most 253 characters, an IPv6
+# literal with its zone ~60. A 5,000-character one was echoed three times in one error line,
+# and one of 5,000 digits raised int()'s ValueError (a traceback).
+MAX_LENGTH = 300
 
 
 def parse(text: str) -> Address:
@@ -71,6 +75,11 @@ def parse(text: str) -> Address:
     raw = text.strip()
     if not raw:
         raise AddressError(f"empty listen address; {_HINT}")
+    if len(raw) > MAX_LENGTH:
+        raise AddressError(
+            f"listen address {raw[:40]!r}... is {len(raw):,} characters long: no host name "
+            f"is longer than 253; {_HINT}"
+        )
     proto = Proto.TCP
     rest = raw
     if "://" in raw:
@@ -192,10 +201,12 @@ def _parse_port(text: str, port_text: str) -> int:
             f"listen address {text!r}: port {port_text!r} is not a number; "
             f"write the port in digits (service names such as 'http' are not accepted)"
         )
-    port = int(port_text, 10)
+    port = int(port_text, 10) if len(port_text) <= 8 else 1 << 32  # 5,000 digits: no int()
     if not 0 <= port <= 65535:
+        shown = port_text if len(port_text) <= 12 else f"of {len(port_text)} digits"
         raise AddressError(
-            f"listen address {text!r}: port {port} is out of range; use 0-65535 (0 = any free port)"
+            f"listen address {text!r}: port {shown} is out of range; use 0-65535 "
+            f"(0 = any free port)"
         )
     return port
 
@@ -214,14 +225,17 @@ def has_ipv6() -> bool:
 def _check_zone(address: Address) -> None:
     """An IPv6 zone must name an interface of this machine (or be its index)."""
     _, percent, zone = address.host.partition("%")
-    if not percent or (zone.isascii() and zone.isdigit()):
+    if not percent:
         return
     try:
-        socket.if_nametoindex(zone)
-    except OSError:
+        if zone.isascii() and zone.isdigit():  # an index: bind() said only "No such device"
+            socket.if_indextoname(int(zone[:12]))
+        else:
+            socket.if_nametoindex(zone)
+    except (OSError, OverflowError):
         raise AddressError(
             f"cannot listen on {address}: there is no network interface {zone!r} here; "
-            f"name one shown by 'ip link', as in %lo or %eth0"
+            f"name one shown by 'ip link' (or its index), as in %lo or %eth0"
         ) from None
 
 

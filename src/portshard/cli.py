@@ -15,6 +15,34 @@ from .errors import PortshardError
 log = logging.getLogger("portshard")
 
 
+class Seconds(click.ParamType[float]):
+    """A number of seconds in [low, high] (above ``low`` if ``above``). click's FloatRange
+    lets nan through (every comparison with it is false), and `--timeout nan`, `inf` or
+    `1e309` reached socket.settimeout(): a ValueError or OverflowError traceback."""
+
+    name = "seconds"
+
+    def __init__(self, low: float, high: float, *, above: bool = False) -> None:
+        self.low, self.high, self.above = low, high, above
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds; e.g. 30", param, ctx)
+        low_ok = seconds > self.low if self.above else seconds >= self.low
+        if not (low_ok and seconds <= self.high):  # also false for nan
+            bound = "more than " if self.above else ""
+            self.fail(
+                f"{value} is out of range: give {bound}{self.low:g} to {self.high:g} seconds",
+                param,
+                ctx,
+            )
+        return seconds
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="portshard")
 def cli() -> None:
@@ -64,8 +92,21 @@ def control_options(f: Any) -> Any:
         "--name",
         default=name.default,
         show_default=True,
+        callback=_check_name,
         help="The supervisor's name (its --name; picks its control socket).",
     )(f)
+
+
+def _check_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The rule `run --name` applies: `status --name ../../x` asked /run/x.sock."""
+    from .supervisor.values import NAME_RE
+
+    if not NAME_RE.match(value):
+        raise click.BadParameter(
+            f"{value!r} is not a supervisor name: a name uses only letters, digits, '_', '.' "
+            f"and '-' (1-64 of them); give its --name, or its socket with --control"
+        )
+    return value
 
 
 def _setting_options(f: Any) -> Any:
@@ -144,9 +185,11 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
     If the supervisor dies (SIGKILL, the OOM killer), its workers keep serving; running the
     same command again (same --name/--control) within --orphan-timeout adopts them.
     """
+    from dataclasses import replace
+
     from .supervisor import handoff
     from .supervisor.loop import Supervisor
-    from .supervisor.preflight import refuse_served_ports
+    from .supervisor.preflight import PortLocks, refuse_served_ports
     from .supervisor.systemd import Activated
 
     _setup_logging(log_level, log_format)
@@ -167,22 +210,32 @@ def run(log_level: str, log_format: str, check: bool, **options: Any) -> None:
         _check(cfg)
         return
     if resume is None:  # the workers of a supervisor of ours that died: adopt them
-        resume = handoff.adopt(cfg.control or _client(cfg.name, None))
+        # The socket this supervisor binds (loop.py): $PORTSHARD_CONTROL is the client
+        # commands'. Set in the shell, it made `run --name api` adopt the workers of the dead
+        # supervisor it named, or refuse to start beside that one while it lived.
+        from .control.paths import default_path
+
+        resume = handoff.adopt(cfg.control or default_path(cfg.name))
         if resume is not None and activated:  # systemd's fd store has copies: ours win
             for sock in activated.socks:
                 sock.close()
             activated = None
-    if not activated and resume is None:  # systemd's sockets are held by systemd
-        refuse_served_ports(cfg)  # another server on a --listen port: say who (--join-existing)
-    # JSON logs: the workers' stdout/stderr lines come back as JSON records too
-    code = Supervisor(
-        cfg,
-        cli_values,
-        activated,
-        capture_output=log_format == "json",
-        resume=resume,
-        log_format=log_format,
-    ).run()
+    locks = PortLocks(cfg if not activated and resume is None else replace(cfg, listen=()))
+    try:
+        if not activated and resume is None:  # systemd's sockets are held by systemd
+            refuse_served_ports(cfg)  # another server on a --listen port: say who
+        # JSON logs: the workers' stdout/stderr lines come back as JSON records too
+        code = Supervisor(
+            cfg,
+            cli_values,
+            activated,
+            capture_output=log_format == "json",
+            resume=resume,
+            log_format=log_format,
+            on_bound=locks.release,
+        ).run()
+    finally:
+        locks.release()
     if code:
         sys.exit(code)
 
@@ -201,19 +254,15 @@ def _fd_limit(cfg: Any, *, captured: bool) -> None:
 
 def _check(cfg: Any) -> None:
     """run --check: what a start would refuse before it opens anything."""
-    import os
-    import shutil
-
+    from .address import resolve
     from .errors import ConfigError
+    from .supervisor.spawn import program_problem
 
-    program = cfg.command[0]
-    found = shutil.which(program) if os.sep not in program else program
-    if found is None or not os.access(found, os.X_OK):
-        raise ConfigError(
-            f"the command {program!r} is not an executable file"
-            + ("" if os.sep in program else " on PATH")
-            + "; check the path"
-        )
+    problem = program_problem(cfg.command[0], dict(cfg.env).get("PATH"))
+    if problem is not None:
+        raise ConfigError(problem)
+    for spec in cfg.listen:  # a name that does not resolve passed; the start refused it
+        resolve(spec.address)
     click.echo(
         f"portshard {__version__}: the settings are fine: {cfg.workers} workers of "
         f"{' '.join(cfg.command)!r} on {', '.join(str(s.address) for s in cfg.listen)}"
@@ -323,7 +372,7 @@ _wait_options = [
     ),
     click.option(
         "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
+        type=Seconds(0, 86400, above=True),
         default=600,
         show_default=True,
         help="With --wait: give up waiting after this many seconds.",
@@ -378,7 +427,7 @@ def scale(name: str, control: str | None, workers: int, wait: bool, timeout: flo
 @control_options
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(0, 86400, above=True),
     default=120,
     show_default=True,
     help="Give up waiting for the new supervisor's answer after this many seconds.",
@@ -422,7 +471,7 @@ def stop(name: str, control: str | None) -> None:
 )
 @click.option(
     "--deadline",
-    type=click.FloatRange(min=0.1, max=86400),
+    type=Seconds(0.1, 86400),
     default=None,
     metavar="SECONDS",
     help="Kill what is left this long after the drain began; the supervisor then exits 1.  "
@@ -430,7 +479,7 @@ def stop(name: str, control: str | None) -> None:
 )
 @click.option(
     "--settle",
-    type=click.FloatRange(min=0, max=86400),
+    type=Seconds(0, 86400),
     default=None,
     metavar="SECONDS",
     help="How long new connections are still taken after health turns to draining, for "

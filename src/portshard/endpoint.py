@@ -10,9 +10,10 @@ the service; the limits are part of the design:
   wait in the kernel's queue (``backlog``), which costs the supervisor no descriptor;
 - a peer that has not had its answer within ``idle`` seconds is dropped (``on_expire``), unless
   its answer is deliberately deferred (``Peer.waiting``: ``reload --wait``);
-- a reserve of descriptors: a connection that lands within ``fd_reserve`` of RLIMIT_NOFILE is
-  shed at once (the newest client goes, with a short "busy" answer if it fits in the socket
-  buffer), so the supervisor keeps the descriptors it needs to sample, spawn and steer;
+- a reserve of descriptors: a connection that lands within ``fd_reserve`` of RLIMIT_NOFILE
+  takes the place of a peer silent for ``evict_after``, else it is shed at once (with a short
+  "busy" answer if it fits in the socket buffer), so the supervisor keeps the descriptors it
+  needs to sample, spawn and steer;
 - at EMFILE/ENFILE (the process or the system is out of descriptors anyway): the newest peer
   that has not sent a complete request is shed, and accepting pauses for ``pause`` seconds (the
   listener would otherwise be readable forever, a busy loop).
@@ -85,7 +86,8 @@ class StreamServer:
         self.limits = limits
         self.peers: dict[int, Peer] = {}
         self.shed = 0  # clients shed for lack of descriptors (for tests and the log)
-        self._paused_until: float | None = None  # accepting stopped (EMFILE, shed)
+        self._paused_until: float | None = None  # accepting stopped until then (or a close)
+        self._hard_pause = False  # stopped for EMFILE or a shed: a close does not resume it
         self._listening = False
         self._warned = 0.0
         sock.setblocking(False)
@@ -122,8 +124,9 @@ class StreamServer:
                 self.selector.unregister(peer.sock)
             self.peers.pop(peer.fd, None)
             peer.sock.close()
-            if self._paused_until is None and not self._listening:
-                self._resume()  # below the cap again
+            if not self._listening and not self._hard_pause and self.sock.fileno() >= 0:
+                self._paused_until = None
+                self._resume()  # below the cap (or the descriptor ceiling) again
 
     def expire(self, now: float) -> None:
         """Drop peers past their time; resume accepting after a pause. Call every tick."""
@@ -135,6 +138,7 @@ class StreamServer:
                     self.on_expire(peer)
         if self._paused_until is not None and now >= self._paused_until:
             self._paused_until = None
+            self._hard_pause = False
             self._resume()
 
     def close_all(self) -> None:
@@ -157,6 +161,7 @@ class StreamServer:
     def _pause(self, why: str) -> None:
         self._pause_listener()
         self._paused_until = time.monotonic() + self.limits.pause
+        self._hard_pause = True
         now = time.monotonic()
         if now - self._warned >= 10.0:  # one line per 10 s, however hard it is pushed
             self._warned = now
@@ -180,9 +185,7 @@ class StreamServer:
         ceiling = self._fd_ceiling()
         for _ in range(self.limits.accept_batch):
             if len(self.peers) >= self.limits.max_conns and not self._evict_silent():
-                # Until one leaves (close() resumes) or one has been silent long enough.
-                self._pause_listener()
-                self._paused_until = time.monotonic() + self.limits.evict_after
+                self._full()
                 return
             try:
                 sock, _ = self.sock.accept()
@@ -197,7 +200,21 @@ class StreamServer:
                 return
             if sock.fileno() >= ceiling:
                 # fds are handed out lowest first: this one means nearly all below it are
-                # taken. Keep the reserve for the supervisor's own work.
+                # taken. Keep the reserve for the supervisor's own work: a silent peer of
+                # ours gives way (as at the cap), else the new client goes. Shedding the new
+                # one alone drained the kernel's queue one connection a pause: a `status`
+                # behind 300 slowloris connections at `ulimit -n 140` waited 30 s.
+                if self._evict_silent():
+                    self._add(sock)
+                    continue
+                if self.peers and sock.fileno() < ceiling + self.limits.fd_reserve // 2:
+                    # Our own peers hold the descriptors, and young ones (a batch just
+                    # accepted, not yet read) will go soon: keep this one, out of half the
+                    # reserve at most, and accept no more until one leaves. The rest wait in
+                    # the kernel's queue, at no cost to us, instead of being told "busy".
+                    self._add(sock)
+                    self._full()
+                    return
                 self.shed += 1
                 with contextlib.suppress(OSError):
                     sock.setblocking(False)
@@ -209,6 +226,13 @@ class StreamServer:
                 )
                 return
             self._add(sock)
+
+    def _full(self) -> None:
+        """Accept no more until a peer leaves (close() resumes) or one has been silent for
+        ``evict_after`` (it may then give way)."""
+        self._pause_listener()
+        self._paused_until = time.monotonic() + self.limits.evict_after
+        self._hard_pause = False
 
     def _add(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -298,9 +322,13 @@ def listen_tcp(address: tuple[str, int], backlog: int, option: str) -> socket.so
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
+        fix = (
+            "use an address of this machine ('ip addr'), e.g. 127.0.0.1"
+            if exc.errno == errno.EADDRNOTAVAIL
+            else "pick a free port (0 = any)"
+        )
         raise SupervisorError(
-            f"{option}: cannot listen on {address[0]}:{address[1]}: {exc.strerror}; "
-            f"pick a free port (0 = any)"
+            f"{option}: cannot listen on {address[0]}:{address[1]}: {exc.strerror}; {fix}"
         ) from None
     return sock
 

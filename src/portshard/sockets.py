@@ -190,6 +190,32 @@ def listen(
     return sock
 
 
+def join_refusal(address: Address) -> BindError | None:
+    """Why ``listen(address)`` could not join the TCP port's group at all (a holder without
+    SO_REUSEPORT, or one of another user): the error its bind would raise, or None if it
+    would bind (or it is not TCP on Linux). Only binds, never listens: a bound TCP socket is
+    not in the kernel's lookup, so it takes no connection from the holders."""
+    if address.proto is not Proto.TCP or not sys.platform.startswith("linux"):
+        return None
+    target = resolve(address)
+    try:
+        sock = socket.socket(target.family, socket.SOCK_STREAM)
+    except OSError:
+        return None  # listen() says why, with its fix
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if target.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if target.dualstack else 1)
+        try:
+            sock.bind(target.sockaddr)
+        except OSError as exc:
+            return (
+                _bind_error(target, exc, reuseport=True) if exc.errno == errno.EADDRINUSE else None
+            )
+    return None
+
+
 def _covers(mine: Resolved, theirs: str) -> bool:
     """Whether a socket on ``theirs`` ("1.2.3.4:P", "[::1]:P") takes some of the traffic
     ``mine`` would get, from another port-sharing group.

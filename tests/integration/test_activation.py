@@ -169,6 +169,25 @@ def test_absent_means_none() -> None:
     assert portshard.inherited(environ={"LISTEN_PID": str(os.getpid())}) == []
 
 
+def test_a_name_or_state_that_is_not_a_string_is_refused() -> None:
+    # inherited(5) returned [] as if nothing was passed; notify(None) was an AttributeError
+    # under a supervisor (NOTIFY_SOCKET set) and False without one.
+    with pytest.raises(portshard.ActivationError, match=r"a LISTEN_FDNAMES name .* not 5"):
+        portshard.inherited(5, environ={})  # type: ignore[arg-type]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(f"\0portshard-test-notify-{os.getpid()}")
+        env = {"NOTIFY_SOCKET": f"@portshard-test-notify-{os.getpid()}"}
+        for bad in (None, 5, b"READY=1"):
+            with pytest.raises(portshard.ActivationError, match=r"as a string, e.g. 'READY=1'"):
+                portshard.notify(bad, environ=env)  # type: ignore[arg-type]
+            with pytest.raises(portshard.ActivationError):
+                portshard.notify(bad, environ={})  # type: ignore[arg-type]
+        with pytest.raises(portshard.ActivationError, match="send a shorter state"):
+            portshard.notify("STATUS=" + "x" * 300_000, environ=env)
+        assert portshard.notify("READY=1", environ=env)
+        assert receiver.recv(64) == b"READY=1"
+
+
 def test_listen_pid_mismatch_in_process() -> None:
     env = {"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid() + 1)}
     assert portshard.inherited(environ=env) == []

@@ -276,6 +276,65 @@ print("shed", srv.shed, flush=True)
     assert int(out.split()[-1]) > 0, "nothing was shed: the limit was never reached"
 
 
+_CEILING_SERVER = r"""
+import resource, selectors, socket, sys, time
+from portshard.endpoint import Limits, StreamServer
+class Echo(StreamServer):
+    def on_data(self, peer):
+        if b"\n" in peer.buf:
+            self.send(peer, b"pong\n")
+sel = selectors.DefaultSelector()
+lsock = socket.socket()
+lsock.bind(("127.0.0.1", 0))
+lsock.listen(512)
+# RLIMIT 96 less a reserve of 64: the ceiling is fd 32, about 25 peers; the cap is far above.
+resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+srv = Echo(lsock, sel, Limits(max_conns=1000, idle=30.0, fd_reserve=64, backlog=512))
+print(lsock.getsockname()[1], flush=True)
+done = []
+sel.register(sys.stdin, selectors.EVENT_READ, lambda mask: done.append(1))
+end = time.monotonic() + 60
+while not done and time.monotonic() < end:
+    for key, mask in sel.select(0.05):
+        key.data(mask)
+    srv.expire(time.monotonic())
+print("peers", len(srv.peers), flush=True)
+"""
+
+
+def test_silent_connections_at_the_descriptor_ceiling_give_way_to_a_real_request() -> None:
+    # A local user's 150 half-sent requests (slowloris) at a low descriptor limit: each new
+    # connection at the ceiling was shed with a pause of 0.5 s and no peer gave way, so a
+    # request behind them waited ~75 s (`status` took 30 s under a flood at `ulimit -n 140`).
+    # Now a peer silent for evict_after gives way, as at the cap, and no real client is
+    # told "busy" while our own young peers hold the descriptors.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CEILING_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    hogs: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for _ in range(150):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET / HT")  # half a request, never finished
+            hogs.append(s)
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as real:
+            real.sendall(b"ping\n")
+            assert real.recv(16) == b"pong\n"
+        took = time.monotonic() - started
+        assert took < 10, f"the real request waited {took:.1f}s behind silent connections"
+        assert proc.poll() is None
+    finally:
+        for s in hogs:
+            s.close()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert int(out.split()[-1]) < 64, out  # the peers stayed near the ceiling
+
+
 class Echo(StreamServer):
     name = "echo"
 

@@ -104,6 +104,12 @@ def test_canonical_form_brackets_ipv6_and_names_the_scheme() -> None:
         ("   ", ["empty listen address"]),
         # a path
         ("tcp://127.0.0.1:80/index.html", ["has a path"]),
+        # very long: int() raised ValueError past 4,300 digits (a traceback), and a long host
+        # was echoed whole, three times in one line
+        ("9" * 5000, ["'" + "9" * 40 + "'...", "5,000 characters long", "tcp://HOST:PORT"]),
+        ("tcp://:" + "9" * 293, ["port of 293 digits is out of range", "0-65535"]),
+        ("tcp://" + "a" * 5000 + ":80", ["5,009 characters long", "no host name"]),
+        ("tcp://:0065536", ["port 0065536 is out of range"]),
     ],
 )
 def test_rejections_say_what_why_and_how(text: str, says: list[str]) -> None:
@@ -112,6 +118,13 @@ def test_rejections_say_what_why_and_how(text: str, says: list[str]) -> None:
     message = str(info.value)
     for part in says:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_a_long_address_is_refused_in_a_short_line() -> None:
+    for text in ("9" * 5000, "tcp://" + "a" * 5000 + ":80", "tcp://:" + "9" * 293):
+        with pytest.raises(AddressError) as info:
+            parse(text)
+        assert len(str(info.value)) < 600, str(info.value)[:200]
 
 
 def test_address_error_is_a_value_error_and_a_portshard_error() -> None:
@@ -158,6 +171,9 @@ def test_resolve_literals() -> None:
         ("tcp://..:80", ["'..' is not a valid host name", "1-63 characters"]),
         ("tcp://" + "a" * 64 + ".example:80", ["is not a valid host name"]),
         ("tcp://[fe80::1%no-such-if]:80", ["no network interface 'no-such-if'", "ip link"]),
+        # an index no interface has: bind() said "No such device", naming nothing
+        ("tcp://[fe80::1%99999]:80", ["no network interface '99999'", "ip link"]),
+        ("tcp://[fe80::1%9999999999999999999]:80", ["no network interface", "ip link"]),
     ],
 )
 def test_resolve_refuses_bad_names_and_zones_without_a_traceback(
@@ -173,3 +189,5 @@ def test_resolve_keeps_a_link_local_zone_that_names_an_interface() -> None:
     target = resolve(parse("tcp://[fe80::1%lo]:80"))
     assert target.family == socket.AF_INET6
     assert target.sockaddr[3] == socket.if_nametoindex("lo")
+    by_index = resolve(parse(f"tcp://[fe80::1%{socket.if_nametoindex('lo')}]:80"))
+    assert by_index.sockaddr[3] == socket.if_nametoindex("lo")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import tomllib
 from pathlib import Path
@@ -125,6 +126,21 @@ def test_missing_file() -> None:
         load({"config": "/nonexistent/ps.toml"})
 
 
+def test_a_pipe_a_device_or_a_huge_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    # A FIFO blocked open() and /dev/zero read() forever: `run -c` hung, and a reload (which
+    # reads the file again, in the supervisor's one thread) would have hung the supervisor.
+    fifo = tmp_path / "ps.toml"
+    os.mkfifo(fifo)  # nobody ever writes it: open() would block
+    with pytest.raises(ConfigError, match=r"'.*ps.toml' is a pipe \(FIFO\), not a regular file"):
+        load({"config": str(fifo)})
+    with pytest.raises(ConfigError, match="'/dev/zero' is a device, not a regular file"):
+        load({"config": "/dev/zero"})
+    big = tmp_path / "big.toml"
+    big.write_text("# x\n" * 300_000)
+    with pytest.raises(ConfigError, match="larger than 1024 KiB"):
+        load({"config": str(big)})
+
+
 def test_parsers() -> None:
     assert parse_signal("term") == signal.SIGTERM and parse_signal("SIGQUIT") == signal.SIGQUIT
     assert parse_signal("2") == signal.SIGINT
@@ -178,6 +194,19 @@ def _file(tmp_path: Path, text: str) -> dict[str, Any]:
          r"argument 1 is 200,000 bytes; the kernel passes no argument of [\d,]+ or more"),
         ('steering = "fast"', r'steering = "fast" in .*: not a known choice; use one of: auto'),
         ("ready = 3", r"ready = 3 in .*: expected a string"),
+        # a TOML date was shown as datetime.datetime(1979, 5, 27, ...), "not a datetime"
+        ("grace = 1979-05-27T07:32:00Z", r"grace = 1979-05-27T07:32:00\+00:00 in .*: expected "
+         r"seconds \(0-3600\), not a date or time; e.g. grace = 30"),
+        # exec refused it once the sockets were open: "ValueError: execve: argv first element"
+        ('command = [""]', r'command = \[""\] in .*: the program\'s name is empty; give the '
+         r"program first"),
+        ('command = [" ", "-v"]', r"the program's name is empty"),
+        # signals that never end a program: each retirement waited out --grace, then SIGKILL
+        ('stop-signal = "CONT"', r'stop-signal = "CONT" in .*: SIGCONT only resumes a stopped '
+         r"process.*; use e.g. TERM"),
+        ('stop-signal = "SIGCHLD"', r"SIGCHLD is ignored unless the program handles it"),
+        ("stop-signal = 20", r"stop-signal = 20 in .*: SIGTSTP stops \(pauses\) a process, it "
+         r"does not end it"),
     ],
 )  # fmt: skip
 def test_toml_values_are_type_checked(tmp_path: Path, line: str, message: str) -> None:

@@ -47,6 +47,17 @@ def test_a_port_in_use_is_refused_naming_the_option_and_the_fix(option: str) -> 
 
 
 @pytest.mark.parametrize("option", ["--health", "--metrics"])
+def test_an_address_not_of_this_machine_is_named_as_such(option: str) -> None:
+    # "Cannot assign requested address; pick a free port": the port was not the problem
+    with selectors.DefaultSelector() as sel, pytest.raises(SupervisorError) as err:
+        make(option, ("192.0.2.1", 0), sel)  # TEST-NET-1: never an address of this machine
+    assert str(err.value) == (
+        f"{option}: cannot listen on 192.0.2.1:0: Cannot assign requested address; use an "
+        "address of this machine ('ip addr'), e.g. 127.0.0.1"
+    )
+
+
+@pytest.mark.parametrize("option", ["--health", "--metrics"])
 @pytest.mark.parametrize("host,shown", [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])
 def test_the_url_names_the_bound_address(option: str, host: str, shown: str) -> None:
     if host == "::1" and not socket.has_ipv6:

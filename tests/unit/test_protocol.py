@@ -23,6 +23,9 @@ def test_round_trip() -> None:
         (b"[1, 2]", "must be a JSON object"),
         (b'{"cmd": "status"}', "version None is not supported"),
         (b'{"v": 2, "cmd": "status"}', "version 2"),
+        # true and 1.0 equal 1 in Python: they passed as version 1
+        (b'{"v": true, "cmd": "status"}', "version True is not supported"),
+        (b'{"v": 1.0, "cmd": "status"}', "version 1.0 is not supported"),
         (b'{"v": 1, "cmd": "explode"}', "unknown command 'explode'"),
     ],
 )

@@ -88,7 +88,7 @@ def decode_request(line: bytes) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ControlError("request must be a JSON object")
     version = message.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # true == 1.0 == 1 in Python
         raise ControlError(
             f"protocol version {version!r} is not supported; this supervisor speaks v{VERSION}"
         )

@@ -111,7 +111,14 @@ def parse_ports(text: str) -> list[int]:
     ports: list[int] = []
     for item in text.split(","):
         item = item.strip()
-        if not (item.isascii() and item.isdigit()) or not 1 <= int(item) <= 65535:
-            raise ConfigError(f"--ports {text!r}: {item!r} is not a port (1-65535)")
+        # at most 5 digits before int(): 5,000 of them raised its ValueError (a traceback)
+        if not (item.isascii() and item.isdigit() and len(item) <= 5) or not (
+            1 <= int(item) <= 65535
+        ):
+            shown = text if len(text) <= 60 else f"{text[:40]}... ({len(text):,} characters)"
+            item = item if len(item) <= 20 else f"{item[:12]}..."
+            raise ConfigError(
+                f"--ports {shown!r}: {item!r} is not a port (1-65535); write them as 80,8080"
+            )
         ports.append(int(item))
     return ports

@@ -9,7 +9,9 @@ over the file. ``reload`` re-reads the file and says which changes it cannot app
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -81,10 +83,30 @@ class Config:
         return resolve_user(self.user) if self.user else None
 
 
+MAX_FILE = 1 << 20  # bytes; every setting written out with its comments is ~10 KiB
+
+
 def read_file(path: str) -> dict[str, Any]:
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            # A FIFO blocked open() and /dev/zero read() forever: `run -c` hung, and a
+            # reload would hang the supervisor with it. A reload re-reads the file, so a
+            # pipe (`-c <(...)`) could not work anyway.
+            raise ConfigError(
+                f"config file {path!r} is {_kind_of_file(mode)}, not a regular file; a reload "
+                f"reads it again, so save the settings in a file and give its path"
+            )
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(MAX_FILE + 1)
+        if len(raw) > MAX_FILE:
+            raise ConfigError(
+                f"config file {path!r} is larger than {MAX_FILE // 1024} KiB: not a settings "
+                f"file (every setting with its comments is ~10 KiB); check the path"
+            )
+        data = tomllib.loads(raw.decode())
+    except ConfigError:
+        raise
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except IsADirectoryError:
@@ -112,6 +134,16 @@ def read_file(path: str) -> dict[str, Any]:
             f"known: {', '.join(sorted(KEYS))}"
         )
     return data
+
+
+def _kind_of_file(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 def _given(value: Any) -> bool:

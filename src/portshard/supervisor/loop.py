@@ -122,7 +122,9 @@ class Supervisor:
         capture_output: bool = False,
         resume: Resume | None = None,
         log_format: str = "text",
+        on_bound: Callable[[], None] | None = None,
     ) -> None:
+        self.on_bound = on_bound  # called once the slots' sockets are bound (PortLocks)
         self.sel = selectors.DefaultSelector()
         self.fx = SystemEffects(self.sel, activated, capture_output=capture_output)
         self.fleet = Fleet(cfg, cli, self.fx)
@@ -171,6 +173,8 @@ class Supervisor:
             fx.trees = Trees.open(self.cfg.name)
             for i in range(self.cfg.workers):
                 fleet.slots.append(Slot(i, fx.open_slot(i), self.cfg))
+        if self.on_bound is not None:
+            self.on_bound()
         log.info("worker trees: %s (%s)", fx.trees.mechanism.value, fx.trees.detected.why)
         if self.activated:
             self.activated.close_unused()

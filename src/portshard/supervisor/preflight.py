@@ -10,16 +10,67 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import socket
+import time
 from collections.abc import Collection
 
 from ..address import Address
 from ..errors import PortInUse
 from ..linux import cgroup, sockdiag
+from ..sockets import join_refusal
 from .config import Config
 
-__all__ = ["refuse_served_ports"]
+__all__ = ["PortLocks", "refuse_served_ports"]
+
+log = logging.getLogger(__name__)
+
+LOCK_WAIT = 30.0  # seconds a start waits for another start on the same port to bind
+
+
+class PortLocks:
+    """One abstract Unix socket per fixed --listen port, held from the check until our
+    sockets are bound (``release``), so two `portshard run` started together on one port
+    cannot both pass the check before either binds: both started, and the kernel split the
+    port's connections between them without a word (1 of 1 such starts by hand, 1 of 3 in
+    test_run_cli).
+
+    An abstract name is per network namespace, as ports are, and goes with its process;
+    a name held longer than LOCK_WAIT (another user may bind it too) is passed by with a
+    warning: the check then runs as before."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.held: list[socket.socket] = []
+        ports = sorted({(s.address.proto.value, s.address.port) for s in cfg.listen})
+        for proto, port in ports:
+            if port:
+                self._take(f"\0portshard/port/{proto}/{port}")
+
+    def _take(self, name: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                sock.bind(name)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                    time.sleep(0.05)  # another start checks or binds this port now
+                    continue
+                log.warning(
+                    "%s: held for %gs by another process; checking the port without it",
+                    name[1:],
+                    LOCK_WAIT,
+                )
+                sock.close()
+                return
+            self.held.append(sock)
+            return
+
+    def release(self) -> None:
+        for sock in self.held:
+            sock.close()
+        self.held.clear()
 
 
 def _ips(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
@@ -96,6 +147,12 @@ def refuse_served_ports(cfg: Config, *, skip: Collection[Address] = ()) -> None:
         seen: dict[int | None, sockdiag.Holder] = {}
         for h in holders:
             seen.setdefault(h.pid, h)
+        refusal = join_refusal(addr)
+        if refusal is not None:
+            # Nothing could be shared (a holder without SO_REUSEPORT, another user's): the
+            # bind's own reason, not "starting would share ... pass --join-existing", which
+            # then failed with that reason.
+            raise refusal
         named = "; ".join(_who(h) for h in list(seen.values())[:3])
         more = f" and {len(seen) - 3} more" if len(seen) > 3 else ""
         raise PortInUse(

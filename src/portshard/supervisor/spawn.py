@@ -70,10 +70,61 @@ def _exec_spec(spec: SpawnSpec) -> ExecSpec:
     )
 
 
+def program_problem(argv0: str, path: str | None = None) -> str | None:
+    """Why exec would refuse the program ``argv0`` (found on ``path``, else $PATH), in words
+    that end with the fix; None if it looks runnable. `run --check` said the settings were
+    fine for a directory and for a script whose '#!' interpreter is missing."""
+    import shutil
+
+    found = argv0 if os.sep in argv0 else shutil.which(argv0, mode=os.F_OK, path=path)
+    where = "" if os.sep in argv0 else " on PATH"
+    if not argv0.strip() or found is None or not os.path.exists(found):
+        return f"the command {argv0!r} is not an executable file{where}; check the path"
+    if os.path.isdir(found):
+        return f"the command {argv0!r} is a directory, not a program; give the program's path"
+    if not os.access(found, os.X_OK):
+        return f"the command {argv0!r} is not executable; chmod +x it, or check the path"
+    interpreter = _missing_interpreter(found)
+    if interpreter is not None:
+        return (
+            f"the command {argv0!r} is a script for {interpreter!r} (its '#!' line), which "
+            f"does not exist; install it, or fix the script's first line"
+        )
+    return None
+
+
+def _missing_interpreter(program: str) -> str | None:
+    """The '#!' interpreter of ``program`` if it has one that does not exist: exec then fails
+    with ENOENT, which said "check the path" of a program that was there."""
+    try:
+        with open(program, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].split()
+    if not words:
+        return None
+    interpreter = os.fsdecode(words[0])
+    return None if os.path.exists(interpreter) else interpreter
+
+
 def _explain(argv0: str, exc: ChildError) -> SupervisorError:
     hint = ""
-    if exc.errno == errno.ENOENT:
+    found = argv0 if os.sep in argv0 else None
+    if exc.errno == errno.ENOENT and found and (interpreter := _missing_interpreter(found)):
+        hint = (
+            f" (the interpreter {interpreter!r} of its '#!' line); install it, or fix the "
+            f"script's first line"
+        )
+    elif exc.errno == errno.ENOENT:
         hint = "; check the path, or that it is on PATH"
+    elif exc.errno == errno.ENOEXEC:
+        hint = (
+            "; it is not a program this machine can run (a script without a '#!' line, or a "
+            "binary for another machine): add the '#!' line, or run it through its interpreter"
+        )
     elif exc.errno == errno.E2BIG:  # each string is checked by config.load: all of them
         hint = (
             "; its arguments and environment (portshard's own, [env] and LISTEN_*) are "

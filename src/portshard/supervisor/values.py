@@ -8,6 +8,7 @@ value, what was expected and the fix. Used by ``settings.py`` (the schema) and `
 
 from __future__ import annotations
 
+import datetime
 import grp
 import json
 import os
@@ -71,6 +72,8 @@ def _kind(value: Any) -> str:
         return "a list"
     if isinstance(value, dict):
         return "a table"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return "a date or time"
     return f"a {type(value).__name__}"
 
 
@@ -86,6 +89,8 @@ def shown(value: Any) -> str:
         text = "[" + ", ".join(shown(v) for v in list(value)[:8]) + "]"
     elif isinstance(value, dict):
         text = "{" + ", ".join(f"{k} = {shown(v)}" for k, v in list(value.items())[:8]) + "}"
+    elif isinstance(value, (datetime.date, datetime.time)):  # TOML dates: as written
+        text = value.isoformat()
     else:
         text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -202,6 +207,12 @@ def parse_command(value: Any, origin: Origin) -> tuple[str, ...]:
         raise origin.wrong_type(value, "a list of strings", "['./server', '-v']")
     if any("\0" in arg for arg in value):
         raise origin.error(value, "an argument holds a NUL byte", "no program can receive one")
+    if value and not value[0].strip():
+        # exec refused it later, once the sockets were open, as "ValueError: execve: argv
+        # first element cannot be empty"
+        raise origin.error(
+            value, "the program's name is empty", "give the program first, e.g. ./server -v"
+        )
     for i, arg in enumerate(value):
         _fits_exec(value, origin, arg, f"argument {i}", "argument")
     return tuple(value)
@@ -301,7 +312,22 @@ def parse_signal(value: str | int, origin: Origin | None = None) -> int:
             number = int(sig)
     if number not in {int(s) for s in signal.Signals} or number == signal.SIGSTOP:
         raise origin.error(value, "cannot be used to stop a worker", "use e.g. TERM, INT, QUIT")
+    if number in _NEVER_STOPS:
+        raise origin.error(value, _NEVER_STOPS[number], "use e.g. TERM, INT, QUIT")
     return number
+
+
+# Signals that never make a program exit by themselves: with one, every retirement (a
+# reload, a scale down, a stop) waited out --grace and then SIGKILLed the worker.
+_NEVER_STOPS = {
+    int(signal.SIGCONT): "SIGCONT only resumes a stopped process, and a frozen worker is "
+    "already resumed by the retirement",
+    int(signal.SIGCHLD): "SIGCHLD is ignored unless the program handles it, and it means "
+    "a child changed state",
+    int(signal.SIGTSTP): "SIGTSTP stops (pauses) a process, it does not end it",
+    int(signal.SIGTTIN): "SIGTTIN stops (pauses) a process, it does not end it",
+    int(signal.SIGTTOU): "SIGTTOU stops (pauses) a process, it does not end it",
+}
 
 
 def parse_ready(value: Any, origin: Origin | None = None) -> ReadyMode:
