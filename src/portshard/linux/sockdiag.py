@@ -386,11 +386,23 @@ def held_by_members(
     ports: AbstractSet[int],
     *,
     leftovers: bool = True,
+    seen: set[int] | None = None,
 ) -> int:
     """:func:`held_connections` for a known set of processes (a cgroup's members), counting
-    answered keep-alive leftovers too unless ``leftovers`` is False."""
+    answered keep-alive leftovers too unless ``leftovers`` is False.
+
+    ``seen`` (counting leftovers only): inodes an earlier walk found not to be connections on
+    ``ports``; the walk is skipped when the tree holds no other, and adds those it finds. A
+    connection on a served port is born connected (accept() makes a new inode), so a socket
+    that was not one never becomes one. Readiness asks every tick while a worker starts, and a
+    pre-fork server's tree holds Unix sockets from its start (node cluster's IPC channels):
+    every look walked the host's connection hash, 60 ms on average and up to 120 ms with
+    ~120k TIME_WAIT sockets, the loop blocked meanwhile."""
     held = {member: set(socket_fds(member).values()) for member in members}
-    if not set().union(*held.values()) - listeners:
+    unknown = set().union(*held.values()) - listeners
+    if seen is not None and leftovers:
+        unknown -= seen
+    if not unknown:
         return 0
     if not leftovers and all(_same_netns(pid) for pid in held):
         try:
@@ -403,6 +415,8 @@ def held_by_members(
         for state, port, inode in found
         if port in ports
     ]
+    if seen is not None and leftovers:
+        seen |= unknown - {inode for _, inode in rows}
     if not leftovers and any(state == _CLOSE_WAIT for state, _ in rows):
         try:
             answered = _answered_leftovers()

@@ -227,7 +227,9 @@ class SystemEffects:
             try:
                 inodes = self.listeners_of(w)
                 members = w.cgroup.members() if w.cgroup is not None else None
-                return tree_waiting_for_work(w.pid, inodes, ports=self.tcp_ports(), members=members)
+                return tree_waiting_for_work(
+                    w.pid, inodes, ports=self.tcp_ports(), members=members, seen=w.not_held
+                )
             except (OSError, InspectError):
                 return False  # not visible (yet): ask again on the next tick
         return False  # notify: an event from the notify socket
