@@ -288,6 +288,44 @@ def test_readiness_walks_the_connection_table_only_for_sockets_it_has_not_seen(
     assert len(walks) == 4
 
 
+def test_the_freeze_check_walks_only_for_sockets_it_has_not_seen(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for the freeze-check (it walks once per look, the worker frozen meanwhile): a
+    connection held since the last look is a new socket, walked for and found, and counts
+    until it is closed."""
+    proc = talk(procs, PRELUDE + "pair = socket.socketpair()\n" + HOLD)
+    port = int(readline(proc))
+    assert readline(proc) == "ready"
+    listeners = sockdiag.listening_sockets_of(proc.pid, ports={port})
+    walks = []
+    real = sockdiag._held_less_leftovers
+
+    def counted(*args: Any) -> Any:
+        walks.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(sockdiag, "_held_less_leftovers", counted)
+    seen: set[int] = set()
+
+    def held() -> int:
+        return sockdiag.held_connections(proc.pid, listeners, {port}, seen=seen)
+
+    assert (held(), held(), len(walks)) == (0, 0, 1)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        command(proc, "accept")
+        assert readline(proc) == "done"
+        assert (held(), held(), len(walks)) == (1, 1, 3)  # held: walked each look
+        client.sendall(b"request")
+        client.shutdown(socket.SHUT_WR)
+        command(proc, "read 0")  # its client half-closed and waits for its answer
+        assert readline(proc) == "done"
+        assert held() == 1
+        command(proc, "close")
+        assert readline(proc) == "done"
+    assert (held(), len(walks)) == (0, 4)
+
+
 def test_the_freeze_check_leaves_out_answered_keep_alive_leftovers(procs: Procs) -> None:
     """A CLOSE_WAIT connection whose server answered after the last request (hypercorn keeps
     these until its keep-alive timeout) is not held for the freeze-check; one whose client

@@ -301,7 +301,8 @@ class SystemEffects:
         """True also when we cannot tell (EMFILE, an unreadable /proc): then the drain thaws
         it and looks again, and after --grace falls back to the stop signal."""
         try:
-            held = held_connections(w.pid, self.listeners_of(w), self.tcp_ports(), w.cgroup)
+            ports = self.tcp_ports()
+            held = held_connections(w.pid, self.listeners_of(w), ports, w.cgroup, w.not_held)
             return held > 0
         except (OSError, InspectError) as exc:
             if w.pid not in self.blind:  # once: a freeze-check looks every 20 ms until --grace
