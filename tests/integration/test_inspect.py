@@ -240,6 +240,92 @@ def test_connections_of_counts_held_connections(
             c.close()
 
 
+def test_readiness_walks_the_connection_table_only_for_sockets_it_has_not_seen(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A starting worker whose tree holds sockets besides its listeners (node cluster's IPC
+    channels: Unix sockets) made every readiness look walk the host's connection hash (60 ms
+    each with ~120k TIME_WAIT sockets). Sockets a walk found not to be connections on the
+    served ports are not walked for again; a connection it accepts later is a new socket,
+    and is found."""
+    proc = talk(procs, PRELUDE + "pair = socket.socketpair()\n" + HOLD)
+    port = int(readline(proc))
+    assert readline(proc) == "ready"
+    listeners = sockdiag.listening_sockets_of(proc.pid, ports={port})
+    assert len(listeners) == 1
+    others = set(linux_proc.socket_fds(proc.pid).values()) - listeners
+    assert len(others) == 2  # the socketpair
+    walks = []
+    real = sockdiag._tables
+
+    def counted(*args: Any) -> Any:
+        walks.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(sockdiag, "_tables", counted)
+    seen: set[int] = set()
+
+    def ready() -> bool:
+        return waiting.tree_waiting_for_work(proc.pid, listeners, ports={port}, seen=seen)
+
+    assert not ready()  # blocked on stdin, not on its listener, and holding no connection
+    assert (len(walks), seen) == (1, others)
+    assert not ready()
+    assert not ready()
+    assert len(walks) == 1  # nothing new: no walk
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        command(proc, "accept")
+        assert readline(proc) == "done"
+        assert ready()  # it holds what it accepted: a new socket, walked for and found
+        assert len(walks) == 2
+        assert seen == others
+        command(proc, "close")
+        assert readline(proc) == "done"
+    assert not ready()
+    assert len(walks) == 2
+    for _ in range(2):  # without what it saw: a walk every look, as before
+        assert not waiting.tree_waiting_for_work(proc.pid, listeners, ports={port})
+    assert len(walks) == 4
+
+
+def test_the_freeze_check_walks_only_for_sockets_it_has_not_seen(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for the freeze-check (it walks once per look, the worker frozen meanwhile): a
+    connection held since the last look is a new socket, walked for and found, and counts
+    until it is closed."""
+    proc = talk(procs, PRELUDE + "pair = socket.socketpair()\n" + HOLD)
+    port = int(readline(proc))
+    assert readline(proc) == "ready"
+    listeners = sockdiag.listening_sockets_of(proc.pid, ports={port})
+    walks = []
+    real = sockdiag._held_less_leftovers
+
+    def counted(*args: Any) -> Any:
+        walks.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(sockdiag, "_held_less_leftovers", counted)
+    seen: set[int] = set()
+
+    def held() -> int:
+        return sockdiag.held_connections(proc.pid, listeners, {port}, seen=seen)
+
+    assert (held(), held(), len(walks)) == (0, 0, 1)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        command(proc, "accept")
+        assert readline(proc) == "done"
+        assert (held(), held(), len(walks)) == (1, 1, 3)  # held: walked each look
+        client.sendall(b"request")
+        client.shutdown(socket.SHUT_WR)
+        command(proc, "read 0")  # its client half-closed and waits for its answer
+        assert readline(proc) == "done"
+        assert held() == 1
+        command(proc, "close")
+        assert readline(proc) == "done"
+    assert (held(), len(walks)) == (0, 4)
+
+
 def test_the_freeze_check_leaves_out_answered_keep_alive_leftovers(procs: Procs) -> None:
     """A CLOSE_WAIT connection whose server answered after the last request (hypercorn keeps
     these until its keep-alive timeout) is not held for the freeze-check; one whose client

@@ -366,6 +366,7 @@ def held_connections(
     listeners: AbstractSet[int],
     ports: AbstractSet[int],
     group: Cgroup | None = None,
+    seen: set[int] | None = None,
 ) -> int:
     """Client connections (local port one of ``ports``) that the process tree holds (the
     worker's ``group`` members if given: its escaped descendants included), less answered
@@ -377,7 +378,9 @@ def held_connections(
     connection does not count), judging those in CLOSE_WAIT (:func:`_held_less_leftovers`).
     """
     members = group.members() if group is not None else []
-    return held_by_members(members or process_tree(pid), listeners, ports, leftovers=False)
+    return held_by_members(
+        members or process_tree(pid), listeners, ports, leftovers=False, seen=seen
+    )
 
 
 def held_by_members(
@@ -386,23 +389,43 @@ def held_by_members(
     ports: AbstractSet[int],
     *,
     leftovers: bool = True,
+    seen: set[int] | None = None,
 ) -> int:
     """:func:`held_connections` for a known set of processes (a cgroup's members), counting
-    answered keep-alive leftovers too unless ``leftovers`` is False."""
+    answered keep-alive leftovers too unless ``leftovers`` is False.
+
+    ``seen``: inodes an earlier walk found not to be connections on
+    ``ports``; the walk is skipped when the tree holds no other, and adds those it finds. A
+    connection on a served port is born connected (accept() makes a new inode), so a socket
+    that was not one never becomes one. Readiness asks every tick while a worker starts, and a
+    pre-fork server's tree holds Unix sockets from its start (node cluster's IPC channels):
+    every look walked the host's connection hash, 60 ms on average and up to 120 ms with
+    ~120k TIME_WAIT sockets, the loop blocked meanwhile; and each freeze-check of such a
+    tree walked once more, the worker frozen meanwhile."""
     held = {member: set(socket_fds(member).values()) for member in members}
-    if not set().union(*held.values()) - listeners:
+    unknown = set().union(*held.values()) - listeners
+    if seen is not None:
+        unknown -= seen
+    if not unknown:
         return 0
     if not leftovers and all(_same_netns(pid) for pid in held):
+        matched: set[int] = set()
         try:
-            return _held_less_leftovers(set().union(*held.values()), ports)
+            count = _held_less_leftovers(set().union(*held.values()), ports, matched)
         except _NoDiag:
             pass  # /proc/PID/net below
+        else:
+            if seen is not None:
+                seen |= unknown - matched
+            return count
     rows = [
         (state, inode)
         for found in _tables(held, socket.IPPROTO_TCP, _TCPF_CONNECTED).values()
         for state, port, inode in found
         if port in ports
     ]
+    if seen is not None:
+        seen |= unknown - {inode for _, inode in rows}
     if not leftovers and any(state == _CLOSE_WAIT for state, _ in rows):
         try:
             answered = _answered_leftovers()
@@ -412,7 +435,9 @@ def held_by_members(
     return len(rows)
 
 
-def _held_less_leftovers(inodes: AbstractSet[int], ports: AbstractSet[int]) -> int:
+def _held_less_leftovers(
+    inodes: AbstractSet[int], ports: AbstractSet[int], found: set[int] | None = None
+) -> int:
     """The connections among ``inodes`` (our namespace) on ``ports``, less answered keep-alive
     leftovers, in one walk of the kernel's connection hash: every connected socket comes with
     its tcp_info, which only a CLOSE_WAIT one needs. Two walks (connections, then the CLOSE_WAIT
@@ -425,8 +450,11 @@ def _held_less_leftovers(inodes: AbstractSet[int], ports: AbstractSet[int]) -> i
     ):
         if int.from_bytes(data[msg + 4 : msg + 6], "big") not in ports:
             continue
-        if _DIAG_INODE.unpack_from(data, msg + _DIAG_INODE_OFFSET)[0] not in inodes:
+        (inode,) = _DIAG_INODE.unpack_from(data, msg + _DIAG_INODE_OFFSET)
+        if inode not in inodes:
             continue
+        if found is not None:  # a connection on our ports (a leftover too)
+            found.add(inode)
         held += not (data[msg + 1] == _CLOSE_WAIT and _answered(data, msg))
     return held
 

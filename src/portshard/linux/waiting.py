@@ -249,9 +249,11 @@ def tree_waiting_for_work(
     *,
     ports: AbstractSet[int] = frozenset(),
     members: Iterable[int] | None = None,
+    seen: set[int] | None = None,
 ) -> bool:
     """True when any process of the worker's tree waits for work on one of these sockets, or
-    (with ``ports``) holds a client connection on one of those local ports.
+    (with ``ports``) holds a client connection on one of those local ports (``seen``: the
+    worker's sockets known not to be one, kept between looks: ``sockdiag.held_by_members``).
 
     Pre-fork servers (gunicorn, nginx, a plain bind-fork-accept server): the master binds or
     inherits the socket and never waits on it; its children do. And under a saturating load a
@@ -274,7 +276,7 @@ def tree_waiting_for_work(
                 raise
             # A descendant that changed uid (an nginx worker as www-data under a root
             # master run by an unprivileged supervisor): its siblings may still answer.
-    return bool(ports) and held_by_members(tree, inodes, ports) > 0
+    return bool(ports) and held_by_members(tree, inodes, ports, seen=seen) > 0
 
 
 def tree_waits_in_epoll(

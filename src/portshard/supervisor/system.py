@@ -227,7 +227,9 @@ class SystemEffects:
             try:
                 inodes = self.listeners_of(w)
                 members = w.cgroup.members() if w.cgroup is not None else None
-                return tree_waiting_for_work(w.pid, inodes, ports=self.tcp_ports(), members=members)
+                return tree_waiting_for_work(
+                    w.pid, inodes, ports=self.tcp_ports(), members=members, seen=w.not_held
+                )
             except (OSError, InspectError):
                 return False  # not visible (yet): ask again on the next tick
         return False  # notify: an event from the notify socket
@@ -299,7 +301,8 @@ class SystemEffects:
         """True also when we cannot tell (EMFILE, an unreadable /proc): then the drain thaws
         it and looks again, and after --grace falls back to the stop signal."""
         try:
-            held = held_connections(w.pid, self.listeners_of(w), self.tcp_ports(), w.cgroup)
+            ports = self.tcp_ports()
+            held = held_connections(w.pid, self.listeners_of(w), ports, w.cgroup, w.not_held)
             return held > 0
         except (OSError, InspectError) as exc:
             if w.pid not in self.blind:  # once: a freeze-check looks every 20 ms until --grace

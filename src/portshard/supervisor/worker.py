@@ -134,6 +134,7 @@ class Worker:
         self.resume_retiring = False  # it was being retired when its supervisor went
         self.left: list[int] = []  # processes of its tree still running when it was reaped
         self.token: str | None = None  # its $PORTSHARD_TREE, without cgroups (handoff.py)
+        self.not_held: set[int] = set()  # its sockets known not to be connections (sockdiag)
 
     def __repr__(self) -> str:
         return f"<Worker slot {self.slot.index} pid {self.pid} {self.state.value}>"
