@@ -624,6 +624,64 @@ def test_port_holders_finds_the_child(procs: Procs, version: str, proto: Proto) 
     assert f"pid {proc.pid}" in holder.describe()
 
 
+def test_port_sockets_from_sock_diag_match_proc_net(monkeypatch: pytest.MonkeyPatch) -> None:
+    """port_sockets asks sock_diag (the listening hash alone, not every TIME_WAIT socket of
+    /proc/net/tcp); its answer must be the /proc fallback's: inodes, uids, addresses in both
+    families, dual-stack and IPv6-only, TCP listeners and unconnected UDP sockets."""
+    six = _ipv6_loopback()
+    socks: list[socket.socket] = []
+
+    def bound(family: int, kind: int, host: str, port: int, v6only: int | None = None) -> int:
+        sock = socket.socket(family, kind)
+        socks.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if v6only is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen()
+        port: int = sock.getsockname()[1]
+        return port
+
+    try:
+        tcp = bound(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", 0)
+        bound(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.2", tcp)
+        client = socket.create_connection(("127.0.0.1", tcp))  # a connection: not listed
+        socks.append(client)
+        udp = bound(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1", 0)
+        if six:
+            bound(socket.AF_INET6, socket.SOCK_STREAM, "::1", tcp, v6only=1)
+            bound(socket.AF_INET6, socket.SOCK_DGRAM, "::", udp, v6only=0)
+        diag = {
+            proto: sorted(sockdiag._diag_port_sockets(proto, port))
+            for proto, port in [(Proto.TCP, tcp), (Proto.UDP, udp)]
+        }
+
+        def no_diag(*_: object) -> list[tuple[int, int, str]]:
+            raise sockdiag._NoDiag("the test's fallback")
+
+        monkeypatch.setattr(sockdiag, "_diag_port_sockets", no_diag)
+        proc_net = {
+            proto: sorted(sockdiag.port_sockets(proto, port))
+            for proto, port in [(Proto.TCP, tcp), (Proto.UDP, udp)]
+        }
+        assert diag == proc_net
+        me = os.geteuid()
+        mine = {tcpinfo.socket_inode(s) for s in socks}
+        assert {(uid, local) for inode, uid, local in diag[Proto.TCP] if inode in mine} == {
+            (me, f"127.0.0.1:{tcp}"),
+            (me, f"127.0.0.2:{tcp}"),
+            *([(me, f"[::1]:{tcp}")] if six else []),
+        }
+        assert {(uid, local) for inode, uid, local in diag[Proto.UDP] if inode in mine} == {
+            (me, f"127.0.0.1:{udp}"),
+            *([(me, f"[::]:{udp}")] if six else []),
+        }
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 # --- the two socket tables ----------------------------------------------------------------------
 
 
