@@ -109,12 +109,16 @@ def test_a_command_and_environment_over_the_kernels_limit_are_named_so(
     start: Start, short_tmp: Path
 ) -> None:
     # Each value under the kernel's 128 KiB per string (config.load refuses longer ones),
-    # together 7 MB, over the kernel's total (a quarter of the stack limit, at most 6 MB): the
-    # spawn failed with "Argument list too long" and nothing said which list or limit.
+    # together 700 KB (a config file stays under 1 MiB), over the kernel's total for a
+    # supervisor run with a 2 MiB stack limit (a quarter of it, 512 KiB): the spawn failed
+    # with "Argument list too long" and nothing said which list or limit.
     config = short_tmp / "big.toml"
-    big = "".join(f'V{i} = "{"x" * 100_000}"\n' for i in range(70))
+    big = "".join(f'V{i} = "{"x" * 100_000}"\n' for i in range(7))
     config.write_text(f'command = ["sleep", "9"]\n[env]\n{big}')
-    sup = start("-w", "1", "--listen", "tcp://127.0.0.1:0", "-c", str(config), wait=False)
+    stack = ["prlimit", f"--stack={2 << 20}", "--"]
+    sup = start(
+        "-w", "1", "--listen", "tcp://127.0.0.1:0", "-c", str(config), wait=False, wrap=stack
+    )
     assert sup.wait_exit(30) != 0
     text = sup.text()
     assert "Argument list too long; its arguments and environment" in text, text

@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import errno
 import logging
@@ -143,6 +144,9 @@ class Supervisor:
         self._guard_log: dict[str, tuple[float, int]] = {}  # operation -> last log, held
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop_signalled = -SAME_SIGNAL  # when SIGTERM/SIGINT began the graceful stop
+        # When each SIGTERM/SIGINT not yet handled arrived: the loop may take longer than
+        # SAME_SIGNAL to come to the second of two sent 20 ms apart on a busy machine.
+        self._stops_arrived: collections.deque[float] = collections.deque(maxlen=64)
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._old_handlers: dict[int, Any] = {}
         self.resume = resume
@@ -225,7 +229,7 @@ class Supervisor:
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (*HANDLED, *IGNORED):
-            self._old_handlers[sig] = signal.signal(sig, lambda _s, _f: None)
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         # An upgrade's exec left them blocked (upgrade.py): what arrived meanwhile comes now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals())
         self.succession.start_warden()
@@ -393,6 +397,12 @@ class Supervisor:
             if pid is not None and b"READY=1" in data.split(b"\n"):
                 self.fleet.notified_ready(pid)
 
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        """The Python-level handler (the wake-up fd carries the signal to the loop): notes when
+        a stop signal arrived, in the main thread between two bytecodes, soon after."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stops_arrived.append(time.monotonic())
+
     def _on_wakeup(self, _mask: int) -> None:
         try:
             data = self._wake_r.recv(512)
@@ -401,7 +411,7 @@ class Supervisor:
         for signum in array.array("B", data):
             name = _signal_name(signum)
             if signum in (signal.SIGTERM, signal.SIGINT):
-                now = time.monotonic()
+                now = self._stops_arrived.popleft() if self._stops_arrived else time.monotonic()
                 if self.fleet.stopping and now - self._stop_signalled < SAME_SIGNAL:
                     log.info(
                         "%s again %.0f ms after the first: the same request (`timeout` sends it "
