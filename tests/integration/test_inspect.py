@@ -502,6 +502,47 @@ def test_a_udp_receiver_is_waiting(procs: Procs, udp: socket.socket) -> None:
     assert sockdiag.listening_sockets_of(proc.pid) == {tcpinfo.socket_inode(udp)}
 
 
+def idle_frozen(proc: subprocess.Popen[bytes], sock: socket.socket, settle: str) -> bool:
+    """Wait until the child is in ``settle`` (a wchan word), stop it, and ask whether its
+    stopped tree holds no datagram."""
+    wait_until(lambda: settle in wchan(proc.pid), what=f"the child in {settle}")
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: linux_proc.tree_stopped(proc.pid, None), what="stopped")
+        return waiting.tree_idle_for_datagrams(proc.pid, {tcpinfo.socket_inode(sock)})
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize(
+    ("code", "settle", "idle"),
+    [
+        ("ready(); socks[0].recvfrom(2048)", "wait", True),
+        # asyncio with nothing pending waits with no timeout; with a task's timer it has one
+        ("sel = selectors.EpollSelector(); sel.register(socks[0], selectors.EVENT_READ)\n"
+         "ready(); sel.select()", "epoll_wait", True),
+        ("sel = selectors.EpollSelector(); sel.register(socks[0], selectors.EVENT_READ)\n"
+         "ready()\nwhile True: sel.select(0.5)", "epoll_wait", False),
+        ("sel = selectors.EpollSelector(); sel.register(socks[0], selectors.EVENT_READ)\n"
+         "ready(); sel.select(600)", "epoll_wait", True),
+        ("ready(); select.select([socks[0]], [], [])", "poll_schedule", True),
+        # a datagram in hand: computing (sleeping) or waiting elsewhere
+        ("ready(); time.sleep(600)", "nanosleep", False),
+        ("ready(); sys.stdin.read()", "pipe_read", False),
+        # one thread waits, another holds one
+        ("import threading; threading.Thread(target=socks[0].recvfrom, args=(9,)).start()\n"
+         "ready(); time.sleep(600)", "nanosleep", False),
+    ],
+    ids=["recvfrom", "epoll", "epoll-timer", "epoll-far-timer", "select", "sleep", "stdin",
+         "thread"],
+)  # fmt: skip
+def test_a_frozen_udp_receiver_is_idle_only_waiting_for_a_datagram(
+    procs: Procs, udp: socket.socket, code: str, settle: str, idle: bool
+) -> None:
+    proc = child(procs, code, udp)
+    assert idle_frozen(proc, udp, settle) is idle
+
+
 def test_a_stopped_process_is_not_waiting(procs: Procs, listener: socket.socket) -> None:
     proc = child(procs, "ready(); socks[0].accept()", listener)
     wait_until(lambda: waits(proc, listener), what="waiting in accept")

@@ -45,6 +45,7 @@ __all__ = [
     "stat",
     "tgid",
     "tree_stopped",
+    "udp_delivered",
 ]
 
 SOCKET_LINK = "socket:["
@@ -430,3 +431,22 @@ def netstat(group: str, names: tuple[str, ...]) -> dict[str, int]:
             if key in names:
                 found[key] = int(value)
     return found
+
+
+def udp_delivered(pid: int) -> int | None:
+    """Datagrams handed to a program by a receive call in ``pid``'s network namespace (Udp
+    and Udp6 InDatagrams of /proc/PID/net/snmp and snmp6: the kernel counts them in
+    udp_recvmsg, at the dequeue, not at arrival); None once it has gone or when unreadable."""
+    try:
+        lines = read(f"/proc/{pid}/net/snmp").decode().splitlines()
+        six = read(f"/proc/{pid}/net/snmp6").decode().split()
+    except OSError:
+        return None
+    rows = [line.split()[1:] for line in lines if line.startswith("Udp:")]
+    total = 0
+    for head, values in zip(rows[::2], rows[1::2], strict=False):
+        total += int(values[head.index("InDatagrams")]) if "InDatagrams" in head else 0
+    for key, value in zip(six[::2], six[1::2], strict=False):
+        if key == "Udp6InDatagrams":
+            total += int(value)
+    return total

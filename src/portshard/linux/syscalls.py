@@ -44,6 +44,9 @@ class Waits:
     poll: frozenset[int]  # ARG0 = struct pollfd *, ARG1 = nfds
     select: frozenset[int]  # ARG0 = nfds, ARG1 = fd_set *readfds
     restart: int  # restart_syscall
+    # Where each poll/select/epoll wait has its timeout: (nr, arg index, kind), kind "ms" (an
+    # int, -1 = none), "timespec" or "timeval" (a pointer, NULL = none).
+    timeouts: tuple[tuple[int, int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,15 @@ ARCHES: dict[str, Arch] = {
             poll=frozenset({7, 271}),  # poll ppoll
             select=frozenset({23, 270}),  # select pselect6
             restart=219,
+            timeouts=(
+                (232, 3, "ms"),
+                (281, 3, "ms"),
+                (441, 3, "timespec"),
+                (7, 2, "ms"),
+                (271, 2, "timespec"),
+                (23, 4, "timeval"),
+                (270, 4, "timespec"),
+            ),
         ),
     ),
     # include/uapi/asm-generic/unistd.h (arm64 has no epoll_wait, poll or select, only p-forms)
@@ -89,6 +101,12 @@ ARCHES: dict[str, Arch] = {
             poll=frozenset({73}),
             select=frozenset({72}),
             restart=128,
+            timeouts=(
+                (22, 3, "ms"),
+                (441, 3, "timespec"),
+                (73, 2, "timespec"),
+                (72, 4, "timespec"),
+            ),
         ),
     ),
 }

@@ -19,7 +19,12 @@ from .proc import SOCKET_LINK, no_access, process_tree, read, read_small, socket
 from .sockdiag import held_by_members
 from .syscalls import Waits, native_arch
 
-__all__ = ["tree_waiting_for_work", "tree_waits_in_epoll", "waiting_for_work"]
+__all__ = [
+    "tree_idle_for_datagrams",
+    "tree_waiting_for_work",
+    "tree_waits_in_epoll",
+    "waiting_for_work",
+]
 
 # Is the process waiting for work? Read from /proc/PID/task/TID/syscall, no cooperation needed.
 #
@@ -49,6 +54,8 @@ _POLLIN = 0x001 | 0x040  # POLLIN | POLLRDNORM (EPOLLIN and EPOLLRDNORM have the
 _POLLFD = struct.Struct("=ihh")  # struct pollfd: int fd; short events; short revents
 _MAX_PEEK = 1 << 16  # bytes of pollfd array / fd_set we are willing to read
 _WAITING_STATES = frozenset("SDRI")
+_TIMESPEC = struct.Struct("=qq")  # struct timespec / timeval on a 64-bit ABI: sec, nsec|usec
+DUE_SOON = 1.0  # s: a wait with a timer due sooner may hold a datagram it answers then
 _EPOLL_LINK = "anon_inode:[eventpoll]"
 
 
@@ -183,6 +190,51 @@ class _Looker:
             fd += 1
         return False
 
+    def due_soon(self, table: Waits, nr: int, args: list[int]) -> bool:
+        """The wait ``nr`` has a timeout under DUE_SOON s (or one we cannot read)."""
+        for number, index, kind in table.timeouts:
+            if number != nr:
+                continue
+            if kind == "ms":
+                ms = args[index] & 0xFFFFFFFF  # an int in a 64-bit register
+                ms -= 1 << 32 if ms >= 1 << 31 else 0
+                return 0 <= ms < DUE_SOON * 1000
+            if args[index] == 0:
+                return False  # NULL: no timeout
+            data = self.peek(args[index], _TIMESPEC.size)
+            if data is None:
+                return True
+            sec, frac = _TIMESPEC.unpack(data)
+            return bool(sec + frac / (1e9 if kind == "timespec" else 1e6) < DUE_SOON)
+        return False
+
+    def thread_idle_for_datagrams(self, table: Waits, tid: str) -> bool:
+        """A thread of a frozen process was stopped in a wait for one of our sockets with no
+        timer due soon (see :func:`tree_idle_for_datagrams`); an exiting thread holds nothing."""
+        task = f"/proc/{self.pid}/task/{tid}/"
+        st = stat(self.pid, int(tid))
+        if st is None or st.state in "ZX":
+            return True
+        try:
+            fields = read_small(task + "syscall").split()
+        except (FileNotFoundError, ProcessLookupError):
+            return True  # thread gone
+        except PermissionError as exc:
+            raise no_access(self.pid, task + "syscall", exc) from exc
+        if len(fields) < 7 or fields[0] == b"running":
+            return False
+        nr = int(fields[0])
+        args = [int(a, 16) for a in fields[1:7]]
+        if nr in table.on_fd:
+            return self.ours(args[0])
+        if nr in table.epoll:
+            return self.epoll_watches(args[0], set()) and not self.due_soon(table, nr, args)
+        if nr in table.poll:
+            return self.poll_watches(args[0], args[1]) and not self.due_soon(table, nr, args)
+        if nr in table.select:
+            return self.select_watches(args[0], args[1]) and not self.due_soon(table, nr, args)
+        return False  # computing, sleeping, sending, restarting a timed wait, ...
+
     def thread_waits(self, table: Waits, tid: str, *, only: frozenset[int] | None = None) -> bool:
         task = f"/proc/{self.pid}/task/{tid}/"
         try:
@@ -304,3 +356,43 @@ def tree_waits_in_epoll(
         finally:
             looker.close()
     return False
+
+
+def tree_idle_for_datagrams(
+    pid: int, inodes: AbstractSet[int], *, members: Iterable[int] | None = None
+) -> bool:
+    """True when every thread of every live process of a *frozen* tree was stopped waiting
+    for a datagram on one of these sockets (recvfrom & co. on one; poll, select or epoll_wait
+    watching one), with no timer due within DUE_SOON s: then it holds no datagram it has read
+    and not answered, and killing it loses nothing.
+
+    A UDP server's datagram in hand is in the program's memory, not in the kernel: only where
+    its threads are tells. A blocking recvfrom/sendto loop holds one unless it is back in
+    recvfrom; an asyncio DatagramProtocol that answers from a task waits in epoll_wait with
+    that task's timer as its timeout (none, -1, when nothing is pending); a server that forks
+    a child per datagram (socat's RECVFROM,fork) has that child in its tree, which waits for
+    nothing on the socket. A thread doing anything else (computing, sleeping, sending,
+    waiting on a lock) may hold one. Costs the same as :func:`waiting_for_work`, per thread.
+
+    What it cannot tell: a thread stopped on its way out of a recvfrom that had just taken a
+    datagram shows the same line as one stopped in the wait (its return value is not in
+    /proc); a program that keeps a datagram while waiting for something else with no timer.
+    """
+    if not inodes:
+        return False
+    table = _waits()
+    for member in list(members) if members is not None else process_tree(pid):
+        st = stat(member)
+        if st is None or st.state in "ZX":
+            continue  # gone or a zombie: holds nothing
+        try:
+            tids = os.listdir(f"/proc/{member}/task")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        looker = _Looker(member, inodes)
+        try:
+            if not all(looker.thread_idle_for_datagrams(table, tid) for tid in tids):
+                return False
+        finally:
+            looker.close()
+    return True

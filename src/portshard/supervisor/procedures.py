@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,11 @@ FREEZE_WAIT = 1.0  # s to wait for it at most; a tree not stopped by then is not
 GRACEFUL_WAIT = 1.0  # s of handover in which an idle frozen worker may get its stop signal
 HOLD_SETTLE = 0.05  # s a hold waits for handshakes under way before it looks at the queue
 HOLD_MAX = 0.8  # s a hold lasts at most: less than a SYN's first retransmission timeout (1 s)
+# A busy UDP worker (a datagram may be in hand) stays frozen UDP_FROZEN s, then runs UDP_THAWED
+# s to finish it, and is looked at again: while it runs it reads the socket it shares with its
+# slot's new worker (and socat's RECVFROM,fork, two trees on one socket, loses datagrams then).
+UDP_FROZEN = 0.015
+UDP_THAWED = 0.005
 CLIENTS_EXIT = 2.0  # s the supervisor waits for `drain --wait` clients to exit before it does
 
 
@@ -143,6 +149,7 @@ def _freeze_check_kill(fleet: Fleet, w: Worker, deadline: float) -> Generator[Un
     fx = fleet.fx
     graceful_until = fx.now() + GRACEFUL_WAIT
     stopped = True
+    datagrams = any(s.type == socket.SOCK_DGRAM for s in w.slot.socks)
     while w.state is State.DRAINING and fx.now() < deadline:
         fleet.fire(w, Event.FREEZE)
         stopped = fx.tree_stopped(w, FREEZE_SPIN)
@@ -185,8 +192,12 @@ def _freeze_check_kill(fleet: Fleet, w: Worker, deadline: float) -> Generator[Un
                 )
                 fleet.fire(w, Event.IDLE_KILL)
                 return
+        if datagrams:  # it shares its socket with the new worker: run it only to finish
+            yield Until(lambda: not w.life.alive, fx.now() + UDP_FROZEN)
+            if w.state is not State.DRAINING:
+                return
         fleet.fire(w, Event.THAW)
-        yield fleet.scheduler.sleep(0.02)
+        yield fleet.scheduler.sleep(UDP_THAWED if datagrams else 0.02)
     if w.state is State.DRAINING:
         cfg = w.slot.cfg
         log.warning(

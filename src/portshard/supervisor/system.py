@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from ..linux import proc, sockdiag, tcpinfo
 from ..linux.cgroup import Trees, made_in
 from ..linux.proc import tree_stopped
 from ..linux.sockdiag import held_connections
-from ..linux.waiting import tree_waiting_for_work, tree_waits_in_epoll
+from ..linux.waiting import tree_idle_for_datagrams, tree_waiting_for_work, tree_waits_in_epoll
 from ..sockets import listen
 from ..steering import cbpf
 from ..steering.controller import Health, Steering
@@ -76,6 +77,10 @@ class SystemEffects:
         self.sync_now = False
         self.blocking_loop_said = False  # _warn_blocking_loop, once
         self.blind: set[int] = set()  # workers whose tree we could not look into, said once
+        # A UDP worker being frozen: datagrams delivered in its netns when the freeze began,
+        # then whether any was delivered until its tree had stopped (``_holds_datagrams``).
+        self.freezing_udp: dict[int, int] = {}
+        self.udp_moved: dict[int, bool] = {}
         self.filter_refused: str | None = None  # why the kernel refuses a socket filter ("": not)
 
     @property
@@ -205,10 +210,16 @@ class SystemEffects:
         return self.warden.revive(self.now(), slot_keys(slot))
 
     def signal(self, w: Worker, sig: int) -> None:
+        if sig == signal.SIGSTOP and any(s.type == socket.SOCK_DGRAM for s in w.slot.socks):
+            before = proc.udp_delivered(w.pid)
+            if before is not None:
+                self.freezing_udp[w.pid] = before
         w.signal(sig)
 
     def reap(self, w: Worker) -> None:
         self.blind.discard(w.pid)
+        self.freezing_udp.pop(w.pid, None)
+        self.udp_moved.pop(w.pid, None)
         if w.pidfd >= 0:
             self.sel.unregister(w.pidfd)
         w.reap()
@@ -295,6 +306,9 @@ class SystemEffects:
             if time.monotonic() >= until:
                 return False
             time.sleep(0.0002)
+        before = self.freezing_udp.pop(w.pid, None)
+        if before is not None:  # at once: other workers' receives count too from now on
+            self.udp_moved[w.pid] = proc.udp_delivered(w.pid) != before
         return True
 
     def holds_connections(self, w: Worker) -> bool:
@@ -303,7 +317,7 @@ class SystemEffects:
         try:
             ports = self.tcp_ports()
             held = held_connections(w.pid, self.listeners_of(w), ports, w.cgroup, w.not_held)
-            return held > 0
+            return held > 0 or self._holds_datagrams(w)
         except (OSError, InspectError) as exc:
             if w.pid not in self.blind:  # once: a freeze-check looks every 20 ms until --grace
                 self.blind.add(w.pid)
@@ -316,6 +330,21 @@ class SystemEffects:
                     extra=w.fields,
                 )
             return True
+
+    def _holds_datagrams(self, w: Worker) -> bool:
+        """The frozen tree may hold a datagram it read and has not answered: a thread of it
+        is not stopped waiting for one (``tree_idle_for_datagrams``). Without it, an idle
+        UDP worker was killed with whatever it held (1 datagram in 2.5k during reloads)."""
+        datagram = [s for s in w.slot.socks if s.type == socket.SOCK_DGRAM]
+        if not datagram:
+            return False
+        if self.udp_moved.pop(w.pid, False):
+            # A thread woken by the freeze while in recvfrom takes a datagram that arrived
+            # before it ran, then stops on its way out: /proc shows it in recvfrom all the
+            # same (the return value is not there). The netns's count tells: it moved.
+            return True
+        members = w.cgroup.members() if w.cgroup is not None else None
+        return not tree_idle_for_datagrams(w.pid, tcpinfo.socket_inodes(datagram), members=members)
 
     # ---- sockets ----------------------------------------------------------------------------
 
