@@ -47,11 +47,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.experiments.common import report, summary, uptime  # noqa: E402
+from bench.experiments.common import report, summary, uptime, wait_ready  # noqa: E402
 from bench.load.loadgen import Load  # noqa: E402
 from bench.procs import free_port, http_ok  # noqa: E402
 from portshard.control.client import request  # noqa: E402
-from portshard.errors import PortshardError  # noqa: E402
 
 APPS = ROOT / "tests" / "workers" / "recipes"
 BIN = Path(sys.executable).parent
@@ -115,11 +114,12 @@ def reloads(server: str, surge: int, count: int, clients: int, src: Path) -> dic
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not (control.exists() and _ready(control)):
-            if sup.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"portshard run did not start: {(tmp / 'run.log').read_text()}")
-            time.sleep(0.05)
+        wait_ready(
+            sup,
+            control,
+            60,
+            lambda: f"portshard run did not start: {(tmp / 'run.log').read_text()}",
+        )
         took, alone = [], []
         with Load(
             "127.0.0.1", port, concurrency=clients, max_seconds=120, close_first=True
@@ -170,13 +170,6 @@ def reloads(server: str, surge: int, count: int, clients: int, src: Path) -> dic
                 sup.wait(10)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _ready(control: Path) -> bool:
-    try:
-        return bool(request(str(control), "status", timeout=10).get("ready"))
-    except (OSError, PortshardError):
-        return False
 
 
 def table(rows: dict[str, dict[str, Any]]) -> str:

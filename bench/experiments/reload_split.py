@@ -46,11 +46,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.experiments.common import report, summary, uptime  # noqa: E402
+from bench.experiments.common import report, summary, uptime, wait_ready  # noqa: E402
 from bench.load.loadgen import Load  # noqa: E402
 from bench.procs import free_port  # noqa: E402
 from portshard.control.client import request  # noqa: E402
-from portshard.errors import PortshardError  # noqa: E402
 
 BIN = Path(sys.executable).parent
 APPS = ROOT / "tests" / "workers" / "recipes"
@@ -135,11 +134,12 @@ def run(server: str, workers: int, a: argparse.Namespace, src: Path) -> dict[str
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 60 + 3 * workers
-        while not (control.exists() and _ready(control)):
-            if sup.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{server} -w {workers} did not boot: {_tail(tmp)}")
-            time.sleep(0.05)
+        wait_ready(
+            sup,
+            control,
+            60 + 3 * workers,
+            lambda: f"{server} -w {workers} did not boot: {_tail(tmp)}",
+        )
         took, cpu = [], []
         with Load(
             "127.0.0.1", port, concurrency=a.clients, pause=a.pause_ms / 1000, max_seconds=600
@@ -181,13 +181,6 @@ def run(server: str, workers: int, a: argparse.Namespace, src: Path) -> dict[str
         if os.environ.get("KEEP_LOG"):
             shutil.copy(tmp / "run.log", os.environ["KEEP_LOG"])
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _ready(control: Path) -> bool:
-    try:
-        return bool(request(str(control), "status", timeout=10).get("ready"))
-    except (OSError, PortshardError):
-        return False
 
 
 def _tail(tmp: Path) -> str:
