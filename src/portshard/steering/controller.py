@@ -58,8 +58,11 @@ SAMPLE_IDLE = 0.05  # ... and while nothing was queued or handed since the last 
 # stall is seen at the second look, so within 70 ms of the load starting)
 SAMPLE_STEADY = 0.1  # ... and while busy but steady (eBPF with kernel counts): every slot
 # ready, in, at a full weight and speed, no cap, for STEADY_AFTER; between two such samples a
-# peek every SAMPLE at the kernel's counts (memory reads) looks for a slot that let nothing
+# peek every PEEK_STEADY at the kernel's counts (memory reads) looks for a slot that let nothing
 # go while holding connections (a stall beginning) and brings the samples back at once
+PEEK_STEADY = 0.05  # seconds between those peeks: a stall that begins is seen within 50 ms
+# (then SAMPLE cadence); at SAMPLE (20 ms) the peeks and their wake-ups were about half of the
+# supervisor's 2.25-3% of a core under a steady load
 STEADY_AFTER = 1.0  # seconds of steady samples before the cadence slows
 STEADY_SPREAD = 2.0  # ... with no rate this many times slower than the fastest
 SUSPECT_FAST = 0.1  # seconds of SAMPLE cadence after a peek saw a slot let nothing go
@@ -441,7 +444,7 @@ class Steering:
             return True
         if now < self.next_peek:
             return False
-        self.next_peek = now + (PEEK_QUIET if self.quiet else SAMPLE)
+        self.next_peek = now + (PEEK_QUIET if self.quiet else PEEK_STEADY)
         if self._peek():
             self.next_sample = now
             self._fast_until = now + SUSPECT_FAST
@@ -536,7 +539,7 @@ class Steering:
     ) -> None:
         """When to sample next: every SAMPLE while busy, SAMPLE_IDLE while idle, and once
         normal and even for STEADY_AFTER (since the load started or stopped too), every
-        SAMPLE_STEADY busy (peeking every SAMPLE) or SAMPLE_QUIET idle (every SAMPLE_IDLE)."""
+        SAMPLE_STEADY busy (peeking every PEEK_STEADY) or SAMPLE_QUIET idle (every SAMPLE_IDLE)."""
         self._last_full = now
         turned, self._was_busy = busy != self._was_busy, busy
         # Settled: nothing learned or held back, for STEADY_AFTER. A slot out for a look or
@@ -572,7 +575,7 @@ class Steering:
             self.quiet = not busy
             self.interval = SAMPLE_STEADY if busy else SAMPLE_QUIET
             self.next_sample = now + self.interval
-            self.next_peek = now + (SAMPLE if busy else PEEK_QUIET)
+            self.next_peek = now + (PEEK_STEADY if busy else PEEK_QUIET)
         else:
             self.interval = SAMPLE if busy else SAMPLE_IDLE
             self.next_sample = self.next_peek = now + self.interval
